@@ -1,0 +1,181 @@
+"""Kinetic-energy and Jacobian-Frobenius regularisers accumulated during the solve.
+
+Finlay et al. (2020) regularise a neural ODE ``dz/dt = f(t, z)`` on ``[t0, t1]`` with
+
+.. math::
+
+    K = \\int_{t_0}^{t_1} \\lVert f(t, z(t)) \\rVert_2^2 \\, dt, \\qquad
+    B = \\int_{t_0}^{t_1} \\lVert \\nabla_z f(t, z(t)) \\rVert_F^2 \\, dt,
+
+which favour straight trajectories travelled at constant speed, and so cheap solves. Both
+integrals are computed by the same solve as ``z``: the state is augmented to the tuple
+``(z, kinetic, frobenius)`` with
+
+.. math::
+
+    \\frac{d\\,\\mathrm{kinetic}}{dt} = \\lVert f \\rVert^2, \\qquad
+    \\frac{d\\,\\mathrm{frobenius}}{dt} = \\lVert \\varepsilon^\\top \\nabla_z f \\rVert^2 ,
+
+where ``eps`` is a Hutchinson probe with ``E[eps eps^T] = I`` drawn once per solve, so that
+``E[||eps^T J||^2] = tr(J J^T) = ||J||_F^2``: one vector-Jacobian product per evaluation instead
+of ``dim(z)`` of them. The estimate is per sample: the Jacobian of a batched vector field whose
+samples do not interact is block diagonal, so one batched probe gives one independent estimate
+per sample.
+
+Both quantities are sums over all non-batch dimensions (not means), as in the paper.
+
+References
+----------
+.. [1] C. Finlay, J.-H. Jacobsen, L. Nurbekyan, A. M. Oberman, "How to train your neural ODE:
+   the world of Jacobian and kinetic regularization", ICML 2020. https://arxiv.org/abs/2002.02798
+.. [2] M. F. Hutchinson, "A stochastic estimator of the trace of the influence matrix for
+   Laplacian smoothing splines", Communications in Statistics - Simulation and Computation, 1990.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from neuralode.nn._checks import one_of
+
+__all__ = ["PROBES", "RegularisedDynamics", "sample_probe", "regularisation_loss"]
+
+PROBES = ("gaussian", "rademacher")
+
+
+def sample_probe(like: Tensor, kind: str = "gaussian") -> Tensor:
+    """Draw a Hutchinson probe with ``E[eps eps^T] = I`` and the shape, dtype, device of ``like``.
+
+    Parameters
+    ----------
+    like : Tensor
+        The state ``z`` of shape ``(N, *)``.
+    kind : {"gaussian", "rademacher"}
+        Standard normal entries, or entries ``+-1`` with equal probability (smaller variance of
+        the trace estimate; Hutchinson's original choice).
+    """
+    one_of("probe", kind, PROBES)
+    if kind == "gaussian":
+        return torch.randn_like(like)
+    return torch.randint_like(like, 0, 2).mul_(2).sub_(1)
+
+
+class RegularisedDynamics:
+    """Vector field of the augmented state ``(z, kinetic, frobenius)``.
+
+    Not a module: it holds no parameters of its own, only the user's vector field and the probe
+    fixed for one solve. Pass the parameters of ``func`` as ``adjoint_params`` when solving with
+    ``gradient="adjoint"`` (:class:`~neuralode.nn.ODEBlock` does).
+
+    Parameters
+    ----------
+    func : callable
+        The vector field ``func(t, z) -> dz/dt`` with ``z`` of shape ``(N, *)``.
+    probe : Tensor or None
+        Hutchinson probe of the shape of ``z``; needed when ``frobenius`` is True.
+    kinetic : bool
+        Accumulate ``||f||^2`` (otherwise its derivative is zero).
+    frobenius : bool
+        Accumulate ``||eps^T df/dz||^2`` (otherwise its derivative is zero and no
+        vector-Jacobian product is computed).
+
+    Notes
+    -----
+    The vector-Jacobian product uses ``torch.autograd.grad(..., create_graph=True)`` so that the
+    regulariser can itself be differentiated (by the direct strategy or by the adjoint). Gradients
+    are enabled inside the call even when the solver runs the forward pass under
+    ``torch.no_grad()`` (the adjoint strategy does), since the product needs a graph.
+    """
+
+    def __init__(
+        self,
+        func: Callable[[Tensor, Tensor], Tensor],
+        probe: Tensor | None,
+        *,
+        kinetic: bool = True,
+        frobenius: bool = True,
+    ) -> None:
+        if not callable(func):
+            raise TypeError(f"func must be callable as func(t, z), got {type(func).__name__}.")
+        if frobenius and probe is None:
+            raise ValueError("probe must be a tensor shaped like z when frobenius=True; use sample_probe(z).")
+        self.func = func
+        self.probe = probe
+        self.kinetic = bool(kinetic)
+        self.frobenius = bool(frobenius)
+
+    def __call__(self, t: Tensor, state: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        z = state[0]
+        if not self.frobenius:
+            f = self.func(t, z)
+            dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
+            return f, dk, torch.zeros_like(state[2])
+        with torch.enable_grad():
+            if not z.requires_grad:
+                # A fresh leaf is needed for the Jacobian; z carries no graph here, so nothing is cut.
+                z = z.detach().requires_grad_(True)
+            f = self.func(t, z)
+            (eps_jac,) = torch.autograd.grad(f, z, self.probe, create_graph=True)
+            dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
+            dfrob = eps_jac.pow(2).flatten(1).sum(1)
+        return f, dk, dfrob
+
+
+def regularisation_loss(model: nn.Module, *, kinetic: float = 0.0, frobenius: float = 0.0) -> Tensor:
+    """Weighted regulariser ``kinetic * mean(K) + frobenius * mean(B)`` of a model's last call.
+
+    Sums over every :class:`~neuralode.nn.ODEBlock` inside ``model`` (``model`` itself included)
+    the batch means of the values it accumulated during its last forward pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A model that contains ODE blocks built with ``kinetic=True`` and/or ``frobenius=True``,
+        and whose forward pass has just been run.
+    kinetic, frobenius : float, default 0.0
+        The weights ``lambda_K`` and ``lambda_J`` of Finlay et al. (2020).
+
+    Returns
+    -------
+    Tensor
+        A 0-dim tensor connected to the graph of the last forward pass.
+
+    Raises
+    ------
+    ValueError
+        If a weight is negative, if no block accumulates a regulariser whose weight is positive,
+        or if a block has not been called yet.
+    """
+    from neuralode.nn.ode_block import ODEBlock  # local: ode_block imports this module
+
+    for name, weight in (("kinetic", kinetic), ("frobenius", frobenius)):
+        if not float(weight) >= 0.0:
+            raise ValueError(f"{name} must be a non-negative weight, got {weight}.")
+    blocks = [m for m in model.modules() if isinstance(m, ODEBlock)]
+    total: Tensor | None = None
+    for name, weight in (("kinetic", kinetic), ("frobenius", frobenius)):
+        if weight == 0.0:
+            continue
+        enabled = [b for b in blocks if getattr(b, name)]
+        if not enabled:
+            raise ValueError(
+                f"{name}={weight} but no ODEBlock in the model accumulates the {name} regulariser; "
+                f"build the block with ODEBlock(..., {name}=True)."
+            )
+        for block in enabled:
+            value = block.kinetic_energy if name == "kinetic" else block.jacobian_frobenius
+            if value is None:
+                raise ValueError(
+                    f"the ODEBlock has no {name} value yet: call the model on a batch before "
+                    "regularisation_loss(model, ...)."
+                )
+            term = weight * value.mean()
+            total = term if total is None else total + term
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), dtype=param.dtype if param is not None else torch.get_default_dtype(),
+                           device=param.device if param is not None else None)
+    return total

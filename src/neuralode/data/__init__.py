@@ -1,0 +1,25 @@
+"""Data set loaders: standard file formats read from any path, with downloads and checksums.
+
+Every loader takes the location of the files as an argument and never assumes a working
+directory. See ``docs/data.md`` for the formats, splits and where to put files when offline.
+"""
+
+from .heartbeat import (
+    DE_CHAZAL_DS1,
+    DE_CHAZAL_DS2,
+    HEARTBEAT_CLASSES,
+    HEARTBEAT_LENGTH,
+    HeartbeatData,
+    inter_patient_split,
+    load_heartbeat,
+)
+
+__all__ = [
+    "DE_CHAZAL_DS1",
+    "DE_CHAZAL_DS2",
+    "HEARTBEAT_CLASSES",
+    "HEARTBEAT_LENGTH",
+    "HeartbeatData",
+    "inter_patient_split",
+    "load_heartbeat",
+]

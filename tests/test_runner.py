@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _toy_experiment import Toy, ToyConfig  # noqa: E402
+from test_runner_toy import Toy, ToyConfig  # noqa: E402
 
 from neuralode.experiments import ConfigError, train  # noqa: E402
 from neuralode.experiments import runner  # noqa: E402

@@ -13,6 +13,7 @@ from .heartbeat import (
     inter_patient_split,
     load_heartbeat,
 )
+from .mnist import MNIST_FILES, MNIST_MD5, MNIST_MIRRORS, MNISTData, load_mnist, read_idx
 
 __all__ = [
     "DE_CHAZAL_DS1",
@@ -22,4 +23,10 @@ __all__ = [
     "HeartbeatData",
     "inter_patient_split",
     "load_heartbeat",
+    "MNIST_FILES",
+    "MNIST_MD5",
+    "MNIST_MIRRORS",
+    "MNISTData",
+    "load_mnist",
+    "read_idx",
 ]

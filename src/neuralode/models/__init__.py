@@ -1,0 +1,29 @@
+"""Classifiers built from :mod:`neuralode.nn`: MLP, ResNet, RK-Net and ODE-Net.
+
+Generic families (:class:`MLP`, :class:`ResNet`, :class:`RKNet`, :class:`ODENet`) and builders
+for vectors (:func:`vector_classifier`), sequences (:func:`sequence_classifier`, ECG defaults)
+and images (:func:`image_classifier`, the MNIST networks of Chen et al. 2018), plus
+:func:`build_model` to build any of them by name. No training code lives here.
+"""
+
+from neuralode.models.base import FIXED_STEP_RK_METHODS, MLP, ODENet, ResidualBlock, ResNet, RKNet, count_parameters
+from neuralode.models.image import image_classifier
+from neuralode.models.registry import MODEL_NAMES, PAPER_PARAMETER_COUNTS, build_model
+from neuralode.models.sequence import sequence_classifier
+from neuralode.models.vector import vector_classifier
+
+__all__ = [
+    "FIXED_STEP_RK_METHODS",
+    "MLP",
+    "MODEL_NAMES",
+    "ODENet",
+    "PAPER_PARAMETER_COUNTS",
+    "RKNet",
+    "ResNet",
+    "ResidualBlock",
+    "build_model",
+    "count_parameters",
+    "image_classifier",
+    "sequence_classifier",
+    "vector_classifier",
+]

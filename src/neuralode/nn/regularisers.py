@@ -113,9 +113,13 @@ class RegularisedDynamics:
             f = self.func(t, z)
             dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
             return f, dk, torch.zeros_like(state[2])
+        outer_grad = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
-                # A fresh leaf is needed for the Jacobian; z carries no graph here, so nothing is cut.
+            if not (outer_grad and z.requires_grad):
+                # The vjp needs z in a graph. When the caller runs without gradients (the forward
+                # pass of an adjoint solve) or z carries no graph, nothing outside differentiates
+                # through z, so a fresh leaf cuts nothing. (A view made under no_grad may report
+                # requires_grad=True and still not be usable as an input of autograd.grad.)
                 z = z.detach().requires_grad_(True)
             f = self.func(t, z)
             (eps_jac,) = torch.autograd.grad(f, z, self.probe, create_graph=True)

@@ -1,0 +1,146 @@
+"""ODEBlock against the real public solver (``neuralode.solve``)."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from neuralode.nn import ConcatConv2d, ConcatLinear, ODEBlock, TimeSequential
+
+A = np.array([[-0.5, 1.0], [-1.0, -0.3]])
+
+
+class Linear(nn.Module):
+    """f(t, z) = z A^T: closed-form flow z(t) = expm(t A) z0."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.as_tensor(a))
+
+    def forward(self, t, z):
+        return z @ self.a.to(z.dtype).T
+
+
+def small_field(dim: int = 3) -> TimeSequential:
+    return TimeSequential(ConcatLinear(dim, 16), nn.Tanh(), ConcatLinear(16, dim))
+
+
+def exact(z0: np.ndarray, times) -> np.ndarray:
+    return np.stack([z0 @ scipy.linalg.expm((s - times[0]) * A).T for s in times])
+
+
+@pytest.mark.parametrize("t", [(0.0, 1.0), (0.0, 0.3, 0.6, 1.2), (1.0, 0.0)])
+def test_final_state_and_trajectory_match_the_exact_flow(t):
+    z0 = torch.randn(5, 2, dtype=torch.float64)
+    kw = dict(method="dopri5", rtol=1e-10, atol=1e-12, gradient="direct")
+    final = ODEBlock(Linear(A), t, **kw)(z0)
+    traj = ODEBlock(Linear(A), t, return_trajectory=True, **kw)(z0)
+    assert final.shape == (5, 2)
+    assert traj.shape == (len(t), 5, 2)
+    expected = torch.as_tensor(exact(z0.numpy(), t))
+    torch.testing.assert_close(traj, expected, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(final, traj[-1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(traj[0], z0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_dtype_and_shape_are_kept(dtype, gradient):
+    block = ODEBlock(ConcatConv2d(2, 2, 3, padding=1), gradient=gradient).to(dtype)
+    x = torch.randn(3, 2, 5, 5, dtype=dtype, requires_grad=True)
+    y = block(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    y.square().sum().backward()
+    assert x.grad.dtype == dtype
+    for p in block.parameters():
+        assert p.grad is not None and p.grad.dtype == dtype and torch.isfinite(p.grad).all()
+
+
+def test_fixed_step_method_takes_the_expected_number_of_evaluations():
+    block = ODEBlock(small_field(), method="rk4", options={"step_size": 0.25}, gradient="direct")
+    block(torch.randn(4, 3))
+    assert block.nfe_forward == 16  # 4 steps x 4 stages
+
+
+def test_nfe_forward_and_backward_are_reported():
+    block = ODEBlock(small_field(), gradient="adjoint")
+    assert block.nfe_forward is None and block.nfe_backward is None
+    x = torch.randn(8, 3)
+    y = block(x)
+    assert isinstance(block.nfe_forward, int) and block.nfe_forward > 0
+    assert block.nfe_backward is None  # no backward yet
+    y.sum().backward()
+    assert isinstance(block.nfe_backward, int) and block.nfe_backward > 0
+    block(x)  # a new call forgets the old backward count
+    assert block.nfe_backward is None
+
+
+def test_adjoint_gradients_match_direct_gradients():
+    torch.manual_seed(0)
+    field = small_field().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    target = torch.randn(6, 3, dtype=torch.float64)
+
+    def grads(gradient):
+        field.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        block = ODEBlock(field, (0.0, 1.5), method="dopri5", rtol=1e-10, atol=1e-12, gradient=gradient)
+        loss = (block(xx) - target).square().sum()
+        loss.backward()
+        return [xx.grad.clone()] + [p.grad.clone() for p in field.parameters()]
+
+    for g_adj, g_dir in zip(grads("adjoint"), grads("direct")):
+        torch.testing.assert_close(g_adj, g_dir, rtol=1e-6, atol=1e-8)
+
+
+def test_plain_callable_with_explicit_adjoint_params():
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    block = ODEBlock(lambda t, z: torch.tanh(z @ w), adjoint_params=[w], rtol=1e-9, atol=1e-9)
+    block(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    assert list(block.parameters()) == []
+
+
+def test_to_cpu_and_state_dict_round_trip():
+    block = ODEBlock(small_field()).to("cpu")
+    other = ODEBlock(small_field())
+    other.load_state_dict(block.state_dict())
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(block(x), other(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gradient", ["direct", "adjoint"])
+def test_cuda(gradient):
+    block = ODEBlock(small_field(), gradient=gradient, kinetic=True, frobenius=True).to("cuda")
+    x = torch.randn(4, 3, device="cuda", requires_grad=True)
+    y = block(x)
+    assert y.device.type == "cuda" and block.kinetic_energy.device.type == "cuda"
+    (y.sum() + block.jacobian_frobenius.sum()).backward()
+    assert x.grad.device.type == "cuda"
+
+
+def test_errors_name_the_argument_and_the_fix():
+    f = small_field()
+    with pytest.raises(ValueError, match=r"t needs at least two times.*\(0.0, 1.0\)"):
+        ODEBlock(f, t=(0.0,))
+    with pytest.raises(ValueError, match="t must be strictly increasing or strictly decreasing"):
+        ODEBlock(f, t=(0.0, 1.0, 0.5))
+    with pytest.raises(TypeError, match="t must be a pair"):
+        ODEBlock(f, t=1.0)
+    with pytest.raises(ValueError, match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint'\], got 'adj'"):
+        ODEBlock(f, gradient="adj")
+    with pytest.raises(ValueError, match="rtol must be a finite positive float, got -0.001"):
+        ODEBlock(f, rtol=-1e-3)
+    with pytest.raises(TypeError, match="method must be a str"):
+        ODEBlock(f, method=5)
+    with pytest.raises(ValueError, match="adjoint_kwargs are only used by the adjoint solve"):
+        ODEBlock(f, gradient="direct", adjoint_kwargs={"adjoint_rtol": 1e-3})
+    with pytest.raises(TypeError, match="func must be callable"):
+        ODEBlock(3)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        ODEBlock(f)(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"probe must be one of \['gaussian', 'rademacher'\]"):
+        ODEBlock(f, probe="uniform")

@@ -136,8 +136,6 @@ def test_errors_name_the_argument_and_the_fix():
         ODEBlock(f, rtol=-1e-3)
     with pytest.raises(TypeError, match="method must be a str"):
         ODEBlock(f, method=5)
-    with pytest.raises(ValueError, match="adjoint_kwargs are only used by the adjoint solve"):
-        ODEBlock(f, gradient="direct", adjoint_kwargs={"adjoint_rtol": 1e-3})
     with pytest.raises(TypeError, match="func must be callable"):
         ODEBlock(3)
     with pytest.raises(TypeError, match="x must be a floating-point tensor"):

@@ -162,7 +162,7 @@ class ODENet(nn.Module):
         adaptive solver takes, at the cost of a second solve backwards in time and gradients that
         are only as accurate as that solve.
     **block_kwargs
-        Further arguments of :class:`~neuralode.nn.ODEBlock` (``options``, ``adjoint_kwargs``,
+        Further arguments of :class:`~neuralode.nn.ODEBlock` (``options``, ``adjoint_params``,
         ``kinetic``, ``frobenius``, ``probe``).
 
     Attributes
@@ -181,7 +181,7 @@ class ODENet(nn.Module):
         method: str = "dopri5",
         rtol: float = 1e-3,
         atol: float = 1e-3,
-        gradient: str = "adjoint",
+        gradient: str | Any = "adjoint",
         **block_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -242,7 +242,7 @@ class RKNet(ODENet):
                 f"method must be a fixed-step Runge-Kutta method, one of {list(FIXED_STEP_RK_METHODS)}, "
                 f"got {method!r}; use ODENet for adaptive methods."
             )
-        for name in ("gradient", "rtol", "atol", "options", "adjoint_kwargs", "adjoint_params"):
+        for name in ("gradient", "rtol", "atol", "options", "adjoint_params"):
             if name in block_kwargs:
                 raise TypeError(
                     f"{name} is not an RKNet argument: RK-Net always uses gradient='direct' and a fixed "

@@ -51,19 +51,18 @@ class ODEBlock(nn.Module):
         defaults (``1e-7``/``1e-9``); ``1e-3`` is the value of the ``torchdiffeq`` MNIST example.
     options : dict, optional
         Solver options, e.g. ``{"step_size": 0.25}`` for a fixed-step method.
-    gradient : {"adjoint", "direct", "checkpoint"}, default "adjoint"
+    gradient : {"adjoint", "direct", "checkpoint"} or strategy object, default "adjoint"
         How :func:`neuralode.solve` differentiates: the adjoint method (memory constant in the
         number of steps; Chen et al. 2018), backpropagation through every step (exact gradient of
-        the discretisation; memory grows with the steps), or checkpointing.
+        the discretisation; memory grows with the steps), or checkpointing. A gradient strategy
+        object of the solver (e.g. an adjoint with its own backward tolerances) is passed through
+        unchanged.
     return_trajectory : bool, default False
         Return the states at all times of ``t`` (shape ``(T, *x.shape)``) instead of the final
         state (shape ``x.shape``).
     adjoint_params : sequence of Tensor, optional
-        Tensors to differentiate in an adjoint solve. Default: the parameters of ``func`` that
-        require gradients (when ``func`` is a module).
-    adjoint_kwargs : dict, optional
-        Extra keyword arguments of :func:`neuralode.solve` for the backward solve (e.g.
-        ``adjoint_rtol``); only with ``gradient="adjoint"``.
+        Tensors to differentiate by the adjoint and checkpoint strategies. Default: the parameters
+        of ``func`` (when ``func`` is a module).
     kinetic : bool, default False
         Accumulate the kinetic energy ``int ||f||^2 dt`` of each sample during the solve
         (Finlay et al. 2020); read it from :attr:`kinetic_energy` after the call.
@@ -108,10 +107,9 @@ class ODEBlock(nn.Module):
         rtol: float = 1e-3,
         atol: float = 1e-3,
         options: Mapping[str, Any] | None = None,
-        gradient: str = "adjoint",
+        gradient: str | Any = "adjoint",
         return_trajectory: bool = False,
         adjoint_params: Sequence[Tensor] | None = None,
-        adjoint_kwargs: Mapping[str, Any] | None = None,
         kinetic: bool = False,
         frobenius: bool = False,
         probe: str = "gaussian",
@@ -129,7 +127,8 @@ class ODEBlock(nn.Module):
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}.")
         self.options = dict(options) if options is not None else None
-        self.gradient = one_of("gradient", gradient, GRADIENTS)
+        # Strategy objects are the solver's to validate; strings are checked here, early.
+        self.gradient = one_of("gradient", gradient, GRADIENTS) if isinstance(gradient, str) else gradient
         self.return_trajectory = bool(return_trajectory)
         if adjoint_params is not None:
             adjoint_params = tuple(adjoint_params)
@@ -137,15 +136,6 @@ class ODEBlock(nn.Module):
                 if not isinstance(p, Tensor):
                     raise TypeError(f"adjoint_params[{i}] must be a Tensor, got {type(p).__name__}.")
         self._adjoint_params = adjoint_params
-        if adjoint_kwargs is not None:
-            if not isinstance(adjoint_kwargs, Mapping):
-                raise TypeError(f"adjoint_kwargs must be a dict, got {type(adjoint_kwargs).__name__}.")
-            if self.gradient != "adjoint":
-                raise ValueError(
-                    f"adjoint_kwargs are only used by the adjoint solve, but gradient={self.gradient!r}; "
-                    "pass gradient='adjoint' or drop adjoint_kwargs."
-                )
-        self.adjoint_kwargs = dict(adjoint_kwargs) if adjoint_kwargs is not None else {}
         self.kinetic = bool(kinetic)
         self.frobenius = bool(frobenius)
         self.probe = one_of("probe", probe, PROBES)
@@ -173,10 +163,11 @@ class ODEBlock(nn.Module):
 
     # ------------------------------------------------------------------ solve
     def _solve_adjoint_params(self) -> tuple[Tensor, ...] | None:
+        # Explicit, because the regularised dynamics wrap ``func`` in a plain callable.
         if self._adjoint_params is not None:
             return self._adjoint_params
         if isinstance(self.func, nn.Module):
-            return tuple(p for p in self.func.parameters() if p.requires_grad)
+            return tuple(self.func.parameters())
         return None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,10 +188,6 @@ class ODEBlock(nn.Module):
         else:
             func = self.func
             y0 = x
-        kwargs: dict[str, Any] = {}
-        if self.gradient == "adjoint":
-            kwargs["adjoint_params"] = self._solve_adjoint_params()
-            kwargs.update(self.adjoint_kwargs)
         solution = neuralode.solve(
             func,
             y0,
@@ -210,7 +197,7 @@ class ODEBlock(nn.Module):
             atol=self.atol,
             options=self.options,
             gradient=self.gradient,
-            **kwargs,
+            adjoint_params=self._solve_adjoint_params(),
         )
         # Keep the dict itself: an adjoint backward updates it in place with "nfe_backward".
         self.last_stats = solution.stats

@@ -13,6 +13,16 @@ from .heartbeat import (
     inter_patient_split,
     load_heartbeat,
 )
+from .physionet import (
+    PHYSIONET_STATIC,
+    PHYSIONET_VARIABLES,
+    PhysioNetBatch,
+    PhysioNetNormalizer,
+    PhysioNetRecord,
+    collate_physionet,
+    load_physionet,
+    load_physionet_outcomes,
+)
 from .mnist import MNIST_FILES, MNIST_MD5, MNIST_MIRRORS, MNISTData, load_mnist, read_idx
 
 __all__ = [
@@ -29,4 +39,12 @@ __all__ = [
     "MNISTData",
     "load_mnist",
     "read_idx",
+    "PHYSIONET_STATIC",
+    "PHYSIONET_VARIABLES",
+    "PhysioNetBatch",
+    "PhysioNetNormalizer",
+    "PhysioNetRecord",
+    "collate_physionet",
+    "load_physionet",
+    "load_physionet_outcomes",
 ]

@@ -1,0 +1,23 @@
+"""neuralode: neural ordinary differential equations in PyTorch.
+
+Public API (explicit re-exports, no logic here):
+
+- :func:`solve` returns a :class:`Solution` (values, dense output, statistics, status);
+- :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event` keep torchdiffeq's signatures;
+- :data:`METHODS` names every method;
+- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`.
+"""
+
+from ._errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
+from .methods import METHODS
+from .solution import Solution
+from .solve import odeint, odeint_adjoint, odeint_event, solve
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "METHODS",
+    "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
+    "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError",
+]

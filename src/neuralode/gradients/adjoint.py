@@ -1,0 +1,186 @@
+"""The adjoint sensitivity method (Pontryagin; Chen, Rubanova, Bettencourt and Duvenaud 2018).
+
+With a(t) = dL/dy(t), the backward pass solves, from the last output time to the first,
+
+    dy/dt = f(t, y),   da/dt = -a^T df/dy,   da_theta/dt = -a^T df/dtheta,
+
+with a(t_N) = dL/dy(t_N), a_theta(t_N) = 0. Each right-hand side costs one evaluation of f plus one
+vector-Jacobian product. Between output times the state y is re-integrated backwards; at each
+output time t_i it is reset to the forward value and dL/dy(t_i) is added to a. Then
+dL/dy0 = a(t_0) and dL/dtheta = a_theta(t_0). Memory does not grow with the number of steps: the
+forward pass keeps only the outputs, and neither pass records a graph across steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..controllers import rms_norm
+from ..integrate import integrate
+from ..problem import Problem
+from .base import GradientStrategy, RunResult, collect_parameters, no_double_backward
+
+
+@dataclass(frozen=True)
+class Adjoint(GradientStrategy):
+    """Gradients by solving the adjoint ODE backwards in time; O(1) memory in the number of steps.
+
+    Parameters
+    ----------
+    rtol, atol : float or Tensor, optional
+        Tolerances of the backward solve (default: the forward ones).
+    method : str, optional
+        Method of the backward solve (default: the forward one).
+    options : dict, optional
+        Options of the backward solve (default: the forward ones). ``{"norm": "seminorm"}`` is the
+        same as ``seminorm=True``.
+    seminorm : bool
+        Leave the parameter adjoint a_theta out of the backward error norm (Kidger, Chen and Lyons,
+        "Hey, that's not an ODE", ICML 2021): a_theta is an integral that nothing else depends on, so
+        its error need not reject steps. Usually saves backward steps, never changes what is computed.
+
+    The gradient is that of the continuous problem, accurate to the backward tolerances; it does not
+    support double backward. When the dynamics are unstable backwards in time, prefer ``Checkpoint``.
+    Backward cost is reported in ``Solution.stats["nfe_backward"]`` after ``backward()``.
+    """
+
+    rtol: object = None
+    atol: object = None
+    method: str | None = None
+    options: dict | None = None
+    seminorm: bool = False
+    params: tuple = field(default=(), repr=False)
+
+    def bind(self, func, adjoint_params):
+        return replace(self, params=collect_parameters(func, adjoint_params))
+
+    def run(self, problem, stepper, control, **kwargs) -> RunResult:
+        box = []
+        outputs = _AdjointSolve.apply(self, problem, stepper, control, kwargs, box, problem.y0, *self.params)
+        return RunResult(outputs, box[0])
+
+
+class _AdjointSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, strategy, problem, stepper, control, kwargs, box, y0, *params):
+        forward_problem = replace(problem, y0=y0.detach(),
+                                  f0=None if problem.f0 is None else problem.f0.detach())
+        with torch.no_grad():
+            integration = integrate(forward_problem, stepper, control, **kwargs)
+        box.append(integration)
+        outputs = torch.stack(integration.outputs)
+        ctx.strategy, ctx.problem, ctx.kwargs, ctx.integration = strategy, problem, kwargs, integration
+        ctx.save_for_backward(outputs)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        if torch.is_grad_enabled():
+            no_double_backward("adjoint")
+        (outputs,) = ctx.saved_tensors
+        strategy, problem, integration = ctx.strategy, ctx.problem, ctx.integration
+        params = strategy.params
+        times = integration.output_times
+        state_shape = outputs.shape[1:]
+        outputs = outputs.reshape(outputs.shape[0], -1)
+        grad_outputs = grad_outputs.reshape(outputs.shape)
+        n = outputs.shape[1]
+        dynamics = _AdjointDynamics(problem.field, params, state_shape)
+        stepper, options, spec = _backward_method(strategy, problem, ctx.kwargs["options"])
+        rtol, atol = _backward_tolerances(strategy, problem, n, dynamics.n_params)
+        user_norm = options.pop("norm", None)
+        if callable(user_norm):
+            options["norm"] = user_norm  # applied to the flat augmented state [y, a, a_theta]
+        elif spec.adaptive:
+            options["norm"] = _backward_norm(n, dynamics.n_params, strategy.seminorm or user_norm == "seminorm")
+
+        a = grad_outputs[-1]
+        a_params = outputs.new_zeros(dynamics.n_params)
+        for i in range(len(times) - 1, 0, -1):
+            state = torch.cat([outputs[i], a, a_params])
+            if times[i] != times[i - 1]:
+                backward_problem = Problem(dynamics, state, None, None, [times[i], times[i - 1]],
+                                           1 if times[i - 1] > times[i] else -1, None, rtol, atol)
+                from ..solve import _make_control  # the same control the forward solve would build
+                control = _make_control(spec, options, backward_problem, None, None)
+                if not control.adaptive and control.grid is None:
+                    from ..controllers import FixedGrid
+                    control = FixedGrid((backward_problem.direction * times[i],
+                                         backward_problem.direction * times[i - 1]))
+                result = integrate(backward_problem, stepper, control, options=options)
+                state = result.final_y
+            a = state[n:2 * n] + grad_outputs[i - 1]
+            a_params = state[2 * n:]
+        stats = integration.stats
+        stats["nfe_backward"] = stats.get("nfe_backward", 0) + dynamics.nfe
+        grads, offset = [], 0
+        for p in params:
+            grads.append(a_params[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            offset += p.numel()
+        return (None, None, None, None, None, None, a.view(state_shape), *grads)
+
+
+class _AdjointDynamics:
+    """The augmented right-hand side [f, -a^T df/dy, -a^T df/dtheta] on a flat state [y, a, a_theta]."""
+
+    def __init__(self, field, params, state_shape):
+        self.field, self.params, self.state_shape = field, params, state_shape
+        self.n = state_shape.numel()
+        self.n_params = sum(p.numel() for p in params)
+        self.nfe = 0
+
+    def time(self, t):
+        return self.field.time(t)
+
+    def unflatten(self, y):
+        return y
+
+    def __call__(self, t: float, state: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        n = self.n
+        with torch.enable_grad():
+            y = state[:n].detach().view(self.state_shape).requires_grad_(True)
+            f = self.field.evaluate(t, y)
+            grads = torch.autograd.grad(f, (y,) + self.params, grad_outputs=-state[n:2 * n].view(self.state_shape),
+                                        allow_unused=True)
+        parts = [f.detach().reshape(-1)] + [torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1)
+                                for g, x in zip(grads, (y,) + self.params)]
+        return torch.cat([p.to(state.dtype) for p in parts])
+
+
+def _backward_method(strategy, problem, forward_options):
+    """Stepper, options and spec of the backward solve: the adjoint settings, else the forward ones."""
+    from ..methods import REGISTRY
+    from ..solve import _check_method, _check_options, _time_list
+
+    spec = _check_method(strategy.method) if strategy.method is not None else REGISTRY[problem.method]
+    if strategy.options is not None:
+        options = _check_options(spec, strategy.options)
+    else:
+        options = {k: v for k, v in forward_options.items() if k in spec.options and k != "norm"}
+    for name in ("step_t", "jump_t"):
+        options[name] = _time_list(options, name, 1) or list(forward_options.get(name, ()))
+    if not spec.adaptive:
+        options.setdefault("interp", "linear")
+    return spec.make_stepper(options), options, spec
+
+
+def _backward_tolerances(strategy, problem, n, n_params):
+    def expand(tol):
+        if not isinstance(tol, torch.Tensor):
+            return float(tol)
+        flat = tol.reshape(-1)
+        return torch.cat([flat, flat, flat.min().expand(n_params)])
+
+    rtol = problem.rtol if strategy.rtol is None else strategy.rtol
+    atol = problem.atol if strategy.atol is None else strategy.atol
+    return expand(rtol), expand(atol)
+
+
+def _backward_norm(n, n_params, seminorm):
+    """Mixed norm over (y, a, a_theta), as torchdiffeq's default; the seminorm drops a_theta."""
+    if seminorm or n_params == 0:
+        return lambda x: torch.maximum(rms_norm(x[:n]), rms_norm(x[n:2 * n]))
+    return lambda x: torch.maximum(torch.maximum(rms_norm(x[:n]), rms_norm(x[n:2 * n])), rms_norm(x[2 * n:]))

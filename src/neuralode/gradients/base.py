@@ -1,0 +1,57 @@
+"""The interface every gradient strategy implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RunResult:
+    """``outputs``: (T, n) tensor of flat states at ``integration.output_times`` (the event state last,
+    if an event fired); ``integration``: the loop's :class:`~neuralode.integrate.Integration`."""
+
+    outputs: torch.Tensor
+    integration: object
+    event_y: torch.Tensor | None = None
+
+
+class GradientStrategy:
+    """A way of differentiating one solve. Subclasses are frozen dataclasses."""
+
+    def bind(self, func, adjoint_params):
+        return self
+
+    def run(self, problem, stepper, control, **integrate_kwargs) -> RunResult:
+        raise NotImplementedError
+
+
+def collect_parameters(func, adjoint_params) -> tuple:
+    """The tensors to differentiate: ``adjoint_params``, or ``func.parameters()`` for an ``nn.Module``.
+
+    Tensors that do not require grad are dropped (they get no gradient, and cost nothing).
+    """
+    if adjoint_params is None:
+        if isinstance(func, torch.nn.Module):
+            adjoint_params = tuple(func.parameters())
+        else:
+            adjoint_params = ()
+    elif isinstance(adjoint_params, torch.Tensor):
+        adjoint_params = (adjoint_params,)
+    else:
+        adjoint_params = tuple(adjoint_params)
+    for i, p in enumerate(adjoint_params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"adjoint_params[{i}] is a {type(p).__name__}; give tensors (e.g. model.parameters())")
+    unique, seen = [], set()
+    for p in adjoint_params:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            unique.append(p)
+    return tuple(unique)
+
+
+def no_double_backward(name):
+    raise RuntimeError(f"the {name} gradient strategy does not support double backward (create_graph=True); "
+                       "use gradient='direct' for higher derivatives through the solve")

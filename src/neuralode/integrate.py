@@ -1,0 +1,326 @@
+"""THE loop: step -> adapt -> save/interpolate -> events. Every method and controller goes through it.
+
+The loop works in internal time ``tau = direction * t``, which always increases, and hands the
+stepper real times and signed step sizes. Output times never change the steps taken: values there
+come from the step's dense output (or are the step value itself when a step ends exactly on one).
+Stops that *do* shape the steps are the end of the span, ``step_t`` (step exactly to these times) and
+``jump_t`` (discontinuities of ``func``: step to them and restart from the right-hand limit, never
+reusing an evaluation from the left).
+
+Host synchronisation: adaptive methods read the error ratio once per step (the accept/reject
+decision needs it on the host); fixed grids never synchronise inside the loop.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field as dataclass_field
+
+import numpy as np
+import torch
+
+from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .controllers import ErrorNorm, initial_step
+from .interpolation import DenseSolution, horner, linear_coefficients
+
+
+@dataclass
+class EventSpec:
+    """A terminal event: the solve stops where ``fn(t, y)`` crosses zero.
+
+    ``fn`` returns a tensor of any shape; the event fires at the first crossing of *any* element.
+    ``direction``: +1 only crossings from negative to positive, -1 only from positive to negative,
+    0 both. ``fn`` is called as ``fn(t, y)`` with the user's time tensor and state structure.
+    """
+
+    fn: object
+    direction: int = 0
+
+
+@dataclass
+class Integration:
+    """Raw result of the loop (internal; :class:`~neuralode.solution.Solution` is the public view)."""
+
+    outputs: list
+    output_times: list
+    stats: dict
+    status: str = "success"
+    message: str = "The solver reached the end of the interval."
+    error: Exception | None = None
+    dense: DenseSolution | None = None
+    event_t: float | None = None
+    event_y: torch.Tensor | None = None
+    final_t: float | None = None
+    final_y: torch.Tensor | None = None
+    accepted_times: list = dataclass_field(default_factory=list)
+
+
+def _next_after(t: float, towards: float) -> float:
+    return float(np.nextafter(t, towards))
+
+
+def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor:
+    """Elementwise: did the event function cross zero going from g0 to g1 (in the wanted direction)?"""
+    rising = (g0 < 0) & (g1 >= 0)
+    falling = (g0 > 0) & (g1 <= 0)
+    if direction > 0:
+        return rising
+    if direction < 0:
+        return falling
+    return rising | falling
+
+
+def integrate(problem, stepper, control, *, options: dict, event: EventSpec | None = None,
+              record_dense: bool = False, until_event: bool = False, throw: bool = True,
+              on_accept=None) -> Integration:
+    """Integrate ``problem`` with ``stepper`` under ``control`` (an adaptive controller or a fixed grid).
+
+    ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``norm``, ``interp``
+    (``"linear"`` or ``"cubic"`` for fixed grids) and ``perturb`` (bool). ``until_event`` ignores the
+    end of ``t`` and integrates until the event fires (torchdiffeq's event mode). When an event
+    fires, its state is appended to ``outputs`` (and its time to ``output_times``). ``on_accept(tau1,
+    y1, state)`` is called after every accepted step (the checkpointing strategy keeps states there).
+    """
+    field, direction = problem.field, problem.direction
+    taus = [direction * t for t in problem.times]
+    tau = taus[0]
+    tau_end = math.inf if until_event else taus[-1]
+    y, f = problem.y0, problem.f0
+    outputs = [y]
+    output_times = [problem.times[0]]
+    next_output = 1
+    stats = {"nfe": 0, "n_steps": 0, "n_accepted": 0, "n_rejected": 0}
+    result = Integration(outputs, output_times, stats)
+    dense = DenseSolution(direction) if record_dense else None
+    result.dense = dense
+    unflatten = field.unflatten if problem.shapes is not None else None
+    error_norm = ErrorNorm(problem.rtol, problem.atol, options.get("norm"), unflatten)
+    linear = options.get("interp", "cubic") == "linear"
+    perturb = bool(options.get("perturb", False))
+    adaptive = control.adaptive
+    jumps = sorted(direction * t for t in options.get("jump_t", ()))
+    stops = sorted(set(direction * t for t in options.get("step_t", ())) | set(jumps))
+    stops = [s for s in stops if tau < s < tau_end] + [tau_end]
+    jump_set = set(jumps)
+    if f is None:
+        f = field(problem.times[0], y)
+    stop_index = 0
+    grid = control.grid if not adaptive else None
+    grid_index = 0
+    if event is not None:
+        event_value = _event_value(event, field, problem.times[0], y)
+    state = stepper.init(field, problem.times[0], y, f)
+
+    if adaptive:
+        order = stepper.order
+        h = control.first_step
+        if h is None:
+            h = initial_step(field, direction * tau, y, f, direction, order, error_norm)
+        h = abs(float(h))
+    previous_ratio = 1.0
+    last_failure_non_finite = False
+    # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid).
+    restart_from_right = tau in jump_set
+
+    while next_output < len(taus) or until_event:
+        # --- choose the step -------------------------------------------------------------------
+        if adaptive:
+            h = min(max(h, control.min_step), control.max_step)
+            stop = stops[stop_index]
+            if tau + h >= stop:
+                tau1, h = stop, stop - tau
+            else:
+                tau1 = tau + h
+            if tau1 <= tau or h <= 0:
+                failure = NonFiniteError if last_failure_non_finite else StepSizeUnderflowError
+                raise_or_record(result, failure(_underflow_message(direction * tau, h, last_failure_non_finite),
+                                                t=direction * tau), throw)
+                break
+        else:
+            tau1 = grid[grid_index + 1]
+            h = tau1 - tau
+        t0, t1 = direction * tau, direction * tau1
+        ends_on_jump = tau1 in jump_set
+        step_field = field
+        if perturb or ends_on_jump:
+            step_field = _perturbed(field, t0, t1, left=perturb, right=perturb or ends_on_jump)
+        if restart_from_right or perturb:
+            f = field(_next_after(t0, t1), y)
+            restart_from_right = False
+        elif f is None:
+            f = field(t0, y)
+
+        # --- attempt it ------------------------------------------------------------------------
+        outcome = stepper.step(step_field, t0, y, f, direction * h, error_norm if adaptive else None, state)
+        stats["n_steps"] += 1
+        accepted = True
+        if adaptive:
+            ratio = float(outcome.error_ratio)  # the one host synchronisation per step
+            if not math.isfinite(ratio):
+                accepted, last_failure_non_finite = False, True
+                h_next = h * control.dfactor
+            else:
+                accepted = ratio <= 1.0 or h <= control.min_step
+                last_failure_non_finite = False
+                h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted)
+                if accepted:
+                    previous_ratio = ratio
+        if not accepted:
+            stats["n_rejected"] += 1
+            h = h_next
+            if stats["n_steps"] >= control.max_num_steps:
+                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t0), t=t0), throw)
+                break
+            continue
+
+        # --- accept ----------------------------------------------------------------------------
+        stats["n_accepted"] += 1
+        y1 = outcome.y1
+        f1 = outcome.f1
+        if ends_on_jump:
+            f1, restart_from_right = None, True
+        coefficients = None
+
+        def dense_coefficients():
+            nonlocal f1
+            if linear:
+                return linear_coefficients(y, y1)
+            if f1 is None:
+                f1 = step_field(t1, y1)
+            return stepper.dense_coefficients(step_field, t0, y, direction * h, outcome, f1)
+
+        while next_output < len(taus) and taus[next_output] <= tau1:
+            if taus[next_output] == tau1:
+                outputs.append(y1)
+            else:
+                if coefficients is None:
+                    coefficients = dense_coefficients()
+                outputs.append(horner(coefficients, (taus[next_output] - tau) / h))
+            output_times.append(problem.times[next_output])
+            next_output += 1
+        if dense is not None:
+            if coefficients is None:
+                coefficients = dense_coefficients()
+            dense.append(tau, h, coefficients)
+            result.accepted_times.append(t1)
+        if event is not None:
+            new_value = _event_value(event, field, t1, y1)
+            crossed = _crossed(event_value, new_value, event.direction)
+            if bool(crossed.any()):
+                if coefficients is None:
+                    coefficients = dense_coefficients()
+                theta = _locate_event(event, field, tau, h, direction, coefficients, event_value)
+                result.event_t = direction * (tau + theta * h)
+                result.event_y = y1 if theta == 1.0 else horner(coefficients, theta)
+                result.final_t, result.final_y = result.event_t, result.event_y
+                result.status, result.message = "event", "A terminal event occurred."
+                outputs.append(result.event_y)
+                output_times.append(result.event_t)
+                break
+            event_value = new_value
+        tau, y, f = tau1, y1, (None if ends_on_jump else f1)
+        state = outcome.state
+        if on_accept is not None:
+            on_accept(tau1, y1, state)
+        if adaptive:
+            h = h_next
+            if tau1 == stops[stop_index] and stop_index < len(stops) - 1:
+                stop_index += 1
+            if stats["n_steps"] >= control.max_num_steps and (next_output < len(taus) or until_event):
+                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t1), t=t1), throw)
+                break
+        else:
+            grid_index += 1
+
+    if result.final_t is None:
+        result.final_t, result.final_y = direction * tau, y
+    if dense is not None:
+        dense.end_value = result.final_y if result.event_t is None else y
+    if not adaptive and result.status == "success":
+        _check_finite_outputs(result, problem, throw)
+    stats["nfe"] = field.nfe
+    return result
+
+
+def raise_or_record(result: Integration, error: Exception, throw: bool) -> None:
+    if throw:
+        raise error
+    result.status, result.message, result.error = error.status, str(error), error
+
+
+def _check_finite_outputs(result, problem, throw):
+    """Fixed grids do not synchronise per step, so non-finite values are found once, at the end."""
+    if not result.outputs:
+        return
+    finite = torch.stack([torch.isfinite(o).all() for o in result.outputs]).cpu().tolist()
+    if all(finite):
+        return
+    first = finite.index(False)
+    t_bad = problem.times[first]
+    error = NonFiniteError(f"the solution became NaN or infinite by t={t_bad} (first non-finite output); the "
+                           "vector field blew up or the fixed step is too large for this problem: reduce "
+                           "step_size or use an adaptive method", t=t_bad)
+    raise_or_record(result, error, throw)
+
+
+def _perturbed(field, t0: float, t1: float, left: bool, right: bool):
+    """Evaluate at the one-sided limits at the step ends (torchdiffeq's ``perturb``)."""
+    t0_inside = _next_after(t0, t1) if left else t0
+    t1_inside = _next_after(t1, t0) if right else t1
+
+    def evaluate(t, y):
+        if t == t0:
+            t = t0_inside
+        elif t == t1:
+            t = t1_inside
+        return field(t, y)
+
+    return evaluate
+
+
+def _event_value(event: EventSpec, field, t: float, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        value = event.fn(field.time(t), field.unflatten(y))
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    return value.detach()
+
+
+def _locate_event(event, field, tau0, h, direction, coefficients, value0) -> float:
+    """Bisection on the step's dense output for the first theta in (0, 1] where any element crosses.
+
+    Runs until the bracket cannot shrink in floating point (at most ~60 evaluations of the event
+    function, which is cheap next to the solve); returns the right end of the final bracket, so the
+    event state is on the far side of the crossing, like a step that lands just past it.
+    """
+    lo, hi = 0.0, 1.0
+    with torch.no_grad():
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            if mid in (lo, hi) or (tau0 + mid * h) in (tau0 + lo * h, tau0 + hi * h):
+                break
+            value = _event_value(event, field, direction * (tau0 + mid * h), horner(coefficients, mid))
+            if bool(_crossed(value0, value, event.direction).any()):
+                hi = mid
+            else:
+                lo = mid
+    return hi
+
+
+def _underflow_message(t: float, h: float, non_finite: bool) -> str:
+    if non_finite:
+        return (f"non-finite values (NaN or inf) appeared in the vector field evaluations at t={t}; "
+                f"shrinking the step to {h:.3g} did not avoid them. The vector field likely blows up "
+                "near this time: check it (and its parameters) there")
+    return (f"step size underflow at t={t}: the step shrank to {h:.3g}, below the resolution of the time "
+            "variable. The problem may be stiff or have a singularity here; loosen rtol/atol, set min_step, "
+            "or check the vector field")
+
+
+def _max_steps_message(max_num_steps, t: float) -> str:
+    return (f"reached the maximum number of steps (max_num_steps={max_num_steps}) at t={t}; raise it with "
+            "options={'max_num_steps': N}, loosen rtol/atol, or check whether the problem is stiff")
+
+
+__all__ = ["integrate", "EventSpec", "Integration"]

@@ -1,0 +1,223 @@
+"""Checks and normalises the inputs of a solve: every bad-input error is raised here.
+
+After :func:`make_problem` the rest of the package can rely on: a 1-D strictly monotone float
+tensor of times without NaN, a floating or complex state (tuple states flattened into one vector),
+tolerances that are non-negative and broadcastable to the state, and a vector field whose first
+evaluation has the state's shape and dtype.
+
+Time: the loop keeps times as Python floats (float64). The vector field receives ``t`` as a 0-dim
+tensor in the *state's* real dtype on the state's device, so a float32 model never sees a float64
+tensor that would silently promote its activations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ._errors import NonFiniteError
+
+_NUMBER = (int, float)
+
+
+class VectorField:
+    """``func(t, y)`` adapted to the loop: float time in, flat state in and out, NFE counted."""
+
+    def __init__(self, func, shapes, numels, time_dtype, device):
+        self.func = func
+        self.shapes = shapes
+        self.numels = numels
+        self.time_dtype = time_dtype
+        self.device = device
+        self.nfe = 0
+
+    def time(self, t: float) -> torch.Tensor:
+        return torch.full((), t, dtype=self.time_dtype, device=self.device)
+
+    def unflatten(self, y: torch.Tensor):
+        if self.shapes is None:
+            return y
+        return tuple(part.view(shape) for part, shape in zip(torch.split(y, self.numels), self.shapes))
+
+    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        self.nfe += 1
+        return self.evaluate(t, y)
+
+    def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        """Like calling, but not counted (gradient strategies count their own evaluations)."""
+        if self.shapes is None:
+            return self.func(self.time(t), y)
+        out = self.func(self.time(t), self.unflatten(y))
+        return torch.cat([o.reshape(-1) for o in out])
+
+
+@dataclass
+class Problem:
+    """A normalised initial value problem (internal)."""
+
+    field: VectorField
+    y0: torch.Tensor                 # flat if the user's state is a tuple
+    f0: torch.Tensor | None          # func(t[0], y0), already checked (None: the loop evaluates it)
+    t: torch.Tensor                  # the user's output times (1-D)
+    times: list                      # the same, as Python floats
+    direction: int                   # +1 forward, -1 backward in time
+    shapes: list | None              # per-component shapes of a tuple state
+    rtol: float | torch.Tensor
+    atol: float | torch.Tensor
+    method: str = ""                 # set by solve(); gradient strategies reuse it
+
+    def unflatten_trajectory(self, ys: torch.Tensor):
+        """(T, n) flat trajectory -> (T, *shape) or a tuple of those."""
+        if self.shapes is None:
+            return ys
+        parts = torch.split(ys, self.field.numels, dim=1)
+        return tuple(p.reshape(ys.shape[0], *s) for p, s in zip(parts, self.shapes))
+
+
+def _check_state(y0):
+    if isinstance(y0, torch.Tensor):
+        parts, is_tuple = (y0,), False
+    elif isinstance(y0, (tuple, list)) and len(y0) > 0 and all(isinstance(p, torch.Tensor) for p in y0):
+        parts, is_tuple = tuple(y0), True
+    else:
+        raise TypeError(f"y0 must be a torch.Tensor or a non-empty tuple of tensors, got {type(y0).__name__}; "
+                        "wrap numbers with torch.tensor(..., dtype=torch.float64)")
+    for i, p in enumerate(parts):
+        name = f"y0[{i}]" if is_tuple else "y0"
+        if not (p.is_floating_point() or p.is_complex()):
+            raise TypeError(f"{name} has dtype {p.dtype}; the state must be floating point or complex. "
+                            f"Convert it, e.g. {name}.to(torch.float32)")
+    if is_tuple:
+        dtypes = {p.dtype for p in parts}
+        devices = {p.device for p in parts}
+        if len(dtypes) > 1:
+            raise TypeError(f"the tensors of a tuple y0 must share one dtype, got {sorted(map(str, dtypes))}; "
+                            "convert them to a common dtype")
+        if len(devices) > 1:
+            raise ValueError(f"the tensors of a tuple y0 are on different devices {sorted(map(str, devices))}; "
+                             "move them to one device")
+    return parts, is_tuple
+
+
+def check_times(t, y_device, name="t") -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a 1-D torch.Tensor of times, got {type(t).__name__}; "
+                        f"use torch.tensor([...], dtype=torch.float64)")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} has dtype {t.dtype}; times must be floating point, e.g. {name}.double()")
+    if t.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}; pass the output times as a flat "
+                         f"tensor, e.g. {name}.reshape(-1)")
+    if t.numel() < 1:
+        raise ValueError(f"{name} is empty; give at least the start time")
+    if t.device != y_device:
+        raise ValueError(f"{name} is on {t.device} but y0 is on {y_device}; move them to the same device, "
+                         f"e.g. {name}.to(y0.device)")
+    return t
+
+
+def check_monotone(times: list, name="t") -> int:
+    if any(math.isnan(x) for x in times):
+        raise ValueError(f"{name} contains NaN; every output time must be a finite number")
+    if any(math.isinf(x) for x in times):
+        raise ValueError(f"{name} contains an infinite value; every output time must be finite")
+    if len(times) < 2:
+        return 1
+    diffs = [b - a for a, b in zip(times, times[1:])]
+    if all(d > 0 for d in diffs):
+        return 1
+    if all(d < 0 for d in diffs):
+        return -1
+    raise ValueError(f"{name} must be strictly increasing or strictly decreasing (no repeats); "
+                     f"sort it and remove duplicates, e.g. torch.unique({name})")
+
+
+def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
+    def one(value, shape, label):
+        if isinstance(value, bool) or not isinstance(value, (*_NUMBER, torch.Tensor)):
+            raise TypeError(f"{label} must be a float or a tensor, got {type(value).__name__}")
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                raise ValueError(f"{label} must not require grad; pass {label}.detach()")
+            try:
+                torch.broadcast_shapes(value.shape, shape)
+            except RuntimeError:
+                raise ValueError(f"{label} has shape {tuple(value.shape)}, which does not broadcast to the state "
+                                 f"shape {tuple(shape)}; give a float or a tensor of the state's shape") from None
+            if torch.broadcast_shapes(value.shape, shape) != shape:
+                raise ValueError(f"{label} has shape {tuple(value.shape)}, which would change the state shape "
+                                 f"{tuple(shape)}; give a float or a tensor of the state's shape")
+            if not torch.isfinite(value).all() or (value < 0).any():
+                raise ValueError(f"{label} must be finite and non-negative everywhere")
+            return value.to(dtype=real_dtype, device=device).expand(shape)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{label}={value} is invalid; tolerances must be finite and non-negative")
+        return float(value)
+
+    if is_tuple:
+        values = tol if isinstance(tol, (tuple, list)) else (tol,) * len(parts)
+        if len(values) != len(parts):
+            raise ValueError(f"{name} has {len(values)} entries but y0 has {len(parts)} tensors; give one per tensor "
+                             "or a single float")
+        checked = [one(v, p.shape, f"{name}[{i}]") for i, (v, p) in enumerate(zip(values, parts))]
+        if all(isinstance(c, float) for c in checked) and len(set(checked)) == 1:
+            return checked[0]
+        return torch.cat([(torch.full(p.shape, c, dtype=real_dtype, device=device) if isinstance(c, float)
+                           else c).reshape(-1) for c, p in zip(checked, parts)])
+    return one(tol, parts[0].shape, name)
+
+
+def make_problem(func, y0, t, rtol, atol) -> Problem:
+    """Validate and normalise ``(func, y0, t, rtol, atol)``; evaluates ``func`` once at ``t[0]``."""
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    parts, is_tuple = _check_state(y0)
+    device = parts[0].device
+    t = check_times(t, device)
+    times = t.detach().double().cpu().tolist()
+    direction = check_monotone(times)
+    real_dtype = parts[0].real.dtype if parts[0].is_complex() else parts[0].dtype
+    rtol = _check_tolerance("rtol", rtol, parts, is_tuple, real_dtype, device)
+    atol = _check_tolerance("atol", atol, parts, is_tuple, real_dtype, device)
+    if is_tuple:
+        shapes = [p.shape for p in parts]
+        numels = [p.numel() for p in parts]
+        flat_y0 = torch.cat([p.reshape(-1) for p in parts])
+    else:
+        shapes, numels, flat_y0 = None, None, parts[0]
+    if not bool(torch.isfinite(flat_y0).all()):
+        raise ValueError("y0 contains NaN or infinite values; the initial state must be finite")
+    field = VectorField(func, shapes, numels, real_dtype, device)
+    f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, times[0])
+    return Problem(field, flat_y0, f0, t, times, direction, shapes, rtol, atol)
+
+
+def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
+    """Evaluate ``func`` once and check what it returns, so a wrong shape fails here and clearly."""
+    out = func(field.time(t0), tuple(parts) if is_tuple else parts[0])
+    field.nfe += 1
+    expected = parts if is_tuple else (parts[0],)
+    got = tuple(out) if (is_tuple and isinstance(out, (tuple, list))) else (out,)
+    if is_tuple and not isinstance(out, (tuple, list)):
+        raise TypeError(f"func returned a {type(out).__name__} but y0 is a tuple of {len(parts)} tensors; "
+                        "return a tuple with one derivative per state tensor")
+    if len(got) != len(expected):
+        raise ValueError(f"func returned {len(got)} tensors for a state of {len(expected)}; return one "
+                         "derivative per state tensor")
+    for i, (g, e) in enumerate(zip(got, expected)):
+        label = f"func(t, y)[{i}]" if is_tuple else "func(t, y)"
+        if not isinstance(g, torch.Tensor):
+            raise TypeError(f"{label} returned {type(g).__name__}; it must return a tensor shaped like the state")
+        if g.shape != e.shape:
+            raise ValueError(f"{label} returned shape {tuple(g.shape)} but the state has shape {tuple(e.shape)}; "
+                             "dy/dt must have exactly the state's shape")
+        if g.dtype != e.dtype:
+            raise TypeError(f"{label} returned dtype {g.dtype} but the state has dtype {e.dtype}; make the "
+                            "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
+    f0 = torch.cat([g.reshape(-1) for g in got]) if is_tuple else got[0]
+    if not bool(torch.isfinite(f0).all()):
+        raise NonFiniteError(f"func(t, y0) returned non-finite values at t={t0}: the vector field is NaN or "
+                             "infinite at the initial state", t=t0)
+    return f0

@@ -1,0 +1,69 @@
+"""The result of :func:`neuralode.solve`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Solution:
+    """Values, dense output, statistics and status of one solve.
+
+    Attributes
+    ----------
+    ts : Tensor, shape (T,)
+        The output times reached (all of ``t`` unless an event stopped the solve or it failed with
+        ``throw=False``).
+    ys : Tensor, shape (T, *y0.shape), or tuple of such for tuple states
+        The solution at ``ts``.
+    stats : dict
+        ``nfe`` (vector-field evaluations), ``n_steps`` (attempted), ``n_accepted``, ``n_rejected``;
+        gradient strategies add ``nfe_backward`` (and ``n_steps_backward``) during ``backward()``:
+        the dict is updated in place, so read it after the backward pass.
+    status : str
+        ``"success"``, ``"event"``, ``"max_steps_reached"``, ``"step_size_underflow"`` or ``"non_finite"``.
+    message : str
+    event_t, event_y :
+        Time and state of a terminal event, if one occurred (``None`` otherwise).
+    """
+
+    ts: torch.Tensor
+    ys: object
+    stats: dict
+    status: str = "success"
+    message: str = ""
+    event_t: torch.Tensor | None = None
+    event_y: object = None
+    _dense: object = field(default=None, repr=False)
+    _unflatten: object = field(default=None, repr=False)
+
+    @property
+    def success(self) -> bool:
+        return self.status in ("success", "event")
+
+    def evaluate(self, t) -> object:
+        """Dense output at ``t`` (a float, or a tensor of any shape) anywhere in the solved span.
+
+        Returns shape ``(*t.shape, *y0.shape)`` (a tuple for tuple states). Needs ``solve(..., dense=True)``.
+        At a step boundary the stored step value is returned exactly.
+        """
+        if self._dense is None:
+            raise ValueError("this solution has no dense output; call solve(..., dense=True)")
+        t_tensor = torch.as_tensor(t, dtype=torch.float64)
+        values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]
+        stacked = torch.stack(values).reshape(*t_tensor.shape, -1)
+        if self._unflatten is None:
+            return stacked.reshape(*t_tensor.shape, *values[0].shape)
+        flat = stacked.reshape(-1, stacked.shape[-1])
+        parts = self._unflatten(flat)
+        return tuple(p.reshape(*t_tensor.shape, *p.shape[1:]) for p in parts)
+
+    @property
+    def step_times(self) -> torch.Tensor:
+        """Ends of the accepted steps (with ``dense=True``), shape (n_accepted,)."""
+        if self._dense is None:
+            raise ValueError("step times are recorded with solve(..., dense=True)")
+        d = self._dense
+        return torch.tensor([d.direction * (s + h) for s, h in zip(d.starts, d.lengths)], dtype=torch.float64)

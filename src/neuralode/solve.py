@@ -1,0 +1,300 @@
+"""``solve`` (returns a :class:`Solution`) and the torchdiffeq-compatible ``odeint`` family."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._errors import closest
+from .controllers import AdaptiveController, FixedGrid
+from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
+from .integrate import EventSpec, integrate
+from .methods import REGISTRY
+from .problem import check_monotone, make_problem
+from .solution import Solution
+
+_FIXED_DEFAULT_INTERP = "linear"
+
+
+def _check_method(method):
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}; choose one of {list(REGISTRY)}")
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}.{closest(method, REGISTRY)} Choose one of {list(REGISTRY)}")
+    return REGISTRY[method]
+
+
+def _check_options(spec, options):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - spec.options)
+    if unknown:
+        name = unknown[0]
+        raise ValueError(f"option {name!r} means nothing for method {spec.name!r}.{closest(name, spec.options)} "
+                         f"It accepts: {sorted(spec.options)}")
+    return dict(options)
+
+
+def _float_option(options, name, default, *, positive=False, minimum=None):
+    value = options.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"option {name!r} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"option {name!r} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
+        bound = "> 0" if positive else f">= {minimum}"
+        raise ValueError(f"option {name!r}={value} is invalid; it must be {bound}")
+    return value
+
+
+def _time_list(options, name, direction):
+    value = options.get(name)
+    if value is None:
+        return []
+    values = torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()
+    if any(not math.isfinite(v) for v in values):
+        raise ValueError(f"option {name!r} must contain finite times")
+    return values
+
+
+def _make_control(spec, options, problem, field_func, user_y0):
+    times, direction = problem.times, problem.direction
+    if spec.adaptive:
+        kind = options.get("controller", "integral")
+        if kind not in ("integral", "pi"):
+            raise ValueError(f"option 'controller' must be 'integral' or 'pi', got {kind!r}")
+        max_num_steps = options.get("max_num_steps", 100_000)
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+            raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
+        dtype = options.get("dtype")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"option 'dtype' must be a floating torch.dtype, got {dtype!r}")
+        safety = _float_option(options, "safety", 0.9, positive=True)
+        ifactor = _float_option(options, "ifactor", 10.0, positive=True)
+        dfactor = _float_option(options, "dfactor", 0.2, positive=True)
+        if ifactor < 1 or dfactor > 1:
+            raise ValueError(f"options need ifactor >= 1 and dfactor <= 1, got ifactor={ifactor}, dfactor={dfactor}")
+        min_step = _float_option(options, "min_step", 0.0, minimum=0.0)
+        max_step = _float_option(options, "max_step", math.inf, positive=True)
+        if min_step > max_step:
+            raise ValueError(f"option 'min_step'={min_step} exceeds 'max_step'={max_step}")
+        return AdaptiveController(
+            kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
+            first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps)
+    return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t))
+
+
+def _fixed_grid(options, times, direction, func, y0, t):
+    """Internal-time grid for fixed-step methods (torchdiffeq's construction, without its sliver steps)."""
+    step_size = options.get("step_size")
+    constructor = options.get("grid_constructor")
+    if step_size is not None and constructor is not None:
+        raise ValueError("give either option 'step_size' or 'grid_constructor', not both")
+    tau0, tau_end = direction * times[0], direction * times[-1]
+    if step_size is not None:
+        h = _float_option(options, "step_size", None, positive=True)
+        if not math.isfinite(h):
+            raise ValueError(f"option 'step_size' must be finite, got {h}")
+        n = (tau_end - tau0) / h
+        # A span that is a whole number of steps up to rounding must not end in a sliver step.
+        n_steps = round(n) if abs(n - round(n)) <= 1e-9 * max(1.0, n) else math.ceil(n)
+        n_steps = max(n_steps, 1)
+        return tuple(tau0 + i * h for i in range(n_steps)) + (tau_end,)
+    if constructor is not None:
+        if not callable(constructor):
+            raise TypeError("option 'grid_constructor' must be callable as grid_constructor(func, y0, t)")
+        grid = constructor(func, y0, t)
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError("grid_constructor must return a 1-D tensor with at least two times")
+        values = grid.detach().double().cpu().tolist()
+        if check_monotone(values, "the grid from grid_constructor") != direction and len(values) > 1:
+            raise ValueError("the grid from grid_constructor runs in the opposite direction to t")
+        if values[0] != times[0] or values[-1] != times[-1]:
+            raise ValueError(f"the grid from grid_constructor must start at t[0]={times[0]} and end at "
+                             f"t[-1]={times[-1]}, got {values[0]} ... {values[-1]}")
+        return tuple(direction * v for v in values)
+    return None
+
+
+def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: dict | None = None,
+          gradient: str | GradientStrategy = "direct", adjoint_params=None, event_fn=None,
+          event_direction: int = 0, dense: bool = False, throw: bool = True) -> Solution:
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, and report values at every time in ``t``.
+
+    Parameters
+    ----------
+    func : callable
+        ``func(t, y) -> dy/dt``; ``t`` is a 0-dim tensor (the state's real dtype), ``y`` has the shape of
+        ``y0`` (a tuple for tuple states). An ``nn.Module`` or any function.
+    y0 : Tensor of any shape, or tuple of Tensors
+        Floating point or complex initial state.
+    t : Tensor, shape (T,)
+        Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial time.
+        Output times never change the steps the solver takes.
+    method : str
+        One of :data:`neuralode.METHODS`. Fixed-step methods need ``options={"step_size": h}`` or a
+        ``grid_constructor``.
+    rtol, atol : float or Tensor
+        Relative and absolute tolerance; tensors broadcast to the state (per-element tolerances), or a
+        tuple of them for tuple states.
+    options : dict
+        Method options, with torchdiffeq's names: fixed grid ``step_size``, ``grid_constructor``,
+        ``perturb``, ``interp``; adaptive ``first_step``, ``max_num_steps`` (default 100000),
+        ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``step_t``, ``jump_t``,
+        ``norm``, ``dtype``, and ``controller`` (``"integral"`` default, or ``"pi"``); Adams
+        ``max_order``, ``max_iters``. An option the method does not use is an error.
+    gradient : {"direct", "adjoint", "checkpoint"} or a strategy object
+        How ``backward()`` differentiates the solve (see :mod:`neuralode.gradients`).
+    adjoint_params : iterable of Tensors, optional
+        Parameters to differentiate for the adjoint and checkpoint strategies. Defaults to the
+        parameters of ``func`` when it is an ``nn.Module``.
+    event_fn : callable, optional
+        ``event_fn(t, y) -> Tensor``; the solve stops at the first zero crossing of any element.
+    event_direction : {0, 1, -1}
+        Only crossings upwards (1), downwards (-1) or both (0).
+    dense : bool
+        Record the dense output for :meth:`Solution.evaluate`.
+    throw : bool
+        Raise on numerical failure (default). With ``False`` a failed solve returns a Solution whose
+        ``status``/``message`` say what happened and whose ``ts``/``ys`` stop where it stopped.
+
+    Returns
+    -------
+    Solution
+    """
+    spec = _check_method(method)
+    options = _check_options(spec, options)
+    strategy = resolve_gradient(gradient, adjoint_params=adjoint_params, func=func)
+    if event_direction not in (0, 1, -1):
+        raise ValueError(f"event_direction must be 0, 1 or -1, got {event_direction!r}")
+    if event_fn is not None and not callable(event_fn):
+        raise TypeError("event_fn must be callable as event_fn(t, y)")
+    return _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw,
+                  until_event=False)
+
+
+def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw, until_event):
+    t_requires_grad = isinstance(t, torch.Tensor) and t.requires_grad
+    problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol)
+    if spec.adaptive is False and options.get("step_size") is None and options.get("grid_constructor") is None:
+        if not options.pop("_grid_is_t", False):
+            raise ValueError(f"method {spec.name!r} takes fixed steps: give options={{'step_size': h}} or a "
+                             "'grid_constructor'; to step exactly between the output times, use "
+                             "options={'grid_constructor': lambda func, y0, t: t}")
+    options.pop("_grid_is_t", None)
+    if not spec.adaptive:
+        options.setdefault("interp", _FIXED_DEFAULT_INTERP)
+        if options["interp"] not in ("linear", "cubic"):
+            raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {options['interp']!r}")
+    for name in ("step_t", "jump_t"):
+        options[name] = _time_list(options, name, problem.direction)
+    stepper = spec.make_stepper(options)
+    control = _make_control(spec, options, problem, func, y0)
+    if control.adaptive is False and control.grid is None:
+        control = FixedGrid(tuple(problem.direction * x for x in problem.times))
+    event = EventSpec(event_fn, event_direction) if event_fn is not None else None
+
+    problem.method = spec.name
+    t_in = problem.t
+    y0_given = problem.y0
+    if t_requires_grad:
+        # Time gradients come from the ODE itself, for every strategy: dy(t_i)/dt_i = f(t_i, y(t_i)),
+        # and dy(t_i)/dt_0 = -Phi(t_i, t_0) f(t_0, y0), which is what shifting the initial state by
+        # -(t0 - t0) f0 (a zero that carries the gradient) produces through any strategy.
+        t0 = t[0]
+        problem.y0 = problem.y0 - (t0 - t0.detach()).to(problem.y0.real.dtype) * problem.f0.detach()
+        problem.f0 = None  # re-evaluated at the shifted state, so the first stage carries the shift too
+
+    run = strategy.run(problem, stepper, control, options=options, event=event, record_dense=dense,
+                       until_event=until_event, throw=throw)
+    outputs, integration = run.outputs, run.integration
+    n_out = outputs.shape[0]
+    if t_requires_grad:
+        # y(t_0) is y0 itself, whatever t_0 is.
+        outputs = torch.cat([y0_given.unsqueeze(0), outputs[1:]])
+    if t_requires_grad and n_out > 1:
+        with torch.no_grad():
+            slopes = torch.stack([problem.field(problem.times[i], outputs[i]) for i in range(1, n_out)])
+        shift = (t[1:n_out] - t[1:n_out].detach()).to(outputs.real.dtype)
+        shift = shift.reshape(-1, *([1] * (outputs.ndim - 1)))
+        outputs = torch.cat([outputs[:1], outputs[1:] + shift * slopes])
+    integration.stats["nfe"] = problem.field.nfe
+    ys = problem.unflatten_trajectory(outputs)
+    ts = t_in[:n_out] if not until_event else t_in[:1]
+    event_t = event_y = None
+    if integration.event_t is not None:
+        event_t = torch.tensor(integration.event_t, dtype=t_in.dtype, device=t_in.device)
+        event_y = problem.field.unflatten(run.event_y if run.event_y is not None else integration.event_y)
+    return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
+                    event_t=event_t, event_y=event_y, _dense=integration.dense,
+                    _unflatten=problem.field.unflatten if problem.shapes is not None else None)
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
+    """torchdiffeq-compatible ``odeint``: same signature, semantics and defaults (method ``dopri5``).
+
+    Returns ``ys`` of shape ``(len(t), *y0.shape)`` (a tuple for tuple states); with ``event_fn``,
+    returns ``(event_t, ys)`` where ``ys`` holds the state at ``t[0]`` and at the event, and all but the
+    first entry of ``t`` only set the direction of time, as in torchdiffeq. Fixed-step methods without
+    a ``step_size`` or ``grid_constructor`` step between the output times, as in torchdiffeq.
+    """
+    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, Direct())
+
+
+def _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy):
+    spec = _check_method("dopri5" if method is None else method)
+    options = _check_options(spec, options)
+    if not spec.adaptive:
+        options["_grid_is_t"] = True
+    if event_fn is None:
+        return _solve(func, y0, t, spec, rtol, atol, options, strategy, None, 0, False, True, False).ys
+    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() != 2:
+        raise ValueError("with event_fn, t must hold two times [t0, t1]: t0 starts the solve and t1 only sets "
+                         "the direction of time (the solve runs until the event)")
+    solution = _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, 0, False, True, True)
+    if solution.event_t is None:
+        raise RuntimeError("the event did not occur")  # unreachable: until_event stops only at an event or error
+    ys = solution.ys
+    if isinstance(ys, tuple):
+        stacked = tuple(torch.stack([part[0], e]) for part, e in zip(ys, solution.event_y))
+    else:
+        stacked = torch.stack([ys[0], solution.event_y])
+    return solution.event_t, stacked
+
+
+def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
+                   adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None,
+                   adjoint_params=None):
+    """torchdiffeq-compatible ``odeint_adjoint``: the forward solve of :func:`odeint`, differentiated
+    by the adjoint method in constant memory. Backward tolerances and method default to the forward
+    ones; ``adjoint_options={"norm": "seminorm"}`` enables the seminorm of Kidger et al. (2021).
+    ``adjoint_params`` defaults to ``func.parameters()`` for an ``nn.Module``.
+    """
+    strategy = resolve_gradient(Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
+                                        options=adjoint_options),
+                                adjoint_params=adjoint_params, func=func)
+    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy)
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):
+    """torchdiffeq-compatible ``odeint_event``: solve from ``t0`` until ``event_fn(t, y)`` crosses zero.
+
+    Returns ``(event_t, ys)`` with ``ys`` of shape ``(2, *y0.shape)`` (the states at ``t0`` and at the
+    event). Gradients flow into ``event_t`` through the implicit function theorem: for
+    g(t_e, y(t_e)) = 0, dt_e = -(dg/dy . dy) / (dg/dt + dg/dy . f(t_e, y(t_e))).
+    """
+    from .events import reroute_event_gradient
+
+    t0 = torch.as_tensor(t0).reshape(-1)[:1]
+    step = -1.0 if reverse_time else 1.0
+    t = torch.cat([t0, t0.detach() + step])
+    event_t, ys = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    return reroute_event_gradient(func, event_fn, event_t, ys)

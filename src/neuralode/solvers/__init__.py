@@ -1,0 +1,1 @@
+"""Steppers: one generic explicit Runge-Kutta stepper, and the Adams multistep family."""

@@ -1,0 +1,129 @@
+"""The one stepper behind every explicit Runge-Kutta method.
+
+A step from ``(t0, y0)`` with (signed) size ``h`` evaluates the stages
+
+    k_i = f(t0 + c_i h, y0 + h sum_{j<i} a_ij k_j),      y1 = y0 + h sum_i b_i k_i,
+
+and, for adaptive methods, the error estimate ``e = h sum_i b_err_i k_i``. Nothing here is specific to
+a method: the tableau is data (:mod:`neuralode.tableaus`). The stage sums skip zero coefficients and
+use Python floats, so a step allocates only the stage states and costs no host synchronisation; the
+loop synchronises once per step, on the error ratio.
+
+Differentiability: every operation is an ordinary autograd op (accumulation happens in place only
+into fresh intermediates), so gradients, and gradients of gradients, flow through the steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..tableaus import ButcherTableau
+
+
+def _sparse(weights) -> tuple:
+    return tuple((j, float(w)) for j, w in enumerate(weights) if w != 0)
+
+
+def linear_combination(y0: torch.Tensor | None, h: float, ks, terms) -> torch.Tensor:
+    """``y0 + h * sum_j w_j ks[j]`` over the nonzero ``terms = ((j, w_j), ...)``; ``y0=None`` drops it."""
+    (j0, w0), *rest = terms
+    acc = ks[j0] * (h * w0)
+    for j, w in rest:
+        acc.add_(ks[j], alpha=h * w)
+    if y0 is not None:
+        acc.add_(y0)
+    return acc
+
+
+@dataclass
+class StepOutcome:
+    """What a stepper returns for one attempted step.
+
+    ``y1`` is the proposed state; ``f1`` the derivative there if the step already computed it (FSAL),
+    else ``None``; ``error_ratio`` a 0-dim tensor (the weighted error norm, <= 1 means acceptable) or
+    ``None`` for fixed-step methods; ``error_order`` the order the controller should assume;
+    ``stages`` whatever the stepper needs to build the dense output later; ``state`` the
+    solver-specific state to carry into the next step if this one is accepted.
+    """
+
+    y1: torch.Tensor
+    f1: torch.Tensor | None
+    error_ratio: torch.Tensor | None
+    error_order: int | None
+    stages: Any = None
+    state: Any = None
+
+
+@dataclass(frozen=True, eq=False)
+class ExplicitRungeKutta:
+    """Runs a :class:`~neuralode.tableaus.ButcherTableau`. One instance per method, immutable."""
+
+    tableau: ButcherTableau
+    _rows: tuple = field(init=False, repr=False)
+    _b: tuple = field(init=False, repr=False)
+    _b_err: tuple = field(init=False, repr=False)
+    _b_err_low: tuple = field(init=False, repr=False)
+    _dense: tuple = field(init=False, repr=False)
+    _extra_rows: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        tab = self.tableau
+        set_ = object.__setattr__
+        set_(self, "_rows", tuple((float(tab.c[i]), _sparse(tab.a[i])) for i in range(1, tab.stages)))
+        set_(self, "_b", _sparse(tab.b))
+        set_(self, "_b_err", _sparse(tab.b_err) if tab.b_err is not None else ())
+        set_(self, "_b_err_low", _sparse(tab.b_err_low) if tab.b_err_low is not None else ())
+        set_(self, "_extra_rows", tuple((float(c), _sparse(row)) for c, row in zip(tab.extra_c, tab.extra_a)))
+        # Column m of the dense matrix gives the weights of theta**(m+1).
+        set_(self, "_dense", tuple(_sparse(tab.dense[:, m]) for m in range(tab.dense.shape[1])))
+
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau.adaptive
+
+    def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor):
+        return None
+
+    def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
+             error_norm: Callable | None, state=None) -> StepOutcome:
+        """Attempt one step. ``func(t: float, y)``; ``error_norm(err, y0, y1) -> 0-dim tensor``."""
+        ks = [f0]
+        yi = y0
+        for c, terms in self._rows:
+            yi = linear_combination(y0, h, ks, terms) if terms else y0
+            ks.append(func(t0 + c * h, yi))
+        # FSAL: the last stage was evaluated at y1 itself.
+        if self.tableau.fsal:
+            y1, f1 = yi, ks[-1]
+        else:
+            y1, f1 = linear_combination(y0, h, ks, self._b), None
+        ratio = None
+        if error_norm is not None and self._b_err:
+            # The error estimate only steers the step size: no graph is recorded for it.
+            with torch.no_grad():
+                ratio = error_norm(linear_combination(None, h, ks, self._b_err), y0, y1)
+                if self._b_err_low:
+                    # DOP853's combination of its 5th- and 3rd-order estimates (Hairer's dop853.f).
+                    low = error_norm(linear_combination(None, h, ks, self._b_err_low), y0, y1)
+                    denominator = torch.sqrt(ratio * ratio + 0.01 * low * low)
+                    ratio = torch.where(denominator > 0, ratio * ratio / denominator.clamp_min(1e-300),
+                                        torch.zeros_like(ratio))
+        return StepOutcome(y1, f1, ratio, self.tableau.error_order, ks)
+
+    def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
+                           f1: torch.Tensor) -> list:
+        """Coefficients ``[c_0, ..., c_d]`` with ``y(t0 + theta h) = sum_m c_m theta**m``."""
+        ks = list(outcome.stages)
+        if not self.tableau.fsal:
+            ks.append(f1)
+        for c, terms in self._extra_rows:
+            ks.append(func(t0 + c * h, linear_combination(y0, h, ks, terms)))
+        return [y0] + [linear_combination(None, h, ks, terms) if terms else torch.zeros_like(y0)
+                       for terms in self._dense]

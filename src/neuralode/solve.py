@@ -297,4 +297,4 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     step = -1.0 if reverse_time else 1.0
     t = torch.cat([t0, t0.detach() + step])
     event_t, ys = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-    return reroute_event_gradient(func, event_fn, event_t, ys)
+    return reroute_event_gradient(func, event_fn, t0[0], event_t, ys)

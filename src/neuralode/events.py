@@ -1,0 +1,87 @@
+"""Gradients through the time of a terminal event (implicit function theorem).
+
+The event time t_e is defined implicitly by g(t_e, y(t_e)) = 0. For upstream quantities theta,
+
+    dt_e/dtheta = -(dg/dy . dy/dtheta) / (dg/dt + dg/dy . f(t_e, y(t_e))),
+
+and the state at the event moves as dy_e/dtheta = dy/dtheta + f dt_e/dtheta. The solve itself
+differentiates y at a *fixed* time; :func:`reroute_event_gradient` adds the part that flows through
+t_e by changing the cotangent of the event state to ``grad_y + lambda dg/dy`` with
+``lambda = -(grad_t + grad_y . f) / (dg/dt + dg/dy . f)``. Event functions with several elements are
+combined as ``min(g * sign(g(t0, y0)))`` (the element that fires first).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _combined(event_fn, signs):
+    def g(t, y):
+        value = event_fn(t, y)
+        value = torch.as_tensor(value)
+        if signs is None:
+            return value.reshape(())
+        return (value * signs).min()
+    return g
+
+
+def _flat(value):
+    if isinstance(value, (tuple, list)):
+        return torch.cat([v.reshape(-1) for v in value])
+    return value.reshape(-1)
+
+
+class _EventRerouting(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, func, event_fn, is_tuple, event_t, *state):
+        ctx.func, ctx.event_fn, ctx.is_tuple = func, event_fn, is_tuple
+        ctx.save_for_backward(event_t, *state)
+        return (event_t.detach().clone(), *[s.detach().clone() for s in state])
+
+    @staticmethod
+    def backward(ctx, grad_t, *grad_state):
+        event_t, *state = ctx.saved_tensors
+        with torch.enable_grad():
+            t = event_t.detach().requires_grad_(True)
+            s = [x.detach().requires_grad_(True) for x in state]
+            y = tuple(s) if ctx.is_tuple else s[0]
+            g = ctx.event_fn(t, y)
+            dg = torch.autograd.grad(g, (t, *s), allow_unused=True, retain_graph=True)
+            with torch.no_grad():
+                slope = _flat(ctx.func(t.detach(), tuple(x.detach() for x in s) if ctx.is_tuple else s[0].detach()))
+        dg_dt = torch.zeros_like(event_t) if dg[0] is None else dg[0]
+        dg_dy = [torch.zeros_like(x) if d is None else d for d, x in zip(dg[1:], state)]
+        grad_t = torch.zeros_like(event_t) if grad_t is None else grad_t
+        grad_state = [torch.zeros_like(x) if gs is None else gs for gs, x in zip(grad_state, state)]
+        dy_flat, gy_flat = _flat(dg_dy), _flat(grad_state)
+        denominator = dg_dt + (dy_flat * slope).sum().to(dg_dt.dtype)
+        if bool(denominator == 0):
+            raise RuntimeError("the event function crosses zero tangentially (dg/dt + dg/dy . f = 0 at the event); "
+                               "the event time has no derivative there")
+        lam = -(grad_t + (gy_flat * slope).sum().to(grad_t.dtype)) / denominator
+        event_params = [p for p in getattr(ctx.event_fn, "parameters", lambda: [])() if p.requires_grad]
+        if event_params:
+            torch.autograd.backward(g, lam.detach(), inputs=event_params)
+        new_grads = [gs + lam.to(d.dtype) * d for gs, d in zip(grad_state, dg_dy)]
+        return (None, None, None, None, *new_grads)
+
+
+def reroute_event_gradient(func, event_fn, t0, event_t, ys):
+    """Attach the implicit-function-theorem gradient to ``(event_t, ys)`` where ``ys[-1]`` is the event state.
+
+    ``t0`` is the start time (for the initial signs of a multi-element event function); ``ys`` has
+    shape ``(k, *y0.shape)`` with the state at ``t0`` first, or is a tuple of such tensors; returns the
+    same structure.
+    """
+    is_tuple = isinstance(ys, tuple)
+    parts = list(ys) if is_tuple else [ys]
+    start_state = tuple(p[0].detach() for p in parts) if is_tuple else parts[0][0].detach()
+    with torch.no_grad():
+        initial = torch.as_tensor(event_fn(torch.as_tensor(t0).detach().reshape(()), start_state))
+    signs = torch.sign(initial) if initial.numel() > 1 else None
+    rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), is_tuple, event_t,
+                                     *[p[-1] for p in parts])
+    new_t, new_state = rerouted[0], rerouted[1:]
+    out = [torch.cat([p[:-1], s.unsqueeze(0)]) for p, s in zip(parts, new_state)]
+    return new_t, (tuple(out) if is_tuple else out[0])

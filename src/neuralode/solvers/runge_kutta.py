@@ -30,11 +30,10 @@ def _sparse(weights) -> tuple:
 def linear_combination(y0: torch.Tensor | None, h: float, ks, terms) -> torch.Tensor:
     """``y0 + h * sum_j w_j ks[j]`` over the nonzero ``terms = ((j, w_j), ...)``; ``y0=None`` drops it."""
     (j0, w0), *rest = terms
-    acc = ks[j0] * (h * w0)
+    # The first term creates the result (fused with y0 when there is one); the rest accumulate in place.
+    acc = ks[j0] * (h * w0) if y0 is None else torch.add(y0, ks[j0], alpha=h * w0)
     for j, w in rest:
         acc.add_(ks[j], alpha=h * w)
-    if y0 is not None:
-        acc.add_(y0)
     return acc
 
 

@@ -107,10 +107,10 @@ def test_non_numeric_token(tmp_path):
         load_heartbeat(path)
 
 
-@pytest.mark.parametrize("label", ["5", "-1", "1.5", "nan"])
-def test_bad_labels(tmp_path, label):
+@pytest.mark.parametrize("label, shown", [("5", "5.0"), ("-1", "-1.0"), ("1.5", "1.5"), ("nan", "nan")])
+def test_bad_labels(tmp_path, label, shown):
     path = write_csv(tmp_path / "b.csv", [row(0), row(label)])
-    with pytest.raises(ValueError, match=r"row 2 has label .* labels must be integers 0\.\.4"):
+    with pytest.raises(ValueError, match=rf"row 2 has label {shown} in column 188; labels must be integers 0\.\.4"):
         load_heartbeat(path)
 
 

@@ -53,7 +53,9 @@ def test_hutchinson_estimate_averages_to_the_exact_frobenius_norm(probe):
     # Every sample of the batch gets its own probe: n samples = n independent estimates.
     torch.manual_seed(0)
     n = 20_000
-    block = ODEBlock(Linear(A), (0.0, T), rtol=1e-8, atol=1e-10, gradient="direct", frobenius=True, probe=probe)
+    # The integrand ||eps^T A||^2 is constant in time, so any Runge-Kutta step integrates it exactly
+    # and loose tolerances (cheap steps for z) do not bias the estimate.
+    block = ODEBlock(Linear(A), (0.0, T), rtol=1e-4, atol=1e-6, gradient="direct", frobenius=True, probe=probe)
     block(torch.randn(n, 3, dtype=torch.float64))
     est = block.jacobian_frobenius / T
     exact = float(np.sum(A**2))

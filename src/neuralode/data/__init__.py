@@ -13,6 +13,7 @@ from .heartbeat import (
     inter_patient_split,
     load_heartbeat,
 )
+from .pendulum import PendulumData, PendulumTrajectory, load_pendulum
 from .physionet import (
     PHYSIONET_STATIC,
     PHYSIONET_VARIABLES,
@@ -39,6 +40,9 @@ __all__ = [
     "MNISTData",
     "load_mnist",
     "read_idx",
+    "PendulumData",
+    "PendulumTrajectory",
+    "load_pendulum",
     "PHYSIONET_STATIC",
     "PHYSIONET_VARIABLES",
     "PhysioNetBatch",

@@ -218,7 +218,7 @@ def load_heartbeat(path: PathLike, records_path: Optional[PathLike] = None) -> H
     if bad.size:
         row = int(bad[0])
         raise ValueError(
-            f"path={str(path)!r}: row {row + 1} has label {labels[row]!r} in column {n_columns}; "
+            f"path={str(path)!r}: row {row + 1} has label {float(labels[row])!r} in column {n_columns}; "
             f"labels must be integers 0..{len(HEARTBEAT_CLASSES) - 1} "
             f"({', '.join(HEARTBEAT_CLASSES)}). {bad.size} row(s) are affected; is the label "
             "really the last column?"

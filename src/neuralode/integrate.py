@@ -134,8 +134,9 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 tau1 = tau + h
             if tau1 <= tau or h <= 0:
                 failure = NonFiniteError if last_failure_non_finite else StepSizeUnderflowError
-                raise_or_record(result, failure(_underflow_message(direction * tau, h, last_failure_non_finite),
-                                                t=direction * tau), throw)
+                magnitude = float(y.abs().max()) if y.numel() else 0.0
+                raise_or_record(result, failure(_underflow_message(direction * tau, h, last_failure_non_finite,
+                                                                   magnitude), t=direction * tau), throw)
                 break
         else:
             tau1 = grid[grid_index + 1]
@@ -308,14 +309,14 @@ def _locate_event(event, field, tau0, h, direction, coefficients, value0) -> flo
     return hi
 
 
-def _underflow_message(t: float, h: float, non_finite: bool) -> str:
+def _underflow_message(t: float, h: float, non_finite: bool, magnitude: float) -> str:
     if non_finite:
         return (f"non-finite values (NaN or inf) appeared in the vector field evaluations at t={t}; "
                 f"shrinking the step to {h:.3g} did not avoid them. The vector field likely blows up "
                 "near this time: check it (and its parameters) there")
     return (f"step size underflow at t={t}: the step shrank to {h:.3g}, below the resolution of the time "
-            "variable. The problem may be stiff or have a singularity here; loosen rtol/atol, set min_step, "
-            "or check the vector field")
+            f"variable (largest |y| there: {magnitude:.3g}). The solution may blow up here (a singularity), or "
+            "the problem is stiff; loosen rtol/atol, set min_step, or check the vector field")
 
 
 def _max_steps_message(max_num_steps, t: float) -> str:

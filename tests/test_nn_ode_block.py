@@ -94,6 +94,17 @@ def test_adjoint_gradients_match_direct_gradients():
         torch.testing.assert_close(g_adj, g_dir, rtol=1e-6, atol=1e-8)
 
 
+def test_gradient_strategy_objects_are_passed_to_the_solver():
+    import neuralode
+
+    block = ODEBlock(small_field(), gradient=neuralode.Adjoint(rtol=1e-5, atol=1e-6, seminorm=True))
+    block(torch.randn(4, 3)).sum().backward()
+    assert block.nfe_backward > 0
+    block = ODEBlock(small_field(), gradient=neuralode.Direct())
+    block(torch.randn(4, 3)).sum().backward()
+    assert block.nfe_backward is None
+
+
 def test_plain_callable_with_explicit_adjoint_params():
     w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     block = ODEBlock(lambda t, z: torch.tanh(z @ w), adjoint_params=[w], rtol=1e-9, atol=1e-9)
@@ -132,6 +143,8 @@ def test_errors_name_the_argument_and_the_fix():
         ODEBlock(f, t=1.0)
     with pytest.raises(ValueError, match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint'\], got 'adj'"):
         ODEBlock(f, gradient="adj")
+    with pytest.raises(TypeError, match=r"gradient must be one of .* or a gradient strategy object .*got int"):
+        ODEBlock(f, gradient=3)
     with pytest.raises(ValueError, match="rtol must be a finite positive float, got -0.001"):
         ODEBlock(f, rtol=-1e-3)
     with pytest.raises(TypeError, match="method must be a str"):

@@ -127,8 +127,14 @@ class ODEBlock(nn.Module):
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}.")
         self.options = dict(options) if options is not None else None
-        # Strategy objects are the solver's to validate; strings are checked here, early.
-        self.gradient = one_of("gradient", gradient, GRADIENTS) if isinstance(gradient, str) else gradient
+        if isinstance(gradient, str):
+            gradient = one_of("gradient", gradient, GRADIENTS)
+        elif not isinstance(gradient, neuralode.GradientStrategy):
+            raise TypeError(
+                f"gradient must be one of {list(GRADIENTS)} or a gradient strategy object such as "
+                f"neuralode.Adjoint(rtol=1e-4), got {type(gradient).__name__}."
+            )
+        self.gradient = gradient
         self.return_trajectory = bool(return_trajectory)
         if adjoint_params is not None:
             adjoint_params = tuple(adjoint_params)

@@ -88,6 +88,11 @@ def test_fast_and_checked_parsers_agree_including_crlf():
             np.testing.assert_array_equal(a, b)
 
 
+def test_spaces_around_fields_are_tolerated(tmp_path):
+    (record,) = load_physionet(_single(tmp_path, patient(4, ["00:07, HR , 73 "])))
+    assert record.values[0, V["HR"]].item() == 73.0
+
+
 def test_descriptors_only_gives_empty_series(tmp_path):
     (tmp_path / "1.txt").write_text(patient(1))
     (record,) = load_physionet(tmp_path / "1.txt")

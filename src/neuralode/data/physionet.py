@@ -129,7 +129,7 @@ def _parse_lines_checked(text: str, source: str) -> tuple[dict[str, float], np.n
                 f"{source}, line {lineno}: {line!r} has {len(parts)} comma-separated fields, "
                 "expected 3 (Time,Parameter,Value)"
             )
-        stamp, name, text_value = parts
+        stamp, name, text_value = (part.strip() for part in parts)
         try:
             minute = _parse_minutes(stamp)
         except ValueError:
@@ -386,7 +386,8 @@ def load_physionet(
     -----
     Values are not cleaned: the raw files contain physiologically impossible entries (e.g.
     ``Temp`` of -17.8, ``Weight`` of 0, pH given in the wrong unit) which are kept as recorded.
-    Reading all 4,000 patients of one set takes a few seconds.
+    Reading all 4,000 patients of one set takes 5-8 s on a 2-core CPU machine; use
+    ``max_records`` for quick looks and tests.
     """
     path = as_path(path, "path")
     if max_records is not None:

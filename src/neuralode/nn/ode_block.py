@@ -42,8 +42,8 @@ class ODEBlock(nn.Module):
         pass ``adjoint_params`` for the adjoint strategy.
     t : pair of floats or 1-D sequence/tensor, default (0.0, 1.0)
         The integration interval ``(t0, t1)``, or output times ``(t0, t1, ..., tn)``, strictly
-        increasing or strictly decreasing. The first entry is the start time. Times are turned
-        into a tensor of the input's dtype and device at each call.
+        increasing or strictly decreasing. The first entry is the start time. Times are kept as
+        Python floats and passed to the solver as a float64 tensor on the input's device.
     method : str, default "dopri5"
         A method of :func:`neuralode.solve`. Dormand-Prince 5(4) as in Chen et al. (2018).
     rtol, atol : float, default 1e-3
@@ -185,7 +185,9 @@ class ODEBlock(nn.Module):
             raise ValueError(
                 f"x must have a batch dimension first, shape (N, *), for the regularisers; got {tuple(x.shape)}."
             )
-        t = torch.tensor(self.times, dtype=x.dtype, device=x.device)
+        # Times in float64 (the solver hands func the time in the state's dtype); MPS has no float64.
+        time_dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        t = torch.tensor(self.times, dtype=time_dtype, device=x.device)
         if self.regularised:
             probe = sample_probe(x, self.probe) if self.frobenius else None
             func = RegularisedDynamics(self.func, probe, kinetic=self.kinetic, frobenius=self.frobenius)

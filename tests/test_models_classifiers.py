@@ -103,6 +103,16 @@ def test_gradient_strategies_of_each_family():
     assert ode.nfe_forward > 0 and ode.nfe_backward > 0
 
 
+def test_builders_return_the_right_family():
+    families = {"mlp": MLP, "resnet": ResNet, "rknet": RKNet, "odenet": ODENet}
+    for kind, cls in families.items():
+        assert type(vector_classifier(kind, in_features=2, num_classes=2)) is cls
+        assert type(sequence_classifier(kind, channels=4)) is cls
+        assert type(image_classifier(kind, channels=8)) is cls
+    augmented = vector_classifier("odenet", in_features=2, num_classes=2, augment_dim=3)
+    assert augmented.stem(torch.randn(4, 2)).shape == (4, 5)
+
+
 def test_rknet_and_odenet_share_the_vector_field_layout():
     rk, ode = build_model("ecg_rknet"), build_model("ecg_odenet")
     assert [tuple(p.shape) for p in rk.parameters()] == [tuple(p.shape) for p in ode.parameters()]

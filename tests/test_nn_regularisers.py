@@ -82,6 +82,20 @@ def test_regularisation_loss_and_gradients(dtype):
         assert p.grad is not None and torch.isfinite(p.grad).all()
 
 
+def test_copies_drop_the_graph_of_the_last_call():
+    import copy
+    import pickle
+
+    block = ODEBlock(TimeSequential(ConcatLinear(2, 4), nn.Tanh(), ConcatLinear(4, 2)), kinetic=True, frobenius=True)
+    block(torch.randn(3, 2))
+    for clone in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert clone.kinetic_energy is None and clone.jacobian_frobenius is None
+        assert clone.nfe_forward == block.nfe_forward
+        clone(torch.randn(3, 2))
+        assert clone.kinetic_energy.shape == (3,)
+    assert block.kinetic_energy is not None
+
+
 def test_regularised_adjoint_gradients_match_direct():
     field = TimeSequential(ConcatLinear(3, 8), nn.Tanh(), ConcatLinear(8, 3)).double()
     x = torch.randn(4, 3, dtype=torch.float64)

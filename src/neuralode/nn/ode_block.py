@@ -149,6 +149,15 @@ class ODEBlock(nn.Module):
         self.kinetic_energy: Tensor | None = None
         self.jacobian_frobenius: Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The regulariser values of the last call are graph tensors, which deepcopy and pickle
+        # reject; a copy starts without them (as after construction).
+        state = super().__getstate__()
+        state = dict(state)
+        state["kinetic_energy"] = None
+        state["jacobian_frobenius"] = None
+        return state
+
     # ------------------------------------------------------------------ counters
     @property
     def nfe_forward(self) -> int | None:

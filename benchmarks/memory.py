@@ -1,0 +1,148 @@
+"""Peak memory of one gradient against the number of steps: direct, checkpoint, adjoint.
+
+    python benchmarks/memory.py            # 10, 100, 1000 steps; writes results/memory.json and memory.png
+    python benchmarks/memory.py --quick    # 10 and 100 steps, batch 128
+
+Problem: MLP 64 -> 256 -> 256 -> 64 (tanh), batch 512, float32, fixed-step rk4 on t = [0, 1] with
+step_size = 1 / steps, loss = sum of squares of y(1); one forward solve + ``backward()``.
+
+Method: every (strategy, steps) case runs in a FRESH Python process. The child builds the model and
+state, runs one tiny warm-up gradient (2 steps, so that one-off allocations such as thread pools and
+autograd's engine do not count), then resets the kernel's peak-RSS counter by writing ``5`` to
+``/proc/self/clear_refs``, reads the current RSS (``VmRSS``) as the baseline, runs the measured
+gradient and reads ``VmHWM`` (peak resident set since the reset). We report ``VmHWM - baseline``:
+the extra resident memory the gradient needed at its peak, which is what an out-of-memory kill sees.
+(tracemalloc does not see torch's allocations; torch keeps no CPU allocator statistics.) The state
+itself is 512 x 64 x 4 B = 128 KiB; one evaluation's saved activations are about 1.2 MiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, markdown_table, write_json  # noqa: E402
+
+
+def _status_kib(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def child(strategy, steps, batch, threads):
+    import time
+
+    import torch
+
+    import neuralode
+    from _common import MLP
+    torch.set_num_threads(threads)
+    f = MLP(64, 256, layers=2, seed=0, dtype=torch.float32)
+    y0 = torch.randn(batch, 64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.0, 1.0])
+
+    def gradient(n):
+        for p in f.parameters():
+            p.grad = None
+        y = y0.detach().requires_grad_(True)
+        sol = neuralode.solve(f, y, t, method="rk4", options={"step_size": 1.0 / n}, gradient=strategy)
+        sol.ys[-1].pow(2).sum().backward()
+        return sol
+
+    gradient(2)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    baseline = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    sol = gradient(steps)
+    wall = time.perf_counter() - t0
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"strategy": strategy, "steps": steps, "batch": batch, "baseline_mib": baseline / 1024,
+                      "peak_mib": peak / 1024, "delta_mib": (peak - baseline) / 1024, "wall_s": wall,
+                      "n_steps": sol.stats["n_steps"], "nfe_backward": sol.stats.get("nfe_backward")}))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "STEPS", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]), args.threads)
+        return
+    steps_list = (10, 100) if args.quick else (10, 100, 1000)
+    batch = 128 if args.quick else 512
+    rows = []
+    for steps in steps_list:
+        for strategy in ("direct", "checkpoint", "adjoint"):
+            out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", strategy,
+                                  str(steps), str(batch)], capture_output=True, text=True)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                rows.append({"strategy": strategy, "steps": steps, "batch": batch, "error": out.returncode})
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{strategy:10s} {steps:5d} steps: +{row['delta_mib']:.1f} MiB peak, {row['wall_s']:.1f} s",
+                  flush=True)
+    table = []
+    for strategy in ("direct", "checkpoint", "adjoint"):
+        r = {"strategy": strategy}
+        for row in rows:
+            if row["strategy"] == strategy and "delta_mib" in row:
+                r[f"s{row['steps']}"] = row["delta_mib"]
+        table.append(r)
+    columns = [("strategy", "strategy", None)] + [(f"{s} steps (MiB)", f"s{s}", "{:.1f}") for s in steps_list]
+    print(f"\n### Peak extra RSS of one gradient, rk4, batch {batch}\n")
+    print(markdown_table(table, columns))
+    targets = []
+    by = {(r["strategy"], r["steps"]): r.get("delta_mib") for r in rows}
+    lo, hi = steps_list[0], steps_list[-1]
+    a_lo, a_hi = by.get(("adjoint", lo)), by.get(("adjoint", hi))
+    if a_lo and a_hi:
+        targets.append(f"adjoint flat ({hi} steps within 1.1x of {lo}): {a_hi / a_lo:.2f}x -> "
+                       f"{'MET' if a_hi <= 1.1 * a_lo else 'MISSED'}")
+    for s in ("checkpoint", "direct"):
+        v_lo, v_hi = by.get((s, lo)), by.get((s, hi))
+        if v_lo and v_hi:
+            targets.append(f"{s}: {hi} steps / {lo} steps = {v_hi / v_lo:.1f}x (steps ratio {hi // lo}x)")
+    print("\n### Targets\n")
+    for line in targets:
+        print("- " + line)
+    name = "memory_quick" if args.quick else "memory"
+    plot(rows, steps_list, batch, RESULTS / f"{name}.png")
+    path = write_json(f"{name}.json", {"rows": rows, "targets": targets, "method": "VmHWM - VmRSS baseline, "
+                                       "fresh process per case, after clear_refs=5"})
+    print(f"\nwrote {path} and {RESULTS / (name + '.png')}")
+
+
+def plot(rows, steps_list, batch, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    labels = {"direct": "direct backprop, O(L)", "checkpoint": "checkpoint, O(sqrt L)", "adjoint": "adjoint, O(1)"}
+    for strategy in ("direct", "checkpoint", "adjoint"):
+        pts = [(r["steps"], r["delta_mib"]) for r in rows if r["strategy"] == strategy and "delta_mib" in r]
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=labels[strategy])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("rk4 steps L")
+    ax.set_ylabel("peak extra RSS of one gradient (MiB)")
+    ax.set_title(f"MLP 64-256-256-64, batch {batch}, float32", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -127,7 +127,8 @@ def test_linear_flow_matches_closed_form_density_and_regularisers():
     torch.testing.assert_close(out.log_prob, standard_normal_log_prob(z) - torch.trace(a))
     torch.testing.assert_close(out.frobenius, torch.full((5,), a.pow(2).sum().item(), dtype=D64))
     ts = torch.linspace(0, 1, 2001, dtype=D64)
-    speed = torch.stack([(z @ (a @ torch.linalg.matrix_exp(a * s)).T).pow(2).sum(1) for s in ts])
+    flows = a @ torch.linalg.matrix_exp(a * ts[:, None, None])  # (T, 2, 2): A e^{At}
+    speed = (z @ flows.transpose(1, 2)).pow(2).sum(-1)  # (T, N)
     torch.testing.assert_close(out.kinetic, torch.trapezoid(speed, ts, dim=0), rtol=1e-6, atol=1e-8)
 
 
@@ -139,7 +140,7 @@ def test_gradients_agree_across_strategies(trace):
     probe = sample_probe(x, "gaussian")
     grads = {}
     for gradient in ("direct", "adjoint", "checkpoint"):
-        cnf = CNF(dyn, 2, trace=trace, rtol=1e-10, atol=1e-10, gradient=gradient, kinetic=True, frobenius=True)
+        cnf = CNF(dyn, 2, trace=trace, rtol=1e-9, atol=1e-9, gradient=gradient, kinetic=True, frobenius=True)
         dyn.zero_grad()
         out = cnf(x, probe=probe)
         loss = -out.log_prob.mean() + 0.1 * out.kinetic.mean() + 0.1 * out.frobenius.mean()
@@ -148,7 +149,7 @@ def test_gradients_agree_across_strategies(trace):
         if gradient != "direct":
             assert cnf.last_stats["nfe_backward"] > 0
     assert grads["direct"].abs().max() > 1e-3
-    torch.testing.assert_close(grads["adjoint"], grads["direct"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(grads["adjoint"], grads["direct"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads["checkpoint"], grads["direct"], rtol=1e-7, atol=1e-9)
 
 

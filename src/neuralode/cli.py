@@ -121,6 +121,9 @@ def _run(args: argparse.Namespace) -> int:
             overrides.append(f"seed={args.seed}")
         config = experiment.resolve(apply_overrides(config, overrides))
         run_dir = args.out if args.out is not None else _new_run_dir(args.name)
+        if (run_dir / "config.json").exists():
+            raise _Fail(f"{run_dir} already holds a run; pass --resume to continue it "
+                        f"or choose another --out")
 
     verb = "resuming" if args.resume else "running"
     print(f"{verb} {args.name} in {run_dir}", file=sys.stderr)

@@ -46,12 +46,18 @@ class RunConfig:
         Call the experiment's evaluation every this many steps (0: only at the end).
     checkpoint_every : int
         Write ``checkpoints/last.pt`` every this many steps (and always at the end).
+    threads : int
+        Intra-op CPU threads for torch during the run (0: torch's default). The
+        experiments' tensors are tiny, so threads only add synchronisation; on a busy
+        machine two threads per process ran a spiral step 20-40x slower than one. Being
+        part of the config also pins the reduction order, which exact resume relies on.
     """
 
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
     checkpoint_every: int = 100
+    threads: int = 1
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

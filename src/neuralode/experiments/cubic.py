@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from typing import Literal
 
 import torch
@@ -187,10 +188,16 @@ class Cubic(Experiment):
         c = self.config
         models = nn.ModuleDict()
         for m in self.members:
-            if m.kind == "resnet":
-                models[m.key] = ResNet(c.hidden, c.resnet_layers)
-            else:
-                models[m.key] = ODENet(c.hidden, method=c.method, rtol=c.rtol, atol=c.atol, gradient=c.gradient)
+            # The initial weights depend on (seed, kind, data set) only: every step size of a
+            # sweep starts from the same point, and adding or removing models leaves the
+            # others unchanged.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(c.seed * 1_000_003 + zlib.crc32(f"{m.kind}/{m.data}".encode()))
+                if m.kind == "resnet":
+                    models[m.key] = ResNet(c.hidden, c.resnet_layers)
+                else:
+                    models[m.key] = ODENet(c.hidden, method=c.method, rtol=c.rtol, atol=c.atol,
+                                           gradient=c.gradient)
         return models.to(self.device)
 
     def build_optimizer(self, model):

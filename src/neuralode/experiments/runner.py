@@ -285,6 +285,12 @@ def train(
                 f"cannot resume: no checkpoint at {ckpt_path}; start a new run without --resume"
             )
         checkpoint = load_checkpoint(ckpt_path, device)
+        saved = json.loads(run.path("config.json").read_text())["config"]
+        if saved != json.loads(json.dumps(config_to_dict(config))):
+            raise ConfigError(
+                f"cannot resume {run_dir} with a different config than its config.json; "
+                f"resume with the saved config or start a new run"
+            )
     elif run.path("config.json").exists():
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
@@ -298,6 +304,17 @@ def train(
              "device": str(device), "torch": torch.__version__},
         )
 
+    previous_threads = torch.get_num_threads()
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks) -> dict:
+    t0 = time.perf_counter()  # wall time counts setup and the final plots too
     seed_everything(config.seed)
     exp = experiment(config, device)
     exp.setup()
@@ -352,7 +369,6 @@ def train(
         bar = tqdm(total=total, initial=start, desc=experiment.name, unit="step",
                    dynamic_ncols=True, mininterval=0.5)
 
-    t0 = time.perf_counter()
     status = "completed"
     if start == 0 and config.eval_every:
         evaluate(_position(0, per_epoch))
@@ -397,8 +413,8 @@ def train(
             bar.close()
         writer.close()
 
-    wall = elapsed + (time.perf_counter() - t0)
     if status == "interrupted":
+        wall = elapsed + (time.perf_counter() - t0)
         summary = {"experiment": experiment.name, "status": status, "steps_done": done.step,
                    "steps": total, "wall_time_s": wall}
         run.write_json("summary.json", summary)
@@ -406,6 +422,7 @@ def train(
 
     metrics = {k: _scalar(v) for k, v in exp.finish(model, run).items()}
     _plot_loss(run)
+    wall = elapsed + (time.perf_counter() - t0)
     summary = {
         "experiment": experiment.name,
         "status": status,

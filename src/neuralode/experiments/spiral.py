@@ -226,13 +226,18 @@ class Spiral(Experiment):
 
     # -- evaluation ---------------------------------------------------------------
     def learned_matrix(self, model) -> torch.Tensor | None:
-        """The linear variants' estimate of ``A`` (weight, or the MLP's Jacobian at 0)."""
+        """The linear variants' estimate of ``A``: the weight of the linear layer, or for
+        an MLP the best linear fit ``f(z) ~ A z`` over the states of the true trajectory
+        (least squares). The MLP's Jacobian at the origin would be the textbook choice, but
+        the data say little about the field there and it drifts far from ``A``."""
         if self.cube:
             return None
         if isinstance(model.net, nn.Linear):
             return model.net.weight.detach().clone()
-        zero = torch.zeros(2, device=self.device)
-        return torch.autograd.functional.jacobian(lambda y: model(torch.tensor(0.0), y), zero).detach()
+        z = self.y_true[:, 0]
+        with torch.no_grad():
+            f = model(torch.tensor(0.0), z)
+        return torch.linalg.lstsq(z, f).solution.T  # f = z @ A.T
 
     def evaluate(self, model, position, run):
         with torch.no_grad():
@@ -257,7 +262,7 @@ class Spiral(Experiment):
             A = A.cpu()
             metrics["matrix_frobenius_error"] = torch.linalg.norm(A - self.A_true).item()
             metrics["learned_matrix"] = [[round(v, 5) for v in row] for row in A.tolist()]
-            metrics["true_matrix"] = self.A_true.tolist()
+            metrics["true_matrix"] = _SYSTEMS[self.config.variant][0]
         self._plot_snapshots(run, y_true)
         self._plot_phase(run, model, pred, y_true)
         self._plot_eval(run)
@@ -277,9 +282,13 @@ class Spiral(Experiment):
             top.plot(y_true[:, 0], y_true[:, 1], "g-", lw=1.2, label="true")
             top.plot(pred[:, 0], pred[:, 1], "b--", lw=1.2, label="learned")
             top.set_title(f"step {step}")
-            top.set_aspect("equal", "datalim")
-            for k, style in ((0, "-"), (1, "-")):
-                bottom.plot(t, y_true[:, k], "g" + style, lw=1)
+            lim = 1.3 * float(np.abs(y_true.numpy()).max())
+            top.set_xlim(-lim, lim)
+            top.set_ylim(-lim, lim)
+            top.set_aspect("equal")
+            bottom.set_ylim(-lim, lim)
+            for k in (0, 1):
+                bottom.plot(t, y_true[:, k], "g-", lw=1)
                 bottom.plot(t, pred[:, k], "b--", lw=1)
             bottom.set_xlabel("t")
             if j == 0:
@@ -291,7 +300,7 @@ class Spiral(Experiment):
 
     def _plot_phase(self, run, model, pred, y_true):
         lim = float(y_true.abs().max()) * 1.15
-        g = torch.linspace(-lim, lim, 25)
+        g = torch.linspace(-lim, lim, 21)
         yy, xx = torch.meshgrid(g, g, indexing="ij")
         pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], -1).to(self.device)
         with torch.no_grad():
@@ -300,8 +309,14 @@ class Spiral(Experiment):
         fig = figure(figsize=(10, 4.6))
         axes = fig.subplots(1, 2)
         for ax, field, title in ((axes[0], true, "true vector field"), (axes[1], learned, "learned vector field")):
-            u, v = field[:, 0].reshape(25, 25).numpy(), field[:, 1].reshape(25, 25).numpy()
-            ax.streamplot(g.numpy(), g.numpy(), u, v, color=np.hypot(u, v), cmap="Greys", density=1.0)
+            u, v = field[:, 0].reshape(21, 21).numpy(), field[:, 1].reshape(21, 21).numpy()
+            # arrows of equal length show the direction; their shade, the speed (a
+            # streamplot looks nicer but costs seconds per figure)
+            speed = np.hypot(u, v)
+            norm = np.where(speed > 0, speed, 1.0)
+            ax.quiver(g.numpy(), g.numpy(), u / norm, v / norm, np.log1p(speed), cmap="Greys",
+                      clim=(-0.5 * np.log1p(speed).max(), np.log1p(speed).max()), pivot="mid",
+                      angles="xy", scale=30, width=0.004)
             ax.plot(y_true[:, 0], y_true[:, 1], "g-", lw=1.3, label="true trajectory")
             ax.plot(pred[:, 0], pred[:, 1], "b--", lw=1.3, label="learned trajectory")
             ax.set_xlim(-lim, lim)

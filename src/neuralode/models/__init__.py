@@ -1,4 +1,5 @@
-"""Classifiers built from :mod:`neuralode.nn`: MLP, ResNet, RK-Net and ODE-Net.
+"""Models built from :mod:`neuralode.nn`: classifiers (MLP, ResNet, RK-Net, ODE-Net) and generative
+models (continuous normalising flows with a planar-flow baseline; latent ODEs with an RNN baseline).
 
 Generic families (:class:`MLP`, :class:`ResNet`, :class:`RKNet`, :class:`ODENet`) and builders
 for vectors (:func:`vector_classifier`), sequences (:func:`sequence_classifier`, ECG defaults)
@@ -6,6 +7,10 @@ and images (:func:`image_classifier`, the MNIST networks of Chen et al. 2018), p
 :func:`build_model` to build any of them by name. No training code lives here.
 """
 
+from neuralode.models.cnf import (CNF, TRACE_ESTIMATORS, CNFOutput, ConcatSquashLinear, ConcatSquashMLP,
+                                  PlanarCNFDynamics, PlanarFlow, trace_exact, trace_hutchinson)
+from neuralode.models.latent_ode import (ENCODERS, LatentODE, LatentODEOutput, ObservationEncoder, RNNBaseline,
+                                         RNNBaselineOutput, gather_observations)
 from neuralode.models.base import FIXED_STEP_RK_METHODS, MLP, ODENet, ResidualBlock, ResNet, RKNet, count_parameters
 from neuralode.models.image import image_classifier
 from neuralode.models.registry import MODEL_NAMES, PAPER_PARAMETER_COUNTS, build_model
@@ -13,6 +18,10 @@ from neuralode.models.sequence import sequence_classifier
 from neuralode.models.vector import vector_classifier
 
 __all__ = [
+    "CNF", "CNFOutput", "ConcatSquashLinear", "ConcatSquashMLP", "PlanarCNFDynamics", "PlanarFlow",
+    "TRACE_ESTIMATORS", "trace_exact", "trace_hutchinson",
+    "ENCODERS", "LatentODE", "LatentODEOutput", "ObservationEncoder", "RNNBaseline", "RNNBaselineOutput",
+    "gather_observations",
     "FIXED_STEP_RK_METHODS",
     "MLP",
     "MODEL_NAMES",

@@ -94,7 +94,7 @@ def timing(args):
     f, y0, t = make_problem(batch=128 if args.quick else 512)
     rtol, atol = 1e-5, 1e-6
     cases = {name: Gradient(lib, f, y0, t, rtol, atol, semi) for name, lib, semi in CASES}
-    results = interleaved(cases, args.repeats or (1 if args.quick else 5))
+    results = interleaved(cases, args.repeats or (1 if args.quick else 3))
     reference = results["neuralode direct"][1]["grad"]
     rows = []
     for name, (times, out) in results.items():

@@ -12,6 +12,8 @@ autograd's engine do not count), then resets the kernel's peak-RSS counter by wr
 ``/proc/self/clear_refs``, reads the current RSS (``VmRSS``) as the baseline, runs the measured
 gradient and reads ``VmHWM`` (peak resident set since the reset). We report ``VmHWM - baseline``:
 the extra resident memory the gradient needed at its peak, which is what an out-of-memory kill sees.
+Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that RSS follows live tensors (see ``main``);
+cases run two at a time (``--jobs``), which does not change per-process RSS.
 (tracemalloc does not see torch's allocations; torch keeps no CPU allocator statistics.) The state
 itself is 512 x 64 x 4 B = 128 KiB; one evaluation's saved activations are about 1.2 MiB.
 """
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +76,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="cases run at once, each in its own process")
     parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "STEPS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -79,19 +84,27 @@ def main(argv=None):
         return
     steps_list = (10, 100) if args.quick else (10, 100, 1000)
     batch = 128 if args.quick else 512
-    rows = []
-    for steps in steps_list:
-        for strategy in ("direct", "checkpoint", "adjoint"):
-            out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", strategy,
-                                  str(steps), str(batch)], capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr[-2000:], file=sys.stderr)
-                rows.append({"strategy": strategy, "steps": steps, "batch": batch, "error": out.returncode})
-                continue
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"{strategy:10s} {steps:5d} steps: +{row['delta_mib']:.1f} MiB peak, {row['wall_s']:.1f} s",
-                  flush=True)
+    # A fixed mmap threshold: every tensor >= 128 KiB gets its own mapping, returned to the OS when freed,
+    # so RSS follows the live tensors. (With glibc's default *dynamic* threshold, freed large blocks raise
+    # the threshold and later tensors come from the heap, whose fragmentation then grows RSS with the
+    # number of steps even when live memory does not.)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+
+    def one(case):
+        strategy, steps = case
+        out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", strategy,
+                              str(steps), str(batch)], capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            return {"strategy": strategy, "steps": steps, "batch": batch, "error": out.returncode}
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{strategy:10s} {steps:5d} steps: +{row['delta_mib']:.1f} MiB peak, {row['wall_s']:.1f} s",
+              flush=True)
+        return row
+
+    cases = [(strategy, steps) for steps in steps_list for strategy in ("direct", "checkpoint", "adjoint")]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # processes are independent: RSS is per process
+        rows = list(pool.map(one, cases))
     table = []
     for strategy in ("direct", "checkpoint", "adjoint"):
         r = {"strategy": strategy}

@@ -57,6 +57,8 @@ def _fmt(value) -> str:
         if not math.isfinite(value):
             return str(value)
         return f"{value:.4g}"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)
@@ -69,7 +71,11 @@ def _img(path: Path) -> str:
 
 
 def _label(run: dict) -> str:
-    return f"{run['dir'].name}<br><small>{html.escape(run['config'].get('experiment', '?'))}</small>"
+    name = run["config"].get("experiment", "?")
+    variant = run["config"].get("config", {}).get("variant")
+    if variant:
+        name += f" ({variant})"
+    return f"{html.escape(run['dir'].name)}<br><small>{html.escape(name)}</small>"
 
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:

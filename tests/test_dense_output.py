@@ -1,0 +1,120 @@
+"""Dense output: Solution.evaluate reproduces the step values exactly, agrees with the saved outputs,
+and converges at the order of the interpolant (log-log regression on one step from exact data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import neuralode
+from neuralode.tableaus import TABLEAUS
+
+F64 = torch.float64
+RK_METHODS = sorted(TABLEAUS)
+A = torch.tensor([[-0.1, 1.0], [-1.0, -0.1]], dtype=F64)
+Y0 = torch.tensor([1.0, 0.5], dtype=F64)
+INTERP_ORDER = {"dopri5": 4, "tsit5": 4, "dopri8": 7}  # published continuous extensions; cubic Hermite: 3
+
+
+def spiral(t, y):
+    return (y ** 3) @ torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=F64)
+
+
+def _options(method, **extra):
+    if TABLEAUS[method].adaptive:
+        return dict(extra)
+    return {"step_size": 0.05, "interp": "cubic", **extra}
+
+
+@pytest.mark.parametrize("method", RK_METHODS)
+def test_evaluate_reproduces_step_values_exactly(method):
+    y0 = torch.tensor([[1.0, 0.0]], dtype=F64)
+    t = torch.tensor([0.0, 3.0], dtype=F64)
+    tol = dict(rtol=1e-5, atol=1e-7)  # exactness holds at any tolerance; loose keeps low orders fast
+    sol = neuralode.solve(spiral, y0, t, method=method, dense=True, options=_options(method), **tol)
+    steps = sol.step_times
+    assert steps.dtype == F64 and steps[-1] == 3.0
+    assert len(steps) == sol.stats["n_accepted"]
+    # output times never change the steps, and an output time on a step end is the step value itself
+    at_steps = neuralode.solve(spiral, y0, torch.cat([t[:1], steps]), method=method, options=_options(method),
+                               **tol)
+    assert at_steps.stats["n_accepted"] == sol.stats["n_accepted"]
+    assert torch.equal(sol.evaluate(steps), at_steps.ys[1:])
+    assert torch.equal(sol.evaluate(0.0), y0)
+    assert torch.equal(sol.evaluate(3.0), sol.ys[-1])
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "rk4"])
+def test_evaluate_agrees_with_saved_outputs(method):
+    t = torch.linspace(0.0, 3.0, 37, dtype=F64)
+    y0 = torch.tensor([[1.0, 0.0]], dtype=F64)
+    sol = neuralode.solve(spiral, y0, t, method=method, dense=True, options=_options(method))
+    assert torch.equal(sol.evaluate(t), sol.ys)
+
+
+def test_evaluate_shapes_and_tuple_states():
+    y0 = (torch.ones(2, dtype=F64), torch.ones(3, 1, dtype=F64))
+    sol = neuralode.solve(lambda t, y: (-y[0], 2 * y[1]), y0, torch.tensor([0.0, 1.0], dtype=F64), dense=True)
+    a, b = sol.evaluate(torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=F64))
+    assert a.shape == (2, 2, 2) and b.shape == (2, 2, 3, 1)
+    assert torch.allclose(a[1, 1], torch.exp(torch.tensor(-0.4, dtype=F64)) * torch.ones(2, dtype=F64), atol=1e-7)
+    x, m = sol.evaluate(0.5)
+    assert x.shape == (2,) and m.shape == (3, 1)
+    x, m = sol.evaluate(sol.step_times)
+    assert torch.equal(x[-1], sol.ys[0][-1]) and torch.equal(m[-1], sol.ys[1][-1])
+
+
+def test_evaluate_backwards_in_time():
+    t = torch.tensor([2.0, 0.0], dtype=F64)
+    sol = neuralode.solve(lambda t, y: A @ y, Y0, t, dense=True, rtol=1e-10, atol=1e-12)
+    for s in (1.7, 1.0, 0.25):
+        exact = torch.linalg.matrix_exp(A * (s - 2.0)) @ Y0
+        assert (sol.evaluate(s) - exact).abs().max() < 1e-8
+    assert torch.equal(sol.evaluate(sol.step_times), sol.evaluate(sol.step_times.clone()))
+    assert (sol.step_times < 2.0).all() and sol.step_times[-1] == 0.0
+
+
+def _interp_slope(method, interp=None):
+    """Error at the midpoint of one step of size h taken from exact data, against h."""
+    adaptive = TABLEAUS[method].adaptive
+    hs = [1.6, 1.2, 0.8, 0.6] if method == "dopri8" else [0.4, 0.2, 0.1, 0.05]
+    errs = []
+    for h in hs:
+        options = {"first_step": h, "min_step": h, "max_step": h} if adaptive else {"step_size": h, "interp": interp}
+        sol = neuralode.solve(lambda t, y: A @ y, Y0, torch.tensor([0.0, h], dtype=F64), method=method,
+                              options=options, dense=True)
+        exact = torch.linalg.matrix_exp(A * 0.5 * h) @ Y0
+        errs.append(float((sol.evaluate(0.5 * h) - exact).norm()))
+    return float(np.polyfit(np.log(hs), np.log(errs), 1)[0])
+
+
+@pytest.mark.parametrize("method", RK_METHODS)
+def test_dense_output_order(method):
+    """The local error of the interpolant is O(h**(min(q, p) + 1)), with q the interpolant's order and
+    p the method's: Hermite interpolants use the method's y1 and f1, so they cannot beat it."""
+    tab = TABLEAUS[method]
+    q = INTERP_ORDER.get(method, 3)
+    interp = None if tab.adaptive else "cubic"
+    assert abs(_interp_slope(method, interp) - (min(q, tab.order) + 1)) < 0.3
+
+
+@pytest.mark.parametrize("method", ["euler", "rk4"])
+def test_linear_interpolation_for_fixed_grids_is_the_default(method):
+    """Fixed grids interpolate linearly by default (torchdiffeq's default): local error O(h**2)."""
+    assert abs(_interp_slope(method, "linear") - 2) < 0.3
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 0.05, 0.1], dtype=F64)
+    ys = neuralode.odeint(lambda t, y: -y, y0, t, method=method, options={"step_size": 0.1})
+    assert torch.allclose(ys[1], 0.5 * (ys[0] + ys[2]), rtol=0, atol=1e-15)
+
+
+def test_dense_output_global_accuracy_between_steps():
+    """With dense=True the interpolant between steps is accurate to the solve's tolerance."""
+    T = 10.0
+    sol = neuralode.solve(lambda t, y: A @ y, Y0, torch.tensor([0.0, T], dtype=F64), dense=True, rtol=1e-8,
+                          atol=1e-10)
+    s = torch.linspace(0, T, 101, dtype=F64)
+    ys = sol.evaluate(s)
+    exact = torch.stack([torch.linalg.matrix_exp(A * si) @ Y0 for si in s.tolist()])
+    assert (ys - exact).abs().max() < 1e-6

@@ -1,0 +1,203 @@
+"""Step-size control: the controller formulas, Hairer's initial step, and the loop's accept/reject and
+clipping logic checked with a stub stepper whose error ratios are scripted."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import neuralode
+from neuralode.controllers import AdaptiveController, ErrorNorm, initial_step, mixed_norm, rms_norm
+from neuralode.integrate import integrate
+from neuralode.problem import make_problem
+from neuralode.solvers.runge_kutta import StepOutcome
+
+F64 = torch.float64
+
+
+# --- formulas -------------------------------------------------------------------------------------
+
+def test_integral_controller_formula():
+    c = AdaptiveController()
+    for ratio, accepted in ((0.5, True), (0.01, True), (2.0, False), (1e6, False)):
+        expected = 0.1 * min(10.0, max(0.9 * ratio ** (-1 / 5), 1.0 if accepted else 0.2))
+        assert c.next_step(0.1, ratio, 1.0, 4, accepted) == pytest.approx(expected, rel=1e-15)
+
+
+def test_integral_controller_never_shrinks_after_accept_and_caps_growth():
+    c = AdaptiveController()
+    assert c.next_step(0.1, 0.99, 1.0, 4, True) == 0.1
+    assert c.next_step(0.1, 1e-12, 1.0, 4, True) == pytest.approx(1.0)
+    assert c.next_step(0.1, 0.0, 1.0, 4, True) == pytest.approx(1.0)
+    assert c.next_step(0.1, 1e12, 1.0, 4, False) == pytest.approx(0.02)
+
+
+def test_pi_controller_formula():
+    c = AdaptiveController(kind="pi")
+    h, r, prev, k = 0.1, 0.3, 0.6, 5
+    expected = h * min(10.0, max(0.9 * r ** (-0.7 / k) * prev ** (0.4 / k), 1.0))
+    assert c.next_step(h, r, prev, 4, True) == pytest.approx(expected, rel=1e-15)
+    # after a rejection the PI controller falls back to the integral formula
+    assert c.next_step(h, 4.0, prev, 4, False) == pytest.approx(h * max(0.9 * 4.0 ** (-1 / 5), 0.2))
+
+
+def test_norms():
+    x = torch.tensor([3.0, 4.0], dtype=F64)
+    assert float(rms_norm(x)) == pytest.approx(math.sqrt(12.5))
+    assert float(rms_norm(torch.tensor([3j, 4.0], dtype=torch.complex128))) == pytest.approx(math.sqrt(12.5))
+    assert float(mixed_norm((x, torch.tensor([10.0], dtype=F64)))) == pytest.approx(10.0)
+    norm = ErrorNorm(1e-3, 1e-6)
+    y0, y1 = torch.tensor([1.0, -2.0], dtype=F64), torch.tensor([3.0, 1.0], dtype=F64)
+    scale = norm.scale(y0, y1)
+    assert torch.allclose(scale, torch.tensor([3e-3 + 1e-6, 2e-3 + 1e-6], dtype=F64))
+    assert float(norm(torch.ones(2, dtype=F64), y0, y1)) == pytest.approx(float(rms_norm(1 / scale)))
+
+
+def test_initial_step_is_hairers():
+    """Hairer, Norsett, Wanner I, Sec. II.4 on y' = -y, y0 = 1, rtol = 1e-3, atol = 1e-6, order 4."""
+    y0 = torch.ones(1, dtype=F64)
+    f0 = -y0
+    norm = ErrorNorm(1e-3, 1e-6)
+    calls = []
+
+    def f(t, y):
+        calls.append(t)
+        return -y
+
+    h = initial_step(f, 0.0, y0, f0, 1, 4, norm)
+    sc = 1e-6 + 1e-3
+    d0 = d1 = 1 / sc
+    h0 = 0.01 * d0 / d1
+    d2 = abs(-(1 - h0) + 1) / sc / h0
+    h1 = (0.01 / max(d1, d2)) ** (1 / 5)
+    assert h == pytest.approx(min(100 * h0, h1), rel=1e-12)
+    assert len(calls) == 1 and calls[0] == pytest.approx(h0)
+    # backwards in time the probe evaluation is at t0 - h0
+    calls.clear()
+    assert initial_step(f, 0.0, y0, f0, -1, 4, norm) > 0 and calls[0] < 0
+
+
+# --- loop logic with a stub stepper ---------------------------------------------------------------
+
+class ScriptedStepper:
+    """y1 = y0 + h (y' = 1 exactly) with error ratios taken from a script (then 0.5 forever)."""
+
+    order = 4
+    adaptive = True
+
+    def __init__(self, ratios):
+        self.ratios = list(ratios)
+        self.attempts = []
+
+    def init(self, func, t0, y0, f0):
+        return None
+
+    def step(self, func, t0, y0, f0, h, error_norm, state=None):
+        self.attempts.append((t0, h))
+        ratio = self.ratios.pop(0) if self.ratios else 0.5
+        return StepOutcome(y0 + h, None, torch.tensor(ratio, dtype=F64), 4, None)
+
+    def dense_coefficients(self, func, t0, y0, h, outcome, f1):
+        return [y0, outcome.y1 - y0]
+
+
+def _run(ratios, t=(0.0, 1.0), controller=None, options=None, throw=True):
+    problem = make_problem(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=F64),
+                           torch.tensor(t, dtype=F64), 1e-6, 1e-9)
+    stepper = ScriptedStepper(ratios)
+    control = controller or AdaptiveController(first_step=0.1)
+    result = integrate(problem, stepper, control, options=options or {}, throw=throw)
+    return result, stepper
+
+
+def test_stub_accept_reject_sequence():
+    result, stepper = _run([2.0, 0.5, 3.0])
+    c = AdaptiveController()
+    hs = [h for _, h in stepper.attempts]
+    assert hs[0] == 0.1
+    h1 = c.next_step(0.1, 2.0, 1.0, 4, False)            # rejected: shrink
+    assert hs[1] == pytest.approx(h1) and stepper.attempts[1][0] == 0.0   # retried from the same time
+    h2 = c.next_step(h1, 0.5, 1.0, 4, True)              # accepted: grow
+    assert hs[2] == pytest.approx(h2) and stepper.attempts[2][0] == pytest.approx(h1)
+    assert result.stats["n_rejected"] == 2 and result.stats["n_accepted"] == result.stats["n_steps"] - 2
+    assert result.status == "success" and float(result.final_y) == pytest.approx(1.0)
+    assert result.final_t == 1.0
+
+
+def test_stub_last_step_is_clipped_to_the_end():
+    result, stepper = _run([], t=(0.0, 0.25))
+    t_last, h_last = stepper.attempts[-1]
+    assert t_last + h_last == 0.25
+    assert all(t + h <= 0.25 for t, h in stepper.attempts)
+
+
+def test_stub_min_step_accepts_whatever_the_error():
+    control = AdaptiveController(first_step=0.1, min_step=0.1, max_step=0.1)
+    result, stepper = _run([5.0] * 20, t=(0.0, 0.5), controller=control)
+    assert result.stats["n_rejected"] == 0 and result.stats["n_accepted"] == 5
+
+
+def test_stub_max_step_caps_growth():
+    control = AdaptiveController(first_step=0.01, max_step=0.05)
+    result, stepper = _run([1e-10] * 100, controller=control)
+    assert max(h for _, h in stepper.attempts) <= 0.05
+
+
+def test_stub_non_finite_ratio_is_rejected_and_shrinks_by_dfactor():
+    result, stepper = _run([math.nan, 0.5])
+    hs = [h for _, h in stepper.attempts]
+    assert hs[1] == pytest.approx(0.1 * 0.2)
+    assert result.stats["n_rejected"] == 1 and result.status == "success"
+
+
+def test_stub_persistent_non_finite_is_a_non_finite_error():
+    with pytest.raises(neuralode.NonFiniteError, match=r"t=0.0"):
+        _run([math.nan] * 10_000)
+
+
+def test_stub_max_num_steps_counts_attempts():
+    control = AdaptiveController(first_step=0.1, max_num_steps=7)
+    result, stepper = _run([2.0] * 100, controller=control, throw=False)
+    assert result.status == "max_steps_reached" and len(stepper.attempts) == 7
+
+
+def test_stub_step_t_and_jump_t_are_step_ends():
+    result, stepper = _run([], options={"step_t": [0.33], "jump_t": [0.71]})
+    ends = [t + h for t, h in stepper.attempts]
+    assert 0.33 in ends and 0.71 in ends
+
+
+# --- the PI controller end to end -----------------------------------------------------------------
+
+def _van_der_pol(mu):
+    def f(t, y):
+        return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+    return f
+
+
+@pytest.fixture(scope="module")
+def vdp_reference():
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    mu = 5.0
+    ref = scipy_integrate.solve_ivp(lambda t, y: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]], (0.0, 8.0), [2.0, 0.0],
+                                    method="DOP853", rtol=1e-13, atol=1e-13)
+    return mu, torch.tensor(ref.y[:, -1], dtype=F64)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8"])
+def test_pi_controller_meets_tolerance(method, vdp_reference):
+    """On a mildly stiff Van der Pol oscillator (mu = 5) the PI controller solves to tolerance and takes a
+    different step sequence from the integral controller."""
+    mu, reference = vdp_reference
+    t = torch.tensor([0.0, 8.0], dtype=F64)
+    y0 = torch.tensor([2.0, 0.0], dtype=F64)
+    tol = 1e-7
+    pi = neuralode.solve(_van_der_pol(mu), y0, t, method=method, rtol=tol, atol=tol, options={"controller": "pi"})
+    integral = neuralode.solve(_van_der_pol(mu), y0, t, method=method, rtol=tol, atol=tol)
+    assert pi.success
+    assert (pi.ys[-1] - reference).abs().max() < 100 * tol * (1 + float(reference.abs().max()))
+    assert pi.stats != integral.stats
+    # PI damps accept/reject oscillation: never more rejections than the integral controller here
+    assert pi.stats["n_rejected"] <= integral.stats["n_rejected"]

@@ -57,6 +57,7 @@ def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction:
                  error_norm: ErrorNorm) -> float:
     """Hairer's starting step (Hairer, Norsett, Wanner I, Sec. II.4): one extra evaluation of ``func``.
 
+    ``order`` is that of the error estimator (4 for dopri5), as in Hairer's HINIT, scipy and torchdiffeq.
     Returns a positive step length (in the direction of integration).
     """
     with torch.no_grad():

@@ -34,14 +34,18 @@ def _flat(value):
 
 class _EventRerouting(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, func, event_fn, is_tuple, event_t, *state):
-        ctx.func, ctx.event_fn, ctx.is_tuple = func, event_fn, is_tuple
-        ctx.save_for_backward(event_t, *state)
+    def forward(ctx, func, event_fn, is_tuple, n_state, event_t, *state_and_params):
+        state = state_and_params[:n_state]
+        ctx.func, ctx.event_fn, ctx.is_tuple, ctx.n_state = func, event_fn, is_tuple, n_state
+        ctx.save_for_backward(event_t, *state_and_params)
         return (event_t.detach().clone(), *[s.detach().clone() for s in state])
 
     @staticmethod
     def backward(ctx, grad_t, *grad_state):
-        event_t, *state = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            raise RuntimeError("second derivatives through an event time are not supported")
+        event_t, *rest = ctx.saved_tensors
+        state, params = rest[:ctx.n_state], rest[ctx.n_state:]
         with torch.enable_grad():
             t = event_t.detach().requires_grad_(True)
             s = [x.detach().requires_grad_(True) for x in state]
@@ -55,16 +59,23 @@ class _EventRerouting(torch.autograd.Function):
         grad_t = torch.zeros_like(event_t) if grad_t is None else grad_t
         grad_state = [torch.zeros_like(x) if gs is None else gs for gs, x in zip(grad_state, state)]
         dy_flat, gy_flat = _flat(dg_dy), _flat(grad_state)
-        denominator = dg_dt + (dy_flat * slope).sum().to(dg_dt.dtype)
+        denominator = dg_dt + _real_dot(dy_flat, slope).to(dg_dt.dtype)
         if bool(denominator == 0):
             raise RuntimeError("the event function crosses zero tangentially (dg/dt + dg/dy . f = 0 at the event); "
                                "the event time has no derivative there")
-        lam = -(grad_t + (gy_flat * slope).sum().to(grad_t.dtype)) / denominator
-        event_params = [p for p in getattr(ctx.event_fn, "parameters", lambda: [])() if p.requires_grad]
-        if event_params:
-            torch.autograd.backward(g, lam.detach(), inputs=event_params)
+        lam = -(grad_t + _real_dot(gy_flat, slope).to(grad_t.dtype)) / denominator
+        param_grads = ()
+        if params:
+            # Parameters of the event function move the event time: dt_e/dp = -(dg/dp) / (dg/dt + dg/dy . f).
+            with torch.enable_grad():
+                param_grads = torch.autograd.grad(g, params, lam.detach(), allow_unused=True)
         new_grads = [gs + lam.to(d.dtype) * d for gs, d in zip(grad_state, dg_dy)]
-        return (None, None, None, None, *new_grads)
+        return (None, None, None, None, None, *new_grads, *param_grads)
+
+
+def _real_dot(a, b):
+    product = a.conj() * b if a.is_complex() else a * b
+    return (product.real if product.is_complex() else product).sum()
 
 
 def reroute_event_gradient(func, event_fn, t0, event_t, ys):
@@ -80,8 +91,10 @@ def reroute_event_gradient(func, event_fn, t0, event_t, ys):
     with torch.no_grad():
         initial = torch.as_tensor(event_fn(torch.as_tensor(t0).detach().reshape(()), start_state))
     signs = torch.sign(initial) if initial.numel() > 1 else None
-    rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), is_tuple, event_t,
-                                     *[p[-1] for p in parts])
+    params = tuple(p for p in event_fn.parameters() if p.requires_grad) if isinstance(event_fn, torch.nn.Module) \
+        else ()
+    rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), is_tuple, len(parts), event_t,
+                                     *[p[-1] for p in parts], *params)
     new_t, new_state = rerouted[0], rerouted[1:]
     out = [torch.cat([p[:-1], s.unsqueeze(0)]) for p, s in zip(parts, new_state)]
     return new_t, (tuple(out) if is_tuple else out[0])

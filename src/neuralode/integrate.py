@@ -113,9 +113,9 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     state = stepper.init(field, problem.times[0], y, f)
 
     if adaptive:
-        order = stepper.order
         h = control.first_step
         if h is None:
+            order = getattr(stepper, "initial_step_order", stepper.order)
             h = initial_step(field, direction * tau, y, f, direction, order, error_norm)
         h = abs(float(h))
     previous_ratio = 1.0
@@ -269,11 +269,14 @@ def _perturbed(field, t0: float, t1: float, left: bool, right: bool):
     """Evaluate at the one-sided limits at the step ends (torchdiffeq's ``perturb``)."""
     t0_inside = _next_after(t0, t1) if left else t0
     t1_inside = _next_after(t1, t0) if right else t1
+    d = 1.0 if t1 > t0 else -1.0
 
     def evaluate(t, y):
-        if t == t0:
+        # Stage times are t0 + c h, and t0 + (t1 - t0) can land a rounding error beyond t1: compare by
+        # side, not equality, so a stage at c = 1 never crosses the discontinuity.
+        if left and d * t <= d * t0:
             t = t0_inside
-        elif t == t1:
+        elif right and d * t >= d * t1:
             t = t1_inside
         return field(t, y)
 

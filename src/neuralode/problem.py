@@ -34,7 +34,7 @@ class VectorField:
         self.nfe = 0
 
     def time(self, t: float) -> torch.Tensor:
-        return torch.full((), t, dtype=self.time_dtype, device=self.device)
+        return torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
 
     def unflatten(self, y: torch.Tensor):
         if self.shapes is None:

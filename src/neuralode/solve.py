@@ -206,36 +206,87 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     t_in = problem.t
     y0_given = problem.y0
     if t_requires_grad:
-        # Time gradients come from the ODE itself, for every strategy: dy(t_i)/dt_i = f(t_i, y(t_i)),
-        # and dy(t_i)/dt_0 = -Phi(t_i, t_0) f(t_0, y0), which is what shifting the initial state by
-        # -(t0 - t0) f0 (a zero that carries the gradient) produces through any strategy.
-        t0 = t[0]
-        problem.y0 = problem.y0 - (t0 - t0.detach()).to(problem.y0.real.dtype) * problem.f0.detach()
-        problem.f0 = None  # re-evaluated at the shifted state, so the first stage carries the shift too
+        # dL/dt0 = -<dL/dy0, f(t0, y0)>: the start time enters as a shift of the initial state, so every
+        # strategy carries it (see _StartTime).
+        problem.y0 = _StartTime.apply(t[0], problem.y0, problem.f0.detach())
+        problem.f0 = None  # re-evaluated from the shifted state, so the first stage is part of that path
 
     run = strategy.run(problem, stepper, control, options=options, event=event, record_dense=dense,
                        until_event=until_event, throw=throw)
     outputs, integration = run.outputs, run.integration
+    fired = integration.event_t is not None
+    event_state = outputs[-1] if fired else None
+    if fired:
+        outputs = outputs[:-1]
     n_out = outputs.shape[0]
     if t_requires_grad:
-        # y(t_0) is y0 itself, whatever t_0 is.
+        # y(t_0) is y0 itself, whatever t_0 is; later outputs move with their times as dy/dt = f.
         outputs = torch.cat([y0_given.unsqueeze(0), outputs[1:]])
-    if t_requires_grad and n_out > 1:
-        with torch.no_grad():
-            slopes = torch.stack([problem.field(problem.times[i], outputs[i]) for i in range(1, n_out)])
-        shift = (t[1:n_out] - t[1:n_out].detach()).to(outputs.real.dtype)
-        shift = shift.reshape(-1, *([1] * (outputs.ndim - 1)))
-        outputs = torch.cat([outputs[:1], outputs[1:] + shift * slopes])
+        if n_out > 1:
+            with torch.no_grad():
+                slopes = torch.stack([problem.field(problem.times[i], outputs[i]) for i in range(1, n_out)])
+            outputs = torch.cat([outputs[:1], _OutputTimes.apply(t[1:n_out], outputs[1:], slopes)])
     integration.stats["nfe"] = problem.field.nfe
     ys = problem.unflatten_trajectory(outputs)
-    ts = t_in[:n_out] if not until_event else t_in[:1]
+    ts = t_in[:n_out]
     event_t = event_y = None
-    if integration.event_t is not None:
+    if fired:
         event_t = torch.tensor(integration.event_t, dtype=t_in.dtype, device=t_in.device)
-        event_y = problem.field.unflatten(run.event_y if run.event_y is not None else integration.event_y)
+        pair = problem.unflatten_trajectory(torch.stack([outputs[0], event_state]))
+        if not until_event:
+            # solve() links the event time to its causes; odeint keeps torchdiffeq's semantics, where
+            # only odeint_event does.
+            from .events import reroute_event_gradient
+            event_t, pair = reroute_event_gradient(func, event_fn, t_in[0], event_t, pair)
+        event_y = tuple(p[-1] for p in pair) if isinstance(pair, tuple) else pair[-1]
     return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
                     event_t=event_t, event_y=event_y, _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None)
+
+
+def _inner(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
+    """Real inner product <a, b> over ``dims`` (for complex states, Re sum(conj(a) b))."""
+    product = a.conj() * b if a.is_complex() else a * b
+    return (product.real if product.is_complex() else product).sum(dim=dims)
+
+
+_SECOND_ORDER_TIME = ("second derivatives through the times t are not supported: the time gradient is the "
+                      "first-order rule dy(t_i)/dt_i = f(t_i, y(t_i)). Pass t.detach() when computing higher "
+                      "derivatives (e.g. a Laplacian with respect to y0)")
+
+
+class _StartTime(torch.autograd.Function):
+    """Identity on y0 whose backward adds dL/dt0 = -<dL/dy0, f(t0, y0)> (the flow's dependence on t0)."""
+
+    @staticmethod
+    def forward(ctx, t0, y0, f0):
+        ctx.save_for_backward(f0)
+        ctx.t_dtype = t0.dtype
+        return y0.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_SECOND_ORDER_TIME)
+        (f0,) = ctx.saved_tensors
+        return -_inner(grad, f0, None).to(ctx.t_dtype), grad, None
+
+
+class _OutputTimes(torch.autograd.Function):
+    """Identity on the outputs whose backward gives dL/dt_i = <dL/dy(t_i), f(t_i, y(t_i))>."""
+
+    @staticmethod
+    def forward(ctx, times, outputs, slopes):
+        ctx.save_for_backward(slopes)
+        ctx.t_dtype = times.dtype
+        return outputs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(_SECOND_ORDER_TIME)
+        (slopes,) = ctx.saved_tensors
+        return _inner(grad, slopes, tuple(range(1, grad.ndim))).to(ctx.t_dtype), grad, None
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
@@ -275,7 +326,8 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                    adjoint_params=None):
     """torchdiffeq-compatible ``odeint_adjoint``: the forward solve of :func:`odeint`, differentiated
     by the adjoint method in constant memory. Backward tolerances and method default to the forward
-    ones; ``adjoint_options={"norm": "seminorm"}`` enables the seminorm of Kidger et al. (2021).
+    ones. The backward error norm is the seminorm of Kidger et al. (2021) by default (torchdiffeq's
+    default is the full norm: ask for it with ``adjoint_options={"norm": "full"}``).
     ``adjoint_params`` defaults to ``func.parameters()`` for an ``nn.Module``.
     """
     strategy = resolve_gradient(Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,

@@ -34,12 +34,16 @@ class Adjoint(GradientStrategy):
     method : str, optional
         Method of the backward solve (default: the forward one).
     options : dict, optional
-        Options of the backward solve (default: the forward ones). ``{"norm": "seminorm"}`` is the
-        same as ``seminorm=True``.
-    seminorm : bool
+        Options of the backward solve (default: the forward ones). ``{"norm": "seminorm"}`` or
+        ``{"norm": "full"}`` choose the norm like ``seminorm``; a callable norm receives the flat
+        augmented state ``[y, a, a_theta]``.
+    seminorm : bool, default True
         Leave the parameter adjoint a_theta out of the backward error norm (Kidger, Chen and Lyons,
-        "Hey, that's not an ODE", ICML 2021): a_theta is an integral that nothing else depends on, so
-        its error need not reject steps. Usually saves backward steps, never changes what is computed.
+        "Hey, that's not an ODE", ICML 2021): a_theta is a quadrature that nothing else depends on, so
+        its error need not reject steps. On by default (torchdiffeq's default is off): it typically
+        saves 30-50% of the backward evaluations while y and a stay under error control; the
+        parameter gradient is then integrated on the steps chosen for them. ``seminorm=False`` gives
+        torchdiffeq's mixed norm over (y, a, a_theta).
 
     The gradient is that of the continuous problem, accurate to the backward tolerances; it does not
     support double backward. When the dynamics are unstable backwards in time, prefer ``Checkpoint``.
@@ -50,7 +54,7 @@ class Adjoint(GradientStrategy):
     atol: object = None
     method: str | None = None
     options: dict | None = None
-    seminorm: bool = False
+    seminorm: bool = True
     params: tuple = field(default=(), repr=False)
 
     def bind(self, func, adjoint_params):
@@ -94,7 +98,8 @@ class _AdjointSolve(torch.autograd.Function):
         if callable(user_norm):
             options["norm"] = user_norm  # applied to the flat augmented state [y, a, a_theta]
         elif spec.adaptive:
-            options["norm"] = _backward_norm(n, dynamics.n_params, strategy.seminorm or user_norm == "seminorm")
+            seminorm = strategy.seminorm if user_norm is None else user_norm == "seminorm"
+            options["norm"] = _backward_norm(n, dynamics.n_params, seminorm)
 
         a = grad_outputs[-1]
         a_params = outputs.new_zeros(dynamics.n_params)
@@ -117,7 +122,10 @@ class _AdjointSolve(torch.autograd.Function):
         stats["nfe_backward"] = stats.get("nfe_backward", 0) + dynamics.nfe
         grads, offset = [], 0
         for p in params:
-            grads.append(a_params[offset:offset + p.numel()].view_as(p).to(p.dtype))
+            grad = a_params[offset:offset + p.numel()].view_as(p)
+            if grad.is_complex() and not p.is_complex():
+                grad = grad.real  # a complex state with real parameters: the cotangent's real part
+            grads.append(grad.to(p.dtype))
             offset += p.numel()
         return (None, None, None, None, None, None, a.view(state_shape), *grads)
 
@@ -158,6 +166,9 @@ def _backward_method(strategy, problem, forward_options):
     spec = _check_method(strategy.method) if strategy.method is not None else REGISTRY[problem.method]
     if strategy.options is not None:
         options = _check_options(spec, strategy.options)
+        norm = options.get("norm")
+        if not (norm is None or callable(norm) or norm in ("seminorm", "full")):
+            raise ValueError(f"adjoint option 'norm' must be 'seminorm', 'full' or a callable, got {norm!r}")
     else:
         options = {k: v for k, v in forward_options.items() if k in spec.options and k != "norm"}
     for name in ("step_t", "jump_t"):

@@ -9,12 +9,11 @@ import torch
 
 @dataclass
 class RunResult:
-    """``outputs``: (T, n) tensor of flat states at ``integration.output_times`` (the event state last,
+    """``outputs``: (T, *state) tensor of states at ``integration.output_times`` (the event state last,
     if an event fired); ``integration``: the loop's :class:`~neuralode.integrate.Integration`."""
 
     outputs: torch.Tensor
     integration: object
-    event_y: torch.Tensor | None = None
 
 
 class GradientStrategy:

@@ -65,8 +65,8 @@ class ExplicitRungeKutta:
     _b: tuple = field(init=False, repr=False)
     _b_err: tuple = field(init=False, repr=False)
     _b_err_low: tuple = field(init=False, repr=False)
-    _dense: tuple = field(init=False, repr=False)
     _extra_rows: tuple = field(init=False, repr=False)
+    _dense_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
         tab = self.tableau
@@ -76,8 +76,6 @@ class ExplicitRungeKutta:
         set_(self, "_b_err", _sparse(tab.b_err) if tab.b_err is not None else ())
         set_(self, "_b_err_low", _sparse(tab.b_err_low) if tab.b_err_low is not None else ())
         set_(self, "_extra_rows", tuple((float(c), _sparse(row)) for c, row in zip(tab.extra_c, tab.extra_a)))
-        # Column m of the dense matrix gives the weights of theta**(m+1).
-        set_(self, "_dense", tuple(_sparse(tab.dense[:, m]) for m in range(tab.dense.shape[1])))
 
     @property
     def order(self) -> int:
@@ -86,6 +84,11 @@ class ExplicitRungeKutta:
     @property
     def adaptive(self) -> bool:
         return self.tableau.adaptive
+
+    @property
+    def initial_step_order(self) -> int:
+        """The order q in Hairer's starting-step exponent 1/(q+1): that of the error estimator."""
+        return self.tableau.error_order or self.tableau.order
 
     def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor):
         return None
@@ -118,11 +121,24 @@ class ExplicitRungeKutta:
 
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
                            f1: torch.Tensor) -> list:
-        """Coefficients ``[c_0, ..., c_d]`` with ``y(t0 + theta h) = sum_m c_m theta**m``."""
+        """Coefficients ``[c_0, ..., c_d]`` with ``y(t0 + theta h) = sum_m c_m theta**m``.
+
+        One matrix product over the stacked stages gives all of ``c_1..c_d`` at once: fewer kernel
+        launches than a sum per coefficient, and fewer passes over memory for large states.
+        """
         ks = list(outcome.stages)
         if not self.tableau.fsal:
             ks.append(f1)
         for c, terms in self._extra_rows:
             ks.append(func(t0 + c * h, linear_combination(y0, h, ks, terms)))
-        return [y0] + [linear_combination(None, h, ks, terms) if terms else torch.zeros_like(y0)
-                       for terms in self._dense]
+        stages = torch.stack(ks).reshape(len(ks), -1)
+        coefficients = torch.mm(self._dense_matrix(stages.dtype, stages.device), stages).mul_(h)
+        return [y0] + list(coefficients.view(-1, *y0.shape).unbind(0))
+
+    def _dense_matrix(self, dtype, device) -> torch.Tensor:
+        key = (dtype, device)
+        matrix = self._dense_cache.get(key)
+        if matrix is None:
+            matrix = torch.as_tensor(self.tableau.dense.T.copy(), dtype=dtype, device=device)
+            self._dense_cache[key] = matrix
+        return matrix

@@ -128,18 +128,21 @@ def p1_spiral():
 def test_p1_spiral_values_match_torchdiffeq(p1_spiral):
     ys, ref, _, _ = p1_spiral
     assert ys.shape == ref.shape == (1000, 1, 2)
-    # Both are within their tolerance of the true solution; they differ by at most a few tolerances.
-    assert (ys - ref).abs().max() < 1e-5
+    # Same method, estimate, controller and starting step: the results agree far below the tolerance
+    # (measured 4.4e-9; the remaining difference is floating-point order of operations).
+    assert (ys - ref).abs().max() < 1e-7
 
 
-def test_p1_spiral_initial_step_and_controller_match_torchdiffeq(p1_spiral):
-    """Same initial-step rule and controller: the first steps are evaluated at the same times. (The
-    sequences part later because our dopri5 uses Hairer's embedded 4th-order weights and torchdiffeq the
-    original Dormand-Prince ones (1951/21600, ..., 1/60); the NFE stays within 10%.)"""
+def test_p1_spiral_steps_match_torchdiffeq(p1_spiral):
+    """Same embedded estimate (Shampine's), initial-step rule and controller as torchdiffeq's dopri5:
+    the vector field is evaluated exactly as often, at the same times to rounding. Rounding in the
+    error ratio can flip one late accept/reject decision near the end (measured: the sequences agree
+    for the first 2444 of 2450 evaluations), so the times are compared over the first 95%."""
     _, _, ours, theirs = p1_spiral
-    for a, b in zip(ours[:14], theirs[:14]):
-        assert a == pytest.approx(b, rel=1e-12, abs=1e-15)
-    assert abs(len(ours) - len(theirs)) <= 0.1 * len(theirs), (len(ours), len(theirs))
+    assert len(ours) == len(theirs)
+    agree = int(0.95 * len(theirs))
+    for a, b in zip(ours[:agree], theirs[:agree]):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
 def test_odeint_adjoint_forward_equals_odeint():

@@ -20,7 +20,8 @@ class SolverError(RuntimeError):
 
 
 class NonFiniteError(SolverError):
-    """The state or the vector field became NaN or infinite."""
+    """The state or the vector field became NaN or infinite, or the solution diverges to infinity
+    (a finite-time blow-up: the step collapses while |y| has grown more than 1e8-fold)."""
 
     status = "non_finite"
 

@@ -120,6 +120,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         h = abs(float(h))
     previous_ratio = 1.0
     last_failure_non_finite = False
+    initial_magnitude = float(y.abs().max()) if (adaptive and y.numel()) else 0.0
     # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid).
     restart_from_right = tau in jump_set
 
@@ -127,16 +128,23 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         # --- choose the step -------------------------------------------------------------------
         if adaptive:
             h = min(max(h, control.min_step), control.max_step)
+            # A step held at min_step is accepted whatever its error, also when clipping to a stop
+            # below makes it an ulp longer or shorter.
+            pinned = h <= control.min_step
             stop = stops[stop_index]
             if tau + h >= stop:
                 tau1, h = stop, stop - tau
             else:
                 tau1 = tau + h
             if tau1 <= tau or h <= 0:
-                failure = NonFiniteError if last_failure_non_finite else StepSizeUnderflowError
                 magnitude = float(y.abs().max()) if y.numel() else 0.0
+                # A step that collapses while |y| has grown by orders of magnitude is a finite-time
+                # blow-up: the solution diverges to infinity, which we report as such (not as a step-size
+                # problem); at moderate magnitudes the collapse points to stiffness instead.
+                diverging = magnitude > _DIVERGENCE_GROWTH * max(1.0, initial_magnitude)
+                failure = NonFiniteError if (last_failure_non_finite or diverging) else StepSizeUnderflowError
                 raise_or_record(result, failure(_underflow_message(direction * tau, h, last_failure_non_finite,
-                                                                   magnitude), t=direction * tau), throw)
+                                                                   magnitude, diverging), t=direction * tau), throw)
                 break
         else:
             tau1 = grid[grid_index + 1]
@@ -162,7 +170,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 accepted, last_failure_non_finite = False, True
                 h_next = h * control.dfactor
             else:
-                accepted = ratio <= 1.0 or h <= control.min_step
+                accepted = ratio <= 1.0 or pinned
                 last_failure_non_finite = False
                 h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted)
                 if accepted:
@@ -191,7 +199,21 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 f1 = step_field(t1, y1)
             return stepper.dense_coefficients(step_field, t0, y, direction * h, outcome, f1)
 
-        while next_output < len(taus) and taus[next_output] <= tau1:
+        # Events first: outputs past the event time are not part of the solution.
+        fired = False
+        tau_reached = tau1
+        if event is not None:
+            new_value = _event_value(event, field, t1, y1)
+            if bool(_crossed(event_value, new_value, event.direction).any()):
+                coefficients = dense_coefficients()
+                theta = _locate_event(event, field, tau, h, direction, coefficients, event_value)
+                fired, tau_reached = True, tau + theta * h
+                result.event_t = direction * tau_reached
+                result.event_y = y1 if theta == 1.0 else horner(coefficients, theta)
+                result.final_t, result.final_y = result.event_t, result.event_y
+                result.status, result.message = "event", "A terminal event occurred."
+            event_value = new_value
+        while next_output < len(taus) and taus[next_output] <= tau_reached:
             if taus[next_output] == tau1:
                 outputs.append(y1)
             else:
@@ -204,22 +226,12 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             if coefficients is None:
                 coefficients = dense_coefficients()
             dense.append(tau, h, coefficients)
+            dense.end_value = y1
             result.accepted_times.append(t1)
-        if event is not None:
-            new_value = _event_value(event, field, t1, y1)
-            crossed = _crossed(event_value, new_value, event.direction)
-            if bool(crossed.any()):
-                if coefficients is None:
-                    coefficients = dense_coefficients()
-                theta = _locate_event(event, field, tau, h, direction, coefficients, event_value)
-                result.event_t = direction * (tau + theta * h)
-                result.event_y = y1 if theta == 1.0 else horner(coefficients, theta)
-                result.final_t, result.final_y = result.event_t, result.event_y
-                result.status, result.message = "event", "A terminal event occurred."
-                outputs.append(result.event_y)
-                output_times.append(result.event_t)
-                break
-            event_value = new_value
+        if fired:
+            outputs.append(result.event_y)
+            output_times.append(result.event_t)
+            break
         tau, y, f = tau1, y1, (None if ends_on_jump else f1)
         state = outcome.state
         if on_accept is not None:
@@ -236,8 +248,6 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
 
     if result.final_t is None:
         result.final_t, result.final_y = direction * tau, y
-    if dense is not None:
-        dense.end_value = result.final_y if result.event_t is None else y
     if not adaptive and result.status == "success":
         _check_finite_outputs(result, problem, throw)
     stats["nfe"] = field.nfe
@@ -312,7 +322,14 @@ def _locate_event(event, field, tau0, h, direction, coefficients, value0) -> flo
     return hi
 
 
-def _underflow_message(t: float, h: float, non_finite: bool, magnitude: float) -> str:
+_DIVERGENCE_GROWTH = 1e8
+
+
+def _underflow_message(t: float, h: float, non_finite: bool, magnitude: float, diverging: bool = False) -> str:
+    if diverging and not non_finite:
+        return (f"the solution diverges to infinity near t={t}: |y| reached {magnitude:.3g} (over "
+                f"{_DIVERGENCE_GROWTH:.0e} times its initial size) while the step shrank to {h:.3g}. The ODE "
+                "has a finite-time blow-up (non-finite solution) here; check the vector field and its parameters")
     if non_finite:
         return (f"non-finite values (NaN or inf) appeared in the vector field evaluations at t={t}; "
                 f"shrinking the step to {h:.3g} did not avoid them. The vector field likely blows up "

@@ -53,12 +53,12 @@ class Solution:
             raise ValueError("this solution has no dense output; call solve(..., dense=True)")
         t_tensor = torch.as_tensor(t, dtype=torch.float64)
         values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]
-        stacked = torch.stack(values).reshape(*t_tensor.shape, -1)
         if self._unflatten is None:
-            return stacked.reshape(*t_tensor.shape, *values[0].shape)
-        flat = stacked.reshape(-1, stacked.shape[-1])
-        parts = self._unflatten(flat)
-        return tuple(p.reshape(*t_tensor.shape, *p.shape[1:]) for p in parts)
+            return torch.stack(values).reshape(*t_tensor.shape, *values[0].shape)
+        # Tuple states are stored flat: split each value into its components, then stack per component.
+        parts = [self._unflatten(v) for v in values]
+        return tuple(torch.stack([p[i] for p in parts]).reshape(*t_tensor.shape, *parts[0][i].shape)
+                     for i in range(len(parts[0])))
 
     @property
     def step_times(self) -> torch.Tensor:

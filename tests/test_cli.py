@@ -100,11 +100,15 @@ def test_cuda_without_cuda(capsys, tmp_path):
 
 
 def test_run_refuses_to_overwrite(capsys, tmp_path):
-    out = tmp_path / "r"
-    assert main(["run", "spiral", "--set", *SMOKE_SPIRAL, "epochs=1", "--out", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
-    err = _error(capsys, ["run", "spiral", "--out", str(out)])
-    assert "already holds a run" in err
+    (tmp_path / "config.json").write_text("{}")
+    err = _error(capsys, ["run", "spiral", "--out", str(tmp_path)])
+    assert "already holds a run" in err and "--resume" in err
+
+
+def test_resume_defaults_to_the_newest_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _error(capsys, ["run", "spiral", "--resume"])
+    assert "no runs/spiral-* directory" in err and "--out" in err
 
 
 def test_report_embeds_plots_metrics_and_references(tmp_path, capsys):

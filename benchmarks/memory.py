@@ -1,7 +1,7 @@
 """Peak memory of one gradient against the number of steps: direct, checkpoint, adjoint.
 
     python benchmarks/memory.py            # 10, 100, 1000 steps; writes results/memory.json and memory.png
-    python benchmarks/memory.py --quick    # 10 and 100 steps, batch 128
+    python benchmarks/memory.py --quick    # 10 and 40 steps, batch 64 (< 1 minute, a smoke test)
 
 Problem: MLP 64 -> 256 -> 256 -> 64 (tanh), batch 512, float32, fixed-step rk4 on t = [0, 1] with
 step_size = 1 / steps, loss = sum of squares of y(1); one forward solve + ``backward()``.
@@ -77,13 +77,17 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once, each in its own process")
+    parser.add_argument("--batch", type=int, default=512, help="batch of the full run (default 512)")
+    parser.add_argument("--steps", default=None, help="comma-separated step counts (default 10,100,1000)")
     parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "STEPS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child(args.child[0], int(args.child[1]), int(args.child[2]), args.threads)
         return
-    steps_list = (10, 100) if args.quick else (10, 100, 1000)
-    batch = 128 if args.quick else 512
+    steps_list = (10, 40) if args.quick else (10, 100, 1000)
+    if args.steps:
+        steps_list = tuple(int(x) for x in args.steps.split(","))
+    batch = 64 if args.quick else args.batch
     # A fixed mmap threshold: every tensor >= 128 KiB gets its own mapping, returned to the OS when freed,
     # so RSS follows the live tensors. (With glibc's default *dynamic* threshold, freed large blocks raise
     # the threshold and later tensors come from the heap, whose fragmentation then grows RSS with the

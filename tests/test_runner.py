@@ -150,3 +150,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
     train(Toy, ToyConfig(steps=4), tmp_path / "r", progress=False)
     with pytest.raises(ConfigError, match="different config"):
         train(Toy, ToyConfig(steps=8), tmp_path / "r", progress=False, resume=True)
+
+
+def test_progress_bar(tmp_path, capsys):
+    train(Toy, ToyConfig(steps=5), tmp_path / "r", progress=True)
+    err = capsys.readouterr().err
+    assert "toy" in err and "5/5" in err

@@ -2,10 +2,11 @@
 
 Data: 10 evenly spaced points in ``[-2.5, 2.5]`` with ``N(0, 1)`` noise on ``h``. Models:
 
-* ResNet: ``Linear(1, 20)``, 3 residual blocks ``h + tanh(W h + b)``, ``Linear(20, 1)``;
-  full-batch gradient descent, step 0.01, 1000 iterations;
-* ODE-Net: the continuous version: ``Linear(1, 20)`` lifts the input, an ODE block
-  ``dh/dt = tanh(W h + b)`` on ``[0, 1]`` (``neuralode.nn.ODEBlock``, adaptive dopri5), then
+* ResNet (``neuralode.models.ResNet``): ``Linear(1, 20)``, 3 residual blocks
+  ``h + tanh(W h + b)``, ``Linear(20, 1)``; full-batch gradient descent, step 0.01, 1000
+  iterations;
+* ODE-Net (``neuralode.models.ODENet``), the continuous version: ``Linear(1, 20)`` lifts the
+  input, an ODE block ``dh/dt = tanh(W h + b)`` on ``[0, 1]`` (adaptive dopri5), then
   ``Linear(20, 1)``; gradient descent, step 0.005, 1500 iterations.
 
 Scored by the out-of-sample MSE against ``h`` on a dense grid of ``[-2.5, 2.5]`` (the seed
@@ -31,7 +32,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from neuralode.nn import Autonomous, ODEBlock
+from neuralode.models import ODENet, ResNet
+from neuralode.nn import Autonomous
 
 from .base import Experiment, Reference
 from .config import ConfigError, RunConfig
@@ -87,34 +89,19 @@ class CubicConfig(RunConfig):
     checkpoint_every: int = 250
 
 
-class ResNet(nn.Module):
+def resnet(hidden: int, layers: int) -> ResNet:
     """``Linear(1, H)``, ``layers`` blocks ``h + tanh(W h + b)`` (Euler steps of size 1), ``Linear(H, 1)``."""
-
-    def __init__(self, hidden: int, layers: int):
-        super().__init__()
-        self.lift = nn.Linear(1, hidden)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) for _ in range(layers))
-        self.readout = nn.Linear(hidden, 1)
-
-    def forward(self, x):
-        h = self.lift(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.readout(h)
+    stem = nn.Linear(1, hidden)  # built in input-to-output order: the seed draws the same weights
+    blocks = [nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()) for _ in range(layers)]
+    return ResNet(stem, blocks, nn.Linear(hidden, 1))
 
 
-class ODENet(nn.Module):
-    """``Linear(1, H)``, ODE block ``dh/dt = tanh(W h + b)`` on ``[0, 1]``, ``Linear(H, 1)``."""
-
-    def __init__(self, hidden: int, *, method: str, rtol: float, atol: float, gradient: str):
-        super().__init__()
-        self.lift = nn.Linear(1, hidden)
-        field = Autonomous(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()))
-        self.block = ODEBlock(field, (0.0, 1.0), method=method, rtol=rtol, atol=atol, gradient=gradient)
-        self.readout = nn.Linear(hidden, 1)
-
-    def forward(self, x):
-        return self.readout(self.block(self.lift(x)))
+def odenet(hidden: int, *, method: str, rtol: float, atol: float, gradient: str) -> ODENet:
+    """``Linear(1, H)``, an ODE block ``dh/dt = tanh(W h + b)`` on ``[0, 1]``, ``Linear(H, 1)``."""
+    stem = nn.Linear(1, hidden)
+    field = Autonomous(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()))
+    return ODENet(stem, field, nn.Linear(hidden, 1), t=(0.0, 1.0), method=method,
+                  rtol=rtol, atol=atol, gradient=gradient)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,8 +134,8 @@ class Cubic(Experiment):
         c = config
         if c.n_train < 2 or c.spread_n < 2 or c.grid_points < 2:
             raise ConfigError("n_train, spread_n and grid_points must be >= 2")
-        if c.resnet_iters < 1 or c.odenet_iters < 1 or c.hidden < 1 or c.resnet_layers < 0:
-            raise ConfigError("resnet_iters, odenet_iters and hidden must be >= 1, resnet_layers >= 0")
+        if min(c.resnet_iters, c.odenet_iters, c.hidden, c.resnet_layers) < 1:
+            raise ConfigError("resnet_iters, odenet_iters, hidden and resnet_layers must be >= 1")
         if min((c.resnet_lr, c.odenet_lr, *c.resnet_sweep, *c.odenet_sweep)) <= 0:
             raise ConfigError("step sizes (resnet_lr, odenet_lr, *_sweep) must be > 0")
         if c.checkpoint_every < 1 or c.log_every < 1 or c.spread_sets < 0:
@@ -194,9 +181,9 @@ class Cubic(Experiment):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(c.seed * 1_000_003 + zlib.crc32(f"{m.kind}/{m.data}".encode()))
                 if m.kind == "resnet":
-                    models[m.key] = ResNet(c.hidden, c.resnet_layers)
+                    models[m.key] = resnet(c.hidden, c.resnet_layers)
                 else:
-                    models[m.key] = ODENet(c.hidden, method=c.method, rtol=c.rtol, atol=c.atol,
+                    models[m.key] = odenet(c.hidden, method=c.method, rtol=c.rtol, atol=c.atol,
                                            gradient=c.gradient)
         return models.to(self.device)
 

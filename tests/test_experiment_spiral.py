@@ -42,8 +42,9 @@ def test_the_demo_model_and_data():
     exp.setup()
     assert exp.y_true.shape == (1000, 1, 2) and exp.t[-1] == 25.0
     model = exp.build_model()
-    assert [type(m).__name__ for m in model.net] == ["Linear", "Tanh", "Linear"]
-    assert model.net[0].in_features == 2 and model.net[0].out_features == 50
+    layers = [m for m in model.net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Tanh))]
+    assert [type(m).__name__ for m in layers] == ["Linear", "Tanh", "Linear"]
+    assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (2, 50, 2)
     assert exp.steps_per_epoch == (1000 - 10) // 20
     y0, t, ys = exp.batch(exp_position(3))
     assert y0.shape == (20, 2) and t.shape == (10,) and ys.shape == (10, 20, 2)

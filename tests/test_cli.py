@@ -19,7 +19,7 @@ SMOKE_SPIRAL = ["data_size=60", "batch_time=5", "batch_size=5", "epochs=2", "eva
                 "checkpoint_every=4", "snapshots=2"]
 
 
-def _python_m(*args, cwd=None, timeout=120):
+def _python_m(*args, cwd=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "neuralode", *args], capture_output=True,
                           text=True, cwd=cwd, timeout=timeout)
 

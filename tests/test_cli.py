@@ -137,3 +137,12 @@ def test_report_on_a_directory_that_is_no_run(capsys, tmp_path):
 def test_experiment_lookup_error_type():
     with pytest.raises(ConfigError, match="Known experiments"):
         get_experiment("nope")
+
+
+def test_missing_plotting_dependency_names_the_extra(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    err = _error(capsys, ["run", "spiral"])
+    assert "needs matplotlib" in err and "neuralode[cli]" in err

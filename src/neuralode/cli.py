@@ -13,6 +13,7 @@ type, nothing to resume, no CUDA) end with exit status 2 and one line saying wha
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -96,6 +97,9 @@ def _run(args: argparse.Namespace) -> int:
     from neuralode.experiments.runner import CHECKPOINT
 
     experiment = get_experiment(args.name)
+    missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _Fail(f"`neuralode run` needs {' and '.join(missing)}: pip install 'neuralode[cli]'")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise _Fail("--device cuda: CUDA is not available to torch here; use --device cpu "
                     "(or install a CUDA build of torch)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import sys
 from pathlib import Path
 
@@ -136,6 +137,8 @@ class CtrlC(Hook):
             os.kill(os.getpid(), signal.SIGINT)
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
+                    reason="signal handlers can only be installed in the main thread")
 def test_ctrl_c_stops_at_a_step_boundary_and_resumes_exactly(tmp_path):
     train(Toy, ToyConfig(), tmp_path / "ref", progress=False)
     summary = train(Toy, ToyConfig(), tmp_path / "cut", progress=False, hooks=[CtrlC(17)])

@@ -191,7 +191,7 @@ def _van_der_pol(t, y):
 
 @pytest.fixture(scope="module")
 def scipy_van_der_pol():
-    scipy_integrate = pytest.importorskip("scipy.integrate")
+    import scipy.integrate as scipy_integrate  # a test dependency
     t_eval = np.linspace(0.0, 6.0, 13)
     ref = scipy_integrate.solve_ivp(lambda t, y: [y[1], (1 - y[0] ** 2) * y[1] - y[0]], (0.0, 6.0), [2.0, 0.0],
                                     method="DOP853", rtol=1e-13, atol=1e-13, t_eval=t_eval)

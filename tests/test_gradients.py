@@ -318,7 +318,7 @@ def test_backward_tolerances_and_method_are_separate():
 
 
 def test_odeint_adjoint_matches_torchdiffeq():
-    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torchdiffeq  # a test dependency (pip install -e ".[test]")
 
     def run(odeint_adjoint, **extra):
         torch.manual_seed(2)

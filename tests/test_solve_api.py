@@ -38,7 +38,7 @@ def spiral(t, y):
 # --- signatures and shapes ------------------------------------------------------------------------
 
 def test_odeint_signature_matches_torchdiffeq():
-    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torchdiffeq  # a test dependency (pip install -e ".[test]")
     for ours, theirs in ((neuralode.odeint, torchdiffeq.odeint),
                          (neuralode.odeint_adjoint, torchdiffeq.odeint_adjoint),
                          (neuralode.odeint_event, torchdiffeq.odeint_event)):
@@ -104,7 +104,7 @@ def test_odeint_fixed_method_without_step_size_steps_on_t(method):
 
 @pytest.mark.parametrize("method", ["euler", "midpoint", "rk4"])
 def test_odeint_fixed_matches_torchdiffeq(method):
-    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torchdiffeq  # a test dependency (pip install -e ".[test]")
     t = torch.linspace(0, 2, 21, dtype=F64)
     y0 = torch.tensor([[1.0, 0.0]], dtype=F64)
     for options in (None, {"step_size": 0.01}, {"step_size": 0.03}):
@@ -116,7 +116,7 @@ def test_odeint_fixed_matches_torchdiffeq(method):
 @pytest.fixture(scope="module")
 def p1_spiral():
     """The P1 spiral problem solved by both libraries with dopri5 at rtol 1e-7 (1000 output times)."""
-    torchdiffeq = pytest.importorskip("torchdiffeq")
+    import torchdiffeq  # a test dependency (pip install -e ".[test]")
     t = torch.linspace(0, 25, 1000, dtype=F64)
     y0 = torch.tensor([[2.0, 0.0]], dtype=F64)
     ours, theirs = Recorder(spiral), Recorder(spiral)

@@ -120,7 +120,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         h = abs(float(h))
     previous_ratio = 1.0
     last_failure_non_finite = False
-    initial_magnitude = float(y.abs().max()) if (adaptive and y.numel()) else 0.0
+    initial_magnitude = float(y.detach().abs().max()) if (adaptive and y.numel()) else 0.0
     # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid).
     restart_from_right = tau in jump_set
 
@@ -137,7 +137,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             else:
                 tau1 = tau + h
             if tau1 <= tau or h <= 0:
-                magnitude = float(y.abs().max()) if y.numel() else 0.0
+                magnitude = float(y.detach().abs().max()) if y.numel() else 0.0
                 # A step that collapses while |y| has grown by orders of magnitude is a finite-time
                 # blow-up: the solution diverges to infinity, which we report as such (not as a step-size
                 # problem); at moderate magnitudes the collapse points to stiffness instead.

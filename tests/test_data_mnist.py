@@ -17,17 +17,7 @@ import torch
 
 from neuralode.data import MNIST_MD5, load_mnist, read_idx
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def shared(*parts: str) -> Path:
-    """A file in the shared real-data directory; skip only if the whole directory is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data directory {SHARED_DATA} does not exist on this machine")
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"{path} is missing although {SHARED_DATA} exists; restore it (see its README.md)")
-    return path
+from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
 
 
 CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B,

@@ -21,19 +21,9 @@ from neuralode.data import (
 )
 from neuralode.data import physionet as physionet_module
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
 V = {name: i for i, name in enumerate(PHYSIONET_VARIABLES)}
 S = {name: i for i, name in enumerate(PHYSIONET_STATIC)}
-
-
-def shared(*parts: str) -> Path:
-    """A file in the shared real-data directory; skip only if the whole directory is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared data directory {SHARED_DATA} does not exist on this machine")
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"{path} is missing although {SHARED_DATA} exists; restore it (see its README.md)")
-    return path
 
 
 def patient(record_id=1, body=(), weight="-1", age="60", extra_descr=()) -> str:

@@ -36,6 +36,7 @@ __all__ = [
 _REGISTRY: dict[str, str | type[Experiment]] = {
     "spiral": "neuralode.experiments.spiral:Spiral",
     "cubic": "neuralode.experiments.cubic:Cubic",
+    "cnf": "neuralode.experiments.cnf:CNFExperiment",
 }
 
 

@@ -17,7 +17,7 @@ from neuralode.data import (
     load_heartbeat,
 )
 
-from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
+from shared_data import shared  # noqa: E402  (tests/shared_data.py)
 
 
 def write_csv(path: Path, rows: list[str], gz: bool = False) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from neuralode.data import MNIST_MD5, load_mnist, read_idx
 
-from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
+from shared_data import shared  # noqa: E402  (tests/shared_data.py)
 
 
 CODES = {np.dtype("u1"): 0x08, np.dtype("i1"): 0x09, np.dtype(">i2"): 0x0B,

@@ -11,7 +11,7 @@ import torch
 
 from neuralode.data import load_pendulum
 
-from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
+from shared_data import shared  # noqa: E402  (tests/shared_data.py)
 
 
 def write(tmp_path: Path, text: str, name: str = "p.txt", gz: bool = False) -> Path:

@@ -21,7 +21,7 @@ from neuralode.data import (
 )
 from neuralode.data import physionet as physionet_module
 
-from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
+from shared_data import shared  # noqa: E402  (tests/shared_data.py)
 V = {name: i for i, name in enumerate(PHYSIONET_VARIABLES)}
 S = {name: i for i, name in enumerate(PHYSIONET_STATIC)}
 

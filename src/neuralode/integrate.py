@@ -13,7 +13,6 @@ decision needs it on the host); fixed grids never synchronise inside the loop.
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass, field as dataclass_field
 

@@ -8,8 +8,8 @@ import torch
 
 from ._errors import closest
 from .controllers import AdaptiveController, FixedGrid
-from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
-from .integrate import EventSpec, integrate
+from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
+from .integrate import EventSpec
 from .methods import REGISTRY
 from .problem import check_monotone, make_problem
 from .solution import Solution
@@ -55,7 +55,7 @@ def _float_option(options, name, default, *, positive=False, minimum=None):
     return value
 
 
-def _time_list(options, name, direction):
+def _time_list(options, name):
     value = options.get(name)
     if value is None:
         return []
@@ -195,7 +195,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         if options["interp"] not in ("linear", "cubic"):
             raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {options['interp']!r}")
     for name in ("step_t", "jump_t"):
-        options[name] = _time_list(options, name, problem.direction)
+        options[name] = _time_list(options, name)
     stepper = spec.make_stepper(options)
     control = _make_control(spec, options, problem, func, y0)
     if control.adaptive is False and control.grid is None:

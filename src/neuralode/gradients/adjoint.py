@@ -172,7 +172,7 @@ def _backward_method(strategy, problem, forward_options):
     else:
         options = {k: v for k, v in forward_options.items() if k in spec.options and k != "norm"}
     for name in ("step_t", "jump_t"):
-        options[name] = _time_list(options, name, 1) or list(forward_options.get(name, ()))
+        options[name] = _time_list(options, name) or list(forward_options.get(name, ()))
     if not spec.adaptive:
         options.setdefault("interp", "linear")
     return spec.make_stepper(options), options, spec

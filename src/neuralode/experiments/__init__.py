@@ -36,7 +36,11 @@ __all__ = [
 _REGISTRY: dict[str, str | type[Experiment]] = {
     "spiral": "neuralode.experiments.spiral:Spiral",
     "cubic": "neuralode.experiments.cubic:Cubic",
+    "poisson": "neuralode.experiments.poisson:Poisson",
+    "tolerance": "neuralode.experiments.tolerance:Tolerance",
+    "ecg": "neuralode.experiments.ecg:ECG",
     "cnf": "neuralode.experiments.cnf:CNFExperiment",
+    "latent_spiral": "neuralode.experiments.latent_spiral:LatentSpiral",
 }
 
 

@@ -41,6 +41,7 @@ _REGISTRY: dict[str, str | type[Experiment]] = {
     "ecg": "neuralode.experiments.ecg:ECG",
     "cnf": "neuralode.experiments.cnf:CNFExperiment",
     "latent_spiral": "neuralode.experiments.latent_spiral:LatentSpiral",
+    "physionet": "neuralode.experiments.physionet:PhysioNet",
 }
 
 

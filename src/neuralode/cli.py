@@ -5,6 +5,7 @@
     neuralode list
     neuralode run NAME [--set key=value ...] [--out DIR] [--resume] [--device cpu|cuda] [--seed N]
     neuralode report RUN_DIR [RUN_DIR ...] [--out FILE]
+    torchrun --nproc_per_node=N -m neuralode run NAME ...   (data-parallel training)
 
 Mistakes on the command line (an unknown experiment or config key, a value of the wrong
 type, nothing to resume, no CUDA) end with exit status 2 and one line saying what to do.
@@ -129,10 +130,23 @@ def _run(args: argparse.Namespace) -> int:
             raise _Fail(f"{run_dir} already holds a run; pass --resume to continue it "
                         f"or choose another --out")
 
-    verb = "resuming" if args.resume else "running"
-    print(f"{verb} {args.name} in {run_dir}", file=sys.stderr)
-    summary = train(experiment, config, run_dir, device=args.device, resume=args.resume,
-                    progress=not args.no_progress)
+    # Under torchrun every process runs this command; rank 0 alone prints and writes files.
+    from neuralode.experiments import distributed
+
+    context = distributed.from_environment(run_dir, args.device)  # None in one process
+    try:
+        if context is not None:
+            run_dir = context.run_dir
+        if context is None or context.is_main:
+            verb = "resuming" if args.resume else "running"
+            print(f"{verb} {args.name} in {run_dir}", file=sys.stderr)
+        summary = train(experiment, config, run_dir, device=args.device if context is None else context.device,
+                        resume=args.resume, progress=not args.no_progress, context=context)
+    finally:
+        if context is not None:
+            distributed.shutdown()
+    if context is not None and not context.is_main:
+        return 0 if summary["status"] == "completed" else 130
     if summary["status"] != "completed":
         print(f"stopped at step {summary['steps_done']}/{summary['steps']}; continue with\n"
               f"  neuralode run {args.name} --resume --out {run_dir}", file=sys.stderr)

@@ -36,6 +36,8 @@ __all__ = [
 _REGISTRY: dict[str, str | type[Experiment]] = {
     "spiral": "neuralode.experiments.spiral:Spiral",
     "cubic": "neuralode.experiments.cubic:Cubic",
+    "ecg": "neuralode.experiments.ecg:ECG",
+    "mnist": "neuralode.experiments.mnist:MNIST",
     "poisson": "neuralode.experiments.poisson:Poisson",
     "tolerance": "neuralode.experiments.tolerance:Tolerance",
     "ecg": "neuralode.experiments.ecg:ECG",

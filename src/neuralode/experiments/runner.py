@@ -57,7 +57,8 @@ class Hook:
 
 @dataclasses.dataclass
 class RunContext:
-    """The run directory and the process's place in a (future) distributed run."""
+    """The run directory and the process's place in a distributed run (one process here;
+    see :mod:`neuralode.experiments.distributed` for several)."""
 
     run_dir: Path
     device: torch.device
@@ -71,6 +72,15 @@ class RunContext:
     def reduce(self, scalars: dict[str, float]) -> dict[str, float]:
         """Mean of logged scalars over ranks (one process: unchanged)."""
         return scalars
+
+    def barrier(self) -> None:
+        """Wait for every rank (one process: nothing to wait for)."""
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the loss is computed with: ``model`` itself in one process,
+        ``DistributedDataParallel(model)`` in a distributed run
+        (:class:`neuralode.experiments.distributed.DistributedContext`)."""
+        return model
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
@@ -296,6 +306,8 @@ def train(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
 
+    # Every rank has checked the directory before rank 0 writes config.json into it.
+    run.barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     if run.is_main and not resume:
         run.write_json(
@@ -334,6 +346,9 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
             # Records written after the checkpoint will be written again.
             os.truncate(metrics_path, checkpoint["metrics_offset"])
     writer = _MetricsWriter(metrics_path, run.is_main)
+    # The loss sees the (possibly DDP-wrapped) module; evaluation and checkpoints the
+    # unwrapped one, so checkpoints are the same whatever the number of processes.
+    net = run.wrap(model)
 
     def checkpoint_now(step: int) -> None:
         if not run.is_main:
@@ -378,7 +393,7 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
             for step in range(start, total):
                 position = _position(step, per_epoch)
                 batch = exp.batch(position)
-                loss, extra = exp.loss(model, batch, position)
+                loss, extra = exp.loss(net, batch, position)
                 optimizer.zero_grad(set_to_none=True)
                 if loss.requires_grad:
                     loss.backward()

@@ -29,7 +29,7 @@ disjoint, so summing the losses gives each model the update it would get alone).
 
 Metrics: test NLL per model (nats, on ``n_test`` held-out samples), the mean NFE of a CNF
 training solve and wall time. Plots: ``densities.png`` (data and every model's density heat
-map), ``flow.png`` (samples of each density's first CNF transported from the base at ``t0`` to
+map), ``samples.png`` (samples of every model), ``flow.png`` (samples of each density's first CNF transported from the base at ``t0`` to
 the data at ``t1``), ``nll.png`` (the NLL table) and, where Pillow is installed, ``flow.gif``.
 """
 
@@ -288,6 +288,7 @@ class CNFExperiment(Experiment):
                     metrics[f"nfe_per_iter/{m.name}"] = self.totals[m.name][1] / max(1, c.iters)
         self._plot_densities(run, model)
         self._plot_flow(run, model)
+        self._plot_samples(run, model)
         self._plot_table(run, metrics)
         return metrics
 
@@ -389,6 +390,31 @@ class CNFExperiment(Experiment):
                     ax.set_yticks([])
                     ax.set_title(f"{name} t={(1 - frac) * times[k] + frac * times[k + 1]:.2f}", fontsize=7)
                 writer.grab_frame()
+
+    @torch.no_grad()
+    def _plot_samples(self, run, model):
+        """Samples of every model: CNFs solve base -> data; planar flows invert numerically."""
+        c = self.config
+        z = torch.from_numpy(_rng(c.seed, "samples").standard_normal((c.n_samples, 2)).astype(np.float32)).to(self.device)
+        cols = 1 + len(c.widths) + len(c.depths)
+        fig = figure(figsize=(2.4 * cols, 2.4 * len(c.densities)))
+        axes = np.asarray(fig.subplots(len(c.densities), cols, squeeze=False))
+        for r, d in enumerate(c.densities):
+            data = self.test[d][:c.n_samples].cpu().numpy()
+            axes[r, 0].scatter(data[:, 0], data[:, 1], s=1, color="k")
+            axes[r, 0].set_title(f"{d}: data", fontsize=8)
+            for j, m in enumerate((m for m in self.members if m.density == d), start=1):
+                net = model[m.name]
+                x = net.sample(z=z) if m.kind == "cnf" else planar_inverse(net, z)
+                x = x.cpu().numpy()
+                axes[r, j].scatter(x[:, 0], x[:, 1], s=1, color="tab:blue")
+                axes[r, j].set_title(f"{m.name.rsplit('_', 1)[0]} samples", fontsize=8)
+        for ax in axes.flat:
+            ax.set_xlim(-c.extent, c.extent)
+            ax.set_ylim(-c.extent, c.extent)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        run.save_figure(fig, "samples")
 
     def _plot_table(self, run, metrics):
         c = self.config

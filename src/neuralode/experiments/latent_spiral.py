@@ -24,7 +24,7 @@ al. (Table 2) report predictive RMSE 0.164 / 0.150 / 0.135 (latent ODE) and 0.39
 0.181 (RNN) for 30 / 50 / 100 observations; they are attached to ``interp_rmse``.
 
 The paper's setting is ``n_spirals=1000`` trained for thousands of iterations; the CPU default
-(300 spirals, 200 iterations) takes a few minutes, see ``docs/generative.md``.
+(300 spirals, 100 iterations) takes a few minutes, see ``docs/generative.md``.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class LatentSpiralConfig(RunConfig):
     ntotal: int = 500
     noise_std: float = 0.3
     obs_counts: tuple[int, ...] = (30, 50, 100)
-    iters: int = 200
+    iters: int = 100
     batch_size: int = 50
     lr: float = 1e-2
     latent_dim: int = 4

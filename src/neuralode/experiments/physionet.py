@@ -81,7 +81,7 @@ class PhysioNetConfig(RunConfig):
     test_fraction: float = 0.2
     holdout: float = 0.2
     time_scale: float = 48.0
-    iters: int = 200
+    iters: int = 100
     batch_size: int = 32
     lr: float = 1e-2
     latent_dim: int = 10

@@ -13,7 +13,9 @@ autograd's engine do not count), then resets the kernel's peak-RSS counter by wr
 gradient and reads ``VmHWM`` (peak resident set since the reset). We report ``VmHWM - baseline``:
 the extra resident memory the gradient needed at its peak, which is what an out-of-memory kill sees.
 Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that RSS follows live tensors (see ``main``);
-cases run two at a time (``--jobs``), which does not change per-process RSS.
+cases run two at a time (``--jobs``), which does not change per-process RSS. ``--quick`` (a smoke test)
+runs one process per strategy, measuring its step counts in turn (the peak counter is reset before
+each).
 (tracemalloc does not see torch's allocations; torch keeps no CPU allocator statistics.) The state
 itself is 512 x 64 x 4 B = 128 KiB; one evaluation's saved activations are about 1.2 MiB.
 """
@@ -60,29 +62,33 @@ def child(strategy, steps, batch, threads):
         return sol
 
     gradient(2)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    baseline = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    sol = gradient(steps)
-    wall = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
-    print(json.dumps({"strategy": strategy, "steps": steps, "batch": batch, "baseline_mib": baseline / 1024,
-                      "peak_mib": peak / 1024, "delta_mib": (peak - baseline) / 1024, "wall_s": wall,
-                      "n_steps": sol.stats["n_steps"], "nfe_backward": sol.stats.get("nfe_backward")}))
+    for n in steps:  # one step count per process in the full run; --quick runs its few in one process
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        baseline = _status_kib("VmRSS")
+        t0 = time.perf_counter()
+        sol = gradient(n)
+        wall = time.perf_counter() - t0
+        peak = _status_kib("VmHWM")
+        print(json.dumps({"strategy": strategy, "steps": n, "batch": batch, "baseline_mib": baseline / 1024,
+                          "peak_mib": peak / 1024, "delta_mib": (peak - baseline) / 1024, "wall_s": wall,
+                          "n_steps": sol.stats["n_steps"], "nfe_backward": sol.stats.get("nfe_backward")}),
+              flush=True)
+        del sol
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--jobs", type=int, default=2, help="cases run at once, each in its own process")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="cases run at once, each in its own process (default 2; 3 with --quick)")
     parser.add_argument("--batch", type=int, default=512, help="batch of the full run (default 512)")
     parser.add_argument("--steps", default=None, help="comma-separated step counts (default 10,100,1000)")
     parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "STEPS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child[0], int(args.child[1]), int(args.child[2]), args.threads)
+        child(args.child[0], [int(x) for x in args.child[1].split(",")], int(args.child[2]), args.threads)
         return
     steps_list = (10, 40) if args.quick else (10, 100, 1000)
     if args.steps:
@@ -97,18 +103,28 @@ def main(argv=None):
     def one(case):
         strategy, steps = case
         out = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child", strategy,
-                              str(steps), str(batch)], capture_output=True, text=True, env=env)
+                              ",".join(map(str, steps)), str(batch)], capture_output=True, text=True, env=env)
+        rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        for row in rows:
+            print(f"{strategy:10s} {row['steps']:5d} steps: +{row['delta_mib']:.1f} MiB peak, {row['wall_s']:.1f} s",
+                  flush=True)
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
-            return {"strategy": strategy, "steps": steps, "batch": batch, "error": out.returncode}
-        row = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{strategy:10s} {steps:5d} steps: +{row['delta_mib']:.1f} MiB peak, {row['wall_s']:.1f} s",
-              flush=True)
-        return row
+            done = {r["steps"] for r in rows}
+            rows += [{"strategy": strategy, "steps": n, "batch": batch, "error": out.returncode}
+                     for n in steps if n not in done]
+        return rows
 
-    cases = [(strategy, steps) for steps in steps_list for strategy in ("direct", "checkpoint", "adjoint")]
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # processes are independent: RSS is per process
-        rows = list(pool.map(one, cases))
+    strategies = ("direct", "checkpoint", "adjoint")
+    if args.quick:
+        # smoke test: one process per strategy running all its step counts (importing torch costs
+        # several seconds per process on a loaded machine); the full run uses one process per case
+        cases = [(strategy, steps_list) for strategy in strategies]
+    else:
+        cases = [(strategy, (steps,)) for steps in steps_list for strategy in strategies]
+    jobs = args.jobs or (3 if args.quick else 2)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:  # processes are independent: RSS is per process
+        rows = [row for rs in pool.map(one, cases) for row in rs]
     table = []
     for strategy in ("direct", "checkpoint", "adjoint"):
         r = {"strategy": strategy}

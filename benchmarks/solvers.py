@@ -93,10 +93,9 @@ def main(argv=None):
         # y0, so that each repeat's overhead ratio divides by a t_f measured under the same load.
         f_bare, t0_, y0_ = p.f.f, p.t[0], p.y0
 
-        def floor():
-            for _ in range(n_floor):
-                f_bare(t0_, y0_)
-            return None
+        def floor(n=n_floor, f=f_bare, t=t0_, y=y0_):
+            for _ in range(n):
+                f(t, y)
 
         cases[FLOOR] = floor
         with torch.no_grad():

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
-from neuralode.experiments.cnf import DENSITIES, CNFConfig, CNFExperiment, planar_inverse, planar_log_prob, sample_density
+from neuralode.experiments.cnf import (
+    DENSITIES,
+    CNFConfig,
+    CNFExperiment,
+    planar_inverse,
+    planar_log_prob,
+    sample_density,
+)
 from neuralode.models import PlanarFlow
 
 SMOKE = ["iters=2", "batch_size=16", "n_test=40", "grid_points=8", "n_samples=20", "frames=2",

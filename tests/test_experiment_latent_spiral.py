@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
-from neuralode.experiments.latent_spiral import (LatentSpiral, LatentSpiralConfig, generate_spirals,
-                                                 observation_mask)
+from neuralode.experiments.latent_spiral import (
+    LatentSpiral,
+    LatentSpiralConfig,
+    generate_spirals,
+    observation_mask,
+)
 
 SMOKE = ["n_spirals=8", "nsample=10", "ntotal=30", "obs_counts=4,10", "iters=2", "batch_size=3",
          "step_size=0.5", "encoder_hidden=4", "dynamics_hidden=4", "decoder_hidden=4", "rnn_hidden=4",

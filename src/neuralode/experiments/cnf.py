@@ -39,21 +39,27 @@ import dataclasses
 import math
 import time
 import zlib
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
 import neuralode
-from neuralode.models import CNF, ConcatSquashMLP, PlanarCNFDynamics, PlanarFlow, count_parameters
+from neuralode.models import (
+    CNF,
+    ConcatSquashMLP,
+    PlanarCNFDynamics,
+    PlanarFlow,
+    count_parameters,
+)
 from neuralode.models.cnf import standard_normal_log_prob
 
 from .base import Experiment, Position, Reference
 from .config import ConfigError, RunConfig
 from .runner import RunContext, figure
 
-__all__ = ["CNFConfig", "CNFExperiment", "DENSITIES", "planar_inverse", "sample_density"]
+__all__ = ["DENSITIES", "CNFConfig", "CNFExperiment", "planar_inverse", "sample_density"]
 
 DENSITIES = ("moons", "circles", "gaussians", "checkerboard")
 
@@ -189,7 +195,7 @@ class CNFExperiment(Experiment):
     name = "cnf"
     description = "2-D densities by maximum likelihood: CNF (width M) vs planar flow (depth K); test NLL"
     Config = CNFConfig
-    references: dict[str, Reference] = {}
+    references: ClassVar[dict[str, Reference]] = {}
 
     @classmethod
     def resolve(cls, config: CNFConfig) -> CNFConfig:

@@ -33,6 +33,7 @@ import dataclasses
 import math
 import time
 import zlib
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ class LatentSpiral(Experiment):
     name = "latent_spiral"
     description = "latent ODE vs RNN on irregular noisy spirals: interpolation/extrapolation RMSE (paper 0.164 vs 0.394)"
     Config = LatentSpiralConfig
-    references = {
+    references: ClassVar[dict[str, Reference]] = {
         f"interp_rmse/{kind}_n{n}": Reference(v, f"{'latent ODE' if kind == 'latent_ode' else 'RNN'} "
                                                f"predictive RMSE, {n} observations",
                                                "Chen et al. 2018, Table 2")

@@ -35,12 +35,18 @@ import math
 import time
 import zlib
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from neuralode.data import PHYSIONET_VARIABLES, PhysioNetNormalizer, collate_physionet, load_physionet
+from neuralode.data import (
+    PHYSIONET_VARIABLES,
+    PhysioNetNormalizer,
+    collate_physionet,
+    load_physionet,
+)
 from neuralode.models import LatentODE, RNNBaseline, count_parameters
 
 from .base import Experiment, Position, Reference, epoch_permutation
@@ -109,7 +115,7 @@ class PhysioNet(Experiment):
     name = "physionet"
     description = "latent ODE vs RNN interpolating held-out PhysioNet 2012 measurements (masked MSE; paper ~2e-3)"
     Config = PhysioNetConfig
-    references = {
+    references: ClassVar[dict[str, Reference]] = {
         "test_mse/latent_ode": Reference(2e-3, "latent ODE interpolation MSE, normalised units (approximate)",
                                          "Rubanova et al. 2019, Table 2"),
     }
@@ -204,7 +210,7 @@ class PhysioNet(Experiment):
     def _forward(self, model, kind, times, values, mask, held):
         seen = mask & ~held
         inputs = torch.where(seen, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        kwargs = dict(target_times=times, target_values=values, target_mask=mask)
+        kwargs = {"target_times": times, "target_values": values, "target_mask": mask}
         if kind == "latent_ode" and not model.training:
             kwargs["eps"] = torch.zeros(values.shape[0], self.config.latent_dim, device=values.device)
         return model[kind](times, inputs, seen, **kwargs)

@@ -40,6 +40,8 @@ _REGISTRY: dict[str, str | type[Experiment]] = {
     "mnist": "neuralode.experiments.mnist:MNIST",
     "poisson": "neuralode.experiments.poisson:Poisson",
     "tolerance": "neuralode.experiments.tolerance:Tolerance",
+    "memory": "neuralode.experiments.memory:Memory",
+    "pendulum": "neuralode.experiments.pendulum:Pendulum",
     "ecg": "neuralode.experiments.ecg:ECG",
     "cnf": "neuralode.experiments.cnf:CNFExperiment",
     "latent_spiral": "neuralode.experiments.latent_spiral:LatentSpiral",

@@ -272,6 +272,7 @@ class PhysioNet(Experiment):
         top = np.argsort(-counts)[:4]
         fig = figure(figsize=(10, 6))
         axes = np.asarray(fig.subplots(2, 2)).ravel()
+        fig.subplots_adjust(hspace=0.35)
         m, h, v = mask[b].cpu().numpy(), held[b].cpu().numpy(), values[b].cpu().numpy()
         for ax, j in zip(axes, top):
             own = m[:, j]

@@ -180,7 +180,7 @@ class Tolerance(Experiment):
 
     def _plot(self, run, rows):
         tols = [r["tol"] for r in rows]
-        fig = figure(figsize=(11, 7.5))
+        fig = figure(figsize=(11, 7.5), layout="constrained")
         axes = fig.subplots(2, 2)
         ax = axes[0, 0]
         ax.loglog(tols, [r["nfe_forward"] for r in rows], "o-", label="forward NFE")

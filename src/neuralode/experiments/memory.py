@@ -114,7 +114,7 @@ class SavedTensorMeter:
 class _Saved:
     """A saved tensor plus its place in the meter's count (removed when autograd drops it)."""
 
-    __slots__ = ("tensor", "meter", "key")
+    __slots__ = ("key", "meter", "tensor")
 
     def __init__(self, meter: SavedTensorMeter, tensor: torch.Tensor, key: int, nbytes: int):
         self.tensor, self.meter, self.key = tensor, meter, key

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -53,7 +52,7 @@ def default_data_dirs() -> list[Path]:
     return [Path.cwd() / ".." / "shared" / "data" / "pendulum", repo / ".." / "shared" / "data" / "pendulum"]
 
 
-def find_data_dir(data_dir: Optional[str], file: str) -> Path:
+def find_data_dir(data_dir: str | None, file: str) -> Path:
     """The directory holding ``file``; ConfigError naming the places tried and the fix."""
     candidates = [Path(data_dir).expanduser()] if data_dir else default_data_dirs()
     for d in candidates:
@@ -82,7 +81,7 @@ class PendulumConfig(RunConfig):
     short_horizon : seconds of extrapolation for the short-horizon error.
     """
 
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     file: str = "real_pend_h_1.txt"
     train_fraction: float = 0.5
     hidden: int = 64
@@ -127,7 +126,7 @@ class Pendulum(Experiment):
         for tr in trajs:
             times = tr.times.numpy()
             frames = np.rint((times - times[0]) / self.dt).astype(np.int64)
-            n_train = max(2, int(round(c.train_fraction * len(times))))
+            n_train = max(2, round(c.train_fraction * len(times)))
             states = tr.states.numpy()
             self.trajs.append({"frames": frames, "times": times, "states": states, "n_train": n_train})
             train_states.append(states[:n_train])
@@ -224,7 +223,7 @@ class Pendulum(Experiment):
         c = self.config
         metrics = {}
         for name in _MODELS:
-            sq, sq_short, sq_fit, n_short = [], [], [], 0
+            sq, sq_short, sq_fit = [], [], []
             for e in extrapolation:
                 n = e["n_train"]
                 true = e["states"][n - 1:]

@@ -19,7 +19,7 @@ are masked). States are standardised with the training part's mean and standard 
 Evaluation: from the last training observation, each model is rolled out to the end of the
 trajectory; reported are the RMS errors (original units) over the extrapolation, over its
 first ``short_horizon`` seconds, and the fit on the training part. Plots: the trajectories
-(time series and phase plane) and the extrapolation error over time.
+(time series, extrapolation marked) and the extrapolation error over time.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,3 +83,25 @@ def test_two_processes_match_one(tmp_path):
         atol = 1e-3 if name.startswith("models.odenet") else 1e-5
         torch.testing.assert_close(ck_ddp["model"][name], p, rtol=0, atol=atol, msg=name)
     assert single["metrics"]["odenet_nfe_backward_per_epoch"][0] > 0
+
+    # Resume the 2-process run in ONE process for a second epoch: it continues from the global
+    # position (steps 3, 4) as the single-process run resumed the same way does. The runs are
+    # extended by rewriting epochs in copies of their config.json (resume insists on the saved
+    # config); the checkpoints are untouched, as DDP and the single process wrote them.
+    two_epochs = ECG.resolve(apply_overrides(ECGConfig(), [*settings, "epochs=2"]))
+    for name in ("ddp", "one"):
+        shutil.copytree(tmp_path / name, tmp_path / f"{name}2")
+        saved = json.loads((tmp_path / f"{name}2" / "config.json").read_text())
+        saved["config"]["epochs"] = 2
+        (tmp_path / f"{name}2" / "config.json").write_text(json.dumps(saved))
+    resumed = train(ECG, two_epochs, tmp_path / "ddp2", resume=True, progress=False)
+    reference = train(ECG, two_epochs, tmp_path / "one2", resume=True, progress=False)
+    assert "world_size" not in resumed["metrics"]
+    ddp, one = _train_records(tmp_path / "ddp2"), _train_records(tmp_path / "one2")
+    assert [r["step"] for r in ddp] == [r["step"] for r in one] == [1, 2, 3, 4]
+    for a, b in zip(ddp[2:], one[2:]):
+        for key in ("resnet_loss", "rknet_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), key
+        assert a["odenet_loss"] == pytest.approx(b["odenet_loss"], rel=1e-2)
+    assert load_checkpoint(tmp_path / "ddp2" / "checkpoints" / "last.pt")["step"] == 4
+    assert resumed["metrics"]["resnet_parameters"] == reference["metrics"]["resnet_parameters"]

@@ -98,3 +98,16 @@ def test_parameter_counts_are_printed(tmp_path, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert "rknet_parameters" in out and "rknet_macro_f1" in out
+
+
+def test_clipped_sgd_clips_each_group_separately():
+    import torch
+
+    from neuralode.experiments.ecg import ClippedSGD
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = ClippedSGD([{"params": [a]}, {"params": [b]}], lr=1.0, max_norm=1.0)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.3, 0.4])
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.tensor([-0.6, -0.8]))  # norm 5 clipped to 1
+    torch.testing.assert_close(b.detach(), torch.tensor([-0.3, -0.4]))  # norm 0.5 untouched

@@ -178,3 +178,16 @@ def test_multi_element_event_function():
     want = expected()
     assert grad[0].item() == pytest.approx(want["dh0"], rel=1e-7)
     assert grad[1].item() == pytest.approx(want["dv0"], rel=1e-7)
+
+
+@pytest.mark.parametrize("gradient", ["checkpoint", "adjoint"])
+def test_event_gradients_agree_across_strategies(gradient):
+    """The step holding the event must be part of every strategy's backward pass."""
+    f = lambda t, y: torch.stack([y[1], -y[0]])
+    grads = {}
+    for strategy in ("direct", gradient):
+        y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+        sol = neuralode.solve(f, y0, torch.tensor([0.0, 5.0], dtype=torch.float64), event_fn=lambda t, y: y[0],
+                              gradient=strategy, rtol=1e-10, atol=1e-10)
+        (grads[strategy],) = torch.autograd.grad(sol.event_y.pow(2).sum() + sol.event_t, y0)
+    assert torch.allclose(grads[gradient], grads["direct"], rtol=1e-6, atol=1e-8)

@@ -164,3 +164,32 @@ def test_odeint_event_reverse_time():
                                          torch.tensor(0.0, dtype=F64), event_fn=lambda t, y: y[0],
                                          reverse_time=True)
     assert float(event_t) == pytest.approx(-1.0, abs=1e-12)
+
+
+def test_fixed_step_event_mode_runs_past_t1():
+    """torchdiffeq's event mode: t[1] only sets the direction; fixed steps continue until the event."""
+    y0 = torch.ones(1, dtype=torch.float64)
+    # The event is located on the grid's interpolant: linear (the default) is O(h^2) accurate, cubic
+    # Hermite O(h^4); h = 0.01 here.
+    for interp, tol in (("linear", 1e-4), ("cubic", 1e-8)):
+        event_t, ys = neuralode.odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                                       method="rk4", options={"step_size": 0.01, "interp": interp},
+                                       event_fn=lambda t, y: y[0] - 0.1)
+        assert float(event_t) == pytest.approx(math.log(10.0), abs=tol)
+        assert float(ys[-1, 0]) == pytest.approx(0.1, abs=1e-12)
+    with pytest.raises(ValueError, match="to run until an event it needs options=\\{'step_size': h\\}"):
+        neuralode.odeint(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="rk4",
+                         event_fn=lambda t, y: y[0] - 0.1)
+
+
+def test_dense_output_ends_at_the_event():
+    y0 = torch.ones(1, dtype=torch.float64)
+    sol = neuralode.solve(lambda t, y: -y, y0, torch.tensor([0.0, 5.0], dtype=torch.float64),
+                          event_fn=lambda t, y: y[0] - 0.5, dense=True)
+    t_e = float(sol.event_t)
+    assert float(sol.step_times[-1]) == t_e
+    assert torch.equal(sol.evaluate(t_e), sol.event_y)
+    with pytest.raises(ValueError, match="outside the solved span"):
+        sol.evaluate(t_e + 1e-3)
+    with pytest.raises(ValueError, match="t is empty"):
+        sol.evaluate(torch.tensor([], dtype=torch.float64))

@@ -363,3 +363,40 @@ def test_solution_evaluate_errors():
     sol = _solve(dense=True)
     with pytest.raises(ValueError, match=r"t=1.5 lies outside the solved span \[0.0, 1.0\]"):
         sol.evaluate(1.5)
+
+
+# --- options that were accepted but misbehaved ------------------------------------------------------
+
+def test_zero_rtol_and_atol_is_a_clear_error():
+    with pytest.raises(ValueError, match="rtol and atol are both zero"):
+        neuralode.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                         rtol=0.0, atol=0.0)
+    with pytest.raises(ValueError, match="rtol and atol are both zero"):
+        neuralode.odeint(lambda t, y: -y, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                         rtol=torch.tensor([1e-6, 0.0], dtype=F64), atol=0.0)
+    # Fixed steps do not use tolerances, so zeros are fine there.
+    neuralode.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                     method="rk4", options={"step_size": 0.5}, rtol=0.0, atol=0.0)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"safety": 5.0}, ValueError, r"'safety'=5.0 must be in \(0, 1\]"),
+    ({"norm": "seminorm"}, TypeError, "option 'norm' must be a function.*adjoint option"),
+])
+def test_adaptive_option_values_are_checked(options, error, message):
+    with pytest.raises(error, match=message):
+        neuralode.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                         options=options)
+
+
+def test_perturb_must_be_a_bool():
+    with pytest.raises(TypeError, match="'perturb' must be True or False"):
+        neuralode.odeint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                         method="rk4", options={"step_size": 0.1, "perturb": "no"})
+
+
+@pytest.mark.parametrize("kwargs", [{"adjoint_rtol": -1.0}, {"adjoint_atol": float("nan")}])
+def test_adjoint_tolerances_are_checked(kwargs):
+    with pytest.raises(ValueError, match="adjoint (rtol|atol)=.* finite and non-negative"):
+        neuralode.odeint_adjoint(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                                 **kwargs)

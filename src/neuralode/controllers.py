@@ -125,6 +125,7 @@ class FixedGrid:
     """Steps exactly between consecutive points of ``grid`` (internal, increasing time)."""
 
     grid: tuple
+    step: float | None = None  # the step size, for running past the grid until an event
 
     adaptive = False
     max_num_steps = math.inf

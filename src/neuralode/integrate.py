@@ -119,7 +119,6 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         h = abs(float(h))
     previous_ratio = 1.0
     last_failure_non_finite = False
-    initial_magnitude = float(y.detach().abs().max()) if (adaptive and y.numel()) else 0.0
     # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid).
     restart_from_right = tau in jump_set
 
@@ -140,13 +139,18 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 # A step that collapses while |y| has grown by orders of magnitude is a finite-time
                 # blow-up: the solution diverges to infinity, which we report as such (not as a step-size
                 # problem); at moderate magnitudes the collapse points to stiffness instead.
+                initial_magnitude = float(problem.y0.detach().abs().max()) if y.numel() else 0.0
                 diverging = magnitude > _DIVERGENCE_GROWTH * max(1.0, initial_magnitude)
                 failure = NonFiniteError if (last_failure_non_finite or diverging) else StepSizeUnderflowError
                 raise_or_record(result, failure(_underflow_message(direction * tau, h, last_failure_non_finite,
                                                                    magnitude, diverging), t=direction * tau), throw)
                 break
         else:
-            tau1 = grid[grid_index + 1]
+            if grid_index + 1 < len(grid):
+                tau1 = grid[grid_index + 1]
+            else:
+                # Event mode runs past the end of t: keep stepping with the fixed step size.
+                tau1 = tau + control.step
             h = tau1 - tau
         t0, t1 = direction * tau, direction * tau1
         ends_on_jump = tau1 in jump_set
@@ -228,6 +232,12 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             dense.end_value = y1
             result.accepted_times.append(t1)
         if fired:
+            if dense is not None:
+                # The solution ends at the event: dense output must not reach past it.
+                dense.end_tau, dense.end_value = tau_reached, result.event_y
+                result.accepted_times[-1] = result.event_t
+            if on_accept is not None:
+                on_accept(tau1, y1, outcome.state)  # the checkpointing replay must cover this step too
             outputs.append(result.event_y)
             output_times.append(result.event_t)
             break

@@ -39,6 +39,7 @@ class DenseSolution:
         self.lengths: list = []
         self.coefficients: list = []
         self.end_value = None
+        self.end_tau: float | None = None  # set when an event ends the solution inside the last step
 
     def append(self, tau0: float, h: float, coefficients) -> None:
         self.starts.append(tau0)
@@ -49,7 +50,8 @@ class DenseSolution:
     def span(self):
         if not self.starts:
             return None
-        return self.starts[0], self.starts[-1] + self.lengths[-1]
+        end = self.starts[-1] + self.lengths[-1] if self.end_tau is None else self.end_tau
+        return self.starts[0], end
 
     def evaluate_one(self, t: float) -> torch.Tensor:
         tau = self.direction * t

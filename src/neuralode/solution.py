@@ -52,6 +52,8 @@ class Solution:
         if self._dense is None:
             raise ValueError("this solution has no dense output; call solve(..., dense=True)")
         t_tensor = torch.as_tensor(t, dtype=torch.float64)
+        if t_tensor.numel() == 0:
+            raise ValueError("t is empty; give at least one time to evaluate the dense output at")
         values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]
         if self._unflatten is None:
             return torch.stack(values).reshape(*t_tensor.shape, *values[0].shape)
@@ -66,4 +68,7 @@ class Solution:
         if self._dense is None:
             raise ValueError("step times are recorded with solve(..., dense=True)")
         d = self._dense
-        return torch.tensor([d.direction * (s + h) for s, h in zip(d.starts, d.lengths)], dtype=torch.float64)
+        ends = [s + h for s, h in zip(d.starts, d.lengths)]
+        if d.end_tau is not None and ends:
+            ends[-1] = d.end_tau  # an event ended the solution inside the last step
+        return torch.tensor([d.direction * e for e in ends], dtype=torch.float64)

@@ -82,6 +82,16 @@ def _make_control(spec, options, problem, field_func, user_y0):
         dfactor = _float_option(options, "dfactor", 0.2, positive=True)
         if ifactor < 1 or dfactor > 1:
             raise ValueError(f"options need ifactor >= 1 and dfactor <= 1, got ifactor={ifactor}, dfactor={dfactor}")
+        if safety > 1:
+            raise ValueError(f"option 'safety'={safety} must be in (0, 1]: above 1 the controller grows the step "
+                             "after rejections and never converges")
+        norm = options.get("norm")
+        if norm is not None and not callable(norm):
+            raise TypeError(f"option 'norm' must be a function of the scaled error returning a scalar, got {norm!r}"
+                            " ('seminorm' is an adjoint option: pass it in adjoint_options or Adjoint(...))")
+        if _no_tolerance(problem.rtol, problem.atol):
+            raise ValueError("rtol and atol are both zero: no step could ever meet that tolerance; give a "
+                             "positive rtol or atol (per element, for tolerance tensors)")
         min_step = _float_option(options, "min_step", 0.0, minimum=0.0)
         max_step = _float_option(options, "max_step", math.inf, positive=True)
         if min_step > max_step:
@@ -89,7 +99,18 @@ def _make_control(spec, options, problem, field_func, user_y0):
         return AdaptiveController(
             kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
             first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps)
-    return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t))
+    perturb = options.get("perturb", False)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"option 'perturb' must be True or False, got {perturb!r}")
+    step = options.get("step_size")
+    return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t),
+                     step=None if step is None else float(step))
+
+
+def _no_tolerance(rtol, atol) -> bool:
+    """True if some element has rtol == atol == 0: its error scale is zero, so no step could pass."""
+    both = (torch.as_tensor(rtol) == 0) & (torch.as_tensor(atol) == 0)
+    return bool(both.any())
 
 
 def _fixed_grid(options, times, direction, func, y0, t):
@@ -310,6 +331,9 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy):
     if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() != 2:
         raise ValueError("with event_fn, t must hold two times [t0, t1]: t0 starts the solve and t1 only sets "
                          "the direction of time (the solve runs until the event)")
+    if not spec.adaptive and options.get("step_size") is None:
+        raise ValueError(f"method {spec.name!r} takes fixed steps: to run until an event it needs "
+                         "options={'step_size': h}")
     solution = _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, 0, False, True, True)
     if solution.event_t is None:
         raise RuntimeError("the event did not occur")  # unreachable: until_event stops only at an event or error

@@ -57,6 +57,17 @@ class Adjoint(GradientStrategy):
     seminorm: bool = True
     params: tuple = field(default=(), repr=False)
 
+    def __post_init__(self):
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+                raise TypeError(f"adjoint {name} must be a float or a tensor, got {type(value).__name__}")
+            tensor = torch.as_tensor(value)
+            if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+                raise ValueError(f"adjoint {name}={value} is invalid; tolerances must be finite and non-negative")
+
     def bind(self, func, adjoint_params):
         return replace(self, params=collect_parameters(func, adjoint_params))
 

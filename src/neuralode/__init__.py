@@ -14,10 +14,15 @@ from .methods import METHODS
 from .solution import Solution
 from .solve import odeint, odeint_adjoint, odeint_event, solve
 
+# The layers, models and loaders build only on the public API above, so importing them last is safe;
+# experiments and the CLI stay out of the top-level import (they pull in matplotlib and tqdm).
+from . import data, models, nn  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "METHODS",
     "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError",
+    "data", "models", "nn",
 ]

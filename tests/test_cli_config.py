@@ -63,3 +63,17 @@ def test_round_trip_through_json_dict():
 
     again = config_from_dict(C, json.loads(json.dumps(config_to_dict(cfg))))
     assert again == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("log_every=0", "log_every=0 is invalid; it must be >= 1"),
+    ("method=dopr5", "method='dopr5' is not a solver method. Did you mean 'dopri5'"),
+    ("rtol=-1", "rtol=-1.0 is invalid"),
+    ("lr=nan", "lr=nan is invalid; a learning rate must be finite and > 0"),
+])
+def test_values_no_run_can_use_are_config_errors(override, message):
+    from neuralode.experiments import get_experiment
+
+    config_cls = get_experiment("spiral").Config
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+        apply_overrides(config_cls(), [override])

@@ -59,6 +59,35 @@ class RunConfig:
     checkpoint_every: int = 100
     threads: int = 1
 
+    def __post_init__(self):
+        """Reject values no run can use, before anything is written (``--set`` errors stay one line).
+
+        Checks by field name apply to every experiment's config: learning rates (``lr``, ``*_lr``)
+        must be finite and positive, tolerances (``rtol``, ``atol``) finite and non-negative, and
+        ``method`` one of :data:`neuralode.METHODS`.
+        """
+        import math
+
+        from ..methods import METHODS
+
+        for name, low in (("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0), ("threads", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid; it must be >= {low}")
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            if (field.name == "lr" or field.name.endswith("_lr")) and isinstance(value, (int, float)):
+                if not math.isfinite(value) or value <= 0:
+                    raise ConfigError(f"{field.name}={value} is invalid; a learning rate must be finite and > 0")
+            if field.name in ("rtol", "atol") and isinstance(value, (int, float)):
+                if not math.isfinite(value) or value < 0:
+                    raise ConfigError(f"{field.name}={value} is invalid; tolerances must be finite and >= 0")
+            if field.name == "method" and isinstance(value, str) and value not in METHODS:
+                close = difflib.get_close_matches(value, METHODS, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"method={value!r} is not a solver method.{hint} Choose one of {list(METHODS)}")
+
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The config as a JSON-friendly dict (tuples become lists)."""

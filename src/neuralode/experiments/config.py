@@ -70,7 +70,8 @@ class RunConfig:
 
         from ..methods import METHODS
 
-        for name, low in (("log_every", 1), ("checkpoint_every", 1), ("eval_every", 0), ("threads", 0)):
+        # eval_every is left to each experiment: the classification ones read -1 as "every epoch".
+        for name, low in (("log_every", 1), ("checkpoint_every", 1), ("threads", 0)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}={getattr(self, name)} is invalid; it must be >= {low}")
         for field in dataclasses.fields(self):

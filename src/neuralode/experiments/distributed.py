@@ -134,6 +134,13 @@ class DistributedContext(RunContext):
     def barrier(self) -> None:
         dist.barrier()
 
+    def any_rank(self, flag: bool) -> bool:
+        """One scalar all-reduce (MAX) per call: a Ctrl-C that reaches the ranks at different steps
+        still stops them all at the same step."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self._comm_device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """``DistributedDataParallel(model)``; its constructor broadcasts rank 0's
         parameters, so replicas start equal even if their initialisation differed."""

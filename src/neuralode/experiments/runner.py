@@ -76,6 +76,11 @@ class RunContext:
     def barrier(self) -> None:
         """Wait for every rank (one process: nothing to wait for)."""
 
+    def any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is true on any rank (one process: ``flag``). Decisions that end the loop
+        go through this, so no rank leaves while the others wait in a collective."""
+        return flag
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The module the loss is computed with: ``model`` itself in one process,
         ``DistributedDataParallel(model)`` in a distributed run
@@ -414,7 +419,7 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
                         bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
                 for hook in hooks:
                     hook.after_step(run, done, record)
-                if stop.requested and done.step != total:
+                if run.any_rank(stop.requested) and done.step != total:
                     checkpoint_now(done.step)
                     status = "interrupted"
                     break

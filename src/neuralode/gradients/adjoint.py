@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..controllers import rms_norm
+from ..controllers import FixedGrid, rms_norm
 from ..integrate import integrate
+from ..methods import REGISTRY
+from ..options import check_method, check_options, make_control, time_list
 from ..problem import Problem
 from .base import GradientStrategy, RunResult, collect_parameters, no_double_backward
 
@@ -119,10 +121,8 @@ class _AdjointSolve(torch.autograd.Function):
             if times[i] != times[i - 1]:
                 backward_problem = Problem(dynamics, state, None, None, [times[i], times[i - 1]],
                                            1 if times[i - 1] > times[i] else -1, None, rtol, atol)
-                from ..solve import _make_control  # the same control the forward solve would build
-                control = _make_control(spec, options, backward_problem, None, None)
+                control = make_control(spec, options, backward_problem, None, None)
                 if not control.adaptive and control.grid is None:
-                    from ..controllers import FixedGrid
                     control = FixedGrid((backward_problem.direction * times[i],
                                          backward_problem.direction * times[i - 1]))
                 result = integrate(backward_problem, stepper, control, options=options)
@@ -171,19 +171,16 @@ class _AdjointDynamics:
 
 def _backward_method(strategy, problem, forward_options):
     """Stepper, options and spec of the backward solve: the adjoint settings, else the forward ones."""
-    from ..methods import REGISTRY
-    from ..solve import _check_method, _check_options, _time_list
-
-    spec = _check_method(strategy.method) if strategy.method is not None else REGISTRY[problem.method]
+    spec = check_method(strategy.method) if strategy.method is not None else REGISTRY[problem.method]
     if strategy.options is not None:
-        options = _check_options(spec, strategy.options)
+        options = check_options(spec, strategy.options)
         norm = options.get("norm")
         if not (norm is None or callable(norm) or norm in ("seminorm", "full")):
             raise ValueError(f"adjoint option 'norm' must be 'seminorm', 'full' or a callable, got {norm!r}")
     else:
         options = {k: v for k, v in forward_options.items() if k in spec.options and k != "norm"}
     for name in ("step_t", "jump_t"):
-        options[name] = _time_list(options, name) or list(forward_options.get(name, ()))
+        options[name] = time_list(options, name) or list(forward_options.get(name, ()))
     if not spec.adaptive:
         options.setdefault("interp", "linear")
     return spec.make_stepper(options), options, spec

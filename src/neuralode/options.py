@@ -1,0 +1,146 @@
+"""Method lookup, option checking and the step-size control a solve runs under.
+
+Shared by :mod:`neuralode.solve` and the gradient strategies (the adjoint builds its backward solve
+from the same pieces), so it sits below both in the import order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._errors import closest
+from .controllers import AdaptiveController, FixedGrid
+from .methods import REGISTRY
+from .problem import check_monotone
+
+FIXED_DEFAULT_INTERP = "linear"
+
+
+def check_method(method):
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a string, got {type(method).__name__}; choose one of {list(REGISTRY)}")
+    if method not in REGISTRY:
+        raise ValueError(f"unknown method {method!r}.{closest(method, REGISTRY)} Choose one of {list(REGISTRY)}")
+    return REGISTRY[method]
+
+
+def check_options(spec, options):
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - spec.options)
+    if unknown:
+        name = unknown[0]
+        raise ValueError(f"option {name!r} means nothing for method {spec.name!r}.{closest(name, spec.options)} "
+                         f"It accepts: {sorted(spec.options)}")
+    return dict(options)
+
+
+def _float_option(options, name, default, *, positive=False, minimum=None):
+    value = options.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"option {name!r} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"option {name!r} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
+        bound = "> 0" if positive else f">= {minimum}"
+        raise ValueError(f"option {name!r}={value} is invalid; it must be {bound}")
+    return value
+
+
+def time_list(options, name):
+    value = options.get(name)
+    if value is None:
+        return []
+    values = torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()
+    if any(not math.isfinite(v) for v in values):
+        raise ValueError(f"option {name!r} must contain finite times")
+    return values
+
+
+def make_control(spec, options, problem, field_func, user_y0):
+    times, direction = problem.times, problem.direction
+    if spec.adaptive:
+        kind = options.get("controller", "integral")
+        if kind not in ("integral", "pi"):
+            raise ValueError(f"option 'controller' must be 'integral' or 'pi', got {kind!r}")
+        max_num_steps = options.get("max_num_steps", 100_000)
+        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+            raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
+        dtype = options.get("dtype")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"option 'dtype' must be a floating torch.dtype, got {dtype!r}")
+        safety = _float_option(options, "safety", 0.9, positive=True)
+        ifactor = _float_option(options, "ifactor", 10.0, positive=True)
+        dfactor = _float_option(options, "dfactor", 0.2, positive=True)
+        if ifactor < 1 or dfactor > 1:
+            raise ValueError(f"options need ifactor >= 1 and dfactor <= 1, got ifactor={ifactor}, dfactor={dfactor}")
+        if safety > 1:
+            raise ValueError(f"option 'safety'={safety} must be in (0, 1]: above 1 the controller grows the step "
+                             "after rejections and never converges")
+        norm = options.get("norm")
+        if norm is not None and not callable(norm):
+            raise TypeError(f"option 'norm' must be a function of the scaled error returning a scalar, got {norm!r}"
+                            " ('seminorm' is an adjoint option: pass it in adjoint_options or Adjoint(...))")
+        if _no_tolerance(problem.rtol, problem.atol):
+            raise ValueError("rtol and atol are both zero: no step could ever meet that tolerance; give a "
+                             "positive rtol or atol (per element, for tolerance tensors)")
+        min_step = _float_option(options, "min_step", 0.0, minimum=0.0)
+        max_step = _float_option(options, "max_step", math.inf, positive=True)
+        if min_step > max_step:
+            raise ValueError(f"option 'min_step'={min_step} exceeds 'max_step'={max_step}")
+        return AdaptiveController(
+            kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
+            first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps)
+    perturb = options.get("perturb", False)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"option 'perturb' must be True or False, got {perturb!r}")
+    step = options.get("step_size")
+    return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t),
+                     step=None if step is None else float(step))
+
+
+def _no_tolerance(rtol, atol) -> bool:
+    """True if some element has rtol == atol == 0: its error scale is zero, so no step could pass."""
+    both = (torch.as_tensor(rtol) == 0) & (torch.as_tensor(atol) == 0)
+    return bool(both.any())
+
+
+def _fixed_grid(options, times, direction, func, y0, t):
+    """Internal-time grid for fixed-step methods (torchdiffeq's construction, without its sliver steps)."""
+    step_size = options.get("step_size")
+    constructor = options.get("grid_constructor")
+    if step_size is not None and constructor is not None:
+        raise ValueError("give either option 'step_size' or 'grid_constructor', not both")
+    tau0, tau_end = direction * times[0], direction * times[-1]
+    if step_size is not None:
+        h = _float_option(options, "step_size", None, positive=True)
+        if not math.isfinite(h):
+            raise ValueError(f"option 'step_size' must be finite, got {h}")
+        n = (tau_end - tau0) / h
+        # A span that is a whole number of steps up to rounding must not end in a sliver step.
+        n_steps = round(n) if abs(n - round(n)) <= 1e-9 * max(1.0, n) else math.ceil(n)
+        n_steps = max(n_steps, 1)
+        return tuple(tau0 + i * h for i in range(n_steps)) + (tau_end,)
+    if constructor is not None:
+        if not callable(constructor):
+            raise TypeError("option 'grid_constructor' must be callable as grid_constructor(func, y0, t)")
+        grid = constructor(func, y0, t)
+        if not isinstance(grid, torch.Tensor) or grid.ndim != 1 or grid.numel() < 2:
+            raise ValueError("grid_constructor must return a 1-D tensor with at least two times")
+        values = grid.detach().double().cpu().tolist()
+        if check_monotone(values, "the grid from grid_constructor") != direction and len(values) > 1:
+            raise ValueError("the grid from grid_constructor runs in the opposite direction to t")
+        if values[0] != times[0] or values[-1] != times[-1]:
+            raise ValueError(f"the grid from grid_constructor must start at t[0]={times[0]} and end at "
+                             f"t[-1]={times[-1]}, got {values[0]} ... {values[-1]}")
+        return tuple(direction * v for v in values)
+    return None

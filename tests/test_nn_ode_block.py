@@ -145,8 +145,11 @@ def test_errors_name_the_argument_and_the_fix():
         ODEBlock(f, gradient="adj")
     with pytest.raises(TypeError, match=r"gradient must be one of .* or a gradient strategy object .*got int"):
         ODEBlock(f, gradient=3)
-    with pytest.raises(ValueError, match="rtol must be a finite positive float, got -0.001"):
+    with pytest.raises(ValueError, match="rtol must be a finite non-negative float, got -0.001"):
         ODEBlock(f, rtol=-1e-3)
+    with pytest.raises(ValueError, match="rtol and atol are both zero"):
+        ODEBlock(f, rtol=0.0, atol=0.0)
+    ODEBlock(f, rtol=1e-6, atol=0.0)  # a zero atol is legal, as in neuralode.solve
     with pytest.raises(TypeError, match="method must be a str"):
         ODEBlock(f, method=5)
     with pytest.raises(TypeError, match="func must be callable"):

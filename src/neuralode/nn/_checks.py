@@ -35,6 +35,16 @@ def positive_float(name: str, value: object) -> float:
     return value
 
 
+def tolerance(name: str, value: object) -> float:
+    """Return a solver tolerance as a ``float``: finite and non-negative, as ``neuralode.solve`` takes it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a non-negative float, got {type(value).__name__} ({value!r}).")
+    value = float(value)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{name} must be a finite non-negative float, got {value}.")
+    return value
+
+
 def one_of(name: str, value: object, choices: Sequence[str]) -> str:
     """Check that ``value`` is one of the strings in ``choices``."""
     if not isinstance(value, str):

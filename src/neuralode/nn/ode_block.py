@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 import neuralode  # the package's public API; looked up at call time (no import cycle)
-from neuralode.nn._checks import one_of, positive_float, time_points
+from neuralode.nn._checks import one_of, time_points, tolerance
 from neuralode.nn.augment import augment
 from neuralode.nn.regularisers import PROBES, RegularisedDynamics, sample_probe
 
@@ -122,8 +122,10 @@ class ODEBlock(nn.Module):
         if not isinstance(method, str):
             raise TypeError(f"method must be a str such as 'dopri5' or 'rk4', got {type(method).__name__}.")
         self.method = method
-        self.rtol = positive_float("rtol", rtol)
-        self.atol = positive_float("atol", atol)
+        self.rtol = tolerance("rtol", rtol)
+        self.atol = tolerance("atol", atol)
+        if self.rtol == 0.0 and self.atol == 0.0:
+            raise ValueError("rtol and atol are both zero: no step could meet that tolerance; give a positive one.")
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}.")
         self.options = dict(options) if options is not None else None

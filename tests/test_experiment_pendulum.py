@@ -7,11 +7,8 @@ import math
 import pytest
 
 from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
-from neuralode.experiments.pendulum import Pendulum, PendulumConfig, default_data_dirs
-
-
-def _have_data():
-    return any((d / "real_pend_h_1.txt").is_file() for d in default_data_dirs())
+from neuralode.experiments.pendulum import Pendulum, PendulumConfig
+from shared_data import shared  # tests/shared_data.py: skip only if ../shared/data is absent
 
 
 def test_missing_data_names_the_path_and_the_fix(tmp_path):
@@ -21,11 +18,12 @@ def test_missing_data_names_the_path_and_the_fix(tmp_path):
     assert str(tmp_path / "real_pend_h_1.txt") in message and "--set data_dir=" in message
 
 
-@pytest.mark.skipif(not _have_data(), reason="pendulum data (../shared/data/pendulum) not available")
 def test_end_to_end(tmp_path):
+    data_dir = shared("pendulum", "real_pend_h_1.txt").parent
     assert get_experiment("pendulum") is Pendulum
     config = Pendulum.resolve(apply_overrides(PendulumConfig(), ["steps=2", "batch_size=4", "window=4",
-                                                                 "hidden=8", "log_every=1", "eval_every=0"]))
+                                                                 "hidden=8", "log_every=1", "eval_every=0",
+                                                                 f"data_dir={data_dir}"]))
     assert config.data_dir is not None  # resolved and recorded in config.json
     summary = train(Pendulum, config, tmp_path, progress=False)
     m = summary["metrics"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,9 @@ import torch
 from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
 from neuralode.experiments.physionet import PhysioNet, PhysioNetConfig, holdout_mask
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "physionet2012" / "set-a.tar.gz"
+from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
+
+DATA = SHARED_DATA / "physionet2012" / "set-a.tar.gz"
 SMOKE = ["max_records=8", "iters=2", "batch_size=4", "step_size=0.25", "latent_dim=2", "encoder_hidden=4",
          "dynamics_hidden=4", "decoder_hidden=4", "rnn_hidden=4", "log_every=1", f"data_path={DATA}"]
 
@@ -31,8 +32,8 @@ def test_missing_data_names_the_setting(tmp_path):
         train(PhysioNet, config, tmp_path / "run", progress=False)
 
 
-@pytest.mark.skipif(not DATA.exists(), reason="PhysioNet 2012 set-a not in ../shared/data")
 def test_end_to_end(tmp_path):
+    shared("physionet2012", "set-a.tar.gz")  # skip only without ../shared/data; fail if the file is missing
     assert get_experiment("physionet") is PhysioNet
     config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), SMOKE))
     summary = train(PhysioNet, config, tmp_path, progress=False)

@@ -238,11 +238,22 @@ class Classification(Experiment):
     """The training and evaluation shared by ``ecg`` and ``mnist``: members trained side by
     side, sharded batches, per-model metrics, NFE and time bookkeeping, plots.
 
-    Subclasses provide ``_data()`` (train and test tensors), ``_build(kind)``, ``kinds`` and
-    may override ``_transform(x, position)`` (augmentation) and ``_lr(epoch)``."""
+    Subclasses provide ``_data()`` (train and test tensors), ``builder`` (the
+    :mod:`neuralode.models` builder of their networks), ``kinds`` and may override
+    ``_transform(x, position)`` (augmentation) and ``_lr(epoch)``."""
 
     kinds: tuple[str, ...] = ()
     class_names: tuple[str, ...] = ()
+    builder = None  # e.g. staticmethod(sequence_classifier)
+
+    def _build(self, kind: str) -> nn.Module:
+        """One member network: the ODE-Net gets the config's tolerances, the RK-Net its step."""
+        c = self.config
+        if kind == "odenet":
+            return self.builder(kind, channels=c.channels, rtol=c.rtol, atol=c.atol)
+        if kind == "rknet":
+            return self.builder(kind, channels=c.channels, step_size=c.rk_step)
+        return self.builder(kind, channels=c.channels)
 
     @classmethod
     def _resolve_eval_every(cls, config, steps_per_epoch: int):
@@ -534,6 +545,7 @@ class ECG(Classification):
     Config = ECGConfig
     kinds = ("resnet", "rknet", "odenet")
     class_names = CLASSES
+    builder = staticmethod(sequence_classifier)
     seed_confusion = SEED_CONFUSION
     references = {
         "resnet_test_ce": Reference(0.1, "ResNet test cross-entropy"),
@@ -560,14 +572,6 @@ class ECG(Classification):
         self.train_records = None if train.records is None else sorted(set(train.records.tolist()))
         self.test_records = None if test.records is None else sorted(set(test.records.tolist()))
         return train.x, train.y, test.x, test.y
-
-    def _build(self, kind: str) -> nn.Module:
-        c = self.config
-        if kind == "odenet":
-            return sequence_classifier(kind, channels=c.channels, rtol=c.rtol, atol=c.atol)
-        if kind == "rknet":
-            return sequence_classifier(kind, channels=c.channels, step_size=c.rk_step)
-        return sequence_classifier(kind, channels=c.channels)
 
     def finish(self, model, run):
         metrics = super().finish(model, run)

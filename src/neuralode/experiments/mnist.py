@@ -25,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import nn
 
 from neuralode.data import load_mnist
 from neuralode.models import PAPER_PARAMETER_COUNTS, image_classifier
@@ -94,6 +93,7 @@ class MNIST(Classification):
     Config = MNISTConfig
     kinds = ("mlp", "resnet", "rknet", "odenet")
     class_names = tuple(str(d) for d in range(10))
+    builder = staticmethod(image_classifier)
     references = {
         **{f"{k}_parameters": Reference(float(PAPER_PARAMETER_COUNTS[f"mnist_{k}"]), f"{k} parameters",
                                         "Chen et al. (2018), Table 1") for k in kinds},
@@ -149,14 +149,6 @@ class MNIST(Classification):
     def _lr(self, epoch: int) -> float:
         c = self.config
         return c.lr * c.lr_decay ** sum(epoch >= e for e in c.lr_decay_epochs)
-
-    def _build(self, kind: str) -> nn.Module:
-        c = self.config
-        if kind == "odenet":
-            return image_classifier(kind, channels=c.channels, rtol=c.rtol, atol=c.atol)
-        if kind == "rknet":
-            return image_classifier(kind, channels=c.channels, step_size=c.rk_step)
-        return image_classifier(kind, channels=c.channels)
 
     def finish(self, model, run):
         metrics = super().finish(model, run)

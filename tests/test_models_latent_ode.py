@@ -188,3 +188,19 @@ def test_errors_name_the_argument():
         LatentODE(2, encoder="lstm")
     with pytest.raises(ValueError, match="step_size"):
         LatentODE(2, step_size=-0.1)
+
+
+def test_size_matched_rnn_width_picks_the_closest_parameter_count():
+    from neuralode.models import count_parameters, size_matched_rnn_width
+
+    def count(width):
+        return count_parameters(RNNBaseline(2, width))
+
+    target = count_parameters(LatentODE(2, 4, encoder="rnn", encoder_hidden=25, dynamics_hidden=20, decoder_hidden=20))
+    width = size_matched_rnn_width(2, target)
+    assert width == 19
+    assert all(abs(count(width) - target) <= abs(count(w) - target) for w in range(1, 40))
+    assert size_matched_rnn_width(37, count_parameters(RNNBaseline(37, 32))) == 32  # an exact count: its own width
+    assert size_matched_rnn_width(2, 1) == 1
+    with pytest.raises(ValueError, match="parameters"):
+        size_matched_rnn_width(2, 0)

@@ -15,8 +15,10 @@ Models, one pair per ``n_obs``, trained on the observations by their likelihood:
 * ``latent_ode``: :class:`neuralode.models.LatentODE`, latent size 4, GRU (``"rnn"``) encoder
   with 25 units reading the observations backwards (Chen et al.), latent dynamics MLP 4-20-20-4,
   decoder 4-20-2, fixed-step RK4 (``step_size=0.1``), ELBO with ``sigma = 0.3``;
-* ``rnn``: :class:`neuralode.models.RNNBaseline` with a GRU of ``rnn_hidden`` units (25), trained
-  on the observed points with the same Gaussian likelihood.
+* ``rnn``: :class:`neuralode.models.RNNBaseline`, a GRU encoder-decoder "of the same size" (Chen et
+  al.): by default (``rnn_hidden=0``) the width whose parameter count is closest to the latent ODE's
+  (19 units, 3,270 against 3,354 parameters), trained on the observed points with the same Gaussian
+  likelihood.
 
 Metrics (test series, posterior mean for the latent ODE): RMSE against the noise-free spiral at
 all 100 window times (``interp_rmse``) and at the 100 following times (``extrap_rmse``). Chen et
@@ -39,7 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuralode.models import LatentODE, RNNBaseline, count_parameters
+from neuralode.models import (
+    LatentODE,
+    RNNBaseline,
+    count_parameters,
+    size_matched_rnn_width,
+)
 
 from .base import Experiment, Position, Reference, epoch_permutation
 from .config import ConfigError, RunConfig
@@ -115,7 +122,7 @@ class LatentSpiralConfig(RunConfig):
     obs_counts : observed points per series (one latent ODE and one RNN each).
     iters, batch_size, lr : Adam steps, series per step, step size.
     latent_dim, encoder, encoder_hidden, dynamics_hidden, decoder_hidden, step_size : the latent ODE.
-    rnn_hidden : GRU units of the RNN baseline.
+    rnn_hidden : GRU units of the RNN baseline (0: size-matched to the latent ODE).
     n_plot : test series drawn in the reconstruction figure.
     """
 
@@ -134,7 +141,7 @@ class LatentSpiralConfig(RunConfig):
     dynamics_hidden: int = 20
     decoder_hidden: int = 20
     step_size: float = 0.1
-    rnn_hidden: int = 25
+    rnn_hidden: int = 0
     n_plot: int = 3
     log_every: int = 10
     checkpoint_every: int = 100
@@ -163,8 +170,10 @@ class LatentSpiral(Experiment):
         n_test = round(c.n_spirals * c.test_fraction)
         if n_test < 1 or c.n_spirals - n_test < 1:
             raise ConfigError("n_spirals too small for a train/test split; use n_spirals >= 4")
-        if min(c.iters, c.batch_size, c.latent_dim, c.encoder_hidden, c.rnn_hidden) < 1:
-            raise ConfigError("iters, batch_size, latent_dim, encoder_hidden and rnn_hidden must be >= 1")
+        if min(c.iters, c.batch_size, c.latent_dim, c.encoder_hidden) < 1:
+            raise ConfigError("iters, batch_size, latent_dim and encoder_hidden must be >= 1")
+        if c.rnn_hidden < 0:
+            raise ConfigError(f"rnn_hidden must be >= 0 (0: size-matched to the latent ODE), got {c.rnn_hidden}")
         if c.encoder not in ("rnn", "odernn"):
             raise ConfigError(f"encoder must be 'rnn' or 'odernn', got {c.encoder!r}")
         return c
@@ -200,19 +209,26 @@ class LatentSpiral(Experiment):
     def num_steps(self) -> int:
         return self.config.iters
 
+    def _latent_ode(self) -> LatentODE:
+        c = self.config
+        return LatentODE(2, c.latent_dim, encoder=c.encoder, encoder_hidden=c.encoder_hidden,
+                         dynamics_hidden=c.dynamics_hidden, decoder_hidden=c.decoder_hidden or None,
+                         obs_std=c.noise_std, method="rk4", step_size=c.step_size)
+
     def build_model(self) -> nn.Module:
         c = self.config
+        rnn_hidden = c.rnn_hidden
+        if rnn_hidden == 0:
+            with torch.device("meta"):
+                rnn_hidden = size_matched_rnn_width(2, count_parameters(self._latent_ode()))
         models = nn.ModuleDict()
         for kind, n in self.members:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(c.seed * 1_000_003 + zlib.crc32(self._key(kind, n).encode()))
                 if kind == "latent_ode":
-                    models[self._key(kind, n)] = LatentODE(
-                        2, c.latent_dim, encoder=c.encoder, encoder_hidden=c.encoder_hidden,
-                        dynamics_hidden=c.dynamics_hidden, decoder_hidden=c.decoder_hidden or None,
-                        obs_std=c.noise_std, method="rk4", step_size=c.step_size)
+                    models[self._key(kind, n)] = self._latent_ode()
                 else:
-                    models[self._key(kind, n)] = RNNBaseline(2, c.rnn_hidden, obs_std=c.noise_std)
+                    models[self._key(kind, n)] = RNNBaseline(2, rnn_hidden, obs_std=c.noise_std)
         return models.to(self.device)
 
     def build_optimizer(self, model):

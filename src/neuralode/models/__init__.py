@@ -10,7 +10,8 @@ and images (:func:`image_classifier`, the MNIST networks of Chen et al. 2018), p
 from neuralode.models.cnf import (CNF, TRACE_ESTIMATORS, CNFOutput, ConcatSquashLinear, ConcatSquashMLP,
                                   PlanarCNFDynamics, PlanarFlow, trace_exact, trace_hutchinson)
 from neuralode.models.latent_ode import (ENCODERS, LatentODE, LatentODEOutput, ObservationEncoder, RNNBaseline,
-                                         RNNBaselineOutput, gather_observations)
+                                         RNNBaselineOutput, gather_observations,
+                                         size_matched_rnn_width)
 from neuralode.models.base import FIXED_STEP_RK_METHODS, MLP, ODENet, ResidualBlock, ResNet, RKNet, count_parameters
 from neuralode.models.image import image_classifier
 from neuralode.models.registry import MODEL_NAMES, PAPER_PARAMETER_COUNTS, build_model
@@ -21,7 +22,7 @@ __all__ = [
     "CNF", "CNFOutput", "ConcatSquashLinear", "ConcatSquashMLP", "PlanarCNFDynamics", "PlanarFlow",
     "TRACE_ESTIMATORS", "trace_exact", "trace_hutchinson",
     "ENCODERS", "LatentODE", "LatentODEOutput", "ObservationEncoder", "RNNBaseline", "RNNBaselineOutput",
-    "gather_observations",
+    "gather_observations", "size_matched_rnn_width",
     "FIXED_STEP_RK_METHODS",
     "MLP",
     "MODEL_NAMES",

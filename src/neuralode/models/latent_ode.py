@@ -74,6 +74,7 @@ __all__ = [
     "ObservationEncoder",
     "Observations",
     "RNNBaseline",
+    "size_matched_rnn_width",
     "RNNBaselineOutput",
     "gaussian_log_likelihood",
     "gather_observations",
@@ -625,3 +626,29 @@ class RNNBaseline(nn.Module):
             log_lik = gaussian_log_likelihood(target_values, pred, self.noise(), target_mask)
             n_obs = target_mask.bool().sum((1, 2))
         return RNNBaselineOutput(pred, log_lik, n_obs)
+
+
+def size_matched_rnn_width(obs_dim: int, parameters: int) -> int:
+    """The :class:`RNNBaseline` hidden size whose parameter count is closest to ``parameters``.
+
+    Chen et al. (2018) compare the latent ODE with "an RNN baseline of the same size"; this picks the
+    GRU width that makes it so (ties go to the smaller width). The counts are taken from modules built
+    on the ``meta`` device, so no memory is allocated.
+
+    Examples
+    --------
+    >>> size_matched_rnn_width(2, 3354)  # the spiral latent ODE's size
+    19
+    """
+    obs_dim = positive_int("obs_dim", obs_dim)
+    parameters = positive_int("parameters", parameters)
+    best, best_gap, width = 1, None, 1
+    while True:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in RNNBaseline(obs_dim, width).parameters())
+        gap = abs(count - parameters)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = width, gap
+        if count >= parameters:  # counts grow with the width, so nothing further can be closer
+            return best
+        width += 1

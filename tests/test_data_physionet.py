@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import shared
 
 from neuralode.data import (
     PHYSIONET_STATIC,
@@ -21,7 +22,6 @@ from neuralode.data import (
 )
 from neuralode.data import physionet as physionet_module
 
-from shared_data import shared  # noqa: E402  (tests/shared_data.py)
 V = {name: i for i, name in enumerate(PHYSIONET_VARIABLES)}
 S = {name: i for i, name in enumerate(PHYSIONET_STATIC)}
 
@@ -66,6 +66,41 @@ def test_times_values_masks_duplicates_and_weight(tmp_path):
     assert int(record.mask.sum()) == 7 - 1  # two Urine lines became one entry
     assert (record.values[~record.mask] == 0).all()
     assert torch.isnan(record.static[S["Height"]]) and record.static[S["Age"]].item() == 60.0
+
+
+def test_quantization_rounds_times_and_averages_per_variable(tmp_path):
+    # quantization=0.1 h = 6 min: 00:01 -> 0.0; 00:05 and 00:07 -> 0.1; 00:20 -> 0.3 (no exact halves,
+    # whose rounding depends on the last bit of minutes / 60 / 0.1).
+    body = ["00:01,HR,70", "00:05,HR,80", "00:05,Urine,100", "00:07,HR,90", "00:07,HR,96", "00:20,HR,60"]
+    (tmp_path / "5.txt").write_text(patient(5, body))
+    (raw,) = load_physionet(tmp_path / "5.txt")
+    assert raw.times.tolist() == pytest.approx([1 / 60, 5 / 60, 7 / 60, 20 / 60])
+    (rec,) = load_physionet(tmp_path / "5.txt", quantization=0.1)
+    assert rec.times.dtype == torch.float64
+    assert rec.times.tolist() == pytest.approx([0.0, 0.1, 0.3])
+    # HR at 0.1 h: the mean of the three raw lines 80, 90, 96 (not of the per-minute means 80, 93).
+    assert rec.values[:, V["HR"]].tolist() == pytest.approx([70.0, (80 + 90 + 96) / 3, 60.0])
+    assert rec.mask[:, V["Urine"]].tolist() == [False, True, False] and rec.values[1, V["Urine"]].item() == 100.0
+    assert int(rec.mask.sum()) == 4 and (rec.values[~rec.mask] == 0).all()
+    # 0 is no rounding; a quantum coarser than the stay puts everything at t = 0.
+    (same,) = load_physionet(tmp_path / "5.txt", quantization=0)
+    assert torch.equal(same.times, raw.times) and torch.equal(same.values, raw.values)
+    (one,) = load_physionet(tmp_path / "5.txt", quantization=48)
+    assert one.times.tolist() == [0.0] and one.values[0, V["HR"]].item() == pytest.approx(79.2)
+
+
+@pytest.mark.parametrize("bad", [-0.1, math.nan, math.inf, -math.inf])
+def test_quantization_must_be_finite_and_non_negative(tmp_path, bad):
+    (tmp_path / "5.txt").write_text(patient(5, ["00:01,HR,70"]))
+    with pytest.raises(ValueError, match="quantization"):
+        load_physionet(tmp_path / "5.txt", quantization=bad)
+
+
+@pytest.mark.parametrize("bad", ["0.1", True, None])
+def test_quantization_must_be_a_number(tmp_path, bad):
+    (tmp_path / "5.txt").write_text(patient(5, ["00:01,HR,70"]))
+    with pytest.raises(TypeError, match="quantization"):
+        load_physionet(tmp_path / "5.txt", quantization=bad)
 
 
 def test_fast_and_checked_parsers_agree_including_crlf():
@@ -303,6 +338,31 @@ def test_real_set_a_first_records_against_raw_text():
         assert third.values[minutes.index(minute), V[name]].item() == pytest.approx(sum(vals) / len(vals), rel=1e-6)
     assert third.static[S["Weight"]].item() == pytest.approx(56.7)
     assert math.isnan(third.static[S["Height"]].item())
+
+
+def test_real_set_a_quantized_against_raw_text():
+    # set-a/132539.txt (see above) with 2-hour bins: 00:07 and 00:37 -> 0 h; 01:37 and 02:37 -> 2 h;
+    # 03:08, 03:37 and 04:37 -> 4 h. Values read by eye from the file.
+    archive = shared("physionet2012", "set-a.tar.gz")
+    (raw,) = load_physionet(archive, max_records=1)
+    (rec,) = load_physionet(archive, max_records=1, quantization=2)
+    lines = _raw_texts(archive, 1)["set-a/132539.txt"]
+    assert {"00:07,HR,73", "00:37,HR,77", "00:07,Urine,900", "00:37,Urine,60", "00:07,NIMAP,92.33",
+            "00:37,NIMAP,91", "01:37,HR,60", "02:37,HR,62", "03:08,HCT,33.7", "03:37,HR,80",
+            "04:37,HR,74", "00:07,GCS,15"} <= set(lines)  # fmt: skip
+    assert rec.times[:3].tolist() == [0.0, 2.0, 4.0]
+    assert rec.values[0, V["HR"]].item() == 75.0 and rec.values[0, V["Urine"]].item() == 480.0
+    assert rec.values[0, V["NIMAP"]].item() == pytest.approx((92.33 + 91) / 2)
+    assert rec.values[0, V["GCS"]].item() == 15.0  # one observation: kept as is
+    assert rec.values[1, V["HR"]].item() == 61.0 and rec.values[2, V["HR"]].item() == 77.0
+    assert bool(rec.mask[2, V["HCT"]]) and rec.values[2, V["HCT"]].item() == pytest.approx(33.7)
+    assert not rec.mask[1, V["HCT"]]
+    # Every bin holds exactly the variables observed in its raw times, and times are multiples of 2.
+    bins = torch.round(raw.times / 2).long()
+    assert rec.times.tolist() == (torch.unique(bins) * 2.0).tolist()
+    for i, k in enumerate(torch.unique(bins).tolist()):
+        assert torch.equal(rec.mask[i], raw.mask[bins == k].any(0))
+    assert torch.allclose(rec.static, raw.static, equal_nan=True)
 
 
 def test_real_outcomes_death_count():

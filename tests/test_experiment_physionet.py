@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import io
+import json
 import math
+import tarfile
 
 import numpy as np
 import pytest
 import torch
+from shared_data import SHARED_DATA, shared
 
+from neuralode.data import PHYSIONET_VARIABLES
 from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
-from neuralode.experiments.physionet import PhysioNet, PhysioNetConfig, holdout_mask
-
-from shared_data import SHARED_DATA, shared  # noqa: E402  (tests/shared_data.py)
+from neuralode.experiments.physionet import (
+    PhysioNet,
+    PhysioNetConfig,
+    _masked_mse,
+    holdout_mask,
+)
+from neuralode.experiments.runner import read_metrics
+from neuralode.models import RNNBaseline, count_parameters, size_matched_rnn_width
 
 DATA = SHARED_DATA / "physionet2012" / "set-a.tar.gz"
 SMOKE = ["max_records=8", "iters=2", "batch_size=4", "step_size=0.25", "latent_dim=2", "encoder_hidden=4",
@@ -32,6 +42,78 @@ def test_missing_data_names_the_setting(tmp_path):
         train(PhysioNet, config, tmp_path / "run", progress=False)
 
 
+def _patient(record_id: int, body: list[str]) -> str:
+    head = ["Time,Parameter,Value", f"00:00,RecordID,{record_id}", "00:00,Age,60", "00:00,Gender,1",
+            "00:00,Height,-1", "00:00,ICUType,3", "00:00,Weight,-1"]  # fmt: skip
+    return "\n".join([*head, *body]) + "\n"
+
+
+def _write_set(path, ids):
+    """A small synthetic set archive: every patient has HR 50 and 100, Temp -10 and 40, MechVent 1."""
+    with tarfile.open(path, "w:gz") as tar:
+        for rid in ids:
+            body = ["00:01,HR,50", "00:05,HR,100", "00:07,Temp,-10", "01:00,Temp,40", "02:00,MechVent,1",
+                    "02:02,HR,70"]  # fmt: skip
+            data = _patient(rid, body).encode()
+            info = tarfile.TarInfo(f"set/{rid}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_masked_mse_of_nothing_is_nan_not_zero():
+    pred, values = torch.ones(2, 3, 37), torch.zeros(2, 3, 37)
+    assert math.isnan(_masked_mse(pred, values, torch.zeros(2, 3, 37, dtype=torch.bool)))
+    assert _masked_mse(pred, values, torch.ones(2, 3, 37, dtype=torch.bool)) == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quantization=-0.1", "quantization"), ("quantization=nan", "quantization"), ("quantization=inf", "quantization"),
+    ("rnn_hidden=-1", "rnn_hidden"), ("holdout=1", "holdout"), ("holdout=-0.1", "holdout"),
+    ("test_fraction=0", "test_fraction"),
+])  # fmt: skip
+def test_config_errors_name_the_setting(override, message):
+    with pytest.raises(ConfigError, match=message):
+        PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [override]))
+
+
+def test_rnn_hidden_zero_is_size_matched_to_the_latent_ode():
+    config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [o for o in SMOKE if not o.startswith("rnn_hidden")]))
+    assert config.rnn_hidden == 0
+    exp = PhysioNet(config)
+    models = exp.build_model()  # needs no data
+    target = count_parameters(models["latent_ode"])
+    width = models["rnn"].hidden_dim
+    assert exp.rnn_hidden == width == size_matched_rnn_width(37, target)
+    # No other width is closer in parameter count.
+    gaps = {w: abs(count_parameters(RNNBaseline(37, w)) - target) for w in (width - 1, width, width + 1) if w >= 1}
+    assert gaps[width] == min(gaps.values())
+    # An explicit width is taken as given.
+    explicit = PhysioNet(PhysioNet.resolve(apply_overrides(PhysioNetConfig(), SMOKE))).build_model()
+    assert explicit["rnn"].hidden_dim == 4
+
+
+def test_several_sets_quantization_and_rubanova_units(tmp_path):
+    a = _write_set(tmp_path / "a.tar.gz", [11, 12, 13])
+    b = _write_set(tmp_path / "b.tar.gz", [21, 22, 23])
+    config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [
+        *SMOKE[:-1], f"data_path={a},{b}", "max_records=5", "quantization=0.1", "test_fraction=0.4"]))
+    exp = PhysioNet(config)
+    exp.setup()
+    assert sorted(r.record_id for r in exp.train + exp.test) == [11, 12, 13, 21, 22]  # max_records caps the total
+    # 00:01 -> 0.0 h, 00:05 and 00:07 -> 0.1 h, 01:00 -> 1.0 h, 02:00 and 02:02 -> 2.0 h.
+    for record in exp.train + exp.test:
+        assert record.times.tolist() == pytest.approx([0.0, 0.1, 1.0, 2.0])
+    # Their units, (x - min) / max: HR (50..100) -> ((100 - 50) / 100)^2; Temp (-10..40) -> (50 / 40)^2;
+    # MechVent, always 1: our scale is 1 for a constant, their max is 1 -> 1; never observed: max 0 -> 1 -> 1.
+    w = exp.rubanova_weight
+    V = {name: i for i, name in enumerate(PHYSIONET_VARIABLES)}
+    assert w[V["HR"]].item() == pytest.approx(0.25) and w[V["Temp"]].item() == pytest.approx(1.5625)
+    assert w[V["MechVent"]].item() == 1.0 and w[V["pH"]].item() == 1.0
+    with pytest.raises(ConfigError, match="twice"):
+        PhysioNet(PhysioNet.resolve(apply_overrides(config, [f"data_path={a},{a}"]))).setup()
+
+
 def test_end_to_end(tmp_path):
     shared("physionet2012", "set-a.tar.gz")  # skip only without ../shared/data; fail if the file is missing
     assert get_experiment("physionet") is PhysioNet
@@ -39,8 +121,33 @@ def test_end_to_end(tmp_path):
     summary = train(PhysioNet, config, tmp_path, progress=False)
     m = summary["metrics"]
     for kind in ("latent_ode", "rnn", "mean"):
-        assert math.isfinite(m[f"test_mse/{kind}"])
+        for family in ("test_mse_heldout", "test_mse_recon", "test_mse_recon_rubanova_norm"):
+            assert math.isfinite(m[f"{family}/{kind}"]) and m[f"{family}/{kind}"] > 0
     assert m["data/records"] == 8 and m["data/train_records"] + m["data/test_records"] == 8
-    assert m["nfe_per_iter/latent_ode"] > 0
-    assert summary["references"]["test_mse/latent_ode"]["value"] == 2e-3
+    assert m["data/test_heldout_entries"] > 0 and m["data/test_seen_entries"] > 0
+    assert m["nfe_per_iter/latent_ode"] > 0 and m["rnn_hidden"] == 4
+    assert summary["references"]["test_mse_recon_rubanova_norm/latent_ode"]["value"] == 3.9e-3
+    assert summary["references"]["test_mse_recon_rubanova_norm/rnn"]["value"] == 5.9e-3
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"loss.png", "interpolation.png", "mse.png"}
+    train_logs = [r for r in read_metrics(tmp_path) if r.get("split") == "train"]
+    assert all(math.isfinite(r["train_heldout_mse/rnn"]) for r in train_logs)
+    # The final metrics are the posterior mean's, as in the last evaluation (finish() runs with the
+    # model in training mode, which once made them a random posterior sample's).
+    (last_eval,) = [r for r in read_metrics(tmp_path) if r.get("split") == "eval"][-1:]
+    for key in ("test_mse_heldout/latent_ode", "test_mse_recon/latent_ode", "test_mse_recon/rnn"):
+        assert m[key] == pytest.approx(last_eval[key], rel=1e-12)
+
+
+def test_holdout_zero_is_reconstruction_only(tmp_path):
+    shared("physionet2012", "set-a.tar.gz")
+    config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE, "holdout=0", "iters=1"]))
+    summary = train(PhysioNet, config, tmp_path, progress=False)
+    m = summary["metrics"]
+    assert m["data/test_heldout_entries"] == 0 and m["data/test_seen_entries"] > 0
+    for kind in ("latent_ode", "rnn", "mean"):
+        assert math.isnan(m[f"test_mse_heldout/{kind}"])  # nothing held out: absent, not 0
+        assert math.isfinite(m[f"test_mse_recon/{kind}"]) and m[f"test_mse_recon/{kind}"] > 0
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert math.isnan(saved["metrics"]["test_mse_heldout/latent_ode"])
+    train_logs = [r for r in read_metrics(tmp_path) if r.get("split") == "train"]
+    assert train_logs and not any("train_heldout_mse/rnn" in r for r in train_logs)

@@ -14,6 +14,7 @@ from neuralode.experiments.latent_spiral import (
     generate_spirals,
     observation_mask,
 )
+from neuralode.models import count_parameters
 
 SMOKE = ["n_spirals=8", "nsample=10", "ntotal=30", "obs_counts=4,10", "iters=2", "batch_size=3",
          "step_size=0.5", "encoder_hidden=4", "dynamics_hidden=4", "decoder_hidden=4", "rnn_hidden=4",
@@ -44,6 +45,21 @@ def test_observation_mask():
 def test_bad_config():
     with pytest.raises(ConfigError, match="obs_counts"):
         LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["obs_counts=101"]))
+    with pytest.raises(ConfigError, match="rnn_hidden"):
+        LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["rnn_hidden=-1"]))
+
+
+def test_default_rnn_is_size_matched_to_the_latent_ode():
+    config = LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["obs_counts=30"]))
+    assert config.rnn_hidden == 0
+    exp = LatentSpiral(config)
+    exp.members = [("latent_ode", 30), ("rnn", 30)]  # build_model needs no data
+    models = exp.build_model()
+    assert count_parameters(models["latent_ode_n30"]) == 3354
+    assert models["rnn_n30"].hidden_dim == 19 and count_parameters(models["rnn_n30"]) == 3270
+    fixed = LatentSpiral(LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["rnn_hidden=7"])))
+    fixed.members = [("rnn", 30)]
+    assert fixed.build_model()["rnn_n30"].hidden_dim == 7
 
 
 def test_end_to_end(tmp_path):

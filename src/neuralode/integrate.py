@@ -176,6 +176,8 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 accepted = ratio <= 1.0 or pinned
                 last_failure_non_finite = False
                 h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted)
+                if accepted and outcome.step_factor is not None:
+                    h_next = h * outcome.step_factor
                 if accepted:
                     previous_ratio = ratio
         if not accepted:

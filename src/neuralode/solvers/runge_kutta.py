@@ -45,7 +45,10 @@ class StepOutcome:
     else ``None``; ``error_ratio`` a 0-dim tensor (the weighted error norm, <= 1 means acceptable) or
     ``None`` for fixed-step methods; ``error_order`` the order the controller should assume;
     ``stages`` whatever the stepper needs to build the dense output later; ``state`` the
-    solver-specific state to carry into the next step if this one is accepted.
+    solver-specific state to carry into the next step if this one is accepted; ``step_factor``, if
+    not ``None``, is the stepper's own choice of the next step length over this one after an accepted
+    step (multistep methods whose step-size policy belongs to the method, see
+    :class:`~neuralode.solvers.adams.VariableOrderAdams`), still clipped to the controller's bounds.
     """
 
     y1: torch.Tensor
@@ -54,6 +57,7 @@ class StepOutcome:
     error_order: int | None
     stages: Any = None
     state: Any = None
+    step_factor: float | None = None
 
 
 @dataclass(frozen=True, eq=False)

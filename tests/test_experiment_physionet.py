@@ -37,9 +37,11 @@ def test_holdout_mask_is_a_seeded_subset():
 
 
 def test_missing_data_names_the_setting(tmp_path):
-    config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE[:-1], f"data_path={tmp_path}/none.tar.gz"]))
+    # found (or not) when the config is resolved, before a run directory is made
     with pytest.raises(ConfigError, match="data_path"):
-        train(PhysioNet, config, tmp_path / "run", progress=False)
+        PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE[:-1], f"data_path={tmp_path}/none.tar.gz"]))
+    with pytest.raises(ConfigError, match="physionet2012 data not found"):
+        PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE[:-1], "data_path=set-z.tar.gz"]))
 
 
 def _patient(record_id: int, body: list[str]) -> str:
@@ -148,6 +150,6 @@ def test_holdout_zero_is_reconstruction_only(tmp_path):
         assert math.isnan(m[f"test_mse_heldout/{kind}"])  # nothing held out: absent, not 0
         assert math.isfinite(m[f"test_mse_recon/{kind}"]) and m[f"test_mse_recon/{kind}"] > 0
     saved = json.loads((tmp_path / "summary.json").read_text())
-    assert math.isnan(saved["metrics"]["test_mse_heldout/latent_ode"])
+    assert saved["metrics"]["test_mse_heldout/latent_ode"] is None  # JSON has no NaN: null
     train_logs = [r for r in read_metrics(tmp_path) if r.get("split") == "train"]
     assert train_logs and not any("train_heldout_mse/rnn" in r for r in train_logs)

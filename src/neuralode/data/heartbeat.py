@@ -172,7 +172,7 @@ def load_heartbeat(path: PathLike, records_path: Optional[PathLike] = None) -> H
         If ``path`` or ``records_path`` does not exist.
     ValueError
         If a row does not have 188 numeric columns (the message gives the row number and the
-        count found), a label is not an integer in 0..4, the file holds no rows, or the record file
+        count found), a value is NaN or infinite (row and column given), a label is not an integer in 0..4, the file holds no rows, or the record file
         does not have exactly one integer per row.
     TypeError
         If a path argument is not a ``str`` or ``os.PathLike``.
@@ -211,6 +211,17 @@ def load_heartbeat(path: PathLike, records_path: Optional[PathLike] = None) -> H
         raise ValueError(
             f"path={str(path)!r}: row 1 has {table.shape[1]} comma-separated columns, expected "
             f"{n_columns} ({HEARTBEAT_LENGTH} samples then the label)"
+        )
+
+    # loadtxt parses "nan" and "inf" without complaint: a sample that is not a finite
+    # number would poison every batch it lands in, so it is refused with its place in the file.
+    finite = np.isfinite(table[:, :HEARTBEAT_LENGTH])  # the label column has its own check below
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(
+            f"path={str(path)!r}: row {row + 1}, column {col + 1} is {float(table[row, col])!r}, not a finite "
+            f"number; {int((~finite).any(axis=1).sum())} row(s) are affected. Fix or drop those rows "
+            f"(samples are scaled to [0, 1] in the Kaggle files)"
         )
 
     labels = table[:, -1]

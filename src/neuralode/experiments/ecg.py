@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuralode.data import HeartbeatData, inter_patient_split, load_heartbeat
+from neuralode.data import HeartbeatData, find_data_dir, inter_patient_split, load_heartbeat
 from neuralode.models import count_parameters, sequence_classifier
 
 from . import distributed
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, RunConfig
+from .config import ConfigError, DataError, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["ClippedSGD", "ECG", "ECGConfig", "Members", "SEED_CONFUSION", "stratified_subset"]
@@ -158,7 +158,9 @@ class ECGConfig(RunConfig):
         Which networks to train (``all``: the three side by side on the same batches).
     data_dir : str
         Folder with ``mitbih_train.csv[.gz]``, ``mitbih_test.csv[.gz]`` and, for
-        ``split=patient``, ``mitbih_{train,test}_records.txt``.
+        ``split=patient``, ``mitbih_{train,test}_records.txt``. Empty (default): found by the
+        data rule of :mod:`neuralode.data.locate` (``$NEURALODE_DATA/mitbih``, the user cache,
+        the checkout's ``../shared/data/mitbih``); the resolved folder is recorded.
     split : {"kaggle", "patient"}
         ``kaggle``: the Kaggle train/test files (intra-patient, the seed's setting);
         ``patient``: both files pooled and split by record (``test_fraction`` of the records).
@@ -183,7 +185,7 @@ class ECGConfig(RunConfig):
     """
 
     model: Literal["all", "resnet", "rknet", "odenet"] = "all"
-    data_dir: str = "../shared/data/mitbih"
+    data_dir: str = ""
     split: Literal["kaggle", "patient"] = "kaggle"
     test_fraction: float = 0.25
     train_size: int = 4000
@@ -213,7 +215,7 @@ def _load_split(data_dir: str, split: str, test_fraction: float, seed: int) -> t
                 return root / name
         raise ConfigError(
             f"ecg: no {stem}.csv(.gz) in data_dir={data_dir!r}; set data_dir to the folder with the "
-            f"Kaggle MIT-BIH files (in this project: ../shared/data/mitbih from the repository root)"
+            f"Kaggle MIT-BIH files (docs/data.md)"
         )
 
     def records(stem: str) -> Path | None:
@@ -558,6 +560,16 @@ class ECG(Classification):
     def resolve(cls, config: ECGConfig) -> ECGConfig:
         if not 0 < config.test_fraction < 1:
             raise ConfigError("test_fraction must be between 0 and 1")
+        try:
+            config = dataclasses.replace(config, data_dir=str(find_data_dir("mitbih", config.data_dir)))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"ecg: {exc}") from None
+        try:
+            _load_split(config.data_dir, config.split, config.test_fraction, config.seed)
+        except (OSError, ValueError, EOFError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise DataError(f"ecg: cannot load its data: {exc}") from None
         train, _ = _load_split(config.data_dir, config.split, config.test_fraction, config.seed)
         n = len(train) if config.train_size <= 0 else min(config.train_size, len(train))
         if n < config.batch_size:

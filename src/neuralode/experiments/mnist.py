@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from neuralode.data import load_mnist
+from neuralode.data import find_data_dir, load_mnist
 from neuralode.models import PAPER_PARAMETER_COUNTS, image_classifier
 
 from .base import Position, Reference
@@ -47,7 +47,9 @@ class MNISTConfig(RunConfig):
     ----------
     model : {"all", "mlp", "resnet", "rknet", "odenet"}
     data_dir : str
-        Folder with the four MNIST IDX files (``.gz`` or not).
+        Folder with the four MNIST IDX files (``.gz`` or not). Empty (default): found by the data
+        rule of :mod:`neuralode.data.locate` (``$NEURALODE_DATA/mnist``, the user cache, where
+        ``neuralode download mnist`` puts them, the checkout's ``../shared/data/mnist``).
     train_size, test_size : int
         Class-stratified subsets (0: all 60,000 / 10,000).
     epochs, batch_size, lr, momentum : SGD training (paper: 160, 128, 0.1, 0.9).
@@ -67,7 +69,7 @@ class MNISTConfig(RunConfig):
     """
 
     model: Literal["all", "mlp", "resnet", "rknet", "odenet"] = "all"
-    data_dir: str = "../shared/data/mnist"
+    data_dir: str = ""
     train_size: int = 1024
     test_size: int = 1000
     epochs: int = 1
@@ -108,6 +110,10 @@ class MNIST(Classification):
             raise ConfigError(f"train_size={n} is smaller than batch_size={config.batch_size}")
         if config.crop_padding < 0:
             raise ConfigError("crop_padding must be >= 0")
+        try:
+            config = dataclasses.replace(config, data_dir=str(find_data_dir("mnist", config.data_dir)))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"mnist: {exc}") from None
         return cls._resolve_eval_every(config, n // config.batch_size)
 
     def _data(self):
@@ -116,8 +122,8 @@ class MNIST(Classification):
         try:
             train, test = load_mnist(root, train=True), load_mnist(root, train=False)
         except FileNotFoundError as exc:
-            raise ConfigError(f"mnist: {exc}; set data_dir to the folder with the MNIST IDX files "
-                              f"(in this project: ../shared/data/mnist from the repository root)") from None
+            raise ConfigError(f"mnist: {exc}; set data_dir to the folder with the MNIST IDX files, or "
+                              f"fetch them with `neuralode download mnist` (docs/data.md)") from None
         i_train = stratified_subset(train.labels, c.train_size, c.seed)
         i_test = stratified_subset(test.labels, c.test_size, c.seed)
         # uint8 kept until a batch is drawn: 47 MB instead of 188 MB for the full set

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 import neuralode
-from neuralode.data import load_pendulum
+from neuralode.data import data_search_path, load_pendulum
+from neuralode.data import find_data_dir as locate_data_dir
 from neuralode.models import MLP
 
 from .base import Experiment
@@ -46,23 +47,17 @@ _LABELS = {"ode": "ODE model", "discrete": "discrete steps x + g(x)"}
 
 
 def default_data_dirs() -> list[Path]:
-    """Where the data are looked for without ``data_dir``: ``../shared/data/pendulum`` seen
-    from the current directory, then seen from the repository root."""
-    repo = Path(__file__).resolve().parents[3]
-    return [Path.cwd() / ".." / "shared" / "data" / "pendulum", repo / ".." / "shared" / "data" / "pendulum"]
+    """Where the data are looked for without ``data_dir``, in order: ``$NEURALODE_DATA/pendulum``,
+    the user cache, the checkout's ``../shared/data/pendulum`` (:mod:`neuralode.data.locate`)."""
+    return data_search_path("pendulum")
 
 
 def find_data_dir(data_dir: str | None, file: str) -> Path:
     """The directory holding ``file``; ConfigError naming the places tried and the fix."""
-    candidates = [Path(data_dir).expanduser()] if data_dir else default_data_dirs()
-    for d in candidates:
-        if (d / file).is_file():
-            return d.resolve()
-    tried = ", ".join(str(d / file) for d in candidates)
-    raise ConfigError(
-        f"pendulum data not found: no {tried}. Put the Schmidt & Lipson (2009) files "
-        f"(real_pend_h_1.txt, ...) in a directory and pass --set data_dir=DIR (see docs/data.md)"
-    )
+    try:
+        return locate_data_dir("pendulum", data_dir, required=[(file,)])
+    except FileNotFoundError as exc:
+        raise ConfigError(f"pendulum: {exc}") from None
 
 
 @dataclasses.dataclass
@@ -71,8 +66,9 @@ class PendulumConfig(RunConfig):
 
     Attributes
     ----------
-    data_dir : directory of the data files; ``None``: ``../shared/data/pendulum`` from the
-        current directory or from the repository (the resolved path is recorded).
+    data_dir : directory of the data files; ``None``: found by the data rule of
+        :mod:`neuralode.data.locate` (``$NEURALODE_DATA/pendulum``, the user cache, the checkout's
+        ``../shared/data/pendulum``); the resolved path is recorded.
     file : the data file (one or more trials; every trial is split in time).
     train_fraction : leading fraction of each trajectory used for training.
     hidden : width of both MLPs (two hidden layers).

@@ -56,6 +56,7 @@ from torch import nn
 
 from neuralode.data import (
     PHYSIONET_VARIABLES,
+    find_data_dir,
     PhysioNetNormalizer,
     collate_physionet,
     load_physionet,
@@ -91,9 +92,13 @@ class PhysioNetConfig(RunConfig):
 
     Attributes
     ----------
+    data_dir : the folder of the PhysioNet 2012 files; empty: found by the data rule of
+        :mod:`neuralode.data.locate` (``$NEURALODE_DATA/physionet2012``, the user cache, the
+        checkout's ``../shared/data/physionet2012``).
     data_path : one or more set archives (or extracted directories), comma separated, read in order
-        (``set-a.tar.gz,set-b.tar.gz`` for Rubanova et al.'s 8,000 patients); relative paths are tried
-        from the working directory and then from the repository root.
+        (``set-a.tar.gz,set-b.tar.gz`` for Rubanova et al.'s 8,000 patients). An absolute path, or a
+        relative one that exists from the working directory, is used as is; any other name is looked
+        up in ``data_dir``. The resolved absolute paths are what ``config.json`` records.
     max_records : patients read in all (0: every patient of every ``data_path``).
     quantization : round times to multiples of this many hours, averaging a variable's values that
         land on one rounded time (0: minute resolution; Rubanova et al. use 0.1 and 0.016).
@@ -108,7 +113,8 @@ class PhysioNetConfig(RunConfig):
     eval_batch : records per evaluation batch (bounds the union grid).
     """
 
-    data_path: tuple[str, ...] = ("../shared/data/physionet2012/set-a.tar.gz",)
+    data_dir: str = ""
+    data_path: tuple[str, ...] = ("set-a.tar.gz",)
     max_records: int = 300
     quantization: float = 0.0
     test_fraction: float = 0.2
@@ -130,12 +136,18 @@ class PhysioNetConfig(RunConfig):
     checkpoint_every: int = 100
 
 
-def _resolve_path(path: str) -> Path:
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    root = Path(__file__).resolve().parents[3]  # src/neuralode/experiments -> repository root
-    return root / p if (root / p).exists() else p
+def _resolve_path(given: str, data_dir: str) -> str:
+    """One entry of ``data_path`` as an absolute path (see :class:`PhysioNetConfig`)."""
+    p = Path(given).expanduser()
+    if p.is_absolute() or p.exists():
+        if not p.exists():
+            raise ConfigError(f"physionet: data_path entry {given} does not exist; put the PhysioNet "
+                              f"2012 set there or pass --set data_path=/path/to/set-a.tar.gz (docs/data.md)")
+        return str(p.resolve())
+    try:
+        return str(find_data_dir("physionet2012", data_dir, required=[(given,)]) / given)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"physionet: data_path entry {given!r}: {exc}") from None
 
 
 class PhysioNet(Experiment):
@@ -172,14 +184,15 @@ class PhysioNet(Experiment):
             raise ConfigError("time_scale, step_size and obs_std must be > 0")
         if c.encoder not in ("rnn", "odernn"):
             raise ConfigError(f"encoder must be 'rnn' or 'odernn', got {c.encoder!r}")
-        return c
+        # Found before a run directory is made, so missing data leaves nothing behind.
+        return dataclasses.replace(c, data_path=tuple(_resolve_path(p.strip(), c.data_dir) for p in c.data_path))
 
     # -- data -----------------------------------------------------------------------
     def _load(self) -> list:
         c = self.config
         loaded = []
         for given in c.data_path:
-            path = _resolve_path(given.strip())
+            path = Path(given.strip())
             if not path.exists():
                 raise ConfigError(f"PhysioNet data not found at {given}; put set-a.tar.gz there or "
                                   f"pass --set data_path=/path/to/set-a.tar.gz")

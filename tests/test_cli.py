@@ -100,8 +100,11 @@ def test_cuda_without_cuda(capsys, tmp_path):
 
 def test_run_refuses_to_overwrite(capsys, tmp_path):
     (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"a checkpoint")
     err = _error(capsys, ["run", "spiral", "--out", str(tmp_path)])
     assert "already holds a run" in err and "--resume" in err
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"a checkpoint"
 
 
 def test_resume_defaults_to_the_newest_run(capsys, tmp_path, monkeypatch):

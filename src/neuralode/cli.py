@@ -1,21 +1,26 @@
-"""The ``neuralode`` command: list, run and report experiments.
+"""The ``neuralode`` command: list, run and report experiments, download data.
 
 ::
 
     neuralode list
-    neuralode run NAME [--set key=value ...] [--out DIR] [--resume] [--device cpu|cuda] [--seed N]
+    neuralode run NAME [--set key=value ...] [--out DIR] [--resume] [--device auto|cpu|cuda] [--seed N]
     neuralode report RUN_DIR [RUN_DIR ...] [--out FILE]
+    neuralode download SET [--to DIR]
     torchrun --nproc_per_node=N -m neuralode run NAME ...   (data-parallel training)
 
-Mistakes on the command line (an unknown experiment or config key, a value of the wrong
-type, nothing to resume, no CUDA) end with exit status 2 and one line saying what to do.
+Every fault a user can meet ends with exit status 2 and one line naming the file or
+argument and what to do, never a traceback: mistakes on the command line (an unknown
+experiment or config key, a value of the wrong type, no CUDA), missing or malformed data,
+a damaged checkpoint or ``config.json``, and file-system faults (a read-only or full disk,
+``--out`` naming a file). docs/experiments.md has the table of every fault and what the
+command does about it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", type=Path, help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out (default: the newest runs/NAME-*) from its checkpoint")
-    run.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default: cpu")
+    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                     help="auto (default): CUDA when torch sees a GPU, else the CPU")
     run.add_argument("--seed", type=int, help="same as --set seed=N")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -50,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", type=Path)
     report.add_argument("--out", type=Path,
                         help="HTML file (default: RUN_DIR/report.html for one run, else report.html)")
+
+    from neuralode.data.locate import DATASETS
+
+    download = sub.add_parser("download", help="fetch a data set into the user cache, with checksums")
+    download.add_argument("dataset", metavar="SET", choices=sorted(DATASETS),
+                          help=f"one of {', '.join(sorted(DATASETS))}")
+    download.add_argument("--to", type=Path, help="directory (default: the user cache, see docs/data.md)")
     return parser
 
 
@@ -60,17 +73,49 @@ def main(argv: list[str] | None = None) -> int:
             return _list()
         if args.command == "run":
             return _run(args)
+        if args.command == "download":
+            return _download(args)
         return _report(args)
     except _Fail as exc:
-        print(f"neuralode: error: {exc}", file=sys.stderr)
-        return 2
+        return _say(str(exc))
     except ValueError as exc:
         from neuralode.experiments import ConfigError
 
         if isinstance(exc, ConfigError):
-            print(f"neuralode: error: {exc}", file=sys.stderr)
-            return 2
+            return _say(str(exc))
         raise
+    except OSError as exc:
+        return _say(_file_fault(exc, args))
+
+
+def _say(message: str) -> int:
+    # One line: messages quoting a loader's multi-line text are folded.
+    print(f"neuralode: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _file_fault(exc: OSError, args: argparse.Namespace) -> str:
+    """One line for a file-system fault: the file, the system's reason, and what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    run_dir = getattr(args, "run_dir", None)
+    resume = (f"neuralode run {args.name} --resume --out {run_dir}"
+              if args.command == "run" and run_dir is not None else None)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk" + (
+            f", then continue with `{resume}` (the last checkpoint and everything saved are intact)"
+            if resume else " and run the command again")
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = ("make it writable or choose another --out" if args.command in ("run", "report")
+               else "make it readable/writable or choose another directory")
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        fix = "a file stands where a directory is needed (or the reverse); choose another path"
+    elif exc.errno == errno.ENOENT:
+        fix = "check the path"
+    else:
+        fix = "check the path and the disk, then run again" + (
+            f" (`{resume}` continues from the last checkpoint)" if resume else "")
+    return f"{where}: {reason}; {fix}"
 
 
 def _list() -> int:
@@ -90,31 +135,40 @@ def _latest_run(name: str) -> Path:
     return candidates[-1]
 
 
-def _run(args: argparse.Namespace) -> int:
+def _device(requested: str) -> str:
     import torch
 
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise _Fail("--device cuda: CUDA is not available to torch here; use --device cpu "
+                    "(or install a CUDA build of torch)")
+    return requested
+
+
+def _run(args: argparse.Namespace) -> int:
     from neuralode.experiments import apply_overrides, get_experiment, train
     from neuralode.experiments.config import config_from_dict
-    from neuralode.experiments.runner import CHECKPOINT
+    from neuralode.experiments.runner import holds_run, read_run_config
 
     experiment = get_experiment(args.name)
     missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
     if missing:
         raise _Fail(f"`neuralode run` needs {' and '.join(missing)}: pip install 'neuralode[cli]'")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise _Fail("--device cuda: CUDA is not available to torch here; use --device cpu "
-                    "(or install a CUDA build of torch)")
+    device = _device(args.device)
 
     if args.resume:
         run_dir = args.out if args.out is not None else _latest_run(args.name)
+        args.run_dir = run_dir
         if args.overrides or args.seed is not None:
             raise _Fail("--resume continues a run with its saved config.json; drop --set/--seed "
                         "(start a new run to change the config)")
-        config_file = run_dir / "config.json"
-        if not (run_dir / CHECKPOINT).exists():
-            raise _Fail(f"--resume: no checkpoint at {run_dir / CHECKPOINT}; "
+        if run_dir.exists() and not run_dir.is_dir():
+            raise _Fail(f"--out {run_dir} is a file, not a run directory")
+        if not (run_dir / "config.json").exists() and not (run_dir / "checkpoints").exists():
+            raise _Fail(f"--resume: nothing to resume in {run_dir} (no config.json, no checkpoint); "
                         f"run without --resume to start a new run")
-        saved = json.loads(config_file.read_text())
+        saved = read_run_config(run_dir)
         if saved.get("experiment") != args.name:
             raise _Fail(f"--resume: {run_dir} is a run of {saved.get('experiment')!r}, "
                         f"not {args.name!r}")
@@ -126,21 +180,25 @@ def _run(args: argparse.Namespace) -> int:
             overrides.append(f"seed={args.seed}")
         config = experiment.resolve(apply_overrides(config, overrides))
         run_dir = args.out if args.out is not None else _new_run_dir(args.name)
-        if (run_dir / "config.json").exists():
+        args.run_dir = run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise _Fail(f"--out {run_dir} is a file; pass a directory for the run (it is created)")
+        if holds_run(run_dir):
             raise _Fail(f"{run_dir} already holds a run; pass --resume to continue it "
                         f"or choose another --out")
 
     # Under torchrun every process runs this command; rank 0 alone prints and writes files.
     from neuralode.experiments import distributed
 
-    context = distributed.from_environment(run_dir, args.device)  # None in one process
+    context = distributed.from_environment(run_dir, device)  # None in one process
     try:
         if context is not None:
             run_dir = context.run_dir
         if context is None or context.is_main:
             verb = "resuming" if args.resume else "running"
-            print(f"{verb} {args.name} in {run_dir}", file=sys.stderr)
-        summary = train(experiment, config, run_dir, device=args.device if context is None else context.device,
+            print(f"{verb} {args.name} in {run_dir} on {device if context is None else context.device}",
+                  file=sys.stderr)
+        summary = train(experiment, config, run_dir, device=device if context is None else context.device,
                         resume=args.resume, progress=not args.no_progress, context=context)
     finally:
         if context is not None:
@@ -156,7 +214,19 @@ def _run(args: argparse.Namespace) -> int:
         shown = f"{value:.6g}" if isinstance(value, float) else str(value)
         extra = f"   (seed: {ref['value']:g})" if ref else ""
         print(f"{key:<28} {shown}{extra}")
-    print(f"wall time {summary['wall_time_s']:.1f} s; results in {run_dir}", file=sys.stderr)
+    print(f"wall time {summary['wall_time_s']:.1f} s on {summary['device']}; results in {run_dir}",
+          file=sys.stderr)
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from neuralode.data.locate import download
+
+    try:
+        where = download(args.dataset, args.to)
+    except (ValueError, ConnectionError) as exc:
+        raise _Fail(str(exc)) from None
+    print(f"{args.dataset}: files verified in {where}", file=sys.stderr)
     return 0
 
 
@@ -176,6 +246,7 @@ def _report(args: argparse.Namespace) -> int:
     out = args.out
     if out is None:
         out = args.run_dirs[0] / "report.html" if len(args.run_dirs) == 1 else Path("report.html")
+    args.run_dir = None
     try:
         write_report(args.run_dirs, out)
     except ReportError as exc:

@@ -14,11 +14,13 @@ import difflib
 import importlib
 
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, RunConfig, apply_overrides
+from .config import CheckpointError, ConfigError, DataError, RunConfig, apply_overrides
 from .runner import RunContext, train
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
+    "DataError",
     "Experiment",
     "Position",
     "Reference",

@@ -19,7 +19,9 @@ import typing
 from typing import Any, Literal, Union
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
+    "DataError",
     "RunConfig",
     "apply_overrides",
     "config_from_dict",
@@ -29,7 +31,21 @@ __all__ = [
 
 
 class ConfigError(ValueError):
-    """A user-facing configuration error; the message says what to change."""
+    """A user-facing configuration error; the message says what to change.
+
+    ``neuralode run`` prints it as one line and exits with status 2. Its subclasses say which
+    kind of fault it was, so that tests (and callers of :func:`neuralode.experiments.train`)
+    can tell them apart; the command treats them all alike.
+    """
+
+
+class DataError(ConfigError):
+    """An experiment's data set is missing, unreadable or malformed (the message names the file)."""
+
+
+class CheckpointError(ConfigError):
+    """A run directory's files cannot be resumed from: a damaged checkpoint, ``config.json`` or
+    ``metrics.jsonl`` (the message names the file and what to do)."""
 
 
 @dataclasses.dataclass

@@ -18,12 +18,18 @@ for one process, an all-reduce mean for several).
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import io
 import json
 import math
 import os
+import pickle
 import random
 import signal
+import tarfile
 import time
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,15 +37,18 @@ import numpy as np
 import torch
 
 from .base import Experiment, Position
-from .config import ConfigError, RunConfig, config_to_dict
+from .config import CheckpointError, ConfigError, DataError, RunConfig, config_to_dict
 
 __all__ = [
     "CHECKPOINT",
     "figure",
     "Hook",
     "RunContext",
+    "holds_run",
+    "json_safe",
     "load_checkpoint",
     "read_metrics",
+    "read_run_config",
     "save_checkpoint",
     "train",
 ]
@@ -97,13 +106,15 @@ class RunContext:
         Agg canvas): no pyplot, so no global state and no GUI backend is touched."""
         out = self.path("plots", f"{name}.png")
         if self.is_main:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(out, dpi=110, bbox_inches="tight")
+            # Atomic like every other file of the run: a full disk leaves the previous PNG (or
+            # none), never a truncated one.
+            # 150 dpi: a 6-inch figure fills the report's column and stays sharp when opened larger.
+            _atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=150, bbox_inches="tight"))
         return out
 
     def write_json(self, name: str, data: dict) -> None:
         if self.is_main:
-            _atomic_write_bytes(self.path(name), (json.dumps(data, indent=2) + "\n").encode())
+            _atomic_write_bytes(self.path(name), (_dumps(data, indent=2) + "\n").encode())
 
     def history(self) -> list[dict]:
         """All records written to ``metrics.jsonl`` so far (also those before a resume)."""
@@ -155,33 +166,118 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
-    """Atomically write a checkpoint (see ``_atomic_write``)."""
-    _atomic_write(Path(path), lambda f: torch.save(payload, f))
+    """Atomically write a checkpoint (see ``_atomic_write``).
+
+    The checkpoint is serialised in memory first and written with one plain ``write``: torch's
+    zip writer turns a failing write (a full disk) into a RuntimeError without an errno
+    ("unexpected pos 704 vs 598"), while a plain write raises ``OSError(ENOSPC)``, which the
+    command reports as what it is."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    _atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    # weights_only: checkpoints hold only tensors and plain values (RNG states included),
-    # so loading one never runs pickled code.
-    return torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint written by :func:`save_checkpoint`.
+
+    ``weights_only=True``: checkpoints hold only tensors and plain values (RNG states
+    included), so loading one never runs pickled code, and a file that needs more than that is
+    refused, never loaded "unsafely".
+
+    Raises
+    ------
+    CheckpointError
+        If the file is empty, truncated, not a torch checkpoint or holds other objects; the
+        message names the file and what to do (torch's own advice to retry with
+        ``weights_only=False`` is deliberately not passed on: that would run arbitrary code).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # torch's pickle-protocol chatter is no help to a user
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=device, weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except pickle.UnpicklingError:
+        why = "it holds objects other than tensors and plain values, which are never loaded"
+    except Exception as exc:  # noqa: BLE001 - torch's reader fails with a zoo of types (struct.error,
+        # RuntimeError from miniz, EOFError, ...) on a damaged file; all mean the same to a user.
+        why = ("it is empty or truncated" if isinstance(exc, EOFError) or path.stat().st_size < 512
+               or "central directory" in str(exc) else "it is not a readable torch checkpoint")
+    raise CheckpointError(
+        f"checkpoint {path} cannot be loaded: {why}. Delete it and resume again to restart the run "
+        f"from step 0 with its saved config, or restore an intact copy"
+    ) from None
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """``RUN_DIR/config.json`` as a dict; CheckpointError naming the file if it is missing or damaged."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume in {run_dir}: no {path}; run without --resume "
+                              f"to start a new run there")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc.__class__.__name__} at {getattr(exc, 'pos', '?')}: truncated "
+            f"or edited?); restore it, or start a new run in another --out (the checkpoint cannot be "
+            f"resumed without the config it was trained with)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or "experiment" not in data:
+        raise CheckpointError(f"{path} is not a neuralode run config (no 'experiment' and 'config'); "
+                              f"restore it or start a new run in another --out")
+    return data
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON has no NaN or
+    infinity: ``json.dumps`` would write the bare token ``NaN``, which strict readers reject)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
+
+
+def _dumps(value: Any, **kwargs: Any) -> str:
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``RUN_DIR/metrics.jsonl`` (``[]`` if there is none yet).
+
+    Non-finite values were written as ``null`` and come back as ``None``."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise CheckpointError(
+                    f"{path} line {number} is not valid JSON (a torn write?); resume the run with "
+                    f"--resume (it cuts the file back to its last checkpoint) or delete that line"
+                ) from None
+    return records
 
 
 class _MetricsWriter:
     def __init__(self, path: Path, enabled: bool):
         self.path = path
         self.enabled = enabled
-        self._file = open(path, "a") if enabled else None
+        self._file = open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(_dumps(record) + "\n")
             self._file.flush()
 
     def offset(self) -> int:
@@ -286,41 +382,81 @@ def train(
     model, optimiser, experiment state, RNG states and data position are restored and
     ``metrics.jsonl`` is cut back to what had been written at that checkpoint, so the
     finished run is the same as one that was never stopped.
+
+    A directory that holds a ``config.json`` but no checkpoint and no summary (a run killed
+    before its first checkpoint, or one that stopped on missing data) holds nothing worth
+    keeping: ``resume=True`` starts it afresh with its saved config, and ``resume=False``
+    reuses it for ``config``. Either way its old metrics, plots and summary are removed
+    first, so every record of ``metrics.jsonl`` is written exactly once.
+
+    Raises
+    ------
+    ConfigError
+        The directory already holds a run (and ``resume`` is False), or ``config`` differs
+        from the saved one.
+    CheckpointError
+        The checkpoint, ``config.json`` or ``metrics.jsonl`` cannot be resumed from.
+    DataError
+        The experiment's ``setup()`` could not read its data.
+    OSError
+        A file-system fault while writing (full disk, no permission); what was saved before
+        stays intact (every file but ``metrics.jsonl`` is replaced atomically, and resume cuts
+        ``metrics.jsonl`` back to the checkpoint).
     """
     device = torch.device(device)
     run_dir = Path(run_dir)
     run = context or RunContext(run_dir=run_dir, device=device)
     config = experiment.resolve(config)
     ckpt_path = run.path(str(CHECKPOINT))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file, not a directory; choose another --out")
 
     checkpoint = None
+    started = run.path("config.json").exists()
     if resume:
-        if not ckpt_path.exists():
+        if not ckpt_path.exists() and not started:
             raise ConfigError(
-                f"cannot resume: no checkpoint at {ckpt_path}; start a new run without --resume"
+                f"cannot resume: no checkpoint at {ckpt_path} and no config.json in {run_dir}; "
+                f"start a new run without --resume"
             )
-        checkpoint = load_checkpoint(ckpt_path, device)
-        saved = json.loads(run.path("config.json").read_text())["config"]
+        saved = read_run_config(run_dir)["config"]
         if saved != json.loads(json.dumps(config_to_dict(config))):
             raise ConfigError(
                 f"cannot resume {run_dir} with a different config than its config.json; "
                 f"resume with the saved config or start a new run"
             )
-    elif run.path("config.json").exists():
+        if ckpt_path.exists():
+            checkpoint = load_checkpoint(ckpt_path, device)
+            _check_checkpoint(checkpoint, ckpt_path, experiment.name, run.path("metrics.jsonl"))
+        elif _completed(run.path("summary.json")):
+            raise CheckpointError(
+                f"cannot resume {run_dir}: it is a finished run whose checkpoint {ckpt_path} is gone; "
+                f"its results stay where they are; start a new run (another --out) to train again"
+            )
+    elif holds_run(run_dir):
         raise ConfigError(
             f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
         )
 
     # Every rank has checked the directory before rank 0 writes config.json into it.
     run.barrier()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if run.is_main and not resume:
+    if checkpoint is None and run.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # A fresh start (also in a directory a stopped run left without a checkpoint):
+        # nothing older than this run may stay in it.
+        for stale in ("metrics.jsonl", "summary.json"):
+            run.path(stale).unlink(missing_ok=True)
+        for png in run.path("plots").glob("*.png") if run.path("plots").is_dir() else ():
+            png.unlink()
         run.write_json(
             "config.json",
             {"experiment": experiment.name, "config": config_to_dict(config),
              "device": str(device), "torch": torch.__version__},
         )
+    run.barrier()
 
+    # threads=0 leaves torch's own default (one thread per core) in force; the count used is
+    # recorded in summary.json either way.
     previous_threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -330,11 +466,58 @@ def train(
         torch.set_num_threads(previous_threads)
 
 
+def holds_run(run_dir: str | os.PathLike) -> bool:
+    """Whether ``run_dir`` holds a run worth keeping: a ``config.json`` and a checkpoint or a
+    completed summary. A directory with only ``config.json`` (killed before its first checkpoint,
+    stopped on missing data) does not: a new run may use it."""
+    run_dir = Path(run_dir)
+    return (run_dir / "config.json").exists() and (
+        (run_dir / CHECKPOINT).exists() or _completed(run_dir / "summary.json"))
+
+
+def _completed(summary_path: Path) -> bool:
+    try:
+        return json.loads(summary_path.read_text(encoding="utf-8")).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_CHECKPOINT_KEYS = ("step", "model", "optimizer", "experiment", "rng", "metrics_offset", "elapsed_s")
+
+
+def _check_checkpoint(checkpoint: Any, path: Path, name: str, metrics_path: Path) -> None:
+    """What resume relies on, checked before anything is written: the checkpoint is one of
+    ours, of this experiment, and ``metrics.jsonl`` still holds every record it counts."""
+    if not isinstance(checkpoint, dict) or any(k not in checkpoint for k in _CHECKPOINT_KEYS):
+        raise CheckpointError(
+            f"checkpoint {path} is not a neuralode training checkpoint (missing "
+            f"{[k for k in _CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]}); "
+            f"delete it to restart the run from step 0, or restore an intact copy")
+    if checkpoint.get("format", _FORMAT) != _FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {checkpoint.get('format')!r}, this "
+                              f"version reads format {_FORMAT}; resume it with the version that wrote it")
+    if checkpoint.get("experiment_name", name) != name:
+        raise CheckpointError(f"checkpoint {path} belongs to experiment "
+                              f"{checkpoint.get('experiment_name')!r}, not {name!r}")
+    size = metrics_path.stat().st_size if metrics_path.exists() else 0
+    if size < checkpoint["metrics_offset"]:
+        raise CheckpointError(
+            f"{metrics_path} holds {size} bytes but the checkpoint at step {checkpoint['step']} was "
+            f"written after {checkpoint['metrics_offset']}: records were lost (file deleted or cut), "
+            f"and resuming would leave a gap. Restore the file, or start a new run in another --out")
+
+
 def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks) -> dict:
     t0 = time.perf_counter()  # wall time counts setup and the final plots too
     seed_everything(config.seed)
     exp = experiment(config, device)
-    exp.setup()
+    try:
+        exp.setup()
+    except ConfigError:
+        raise
+    except (OSError, ValueError, EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as exc:
+        # The loaders' messages name the file and the fault; say whose data it was.
+        raise DataError(f"{experiment.name}: cannot load its data: {exc}") from None
     model = exp.build_model()
     optimizer = exp.build_optimizer(model)
     total, per_epoch = exp.num_steps, max(1, exp.steps_per_epoch)
@@ -425,7 +608,9 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
                     break
             else:
                 final = _position(total, per_epoch)
-                if start < total or not run.path("summary.json").exists():
+                # A checkpoint at the last step was written after the final evaluation: a
+                # resume from it (plots or summary were cut short) must not log it twice.
+                if checkpoint is None or start < total:
                     evaluate(final)
                     checkpoint_now(total)
     finally:
@@ -441,7 +626,8 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
         return summary
 
     metrics = {k: _scalar(v) for k, v in exp.finish(model, run).items()}
-    _plot_loss(run)
+    if experiment.loss_plot:
+        _plot_loss(run)
     wall = elapsed + (time.perf_counter() - t0)
     summary = {
         "experiment": experiment.name,
@@ -450,6 +636,7 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
         "epochs": math.ceil(total / per_epoch),
         "seed": config.seed,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "wall_time_s": wall,
         "metrics": metrics,
         "references": {k: dataclasses.asdict(r) for k, r in experiment.references.items()},
@@ -460,14 +647,14 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
 
 def _plot_loss(run: RunContext) -> None:
     records = [r for r in run.history() if r.get("split") == "train" and "loss" in r]
-    if not records or not run.is_main:
+    if len(records) < 2 or not run.is_main:  # one point is no curve
         return
     steps = [r["step"] for r in records]
-    loss = [r["loss"] for r in records]
+    loss = [math.nan if r["loss"] is None else r["loss"] for r in records]  # null: non-finite
     fig = figure(figsize=(6, 3.5))
     ax = fig.subplots()
     ax.plot(steps, loss, lw=1.2)
-    if all(v is not None and math.isfinite(v) and v > 0 for v in loss):
+    if all(math.isfinite(v) and v > 0 for v in loss):
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")

@@ -1,0 +1,410 @@
+"""Every file-system, checkpoint, config, data and disk fault a user can meet ends `neuralode run`
+with exit status 2 and one line naming the file and what to do, never a traceback, and loses or
+corrupts nothing already saved (docs/experiments.md, "Faults and what the command does").
+
+Runs use the spiral smoke config (about 4 s each); one reference run is shared by the module.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuralode.cli import main
+from neuralode.experiments import runner
+from neuralode.experiments.runner import CHECKPOINT, load_checkpoint
+
+SMOKE = ["data_size=60", "batch_time=5", "batch_size=5", "epochs=2", "eval_every=11",
+         "checkpoint_every=4", "snapshots=2"]
+
+
+def _run(out, *extra, resume=False):
+    argv = ["run", "spiral", "--out", str(out), "--no-progress"]
+    return main(argv + (["--resume"] if resume else ["--set", *SMOKE, *extra]))
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("neuralode: error: ")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "weights_only=False" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A finished smoke run: the result every interrupted-and-resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert _run(out) == 0
+    return out
+
+
+# -- the run directory ----------------------------------------------------------------
+
+
+def test_out_naming_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert _run(target) == 2
+    _one_line_error(capsys, str(target), "is a file")
+    assert target.read_text() == "keep me"
+
+
+def test_out_below_a_file(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("keep me")
+    assert _run(tmp_path / "file.txt" / "run") == 2
+    _one_line_error(capsys, "Not a directory", "choose another path")
+
+
+def _read_only_dir(tmp_path):
+    """A directory no one may write into: a read-only tmpfs as root (chmod does not stop root),
+    else chmod 0o555."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)],
+                          capture_output=True).returncode != 0:
+            pytest.skip("running as root and cannot mount a read-only tmpfs here")
+        return ro, lambda: subprocess.run(["umount", str(ro)], check=False)
+    ro.chmod(0o555)
+    return ro, lambda: ro.chmod(0o755)
+
+
+def test_read_only_output_directory(tmp_path, capsys):
+    ro, cleanup = _read_only_dir(tmp_path)
+    try:
+        assert _run(ro / "run") == 2
+        _one_line_error(capsys, str(ro / "run"), "writable", "--out")
+    finally:
+        cleanup()
+
+
+# -- checkpoints ----------------------------------------------------------------------
+
+
+class _Evil:
+    """Unpickling this would create a file: a checkpoint must never be loaded that way."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _damage(kind, path: Path, marker: Path):
+    good = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "pickle":  # a torch zip whose pickle needs more than tensors and plain values
+        torch.save({"step": 4, "payload": _Evil(marker)}, path)
+    elif kind == "plain-pickle":
+        path.write_bytes(pickle.dumps({"payload": _Evil(marker)}))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "pickle", "plain-pickle"])
+def test_damaged_checkpoint(tmp_path, capsys, reference, kind):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    marker = tmp_path / "pwned"
+    _damage(kind, run / CHECKPOINT, marker)
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, str(run / CHECKPOINT), "cannot be loaded", "Delete it")
+    assert not marker.exists()  # the pickle was never executed
+    assert _tree(run) == before  # nothing was touched
+
+
+def test_damaged_checkpoint_deleted_then_resume_restarts_from_step_0(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()  # killed after the last checkpoint, before the summary
+    (run / CHECKPOINT).write_bytes(b"junk")
+    assert _run(run, resume=True) == 2
+    (run / CHECKPOINT).unlink()
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not-a-run"])
+def test_damaged_config_json_on_resume(tmp_path, capsys, reference, damage):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    text = (run / "config.json").read_text()
+    (run / "config.json").write_text(text[: len(text) // 2] if damage == "truncated" else "[1, 2]")
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, str(run / "config.json"))
+    assert _tree(run) == before
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def _heartbeat_csv(path: Path, rows: list[list[str]]):
+    path.write_text("".join(",".join(r) + "\n" for r in rows))
+
+
+def _beat(label="0", n=187):
+    return ["0.5"] * n + [label]
+
+
+@pytest.mark.parametrize("fault, rows, needle", [
+    ("label out of range", [_beat(), _beat("7")], "row 2 has label 7.0"),
+    ("wrong column count", [_beat(), _beat(n=100)], "row 2"),
+    ("empty CSV", [], "holds no rows"),
+    ("NaN sample", [_beat(), ["0.5"] * 40 + ["nan"] + ["0.5"] * 146 + ["1"]], "row 2, column 41"),
+])
+def test_heartbeat_data_faults(tmp_path, capsys, fault, rows, needle):
+    data = tmp_path / "mitbih"
+    data.mkdir()
+    _heartbeat_csv(data / "mitbih_train.csv", rows)
+    _heartbeat_csv(data / "mitbih_test.csv", [_beat(), _beat("1")])
+    out = tmp_path / "run"
+    assert main(["run", "ecg", "--out", str(out), "--no-progress", "--set", f"data_dir={data}"]) == 2
+    _one_line_error(capsys, str(data / "mitbih_train.csv"), needle)
+    assert not out.exists()  # found before anything is written: no stuck directory
+
+
+def _idx(dims, data: bytes) -> bytes:
+    return bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims) + data
+
+
+def test_truncated_mnist_idx(tmp_path, capsys):
+    data = tmp_path / "mnist"
+    data.mkdir()
+    n = 200
+    for split in ("train", "t10k"):
+        (data / f"{split}-images-idx3-ubyte").write_bytes(_idx([n, 28, 28], bytes(n * 784)))
+        (data / f"{split}-labels-idx1-ubyte").write_bytes(_idx([n], bytes(n)))
+    bad = data / "train-images-idx3-ubyte"
+    bad.write_bytes(bad.read_bytes()[: 16 + 784 * 3 + 5])
+    bad.rename(bad.with_suffix(".gz"))  # gzip it, as the files are distributed
+    (data / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress((data / "train-images-idx3-ubyte.gz").read_bytes()))
+    out = tmp_path / "run"
+    argv = ["run", "mnist", "--out", str(out), "--no-progress", "--set", f"data_dir={data}",
+            "train_size=128", "test_size=100"]
+    assert main(argv) == 2
+    _one_line_error(capsys, "train-images-idx3-ubyte.gz", "download the file again")
+    # the directory left behind holds no checkpoint, so the same command can use it again
+    assert main(argv) == 2
+    _one_line_error(capsys, "train-images-idx3-ubyte.gz")
+
+
+def test_missing_data_names_every_place_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NEURALODE_DATA", str(tmp_path / "env"))
+    out = tmp_path / "run"
+    assert main(["run", "ecg", "--out", str(out), "--no-progress", "--set", f"data_dir={tmp_path / 'none'}"]) == 2
+    _one_line_error(capsys, "data_dir=", "mitbih_train.csv", "docs/data.md")
+    assert not out.exists()
+
+
+# -- disk full -------------------------------------------------------------------------
+
+
+def _enospc_on(monkeypatch, predicate, after_bytes=100):
+    """Make the atomic writer fail like a full disk (half a file written, then ENOSPC) for the
+    paths ``predicate`` accepts."""
+    real = runner._atomic_write
+
+    def full(path, write):
+        if not predicate(Path(path)):
+            return real(path, write)
+
+        def torn(f):
+            f.write(b"\0" * after_bytes)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        return real(path, torn)
+
+    monkeypatch.setattr(runner, "_atomic_write", full)
+
+
+def test_disk_full_while_checkpointing(tmp_path, capsys, monkeypatch, reference):
+    run = tmp_path / "run"
+    calls = []
+
+    def second_checkpoint(path):
+        if path.name == "last.pt":
+            calls.append(path)
+            return len(calls) == 2
+        return False
+
+    _enospc_on(monkeypatch, second_checkpoint)
+    assert _run(run) == 2
+    _one_line_error(capsys, "No space left on device", f"--resume --out {run}")
+    monkeypatch.undo()
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 4  # the first checkpoint is intact
+    assert not list(run.rglob(".*.tmp"))
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_disk_full_while_plotting_then_resume_logs_nothing_twice(tmp_path, capsys, monkeypatch, reference):
+    run = tmp_path / "run"
+    _enospc_on(monkeypatch, lambda p: p.name == "phase_portrait.png")
+    assert _run(run) == 2
+    _one_line_error(capsys, "phase_portrait.png", "No space left on device", "--resume")
+    monkeypatch.undo()
+    assert not (run / "summary.json").exists()
+    for png in (run / "plots").glob("*.png"):  # no torn picture
+        assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes().endswith(b"IEND\xaeB`\x82")
+    assert not (run / "plots" / "phase_portrait.png").exists()
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    json.loads((run / "summary.json").read_text(), parse_constant=_no_constants)
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir()
+    return os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
+def test_a_real_full_disk(tmp_path, capsys, reference):
+    """The same on a real 160 KiB file system (root only): the plots do not fit."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "160k"):
+        pytest.skip("needs root and tmpfs to make a small file system")
+    try:
+        run = disk / "run"
+        assert _run(run) == 2
+        _one_line_error(capsys, "No space left on device", "--resume")
+        assert load_checkpoint(run / CHECKPOINT)["step"] == 22
+        assert not list(run.rglob(".*.tmp"))
+        subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+        assert _run(run, resume=True) == 0
+        assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+# -- metrics and JSON ------------------------------------------------------------------
+
+
+def _no_constants(token):
+    raise AssertionError(f"{token} in JSON")
+
+
+def test_finished_run_with_deleted_metrics_is_refused(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "metrics.jsonl").unlink()
+    summary = (run / "summary.json").read_text()
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, str(run / "metrics.jsonl"), "records were lost")
+    assert (run / "summary.json").read_text() == summary
+
+
+def test_resuming_a_finished_run_rewrites_the_report_only(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    a = json.loads((run / "summary.json").read_text())
+    b = json.loads((reference / "summary.json").read_text())
+    assert a["metrics"] == b["metrics"]
+
+
+def test_json_files_never_hold_nan(tmp_path):
+    ctx = runner.RunContext(run_dir=tmp_path, device=torch.device("cpu"))
+    ctx.write_json("summary.json", {"loss": float("nan"), "inf": [float("inf"), 1.0], "n": {"x": -float("inf")}})
+    data = json.loads((tmp_path / "summary.json").read_text(), parse_constant=_no_constants)
+    assert data == {"loss": None, "inf": [None, 1.0], "n": {"x": None}}
+    writer = runner._MetricsWriter(tmp_path / "metrics.jsonl", True)
+    writer.write({"step": 1, "loss": float("nan")})
+    writer.close()
+    assert runner.read_metrics(tmp_path) == [{"step": 1, "loss": None}]
+
+
+def test_a_torn_metrics_line_is_named(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo')
+    with pytest.raises(runner.CheckpointError, match="line 2"):
+        runner.read_metrics(tmp_path)
+
+
+# -- stuck run directories -------------------------------------------------------------
+
+
+def _killed_before_first_checkpoint(run: Path):
+    """What SIGKILL before the first checkpoint leaves: config.json and an early metrics line."""
+    from neuralode.experiments import apply_overrides, train
+    from neuralode.experiments.runner import Hook
+    from neuralode.experiments.spiral import Spiral, SpiralConfig
+
+    class Die(Hook):
+        def after_step(self, run_ctx, position, record):
+            if position.step == 2:
+                raise SystemExit("killed")
+
+    config = Spiral.resolve(apply_overrides(SpiralConfig(), SMOKE))
+    with pytest.raises(SystemExit):
+        train(Spiral, config, run, progress=False, hooks=[Die()])
+    assert (run / "config.json").exists() and not (run / CHECKPOINT).exists()
+
+
+def test_no_checkpoint_yet_resume_starts_afresh(tmp_path, reference):
+    run = tmp_path / "run"
+    _killed_before_first_checkpoint(run)
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_no_checkpoint_yet_run_reuses_the_directory(tmp_path, reference):
+    run = tmp_path / "run"
+    _killed_before_first_checkpoint(run)
+    assert _run(run) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_finished_run_is_still_never_overwritten(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = _tree(run)
+    assert _run(run) == 2
+    _one_line_error(capsys, "already holds a run", "--resume")
+    assert _tree(run) == before
+
+
+# -- threads and device ----------------------------------------------------------------
+
+
+def test_threads_zero_means_torchs_default(tmp_path):
+    default = torch.get_num_threads()
+    assert _run(tmp_path / "run", "threads=0") == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["threads"] == default
+
+
+def test_device_auto_is_the_default_and_recorded(tmp_path, monkeypatch):
+    from neuralode import cli
+
+    assert cli._parser().parse_args(["run", "spiral"]).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert cli._device("auto") == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli._device("auto") == "cpu"
+
+
+def test_summary_names_the_device(reference):
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert json.loads((reference / "summary.json").read_text())["device"].startswith(expected)

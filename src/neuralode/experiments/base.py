@@ -70,6 +70,9 @@ class Experiment:
     Config: ClassVar[type[RunConfig]] = RunConfig
     #: Seed-document figures keyed by the summary metric they correspond to.
     references: ClassVar[dict[str, Reference]] = {}
+    #: Whether the loop draws ``plots/loss.png``: False where a "loss" per step is no training
+    #: curve (``memory`` measures a different case at every step).
+    loss_plot: ClassVar[bool] = True
 
     def __init__(self, config: RunConfig, device: torch.device | str = "cpu"):
         self.config = config

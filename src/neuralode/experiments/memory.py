@@ -163,6 +163,7 @@ class Memory(Experiment):
     name = "memory"
     description = "memory held for backward vs depth: ResNet O(L), ODE-Net direct/checkpoint vs adjoint O(1)"
     Config = MemoryConfig
+    loss_plot = False  # every step measures another case: its "loss" is no training curve
 
     @classmethod
     def resolve(cls, config: MemoryConfig) -> MemoryConfig:

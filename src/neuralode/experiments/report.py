@@ -1,8 +1,19 @@
 """``neuralode report``: one self-contained HTML page for one or more run directories.
 
-The page holds a table of every run's final metrics side by side (with the seed
-documents' reference figures in their own column where an experiment defines them), each
-run's config, and its PNG plots embedded as base64 (no files beside the page needed).
+Layout (checked in headless Chromium by ``scripts/screenshot_report.py`` and
+``tests/test_cli_report.py``): an overview of the runs (one row each: experiment, status,
+steps, wall time, device), then one section per run with
+
+* a three-column table, *metric | ours | seed paper*, of the run's scalar metrics, with the seed
+  document's figure (and its source on hover and in a footnote) beside ours where the experiment
+  defines one;
+* per-class metrics (lists of one number per class) as one small table, classes as columns;
+* confusion matrices as grids (rows: true class, columns: prediction), shaded by the fraction of
+  the true class, so the diagonal reads at a glance;
+* the run's figures, full width, each opening at full resolution on click;
+* the config, folded.
+
+Everything is inline (PNG as base64, CSS, a few lines of JS for the zoom): the file can be mailed.
 """
 
 from __future__ import annotations
@@ -11,8 +22,10 @@ import base64
 import html
 import json
 import math
+import numbers
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ReportError", "write_report"]
 
@@ -22,17 +35,52 @@ class ReportError(ValueError):
 
 
 _CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:1em 0}
-th,td{border:1px solid #ccc;padding:.3em .6em;text-align:right;font-variant-numeric:tabular-nums}
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;padding:1.5em 2em;max-width:1100px;
+     color:#1d2330;line-height:1.4}
+h1{margin:.2em 0}h2{margin:2em 0 .3em;padding-top:.6em;border-top:2px solid #dfe3ea}
+h3{margin:1.4em 0 .4em;font-size:1.05em;color:#3b4456}
+.meta{color:#5b6475;font-size:.92em;margin:.2em 0 1em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em;max-width:100%}
+th,td{border:1px solid #d5d9e0;padding:.3em .65em;text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f2f4f7;font-weight:600}
 th:first-child,td:first-child{text-align:left}
-th{background:#f3f3f3}
-td.ref{background:#fff8e0}
-.plots{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0}figcaption{font-size:.85em;color:#555}
-img{max-width:560px;border:1px solid #eee}
-details{margin:.5em 0}
+td.name{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em;word-break:break-word}
+td.ref{background:#fff6dc}
+td.na{color:#9aa2b1}
+.scroll{overflow-x:auto;max-width:100%}
+.grids{display:flex;flex-wrap:wrap;gap:1.5em}
+table.grid td{min-width:3.2em;text-align:center}
+table.grid th{text-align:center}
+table.grid caption{caption-side:top;text-align:left;font-weight:600;padding-bottom:.3em}
+figure{margin:1em 0 1.6em}
+figure img{display:block;max-width:100%;height:auto;border:1px solid #e3e6eb;cursor:zoom-in;background:#fff}
+figcaption{font-size:.85em;color:#5b6475;margin-top:.3em}
+details{margin:.6em 0}summary{cursor:pointer;color:#3b4456}
+.notes{font-size:.85em;color:#5b6475}
+#zoom{display:none;position:fixed;inset:0;background:rgba(20,24,32,.92);overflow:auto;cursor:zoom-out;z-index:9}
+#zoom.on{display:block}
+#zoom img{display:block;margin:2vh auto;width:auto;min-width:min(96vw,1600px);max-width:none;background:#fff}
 """
+
+_JS = """
+document.addEventListener('click',function(e){
+  var z=document.getElementById('zoom');
+  if(e.target.closest('#zoom')){z.classList.remove('on');z.innerHTML='';return;}
+  if(e.target.matches('figure img')){
+    var i=new Image();i.src=e.target.src;i.alt=e.target.alt;z.innerHTML='';z.appendChild(i);z.classList.add('on');}
+});
+document.addEventListener('keydown',function(e){if(e.key==='Escape'){var z=document.getElementById('zoom');
+  z.classList.remove('on');z.innerHTML='';}});
+"""
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise ReportError(f"{path} is not valid JSON (truncated or edited?); restore it or leave "
+                          f"that run out of the report") from None
 
 
 def _load_run(run_dir: Path) -> dict:
@@ -40,15 +88,18 @@ def _load_run(run_dir: Path) -> dict:
     if not config_file.is_file():
         raise ReportError(f"{run_dir} is not a run directory (no config.json); "
                           f"pass directories written by `neuralode run`")
-    run = {"dir": run_dir, "config": json.loads(config_file.read_text())}
+    run = {"dir": run_dir, "config": _read_json(config_file)}
     summary_file = run_dir / "summary.json"
-    run["summary"] = json.loads(summary_file.read_text()) if summary_file.is_file() else {
+    run["summary"] = _read_json(summary_file) if summary_file.is_file() else {
         "status": "unfinished (no summary.json)", "metrics": {}, "references": {}}
-    run["plots"] = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.stem != "loss", p.stem))
+    plots = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.stem == "loss", p.stem))
+    if not _experiment_attr(run["config"].get("experiment"), "loss_plot", True):
+        plots = [p for p in plots if p.stem != "loss"]  # drawn by an older version: no curve
+    run["plots"] = plots
     return run
 
 
-def _fmt(value) -> str:
+def _fmt(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, bool):
@@ -56,7 +107,11 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
+            return f"{value:.3e}"
         return f"{value:.4g}"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
     if isinstance(value, dict):
         return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
     if isinstance(value, (list, tuple)):
@@ -64,79 +119,180 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, numbers.Real) and not isinstance(v, bool))
+
+
+def _is_matrix(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) > 1 and all(isinstance(r, list) and len(r) == len(v) for r in v)
+            and all(_is_number(x) for r in v for x in r))
+
+
+def _experiment_attr(experiment: Any, attr: str, default: Any) -> Any:
+    try:
+        from . import get_experiment
+
+        return getattr(get_experiment(str(experiment)), attr, default)
+    except ValueError:  # an unknown or renamed experiment
+        return default
+
+
+def _class_names(experiment: str, n: int) -> list[str]:
+    names = list(_experiment_attr(experiment, "class_names", ()) or ())
+    return names if len(names) == n else [str(i) for i in range(n)]
+
+
 def _img(path: Path) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
+    e = html.escape
+    return (f'<figure><img alt="{e(path.stem)}" loading="lazy" src="data:image/png;base64,{data}">'
+            f"<figcaption>{e(path.name)}: click to open at full size</figcaption></figure>")
 
 
-def _label(run: dict) -> str:
-    name = run["config"].get("experiment", "?")
-    variant = run["config"].get("config", {}).get("variant")
-    if variant:
-        name += f" ({variant})"
-    return f"{html.escape(run['dir'].name)}<br><small>{html.escape(name)}</small>"
+def _grid(title: str, matrix: list[list[Any]], names: list[str]) -> str:
+    e = html.escape
+    out = [f"<table class='grid'><caption>{e(title)}</caption><tr><th>true \\ predicted</th>"]
+    out += [f"<th>{e(n)}</th>" for n in names]
+    out.append("</tr>")
+    for name, row in zip(names, matrix):
+        total = sum(x for x in row if x) or 1
+        out.append(f"<tr><th>{e(name)}</th>")
+        for x in row:
+            share = (x or 0) / total
+            # white to blue by the share of the true class; text turns white on dark cells
+            shade = f"rgb({int(255 - 205 * share)},{int(255 - 150 * share)},{int(255 - 40 * share)})"
+            color = "#fff" if share > 0.55 else "#1d2330"
+            out.append(f"<td style='background:{shade};color:{color}' title='{share:.1%} of true {e(name)}'>"
+                       f"{e(_fmt(x))}</td>")
+        out.append("</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _section(run: dict, index: int) -> str:
+    e = html.escape
+    summary, cfg = run["summary"], run["config"]
+    experiment = cfg.get("experiment", "?")
+    metrics: dict = summary.get("metrics", {}) or {}
+    references: dict = summary.get("references", {}) or {}
+    label = "" if run["dir"].name == experiment else f" <small>({e(run['dir'].name)})</small>"
+    parts = [f"<h2 id='run{index}'>{e(experiment)}{label}</h2>"]
+    config = cfg.get("config", {})
+    facts = [f"status <b>{e(str(summary.get('status')))}</b>"]
+    if summary.get("steps") is not None:
+        facts.append(f"{e(_fmt(summary.get('steps')))} steps")
+    if summary.get("wall_time_s") is not None:
+        facts.append(f"{summary['wall_time_s']:.1f} s")
+    if summary.get("device"):
+        facts.append(f"on {e(summary['device'])}")
+    if config.get("seed") is not None:
+        facts.append(f"seed {e(str(config.get('seed')))}")
+    if config.get("variant"):
+        facts.append(f"variant {e(str(config['variant']))}")
+    parts.append(f"<p class='meta'>{' · '.join(facts)} · <code>{e(str(run['dir']))}</code></p>")
+
+    classes = list(_experiment_attr(experiment, "class_names", ()) or ())
+    scalars, per_class, series, matrices, other = [], [], [], [], []
+    for name, value in metrics.items():
+        numeric_list = isinstance(value, list) and value and all(_is_number(v) for v in value)
+        if _is_number(value):
+            scalars.append(name)
+        elif _is_matrix(value):
+            matrices.append(name)
+        elif numeric_list and len(value) == len(classes):
+            per_class.append(name)
+        elif numeric_list and len(value) <= 12:
+            series.append(name)
+        else:
+            other.append(name)
+    for name in references:  # a seed figure without ours still gets its row
+        if name not in metrics:
+            scalars.append(name)
+
+    if scalars:
+        parts.append("<div class='scroll'><table><tr><th>metric</th><th>ours</th><th>seed paper</th></tr>")
+        for name in scalars:
+            ref = references.get(name)
+            ours = metrics.get(name)
+            ref_cell = (f"<td class='ref' title='{e(ref.get('label', ''))} ({e(ref.get('source', ''))})'>"
+                        f"{e(_fmt(ref.get('value')))}</td>") if ref else "<td class='na'>–</td>"
+            parts.append(f"<tr><td class='name'>{e(name)}</td><td>{e(_fmt(ours))}</td>{ref_cell}</tr>")
+        parts.append("</table></div>")
+        sources = sorted({r.get("source", "") for r in references.values() if r})
+        if sources:
+            parts.append(f"<p class='notes'>Seed figures from {e('; '.join(sources))} "
+                         f"(hover a figure for what it measures).</p>")
+
+    for title, keys, header in (("Per class", per_class, classes),
+                                ("Series (one value per epoch or setting)", series,
+                                 [str(i + 1) for i in range(max((len(metrics[k]) for k in series), default=0))])):
+        if not keys:
+            continue
+        parts.append(f"<h3>{e(title)}</h3><div class='scroll'><table><tr><th>metric</th>"
+                     + "".join(f"<th>{e(c)}</th>" for c in header) + "</tr>")
+        for key in keys:
+            cells = list(metrics[key]) + [""] * (len(header) - len(metrics[key]))
+            parts.append(f"<tr><td class='name'>{e(key)}</td>"
+                         + "".join(f"<td>{e(_fmt(v)) if v != '' else ''}</td>" for v in cells) + "</tr>")
+        parts.append("</table></div>")
+
+    if matrices:
+        seed = _experiment_attr(experiment, "seed_confusion", {}) or {}
+        parts.append("<h3>Confusion matrices</h3><p class='notes'>Rows: true class; columns: prediction; "
+                     "counts, shaded by the fraction of the true class; the seed paper's beside ours "
+                     "where it gives one.</p><div class='grids'>")
+        for key in matrices:
+            names = _class_names(experiment, len(metrics[key]))
+            parts.append(_grid(f"{key} (ours)", metrics[key], names))
+            member = key[: -len("_confusion")] if key.endswith("_confusion") else key
+            if member in seed and _is_matrix(seed[member]) and len(seed[member]) == len(names):
+                parts.append(_grid(f"{member} (seed paper)", seed[member], names))
+        parts.append("</div>")
+
+    if other:
+        parts.append("<details><summary>other results</summary><table>"
+                     + "".join(f"<tr><td class='name'>{e(k)}</td><td style='text-align:left'>"
+                               f"{e(_fmt(metrics[k]))}</td></tr>" for k in other)
+                     + "</table></details>")
+
+    if run["plots"]:
+        parts.append("<h3>Figures</h3>" + "".join(_img(p) for p in run["plots"]))
+    else:
+        parts.append("<p class='notes'>(no figures)</p>")
+    parts.append("<details><summary>config</summary><table>"
+                 + "".join(f"<tr><td class='name'>{e(k)}</td><td style='text-align:left'>{e(_fmt(v))}</td></tr>"
+                           for k, v in config.items())
+                 + "</table></details>")
+    return "\n".join(parts)
 
 
 def write_report(run_dirs: list[Path], out: Path) -> Path:
-    """Write the HTML report for ``run_dirs`` to ``out`` and return ``out``."""
+    """Write the HTML report for ``run_dirs`` to ``out`` (atomically) and return ``out``."""
     runs = [_load_run(Path(d)) for d in run_dirs]
     e = html.escape
-
-    metric_names: list[str] = []
-    references: dict[str, dict] = {}
-    for run in runs:
-        for name in run["summary"].get("metrics", {}):
-            if name not in metric_names:
-                metric_names.append(name)
-        references.update(run["summary"].get("references", {}))
-    for name in references:
-        if name not in metric_names:
-            metric_names.append(name)
-
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>neuralode report</title>"
-             f"<style>{_CSS}</style></head><body>",
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
+             f"<title>neuralode report</title><style>{_CSS}</style></head><body>",
              "<h1>neuralode report</h1>",
-             f"<p>{len(runs)} run(s); written {e(time.strftime('%Y-%m-%d %H:%M:%S'))}.</p>",
-             "<h2>Metrics</h2><table><tr><th>metric</th>"]
-    parts += [f"<th>{_label(r)}</th>" for r in runs]
-    if references:
-        parts.append("<th>seed document</th>")
-    parts.append("</tr>")
-    rows = [("status", lambda r: r["summary"].get("status")),
-            ("steps", lambda r: r["summary"].get("steps")),
-            ("wall time [s]", lambda r: r["summary"].get("wall_time_s")),
-            ("seed", lambda r: r["config"].get("config", {}).get("seed"))]
-    for title, get in rows:
-        parts.append(f"<tr><td>{e(title)}</td>" + "".join(f"<td>{e(_fmt(get(r)))}</td>" for r in runs)
-                     + ("<td></td>" if references else "") + "</tr>")
-    for name in metric_names:
-        ref = references.get(name)
-        cells = "".join(f"<td>{e(_fmt(r['summary'].get('metrics', {}).get(name)))}</td>" for r in runs)
-        ref_cell = ""
-        if references:
-            ref_cell = (f"<td class='ref' title='{e(ref['label'])} ({e(ref['source'])})'>"
-                        f"{e(_fmt(ref['value']))}</td>") if ref else "<td></td>"
-        parts.append(f"<tr><td>{e(name)}</td>{cells}{ref_cell}</tr>")
-    parts.append("</table>")
-    if references:
-        parts.append("<p>Seed-document figures: " + "; ".join(
-            f"<b>{e(k)}</b> = {e(_fmt(r['value']))} ({e(r['label'])})" for k, r in references.items())
-            + ".</p>")
+             f"<p class='meta'>{len(runs)} run(s); written {e(time.strftime('%Y-%m-%d %H:%M:%S'))}. "
+             f"Each run has its own section: its metrics beside the seed papers' figures, then its figures "
+             f"(click one to enlarge).</p>",
+             "<div class='scroll'><table><tr><th>run</th><th>experiment</th><th>status</th><th>steps</th>"
+             "<th>wall time [s]</th><th>device</th></tr>"]
+    for i, run in enumerate(runs):
+        s = run["summary"]
+        wall = s.get("wall_time_s")
+        parts.append(f"<tr><td><a href='#run{i}'>{e(run['dir'].name)}</a></td>"
+                     f"<td style='text-align:left'>{e(run['config'].get('experiment', '?'))}</td>"
+                     f"<td style='text-align:left'>{e(str(s.get('status')))}</td><td>{e(_fmt(s.get('steps')))}</td>"
+                     f"<td>{'–' if wall is None else f'{wall:.1f}'}</td>"
+                     f"<td style='text-align:left'>{e(str(s.get('device', '–')))}</td></tr>")
+    parts.append("</table></div>")
+    parts += [_section(run, i) for i, run in enumerate(runs)]
+    parts.append(f"<div id='zoom' title='click or Esc to close'></div><script>{_JS}</script></body></html>\n")
 
-    for run in runs:
-        cfg = run["config"].get("config", {})
-        parts.append(f"<h2>{e(str(run['dir']))}</h2>")
-        parts.append("<details><summary>config</summary><table>"
-                     + "".join(f"<tr><td>{e(k)}</td><td>{e(_fmt(v))}</td></tr>" for k, v in cfg.items())
-                     + "</table></details>")
-        if run["plots"]:
-            parts.append("<div class='plots'>" + "".join(_img(p) for p in run["plots"]) + "</div>")
-        else:
-            parts.append("<p>(no plots)</p>")
-    parts.append("</body></html>\n")
+    from .runner import _atomic_write_bytes
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts), encoding="utf-8")
+    _atomic_write_bytes(out, "\n".join(parts).encode("utf-8"))
     return out

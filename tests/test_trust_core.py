@@ -47,3 +47,75 @@ def test_adams_eccentric_orbit_stays_on_the_orbit(max_iters):
     error = (sol.ys[-1] - kepler_reference(e)).abs().max().item()
     # dopri5 at this tolerance is 2.6e3 times the tolerance here (global error over three orbits).
     assert error < 5e3 * tol, error
+
+
+def robertson(t, y):
+    y1, y2, y3 = y.unbind(-1)
+    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 ** 2, 3e7 * y2 ** 2], -1)
+
+
+ADAPTIVE = [m for m in neuralode.METHODS if m not in ("euler", "midpoint", "heun2", "heun3", "rk4", "rk4_classic",
+                                                       "explicit_adams", "implicit_adams", "scipy_solver")]
+
+
+@pytest.mark.parametrize("method", [m for m in ADAPTIVE if m != "fehlberg2"])
+def test_no_method_accepts_a_non_finite_step_robertson(method):
+    """Defect 2: dopri8 returned all-NaN with status success on Robertson kinetics after a few steps:
+    DOP853's combined estimate turned a NaN error into 0 (``where(denominator > 0, ..., 0)``)."""
+    y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    sol = neuralode.solve(robertson, y0, torch.tensor([0.0, 0.1], dtype=torch.float64), method=method,
+                          rtol=1e-6, atol=1e-6, throw=False)
+    assert sol.status == "success", sol.message
+    reference = scipy_integrate.solve_ivp(lambda t, y: robertson(t, torch.from_numpy(y)).numpy(), (0, 0.1),
+                                          y0.numpy(), method="Radau", rtol=1e-10, atol=1e-12).y[:, -1]
+    assert torch.isfinite(sol.ys).all()
+    assert np.allclose(sol.ys[-1].numpy(), reference, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_a_norm_that_hides_nan_cannot_accept_it(method):
+    """Finiteness of the step's result is checked by the loop, whatever the error norm says."""
+    def field(t, y):
+        return torch.where(t > 0.5, torch.full_like(y, math.nan), -y)
+
+    def blind_norm(x):
+        return torch.nan_to_num(x, nan=0.0).abs().max()
+
+    y0 = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(NonFiniteError) as info:
+        neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
+                        options={"norm": blind_norm})
+    assert 0.49 < info.value.t <= 0.5 + 1e-9
+
+
+def test_dopri8_error_estimate_is_the_reference_dop853():
+    """Defect 3 (checked): dopri8's combined 5th/3rd-order estimate (Hairer's dop853.f: err5^2 /
+    sqrt(err5^2 + 0.01 err3^2) in the weighted norm) equals scipy's DOP853 estimate, a port of
+    Hairer's code, for the same step; scipy is the oracle only for this formula. With the loop's
+    integral controller, dopri8's global error on the Kepler orbits (1e2-3e2 times the tolerance at
+    1e-6) is that of scipy's DOP853 on the same problem (6e1-2.4e2); torchdiffeq's 'dopri8' is a
+    different method (Prince and Dormand's RK8(7)13M)."""
+    from scipy.integrate._ivp.rk import DOP853, rk_step
+
+    from neuralode.controllers import ErrorNorm
+    from neuralode.methods import REGISTRY
+
+    def rhs(t, y):
+        return np.r_[y[2:], -y[:2] / np.linalg.norm(y[:2]) ** 3]
+
+    stepper = REGISTRY["dopri8"].make_stepper({})
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        e = rng.uniform(0.1, 0.9)
+        y0 = kepler_start(e).numpy()
+        h, rtol, atol = 10 ** rng.uniform(-3, -0.5), 10 ** rng.uniform(-9, -3), 10 ** rng.uniform(-9, -3)
+        reference = DOP853(rhs, 0.0, y0, 20.0, rtol=rtol, atol=atol)
+        f0 = rhs(0.0, y0)
+        y1, _ = rk_step(rhs, 0.0, y0, f0, h, reference.A, reference.B, reference.C, reference.K)
+        scale = atol + np.maximum(np.abs(y0), np.abs(y1)) * rtol
+        expected = reference._estimate_error_norm(reference.K, h, scale)
+        y0_t = torch.from_numpy(y0)
+        outcome = stepper.step(kepler, 0.0, y0_t, kepler(0.0, y0_t), h, ErrorNorm(rtol, atol))
+        np.testing.assert_allclose(outcome.y1.numpy(), y1, rtol=1e-12, atol=1e-14)
+        # Tiny ratios are rounding noise (the estimate is a difference of nearly equal sums).
+        np.testing.assert_allclose(float(outcome.error_ratio), expected, rtol=1e-8, atol=1e-6)

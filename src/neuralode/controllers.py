@@ -31,6 +31,14 @@ def mixed_norm(xs) -> torch.Tensor:
     return torch.stack([rms_norm(x) for x in xs]).max()
 
 
+def _finite_or_nan(norm):
+    def checked(x):
+        flat = x if isinstance(x, torch.Tensor) else torch.cat([part.reshape(-1) for part in x])
+        value = torch.as_tensor(norm(x))
+        return torch.where(torch.isfinite(flat).all(), value, torch.full_like(value, math.nan))
+    return checked
+
+
 class ErrorNorm:
     """``norm(err / (atol + rtol * max(|y0|, |y1|)))``; the quantity compared with 1 to accept a step.
 
@@ -39,6 +47,11 @@ class ErrorNorm:
 
     def __init__(self, rtol, atol, norm=None, unflatten=None):
         self.rtol, self.atol = rtol, atol
+        if norm is not None:
+            # A user's norm may ignore NaN (nan_to_num, a masked max): a non-finite error estimate
+            # must still reject the step, so the result is NaN whenever the scaled error is not
+            # finite. The default norms propagate NaN and inf on their own and skip this check.
+            norm = _finite_or_nan(norm)
         if unflatten is None:
             self.norm = norm or rms_norm
         else:

@@ -168,7 +168,9 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         stats["n_steps"] += 1
         accepted = True
         if adaptive:
-            ratio = float(outcome.error_ratio)  # the one host synchronisation per step
+            # A step is accepted only if its result is finite: an error norm can hide a NaN (a user
+            # norm, DOP853's combined estimate), so finiteness of y1 is part of the one host read.
+            ratio = float(torch.where(torch.isfinite(outcome.y1).all(), outcome.error_ratio, math.nan))
             if not math.isfinite(ratio):
                 accepted, last_failure_non_finite = False, True
                 h_next = h * control.dfactor

@@ -118,9 +118,11 @@ class ExplicitRungeKutta:
                 if self._b_err_low:
                     # DOP853's combination of its 5th- and 3rd-order estimates (Hairer's dop853.f).
                     low = error_norm(linear_combination(None, h, ks, self._b_err_low), y0, y1)
+                    # The ratio is 0 only where both estimates are 0; NaN must stay NaN (a comparison
+                    # like `denominator > 0` would turn it into an accepted step with zero error).
                     denominator = torch.sqrt(ratio * ratio + 0.01 * low * low)
-                    ratio = torch.where(denominator > 0, ratio * ratio / denominator.clamp_min(1e-300),
-                                        torch.zeros_like(ratio))
+                    ratio = torch.where(denominator == 0, torch.zeros_like(ratio),
+                                        ratio * ratio / denominator.clamp_min(1e-300))
         return StepOutcome(y1, f1, ratio, self.tableau.error_order, ks)
 
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,

@@ -19,8 +19,10 @@ def test_end_to_end(tmp_path):
     m = summary["metrics"]
     assert m["tol1e-05_nfe_forward"] >= m["tol1e-02_nfe_forward"] > 0
     assert m["tol1e-05_nfe_backward"] > 0
-    # Tighter tolerance, smaller error against the reference.
-    assert m["tol1e-05_output_error"] < m["tol1e-02_output_error"] or m["tol1e-02_output_error"] < 1e-8
+    # Tighter tolerance, smaller error against the reference: 1000x tighter gives at least 10x
+    # less error (measured 23-60x over seeds 0-2), and the loose solve's error is really there.
+    assert m["tol1e-02_output_error"] > 1e-5
+    assert 0 < m["tol1e-05_output_error"] < m["tol1e-02_output_error"] / 10
     rows = json.loads((tmp_path / "sweep.json").read_text())["rows"]
     assert [r["tol"] for r in rows] == [1e-2, 1e-5]
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"loss.png", "error_control.png"}

@@ -312,8 +312,13 @@ def test_jump_t_never_evaluates_the_left_side_after_the_jump():
 
     neuralode.solve(f, torch.ones(1, dtype=F64), torch.tensor([0.0, 3.0], dtype=F64), method="tsit5",
                     options={"jump_t": [1.3]})
-    # the step that ends on the jump evaluates its last stage at the left limit, strictly below 1.3
-    assert 1.3 not in seen or all(t != 1.3 for t in seen[:seen.index(1.3)])
+    # the evaluations split at the jump: all before the first one at t >= 1.3 lie left of it, all
+    # from it on lie right of it (no step straddles the jump, none goes back across it) ...
+    first = next(i for i, t in enumerate(seen) if t >= 1.3)
+    assert all(t < 1.3 for t in seen[:first]) and all(t >= 1.3 for t in seen[first:])
+    # ... the step that ends on the jump evaluates its last stage at the left limit, and the next
+    # step starts with a fresh evaluation at the right limit (not the left value reused as FSAL)
+    assert 1.3 - seen[first - 1] < 1e-12 and seen[first] - 1.3 < 1e-12
 
 
 def test_step_t_lands_steps_exactly():

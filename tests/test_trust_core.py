@@ -119,3 +119,54 @@ def test_dopri8_error_estimate_is_the_reference_dop853():
         np.testing.assert_allclose(outcome.y1.numpy(), y1, rtol=1e-12, atol=1e-14)
         # Tiny ratios are rounding noise (the estimate is a difference of nearly equal sums).
         np.testing.assert_allclose(float(outcome.error_ratio), expected, rtol=1e-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_dim_state_with_time_gradients(dtype):
+    """Defect 4: a 0-d state with t.requires_grad raised '_OutputTimesBackward returned an invalid
+    gradient' for every method and strategy (sum(dim=()) sums over everything)."""
+    for method, gradient, options in [("dopri5", "direct", None), ("dopri5", "adjoint", None),
+                                      ("dopri5", "checkpoint", None), ("euler", "direct", {"step_size": 0.01}),
+                                      ("adams", "adjoint", None)]:
+        y0 = torch.tensor(1.0, dtype=dtype, requires_grad=True)
+        t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype, requires_grad=True)
+        sol = neuralode.solve(lambda t, y: -y, y0, t, method=method, gradient=gradient, options=options,
+                              rtol=1e-6, atol=1e-8)
+        sol.ys.sum().backward()
+        # y = y0 exp(-(t - t0)): dL/dt_i = -y(t_i) for i > 0; dL/dt0 = sum_{i>0} y(t_i); dL/dy0 = sum exp.
+        e1, e2 = math.exp(-0.5), math.exp(-1.0)
+        tol = 2e-2 if method == "euler" else 1e-4
+        np.testing.assert_allclose(t.grad.tolist(), [e1 + e2, -e1, -e2], rtol=tol, atol=tol)
+        assert y0.grad.item() == pytest.approx(1 + e1 + e2, rel=tol)
+
+
+def _recording(field):
+    calls = []
+
+    def recorded(t, y):
+        calls.append(t.item())
+        return field(t, y)
+    return recorded, calls
+
+
+def test_perturb_in_float32_takes_one_sided_limits():
+    """Defect 5: times were nudged in float64 and rounded back to float32, so the nudge vanished."""
+    func, calls = _recording(lambda t, y: (t > 0.5).to(y.dtype) * torch.ones_like(y))
+    out = neuralode.odeint(func, torch.zeros(1), torch.tensor([0.0, 1.0]), method="euler",
+                           options={"step_size": 0.5, "perturb": True})
+    assert out[-1].item() == 0.5
+    assert 0.0 not in calls and 0.5 not in calls and 1.0 not in calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "adams"])
+def test_jump_t_never_evaluates_at_the_jump(dtype, method):
+    """Defect 5: with jump_t=[0.5] in float32, dopri5 called f exactly at 0.5 three times and needed 195
+    evaluations (torchdiffeq: 51); also an extra call at t0 when t0 is itself a jump."""
+    func, calls = _recording(lambda t, y: torch.where(t < 0.5, -y, -2 * y))
+    out = neuralode.odeint(func, torch.ones(1, dtype=dtype), torch.tensor([0.0, 1.0], dtype=dtype), method=method,
+                           rtol=1e-6, atol=1e-8, options={"jump_t": torch.tensor([0.0, 0.5])})
+    assert 0.5 not in calls and 0.0 not in calls
+    assert out[-1].item() == pytest.approx(math.exp(-1.5), rel=1e-4 if dtype == torch.float32 else 1e-5)
+    if method in ("dopri5", "tsit5"):
+        assert len(calls) < 100, len(calls)  # 81 for both (torchdiffeq's dopri5: 81)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field as dataclass_field
 
-import numpy as np
 import torch
 
 from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .controllers import ErrorNorm, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
+from .problem import next_after
 
 
 @dataclass
@@ -53,10 +53,6 @@ class Integration:
     final_t: float | None = None
     final_y: torch.Tensor | None = None
     accepted_times: list = dataclass_field(default_factory=list)
-
-
-def _next_after(t: float, towards: float) -> float:
-    return float(np.nextafter(t, towards))
 
 
 def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor:
@@ -158,7 +154,9 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         if perturb or ends_on_jump:
             step_field = _perturbed(field, t0, t1, left=perturb, right=perturb or ends_on_jump)
         if restart_from_right or perturb:
-            f = field(_next_after(t0, t1), y)
+            t_right = next_after(t0, t1, field.time_dtype)
+            if not (f is not None and f is problem.f0 and problem.f0_time == t_right):
+                f = field(t_right, y)  # (the first step may reuse f0, taken at this very limit)
             restart_from_right = False
         elif f is None:
             f = field(t0, y)
@@ -290,8 +288,8 @@ def _check_finite_outputs(result, problem, throw):
 
 def _perturbed(field, t0: float, t1: float, left: bool, right: bool):
     """Evaluate at the one-sided limits at the step ends (torchdiffeq's ``perturb``)."""
-    t0_inside = _next_after(t0, t1) if left else t0
-    t1_inside = _next_after(t1, t0) if right else t1
+    t0_inside = next_after(t0, t1, field.time_dtype) if left else t0
+    t1_inside = next_after(t1, t0, field.time_dtype) if right else t1
     d = 1.0 if t1 > t0 else -1.0
 
     def evaluate(t, y):

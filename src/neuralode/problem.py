@@ -22,6 +22,18 @@ from ._errors import NonFiniteError
 _NUMBER = (int, float)
 
 
+def next_after(t: float, towards: float, dtype: torch.dtype) -> float:
+    """The neighbour of ``t`` towards ``towards`` *in the dtype the vector field sees its time in*.
+
+    A one-sided limit (``perturb``, ``jump_t``) taken in float64 and then rounded to a float32 (or
+    half) time tensor lands back on ``t`` itself, so the nudge is computed in that dtype. ``t`` is first
+    rounded to the dtype, so the result is strictly on the ``towards`` side of what ``t`` looks like
+    to the field.
+    """
+    here = torch.tensor(t, dtype=dtype)
+    return float(torch.nextafter(here, torch.tensor(towards, dtype=dtype)))
+
+
 class VectorField:
     """``func(t, y)`` adapted to the loop: float time in, flat state in and out, NFE counted."""
 
@@ -67,6 +79,7 @@ class Problem:
     rtol: float | torch.Tensor
     atol: float | torch.Tensor
     method: str = ""                 # set by solve(); gradient strategies reuse it
+    f0_time: float | None = None     # where f0 was evaluated: times[0], or just after it (one-sided limit)
 
     def unflatten_trajectory(self, ys: torch.Tensor):
         """(T, n) flat trajectory -> (T, *shape) or a tuple of those."""
@@ -169,8 +182,14 @@ def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
     return one(tol, parts[0].shape, name)
 
 
-def make_problem(func, y0, t, rtol, atol) -> Problem:
-    """Validate and normalise ``(func, y0, t, rtol, atol)``; evaluates ``func`` once at ``t[0]``."""
+def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
+    """Validate and normalise ``(func, y0, t, rtol, atol)``; evaluates ``func`` once at ``t[0]``.
+
+    ``right_limit_at``: discontinuities of ``func`` (``jump_t``), or ``None`` for "everywhere"
+    (``perturb=True``). If ``t[0]`` is one, ``func`` is evaluated at the one-sided limit just after
+    ``t[0]`` (in the direction of integration) instead, so that it is never called at a time the user
+    asked to avoid. ``Problem.f0_time`` records where it was evaluated.
+    """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     parts, is_tuple = _check_state(y0)
@@ -190,8 +209,10 @@ def make_problem(func, y0, t, rtol, atol) -> Problem:
     if not bool(torch.isfinite(flat_y0).all()):
         raise ValueError("y0 contains NaN or infinite values; the initial state must be finite")
     field = VectorField(func, shapes, numels, real_dtype, device)
-    f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, times[0])
-    return Problem(field, flat_y0, f0, t, times, direction, shapes, rtol, atol)
+    right_limit = right_limit_at is None or times[0] in right_limit_at
+    f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]
+    f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, f0_time)
+    return Problem(field, flat_y0, f0, t, times, direction, shapes, rtol, atol, f0_time=f0_time)
 
 
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):

@@ -71,7 +71,11 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
 
 def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw, until_event):
     t_requires_grad = isinstance(t, torch.Tensor) and t.requires_grad
-    problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol)
+    for name in ("step_t", "jump_t"):
+        options[name] = time_list(options, name)
+    # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
+    problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
+                           right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)
     if spec.adaptive is False and options.get("step_size") is None and options.get("grid_constructor") is None:
         if not options.pop("_grid_is_t", False):
             raise ValueError(f"method {spec.name!r} takes fixed steps: give options={{'step_size': h}} or a "
@@ -82,8 +86,6 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         options.setdefault("interp", FIXED_DEFAULT_INTERP)
         if options["interp"] not in ("linear", "cubic"):
             raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {options['interp']!r}")
-    for name in ("step_t", "jump_t"):
-        options[name] = time_list(options, name)
     stepper = spec.make_stepper(options)
     control = make_control(spec, options, problem, func, y0)
     if control.adaptive is False and control.grid is None:
@@ -135,7 +137,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
 def _inner(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
     """Real inner product <a, b> over ``dims`` (for complex states, Re sum(conj(a) b))."""
     product = a.conj() * b if a.is_complex() else a * b
-    return (product.real if product.is_complex() else product).sum(dim=dims)
+    product = product.real if product.is_complex() else product
+    if dims is not None and len(dims) == 0:
+        return product  # a 0-d state: nothing to sum (sum(dim=()) would sum over everything)
+    return product.sum(dim=dims)
 
 
 _SECOND_ORDER_TIME = ("second derivatives through the times t are not supported: the time gradient is the "

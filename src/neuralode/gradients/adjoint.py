@@ -153,6 +153,10 @@ class _AdjointDynamics:
     def time(self, t):
         return self.field.time(t)
 
+    @property
+    def time_dtype(self):
+        return self.field.time_dtype
+
     def unflatten(self, y):
         return y
 

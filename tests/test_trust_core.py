@@ -170,3 +170,43 @@ def test_jump_t_never_evaluates_at_the_jump(dtype, method):
     assert out[-1].item() == pytest.approx(math.exp(-1.5), rel=1e-4 if dtype == torch.float32 else 1e-5)
     if method in ("dopri5", "tsit5"):
         assert len(calls) < 100, len(calls)  # 81 for both (torchdiffeq's dopri5: 81)
+
+
+@pytest.mark.parametrize("grid", ["output_times", "linspace"])
+def test_adjoint_with_grid_constructor(grid):
+    """Defect 6: odeint_adjoint called grid_constructor(None, None, None) in the backward pass. It is now
+    called as torchdiffeq calls it: (augmented dynamics, augmented state, [t_i, t_{i-1}])."""
+    seen = []
+
+    def constructor(func, y0, t):
+        seen.append((callable(func), isinstance(y0, torch.Tensor), tuple(t.tolist())))
+        if grid == "output_times":
+            return t
+        return torch.linspace(float(t[0]), float(t[-1]), 21, dtype=t.dtype)
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(2, 2).double()
+    y0 = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+    out = neuralode.odeint_adjoint(lambda t, y: net(y), y0, t, method="rk4", options={"grid_constructor": constructor})
+    out.sum().backward()
+    assert all(is_func and is_tensor for is_func, is_tensor, _ in seen)
+    assert seen[-1][2] == pytest.approx((1 / 3, 0.0))  # the last backward interval, from t_1 to t_0
+    # Against the exact gradient of the ODE (the adjoint of a fine dopri5 solve): rk4's error only.
+    adjoint_grad = y0.grad.clone()
+    y0.grad = None
+    neuralode.odeint(lambda t, y: net(y), y0, t, method="dopri5", rtol=1e-10, atol=1e-12).sum().backward()
+    np.testing.assert_allclose(adjoint_grad.numpy(), y0.grad.numpy(), rtol=1e-3 if grid == "output_times" else 1e-7)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "adams", "rk4"])
+def test_adjoint_of_a_field_that_ignores_the_state(method):
+    """Defect 7: f = -0.1 exp(-0.1 t) does not depend on y; backward raised 'element 0 of tensors does
+    not require grad'. y(t_i) = y0 + const, so d(sum of outputs)/dy0 = len(t) = 10."""
+    y0 = torch.tensor([1.0], requires_grad=True)
+    t = torch.linspace(1, 8, 10)
+    options = {"step_size": 0.1} if method == "rk4" else None
+    out = neuralode.odeint_adjoint(lambda t, y: -0.1 * torch.exp(-0.1 * t) * torch.ones_like(y), y0, t,
+                                   method=method, options=options)
+    out.sum().backward()
+    assert y0.grad.item() == pytest.approx(10.0)

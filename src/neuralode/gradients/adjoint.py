@@ -119,9 +119,12 @@ class _AdjointSolve(torch.autograd.Function):
         for i in range(len(times) - 1, 0, -1):
             state = torch.cat([outputs[i], a, a_params])
             if times[i] != times[i - 1]:
-                backward_problem = Problem(dynamics, state, None, None, [times[i], times[i - 1]],
+                span = torch.tensor([times[i], times[i - 1]], dtype=torch.float64)
+                backward_problem = Problem(dynamics, state, None, span, [times[i], times[i - 1]],
                                            1 if times[i - 1] > times[i] else -1, None, rtol, atol)
-                control = make_control(spec, options, backward_problem, None, None)
+                # A grid_constructor is called as torchdiffeq calls it here: with the augmented
+                # dynamics, the augmented state and the interval [t_i, t_{i-1}].
+                control = make_control(spec, options, backward_problem, dynamics.as_user_function, state)
                 if not control.adaptive and control.grid is None:
                     control = FixedGrid((backward_problem.direction * times[i],
                                          backward_problem.direction * times[i - 1]))
@@ -157,6 +160,17 @@ class _AdjointDynamics:
     def time_dtype(self):
         return self.field.time_dtype
 
+    def as_user_function(self, t, state):
+        """``func(t, y)`` with a tensor time, for a user's ``grid_constructor``."""
+        return self.evaluate_uncounted(float(t), state)
+
+    def evaluate_uncounted(self, t, state):
+        nfe = self.nfe
+        try:
+            return self(t, state)
+        finally:
+            self.nfe = nfe
+
     def unflatten(self, y):
         return y
 
@@ -166,8 +180,12 @@ class _AdjointDynamics:
         with torch.enable_grad():
             y = state[:n].detach().view(self.state_shape).requires_grad_(True)
             f = self.field.evaluate(t, y)
-            grads = torch.autograd.grad(f, (y,) + self.params, grad_outputs=-state[n:2 * n].view(self.state_shape),
-                                        allow_unused=True)
+            if f.requires_grad:
+                grads = torch.autograd.grad(f, (y,) + self.params,
+                                            grad_outputs=-state[n:2 * n].view(self.state_shape), allow_unused=True)
+            else:
+                # f depends on neither y nor the parameters (e.g. f = g(t)): every product is zero.
+                grads = (None,) * (1 + len(self.params))
         parts = [f.detach().reshape(-1)] + [torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1)
                                 for g, x in zip(grads, (y,) + self.params)]
         return torch.cat([p.to(state.dtype) for p in parts])

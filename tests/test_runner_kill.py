@@ -41,7 +41,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     train(Spiral, Spiral.resolve(apply_overrides(SpiralConfig(), OVERRIDES)), ref_dir, progress=False)
 
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN, "run", "spiral", "--set", *OVERRIDES,
-                             "--out", str(cut_dir), "--no-progress"],
+                             "--out", str(cut_dir), "--no-progress", "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = cut_dir / CHECKPOINT
     deadline = time.monotonic() + 240
@@ -57,7 +57,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert 0 < killed_at < 33 and not (cut_dir / "summary.json").exists()
 
     # a fresh process either way: resume in this one (saves a second interpreter start)
-    assert main(["run", "spiral", "--resume", "--out", str(cut_dir), "--no-progress"]) == 0
+    # the reference ran on the CPU; the command's default (auto) would pick a GPU where there is one
+    assert main(["run", "spiral", "--resume", "--out", str(cut_dir), "--no-progress", "--device", "cpu"]) == 0
 
     ref, cut = load_checkpoint(ref_dir / CHECKPOINT), load_checkpoint(cut_dir / CHECKPOINT)
     assert cut["step"] == ref["step"] == 33

@@ -404,6 +404,8 @@ def train(
         ``metrics.jsonl`` back to the checkpoint).
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # record which GPU, not just "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     run_dir = Path(run_dir)
     run = context or RunContext(run_dir=run_dir, device=device)
     config = experiment.resolve(config)
@@ -426,7 +428,9 @@ def train(
                 f"resume with the saved config or start a new run"
             )
         if ckpt_path.exists():
-            checkpoint = load_checkpoint(ckpt_path, device)
+            # On the CPU: the RNG states must be CPU tensors (numpy's become arrays), and
+            # load_state_dict copies the rest onto the model's and optimiser's device.
+            checkpoint = load_checkpoint(ckpt_path, "cpu")
             _check_checkpoint(checkpoint, ckpt_path, experiment.name, run.path("metrics.jsonl"))
         elif _completed(run.path("summary.json")):
             raise CheckpointError(

@@ -210,3 +210,71 @@ def test_adjoint_of_a_field_that_ignores_the_state(method):
                                    method=method, options=options)
     out.sum().backward()
     assert y0.grad.item() == pytest.approx(10.0)
+
+
+EVERY_METHOD_OPTIONS = {m: ({"step_size": 0.05} if not neuralode.methods.REGISTRY[m].adaptive else None)
+                        for m in neuralode.METHODS}
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2), (torch.float32, 1e-5),
+                                       (torch.float64, 1e-7), (torch.complex64, 1e-5), (torch.complex128, 1e-7)])
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_dtype_policy(dtype, rel, gradient):
+    """Defect 8: bfloat16 y' = -y returned [1, 0.789, 0.789] with no error and float16 failed with a step
+    size underflow blamed on stiffness. Half precision is now integrated in float32 arithmetic and
+    returned in the user's dtype; the field sees its own dtype; results are right to that dtype."""
+    seen = set()
+
+    def field(t, y):
+        seen.add((t.dtype, y.dtype))
+        return -y
+
+    y0 = torch.ones(3, dtype=dtype, requires_grad=True)
+    real = y0.real.dtype if dtype.is_complex else dtype
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=real)
+    sol = neuralode.solve(field, y0, t, gradient=gradient)
+    assert sol.ys.dtype == dtype and sol.status == "success"
+    assert seen == {(real, dtype)}
+    expected = torch.exp(-t.double())
+    np.testing.assert_allclose(sol.ys[:, 0].real.double().detach().numpy(), expected.numpy(), rtol=rel)
+    sol.ys.real.sum().backward()
+    assert y0.grad.dtype == dtype
+    assert y0.grad[0].real.item() == pytest.approx(float(expected.sum()), rel=max(rel, 1e-6) * 5)
+
+
+def test_half_precision_module_field():
+    """A float16 model as the field: called with float16 inputs, integrated accurately."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4).requires_grad_(False)
+    y0 = torch.randn(2, 4)
+    net64 = torch.nn.Linear(4, 4).double().requires_grad_(False)
+    net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    reference = neuralode.odeint(lambda t, y: net64(y), y0.double(), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    half = net.half()
+    out = neuralode.odeint(lambda t, y: half(y), y0.half(), torch.tensor([0.0, 1.0]))
+    assert out.dtype == torch.float16
+    np.testing.assert_allclose(out[-1].double().numpy(), reference[-1].numpy(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_complex32_is_a_clear_error():
+    with pytest.raises(TypeError, match="complex32.*complex64"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=torch.complex32), torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("method", neuralode.METHODS)
+@pytest.mark.parametrize("shape", [(0,), (3, 0)])
+def test_empty_state(method, shape):
+    """Defect 9: a state with 0 elements ended in 'cannot reshape tensor of 0 elements' in the stepper."""
+    gradients = ["direct", "adjoint"] + ([] if method in ("adams", "explicit_adams") else ["checkpoint"])
+    for gradient in gradients:
+        y0 = torch.zeros(shape, requires_grad=True)
+        sol = neuralode.solve(lambda t, y: -y, y0, torch.linspace(0, 1, 3), method=method,
+                              options=EVERY_METHOD_OPTIONS[method], gradient=gradient, dense=True)
+        assert sol.ys.shape == (3, *shape) and sol.status == "success"
+        assert sol.evaluate(0.3).shape == shape
+        sol.ys.sum().backward()
+        assert y0.grad.shape == shape
+    ys = neuralode.odeint(lambda t, y: (-y[0], -y[1]), (torch.zeros(0), torch.zeros(2, 0)), torch.linspace(0, 1, 3),
+                          method=method, options=EVERY_METHOD_OPTIONS[method])
+    assert ys[0].shape == (3, 0) and ys[1].shape == (3, 2, 0)

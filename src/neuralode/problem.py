@@ -34,15 +34,32 @@ def next_after(t: float, towards: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(here, torch.tensor(towards, dtype=dtype)))
 
 
-class VectorField:
-    """``func(t, y)`` adapted to the loop: float time in, flat state in and out, NFE counted."""
+# The dtype policy. Half-precision states are integrated in float32 arithmetic: the loop's state,
+# stage sums and error estimates are float32, while the user's field is called with y (and t) in the
+# user's dtype and its result is converted to float32. Rounding the state to float16 or bfloat16 after
+# every step would stall it (an increment below 2**-11 or 2**-8 of |y| vanishes: bfloat16 y' = -y
+# stayed at 0.789 from t = 0.5 on) and drown the error estimate in rounding noise. Outputs are
+# returned in the user's dtype, and rtol is raised to at least that dtype's machine epsilon, the
+# best relative accuracy its outputs can carry.
+COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
-    def __init__(self, func, shapes, numels, time_dtype, device):
+
+class VectorField:
+    """``func(t, y)`` adapted to the loop: float time in, flat state in and out, NFE counted.
+
+    ``user_dtype`` is the dtype ``func`` sees and returns; ``compute_dtype`` that of the loop's state
+    (they differ only for half precision, see :data:`COMPUTE_DTYPE`).
+    """
+
+    def __init__(self, func, shapes, numels, time_dtype, device, user_dtype=None, compute_dtype=None):
         self.func = func
         self.shapes = shapes
         self.numels = numels
         self.time_dtype = time_dtype
         self.device = device
+        self.user_dtype = user_dtype
+        self.compute_dtype = compute_dtype
+        self.cast = user_dtype is not None and compute_dtype is not None and user_dtype != compute_dtype
         self.nfe = 0
 
     def time(self, t: float) -> torch.Tensor:
@@ -59,10 +76,13 @@ class VectorField:
 
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """Like calling, but not counted (gradient strategies count their own evaluations)."""
+        if self.cast:
+            y = y.to(self.user_dtype)
         if self.shapes is None:
-            return self.func(self.time(t), y)
-        out = self.func(self.time(t), self.unflatten(y))
-        return torch.cat([o.reshape(-1) for o in out])
+            out = self.func(self.time(t), y)
+        else:
+            out = torch.cat([o.reshape(-1) for o in self.func(self.time(t), self.unflatten(y))])
+        return out.to(self.compute_dtype) if self.cast else out
 
 
 @dataclass
@@ -82,7 +102,9 @@ class Problem:
     f0_time: float | None = None     # where f0 was evaluated: times[0], or just after it (one-sided limit)
 
     def unflatten_trajectory(self, ys: torch.Tensor):
-        """(T, n) flat trajectory -> (T, *shape) or a tuple of those."""
+        """(T, n) flat trajectory -> (T, *shape) or a tuple of those, in the user's dtype."""
+        if self.field.cast:
+            ys = ys.to(self.field.user_dtype)
         if self.shapes is None:
             return ys
         parts = torch.split(ys, self.field.numels, dim=1)
@@ -102,6 +124,9 @@ def _check_state(y0):
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{name} has dtype {p.dtype}; the state must be floating point or complex. "
                             f"Convert it, e.g. {name}.to(torch.float32)")
+        if p.dtype == torch.complex32:
+            raise TypeError(f"{name} has dtype complex32, which the solvers do not support (PyTorch has "
+                            f"few complex32 kernels); convert it, e.g. {name}.to(torch.complex64)")
     if is_tuple:
         dtypes = {p.dtype for p in parts}
         devices = {p.device for p in parts}
@@ -198,17 +223,24 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     times = t.detach().double().cpu().tolist()
     direction = check_monotone(times)
     real_dtype = parts[0].real.dtype if parts[0].is_complex() else parts[0].dtype
-    rtol = _check_tolerance("rtol", rtol, parts, is_tuple, real_dtype, device)
-    atol = _check_tolerance("atol", atol, parts, is_tuple, real_dtype, device)
+    user_dtype = parts[0].dtype
+    compute_dtype = COMPUTE_DTYPE.get(user_dtype, user_dtype)
+    compute_real_dtype = COMPUTE_DTYPE.get(real_dtype, real_dtype)
+    rtol = _check_tolerance("rtol", rtol, parts, is_tuple, compute_real_dtype, device)
+    atol = _check_tolerance("atol", atol, parts, is_tuple, compute_real_dtype, device)
+    if compute_dtype != user_dtype:
+        floor = torch.finfo(user_dtype).eps
+        rtol = max(rtol, floor) if isinstance(rtol, float) else rtol.clamp_min(floor)
     if is_tuple:
         shapes = [p.shape for p in parts]
         numels = [p.numel() for p in parts]
         flat_y0 = torch.cat([p.reshape(-1) for p in parts])
     else:
         shapes, numels, flat_y0 = None, None, parts[0]
+    flat_y0 = flat_y0.to(compute_dtype)
     if not bool(torch.isfinite(flat_y0).all()):
         raise ValueError("y0 contains NaN or infinite values; the initial state must be finite")
-    field = VectorField(func, shapes, numels, real_dtype, device)
+    field = VectorField(func, shapes, numels, real_dtype, device, user_dtype, compute_dtype)
     right_limit = right_limit_at is None or times[0] in right_limit_at
     f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]
     f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, f0_time)
@@ -238,6 +270,7 @@ def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
             raise TypeError(f"{label} returned dtype {g.dtype} but the state has dtype {e.dtype}; make the "
                             "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
     f0 = torch.cat([g.reshape(-1) for g in got]) if is_tuple else got[0]
+    f0 = f0.to(field.compute_dtype) if field.cast else f0
     if not bool(torch.isfinite(f0).all()):
         raise NonFiniteError(f"func(t, y0) returned non-finite values at t={t0}: the vector field is NaN or "
                              "infinite at the initial state", t=t0)

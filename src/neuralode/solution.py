@@ -38,6 +38,7 @@ class Solution:
     event_y: object = None
     _dense: object = field(default=None, repr=False)
     _unflatten: object = field(default=None, repr=False)
+    _dtype: torch.dtype | None = field(default=None, repr=False)  # the user's dtype, if the loop's differs
 
     @property
     def success(self) -> bool:
@@ -55,6 +56,8 @@ class Solution:
         if t_tensor.numel() == 0:
             raise ValueError("t is empty; give at least one time to evaluate the dense output at")
         values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]
+        if self._dtype is not None:
+            values = [v.to(self._dtype) for v in values]
         if self._unflatten is None:
             return torch.stack(values).reshape(*t_tensor.shape, *values[0].shape)
         # Tuple states are stored flat: split each value into its components, then stack per component.

@@ -131,7 +131,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         event_y = tuple(p[-1] for p in pair) if isinstance(pair, tuple) else pair[-1]
     return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
                     event_t=event_t, event_y=event_y, _dense=integration.dense,
-                    _unflatten=problem.field.unflatten if problem.shapes is not None else None)
+                    _unflatten=problem.field.unflatten if problem.shapes is not None else None,
+                    _dtype=problem.field.user_dtype if problem.field.cast else None)
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:

@@ -101,7 +101,7 @@ class _AdjointSolve(torch.autograd.Function):
         params = strategy.params
         times = integration.output_times
         state_shape = outputs.shape[1:]
-        outputs = outputs.reshape(outputs.shape[0], -1)
+        outputs = outputs.reshape(outputs.shape[0], state_shape.numel())
         grad_outputs = grad_outputs.reshape(outputs.shape)
         n = outputs.shape[1]
         dynamics = _AdjointDynamics(problem.field, params, state_shape)

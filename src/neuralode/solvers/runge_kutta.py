@@ -137,9 +137,9 @@ class ExplicitRungeKutta:
             ks.append(f1)
         for c, terms in self._extra_rows:
             ks.append(func(t0 + c * h, linear_combination(y0, h, ks, terms)))
-        stages = torch.stack(ks).reshape(len(ks), -1)
+        stages = torch.stack(ks).reshape(len(ks), y0.numel())  # (explicit sizes: y0 may be empty)
         coefficients = torch.mm(self._dense_matrix(stages.dtype, stages.device), stages).mul_(h)
-        return [y0] + list(coefficients.view(-1, *y0.shape).unbind(0))
+        return [y0] + list(coefficients.view(coefficients.shape[0], *y0.shape).unbind(0))
 
     def _dense_matrix(self, dtype, device) -> torch.Tensor:
         key = (dtype, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import math
 import os
 import pickle
 import shutil
@@ -335,6 +336,26 @@ def test_json_files_never_hold_nan(tmp_path):
     writer.write({"step": 1, "loss": float("nan")})
     writer.close()
     assert runner.read_metrics(tmp_path) == [{"step": 1, "loss": None}]
+    # the experiments' view (plots, summaries) gets the NaN back
+    history = ctx.history()
+    assert history[0]["step"] == 1 and math.isnan(history[0]["loss"])
+
+
+def test_a_diverged_loss_is_plotted_and_summarised_as_null(tmp_path):
+    """A run whose loss turns non-finite (lr far too large) finishes with strict JSON everywhere."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_runner_toy import Toy, ToyConfig
+
+    from neuralode.experiments import train
+
+    summary = train(Toy, ToyConfig(steps=20, lr=1e30, eval_every=0), tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and not math.isfinite(summary["metrics"]["mse"])
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text(), parse_constant=_no_constants)
+    assert saved["metrics"]["mse"] is None
+    records = [json.loads(line, parse_constant=_no_constants)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("loss") is None for r in records)
+    assert (tmp_path / "run" / "plots" / "loss.png").is_file()
 
 
 def test_a_torn_metrics_line_is_named(tmp_path):

@@ -117,8 +117,11 @@ class RunContext:
             _atomic_write_bytes(self.path(name), (_dumps(data, indent=2) + "\n").encode())
 
     def history(self) -> list[dict]:
-        """All records written to ``metrics.jsonl`` so far (also those before a resume)."""
-        return read_metrics(self.run_dir)
+        """All records written to ``metrics.jsonl`` so far (also those before a resume).
+
+        Non-finite values, stored as ``null``, come back as NaN, as they were logged: the
+        experiments' plots and summaries do arithmetic on them."""
+        return [{k: math.nan if v is None else v for k, v in r.items()} for r in read_metrics(self.run_dir)]
 
 
 def figure(**kwargs: Any):
@@ -654,7 +657,7 @@ def _plot_loss(run: RunContext) -> None:
     if len(records) < 2 or not run.is_main:  # one point is no curve
         return
     steps = [r["step"] for r in records]
-    loss = [math.nan if r["loss"] is None else r["loss"] for r in records]  # null: non-finite
+    loss = [r["loss"] for r in records]
     fig = figure(figsize=(6, 3.5))
     ax = fig.subplots()
     ax.plot(steps, loss, lw=1.2)

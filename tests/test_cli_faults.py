@@ -429,3 +429,22 @@ def test_device_auto_is_the_default_and_recorded(tmp_path, monkeypatch):
 def test_summary_names_the_device(reference):
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert json.loads((reference / "summary.json").read_text())["device"].startswith(expected)
+
+
+def test_a_failed_solve_is_one_line(tmp_path, capsys, monkeypatch):
+    """A model whose ODE blows up mid-training (the solver raises NonFiniteError): one line, the
+    checkpoints written so far intact."""
+    import neuralode
+    from neuralode.experiments.spiral import Spiral
+
+    real = Spiral.loss
+
+    def blow_up(self, model, batch, position):
+        if position.step == 6:
+            raise neuralode.NonFiniteError("the state became non-finite at t=0.5; try a smaller step.", t=0.5)
+        return real(self, model, batch, position)
+
+    monkeypatch.setattr(Spiral, "loss", blow_up)
+    assert _run(tmp_path / "run") == 2
+    _one_line_error(capsys, "a solve failed", "non-finite", "smaller lr")
+    assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 4

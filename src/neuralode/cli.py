@@ -86,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         raise
     except OSError as exc:
         return _say(_file_fault(exc, args))
+    except RuntimeError as exc:
+        from neuralode import SolverError
+
+        if not isinstance(exc, SolverError) or args.command != "run":
+            raise
+        # The model's ODE blew up (or got stiff): a property of this config, not a bug to trace.
+        run_dir = getattr(args, "run_dir", None)
+        return _say(f"training stopped, a solve failed: {exc} The last checkpoint in {run_dir} is intact; "
+                    f"start a new run with a smaller lr (or other tolerances / method)")
 
 
 def _say(message: str) -> int:

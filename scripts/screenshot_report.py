@@ -24,9 +24,13 @@ __all__ = ["chromium", "layout", "screenshot"]
 _PROBE = """<script>window.addEventListener('load',function(){
 var d=document.documentElement, imgs=[].slice.call(document.querySelectorAll('figure img'));
 var tables=[].slice.call(document.querySelectorAll('table')).map(function(t){return t.getBoundingClientRect().right;});
-document.body.setAttribute('data-layout', JSON.stringify({scroll_width:d.scrollWidth, client_width:d.clientWidth,
+var out={scroll_width:d.scrollWidth, client_width:d.clientWidth,
   height:d.scrollHeight, figure_widths:imgs.map(function(i){return Math.round(i.getBoundingClientRect().width);}),
-  widest_table_right:Math.round(Math.max.apply(null,[0].concat(tables)))}));});</script>"""
+  widest_table_right:Math.round(Math.max.apply(null,[0].concat(tables))), zoomed:false, zoom_width:0};
+if(imgs.length){imgs[0].click(); var z=document.getElementById('zoom'), zi=z&&z.querySelector('img');
+  out.zoomed=!!(z&&z.classList.contains('on')); out.zoom_width=zi?Math.round(zi.getBoundingClientRect().width):0;
+  document.dispatchEvent(new KeyboardEvent('keydown',{key:'Escape'}));}
+document.body.setAttribute('data-layout', JSON.stringify(out));});</script>"""
 
 
 def chromium() -> str | None:
@@ -50,7 +54,8 @@ def _run(args: list[str], timeout: float = 90) -> subprocess.CompletedProcess:
 
 def layout(page: Path, width: int = 1280) -> dict:
     """Lay ``page`` out in a ``width``-pixel window; return scroll_width, client_width, height,
-    figure_widths and widest_table_right (CSS pixels)."""
+    figure_widths and widest_table_right (CSS pixels), and whether a click on the first figure
+    opened it (``zoomed``) and how wide (``zoom_width``)."""
     page = Path(page).resolve()
     probe = page.with_name(f".{page.stem}.probe.html")
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _PROBE + "</body>"), encoding="utf-8")

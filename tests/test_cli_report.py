@@ -101,7 +101,10 @@ def test_laid_out_by_chromium_nothing_cut_off(page, tmp_path):
         assert layout["scroll_width"] <= layout["client_width"], layout  # no horizontal overflow
         assert layout["widest_table_right"] <= layout["client_width"], layout
         assert layout["figure_widths"] and max(layout["figure_widths"]) <= layout["client_width"]
-    # a 6-inch figure fills the column at 1280 px (full width, not a thumbnail)
-    assert max(shots.layout(page, 1280)["figure_widths"]) >= 850
+    # a 6-inch figure fills the column at 1280 px (full width, not a thumbnail), and a click opens
+    # it larger
+    wide = shots.layout(page, 1280)
+    assert max(wide["figure_widths"]) >= 850
+    assert wide["zoomed"] and wide["zoom_width"] > wide["figure_widths"][0]
     png = shots.screenshot(page, tmp_path / "report.png", 1280)
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000

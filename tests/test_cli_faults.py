@@ -448,3 +448,21 @@ def test_a_failed_solve_is_one_line(tmp_path, capsys, monkeypatch):
     assert _run(tmp_path / "run") == 2
     _one_line_error(capsys, "a solve failed", "non-finite", "smaller lr")
     assert load_checkpoint(tmp_path / "run" / CHECKPOINT)["step"] == 4
+
+
+def test_a_run_recorded_before_data_paths_were_resolved_still_resumes(tmp_path, reference):
+    """Older versions recorded pendulum/ecg/mnist data_dir as given (relative); resolving both
+    sides before comparing keeps such runs resumable."""
+    from neuralode.experiments import train
+    from neuralode.experiments.pendulum import Pendulum, PendulumConfig
+    from shared_data import shared
+
+    shared("pendulum", "real_pend_h_1.txt")
+    config = Pendulum.resolve(PendulumConfig(steps=2, checkpoint_every=1, eval_every=0, hidden=4))
+    run = tmp_path / "run"
+    train(Pendulum, config, run, progress=False)
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"]["data_dir"] = os.path.relpath(saved["config"]["data_dir"])
+    (run / "config.json").write_text(json.dumps(saved))
+    (run / "summary.json").unlink()
+    assert main(["run", "pendulum", "--resume", "--out", str(run), "--no-progress", "--device", "cpu"]) == 0

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .base import Experiment, Position
-from .config import CheckpointError, ConfigError, DataError, RunConfig, config_to_dict
+from .config import CheckpointError, ConfigError, DataError, RunConfig, config_from_dict, config_to_dict
 
 __all__ = [
     "CHECKPOINT",
@@ -425,7 +425,16 @@ def train(
                 f"start a new run without --resume"
             )
         saved = read_run_config(run_dir)["config"]
-        if saved != json.loads(json.dumps(config_to_dict(config))):
+        # Compared after resolving both: a run written before its defaults were resolved
+        # differently (e.g. a relative data_dir, now recorded as an absolute path) still resumes.
+        try:
+            saved = config_to_dict(experiment.resolve(config_from_dict(type(config), saved)))
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise CheckpointError(f"{run.path('config.json')} does not fit {experiment.name}'s config "
+                                  f"({exc}); restore it or start a new run in another --out") from None
+        if _jsonable(saved) != _jsonable(config_to_dict(config)):
             raise ConfigError(
                 f"cannot resume {run_dir} with a different config than its config.json; "
                 f"resume with the saved config or start a new run"
@@ -471,6 +480,10 @@ def train(
         return _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(_dumps(value))
 
 
 def holds_run(run_dir: str | os.PathLike) -> bool:

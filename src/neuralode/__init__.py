@@ -3,7 +3,8 @@
 Public API (explicit re-exports, no logic here):
 
 - :func:`solve` returns a :class:`Solution` (values, dense output, statistics, status);
-- :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event` keep torchdiffeq's signatures;
+- :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event`, :func:`odeint_dense` keep torchdiffeq's
+  signatures;
 - :data:`METHODS` names every method;
 - gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`.
 """
@@ -12,7 +13,7 @@ from ._errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderfl
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
 from .methods import METHODS
 from .solution import Solution
-from .solve import odeint, odeint_adjoint, odeint_event, solve
+from .solve import odeint, odeint_adjoint, odeint_dense, odeint_event, solve
 
 # The layers, models and loaders build only on the public API above, so importing them last is safe;
 # experiments and the CLI stay out of the top-level import (they pull in matplotlib and tqdm).
@@ -21,7 +22,7 @@ from . import data, models, nn  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "solve", "odeint", "odeint_adjoint", "odeint_event", "Solution", "METHODS",
+    "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "METHODS",
     "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError",
     "data", "models", "nn",

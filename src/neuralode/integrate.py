@@ -19,6 +19,7 @@ from dataclasses import dataclass, field as dataclass_field
 import torch
 
 from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .callbacks import Callbacks, call as call_back
 from .controllers import ErrorNorm, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
 from .problem import next_after
@@ -68,7 +69,7 @@ def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor
 
 def integrate(problem, stepper, control, *, options: dict, event: EventSpec | None = None,
               record_dense: bool = False, until_event: bool = False, throw: bool = True,
-              on_accept=None) -> Integration:
+              on_accept=None, callbacks: Callbacks | None = None) -> Integration:
     """Integrate ``problem`` with ``stepper`` under ``control`` (an adaptive controller or a fixed grid).
 
     ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``norm``, ``interp``
@@ -76,7 +77,14 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     end of ``t`` and integrates until the event fires (torchdiffeq's event mode). When an event
     fires, its state is appended to ``outputs`` (and its time to ``output_times``). ``on_accept(tau1,
     y1, state)`` is called after every accepted step (the checkpointing strategy keeps states there).
+    ``callbacks``: the user's step callbacks (:mod:`neuralode.callbacks`), or ``None``.
     """
+    if getattr(stepper, "solves_whole_span", False):
+        # scipy_solver: scipy runs its own loop over the whole span (see solvers/scipy_wrapper.py).
+        if event is not None or until_event:
+            raise ValueError("method 'scipy_solver' does not support events (neither does torchdiffeq's); "
+                             "use an adaptive method such as 'dopri5' with event_fn")
+        return stepper.solve_span(problem, record_dense=record_dense, throw=throw)
     field, direction = problem.field, problem.direction
     taus = [direction * t for t in problem.times]
     tau = taus[0]
@@ -162,7 +170,9 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             f = field(t0, y)
 
         # --- attempt it ------------------------------------------------------------------------
-        outcome = stepper.step(step_field, t0, y, f, direction * h, error_norm if adaptive else None, state)
+        if callbacks is not None and callbacks.step is not None:
+            call_back(callbacks.step, field, t0, y, h)
+        outcome = stepper.step(step_field, t0, y, f, direction * h, error_norm, state)
         stats["n_steps"] += 1
         accepted = True
         if adaptive:
@@ -180,6 +190,10 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                     h_next = h * outcome.step_factor
                 if accepted:
                     previous_ratio = ratio
+        if callbacks is not None and adaptive:
+            chosen = callbacks.accept if accepted else callbacks.reject
+            if chosen is not None:
+                call_back(chosen, field, t0, y, h)
         if not accepted:
             stats["n_rejected"] += 1
             h = h_next

@@ -43,6 +43,26 @@ REGISTRY = {name: _rk(name) for name in TABLEAUS}
 REGISTRY["explicit_adams"] = MethodSpec(
     "explicit_adams", False, _explicit_adams, FIXED_OPTIONS | {"max_order"},
     "Adams-Bashforth on a fixed grid, orders 1-4, started by Runge-Kutta steps")
+def _implicit_adams(options):
+    from .solvers.adams import ImplicitAdams
+    return ImplicitAdams(max_order=options.get("max_order", 12), max_iters=options.get("max_iters", 4))
+
+
+REGISTRY["implicit_adams"] = MethodSpec(
+    "implicit_adams", False, _implicit_adams, FIXED_OPTIONS | {"max_order", "max_iters"},
+    "torchdiffeq's Adams-Bashforth-Moulton on a fixed grid, orders up to 12, corrector iterated to rtol/atol")
+REGISTRY["fixed_adams"] = MethodSpec(
+    "fixed_adams", False, _implicit_adams, FIXED_OPTIONS | {"max_order", "max_iters"},
+    "alias of implicit_adams (torchdiffeq's backward-compatible name)")
+def _scipy_solver(options):
+    from .solvers.scipy_wrapper import ScipySolver
+    return ScipySolver(solver=options.get("solver", "LSODA"), min_step=float(options.get("min_step", 0.0)),
+                       max_step=float(options.get("max_step", float("inf"))))
+
+
+REGISTRY["scipy_solver"] = MethodSpec(
+    "scipy_solver", True, _scipy_solver, frozenset({"solver", "min_step", "max_step", "norm"}),
+    "scipy.integrate.solve_ivp over the whole span (option 'solver': LSODA, RK45, RK23, DOP853, Radau, BDF)")
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")

@@ -70,6 +70,10 @@ class VectorField:
             return y
         return tuple(part.view(shape) for part, shape in zip(torch.split(y, self.numels), self.shapes))
 
+    def callback_view(self, y: torch.Tensor):
+        """The state as step callbacks receive it: the user's shapes and dtype."""
+        return self.unflatten(y.to(self.user_dtype) if self.cast else y)
+
     def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         return self.evaluate(t, y)

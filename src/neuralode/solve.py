@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from .callbacks import Callbacks, supported_callbacks, warn_unsupported
 from .controllers import FixedGrid
 from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
 from .integrate import EventSpec
@@ -91,6 +94,13 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     if control.adaptive is False and control.grid is None:
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     event = EventSpec(event_fn, event_direction) if event_fn is not None else None
+    callbacks = Callbacks.of(func)
+    scipy = spec.name == "scipy_solver"
+    warn_unsupported(callbacks, spec.name, supported_callbacks(spec.adaptive, scipy=scipy))
+    if scipy and isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
+        warnings.warn("method 'scipy_solver' calls the vector field without a graph, so under gradient='direct' "
+                      "its result carries no gradient (as in torchdiffeq); use odeint_adjoint or "
+                      "gradient='adjoint' to differentiate it", UserWarning, stacklevel=3)
 
     problem.method = spec.name
     t_in = problem.t
@@ -102,7 +112,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         problem.f0 = None  # re-evaluated from the shifted state, so the first stage is part of that path
 
     run = strategy.run(problem, stepper, control, options=options, event=event, record_dense=dense,
-                       until_event=until_event, throw=throw)
+                       until_event=until_event, throw=throw, callbacks=callbacks)
     outputs, integration = run.outputs, run.integration
     fired = integration.event_t is not None
     event_state = outputs[-1] if fired else None
@@ -133,6 +143,13 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                     event_t=event_t, event_y=event_y, _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
                     _dtype=problem.field.user_dtype if problem.field.cast else None)
+
+
+def _wants_gradient(func, y0) -> bool:
+    parts = y0 if isinstance(y0, (tuple, list)) else (y0,)
+    if any(isinstance(p, torch.Tensor) and p.requires_grad for p in parts):
+        return True
+    return isinstance(func, torch.nn.Module) and any(p.requires_grad for p in func.parameters())
 
 
 def _inner(a: torch.Tensor, b: torch.Tensor, dims) -> torch.Tensor:
@@ -216,6 +233,29 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy):
     else:
         stacked = torch.stack([ys[0], solution.event_y])
     return solution.event_t, stacked
+
+
+def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
+    """torchdiffeq's ``odeint_dense`` (its master branch): solve from ``t0`` to ``t1`` and return the dense
+    output as a function ``y(t_eval)``.
+
+    ``t_eval`` is a float or a tensor of any shape within ``[t0, t1]``; the result has shape
+    ``(*t_eval.shape, *y0.shape)`` (a tuple for tuple states). Differentiable with respect to ``y0`` and the
+    field's parameters (direct backpropagation through the solve). torchdiffeq's version accepts only
+    ``dopri5`` and single tensors; here any method and tuple states work, with the same default method.
+    """
+    times = [torch.as_tensor(x).detach().reshape(()) for x in (t0, t1)]
+    dtype = times[0].dtype if times[0].is_floating_point() else torch.float64
+    first = y0[0] if isinstance(y0, (tuple, list)) and len(y0) else y0
+    t = torch.stack([x.to(dtype) for x in times])
+    if isinstance(first, torch.Tensor):
+        t = t.to(first.device)  # (any other y0 is rejected, with its message, by the solve)
+    spec = check_method("dopri5" if method is None else method)
+    options = check_options(spec, options)
+    if not spec.adaptive:
+        options["_grid_is_t"] = True
+    solution = _solve(func, y0, t, spec, rtol, atol, options, Direct(), None, 0, True, True, False)
+    return solution.evaluate
 
 
 def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..callbacks import Callbacks, supported_callbacks, warn_unsupported
 from ..controllers import FixedGrid, rms_norm
 from ..integrate import integrate
 from ..methods import REGISTRY
@@ -58,6 +59,7 @@ class Adjoint(GradientStrategy):
     options: dict | None = None
     seminorm: bool = True
     params: tuple = field(default=(), repr=False)
+    callbacks: object = field(default=None, repr=False)  # the field's *_adjoint step callbacks
 
     def __post_init__(self):
         for name in ("rtol", "atol"):
@@ -71,9 +73,13 @@ class Adjoint(GradientStrategy):
                 raise ValueError(f"adjoint {name}={value} is invalid; tolerances must be finite and non-negative")
 
     def bind(self, func, adjoint_params):
-        return replace(self, params=collect_parameters(func, adjoint_params))
+        return replace(self, params=collect_parameters(func, adjoint_params),
+                       callbacks=Callbacks.of(func, adjoint=True))
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
+        if self.callbacks is not None:
+            spec = check_method(self.method) if self.method is not None else REGISTRY[problem.method]
+            warn_unsupported(self.callbacks, spec.name, supported_callbacks(spec.adaptive), adjoint=True)
         box = []
         outputs = _AdjointSolve.apply(self, problem, stepper, control, kwargs, box, problem.y0, *self.params)
         return RunResult(outputs, box[0])
@@ -128,7 +134,8 @@ class _AdjointSolve(torch.autograd.Function):
                 if not control.adaptive and control.grid is None:
                     control = FixedGrid((backward_problem.direction * times[i],
                                          backward_problem.direction * times[i - 1]))
-                result = integrate(backward_problem, stepper, control, options=options)
+                result = integrate(backward_problem, stepper, control, options=options,
+                                   callbacks=strategy.callbacks)
                 state = result.final_y
             a = state[n:2 * n] + grad_outputs[i - 1]
             a_params = state[2 * n:]
@@ -159,6 +166,17 @@ class _AdjointDynamics:
     @property
     def time_dtype(self):
         return self.field.time_dtype
+
+    def callback_view(self, state):
+        """The augmented state as the ``*_adjoint`` callbacks receive it: ``(y, a, *a_params)`` shaped
+        like the state and the parameters (torchdiffeq's tuple also leads with dL/dt)."""
+        n = self.n
+        parts = [state[:n].view(self.state_shape), state[n:2 * n].view(self.state_shape)]
+        offset = 2 * n
+        for p in self.params:
+            parts.append(state[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return tuple(parts)
 
     def as_user_function(self, t, state):
         """``func(t, y)`` with a tensor time, for a user's ``grid_constructor``."""

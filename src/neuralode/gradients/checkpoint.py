@@ -35,8 +35,9 @@ class Checkpoint(GradientStrategy):
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if not hasattr(stepper, "tableau"):
+            kind = "hands the whole span to scipy" if problem.method == "scipy_solver" else "is multistep"
             raise ValueError(f"gradient='checkpoint' supports the Runge-Kutta methods; method "
-                             f"{problem.method!r} is multistep: use gradient='direct' or 'adjoint'")
+                             f"{problem.method!r} {kind}: use gradient='direct' or 'adjoint'")
         box = []
         outputs = _CheckpointSolve.apply(self, problem, stepper, control, kwargs, box, problem.y0, *self.params)
         return RunResult(outputs, box[0])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,10 @@ import torch
 from ..tableaus import TABLEAUS
 from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
 
-__all__ = ["ExplicitAdams", "VariableOrderAdams"]
+__all__ = ["ExplicitAdams", "ImplicitAdams", "VariableOrderAdams"]
 
 _RK4 = ExplicitRungeKutta(TABLEAUS["rk4_classic"])
+_RK4_THREE_EIGHTHS = ExplicitRungeKutta(TABLEAUS["rk4"])
 
 
 def _check_int(name: str, value, method: str, low: int, high: int | None = None) -> int:
@@ -153,6 +155,114 @@ class ExplicitAdams:
             return _hermite(y0, outcome.y1, outcome.stages[1].stages[0], f1, h)
         _, derivatives, basis = outcome.stages
         return [y0] + [linear_combination(None, h, derivatives, terms) for terms in _integral_terms(basis)]
+
+
+def _adams_weights(nodes: list) -> tuple:
+    """``((i, w_i), ...)`` with ``w_i = int_0^1 L_i(s) ds`` for the Lagrange basis on ``nodes`` (scaled
+    times ``(t_i - t_n) / h``): the Adams weights of ``y_{n+1} = y_n + h sum_i w_i f_i``."""
+    return tuple((i, sum(c / (m + 1) for m, c in enumerate(p))) for i, p in enumerate(_lagrange_basis(nodes)))
+
+
+@dataclass(frozen=True, eq=False)
+class ImplicitAdams:
+    """torchdiffeq's ``implicit_adams`` (alias ``fixed_adams``): Adams-Bashforth-Moulton on a fixed grid.
+
+    Parameters
+    ----------
+    max_order : int, 1..12
+        Option ``max_order`` (default 12, as torchdiffeq): the predictor uses up to ``max_order - 1``
+        past derivatives (Adams-Bashforth of that order) and the corrector one more (Adams-Moulton of
+        order ``max_order``). Below 4 the method is the start-up Runge-Kutta method throughout (with
+        torchdiffeq's warning).
+    max_iters : int, >= 1
+        Option ``max_iters`` (default 4): most fixed-point iterations of the corrector per step.
+
+    Notes
+    -----
+    As torchdiffeq 0.2.5 (``_impl/fixed_adams.py``, facts only): while fewer than three derivatives
+    are known, a step is one step of Kutta's 3/8-rule fourth-order method (torchdiffeq's
+    ``rk4_alt_step_func``); after that, with the ``k`` newest derivatives ``f_n, ..., f_{n-k+1}``
+    (``k <= max_order - 1``), the predictor is ``dy = h sum_i beta_i f_{n-i}`` and the corrector
+    iterates ``dy <- h (mu_0 f(t_{n+1}, y_n + dy) + sum_i mu_{i+1} f_{n-i})`` until two successive
+    increments agree to ``rtol``/``atol`` in the max norm (relative to the increments themselves, as
+    torchdiffeq measures it) or ``max_iters`` iterations are done. If the iteration did not converge,
+    a warning says so and the oldest derivative is dropped (the next steps use a lower order), again
+    as torchdiffeq does. ``f(t_{n+1}, y_{n+1})`` is evaluated at the start of the next step (one
+    evaluation per step plus the corrector's). Weights: ``int_0^1`` of the Lagrange basis on the
+    scaled grid times, so on a uniform grid they are the classical coefficients of torchdiffeq's
+    tables (to rounding, [HNW93]_ Sec. III.1) and on a non-uniform grid they keep the method's order
+    (torchdiffeq uses the uniform coefficients there). Dense output: cubic Hermite (``interp="cubic"``)
+    or linear (the default for fixed grids), as torchdiffeq.
+    """
+
+    max_order: int = 12
+    max_iters: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "implicit_adams", 1, 12))
+        object.__setattr__(self, "max_iters", _check_int("max_iters", self.max_iters, "implicit_adams", 1))
+        if self.max_order < 4:
+            warnings.warn(f"implicit_adams with max_order={self.max_order} (below 4) reduces to Kutta's 3/8-rule "
+                          "rk4, as in torchdiffeq", UserWarning, stacklevel=3)
+
+    @property
+    def order(self) -> int:
+        """Global order: that of the corrector, capped at 5 by the fourth-order start-up steps."""
+        return min(self.max_order, 5) if self.max_order >= 4 else 4
+
+    @property
+    def adaptive(self) -> bool:
+        return False
+
+    def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> tuple:
+        return ()
+
+    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm=None,
+             state: tuple = ()) -> StepOutcome:
+        """One step of size ``h`` (signed); ``state`` holds the older ``(t, f)`` pairs, newest first."""
+        history = (((t0, f0),) + tuple(state or ()))[:max(self.max_order - 1, 1)]
+        keep = max(self.max_order - 2, 0)
+        if len(history) < 3 or self.max_order < 4:
+            outcome = _RK4_THREE_EIGHTHS.step(func, t0, y0, f0, h, None)
+            return StepOutcome(outcome.y1, None, None, None, ("rk4", outcome), history[:keep])
+        nodes = [(t - t0) / h for t, _ in history]
+        derivatives = [f for _, f in history]
+        dy = linear_combination(None, h, derivatives, _adams_weights(nodes))
+        moulton = _adams_weights([1.0] + nodes)
+        (_, mu0), rest = moulton[0], tuple((i - 1, w) for i, w in moulton[1:])
+        delta = linear_combination(None, h, derivatives, rest)
+        x1 = t0 + h
+        converged = False
+        for _ in range(self.max_iters):
+            previous = dy
+            f1 = func(x1, y0 + dy)
+            dy = torch.add(delta, f1, alpha=h * mu0)
+            with torch.no_grad():
+                scale = torch.maximum(previous.abs(), dy.abs()).mul_(_rtol(error_norm)).add_(_atol(error_norm))
+                converged = bool(((previous - dy).abs() / scale).max() < 1) if dy.numel() else True
+            if converged:
+                break
+        if not converged:
+            warnings.warn("Functional iteration did not converge. Solution may be incorrect.", UserWarning,
+                          stacklevel=2)
+            history = history[:-1]
+        return StepOutcome(y0 + dy, None, None, None, ("abm",), history[:keep])
+
+    def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
+                           f1: torch.Tensor) -> list:
+        """Cubic Hermite through ``y_n, f_n, y_{n+1}, f_{n+1}`` (torchdiffeq's cubic interpolation)."""
+        f0 = outcome.stages[1].stages[0] if outcome.stages[0] == "rk4" else None
+        if f0 is None:
+            f0 = func(t0, y0)
+        return _hermite(y0, outcome.y1, f0, f1, h)
+
+
+def _rtol(error_norm):
+    return 1e-7 if error_norm is None else error_norm.rtol
+
+
+def _atol(error_norm):
+    return 1e-9 if error_norm is None else error_norm.atol
 
 
 # gamma*_j of the constant-step Adams-Moulton error constants ([HNW93]_ Sec. III.1, Table 1.2):

@@ -280,3 +280,24 @@ def test_empty_state(method, shape):
     ys = neuralode.odeint(lambda t, y: (-y[0], -y[1]), (torch.zeros(0), torch.zeros(2, 0)), torch.linspace(0, 1, 3),
                           method=method, options=EVERY_METHOD_OPTIONS[method])
     assert ys[0].shape == (3, 0) and ys[1].shape == (3, 2, 0)
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturbed_grid_never_evaluates_on_grid_points(gradient, dtype):
+    """perturb=True asks that f never be evaluated exactly on a grid point: in the forward solve, in
+    the adjoint's backward solves and in the checkpoint replay."""
+    calls = []
+    weight = torch.tensor(0.7, dtype=dtype, requires_grad=True)
+
+    def field(t, y):
+        calls.append(float(t))
+        return -weight * y * torch.where(t < 0.5, 1.0, 2.0)
+
+    y0 = torch.ones(1, dtype=dtype, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype)
+    sol = neuralode.solve(field, y0, t, method="rk4", options={"step_size": 0.25, "perturb": True},
+                          gradient=gradient, adjoint_params=(weight,))
+    sol.ys.sum().backward()
+    grid = {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert not grid & set(calls), sorted(grid & set(calls))

@@ -106,8 +106,16 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     stops = sorted(set(direction * t for t in options.get("step_t", ())) | set(jumps))
     stops = [s for s in stops if tau < s < tau_end] + [tau_end]
     jump_set = set(jumps)
+    # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid). ``f`` is
+    # only reused where it was evaluated (``f_time``), and never evaluated at a time the user excluded.
+    restart_from_right = tau in jump_set
     if f is None:
-        f = field(problem.times[0], y)
+        t_first = problem.times[0]
+        if perturb or restart_from_right:
+            t_first = next_after(t_first, t_first + direction, field.time_dtype)
+        f, f_time = field(t_first, y), t_first
+    else:
+        f_time = problem.f0_time if problem.f0_time is not None else problem.times[0]
     stop_index = 0
     grid = control.grid if not adaptive else None
     grid_index = 0
@@ -123,8 +131,6 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         h = abs(float(h))
     previous_ratio = 1.0
     last_failure_non_finite = False
-    # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid).
-    restart_from_right = tau in jump_set
 
     while next_output < len(taus) or until_event:
         # --- choose the step -------------------------------------------------------------------
@@ -163,11 +169,11 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             step_field = _perturbed(field, t0, t1, left=perturb, right=perturb or ends_on_jump)
         if restart_from_right or perturb:
             t_right = next_after(t0, t1, field.time_dtype)
-            if not (f is not None and f is problem.f0 and problem.f0_time == t_right):
-                f = field(t_right, y)  # (the first step may reuse f0, taken at this very limit)
+            if f is None or f_time != t_right:
+                f, f_time = field(t_right, y), t_right
             restart_from_right = False
         elif f is None:
-            f = field(t0, y)
+            f, f_time = field(t0, y), t0
 
         # --- attempt it ------------------------------------------------------------------------
         if callbacks is not None and callbacks.step is not None:
@@ -265,6 +271,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             output_times.append(result.event_t)
             break
         tau, y, f = tau1, y1, (None if ends_on_jump else f1)
+        f_time = None if (perturb or ends_on_jump) else t1  # a perturbed f1 is the left-hand limit
         state = outcome.state
         if on_accept is not None:
             on_accept(tau1, y1, state)

@@ -61,7 +61,7 @@ def test_complex_states(dtype, method):
     sol = neuralode.solve(f, y0, t, method=method, rtol=rtol, atol=rtol * 1e-2, options=options)
     assert sol.ys.dtype == dtype
     exact = torch.tensor([cmath.exp(1j * s) for s in t.tolist()], dtype=torch.complex128)
-    tol = 1e-4 if dtype == torch.complex64 else 1e-7
+    tol = 2e-4 if dtype == torch.complex64 else 1e-7  # global error over a period: ~10-20 x rtol
     assert (sol.ys.to(torch.complex128) - exact[:, None]).abs().max() < tol
 
 

@@ -260,3 +260,49 @@ def test_odeint_dense_matches_torchdiffeq_inside_the_span():
     theirs = torchdiffeq.odeint_dense(linear, Y0, t0, t1)
     for te in [0.0, 0.3, 1.1]:
         torch.testing.assert_close(ours(te), theirs(torch.tensor(te, dtype=torch.float64)), rtol=1e-12, atol=1e-14)
+
+
+# --- found by torchdiffeq's own test suite run against neuralode ----------------------------------
+
+def test_fixed_step_event_that_never_occurs_stops():
+    """A fixed-step solve until an event that never comes ran forever (as torchdiffeq's does)."""
+    with pytest.raises(neuralode.MaxStepsError, match="event did not occur.*max_num_steps=500"):
+        neuralode.odeint(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0]), method="euler",
+                         options={"step_size": 0.1, "max_num_steps": 500}, event_fn=lambda t, y: y + 1)
+
+
+def test_odeint_adjoint_event_time_is_in_the_graph():
+    """torchdiffeq returns event_t from its adjoint function: backward through it runs (zero gradient)."""
+    weight = torch.nn.Parameter(torch.tensor(0.2, dtype=torch.float64))
+    y0 = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    event_t, ys = neuralode.odeint_adjoint(lambda t, y: weight + 0 * y, y0, torch.tensor([1.0, 2.0], dtype=torch.float64),
+                                           event_fn=lambda t, y: y - 3.5, adjoint_params=(weight,))
+    assert event_t.requires_grad and event_t.item() == pytest.approx(3.5)
+    event_t.backward()
+
+
+def test_callable_adjoint_norm_receives_torchdiffeq_tuple():
+    seen = []
+
+    def norm(x):
+        seen.append(tuple(v.shape for v in x))
+        return torch.cat([v.reshape(-1) for v in x]).abs().max()
+
+    params = (torch.rand(7, requires_grad=True), torch.rand((), requires_grad=True))
+    out = neuralode.odeint_adjoint(lambda t, x: x * params[1] + params[0].sum(), torch.tensor(1.0),
+                                   torch.tensor([0.0, 1.0]), adjoint_params=params, adjoint_options={"norm": norm})
+    out.sum().backward()
+    assert seen and set(seen) == {((), (), (), (7,), ())}  # (t adjoint, y, a, *parameter adjoints)
+
+
+def test_rk4_float32_event_time_is_accurate():
+    """torchdiffeq's event test with rk4 in float32: the event time to 1e-4 relative; adding each stage
+    increment to y in turn lost that to rounding (1.01e-4), summing increments first keeps it."""
+    a, b = 0.2, 3.0
+    target_t = 1 + 7 / 9 * 2
+    for interp in ("cubic", "linear"):
+        event_t, _ = neuralode.odeint(lambda t, y: a + (y - (a * t + b)) ** 5, torch.tensor(a + b),
+                                      torch.tensor([1.0, 2.0], dtype=torch.float64), method="rk4",
+                                      options={"step_size": 0.01, "interp": interp},
+                                      event_fn=lambda t, y: y - (a * target_t + b))
+        assert abs(event_t.item() - target_t) / target_t < 1e-4

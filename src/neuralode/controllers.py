@@ -139,6 +139,6 @@ class FixedGrid:
 
     grid: tuple
     step: float | None = None  # the step size, for running past the grid until an event
+    max_num_steps: int = 100_000  # only for running past the grid until an event (a grid is finite)
 
     adaptive = False
-    max_num_steps = math.inf

@@ -284,6 +284,12 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 break
         else:
             grid_index += 1
+            if until_event and grid_index >= len(grid) - 1 and stats["n_steps"] >= control.max_num_steps:
+                # Past the grid, a fixed-step event solve runs until the event: capped like adaptive ones.
+                raise_or_record(result, MaxStepsError(
+                    f"the event did not occur within max_num_steps={control.max_num_steps} fixed steps (t={t1}); "
+                    "check event_fn, or raise the cap with options={'max_num_steps': N}", t=t1), throw)
+                break
 
     if result.final_t is None:
         result.final_t, result.final_y = direction * tau, y

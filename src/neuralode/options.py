@@ -104,8 +104,11 @@ def make_control(spec, options, problem, field_func, user_y0):
     if not isinstance(perturb, bool):
         raise TypeError(f"option 'perturb' must be True or False, got {perturb!r}")
     step = options.get("step_size")
+    max_num_steps = options.get("max_num_steps", 100_000)
+    if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
+        raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
     return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t),
-                     step=None if step is None else float(step))
+                     step=None if step is None else float(step), max_num_steps=max_num_steps)
 
 
 def _no_tolerance(rtol, atol) -> bool:

@@ -236,7 +236,7 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy):
 
 
 def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options=None):
-    """torchdiffeq's ``odeint_dense`` (its master branch): solve from ``t0`` to ``t1`` and return the dense
+    """torchdiffeq's ``odeint_dense`` (0.2.5 and master): solve from ``t0`` to ``t1`` and return the dense
     output as a function ``y(t_eval)``.
 
     ``t_eval`` is a float or a tensor of any shape within ``[t0, t1]``; the result has shape
@@ -270,7 +270,29 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     strategy = resolve_gradient(Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
                                         options=adjoint_options),
                                 adjoint_params=adjoint_params, func=func)
-    return _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy)
+    result = _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy)
+    if event_fn is None:
+        return result
+    event_t, ys = result
+    states = ys if isinstance(ys, tuple) else (ys,)
+    if not event_t.requires_grad and any(s.requires_grad for s in states):
+        # torchdiffeq's event_t is an output of its adjoint function: part of the graph, with a zero
+        # gradient (only odeint_event routes a gradient through the event time).
+        event_t = _ZeroGradient.apply(event_t, *states)
+    return event_t, ys
+
+
+class _ZeroGradient(torch.autograd.Function):
+    """Identity on ``value``, attached to ``anchors`` with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, value, *anchors):
+        ctx.shapes = [(a.shape, a.dtype, a.device) for a in anchors]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, *[None] * len(ctx.shapes))
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):

@@ -38,8 +38,10 @@ class Adjoint(GradientStrategy):
         Method of the backward solve (default: the forward one).
     options : dict, optional
         Options of the backward solve (default: the forward ones). ``{"norm": "seminorm"}`` or
-        ``{"norm": "full"}`` choose the norm like ``seminorm``; a callable norm receives the flat
-        augmented state ``[y, a, a_theta]``.
+        ``{"norm": "full"}`` choose the norm like ``seminorm``; a callable norm receives, as in
+        torchdiffeq, the scaled error of the augmented state as a tuple ``(t_adjoint, y, a,
+        *a_params)`` shaped like the state and the parameters (``t_adjoint`` is a zero scalar: time
+        gradients are not integrated in the backward solve here).
     seminorm : bool, default True
         Leave the parameter adjoint a_theta out of the backward error norm (Kidger, Chen and Lyons,
         "Hey, that's not an ODE", ICML 2021): a_theta is a quadrature that nothing else depends on, so
@@ -115,7 +117,11 @@ class _AdjointSolve(torch.autograd.Function):
         rtol, atol = _backward_tolerances(strategy, problem, n, dynamics.n_params)
         user_norm = options.pop("norm", None)
         if callable(user_norm):
-            options["norm"] = user_norm  # applied to the flat augmented state [y, a, a_theta]
+            # torchdiffeq's convention: the norm receives the augmented state as a tuple
+            # (t adjoint, y, a, *parameter adjoints). Time gradients are attached outside the backward
+            # solve here, so the time adjoint is a zero scalar placeholder.
+            time_slot = outputs.new_zeros(())
+            options["norm"] = lambda flat: user_norm((time_slot, *dynamics.callback_view(flat)))
         elif spec.adaptive:
             seminorm = strategy.seminorm if user_norm is None else user_norm == "seminorm"
             options["norm"] = _backward_norm(n, dynamics.n_params, seminorm)

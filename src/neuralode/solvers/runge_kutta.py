@@ -30,11 +30,13 @@ def _sparse(weights) -> tuple:
 def linear_combination(y0: torch.Tensor | None, h: float, ks, terms) -> torch.Tensor:
     """``y0 + h * sum_j w_j ks[j]`` over the nonzero ``terms = ((j, w_j), ...)``; ``y0=None`` drops it."""
     (j0, w0), *rest = terms
-    # The first term creates the result (fused with y0 when there is one); the rest accumulate in place.
-    acc = ks[j0] * (h * w0) if y0 is None else torch.add(y0, ks[j0], alpha=h * w0)
+    # The increments are summed first and y0 added last (as torchdiffeq's matmul does): adding each small
+    # increment to a large y0 in turn rounds every time, which in float32 cost rk4 a 1e-4 relative error
+    # in an event time that summing first brings to 3e-5. One extra in-place add per combination.
+    acc = ks[j0] * (h * w0)
     for j, w in rest:
         acc.add_(ks[j], alpha=h * w)
-    return acc
+    return acc if y0 is None else acc.add_(y0)
 
 
 @dataclass

@@ -306,3 +306,18 @@ def test_rk4_float32_event_time_is_accurate():
                                       options={"step_size": 0.01, "interp": interp},
                                       event_fn=lambda t, y: y - (a * target_t + b))
         assert abs(event_t.item() - target_t) / target_t < 1e-4
+
+
+def test_callable_adjoint_norm_splits_tuple_states():
+    seen = []
+
+    def norm(x):
+        seen.append(len(x))
+        return torch.cat([v.reshape(-1) for v in x]).abs().max()
+
+    params = (torch.rand(3, requires_grad=True),)
+    y0 = (torch.ones(2), torch.ones(3))
+    out = neuralode.odeint_adjoint(lambda t, y: (-y[0], -y[1] * params[0]), y0, torch.tensor([0.0, 1.0]),
+                                   adjoint_params=params, adjoint_options={"norm": norm})
+    (out[0].sum() + out[1].sum()).backward()
+    assert set(seen) == {6}  # (t adjoint, y_0, y_1, a_0, a_1, parameter adjoint), as torchdiffeq

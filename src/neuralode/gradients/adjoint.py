@@ -175,9 +175,13 @@ class _AdjointDynamics:
 
     def callback_view(self, state):
         """The augmented state as the ``*_adjoint`` callbacks receive it: ``(y, a, *a_params)`` shaped
-        like the state and the parameters (torchdiffeq's tuple also leads with dL/dt)."""
+        like the state and the parameters, with ``y`` and ``a`` split into their components for tuple
+        states (torchdiffeq's tuple also leads with dL/dt)."""
         n = self.n
-        parts = [state[:n].view(self.state_shape), state[n:2 * n].view(self.state_shape)]
+        if self.field.shapes is not None:  # a tuple state: its components, as torchdiffeq passes them
+            parts = [*self.field.unflatten(state[:n]), *self.field.unflatten(state[n:2 * n])]
+        else:
+            parts = [state[:n].view(self.state_shape), state[n:2 * n].view(self.state_shape)]
         offset = 2 * n
         for p in self.params:
             parts.append(state[offset:offset + p.numel()].view(p.shape))

@@ -466,3 +466,26 @@ def test_a_run_recorded_before_data_paths_were_resolved_still_resumes(tmp_path, 
     (run / "config.json").write_text(json.dumps(saved))
     (run / "summary.json").unlink()
     assert main(["run", "pendulum", "--resume", "--out", str(run), "--no-progress", "--device", "cpu"]) == 0
+
+
+def test_a_checkpoint_without_config_json_is_never_overwritten(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "config.json").unlink()
+    (run / "summary.json").unlink()
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, "has a checkpoint but no config.json", "restore")
+    assert _run(run) == 2
+    _one_line_error(capsys, "already holds a run")
+    assert _tree(run) == before
+
+
+def test_a_config_json_with_wrong_types_on_resume(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    saved = json.loads((run / "config.json").read_text())
+    saved["config"]["log_every"] = "ten"
+    (run / "config.json").write_text(json.dumps(saved))
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, "config.json")

@@ -181,7 +181,11 @@ def _run(args: argparse.Namespace) -> int:
         if saved.get("experiment") != args.name:
             raise _Fail(f"--resume: {run_dir} is a run of {saved.get('experiment')!r}, "
                         f"not {args.name!r}")
-        config = config_from_dict(experiment.Config, saved["config"])
+        try:
+            config = config_from_dict(experiment.Config, saved["config"])
+        except (TypeError, AttributeError) as exc:
+            raise _Fail(f"{run_dir / 'config.json'} does not fit {args.name}'s config ({exc}); restore it "
+                        f"or start a new run in another --out") from None
     else:
         config = experiment.Config()
         overrides = list(args.overrides)

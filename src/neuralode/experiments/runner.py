@@ -217,6 +217,9 @@ def read_run_config(run_dir: Path) -> dict:
     """``RUN_DIR/config.json`` as a dict; CheckpointError naming the file if it is missing or damaged."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
+        if (Path(run_dir) / CHECKPOINT).exists():
+            raise CheckpointError(f"{run_dir} has a checkpoint but no config.json, which resume needs; "
+                                  f"restore {path}, or start a new run in another --out")
         raise CheckpointError(f"nothing to resume in {run_dir}: no {path}; run without --resume "
                               f"to start a new run there")
     try:
@@ -487,12 +490,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def holds_run(run_dir: str | os.PathLike) -> bool:
-    """Whether ``run_dir`` holds a run worth keeping: a ``config.json`` and a checkpoint or a
-    completed summary. A directory with only ``config.json`` (killed before its first checkpoint,
+    """Whether ``run_dir`` holds a run worth keeping: a checkpoint or a completed summary. A directory with only ``config.json`` (killed before its first checkpoint,
     stopped on missing data) does not: a new run may use it."""
     run_dir = Path(run_dir)
-    return (run_dir / "config.json").exists() and (
-        (run_dir / CHECKPOINT).exists() or _completed(run_dir / "summary.json"))
+    return (run_dir / CHECKPOINT).exists() or _completed(run_dir / "summary.json")
 
 
 def _completed(summary_path: Path) -> bool:

@@ -313,11 +313,14 @@ def _check_finite_outputs(result, problem, throw):
     if all(finite):
         return
     first = finite.index(False)
-    t_bad = problem.times[first]
+    t_bad = result.output_times[first]
     error = NonFiniteError(f"the solution became NaN or infinite by t={t_bad} (first non-finite output); the "
                            "vector field blew up or the fixed step is too large for this problem: reduce "
                            "step_size or use an adaptive method", t=t_bad)
     raise_or_record(result, error, throw)
+    # With throw=False the solution ends where it was last finite, as an adaptive solve's does.
+    del result.outputs[first:], result.output_times[first:]
+    result.final_t, result.final_y = result.output_times[-1], result.outputs[-1]
 
 
 def _perturbed(field, t0: float, t1: float, left: bool, right: bool):

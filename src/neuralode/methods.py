@@ -58,11 +58,12 @@ REGISTRY["fixed_adams"] = MethodSpec(
 def _scipy_solver(options):
     from .solvers.scipy_wrapper import ScipySolver
     return ScipySolver(solver=options.get("solver", "LSODA"), min_step=float(options.get("min_step", 0.0)),
-                       max_step=float(options.get("max_step", float("inf"))))
+                       max_step=float(options.get("max_step", float("inf"))),
+                       max_num_steps=options.get("max_num_steps", 100_000))
 
 
 REGISTRY["scipy_solver"] = MethodSpec(
-    "scipy_solver", True, _scipy_solver, frozenset({"solver", "min_step", "max_step", "norm"}),
+    "scipy_solver", True, _scipy_solver, frozenset({"solver", "min_step", "max_step", "norm", "max_num_steps"}),
     "scipy.integrate.solve_ivp over the whole span (option 'solver': LSODA, RK45, RK23, DOP853, Radau, BDF)")
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},

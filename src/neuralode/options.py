@@ -124,6 +124,8 @@ def _fixed_grid(options, times, direction, func, y0, t):
     if step_size is not None and constructor is not None:
         raise ValueError("give either option 'step_size' or 'grid_constructor', not both")
     tau0, tau_end = direction * times[0], direction * times[-1]
+    if len(times) == 1 and constructor is not None:
+        return (tau0,)  # nothing to integrate (odeint returns [y0]); the constructor has no span to cover
     if step_size is not None:
         h = _float_option(options, "step_size", None, positive=True)
         if not math.isfinite(h):

@@ -1,19 +1,22 @@
-"""``method="scipy_solver"``: the whole span handed to :func:`scipy.integrate.solve_ivp`, as torchdiffeq does.
+"""``method="scipy_solver"``: scipy's ODE solvers over the whole span, as torchdiffeq's wrapper runs them.
 
 scipy is an optional dependency (``pip install "neuralode[scipy]"``); without it this method is a clear
-error that names the extra. The facts follow torchdiffeq 0.2.5's ``_impl/scipy_wrapper.py``: option
-``solver`` picks scipy's method (default ``"LSODA"``; also ``"RK45"``, ``"RK23"``, ``"DOP853"``,
-``"Radau"``, ``"BDF"``), ``min_step`` and ``max_step`` are passed on, ``norm`` is accepted and ignored
-(scipy uses its own RMS norm), the state is integrated in float64 on the CPU and returned in its own
-dtype and device, and the vector field is called without a graph. So, as in torchdiffeq, the result
-carries no gradient under ``gradient="direct"`` (a warning says so when one was wanted), while the
-adjoint strategy differentiates it, solving its backward problem with scipy too.
+error that names the extra. The facts follow torchdiffeq 0.2.5's ``_impl/scipy_wrapper.py``, which calls
+:func:`scipy.integrate.solve_ivp` once with ``t_eval=t``: option ``solver`` picks scipy's method
+(default ``"LSODA"``; also ``"RK45"``, ``"RK23"``, ``"DOP853"``, ``"Radau"``, ``"BDF"``), ``min_step``
+and ``max_step`` are passed on, ``norm`` is accepted and ignored (scipy uses its own RMS norm), the
+state is integrated in float64 on the CPU and returned in its own dtype and device, and the vector field
+is called without a graph. So, as in torchdiffeq, the result carries no gradient under
+``gradient="direct"`` (a warning says so when one was wanted), while the adjoint strategy
+differentiates it, solving its backward problem with scipy too.
 
-Differences, each deliberate: decreasing output times are passed to scipy as they are (scipy
-integrates backwards natively; torchdiffeq's wrapper uses ``[t.min(), t.max()]`` on its internally
-negated times, which comes to the same); a failed scipy solve raises :class:`~neuralode.SolverError`
-with scipy's message (torchdiffeq returns whatever scipy produced); ``stats`` holds scipy's counts
-(``nfe``, ``njev``, ``nlu``, ``n_accepted`` steps).
+We step scipy's solver object the way ``solve_ivp`` steps it (so the numbers are the same) and add,
+deliberately: a step cap ``max_num_steps`` (default 100000; solve_ivp has none), a stop with
+:class:`~neuralode.NonFiniteError` at the first non-finite step (solve_ivp may return NaN as success),
+the outputs reached before a failure, which raises :class:`~neuralode.SolverError` with scipy's message
+(torchdiffeq returns whatever scipy produced), ``min_step`` passed to LSODA only (the others warn that it
+has no effect), and ``ys[0]`` that is ``y0`` itself. ``stats`` holds scipy's counts (``nfe``, ``njev``,
+``nlu``, ``n_accepted`` steps).
 """
 
 from __future__ import annotations
@@ -24,18 +27,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._errors import SolverError
+from .._errors import MaxStepsError, NonFiniteError, SolverError
 
 SCIPY_METHODS = ("LSODA", "RK45", "RK23", "DOP853", "Radau", "BDF")
 
 
-def _solve_ivp():
+def _scipy_solvers():
     try:
-        from scipy.integrate import solve_ivp
+        import scipy.integrate as integrate
     except ImportError:  # pragma: no cover - exercised only without scipy
         raise ImportError("method='scipy_solver' needs scipy: pip install 'neuralode[scipy]' (or pip install scipy)"
                           ) from None
-    return solve_ivp
+    return {name: getattr(integrate, name) for name in SCIPY_METHODS}
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +48,7 @@ class ScipySolver:
     solver: str = "LSODA"
     min_step: float = 0.0
     max_step: float = float("inf")
+    max_num_steps: int = 100_000  # scipy has no step cap; this one counts evaluations of func
 
     solves_whole_span = True
     adaptive = True
@@ -54,13 +58,20 @@ class ScipySolver:
         if not isinstance(self.solver, str) or self.solver not in SCIPY_METHODS:
             raise ValueError(f"option 'solver' of method 'scipy_solver' must be one of {list(SCIPY_METHODS)}, "
                              f"got {self.solver!r}")
-        _solve_ivp()  # fail at the boundary, not mid-solve, when scipy is missing
+        _scipy_solvers()  # fail at the boundary, not mid-solve, when scipy is missing
 
     def solve_span(self, problem, *, record_dense: bool = False, throw: bool = True):
-        """Integrate ``problem`` over its output times; returns the loop's :class:`Integration`."""
+        """Integrate ``problem`` over its output times; returns the loop's :class:`Integration`.
+
+        scipy's solver object is stepped here as ``solve_ivp`` steps it with ``t_eval=t`` (values at the
+        output times from each step's interpolant), so the numbers are solve_ivp's, and torchdiffeq's;
+        driving the steps ourselves adds what solve_ivp lacks: a step cap (``max_num_steps``; LSODA on
+        y' = y^2 past its blow-up otherwise runs for minutes), a stop at the first non-finite step, and
+        the outputs reached before a failure.
+        """
         from ..integrate import Integration, raise_or_record
 
-        field, times = problem.field, problem.times
+        field, times, direction = problem.field, problem.times, problem.direction
         y0 = problem.y0
         shape, dtype, device = y0.shape, y0.dtype, y0.device
         stats = {"nfe": 0, "njev": 0, "nlu": 0, "n_accepted": 0}
@@ -74,45 +85,71 @@ class ScipySolver:
                 return field(float(t), state).detach().cpu().numpy().reshape(-1)
 
         y0_numpy = y0.detach().cpu().numpy().reshape(-1)
-        if not np.iscomplexobj(y0_numpy):
-            y0_numpy = y0_numpy.astype(np.float64)
-        kwargs = {"min_step": self.min_step} if self.solver == "LSODA" else {}
+        y0_numpy = y0_numpy.astype(np.complex128 if np.iscomplexobj(y0_numpy) else np.float64)
         rtol, atol = (x.detach().cpu().numpy().reshape(-1) if isinstance(x, torch.Tensor) else x
                       for x in (problem.rtol, problem.atol))
+        extra = {"min_step": self.min_step} if self.solver == "LSODA" else {}
         with warnings.catch_warnings():
             # rtol below 100 * machine epsilon is raised by scipy with a warning; the user asked for it.
             warnings.filterwarnings("ignore", message="At least one element of `rtol` is too small")
-            sol = _solve_ivp()(numpy_field, (times[0], times[-1]), y0_numpy, method=self.solver, t_eval=times,
-                               rtol=rtol, atol=atol, max_step=self.max_step, dense_output=record_dense, **kwargs)
-        stats.update(nfe=field.nfe, njev=int(sol.njev), nlu=int(sol.nlu))
-        reached = sol.y.shape[1]
-        outputs = [torch.as_tensor(sol.y[:, i]).to(device=device, dtype=dtype).reshape(shape) for i in range(reached)]
-        result = Integration(outputs, list(times[:reached]), stats)
-        if record_dense and sol.sol is not None:
-            result.dense = _ScipyDense(sol.sol, problem.direction, shape, dtype, device)
-            stats["n_accepted"] = len(sol.sol.ts) - 1
-        if not sol.success or reached < len(times):
-            t_fail = float(sol.t[-1]) if len(sol.t) else times[0]
-            raise_or_record(result, SolverError(f"scipy's solve_ivp ({self.solver}) failed near t={t_fail}: "
-                                                f"{sol.message}", t=t_fail), throw)
-        result.final_t, result.final_y = result.output_times[-1], outputs[-1]
+            solver = _scipy_solvers()[self.solver](numpy_field, times[0], y0_numpy, times[-1], rtol=rtol, atol=atol,
+                                                   max_step=self.max_step, **extra)
+        # y(t0) is y0 itself, not scipy's float64 copy of it; detached like every other output (no graph).
+        outputs, output_times = [y0.detach()], [times[0]]
+        taus = [direction * x for x in times]
+        next_output, steps, failure = 1, 0, None
+        pieces = []
+        while next_output < len(times):
+            if steps >= self.max_num_steps:
+                failure = MaxStepsError(f"scipy's {self.solver} took max_num_steps={self.max_num_steps} steps without "
+                                        f"reaching t={times[-1]} (at t={solver.t}); raise it with options="
+                                        "{'max_num_steps': N}, or check the field for a singularity there",
+                                        t=float(solver.t))
+                break
+            message = solver.step()
+            steps += 1
+            if solver.status == "failed":
+                failure = SolverError(f"scipy's {self.solver} failed near t={solver.t}: {message}", t=float(solver.t))
+                break
+            if not np.isfinite(solver.y).all():
+                failure = NonFiniteError(f"scipy's {self.solver} reached NaN or infinite values at t={solver.t}: the "
+                                         "vector field is not finite there", t=float(solver.t))
+                break
+            interpolant = solver.dense_output()
+            if record_dense:
+                pieces.append((solver.t_old, solver.t, interpolant))
+            step_outputs = []
+            while next_output < len(times) and taus[next_output] <= direction * solver.t:
+                step_outputs.append(times[next_output])
+                next_output += 1
+            if step_outputs:
+                values = interpolant(np.asarray(step_outputs))
+                for i, t_out in enumerate(step_outputs):
+                    outputs.append(torch.as_tensor(values[:, i]).to(device=device, dtype=dtype).reshape(shape))
+                    output_times.append(t_out)
+        stats.update(nfe=field.nfe, njev=int(solver.njev), nlu=int(solver.nlu), n_accepted=steps)
+        result = Integration(outputs, output_times, stats, final_t=output_times[-1], final_y=outputs[-1])
+        if record_dense and pieces:
+            result.dense = _ScipyDense(pieces, direction, shape, dtype, device)
+        if failure is not None:
+            raise_or_record(result, failure, throw)
         return result
 
 
 class _ScipyDense:
-    """scipy's ``OdeSolution`` behind the interface :class:`~neuralode.solution.Solution` reads."""
+    """scipy's per-step interpolants behind the interface :class:`~neuralode.solution.Solution` reads."""
 
-    def __init__(self, ode_solution, direction, shape, dtype, device):
-        self.ode_solution, self.direction = ode_solution, direction
+    def __init__(self, pieces, direction, shape, dtype, device):
+        self.pieces, self.direction = pieces, direction
         self.shape, self.dtype, self.device = shape, dtype, device
-        ts = [float(x) for x in ode_solution.ts]
-        self.starts = [direction * x for x in ts[:-1]]
-        self.lengths = [direction * (b - a) for a, b in zip(ts, ts[1:])]
+        self.starts = [direction * a for a, _, _ in pieces]
+        self.lengths = [direction * (b - a) for a, b, _ in pieces]
         self.end_tau = None
 
     def evaluate_one(self, t: float) -> torch.Tensor:
-        ts = self.ode_solution.ts
-        lo, hi = min(ts[0], ts[-1]), max(ts[0], ts[-1])
-        if not lo <= t <= hi:
-            raise ValueError(f"t={t} is outside the solved span [{lo}, {hi}]")
-        return torch.as_tensor(self.ode_solution(t)).to(device=self.device, dtype=self.dtype).reshape(self.shape)
+        for a, b, interpolant in self.pieces:
+            if min(a, b) <= t <= max(a, b):
+                value = interpolant(t)
+                return torch.as_tensor(value).to(device=self.device, dtype=self.dtype).reshape(self.shape)
+        first, last = self.pieces[0][0], self.pieces[-1][1]
+        raise ValueError(f"t={t} is outside the solved span [{min(first, last)}, {max(first, last)}]")

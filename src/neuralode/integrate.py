@@ -69,7 +69,7 @@ def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor
 
 def integrate(problem, stepper, control, *, options: dict, event: EventSpec | None = None,
               record_dense: bool = False, until_event: bool = False, throw: bool = True,
-              on_accept=None, callbacks: Callbacks | None = None) -> Integration:
+              on_accept=None, callbacks: Callbacks | None = None, state_jumps: dict | None = None) -> Integration:
     """Integrate ``problem`` with ``stepper`` under ``control`` (an adaptive controller or a fixed grid).
 
     ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``norm``, ``interp``
@@ -78,6 +78,9 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     fires, its state is appended to ``outputs`` (and its time to ``output_times``). ``on_accept(tau1,
     y1, state)`` is called after every accepted step (the checkpointing strategy keeps states there).
     ``callbacks``: the user's step callbacks (:mod:`neuralode.callbacks`), or ``None``.
+    ``state_jumps``: ``{tau: jump}`` (internal time): steps land on each ``tau`` (as on ``step_t``) and
+    the state there is replaced by ``jump(y)``; the step size carries on across it, unlike a restart
+    (the adjoint's one backward solve adds dL/dy(t_i) to the adjoint this way).
     """
     if getattr(stepper, "solves_whole_span", False):
         # scipy_solver: scipy runs its own loop over the whole span (see solvers/scipy_wrapper.py).
@@ -103,7 +106,8 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     perturb = bool(options.get("perturb", False))
     adaptive = control.adaptive
     jumps = sorted(direction * t for t in options.get("jump_t", ()))
-    stops = sorted(set(direction * t for t in options.get("step_t", ())) | set(jumps))
+    state_jumps = state_jumps or {}
+    stops = sorted(set(direction * t for t in options.get("step_t", ())) | set(jumps) | set(state_jumps))
     stops = [s for s in stops if tau < s < tau_end] + [tau_end]
     jump_set = set(jumps)
     # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid). ``f`` is
@@ -136,6 +140,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         # --- choose the step -------------------------------------------------------------------
         if adaptive:
             h = min(max(h, control.min_step), control.max_step)
+            h_proposed = h
             # A step held at min_step is accepted whatever its error, also when clipping to a stop
             # below makes it an ulp longer or shorter.
             pinned = h <= control.min_step
@@ -270,6 +275,12 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             outputs.append(result.event_y)
             output_times.append(result.event_t)
             break
+        if tau1 in state_jumps:
+            # The state changes here: f must be evaluated afresh, and the step size the controller
+            # proposed before landing on tau1 (not the clipped one) carries on.
+            y1, f1 = state_jumps[tau1](y1), None
+            if adaptive:
+                h_next = max(h_next, h_proposed)
         tau, y, f = tau1, y1, (None if ends_on_jump else f1)
         f_time = None if (perturb or ends_on_jump) else t1  # a perturbed f1 is the left-hand limit
         state = outcome.state

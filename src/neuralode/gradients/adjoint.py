@@ -126,8 +126,16 @@ class _AdjointSolve(torch.autograd.Function):
             seminorm = strategy.seminorm if user_norm is None else user_norm == "seminorm"
             options["norm"] = _backward_norm(n, dynamics.n_params, seminorm)
 
-        a = grad_outputs[-1]
-        a_params = outputs.new_zeros(dynamics.n_params)
+        continuous = (spec.adaptive and not getattr(stepper, "solves_whole_span", False) and len(times) > 2
+                      and all(a != b for a, b in zip(times, times[1:])))
+        if continuous:
+            state = _continuous_backward(dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
+                                         rtol, atol)
+            a, a_params = state[n:2 * n] + grad_outputs[0], state[2 * n:]
+            times = ()  # done: the loop below is the restart-per-interval path
+        else:
+            a = grad_outputs[-1]
+            a_params = outputs.new_zeros(dynamics.n_params)
         for i in range(len(times) - 1, 0, -1):
             state = torch.cat([outputs[i], a, a_params])
             if times[i] != times[i - 1]:
@@ -155,6 +163,29 @@ class _AdjointSolve(torch.autograd.Function):
             grads.append(grad.to(p.dtype))
             offset += p.numel()
         return (None, None, None, None, None, None, a.view(state_shape), *grads)
+
+
+def _continuous_backward(dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times, rtol, atol):
+    """One backward solve from t_N to t_0 that steps onto every output time t_i instead of restarting there.
+
+    At t_i the state jumps: y is reset to its forward value and dL/dy(t_i) is added to the adjoint a.
+    The step size and the controller carry across, so no interval pays for a starting-step search and
+    a small first step; multistep methods restart their history there (the state changed). Returns
+    the augmented state at t_0 (before dL/dy(t_0) is added).
+    """
+    n = outputs.shape[1]
+    direction = 1 if times[0] > times[-1] else -1
+    jumps = {}
+    for i in range(1, len(times) - 1):
+        def jump(state, i=i):
+            return torch.cat([outputs[i], state[n:2 * n] + grad_outputs[i], state[2 * n:]])
+        jumps[direction * times[i]] = jump
+    state = torch.cat([outputs[-1], grad_outputs[-1], outputs.new_zeros(dynamics.n_params)])
+    span = torch.tensor([times[-1], times[0]], dtype=torch.float64)
+    problem = Problem(dynamics, state, None, span, [times[-1], times[0]], direction, None, rtol, atol)
+    control = make_control(spec, options, problem, dynamics.as_user_function, state)
+    result = integrate(problem, stepper, control, options=options, callbacks=strategy.callbacks, state_jumps=jumps)
+    return result.final_y
 
 
 class _AdjointDynamics:

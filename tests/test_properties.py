@@ -286,7 +286,10 @@ def test_fixed_step_error_small_and_halving_reduces_it(method, problem, times, n
         errors.append((ys - exact).abs().max().item())
     _note(f"errors {errors}, h {h}")
     assert errors[0] <= 30 * h ** p, (method, errors, h)
-    if errors[0] > 1e-10:  # above round-off (~ steps * eps), where the order is visible
+    # Above the error floor, where the order is visible: round-off (~ steps * eps), and for the implicit
+    # Adams methods their corrector, iterated only until increments agree to rtol (default 1e-7).
+    floor = 1e-9 if method in ("implicit_adams", "fixed_adams") else 1e-10
+    if errors[0] > floor:
         assert errors[1] <= min(0.75, 2.0 ** (1 - p)) * errors[0], (method, errors)
 
 
@@ -529,7 +532,9 @@ def test_nan_field_is_never_success(method, problem, times, where):
     _note(f"status {sol.status!r}, ys {sol.ys.tolist()}")
     assert sol.status != "success" and not sol.success
     _returned_prefix_is_finite(sol, t)
-    assert all(direction * (s - t_nan) < 0 for s in sol.ts.tolist())
+    # At t_nan itself the solution is the left limit, which a fixed grid whose stages all lie before
+    # t_nan computes correctly; nothing beyond it is returned.
+    assert all(direction * (s - t_nan) <= 0 for s in sol.ts.tolist())
 
 
 # --- gradients -------------------------------------------------------------------------------------

@@ -330,3 +330,21 @@ def test_callable_adjoint_norm_splits_tuple_states():
                                    adjoint_params=params, adjoint_options={"norm": norm})
     (out[0].sum() + out[1].sum()).backward()
     assert set(seen) == {6}  # (t adjoint, y_0, y_1, a_0, a_1, parameter adjoint), as torchdiffeq
+
+
+@pytest.mark.parametrize("solver", ["LSODA", "RK45", "DOP853"])
+def test_scipy_solver_complex_states(solver):
+    """scipy's LSODA is real-only (torchdiffeq raises scipy's ValueError): it gets real and imaginary parts."""
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    ys = neuralode.odeint(lambda t, y: 1j * y, torch.ones(2, dtype=torch.complex128), t, method="scipy_solver",
+                          options={"solver": solver}, rtol=1e-9, atol=1e-10)
+    assert ys.dtype == torch.complex128
+    torch.testing.assert_close(ys[:, 0], torch.exp(1j * t), rtol=1e-7, atol=1e-8)
+
+
+def test_scipy_solver_stops_when_lsoda_stops_advancing():
+    """LSODA past the blow-up of y' = y^2 took steps of length zero indefinitely: now a NonFiniteError."""
+    sol = neuralode.solve(lambda t, y: y * y, torch.ones(1, dtype=torch.float64),
+                          torch.tensor([0.0, 0.5, 1.5], dtype=torch.float64), method="scipy_solver", rtol=1e-3,
+                          atol=1e-6, throw=False)
+    assert sol.status == "non_finite" and "diverges" in sol.message and sol.ys.shape[0] == 2

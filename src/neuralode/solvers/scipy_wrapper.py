@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .._errors import MaxStepsError, NonFiniteError, SolverError
+from .._errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
 
 SCIPY_METHODS = ("LSODA", "RK45", "RK23", "DOP853", "Radau", "BDF")
 
@@ -79,15 +79,29 @@ class ScipySolver:
             # Nothing to integrate (scipy rejects an empty state): the trivial solution.
             return Integration([y0] * len(times), list(times), stats, final_t=times[-1], final_y=y0)
 
+        # LSODA works in real arithmetic only (scipy raises for a complex y0): a complex state is given to it
+        # as its real and imaginary parts; the other solvers take complex states as they are.
+        as_pairs = y0.is_complex() and self.solver == "LSODA"
+
+        def to_state(y):
+            if as_pairs:
+                y = y[:y.size // 2] + 1j * y[y.size // 2:]
+            return torch.as_tensor(y).to(device=device, dtype=dtype).reshape(shape)
+
+        def to_numpy(x):
+            x = x.detach().cpu().numpy().reshape(-1)
+            return np.concatenate([x.real, x.imag]) if as_pairs else x
+
         def numpy_field(t, y):
             with torch.no_grad():
-                state = torch.as_tensor(y).to(device=device, dtype=dtype).reshape(shape)
-                return field(float(t), state).detach().cpu().numpy().reshape(-1)
+                return to_numpy(field(float(t), to_state(y)))
 
-        y0_numpy = y0.detach().cpu().numpy().reshape(-1)
+        y0_numpy = to_numpy(y0)
         y0_numpy = y0_numpy.astype(np.complex128 if np.iscomplexobj(y0_numpy) else np.float64)
         rtol, atol = (x.detach().cpu().numpy().reshape(-1) if isinstance(x, torch.Tensor) else x
                       for x in (problem.rtol, problem.atol))
+        if as_pairs:
+            rtol, atol = (np.concatenate([x, x]) if isinstance(x, np.ndarray) else x for x in (rtol, atol))
         extra = {"min_step": self.min_step} if self.solver == "LSODA" else {}
         with warnings.catch_warnings():
             # rtol below 100 * machine epsilon is raised by scipy with a warning; the user asked for it.
@@ -115,6 +129,19 @@ class ScipySolver:
                 failure = NonFiniteError(f"scipy's {self.solver} reached NaN or infinite values at t={solver.t}: the "
                                          "vector field is not finite there", t=float(solver.t))
                 break
+            if solver.t == solver.t_old:
+                # LSODA near a singularity keeps taking steps of length zero (seen on y' = y^2 past its
+                # blow-up: |y| ~ 1e154 and no progress for thousands of steps).
+                magnitude, initial = float(np.abs(solver.y).max()), float(np.abs(y0_numpy).max())
+                if magnitude > 1e8 * max(1.0, initial):
+                    failure = NonFiniteError(f"the solution diverges to infinity near t={solver.t}: |y| reached "
+                                             f"{magnitude:.3g} and scipy's {self.solver} stopped advancing",
+                                             t=float(solver.t))
+                else:
+                    failure = StepSizeUnderflowError(f"scipy's {self.solver} stopped advancing at t={solver.t} "
+                                                     f"(step size underflow; largest |y| there: {magnitude:.3g})",
+                                                     t=float(solver.t))
+                break
             interpolant = solver.dense_output()
             if record_dense:
                 pieces.append((solver.t_old, solver.t, interpolant))
@@ -125,12 +152,12 @@ class ScipySolver:
             if step_outputs:
                 values = interpolant(np.asarray(step_outputs))
                 for i, t_out in enumerate(step_outputs):
-                    outputs.append(torch.as_tensor(values[:, i]).to(device=device, dtype=dtype).reshape(shape))
+                    outputs.append(to_state(values[:, i]))
                     output_times.append(t_out)
         stats.update(nfe=field.nfe, njev=int(solver.njev), nlu=int(solver.nlu), n_accepted=steps)
         result = Integration(outputs, output_times, stats, final_t=output_times[-1], final_y=outputs[-1])
         if record_dense and pieces:
-            result.dense = _ScipyDense(pieces, direction, shape, dtype, device)
+            result.dense = _ScipyDense(pieces, direction, to_state)
         if failure is not None:
             raise_or_record(result, failure, throw)
         return result
@@ -139,9 +166,8 @@ class ScipySolver:
 class _ScipyDense:
     """scipy's per-step interpolants behind the interface :class:`~neuralode.solution.Solution` reads."""
 
-    def __init__(self, pieces, direction, shape, dtype, device):
-        self.pieces, self.direction = pieces, direction
-        self.shape, self.dtype, self.device = shape, dtype, device
+    def __init__(self, pieces, direction, to_state):
+        self.pieces, self.direction, self.to_state = pieces, direction, to_state
         self.starts = [direction * a for a, _, _ in pieces]
         self.lengths = [direction * (b - a) for a, b, _ in pieces]
         self.end_tau = None
@@ -149,7 +175,6 @@ class _ScipyDense:
     def evaluate_one(self, t: float) -> torch.Tensor:
         for a, b, interpolant in self.pieces:
             if min(a, b) <= t <= max(a, b):
-                value = interpolant(t)
-                return torch.as_tensor(value).to(device=self.device, dtype=self.dtype).reshape(self.shape)
+                return self.to_state(interpolant(t))
         first, last = self.pieces[0][0], self.pieces[-1][1]
         raise ValueError(f"t={t} is outside the solved span [{min(first, last)}, {max(first, last)}]")

@@ -9,11 +9,13 @@ import pytest
 
 from neuralode.experiments import apply_overrides, get_experiment, train
 from neuralode.experiments.mnist import MNIST, MNISTConfig
+from shared_data import SHARED_DATA
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "mnist"
 needs_data = pytest.mark.skipif(not (DATA / "t10k-images-idx3-ubyte.gz").exists(), reason="needs ../shared/data/mnist")
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="resolving the config locates the data: needs ../shared/data")
 def test_full_settings_are_the_papers():
     c = MNIST.resolve(apply_overrides(MNISTConfig(), ["train_size=0", "test_size=0", "epochs=160"]))
     assert (c.lr, c.momentum, c.batch_size, c.lr_decay_epochs, c.crop_padding) == (0.1, 0.9, 128, (60, 100, 140), 4)

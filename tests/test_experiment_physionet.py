@@ -79,6 +79,7 @@ def test_config_errors_name_the_setting(override, message):
         PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [override]))
 
 
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="resolving the config locates the data: needs ../shared/data")
 def test_rnn_hidden_zero_is_size_matched_to_the_latent_ode():
     config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [o for o in SMOKE if not o.startswith("rnn_hidden")]))
     assert config.rnn_hidden == 0

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import neuralode  # public API only; looked up at call time
+from neuralode.solve import solve
 from neuralode.nn import PROBES, TimeDependentModule, TimeSequential, sample_probe
 from neuralode.nn._checks import one_of, positive_float, positive_int
 
@@ -442,7 +442,7 @@ class CNF(nn.Module):
         zeros = z.new_zeros(z.shape[0])
         y0 = (z, l0) + tuple(zeros.clone() for _ in range(self.kinetic + self.frobenius))
         t = torch.tensor([start, end], dtype=torch.float64, device=z.device)
-        solution = neuralode.solve(field, y0, t, method=self.method, rtol=self.rtol, atol=self.atol,
+        solution = solve(field, y0, t, method=self.method, rtol=self.rtol, atol=self.atol,
                                    options=self.options, gradient=self.gradient,
                                    adjoint_params=tuple(self.dynamics.parameters()))
         self.last_stats = solution.stats

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import neuralode  # public API only; looked up at call time
+from neuralode.solve import solve
 from neuralode.nn import Autonomous
 from neuralode.nn._checks import one_of, positive_float, positive_int
 
@@ -253,7 +253,7 @@ class ObservationEncoder(nn.Module):
         scale = gap.to(h.dtype)[:, None]
         func = lambda s, y: scale * self.ode_func(y)  # noqa: E731 - a closure over this step's gaps
         s = torch.tensor([0.0, 1.0], dtype=torch.float64, device=h.device)
-        solution = neuralode.solve(func, h, s, method="rk4", options={"step_size": 1.0 / self.substeps},
+        solution = solve(func, h, s, method="rk4", options={"step_size": 1.0 / self.substeps},
                                    gradient="direct")
         return solution.ys[-1]
 
@@ -471,7 +471,7 @@ class LatentODE(nn.Module):
             stats: dict = {"nfe": 0, "n_steps": 0}
         else:
             t = torch.tensor(solve_times, dtype=torch.float64, device=z0.device)
-            solution = neuralode.solve(self.dynamics, z0, t, method=self.method, rtol=self.rtol, atol=self.atol,
+            solution = solve(self.dynamics, z0, t, method=self.method, rtol=self.rtol, atol=self.atol,
                                        options=options, gradient=self.gradient,
                                        adjoint_params=tuple(self.dynamics.parameters()))
             z, stats = solution.ys[first:first + len(grid)], solution.stats

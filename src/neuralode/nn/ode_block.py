@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import neuralode  # the package's public API; looked up at call time (no import cycle)
+from neuralode.gradients import GradientStrategy
+from neuralode.solve import solve
 from neuralode.nn._checks import one_of, time_points, tolerance
 from neuralode.nn.augment import augment
 from neuralode.nn.regularisers import PROBES, RegularisedDynamics, sample_probe
@@ -131,7 +132,7 @@ class ODEBlock(nn.Module):
         self.options = dict(options) if options is not None else None
         if isinstance(gradient, str):
             gradient = one_of("gradient", gradient, GRADIENTS)
-        elif not isinstance(gradient, neuralode.GradientStrategy):
+        elif not isinstance(gradient, GradientStrategy):
             raise TypeError(
                 f"gradient must be one of {list(GRADIENTS)} or a gradient strategy object such as "
                 f"neuralode.Adjoint(rtol=1e-4), got {type(gradient).__name__}."
@@ -207,7 +208,7 @@ class ODEBlock(nn.Module):
         else:
             func = self.func
             y0 = x
-        solution = neuralode.solve(
+        solution = solve(
             func,
             y0,
             t,

@@ -533,8 +533,11 @@ def test_nan_field_is_never_success(method, problem, times, where):
     assert sol.status != "success" and not sol.success
     _returned_prefix_is_finite(sol, t)
     # At t_nan itself the solution is the left limit, which a fixed grid whose stages all lie before
-    # t_nan computes correctly; nothing beyond it is returned.
-    assert all(direction * (s - t_nan) <= 0 for s in sol.ts.tolist())
+    # t_nan computes correctly. Adaptive methods return nothing beyond it; a fixed-step method may
+    # return a finite output up to one step past it (euler's step from before t_nan evaluates f only
+    # there: nothing in that step saw a NaN), never further.
+    reach = 0.0 if REGISTRY[method].adaptive else abs(t1 - t0) / 40
+    assert all(direction * (s - t_nan) <= reach * (1 + 1e-9) for s in sol.ts.tolist())
 
 
 # --- gradients -------------------------------------------------------------------------------------

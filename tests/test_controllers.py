@@ -201,3 +201,45 @@ def test_pi_controller_meets_tolerance(method, vdp_reference):
     assert pi.stats != integral.stats
     # PI damps accept/reject oscillation: never more rejections than the integral controller here
     assert pi.stats["n_rejected"] <= integral.stats["n_rejected"]
+
+
+# --- PID (Söderlind; diffrax's PIDController parametrisation) -------------------------------------
+
+def test_pid_formula_and_clipping():
+    c = AdaptiveController(kind="pid", pcoeff=0.2, icoeff=0.4, dcoeff=0.1)
+    h, r, r1, r2, k = 0.1, 0.3, 0.5, 2.0, 5
+    b1, b2, b3 = (0.2 + 0.4 + 0.1) / k, -(0.2 + 0.2) / k, 0.1 / k
+    expected = h * min(10.0, max(1.0, 0.9 * r ** -b1 * r1 ** -b2 * r2 ** -b3))
+    assert c.next_step(h, r, r1, 4, True, r2) == pytest.approx(expected, rel=1e-15)
+    # A rejected step shrinks by the same formula, capped at safety (diffrax's rule), floored at dfactor.
+    rejected = c.next_step(h, 3.0, r1, 4, False, r2)
+    assert h * 0.2 <= rejected <= h * 0.9
+    # Zero or infinite past errors count as 1.
+    assert c.next_step(h, r, 0.0, 4, True, math.inf) == c.next_step(h, r, 1.0, 4, True, 1.0)
+
+
+def test_pid_defaults_are_the_integral_controller_and_pi_coefficients_match_pi():
+    import neuralode
+
+    f = lambda t, y: torch.stack([y[1], 10 * (1 - y[0] ** 2) * y[1] - y[0]])
+    y0, t = torch.tensor([2.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 10.0], dtype=torch.float64)
+    integral = neuralode.solve(f, y0, t, rtol=1e-6, atol=1e-6)
+    pid = neuralode.solve(f, y0, t, rtol=1e-6, atol=1e-6, options={"controller": "pid"})
+    assert pid.stats == integral.stats and torch.equal(pid.ys, integral.ys)
+    c = AdaptiveController(kind="pid", pcoeff=0.4, icoeff=0.3)
+    pi = AdaptiveController(kind="pi")
+    assert c.next_step(0.1, 0.3, 0.6, 4, True) == pytest.approx(pi.next_step(0.1, 0.3, 0.6, 4, True), rel=1e-14)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"pcoeff": 0.4}, "controller': 'pid'"),
+    ({"controller": "pid", "icoeff": 0.0}, "pcoeff \\+ icoeff \\+ dcoeff must be > 0"),
+    ({"controller": "pid", "dcoeff": "a"}, "must be a number"),
+    ({"controller": "pd"}, "'integral', 'pi' or 'pid'"),
+])
+def test_pid_option_errors(options, match):
+    import neuralode
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64),
+                        torch.tensor([0.0, 1.0], dtype=torch.float64), options=options)

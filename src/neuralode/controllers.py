@@ -10,7 +10,13 @@ We keep it as the default so that code moving from torchdiffeq takes the same st
 same numbers. The **PI** controller (Gustafsson 1991; Hairer and Wanner II, Sec. IV.2, eq. 2.43c)
 ``h_new = h * safety * r_n**(-0.7/(q+1)) * r_{n-1}**(0.4/(q+1))`` damps the oscillating accept/reject
 pattern on mildly stiff problems and usually saves steps there; select it with
-``options={"controller": "pi"}``.
+``options={"controller": "pi"}``. The **PID** controller (Söderlind's digital filters, "Digital filters
+in adaptive time-stepping", ACM TOMS 29, 2003), with diffrax's parametrisation and defaults
+(``PIDController``: ``pcoeff``, ``icoeff``, ``dcoeff``), ``h_new = h * safety * r_n**(-b1/k) *
+r_{n-1}**(-b2/k) * r_{n-2}**(-b3/k)``, ``k = q + 1``, ``b1 = p + i + d``, ``b2 = -(p + 2 d)``, ``b3 = d``;
+select it with ``options={"controller": "pid", "pcoeff": 0.4, "icoeff": 0.3, "dcoeff": 0.0}``. As in
+diffrax, the same formula shrinks a rejected step (capped at ``safety``), an accepted step never
+shrinks, and a zero or infinite past error counts as 1 in the history.
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ class AdaptiveController:
 
     Parameters
     ----------
-    kind : {"integral", "pi"}
+    kind : {"integral", "pi", "pid"}
     safety, ifactor, dfactor : float
         Safety factor, largest growth and largest shrink factor per step.
     min_step, max_step : float
@@ -117,14 +123,28 @@ class AdaptiveController:
     max_step: float = math.inf
     first_step: float | None = None
     max_num_steps: int = 100_000
+    pcoeff: float = 0.0
+    icoeff: float = 1.0
+    dcoeff: float = 0.0
 
     adaptive = True
 
-    def next_step(self, h: float, ratio: float, previous_ratio: float, order: int, accepted: bool) -> float:
-        """Length of the next step after a step of length ``h`` with error ratio ``ratio``."""
+    def next_step(self, h: float, ratio: float, previous_ratio: float, order: int, accepted: bool,
+                  older_ratio: float = 1.0) -> float:
+        """Length of the next step after a step of length ``h`` with error ratio ``ratio``;
+        ``previous_ratio`` and ``older_ratio`` are those of the two accepted steps before it."""
         if ratio == 0.0:
             return h * self.ifactor
         k = order + 1
+        if self.kind == "pid":
+            b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
+            b2 = -(self.pcoeff + 2.0 * self.dcoeff) / k
+            b3 = self.dcoeff / k
+            previous = previous_ratio if 0.0 < previous_ratio < math.inf else 1.0
+            older = older_ratio if 0.0 < older_ratio < math.inf else 1.0
+            factor = self.safety * ratio ** (-b1) * previous ** (-b2) * older ** (-b3)
+            low, high = (1.0, self.ifactor) if accepted else (self.dfactor, self.safety)
+            return h * min(high, max(factor, low))
         if self.kind == "pi" and accepted:
             factor = self.safety * ratio ** (-0.7 / k) * max(previous_ratio, 1e-4) ** (0.4 / k)
         else:

@@ -133,7 +133,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             order = getattr(stepper, "initial_step_order", stepper.order)
             h = initial_step(field, direction * tau, y, f, direction, order, error_norm)
         h = abs(float(h))
-    previous_ratio = 1.0
+    previous_ratio = older_ratio = 1.0   # error ratios of the last two accepted steps (PI, PID)
     read_together = y.device.type != "cpu"
     last_failure_non_finite = False
 
@@ -208,11 +208,11 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             else:
                 accepted = ratio <= 1.0 or pinned
                 last_failure_non_finite = False
-                h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted)
+                h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted, older_ratio)
                 if accepted and outcome.step_factor is not None:
                     h_next = h * outcome.step_factor
                 if accepted:
-                    previous_ratio = ratio
+                    previous_ratio, older_ratio = ratio, previous_ratio
         if callbacks is not None and adaptive:
             chosen = callbacks.accept if accepted else callbacks.reject
             if chosen is not None:

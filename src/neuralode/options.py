@@ -70,8 +70,19 @@ def make_control(spec, options, problem, field_func, user_y0):
     times, direction = problem.times, problem.direction
     if spec.adaptive:
         kind = options.get("controller", "integral")
-        if kind not in ("integral", "pi"):
-            raise ValueError(f"option 'controller' must be 'integral' or 'pi', got {kind!r}")
+        if kind not in ("integral", "pi", "pid"):
+            raise ValueError(f"option 'controller' must be 'integral', 'pi' or 'pid', got {kind!r}")
+        coefficients = {name: _float_option(options, name, default) for name, default in
+                        (("pcoeff", 0.0), ("icoeff", 1.0), ("dcoeff", 0.0))}
+        given = sorted(name for name in coefficients if name in options)
+        if given and kind != "pid":
+            raise ValueError(f"option(s) {given} set the PID controller's coefficients; add "
+                             "options={'controller': 'pid', ...} (diffrax's PIDController parametrisation)")
+        if any(not math.isfinite(v) for v in coefficients.values()):
+            raise ValueError(f"PID coefficients must be finite, got {coefficients}")
+        if coefficients["pcoeff"] + coefficients["icoeff"] + coefficients["dcoeff"] <= 0:
+            raise ValueError(f"PID coefficients {coefficients} never grow or shrink the step "
+                             "(pcoeff + icoeff + dcoeff must be > 0); e.g. pcoeff=0.4, icoeff=0.3")
         max_num_steps = options.get("max_num_steps", 100_000)
         if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
             raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
@@ -99,7 +110,8 @@ def make_control(spec, options, problem, field_func, user_y0):
             raise ValueError(f"option 'min_step'={min_step} exceeds 'max_step'={max_step}")
         return AdaptiveController(
             kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
-            first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps)
+            first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps,
+            **coefficients)
     perturb = options.get("perturb", False)
     if not isinstance(perturb, bool):
         raise TypeError(f"option 'perturb' must be True or False, got {perturb!r}")

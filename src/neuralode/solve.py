@@ -40,7 +40,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         Method options, with torchdiffeq's names: fixed grid ``step_size``, ``grid_constructor``,
         ``perturb``, ``interp``; adaptive ``first_step``, ``max_num_steps`` (default 100000),
         ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``step_t``, ``jump_t``,
-        ``norm``, ``dtype``, and ``controller`` (``"integral"`` default, or ``"pi"``); Adams
+        ``norm``, ``dtype``, and ``controller`` (``"integral"`` default, ``"pi"``, or ``"pid"`` with
+        ``pcoeff``, ``icoeff``, ``dcoeff``); Adams
         ``max_order``, ``max_iters``. An option the method does not use is an error.
     gradient : {"direct", "adjoint", "checkpoint"} or a strategy object
         How ``backward()`` differentiates the solve (see :mod:`neuralode.gradients`).

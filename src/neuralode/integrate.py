@@ -87,7 +87,12 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         if event is not None or until_event:
             raise ValueError("method 'scipy_solver' does not support events (neither does torchdiffeq's); "
                              "use an adaptive method such as 'dopri5' with event_fn")
-        return stepper.solve_span(problem, record_dense=record_dense, throw=throw)
+        span = stepper.solve_span(problem, record_dense=record_dense)
+        result = Integration(span.outputs, span.output_times, span.stats, dense=span.dense,
+                             final_t=span.output_times[-1], final_y=span.outputs[-1])
+        if span.failure is not None:
+            raise_or_record(result, span.failure, throw)
+        return result
     field, direction = problem.field, problem.direction
     taus = [direction * t for t in problem.times]
     tau = taus[0]

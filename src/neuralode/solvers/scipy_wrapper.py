@@ -43,12 +43,13 @@ def _scipy_solvers():
 
 @dataclass(frozen=True, eq=False)
 class ScipySolver:
-    """Runs :func:`scipy.integrate.solve_ivp` over the whole span (not a stepper: the loop hands it the span)."""
+    """Runs one of scipy's solvers over the whole span as ``solve_ivp`` does (not a stepper: the loop hands
+    it the span and takes back a :class:`SpanResult`)."""
 
     solver: str = "LSODA"
     min_step: float = 0.0
     max_step: float = float("inf")
-    max_num_steps: int = 100_000  # scipy has no step cap; this one counts evaluations of func
+    max_num_steps: int = 100_000  # scipy has no step cap; this one counts scipy's steps
 
     solves_whole_span = True
     adaptive = True
@@ -60,8 +61,8 @@ class ScipySolver:
                              f"got {self.solver!r}")
         _scipy_solvers()  # fail at the boundary, not mid-solve, when scipy is missing
 
-    def solve_span(self, problem, *, record_dense: bool = False, throw: bool = True):
-        """Integrate ``problem`` over its output times; returns the loop's :class:`Integration`.
+    def solve_span(self, problem, *, record_dense: bool = False) -> SpanResult:
+        """Integrate ``problem`` over its output times.
 
         scipy's solver object is stepped here as ``solve_ivp`` steps it with ``t_eval=t`` (values at the
         output times from each step's interpolant), so the numbers are solve_ivp's, and torchdiffeq's;
@@ -69,15 +70,13 @@ class ScipySolver:
         y' = y^2 past its blow-up otherwise runs for minutes), a stop at the first non-finite step, and
         the outputs reached before a failure.
         """
-        from ..integrate import Integration, raise_or_record
-
         field, times, direction = problem.field, problem.times, problem.direction
         y0 = problem.y0
         shape, dtype, device = y0.shape, y0.dtype, y0.device
         stats = {"nfe": 0, "njev": 0, "nlu": 0, "n_accepted": 0}
         if len(times) == 1 or y0.numel() == 0:
             # Nothing to integrate (scipy rejects an empty state): the trivial solution.
-            return Integration([y0] * len(times), list(times), stats, final_t=times[-1], final_y=y0)
+            return SpanResult([y0] * len(times), list(times), stats)
 
         # LSODA works in real arithmetic only (scipy raises for a complex y0): a complex state is given to it
         # as its real and imaginary parts; the other solvers take complex states as they are.
@@ -155,12 +154,20 @@ class ScipySolver:
                     outputs.append(to_state(values[:, i]))
                     output_times.append(t_out)
         stats.update(nfe=field.nfe, njev=int(solver.njev), nlu=int(solver.nlu), n_accepted=steps)
-        result = Integration(outputs, output_times, stats, final_t=output_times[-1], final_y=outputs[-1])
-        if record_dense and pieces:
-            result.dense = _ScipyDense(pieces, direction, to_state)
-        if failure is not None:
-            raise_or_record(result, failure, throw)
-        return result
+        dense = _ScipyDense(pieces, direction, to_state) if record_dense and pieces else None
+        return SpanResult(outputs, output_times, stats, dense, failure)
+
+
+@dataclass
+class SpanResult:
+    """What :meth:`ScipySolver.solve_span` hands back to the loop: the outputs reached (the first is y0),
+    their times, scipy's counts, the dense output (or None) and the failure that stopped it (or None)."""
+
+    outputs: list
+    output_times: list
+    stats: dict
+    dense: object = None
+    failure: Exception | None = None
 
 
 class _ScipyDense:

@@ -25,7 +25,7 @@ NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 
 @dataclass(frozen=True)
 class Callbacks:
-    """The callbacks the loop calls (each ``None`` when unset); ``wrap`` adapts arguments to the user."""
+    """The callbacks the loop calls (each ``None`` when unset)."""
 
     step: object = None
     accept: object = None
@@ -46,15 +46,9 @@ class Callbacks:
         return {name + suffix for name, f in zip(NAMES, (self.step, self.accept, self.reject)) if f is not None}
 
 
-def supported_callbacks(adaptive: bool, scipy: bool = False) -> set:
-    """What a method can call: every callback for adaptive methods, ``callback_step`` for fixed grids."""
-    if scipy:
-        return set()
-    return set(NAMES) if adaptive else {"callback_step"}
-
-
 def warn_unsupported(callbacks: Callbacks | None, method: str, supported: set, adjoint: bool = False) -> None:
-    """torchdiffeq's warning when a callback is set that the method never calls."""
+    """torchdiffeq's warning when a callback is set that the method never calls (``supported``: the
+    method's ``MethodSpec.callbacks``)."""
     if callbacks is None:
         return
     suffix = "_adjoint" if adjoint else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .callbacks import NAMES as CALLBACK_NAMES
 from .solvers.runge_kutta import ExplicitRungeKutta
 from .tableaus import TABLEAUS
 
@@ -21,6 +22,16 @@ class MethodSpec:
     make_stepper: object      # (options) -> stepper
     options: frozenset
     description: str
+    # An outside solver that takes the whole span (scipy_solver): it calls the field without a graph
+    # and calls no step callbacks.
+    whole_span: bool = False
+
+    @property
+    def callbacks(self) -> frozenset:
+        """The step callbacks this method calls (torchdiffeq's ``valid_callbacks``)."""
+        if self.whole_span:
+            return frozenset()
+        return frozenset(CALLBACK_NAMES) if self.adaptive else frozenset({"callback_step"})
 
 
 def _rk(name):
@@ -65,7 +76,8 @@ def _scipy_solver(options):
 
 REGISTRY["scipy_solver"] = MethodSpec(
     "scipy_solver", True, _scipy_solver, frozenset({"solver", "min_step", "max_step", "norm", "max_num_steps"}),
-    "scipy.integrate.solve_ivp over the whole span (option 'solver': LSODA, RK45, RK23, DOP853, Radau, BDF)")
+    "scipy.integrate.solve_ivp over the whole span (option 'solver': LSODA, RK45, RK23, DOP853, Radau, BDF)",
+    whole_span=True)
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")

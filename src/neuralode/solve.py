@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .callbacks import Callbacks, supported_callbacks, warn_unsupported
+from .callbacks import Callbacks, warn_unsupported
 from .controllers import FixedGrid
 from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
 from .integrate import EventSpec
@@ -96,9 +96,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     event = EventSpec(event_fn, event_direction) if event_fn is not None else None
     callbacks = Callbacks.of(func)
-    scipy = spec.name == "scipy_solver"
-    warn_unsupported(callbacks, spec.name, supported_callbacks(spec.adaptive, scipy=scipy))
-    if scipy and isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
+    warn_unsupported(callbacks, spec.name, spec.callbacks)
+    if spec.whole_span and isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
         warnings.warn("method 'scipy_solver' calls the vector field without a graph, so under gradient='direct' "
                       "its result carries no gradient (as in torchdiffeq); use odeint_adjoint or "
                       "gradient='adjoint' to differentiate it", UserWarning, stacklevel=3)
@@ -288,12 +287,12 @@ class _ZeroGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value, *anchors):
-        ctx.shapes = [(a.shape, a.dtype, a.device) for a in anchors]
+        ctx.n_anchors = len(anchors)
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
-        return (None, *[None] * len(ctx.shapes))
+        return (None,) * (1 + ctx.n_anchors)
 
 
 def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..callbacks import Callbacks, supported_callbacks, warn_unsupported
+from ..callbacks import Callbacks, warn_unsupported
 from ..controllers import FixedGrid, rms_norm
 from ..integrate import integrate
 from ..methods import REGISTRY
@@ -81,7 +81,7 @@ class Adjoint(GradientStrategy):
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if self.callbacks is not None:
             spec = check_method(self.method) if self.method is not None else REGISTRY[problem.method]
-            warn_unsupported(self.callbacks, spec.name, supported_callbacks(spec.adaptive), adjoint=True)
+            warn_unsupported(self.callbacks, spec.name, spec.callbacks, adjoint=True)
         box = []
         outputs = _AdjointSolve.apply(self, problem, stepper, control, kwargs, box, problem.y0, *self.params)
         return RunResult(outputs, box[0])
@@ -126,7 +126,7 @@ class _AdjointSolve(torch.autograd.Function):
             seminorm = strategy.seminorm if user_norm is None else user_norm == "seminorm"
             options["norm"] = _backward_norm(n, dynamics.n_params, seminorm)
 
-        continuous = (spec.adaptive and not getattr(stepper, "solves_whole_span", False) and len(times) > 2
+        continuous = (spec.adaptive and not spec.whole_span and len(times) > 2
                       and all(a != b for a, b in zip(times, times[1:])))
         if continuous:
             state = _continuous_backward(dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
@@ -220,13 +220,10 @@ class _AdjointDynamics:
         return tuple(parts)
 
     def as_user_function(self, t, state):
-        """``func(t, y)`` with a tensor time, for a user's ``grid_constructor``."""
-        return self.evaluate_uncounted(float(t), state)
-
-    def evaluate_uncounted(self, t, state):
+        """``func(t, y)`` with a tensor time, for a user's ``grid_constructor`` (not counted in the NFE)."""
         nfe = self.nfe
         try:
-            return self(t, state)
+            return self(float(t), state)
         finally:
             self.nfe = nfe
 

@@ -208,18 +208,15 @@ class ImplicitAdams:
     @property
     def order(self) -> int:
         """Global order: that of the corrector, capped at 5 by the fourth-order start-up steps."""
-        return min(self.max_order, 5) if self.max_order >= 4 else 4
+        return min(max(self.max_order, 4), 5)
 
-    @property
-    def adaptive(self) -> bool:
-        return False
+    adaptive = ExplicitAdams.adaptive
+    init = ExplicitAdams.init
 
-    def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> tuple:
-        return ()
-
-    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm=None,
+    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm,
              state: tuple = ()) -> StepOutcome:
-        """One step of size ``h`` (signed); ``state`` holds the older ``(t, f)`` pairs, newest first."""
+        """One step of size ``h`` (signed); ``state`` holds the older ``(t, f)`` pairs, newest first.
+        ``error_norm`` carries the ``rtol``/``atol`` the corrector iterates to."""
         history = (((t0, f0),) + tuple(state or ()))[:max(self.max_order - 1, 1)]
         keep = max(self.max_order - 2, 0)
         if len(history) < 3 or self.max_order < 4:
@@ -238,7 +235,7 @@ class ImplicitAdams:
             f1 = func(x1, y0 + dy)
             dy = torch.add(delta, f1, alpha=h * mu0)
             with torch.no_grad():
-                scale = torch.maximum(previous.abs(), dy.abs()).mul_(_rtol(error_norm)).add_(_atol(error_norm))
+                scale = torch.maximum(previous.abs(), dy.abs()).mul_(error_norm.rtol).add_(error_norm.atol)
                 converged = bool(((previous - dy).abs() / scale).max() < 1) if dy.numel() else True
             if converged:
                 break
@@ -255,14 +252,6 @@ class ImplicitAdams:
         if f0 is None:
             f0 = func(t0, y0)
         return _hermite(y0, outcome.y1, f0, f1, h)
-
-
-def _rtol(error_norm):
-    return 1e-7 if error_norm is None else error_norm.rtol
-
-
-def _atol(error_norm):
-    return 1e-9 if error_norm is None else error_norm.atol
 
 
 # gamma*_j of the constant-step Adams-Moulton error constants ([HNW93]_ Sec. III.1, Table 1.2):
@@ -292,10 +281,12 @@ def _step_policy_factor(estimate: float, order: int) -> float:
     SG keep the step constant whenever they can: the variable-coefficient formulas' error estimates
     are reliable, and the order selection meaningful, only over runs of equal steps. Letting the
     loop's controller change the step by a few percent after nearly every step rejected 25% of the
-    steps on van der Pol (mu = 1, rtol = atol = 1e-9). The shrink above 1/2 matters as much: an
-    earlier version kept the step for any ``ERK <= 1``, so steps ran at the edge of the tolerance and
-    the global error on eccentric Kepler orbits (e = 0.9, rtol = atol = 1e-6) was 1e4 times the
-    tolerance, against about 800 for LSODA.
+    steps on van der Pol (mu = 1, rtol = atol = 1e-9). The shrink above 1/2 is SG's too: an earlier
+    version kept the step for any ``ERK <= 1``, so steps ran at the edge of the tolerance; on van der
+    Pol (mu = 1, rtol = atol = 1e-9, t in [0, 20]) this policy together with the corrector check of
+    :class:`VariableOrderAdams` took the error from 16 to 5.5 times the tolerance with 5% fewer
+    evaluations. It did not close the gap on eccentric Kepler orbits (e = 0.9, rtol = atol = 1e-6:
+    1e4 times the tolerance, LSODA 800), where order-12 steps underestimate their local error.
     """
     if estimate * 2.0 ** (order + 1) <= 0.5:
         return 2.0

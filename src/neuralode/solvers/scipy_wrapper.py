@@ -52,8 +52,6 @@ class ScipySolver:
     max_num_steps: int = 100_000  # scipy has no step cap; this one counts scipy's steps
 
     solves_whole_span = True
-    adaptive = True
-    order = 5
 
     def __post_init__(self):
         if not isinstance(self.solver, str) or self.solver not in SCIPY_METHODS:

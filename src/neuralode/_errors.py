@@ -32,6 +32,13 @@ class StepSizeUnderflowError(SolverError):
     status = "step_size_underflow"
 
 
+class ConvergenceError(SolverError):
+    """An implicit method's Newton iteration failed where the step could not shrink any further
+    (on a fixed grid, or at ``min_step``), or its iteration matrix was singular there."""
+
+    status = "convergence_failure"
+
+
 class MaxStepsError(SolverError):
     """The solve took more steps than ``max_num_steps``."""
 

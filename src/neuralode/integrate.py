@@ -18,7 +18,7 @@ from dataclasses import dataclass, field as dataclass_field
 
 import torch
 
-from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .callbacks import Callbacks, call as call_back
 from .controllers import ErrorNorm, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
@@ -141,6 +141,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     previous_ratio = older_ratio = 1.0   # error ratios of the last two accepted steps (PI, PID)
     read_together = y.device.type != "cpu"
     last_failure_non_finite = False
+    last_newton_failure = None   # why the last rejected step of an implicit method could not be solved
 
     while next_output < len(taus) or until_event:
         # --- choose the step -------------------------------------------------------------------
@@ -163,8 +164,10 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 initial_magnitude = float(problem.y0.detach().abs().max()) if y.numel() else 0.0
                 diverging = magnitude > _DIVERGENCE_GROWTH * max(1.0, initial_magnitude)
                 failure = NonFiniteError if (last_failure_non_finite or diverging) else StepSizeUnderflowError
-                raise_or_record(result, failure(_underflow_message(direction * tau, h, last_failure_non_finite,
-                                                                   magnitude, diverging), t=direction * tau), throw)
+                message = _underflow_message(direction * tau, h, last_failure_non_finite, magnitude, diverging)
+                if last_newton_failure is not None and not diverging:
+                    failure, message = ConvergenceError, _newton_message(direction * tau, h, last_newton_failure)
+                raise_or_record(result, failure(message, t=direction * tau), throw)
                 break
         else:
             if grid_index + 1 < len(grid):
@@ -192,7 +195,15 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         outcome = stepper.step(step_field, t0, y, f, direction * h, error_norm, state)
         stats["n_steps"] += 1
         accepted = True
-        if adaptive:
+        if outcome.failure is not None:
+            # An implicit method could not solve its stage equations: shrink the step, unless it cannot.
+            if not adaptive or pinned:
+                where = "on the fixed grid" if not adaptive else f"at min_step={control.min_step:.3g}"
+                raise_or_record(result, ConvergenceError(_newton_message(t0, h, outcome.failure, where), t=t0), throw)
+                break
+            accepted, last_newton_failure = False, outcome.failure
+            h_next = h * (outcome.step_factor or control.dfactor)
+        elif adaptive:
             # A step is accepted only if its result is finite: the weighted norm cannot see an infinite
             # y1 (its scale becomes infinite too) and a user's norm may hide NaN, so the sum of y1 (not
             # finite iff some element is not) is read with the ratio: on a device in the same host read,
@@ -213,6 +224,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             else:
                 accepted = ratio <= 1.0 or pinned
                 last_failure_non_finite = False
+                last_newton_failure = None
                 h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted, older_ratio)
                 if accepted and outcome.step_factor is not None:
                     h_next = h * outcome.step_factor
@@ -317,6 +329,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     if not adaptive and result.status == "success":
         _check_finite_outputs(result, problem, throw)
     stats["nfe"] = field.nfe
+    stats.update(stepper.statistics(state))
     return result
 
 
@@ -406,6 +419,13 @@ def _underflow_message(t: float, h: float, non_finite: bool, magnitude: float, d
     return (f"step size underflow at t={t}: the step shrank to {h:.3g}, below the resolution of the time "
             f"variable (largest |y| there: {magnitude:.3g}). The solution may blow up here (a singularity), or "
             "the problem is stiff; loosen rtol/atol, set min_step, or check the vector field")
+
+
+def _newton_message(t: float, h: float, reason: str, where: str = "") -> str:
+    where = f" {where}" if where else f" (the step shrank to {h:.3g})"
+    return (f"the implicit method could not solve its stage equations at t={t}{where}: {reason}. Try a smaller "
+            "step (step_size, or a smaller first_step/max_step), options={'max_iters': N} for more Newton "
+            "iterations, or check the vector field for a singularity near this time")
 
 
 def _max_steps_message(max_num_steps, t: float) -> str:

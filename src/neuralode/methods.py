@@ -78,6 +78,63 @@ REGISTRY["scipy_solver"] = MethodSpec(
     "scipy_solver", True, _scipy_solver, frozenset({"solver", "min_step", "max_step", "norm", "max_num_steps"}),
     "scipy.integrate.solve_ivp over the whole span (option 'solver': LSODA, RK45, RK23, DOP853, Radau, BDF)",
     whole_span=True)
+# --- implicit (stiff) methods: one stepper, Newton with Jacobians from autograd --------------------------
+IMPLICIT_OPTIONS = frozenset({"jacobian", "max_iters", "preconditioner"})
+
+
+def implicit_settings(options) -> dict:
+    """The implicit methods' options, checked: jacobian mode, Newton iteration cap, preconditioner."""
+    from .solvers.linear import JACOBIAN_MODES
+    mode = options.get("jacobian", "dense")
+    if mode not in JACOBIAN_MODES:
+        raise ValueError(f"option 'jacobian' must be one of {list(JACOBIAN_MODES)}, got {mode!r}: 'dense' for "
+                         "small states, 'batched' for a batch of independent samples, 'krylov' for large states")
+    max_iters = options.get("max_iters")
+    if max_iters is not None and (isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1):
+        raise ValueError(f"option 'max_iters' must be a positive integer, got {max_iters!r}")
+    preconditioner = options.get("preconditioner")
+    if preconditioner is not None and not callable(preconditioner):
+        raise TypeError("option 'preconditioner' must be callable as preconditioner(v, c) ~ (I - c J)^{-1} v")
+    if preconditioner is not None and mode != "krylov":
+        raise ValueError("option 'preconditioner' applies to jacobian='krylov' only")
+    return {"jacobian": mode, "max_iters": max_iters, "preconditioner": preconditioner}
+
+
+def _implicit(name, adaptive, description, radau_error=False, tableau_name=None):
+    from .tableaus.implicit import IMPLICIT_TABLEAUS
+    tableau = IMPLICIT_TABLEAUS[tableau_name or name]
+
+    def make(options):
+        from .solvers.implicit import ImplicitRungeKutta
+        settings = implicit_settings(options)
+        # Adaptive steps shrink when Newton is slow (Hairer's 7-10 iterations); a fixed grid cannot, so it
+        # iterates as long as torchdiffeq's implicit methods do (max_iters=100) before reporting failure.
+        max_iters = settings.pop("max_iters") or (10 if adaptive else 100)
+        return ImplicitRungeKutta(tableau, max_iters=max_iters, radau_error=radau_error, **settings)
+
+    options = (ADAPTIVE_OPTIONS if adaptive else FIXED_OPTIONS) | IMPLICIT_OPTIONS
+    return MethodSpec(name, adaptive, make, options, f"{description} ({tableau.reference})")
+
+
+for _name, _description in (
+        ("kvaerno3", "L-stable ESDIRK 3(2), 4 stages, stiffly accurate"),
+        ("kvaerno4", "L-stable ESDIRK 4(3), 5 stages, stiffly accurate"),
+        ("kvaerno5", "L-stable ESDIRK 5(4), 7 stages, stiffly accurate")):
+    REGISTRY[_name] = _implicit(_name, True, _description)
+REGISTRY["radau5"] = _implicit("radau5", True, "Radau IIA of order 5 (3 stages, L-stable) with Hairer's RADAU5 "
+                               "error estimate", radau_error=True, tableau_name="radauIIA5")
+for _name, _description in (
+        ("implicit_euler", "backward Euler on a fixed grid"),
+        ("implicit_midpoint", "implicit midpoint rule on a fixed grid"),
+        ("trapezoid", "trapezoidal rule (Crank-Nicolson) on a fixed grid"),
+        ("radauIIA3", "Radau IIA of order 3 on a fixed grid"),
+        ("radauIIA5", "Radau IIA of order 5 on a fixed grid"),
+        ("gl4", "Gauss-Legendre of order 4 on a fixed grid"),
+        ("gl6", "Gauss-Legendre of order 6 on a fixed grid"),
+        ("sdirk2", "L-stable SDIRK of order 2 on a fixed grid"),
+        ("trbdf2", "TR-BDF2 on a fixed grid")):
+    REGISTRY[_name] = _implicit(_name, False, _description)
+
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")

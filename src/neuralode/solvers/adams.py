@@ -133,6 +133,9 @@ class ExplicitAdams:
     def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> tuple:
         return ()
 
+    def statistics(self, state) -> dict:
+        return {}
+
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm=None,
              state: tuple = ()) -> StepOutcome:
         """One step of size ``h`` (signed) from ``(t0, y0)``; ``state`` holds the older ``(t, f)`` pairs."""
@@ -212,6 +215,7 @@ class ImplicitAdams:
 
     adaptive = ExplicitAdams.adaptive
     init = ExplicitAdams.init
+    statistics = ExplicitAdams.statistics
 
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm,
              state: tuple = ()) -> StepOutcome:
@@ -432,6 +436,9 @@ class VariableOrderAdams:
 
     def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> _AdamsState:
         return _AdamsState(ts=(t0,), phi=(f0,), order=1, phase1=True)
+
+    def statistics(self, state) -> dict:
+        return {}
 
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm,
              state: _AdamsState | None = None) -> StepOutcome:

@@ -59,7 +59,10 @@ class StepOutcome:
     solver-specific state to carry into the next step if this one is accepted; ``step_factor``, if
     not ``None``, is the stepper's own choice of the next step length over this one after an accepted
     step (multistep methods whose step-size policy belongs to the method, see
-    :class:`~neuralode.solvers.adams.VariableOrderAdams`), still clipped to the controller's bounds.
+    :class:`~neuralode.solvers.adams.VariableOrderAdams`), still clipped to the controller's bounds;
+    after a rejected step, the factor to shrink by. ``failure``, if not ``None``, says why the stepper
+    could not produce a result (an implicit method's Newton iteration failed): the step is rejected
+    whatever ``error_ratio`` says, shrunk by ``step_factor``.
     """
 
     y1: torch.Tensor
@@ -69,6 +72,7 @@ class StepOutcome:
     stages: Any = None
     state: Any = None
     step_factor: float | None = None
+    failure: str | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,6 +111,10 @@ class ExplicitRungeKutta:
 
     def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor):
         return None
+
+    def statistics(self, state) -> dict:
+        """Method-specific counters for ``Solution.stats`` (none for explicit methods)."""
+        return {}
 
     def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
              error_norm: Callable | None, state=None) -> StepOutcome:

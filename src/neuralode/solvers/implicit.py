@@ -1,0 +1,449 @@
+"""The one stepper behind every implicit Runge-Kutta method (ESDIRK, SDIRK, Radau IIA, Gauss).
+
+A step from ``(t0, y0)`` with size ``h`` solves for the stage states ``Y_i``
+
+    Y_i = y0 + h sum_j a_ij f(t0 + c_i h, Y_j),        y1 = y0 + h sum_i b_i k_i,  k_i = f(t0 + c_i h, Y_i).
+
+*Diagonally implicit* tableaus (``a`` lower triangular) are solved one stage at a time: stage ``i``
+is ``z = psi_i + h a_ii f(t_i, z)`` with the known part ``psi_i = y0 + h sum_{j<i} a_ij k_j``; stages
+with ``a_ii = 0`` are explicit. *Fully implicit* tableaus solve all stage increments ``Z_i = Y_i - y0``
+together, ``Z = h (A (x) I) F(y0 + Z)``, with the ``(s n) x (s n)`` matrix ``I - h A (x) J``.
+
+Newton's iteration is *simplified* (Hairer and Wanner, Solving ODEs II, Sec. IV.8): one Jacobian
+``J = df/dy(t0, y0)`` and one factorised iteration matrix serve every iteration and every stage of a
+step, and further steps while Newton keeps converging fast (at most two iterations or a contraction
+rate ``theta <= 1e-3``, the
+rule of scipy's Radau). Iteration stops when the predicted remaining error ``theta / (1 - theta)
+|dz|`` falls below ``kappa = max(10 eps / rtol, min(0.03, rtol^(1/2)))`` in the error norm (RADAU5's
+FNEWT); it fails when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach. A failed
+step is retried once with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
+On a fixed grid, which cannot shrink, the last resort is full Newton (J at every iterate).
+The stage derivatives of implicit stages are ``k_i = (z - psi_i) / (h a_ii)`` rather than ``f(t_i,
+z)``: for stiff components ``f`` amplifies the Newton error by ``|h lambda|`` (Hairer-Wanner IV.8).
+
+Gradients (direct backpropagation and checkpoint replay) never differentiate through Newton's
+iterations: the converged stages are differentiated by the implicit function theorem. With the
+stage equation written as a fixed point ``z = Phi(z; y0, theta)``,
+
+    dz/dtheta = (I - dPhi/dz)^{-1} dPhi/dtheta,
+
+so the backward pass solves one *transposed* linear system per stage solve
+(:func:`attach_implicit_gradient`) and backpropagates through one evaluation of ``Phi``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .linear import SingularMatrixError, build_system, gmres, jacobian
+from .runge_kutta import StepOutcome, linear_combination
+
+# Hairer's RADAU5: keep J for the next step only if Newton contracted at least this fast.
+_REUSE_JACOBIAN_THETA = 1e-3
+# Step factor after a Newton failure with a fresh Jacobian (Hairer-Wanner IV.8: halve the step).
+_NEWTON_FAILURE_FACTOR = 0.5
+
+
+@dataclass
+class ImplicitState:
+    """Mutable Newton bookkeeping carried across the steps of one solve."""
+
+    jacobian: Any = None
+    jacobian_point: Any = None        # the y0 tensor J was computed at (identity: a retried step has the same)
+    recompute: bool = False           # Newton was slow on the last step: refresh J at the next point
+    systems: dict = field(default_factory=dict)   # coefficient key -> factorised iteration matrix
+    eta: float = 1.0                  # Hairer's FACCON: the last contraction estimate theta / (1 - theta)
+    last_rejected: bool = True        # the previous attempt was rejected (or none yet): RADAU5's error refinement
+    counters: dict = field(default_factory=lambda: {"n_jacobians": 0, "n_lu": 0, "n_newton_iters": 0,
+                                                    "n_newton_failures": 0})
+
+
+class NewtonFailure(Exception):
+    """Newton's iteration diverged or could not converge in ``max_iters`` (internal signal)."""
+
+    def __init__(self, reason: str, non_finite: bool = False):
+        super().__init__(reason)
+        self.reason, self.non_finite = reason, non_finite
+
+
+@dataclass(frozen=True, eq=False)
+class ImplicitRungeKutta:
+    """Runs an :class:`~neuralode.tableaus.implicit.ImplicitTableau`.
+
+    Parameters
+    ----------
+    tableau : ImplicitTableau
+    jacobian : {"dense", "batched", "krylov"}
+        How ``df/dy`` is formed and the iteration matrix solved (:mod:`neuralode.solvers.linear`).
+    max_iters : int
+        Newton iterations per stage solve before the step is declared failed.
+    preconditioner : callable, optional
+        ``preconditioner(v, c) ~ (I - c J)^{-1} v`` for ``jacobian="krylov"`` (diagonally implicit
+        methods).
+    radau_error : bool
+        Use Hairer's RADAU5 error estimate (three-stage Radau IIA only) instead of ``b_err``.
+    """
+
+    tableau: Any
+    jacobian: str = "dense"
+    max_iters: int = 10
+    preconditioner: Callable | None = None
+    radau_error: bool = False
+    _diagonal: bool = field(init=False, repr=False)
+    _stages: tuple = field(init=False, repr=False)
+    _A: np.ndarray = field(init=False, repr=False)
+    _solution_weights: tuple = field(init=False, repr=False)
+    _b: tuple = field(init=False, repr=False)
+    _b_err: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        tab = self.tableau
+        set_ = object.__setattr__
+        A = np.asarray(tab.a, dtype=np.float64)
+        set_(self, "_A", A)
+        set_(self, "_diagonal", bool(np.allclose(np.triu(A, 1), 0.0)))
+        set_(self, "_stages", tuple((float(tab.c[i]), float(A[i, i]), _sparse(A[i, :i])) for i in range(len(tab.c))))
+        set_(self, "_b", _sparse(tab.b))
+        set_(self, "_b_err", _sparse(tab.b_err) if tab.b_err is not None else ())
+        # Fully implicit with an invertible A: y1 = y0 + b^T A^{-1} Z needs no further evaluation of f
+        # (Hairer-Wanner IV.8, eq. 8.2b); a stiffly accurate method's weights are then (0, ..., 0, 1).
+        weights = ()
+        if not self._diagonal and abs(np.linalg.det(A)) > 1e-12:
+            weights = tuple(np.linalg.solve(A.T, np.asarray(tab.b, dtype=np.float64)))
+        set_(self, "_solution_weights", weights)
+        if self.radau_error and (len(tab.c) != 3 or self._diagonal):
+            raise ValueError("radau_error applies to the three-stage Radau IIA method only")
+
+    # --- facts the loop and the gradient strategies read ----------------------------------------------
+    @property
+    def order(self) -> int:
+        return self.tableau.order
+
+    @property
+    def adaptive(self) -> bool:
+        return self.radau_error or self.tableau.b_err is not None
+
+    @property
+    def error_order(self) -> int | None:
+        return 3 if self.radau_error else self.tableau.error_order
+
+    @property
+    def initial_step_order(self) -> int:
+        return self.error_order or self.order
+
+    def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> ImplicitState:
+        return ImplicitState()
+
+    def statistics(self, state: ImplicitState | None) -> dict:
+        return dict(state.counters) if state is not None else {}
+
+    # --- one step ------------------------------------------------------------------------------------
+    def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
+             error_norm: Callable, state: ImplicitState) -> StepOutcome:
+        if y0.numel() == 0:
+            # Nothing to solve (an empty state): every stage is y0, every derivative f0.
+            ratio = y0.new_zeros(()) if self.adaptive else None
+            return StepOutcome(y0 + 0 * h, f0, ratio, self.error_order, stages=(f0, [f0] * len(self._stages)),
+                               state=state)
+        fresh = state.jacobian_point is y0
+        if state.jacobian is None or (not fresh and state.recompute):
+            self._refresh_jacobian(func, t0, y0, state)
+            fresh = True
+        full_newton = False
+        while True:
+            try:
+                return self._attempt(func, t0, y0, f0, h, error_norm, state, full_newton)
+            except (NewtonFailure, SingularMatrixError) as failure:
+                state.counters["n_newton_failures"] += 1
+                reason = (failure.reason if isinstance(failure, NewtonFailure) else
+                          f"the iteration matrix I - h*gamma*J is singular (h={abs(h):.3g})")
+                if not fresh:
+                    # A stale Jacobian is the usual cause: retry the same step with a fresh one.
+                    self._refresh_jacobian(func, t0, y0, state)
+                    fresh = True
+                elif not self.adaptive and not full_newton:
+                    # A fixed grid cannot shrink the step: last, full Newton (J at every iterate), which
+                    # converges where J(y0) misleads (Robertson's y2 = 0 at t = 0 hides the 6e7 y2 term).
+                    full_newton = True
+                elif failure.non_finite:
+                    # NaN or inf in the iterates: a failure of the vector field, reported as the loop
+                    # reports any non-finite step (it shrinks the step, then names the time).
+                    state.last_rejected = True
+                    nan = torch.full_like(y0, math.nan)
+                    return StepOutcome(nan, None, nan.sum() if self.adaptive else None, self.error_order,
+                                       stages=(f0, [nan] * len(self._stages)), state=state)
+                else:
+                    state.last_rejected = True
+                    return StepOutcome(y0, None, None, self.error_order, state=state,
+                                       step_factor=_NEWTON_FAILURE_FACTOR, failure=reason)
+
+    def _refresh_jacobian(self, func, t0, y0, state):
+        state.jacobian = jacobian(self.jacobian, func, t0, y0.detach())
+        state.jacobian_point = y0
+        state.systems.clear()
+        state.counters["n_jacobians"] += 1
+
+    def _system(self, state: ImplicitState, key: str, C: np.ndarray):
+        """The factorised ``I - C (x) J`` for the current J, refactorised only when ``C`` changed."""
+        cached = state.systems.get(key)
+        if cached is not None and np.array_equal(cached[0], C):
+            return cached[1]
+        system = build_system(self.jacobian, C, state.jacobian, self.preconditioner)
+        state.systems[key] = (C, system)
+        state.counters["n_lu"] += 1
+        return system
+
+    def _fresh_system(self, func, t: float, y: torch.Tensor, C: np.ndarray, state: ImplicitState):
+        """Full Newton's iteration matrix, with J at the current iterate (not cached)."""
+        state.counters["n_jacobians"] += 1
+        state.counters["n_lu"] += 1
+        return build_system(self.jacobian, C, jacobian(self.jacobian, func, t, y), self.preconditioner)
+
+    def _attempt(self, func, t0, y0, f0, h, error_norm, state, full_newton=False) -> StepOutcome:
+        rtol = error_norm.rtol
+        rtol = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
+        eps = torch.finfo(y0.dtype if not y0.is_complex() else y0.real.dtype).eps
+        kappa = max(10 * eps / max(rtol, 1e-300), min(0.03, math.sqrt(rtol)))
+        with torch.no_grad():
+            scale = error_norm.scale(y0)
+        newton = _Newton(error_norm.norm, scale, kappa, self.max_iters, state, full_newton)
+        grad = torch.is_grad_enabled()
+        if self._diagonal:
+            ks, y1 = self._diagonal_stages(func, t0, y0, f0, h, newton, state, grad)
+        else:
+            ks, y1, Z = self._coupled_stages(func, t0, y0, f0, h, newton, state, grad)
+        # scipy's Radau rule: a Newton solve that needed more than two iterations at a contraction rate
+        # above 1e-3 asks for a fresh Jacobian at the next point (RADAU5 refreshes on the rate alone,
+        # which on Robertson recomputed J at 56 of 72 steps against scipy's 18).
+        state.recompute = newton.iterations_max > 2 and newton.theta_max > _REUSE_JACOBIAN_THETA
+        f1 = ks[-1] if self.tableau.stiffly_accurate else None
+        ratio = None
+        if self.adaptive:
+            with torch.no_grad():
+                if self.radau_error:
+                    ratio = self._radau_error(func, t0, y0, f0, y1, h, Z, error_norm, state)
+                else:
+                    ratio = error_norm(linear_combination(None, h, ks, self._b_err), y0, y1)
+                state.last_rejected = not bool(ratio <= 1.0)
+        return StepOutcome(y1, f1, ratio, self.error_order, stages=(f0, ks), state=state)
+
+    def _diagonal_stages(self, func, t0, y0, f0, h, newton, state, grad):
+        ks = []
+        for i, (c, diagonal, terms) in enumerate(self._stages):
+            t_i = t0 + c * h
+            psi = linear_combination(y0, h, ks, terms) if terms else y0
+            if diagonal == 0.0:
+                # An explicit stage; ESDIRK's first (c = 0, at y0) reuses f0.
+                ks.append(f0 if (i == 0 and c == 0.0) else func(t_i, psi))
+                continue
+            coefficient = h * diagonal
+            system = self._system(state, f"diagonal:{coefficient!r}", np.array([[coefficient]]))
+            psi_known = psi.detach()
+            guess = psi_known + coefficient * (ks[-1] if ks else f0).detach()
+
+            def fixed_point(z, psi=psi, t_i=t_i, coefficient=coefficient):
+                return psi + coefficient * func(t_i, z[0])[None]
+
+            z = newton.solve(lambda z: fixed_point(z, psi_known) - z, guess[None], system,
+                             lambda z, t_i=t_i, C=np.array([[coefficient]]): self._fresh_system(func, t_i, z[0], C, state))
+            if grad:
+                z = attach_implicit_gradient(z, fixed_point, lambda z, psi_known=psi_known: fixed_point(z, psi_known),
+                                             self.jacobian)
+            ks.append((z[0] - psi) / coefficient)
+        # For a stiffly accurate method this is the last stage state itself, up to rounding.
+        y1 = linear_combination(None, h, ks, self._b).add_(y0)
+        return ks, y1
+
+    def _coupled_stages(self, func, t0, y0, f0, h, newton, state, grad):
+        times = [t0 + c * h for c, _, _ in self._stages]
+        C = h * self._A
+        A_t = torch.as_tensor(C, dtype=y0.dtype, device=y0.device)
+        system = self._system(state, "coupled", C)
+
+        def fixed_point(Z, y0=y0):
+            F = torch.stack([func(t_i, y0 + Z[i]) for i, t_i in enumerate(times)])
+            return torch.einsum("ij,j...->i...", A_t, F)
+
+        y0_known = y0.detach()
+        guess = torch.stack([(c * h) * f0.detach() for c, _, _ in self._stages])
+        Z = newton.solve(lambda Z: fixed_point(Z, y0_known) - Z, guess, system,
+                         lambda Z: self._fresh_system(func, times[-1], y0_known + Z[-1], C, state))
+        if grad:
+            Z = attach_implicit_gradient(Z, fixed_point, lambda Z: fixed_point(Z, y0_known), self.jacobian)
+        if self._solution_weights:
+            # h K = A^{-1} Z: the stage derivatives without evaluating f again.
+            hK = torch.einsum("ij,j...->i...", torch.as_tensor(np.linalg.inv(self._A), dtype=y0.dtype,
+                                                                device=y0.device), Z)
+            ks = list((hK / h).unbind(0))
+            y1 = y0 + torch.einsum("i,i...->...", torch.as_tensor(self._solution_weights, dtype=y0.dtype,
+                                                                   device=y0.device), Z)
+        else:
+            ks = [func(t_i, y0 + Z[i]) for i, t_i in enumerate(times)]
+            y1 = linear_combination(None, h, ks, self._b).add_(y0)
+        return ks, y1, Z
+
+    def _radau_error(self, func, t0, y0, f0, y1, h, Z, error_norm, state):
+        """Hairer's RADAU5 estimate: ``err = (I - h gamma0 J)^{-1} (gamma0 h f0 + gamma0 sum_i e_i Z_i)``.
+
+        ``1 / gamma0`` is the real eigenvalue of ``A^{-1}`` (3 + 3^(2/3) - 3^(1/3)) and ``e`` the weights
+        of the embedded formula (Hairer and Wanner, Solving ODEs II, Sec. IV.8, eq. 8.19-8.20; the values
+        in scipy's ``radau.py``). The filter ``(I - h gamma0 J)^{-1}`` keeps the estimate bounded for
+        stiff components. After a rejection (or on the first step) an estimate above 1 is refined once
+        with ``f(t0, y0 + err)`` in place of ``f0`` (eq. 8.21), as RADAU5 does.
+        """
+        gamma0 = 1.0 / _RADAU_MU_REAL
+        system = self._system(state, "radau_error", np.array([[h * gamma0]]))
+        Z = Z.detach()
+        ZE = torch.einsum("i,i...->...", torch.as_tensor(_RADAU_E, dtype=y0.dtype, device=y0.device), Z)
+        error = system.solve((gamma0 * (h * f0.detach() + ZE))[None])[0]
+        ratio = error_norm(error, y0, y1)
+        if state.last_rejected and not bool(ratio <= 1.0):
+            error = system.solve((gamma0 * (h * func(t0, y0.detach() + error) + ZE))[None])[0]
+            ratio = error_norm(error, y0, y1)
+        return ratio
+
+    # --- dense output --------------------------------------------------------------------------------
+    def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
+                           f1: torch.Tensor) -> list:
+        """Cubic Hermite through ``(y0, f0)`` and ``(y1, f1)``: third order, as diffrax's Kvaerno uses."""
+        f0, y1 = outcome.stages[0], outcome.y1
+        delta = y1 - y0
+        c2 = 3 * delta - h * (2 * f0 + f1)
+        c3 = -2 * delta + h * (f0 + f1)
+        return [y0, h * f0, c2, c3]
+
+
+def _sparse(weights) -> tuple:
+    return tuple((j, float(w)) for j, w in enumerate(weights) if w != 0)
+
+
+_RADAU_MU_REAL = 3 + 3 ** (2 / 3) - 3 ** (1 / 3)
+_SQRT6 = math.sqrt(6.0)
+_RADAU_E = (np.array([-13 - 7 * _SQRT6, -13 + 7 * _SQRT6, -1.0]) / 3).tolist()
+
+
+class _Newton:
+    """Simplified Newton with Hairer's convergence monitoring; one instance per step attempt."""
+
+    def __init__(self, norm, scale, kappa, max_iters, state, full=False):
+        self.norm, self.scale, self.kappa, self.max_iters, self.state = norm, scale, kappa, max_iters, state
+        self.full = full
+        self.theta_max = 0.0
+        self.iterations_max = 0
+
+    def solve(self, residual: Callable, z: torch.Tensor, system, system_at: Callable) -> torch.Tensor:
+        """Iterate ``z += M^{-1} residual(z)`` until converged; raises :class:`NewtonFailure`.
+
+        ``system_at(z)`` builds the matrix at the iterate ``z``, used at every iteration in full mode.
+        """
+        state = self.state
+        eta = max(state.eta, 1e-16) ** 0.8
+        previous = None
+        with torch.no_grad():
+            for k in range(self.max_iters):
+                if self.full:
+                    system = system_at(z)
+                delta = system.solve(residual(z))
+                z = z + delta
+                state.counters["n_newton_iters"] += 1
+                self.iterations_max = max(self.iterations_max, k + 1)
+                size = float(self.norm(delta / self.scale))
+                if not math.isfinite(size):
+                    raise NewtonFailure("Newton's iteration produced non-finite values", non_finite=True)
+                if size == 0.0:
+                    break
+                if previous is not None:
+                    theta = size / previous
+                    self.theta_max = max(self.theta_max, theta)
+                    # Full Newton may grow before it converges quadratically: only max_iters bounds it.
+                    if theta >= 0.99 and not self.full:
+                        raise NewtonFailure(f"Newton's iteration diverged (contraction rate {theta:.3g})")
+                    eta = theta / (1 - theta) if theta < 1 else math.inf
+                    remaining = self.max_iters - 1 - k
+                    if not self.full and remaining > 0 and theta ** remaining / (1 - theta) * size > self.kappa:
+                        raise NewtonFailure(f"Newton's iteration converges too slowly (rate {theta:.3g}) to "
+                                            f"finish in max_iters={self.max_iters}")
+                if eta * size <= self.kappa:
+                    break
+                previous = size
+            else:
+                raise NewtonFailure(f"Newton's iteration did not converge in max_iters={self.max_iters} iterations")
+        state.eta = eta
+        return z
+
+
+def attach_implicit_gradient(z_star: torch.Tensor, fixed_point: Callable, fixed_point_known: Callable,
+                             mode: str) -> torch.Tensor:
+    """``z_star`` (converged, no graph), given the gradient of the implicit function theorem.
+
+    ``fixed_point(z)`` is ``Phi`` of the stage equation ``z = Phi(z)``, built from tensors that carry
+    the graph (``y0``, earlier stages, parameters inside ``func``). The result equals ``z_star``; in the
+    backward pass the incoming cotangent ``g`` is replaced by ``lambda`` solving
+    ``(I - dPhi/dz)^T lambda = g`` before it flows into ``Phi``'s inputs. ``dPhi/dz`` is evaluated at
+    ``z_star`` (exactly: not the possibly stale Jacobian of the forward iteration). Dense and batched
+    modes form it from ``s n`` (or ``s m``) vector-Jacobian products and solve directly; the Krylov
+    mode runs GMRES with vector-Jacobian products and never forms it. ``fixed_point_known`` is the same
+    map with its inputs detached: ``dPhi/dz`` is taken from it, in the backward pass only.
+
+    Cost: one evaluation of ``Phi`` in the forward pass (only when grad mode is on; if nothing it
+    depends on requires grad, ``z_star`` comes back unchanged) and one more in the backward pass.
+    """
+    with torch.enable_grad():
+        out = fixed_point(z_star.detach())
+    if not out.requires_grad:
+        return z_star
+    result = z_star.detach() + (out - out.detach())
+
+    def transposed_solve(g: torch.Tensor) -> torch.Tensor:
+        z_leaf = z_star.detach().requires_grad_(True)
+        with torch.enable_grad():
+            out_z = fixed_point_known(z_leaf)
+        if not out_z.requires_grad:   # Phi does not depend on z (f independent of y): lambda = g
+            return g
+
+        def pullback(v):
+            (row,) = torch.autograd.grad(out_z, z_leaf, v, retain_graph=True, allow_unused=True)
+            return torch.zeros_like(v) if row is None else row
+
+        if mode == "krylov":
+            eps = torch.finfo(g.dtype).eps
+            solution, _ = gmres(lambda v: v - pullback(v), g, rtol=max(1e-12, 100 * eps), max_iters=2000)
+            return solution
+        if mode == "dense":
+            size = z_star.numel()
+            basis = torch.eye(size, dtype=g.dtype, device=g.device).reshape((size,) + g.shape)
+            rows = _batched_pullback(out_z, z_leaf, basis).reshape(size, size)      # dPhi/dz
+            matrix = torch.eye(size, dtype=g.dtype, device=g.device) - rows
+            return torch.linalg.solve(matrix.T, g.reshape(-1, 1)).reshape(g.shape)
+        # batched: z is (s, batch, ...); one (s m) block per sample from s m products.
+        s, batch = g.shape[0], g.shape[1]
+        m = g[0, 0].numel()
+        eye = torch.eye(s * m, dtype=g.dtype, device=g.device).reshape(s * m, s, 1, m)
+        basis = eye.expand(s * m, s, batch, m).reshape((s * m,) + g.shape)
+        rows = _batched_pullback(out_z, z_leaf, basis).reshape(s * m, s, batch, m)
+        blocks = rows.permute(2, 0, 1, 3).reshape(batch, s * m, s * m)
+        matrix = torch.eye(s * m, dtype=g.dtype, device=g.device) - blocks
+        rhs = g.reshape(s, batch, m).permute(1, 0, 2).reshape(batch, s * m, 1)
+        solution = torch.linalg.solve(matrix.transpose(1, 2), rhs)
+        return solution.reshape(batch, s, m).permute(1, 0, 2).reshape(g.shape)
+
+    result.register_hook(transposed_solve)
+    return result
+
+
+def _batched_pullback(out, z_leaf, basis):
+    try:
+        (rows,) = torch.autograd.grad(out, z_leaf, basis, retain_graph=True, is_grads_batched=True,
+                                      allow_unused=True)
+    except (RuntimeError, NotImplementedError):
+        rows = torch.stack([torch.autograd.grad(out, z_leaf, b, retain_graph=True, allow_unused=True)[0]
+                            for b in basis])
+    return torch.zeros_like(basis) if rows is None else rows
+
+
+__all__ = ["ImplicitRungeKutta", "ImplicitState", "attach_implicit_gradient"]

@@ -22,8 +22,10 @@ Sources (constants, initial values, spans and reference values):
 [LS]  A. C. Hindmarsh, ODEPACK/LSODE demonstration program (Robertson with rtol 1e-4,
       atol = (1e-6, 1e-10, 1e-6)), also MATLAB's ``hb1ode``: the per-component atol scale used here.
 
-Robertson at t = 40, (0.7158271, 9.185535e-6, 0.2841637): the values printed (7 digits) in the LSODE
-demonstration output [LS] and quoted in many texts; we check them to those digits.
+Robertson at t = 40, (0.7158271, 9.185535e-6, 0.2841637): 7-digit values quoted widely (to our recollection
+first as the output of Hindmarsh's LSODE demonstration program [LS]; the printed source was not at hand to
+check). scipy Radau at rtol 1e-10 reproduces all 7 digits (tests/test_stiff_problems.py); they are too short
+to serve as a benchmark reference, which uses scipy Radau at rtol 1e-12 on that span.
 
 ``scipy_reference(problem, t_eval)`` solves with ``solve_ivp(method="Radau")`` and the analytic Jacobian
 (dense, or sparse for the heat equation) and caches the result in-process, keyed on the problem's
@@ -103,7 +105,7 @@ def mixed_error(y, ref, rtol, atol) -> float:
 # --------------------------------------------------------------------------------------------------
 
 ROBERTSON_K = (0.04, 3.0e7, 1.0e4)  # k1, k2, k3 [HW IV.1 (1.3)]: A -> B (k1), 2B -> B + C (k2), B + C -> A + C (k3)
-ROBERTSON_T40 = np.array([0.7158271, 9.185535e-6, 0.2841637])  # [LS], 7 digits
+ROBERTSON_T40 = np.array([0.7158271, 9.185535e-6, 0.2841637])  # 7 digits (see the module docstring)
 ROBERTSON_T1E11 = np.array([0.2083340149701255e-07, 0.8333360770334713e-13, 0.9999999791665050])  # [TS rober]
 
 

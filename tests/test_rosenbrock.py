@@ -1,0 +1,532 @@
+"""Rodas5: the coefficients (transformed-form identities, Rosenbrock order conditions by rooted trees
+for the solution, the embedded solution and the continuous extension, L-stability) and the stepper
+(convergence orders by log-log regression on fixed grids, dense output, Robertson and Van der Pol
+mu=1000, the three Jacobian modes, df/dt, the singular iteration matrix, gradients of the discrete map by
+gradcheck, and agreement with the adjoint)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from test_tableaus import TREES, _gamma
+
+import neuralode
+from neuralode.controllers import ErrorNorm, FixedGrid
+from neuralode.integrate import integrate
+from neuralode.interpolation import horner
+from neuralode.methods import ADAPTIVE_OPTIONS, REGISTRY, MethodSpec
+from neuralode.problem import make_problem
+from neuralode.solvers.linear import gmres
+from neuralode.solvers.rosenbrock import Rosenbrock, make_rodas5
+from neuralode.tableaus.rosenbrock import (RODAS5, ROSENBROCK_TABLEAUS, RosenbrockTableau,
+                                           rosenbrock_stability_function)
+
+F64 = torch.float64
+# The published digits make identities hold to ~1e-14; products in the order conditions stay below 1e-12.
+TOL = 1e-12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def rodas5_registered():
+    """Use the registry's rodas5 if it is wired, else register it for this module only."""
+    added = "rodas5" not in REGISTRY
+    if added:
+        REGISTRY["rodas5"] = MethodSpec("rodas5", True, make_rodas5, ADAPTIVE_OPTIONS | {"jacobian"}, "Rodas5")
+    yield
+    if added:
+        del REGISTRY["rodas5"]
+
+
+def _gmres_restarts_every_iteration() -> bool:
+    """GMRES on a well-conditioned 6 x 6 system must finish within 6 products (exact arithmetic: <= n)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.eye(6, dtype=F64) + 0.3 * torch.randn(6, 6, generator=g, dtype=F64)
+    b = torch.randn(6, generator=g, dtype=F64)
+    _, iterations = gmres(lambda v: A @ v, b, rtol=1e-10, max_iters=60)
+    return iterations > 8
+
+
+def _adjoint_hides_the_jacobian() -> bool:
+    """Whether autograd sees no dependence of the adjoint's augmented field on the state (then J = 0)."""
+    try:
+        from neuralode.gradients.adjoint import _AdjointDynamics
+    except ImportError:      # refactored: run the test and let it speak
+        return False
+    from neuralode.problem import VectorField
+    from neuralode.solvers.linear import dense_jacobian
+    k = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    field = VectorField(lambda t, y: -k * y, None, None, F64, torch.device("cpu"), F64, F64)
+    dynamics = _AdjointDynamics(field, (k,), torch.Size([1]))
+    return bool((dense_jacobian(dynamics, 0.0, torch.ones(3, dtype=F64)) == 0).all())
+
+
+KRYLOV_BROKEN = pytest.mark.xfail(
+    _gmres_restarts_every_iteration(), run=False,
+    reason="neuralode.solvers.linear.gmres zeroes H[k+1, k] by the Givens rotation before it normalises the "
+           "next Arnoldi vector and tests breakdown, so every cycle stops after one product (GMRES(1)): "
+           "Robertson then takes minutes. Save the norm before rotating.")
+
+
+# --- the coefficients --------------------------------------------------------------------------------
+
+def _phi(tab: RosenbrockTableau, tree, cache):
+    """Elementary weight of a tree for a Rosenbrock method (Hairer-Wanner IV.7): a vertex with one child
+    sums over ``beta = alpha + Gamma`` (the Jacobian term), a vertex with several children multiplies
+    ``alpha`` sums (the f evaluation)."""
+    if tree not in cache:
+        if len(tree) == 0:
+            value = np.ones(tab.stages)
+        elif len(tree) == 1:
+            value = (tab.alpha + tab.Gamma) @ _phi(tab, tree[0], cache)
+        else:
+            value = np.ones(tab.stages)
+            for child in tree:
+                value = value * (tab.alpha @ _phi(tab, child, cache))
+        cache[tree] = value
+    return cache[tree]
+
+
+def _satisfied_order(tab, weights, max_order=6, theta=1.0):
+    """Largest p with ``weights . Phi(t) = theta^|t| / gamma(t)`` for every tree of order <= p."""
+    cache = {}
+    for n in range(1, max_order + 1):
+        for tree in TREES[n]:
+            if abs(float(weights @ _phi(tab, tree, cache)) - theta ** n / _gamma(tree)) > 1e-10:
+                return n - 1
+    return max_order
+
+
+def test_registry_of_tableaus():
+    assert ROSENBROCK_TABLEAUS == {"rodas5": RODAS5}
+    assert RODAS5.reference and RODAS5.stages == 8 and RODAS5.adaptive
+
+
+def test_transformed_form_identities():
+    tab = RODAS5
+    # Gamma is lower triangular with the common diagonal gamma; alpha strictly lower.
+    np.testing.assert_allclose(np.diag(tab.Gamma), tab.gamma, rtol=0, atol=TOL)
+    assert np.all(np.triu(tab.Gamma, 1) == 0) and np.all(np.triu(tab.alpha) == 0)
+    # Autonomisation: c_i = sum_j alpha_ij and d_i = sum_j gamma_ij, so non-autonomous problems keep the order.
+    np.testing.assert_allclose(tab.alpha.sum(1), tab.c, rtol=0, atol=TOL)
+    np.testing.assert_allclose(tab.Gamma.sum(1), tab.d, rtol=0, atol=TOL)
+    # Back to the transformed form: a = alpha Gamma^{-1}, C = diag(1/gamma) - Gamma^{-1}, m = b Gamma^{-1}.
+    inverse = np.linalg.inv(tab.Gamma)
+    a = np.zeros((8, 8))
+    C = np.zeros((8, 8))
+    for i in range(8):
+        a[i, :i], C[i, :i] = tab.a[i], tab.C[i]
+    np.testing.assert_allclose(tab.alpha @ inverse, a, rtol=0, atol=1e-11)
+    np.testing.assert_allclose(np.eye(8) / tab.gamma - inverse, C, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(tab.b @ inverse, tab.m, rtol=0, atol=1e-11)
+
+
+def test_stiffly_accurate_structure():
+    tab = RODAS5
+    assert tab.stiffly_accurate
+    np.testing.assert_allclose(tab.b, tab.alpha[-1] + tab.Gamma[-1], rtol=0, atol=TOL)
+    # Stages 7 and 8 are the argument of stage 6 plus u_6 (and u_7); y1 adds u_8, the embedded solution does
+    # not: the error estimate is u_8 alone, the difference of the last two stage values.
+    assert tab.a[6] == tab.a[5] + (1.0,) and tab.a[7] == tab.a[5] + (1.0, 1.0)
+    assert tab.m == tab.a[7] + (1.0,) and tab.m_err == (0.0,) * 7 + (1.0,)
+    np.testing.assert_allclose(tab.b_hat, tab.alpha[-1], rtol=0, atol=TOL)
+    assert tab.c[5:] == (1.0, 1.0, 1.0) and tab.d[5:] == (0.0, 0.0, 0.0)
+
+
+def test_order_conditions():
+    # Rosenbrock order conditions (Hairer-Wanner IV.7, Table 7.1) on the derived untransformed coefficients.
+    assert _satisfied_order(RODAS5, RODAS5.b) == 5
+    assert _satisfied_order(RODAS5, RODAS5.b_hat) == 4
+    assert len(TREES[5]) == 9 and len(TREES[6]) == 20
+
+
+@pytest.mark.parametrize("theta", [0.1, 0.3, 0.5, 0.77, 0.95])
+def test_continuous_extension_order(theta):
+    tab = RODAS5
+    powers = np.array([theta ** p for p in range(1, tab.dense_matrix.shape[0] + 1)])
+    weights = (powers @ tab.dense_matrix) @ tab.Gamma       # b(theta), untransformed
+    assert _satisfied_order(tab, weights, theta=theta) == tab.dense_order == 4
+
+
+def test_continuous_extension_ends():
+    tab = RODAS5
+    np.testing.assert_allclose(tab.dense_matrix.sum(0), tab.m, rtol=0, atol=1e-11)   # theta = 1 gives y1
+    # Hairer's form: y0 + theta (y1 - y0) + theta (1 - theta) (...), so the theta^1 row is m + h_1.
+    np.testing.assert_allclose(tab.dense_matrix[0], np.asarray(tab.m) + np.asarray(tab.dense[0]), rtol=0, atol=0)
+
+
+def test_l_stability():
+    assert RODAS5.l_stable
+    y = np.concatenate([np.logspace(-3, 6, 400), [0.0]])
+    assert np.abs(rosenbrock_stability_function(RODAS5, 1j * y)).max() <= 1 + 1e-12
+    assert abs(rosenbrock_stability_function(RODAS5, -1e10)) < 1e-8
+    assert abs(rosenbrock_stability_function(RODAS5, -0.5) - math.exp(-0.5)) < 1e-4   # order 5: ~z^6
+    # The embedded method damps infinity too but is not A-stable (|R_hat(iy)| reaches 1.25): it only steers h.
+    assert abs(rosenbrock_stability_function(RODAS5, -1e10, RODAS5.b_hat)) < 1e-8
+    assert np.abs(rosenbrock_stability_function(RODAS5, 1j * y, RODAS5.b_hat)).max() > 1.2
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(c=RODAS5.c[:3] + (0.4,) + RODAS5.c[4:]), "row 3 of alpha"),
+    (dict(d=RODAS5.d[:2] + (0.1,) + RODAS5.d[3:]), "row 2 of Gamma"),
+    # (Weights on the last three stages cannot break sum(b) == 1: their rows of Gamma sum to d_i = 0.)
+    (dict(m=(-14.0,) + RODAS5.m[1:]), "the weights b"),
+    (dict(m_err=(0.5,) + (0.0,) * 7), "embedded weights"),
+    (dict(m_err=None), "m_err and error_order go together"),
+    (dict(error_order=5), "error_order 5 must be in"),
+    (dict(dense_order=None), "dense and dense_order go together"),
+    (dict(dense_order=6), "dense_order 6"),
+    (dict(dense=((1.0,) * 7,)), "dense must hold rows of 8"),
+    (dict(a=RODAS5.a[:7] + (RODAS5.a[7] + (0.0,),)), "a must have 8 rows"),
+    (dict(C=RODAS5.C[:7]), "C must have 8 rows"),
+    (dict(d=RODAS5.d[:7]), "d has 7 entries, expected 8"),
+    (dict(gamma=-0.19), "gamma must be positive"),
+    (dict(gamma=math.nan), "finite"),
+    (dict(order=0), "order must be at least 1"),
+    (dict(c=(), a=(), C=(), d=(), m=()), "at least one stage"),
+])
+def test_validation_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        replace(RODAS5, **change)
+
+
+# --- the stepper on fixed grids: orders --------------------------------------------------------------
+
+def _embedded_method():
+    """Rodas5's embedded 4th-order solution as a method of its own (y1 - u_8)."""
+    tab = RODAS5
+    m_hat = tuple(m - e for m, e in zip(tab.m, tab.m_err))
+    return Rosenbrock(replace(tab, name="rodas5_embedded", m=m_hat, order=4, m_err=None, error_order=None))
+
+
+def _fixed_grid_solve(stepper, func, y0, t_end, n, outputs=None):
+    grid = tuple(np.linspace(0.0, t_end, n + 1).tolist())
+    times = [0.0, t_end] if outputs is None else [0.0] + list(outputs)
+    problem = make_problem(func, y0, torch.tensor(times, dtype=F64), 1e-6, 1e-9)
+    return integrate(problem, stepper, FixedGrid(grid), options={})
+
+
+def _linear(t, y):
+    # y' = -5 (y - sin t) + cos t: non-autonomous, so the df/dt terms count; y = sin t + exp(-5 t).
+    return -5.0 * (y - torch.sin(t)) + torch.cos(t)
+
+
+def _spin(t, y):
+    # Rotation at angular speed 1 + |y|^2 (conserved): nonlinear, with a closed form.
+    speed = 1.0 + (y * y).sum()
+    return speed * torch.stack([-y[1], y[0]])
+
+
+def _spin_exact(t, y0):
+    w = 1.0 + float((y0 * y0).sum())
+    c, s = math.cos(w * t), math.sin(w * t)
+    return np.array([c * y0[0] - s * y0[1], s * y0[0] + c * y0[1]])
+
+
+def _riccati(t, y):
+    # y' = -2 t y^2, y = 1 / (1 + t^2): nonlinear and non-autonomous.
+    return -2.0 * t * y * y
+
+
+PROBLEMS = {
+    "linear": (_linear, torch.tensor([1.0], dtype=F64), 2.0, lambda t, y0: np.array([math.sin(t) + math.exp(-5 * t)])),
+    "spin": (_spin, torch.tensor([1.0, 0.5], dtype=F64), 1.5, _spin_exact),
+    "riccati": (_riccati, torch.tensor([1.0], dtype=F64), 2.0, lambda t, y0: np.array([1 / (1 + t * t)])),
+}
+STEPS = (20, 28, 40, 57, 80)
+
+
+def _slope(steps, errors):
+    return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("which, order", [("solution", 5), ("embedded", 4)])
+def test_convergence_order(name, which, order):
+    func, y0, t_end, exact = PROBLEMS[name]
+    stepper = make_rodas5({}) if which == "solution" else _embedded_method()
+    errors = []
+    for n in STEPS:
+        y = _fixed_grid_solve(stepper, func, y0, t_end, n).outputs[-1]
+        errors.append(np.abs(y.numpy() - exact(t_end, y0)).max())
+    slope = _slope(STEPS, errors)
+    # The window is lopsided on purpose: the error constants of both formulas are small (the embedded
+    # solution's order-5 tree residuals are ~1e-3, as large as the solution's order-6 ones), so the next
+    # power of h is not negligible at these steps and the slopes approach p from above (the embedded one
+    # measured 3.85-4.5 here). The solution's lower bound stays above every embedded slope, so the two
+    # orders are told apart.
+    assert order - 0.2 < slope < order + 0.6, (slope, errors)
+
+
+@pytest.mark.parametrize("name", ["linear", "spin"])
+def test_dense_output_order(name):
+    # Values between grid points come from the continuous extension: its local error is O(h^5) (order 4),
+    # the same as the global error of the steps, so the dense error converges with order 5 too.
+    func, y0, t_end, exact = PROBLEMS[name]
+    errors = []
+    for n in STEPS:
+        h = t_end / n
+        inside = [h * (k + f) for k in range(n) for f in (0.3, 0.71)]
+        result = _fixed_grid_solve(make_rodas5({}), func, y0, t_end, n, outputs=inside)
+        got = torch.stack(result.outputs[1:]).numpy()
+        errors.append(max(np.abs(g - exact(t, y0)).max() for g, t in zip(got, inside)))
+    assert abs(_slope(STEPS, errors) - 5) < 0.5, errors
+
+
+def test_dense_output_reproduces_the_step():
+    func, y0, _, _ = PROBLEMS["spin"]
+    stepper = make_rodas5({})
+    problem = make_problem(func, y0, torch.tensor([0.0, 1.0], dtype=F64), 1e-6, 1e-9)
+    field, f0 = problem.field, problem.f0
+    state = stepper.init(field, 0.0, y0, f0)
+    outcome = stepper.step(field, 0.0, y0, f0, 0.1, ErrorNorm(1e-6, 1e-9), state)
+    coefficients = stepper.dense_coefficients(field, 0.0, y0, 0.1, outcome, field(0.1, outcome.y1))
+    assert len(coefficients) == 5                       # quartic in theta
+    torch.testing.assert_close(horner(coefficients, 0.0), y0, rtol=0, atol=0)
+    # Equal up to the rounding of summing the same increments in another order.
+    scale = sum(float(c.abs().max()) for c in coefficients)
+    torch.testing.assert_close(horner(coefficients, 1.0), outcome.y1, rtol=0, atol=64 * 2.0 ** -52 * scale)
+
+
+# --- stiff problems ----------------------------------------------------------------------------------
+
+class Robertson(torch.nn.Module):
+    """Robertson's reaction (Hairer-Wanner IV.1); ``k`` of shape (3,) or (batch, 3)."""
+
+    def __init__(self, k=(0.04, 3e7, 1e4)):
+        super().__init__()
+        self.k = torch.as_tensor(k, dtype=F64)
+
+    def forward(self, t, y):
+        k1, k2, k3 = self.k.unbind(-1)
+        y1, y2, y3 = y.unbind(-1)
+        return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 ** 2, k2 * y2 ** 2], -1)
+
+
+ROBERTSON_Y0 = torch.tensor([1.0, 0.0, 0.0], dtype=F64)
+# Robertson at t = 40: Hairer and Wanner II, Sec. IV.10 / the IVP test set (also the LSODE demo output).
+ROBERTSON_T40 = np.array([0.7158271, 9.185535e-6, 0.2841637])
+T40 = torch.tensor([0.0, 40.0], dtype=F64)
+
+
+def test_robertson_published_values():
+    sol = neuralode.solve(Robertson(), ROBERTSON_Y0, T40, method="rodas5", rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(sol.ys[-1].numpy(), ROBERTSON_T40, rtol=1e-5)
+    stats = sol.stats
+    # One Jacobian per accepted step (a rejected step retries at the same point), one LU per attempt, no
+    # df/dt (autonomous), 7 new evaluations per step + 1 Jacobian + 1 f1 per accepted step.
+    assert stats["n_jacobians"] == stats["n_accepted"] and stats["n_lu"] == stats["n_steps"]
+    assert stats["n_time_derivatives"] == 0 and stats["n_singular"] == 0
+    assert stats["n_steps"] < 80
+    assert stats["nfe"] <= 7 * stats["n_steps"] + 2 * stats["n_accepted"] + 3
+
+
+class VanDerPol(torch.nn.Module):
+    """y1' = y2, y2' = mu (1 - y1^2) y2 - y1 (Hairer-Wanner IV.1 in the unscaled form)."""
+
+    def __init__(self, mu):
+        super().__init__()
+        self.mu = torch.nn.Parameter(torch.as_tensor(mu, dtype=F64))
+
+    def forward(self, t, y):
+        return torch.stack([y[1], self.mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def test_van_der_pol_stiff_against_radau():
+    integrate_ivp = pytest.importorskip("scipy.integrate")
+    mu = 1000.0
+    ref = integrate_ivp.solve_ivp(
+        lambda t, y: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]], (0.0, 1.0), [2.0, 0.0], method="Radau",
+        rtol=1e-10, atol=1e-12, jac=lambda t, y: [[0.0, 1.0], [-2 * mu * y[0] * y[1] - 1, mu * (1 - y[0] ** 2)]])
+    with torch.no_grad():
+        sol = neuralode.solve(VanDerPol(mu), torch.tensor([2.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                              method="rodas5", rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(sol.ys[-1].numpy(), ref.y[:, -1], rtol=1e-6)
+    assert sol.stats["n_steps"] < 200
+
+
+# --- the three Jacobian modes ------------------------------------------------------------------------
+
+RATES = torch.tensor([[0.04, 3e7, 1e4], [0.08, 1e7, 2e4], [0.02, 5e7, 5e3], [0.05, 2e7, 1.5e4]], dtype=F64)
+
+
+def test_batched_jacobian_matches_dense_and_single_solves():
+    y0 = ROBERTSON_Y0.repeat(4, 1)
+    t = torch.tensor([0.0, 10.0], dtype=F64)
+    rtol, atol = 1e-7, 1e-11
+    with torch.no_grad():
+        batched = neuralode.solve(Robertson(RATES), y0, t, method="rodas5", rtol=rtol, atol=atol,
+                                  options={"jacobian": "batched"})
+        dense = neuralode.solve(Robertson(RATES), y0, t, method="rodas5", rtol=rtol, atol=atol)
+        singles = [neuralode.solve(Robertson(RATES[i]), ROBERTSON_Y0, t, method="rodas5", rtol=rtol, atol=atol)
+                   for i in range(4)]
+    # Same steps as the dense Jacobian of the whole batch (one block-diagonal matrix): equal up to rounding.
+    assert batched.stats["n_steps"] == dense.stats["n_steps"]
+    torch.testing.assert_close(batched.ys, dense.ys, rtol=1e-10, atol=1e-16)
+    # One error norm for the batch chooses other steps than each alone: agreement to the tolerance.
+    for i, single in enumerate(singles):
+        want = single.ys[-1]
+        assert bool(((batched.ys[-1, i] - want).abs() <= 10 * (atol + rtol * want.abs())).all())
+
+
+@KRYLOV_BROKEN
+def test_krylov_matches_dense():
+    # [0, 1] holds Robertson's fast transient; the Krylov mode pays ~4 Jacobian-vector products per stage.
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        dense = neuralode.solve(Robertson(), ROBERTSON_Y0, t, method="rodas5", rtol=1e-6, atol=1e-10)
+        krylov = neuralode.solve(Robertson(), ROBERTSON_Y0, t, method="rodas5", rtol=1e-6, atol=1e-10,
+                                 options={"jacobian": "krylov"})
+    # GMRES solves to 1e-3 * rtol: the same steps, values equal far below the tolerance.
+    assert krylov.stats["n_steps"] == dense.stats["n_steps"] and krylov.stats["n_lu"] == 0
+    torch.testing.assert_close(krylov.ys, dense.ys, rtol=1e-8, atol=1e-14)
+
+
+def test_unknown_jacobian_mode():
+    with pytest.raises(ValueError, match="option 'jacobian' must be one of"):
+        make_rodas5({"jacobian": "sparse"})
+
+
+# --- df/dt ---------------------------------------------------------------------------------------------
+
+def test_time_derivative_forward_mode_and_fallback():
+    # The same field, once with t as a tensor (forward-mode AD sees t) and once reading float(t) (AD is
+    # blind to t: the probe in init notices and falls back to a finite difference).
+    def tensor_time(t, y):
+        return -50.0 * (y - torch.cos(t))
+
+    def float_time(t, y):
+        return -50.0 * (y - math.cos(float(t)))
+
+    y0 = torch.tensor([0.0], dtype=F64)
+    t = torch.tensor([0.0, 2.0], dtype=F64)
+    a = neuralode.solve(tensor_time, y0, t, method="rodas5", rtol=1e-8, atol=1e-10)
+    b = neuralode.solve(float_time, y0, t, method="rodas5", rtol=1e-8, atol=1e-10)
+    assert a.stats["n_time_derivatives"] == a.stats["n_jacobians"] > 0
+    assert b.stats["n_time_derivatives"] == b.stats["n_jacobians"] > 0
+    # Exact: y = (2500 cos t + 50 sin t) / 2501 - 2500/2501 exp(-50 t).
+    exact = (2500 * math.cos(2.0) + 50 * math.sin(2.0)) / 2501 - 2500 / 2501 * math.exp(-100.0)
+    assert abs(float(a.ys[-1]) - exact) < 1e-7 and abs(float(b.ys[-1]) - exact) < 1e-7
+    # Without the df/dt term the method would lose its order (the d_i carry it), and these would drift apart.
+    assert abs(float(a.ys[-1]) - float(b.ys[-1])) < 1e-7
+
+
+# --- a singular iteration matrix -----------------------------------------------------------------------
+
+def _singular_rate():
+    """lambda with 1 - (h gamma) lambda == 0 exactly in float64 for h = 1."""
+    lam = 1 / RODAS5.gamma
+    for _ in range(8):
+        if 1.0 - RODAS5.gamma * lam == 0.0:
+            return lam
+        lam = np.nextafter(lam, np.inf if RODAS5.gamma * lam < 1 else -np.inf)
+    pytest.skip("no float64 lambda makes I - gamma lambda exactly singular")
+
+
+def test_singular_iteration_matrix_shrinks_the_step():
+    lam = _singular_rate()
+    func = lambda t, y: lam * y  # noqa: E731
+    y0 = torch.tensor([1.0], dtype=F64)
+    problem = make_problem(func, y0, torch.tensor([0.0, 1.0], dtype=F64), 1e-6, 1e-9)
+    stepper = make_rodas5({})
+    state = stepper.init(problem.field, 0.0, y0, problem.f0)
+    outcome = stepper.step(problem.field, 0.0, y0, problem.f0, 1.0, ErrorNorm(1e-6, 1e-9), state)
+    assert outcome.failure.startswith("the iteration matrix I - h*gamma*J is singular")
+    assert outcome.step_factor == 0.5 and outcome.y1 is y0 and outcome.error_ratio is None
+    # Through the loop: the step is halved and the solve goes on.
+    sol = neuralode.solve(func, y0, torch.tensor([0.0, 1.0], dtype=F64), method="rodas5", rtol=1e-8, atol=1e-10,
+                          options={"first_step": 1.0})
+    assert sol.stats["n_singular"] == 1
+    assert abs(float(sol.ys[-1]) / math.exp(lam) - 1) < 1e-6
+
+
+# --- gradients -----------------------------------------------------------------------------------------
+
+def _stiff_linear(k, y0, amplitude, t, **kwargs):
+    """A 2-state stiff linear system with learnable rate k and a learnable forcing (non-autonomous)."""
+    def f(s, y):
+        return torch.stack([-k * y[0] + y[1] + amplitude * torch.sin(3 * s), 0.5 * y[0] - 2.0 * y[1]])
+    return neuralode.solve(f, y0, t, method="rodas5", **kwargs).ys
+
+
+def _van_der_pol(mu, y0, t, **kwargs):
+    return neuralode.solve(lambda s, y: torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]]), y0, t,
+                           method="rodas5", **kwargs).ys
+
+
+def _fixed(h, **extra):
+    # min_step = max_step pins every step: the discrete map is a smooth function of the inputs, so finite
+    # differences see the same steps as backpropagation.
+    return dict(rtol=1e-8, atol=1e-10, options={"first_step": h, "min_step": h, "max_step": h, **extra})
+
+
+def test_gradcheck_stiff_linear():
+    k = torch.tensor(50.0, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
+    amplitude = torch.tensor(0.7, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.4], dtype=F64)
+    assert torch.autograd.gradcheck(lambda *a: _stiff_linear(*a, t, **_fixed(0.1)), (k, y0, amplitude))
+
+
+def test_gradcheck_van_der_pol():
+    mu = torch.tensor(5.0, dtype=F64, requires_grad=True)
+    y0 = torch.tensor([2.0, 0.0], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.3], dtype=F64)
+    assert torch.autograd.gradcheck(lambda *a: _van_der_pol(*a, t, **_fixed(0.1)), (mu, y0))
+
+
+def test_gradient_batched_matches_dense():
+    rates = torch.tensor([[3.0], [40.0]], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -1.0]], dtype=F64)
+
+    def f(s, y):
+        return torch.stack([-rates[:, 0] * y[:, 0] + y[:, 1], 0.5 * y[:, 0] - 2.0 * y[:, 1] * y[:, 1]], -1)
+
+    t = torch.tensor([0.0, 0.5], dtype=F64)
+    grads = [torch.autograd.grad(neuralode.solve(f, y0, t, method="rodas5", **_fixed(0.1, jacobian=mode)).ys[-1].sum(),
+                                 rates)[0] for mode in ("dense", "batched")]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0)
+
+
+@KRYLOV_BROKEN
+def test_gradient_krylov_matches_dense():
+    t = torch.tensor([0.0, 0.3], dtype=F64)
+    grads = []
+    for mode in ("dense", "krylov"):
+        mu = torch.tensor(5.0, dtype=F64, requires_grad=True)
+        y0 = torch.tensor([2.0, 0.0], dtype=F64, requires_grad=True)
+        out = _van_der_pol(mu, y0, t, **_fixed(0.1, jacobian=mode))
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[-1].sum(), (mu, y0))]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-12)
+
+
+def _gradients(module, y0, gradient, rtol):
+    y0 = y0.clone().requires_grad_(True)
+    sol = neuralode.solve(module, y0, torch.tensor([0.0, 0.5], dtype=F64), method="rodas5", rtol=rtol,
+                          atol=rtol * 1e-2, gradient=gradient)
+    grads = torch.autograd.grad(sol.ys[-1].sum(), (y0, *module.parameters()))
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_adjoint_agrees_with_direct():
+    # The adjoint solves the continuous adjoint ODE (here with dopri5 backwards, whose steps need no
+    # Jacobian), direct backpropagation differentiates Rodas5's discrete map: the two agree to the tolerance.
+    from neuralode.gradients.adjoint import Adjoint
+    rtol = 1e-8
+    direct = _gradients(VanDerPol(5.0), torch.tensor([2.0, 0.0], dtype=F64), "direct", rtol)
+    adjoint = _gradients(VanDerPol(5.0), torch.tensor([2.0, 0.0], dtype=F64), Adjoint(method="dopri5"), rtol)
+    torch.testing.assert_close(adjoint, direct, rtol=100 * rtol, atol=100 * rtol)
+
+
+@pytest.mark.xfail(_adjoint_hides_the_jacobian(), run=False,
+                   reason="the adjoint's augmented field detaches y, so autograd (and every Jacobian mode) sees "
+                          "J = 0 for it: Rodas5 then runs backwards without its Jacobian, loses its order and its "
+                          "error estimate, and disagrees by ~1e-3 at rtol 1e-7 with ~50x the evaluations")
+def test_adjoint_with_rodas5_backwards_agrees_with_direct():
+    rtol = 1e-7
+    direct = _gradients(VanDerPol(2.0), torch.tensor([2.0, 0.0], dtype=F64), "direct", rtol)
+    adjoint = _gradients(VanDerPol(2.0), torch.tensor([2.0, 0.0], dtype=F64), "adjoint", rtol)
+    torch.testing.assert_close(adjoint, direct, rtol=100 * rtol, atol=100 * rtol)

@@ -94,6 +94,9 @@ class ScriptedStepper:
     def init(self, func, t0, y0, f0):
         return None
 
+    def statistics(self, state):
+        return {}
+
     def step(self, func, t0, y0, f0, h, error_norm, state=None):
         self.attempts.append((t0, h))
         ratio = self.ratios.pop(0) if self.ratios else 0.5

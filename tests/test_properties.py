@@ -54,6 +54,7 @@ from hypothesis.control import currently_in_test_context
 import neuralode
 from neuralode.methods import REGISTRY
 from neuralode.tableaus import TABLEAUS
+from neuralode.tableaus.implicit import IMPLICIT_TABLEAUS
 
 F64, C128 = torch.float64, torch.complex128
 
@@ -97,7 +98,11 @@ FIXED = tuple(m for m in METHODS if not REGISTRY[m].adaptive)
 RUNGE_KUTTA = tuple(m for m in METHODS if m in TABLEAUS)  # one-step methods: checkpointing replays them
 # Convergence order of the fixed-step methods (at least this: implicit_adams runs up to order 12).
 ORDER = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4, "explicit_adams": 4,
-         "implicit_adams": 4, "fixed_adams": 4}
+         "implicit_adams": 4, "fixed_adams": 4,
+         # torchdiffeq's fixed-step implicit methods: the classical orders of their tableaus
+         **{name: IMPLICIT_TABLEAUS[name].order for name in ("implicit_euler", "implicit_midpoint", "trapezoid",
+                                                             "radauIIA3", "radauIIA5", "gl4", "gl6", "sdirk2",
+                                                             "trbdf2")}}
 
 
 def adaptive_options(method, **options):

@@ -55,7 +55,8 @@ def robertson(t, y):
 
 
 ADAPTIVE = [m for m in neuralode.METHODS if neuralode.methods.REGISTRY[m].adaptive and m != "scipy_solver"]
-MULTISTEP = ("adams", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")  # no checkpointing
+# No checkpointing: multistep history, scipy's own loop, or (auto) a method switch a replay would not repeat.
+MULTISTEP = ("adams", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "auto")
 
 
 @pytest.mark.parametrize("method", [m for m in ADAPTIVE if m != "fehlberg2"])

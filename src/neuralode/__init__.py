@@ -9,7 +9,7 @@ Public API (explicit re-exports, no logic here):
 - gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`.
 """
 
-from ._errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
 from .methods import METHODS
 from .solution import Solution
@@ -24,6 +24,6 @@ __version__ = "0.1.0"
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "METHODS",
     "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
-    "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError",
+    "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",
 ]

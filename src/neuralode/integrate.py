@@ -23,6 +23,7 @@ from .callbacks import Callbacks, call as call_back
 from .controllers import ErrorNorm, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
 from .problem import next_after
+from .solvers.linear import spectral_radius
 
 
 @dataclass
@@ -165,6 +166,8 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
                 diverging = magnitude > _DIVERGENCE_GROWTH * max(1.0, initial_magnitude)
                 failure = NonFiniteError if (last_failure_non_finite or diverging) else StepSizeUnderflowError
                 message = _underflow_message(direction * tau, h, last_failure_non_finite, magnitude, diverging)
+                if not (last_failure_non_finite or diverging):
+                    message += _stiffness_hint(stepper, field, direction * tau, y, h_proposed)
                 if last_newton_failure is not None and not diverging:
                     failure, message = ConvergenceError, _newton_message(direction * tau, h, last_newton_failure)
                 raise_or_record(result, failure(message, t=direction * tau), throw)
@@ -238,7 +241,8 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             stats["n_rejected"] += 1
             h = h_next
             if stats["n_steps"] >= control.max_num_steps:
-                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t0), t=t0), throw)
+                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t0)
+                                                     + _stiffness_hint(stepper, field, t0, y, h), t=t0), throw)
                 break
             continue
 
@@ -313,7 +317,8 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
             if tau1 == stops[stop_index] and stop_index < len(stops) - 1:
                 stop_index += 1
             if stats["n_steps"] >= control.max_num_steps and (next_output < len(taus) or until_event):
-                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t1), t=t1), throw)
+                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t1)
+                                                     + _stiffness_hint(stepper, field, t1, y, h), t=t1), throw)
                 break
         else:
             grid_index += 1
@@ -426,6 +431,23 @@ def _newton_message(t: float, h: float, reason: str, where: str = "") -> str:
     return (f"the implicit method could not solve its stage equations at t={t}{where}: {reason}. Try a smaller "
             "step (step_size, or a smaller first_step/max_step), options={'max_iters': N} for more Newton "
             "iterations, or check the vector field for a singularity near this time")
+
+
+def _stiffness_hint(stepper, field, t: float, y: torch.Tensor, h: float) -> str:
+    """For an explicit method that stalled: say so when the step is at an explicit method's stability
+    limit, ``h |lambda| >~ 1`` with ``lambda`` the dominant eigenvalue of ``df/dy`` (power iteration
+    with a dozen Jacobian-vector products, paid only on this failure path)."""
+    if stepper.implicit or y.numel() == 0:
+        return ""
+    try:
+        rho = spectral_radius(field.evaluate, t, y)
+    except (RuntimeError, TypeError, ValueError):   # a field forward-mode AD and differences cannot probe
+        return ""
+    if abs(h) * rho <= 1.0:
+        return ""
+    return (f". The problem looks stiff here: the step {abs(h):.3g} times the dominant eigenvalue |lambda| ~ "
+            f"{rho:.3g} of df/dy is {abs(h) * rho:.2g}, at the stability limit of an explicit method; try "
+            "method='kvaerno5', 'radau5' or 'auto'")
 
 
 def _max_steps_message(max_num_steps, t: float) -> str:

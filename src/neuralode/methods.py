@@ -135,6 +135,42 @@ for _name, _description in (
         ("trbdf2", "TR-BDF2 on a fixed grid")):
     REGISTRY[_name] = _implicit(_name, False, _description)
 
+
+
+def _rodas5(options):
+    from .solvers.rosenbrock import RODAS5, Rosenbrock
+    settings = implicit_settings(options)
+    if settings["max_iters"] is not None:
+        raise ValueError("option 'max_iters' means nothing for 'rodas5': a Rosenbrock method solves linear systems, "
+                         "no Newton iteration")
+    return Rosenbrock(RODAS5, jacobian=settings["jacobian"], preconditioner=settings["preconditioner"])
+
+
+REGISTRY["rodas5"] = MethodSpec(
+    "rodas5", True, _rodas5, ADAPTIVE_OPTIONS | {"jacobian", "preconditioner"},
+    "Rosenbrock method of order 5(4), L-stable, stiffly accurate, with a 4th-order dense output "
+    "(Di Marzo 1993; Hairer-Wanner IV.7): one Jacobian and one LU per step, no Newton iteration")
+
+
+def _auto(options):
+    from .solvers.auto import AutoSwitching
+    from .solvers.implicit import ImplicitRungeKutta
+    from .tableaus.implicit import IMPLICIT_TABLEAUS
+    stiff_method = options.get("stiff_method", "kvaerno5")
+    choices = ("kvaerno3", "kvaerno4", "kvaerno5", "radau5")
+    if stiff_method not in choices:
+        raise ValueError(f"option 'stiff_method' must be one of {list(choices)}, got {stiff_method!r}")
+    settings = implicit_settings(options)
+    settings["max_iters"] = settings["max_iters"] or 10
+    tableau = IMPLICIT_TABLEAUS["radauIIA5" if stiff_method == "radau5" else stiff_method]
+    return AutoSwitching(stiff=ImplicitRungeKutta(tableau, radau_error=stiff_method == "radau5", **settings))
+
+
+REGISTRY["auto"] = MethodSpec(
+    "auto", True, _auto, ADAPTIVE_OPTIONS | IMPLICIT_OPTIONS | {"stiff_method"},
+    "tsit5 while the problem is not stiff, an implicit method (option 'stiff_method', default kvaerno5) while "
+    "it is: Hairer's stiffness test switches both ways")
+
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")

@@ -233,17 +233,26 @@ class _AdjointDynamics:
     def __call__(self, t: float, state: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
         n = self.n
+        # Called with grad mode on only by an implicit method forming the Jacobian of this augmented field
+        # (the backward pass itself runs without a graph): then the result must depend differentiably on
+        # the state, so y is not detached and the vector-Jacobian product keeps its graph (second
+        # derivatives of f). Otherwise a detached y keeps each evaluation's graph to one f.
+        differentiable = torch.is_grad_enabled()
         with torch.enable_grad():
-            y = state[:n].detach().view(self.state_shape).requires_grad_(True)
+            y = state[:n].view(self.state_shape)
+            if not differentiable or not y.requires_grad:
+                y = y.detach().requires_grad_(True)
             f = self.field.evaluate(t, y)
             if f.requires_grad:
-                grads = torch.autograd.grad(f, (y,) + self.params,
+                grads = torch.autograd.grad(f, (y,) + self.params, create_graph=differentiable,
                                             grad_outputs=-state[n:2 * n].view(self.state_shape), allow_unused=True)
             else:
                 # f depends on neither y nor the parameters (e.g. f = g(t)): every product is zero.
                 grads = (None,) * (1 + len(self.params))
-        parts = [f.detach().reshape(-1)] + [torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1)
-                                for g, x in zip(grads, (y,) + self.params)]
+        if not differentiable:
+            f = f.detach()
+        parts = [f.reshape(-1)] + [torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1)
+                                   for g, x in zip(grads, (y,) + self.params)]
         return torch.cat([p.to(state.dtype) for p in parts])
 
 

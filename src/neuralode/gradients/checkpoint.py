@@ -35,7 +35,10 @@ class Checkpoint(GradientStrategy):
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if not hasattr(stepper, "tableau"):
-            kind = "hands the whole span to scipy" if problem.method == "scipy_solver" else "is multistep"
+            kind = {"scipy_solver": "hands the whole span to scipy",
+                    "auto": "switches between methods along the solve, so a replay from a checkpoint would not "
+                            "take the same steps (use method='kvaerno5' or 'radau5')"}.get(problem.method,
+                                                                                          "is multistep")
             raise ValueError(f"gradient='checkpoint' supports the Runge-Kutta methods; method "
                              f"{problem.method!r} {kind}: use gradient='direct' or 'adjoint'")
         box = []

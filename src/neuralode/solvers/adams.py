@@ -118,6 +118,7 @@ class ExplicitAdams:
     """
 
     max_order: int = 4
+    implicit = False
 
     def __post_init__(self):
         object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "explicit_adams", 1, 4))
@@ -200,6 +201,7 @@ class ImplicitAdams:
 
     max_order: int = 12
     max_iters: int = 4
+    implicit = False   # a functional (not Newton) corrector: no help for stiff problems
 
     def __post_init__(self):
         object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "implicit_adams", 1, 12))
@@ -415,6 +417,7 @@ class VariableOrderAdams:
 
     max_order: int = 12
     max_iters: int = 4
+    implicit = False   # a functional (not Newton) corrector: no help for stiff problems
 
     def __post_init__(self):
         object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "adams", 1, 12))

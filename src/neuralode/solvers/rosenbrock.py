@@ -98,6 +98,7 @@ class Rosenbrock:
     jacobian: str = "dense"
     preconditioner: Callable | None = None
     krylov_rtol: float | None = None
+    implicit = True    # (class attribute, not a field) solves stiff problems
     _stages: tuple = field(init=False, repr=False)
     _m: tuple = field(init=False, repr=False)
     _m_err: tuple = field(init=False, repr=False)

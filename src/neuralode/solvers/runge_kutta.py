@@ -96,6 +96,8 @@ class ExplicitRungeKutta:
         set_(self, "_b_err_low", _sparse(tab.b_err_low) if tab.b_err_low is not None else ())
         set_(self, "_extra_rows", tuple((float(c), _sparse(row)) for c, row in zip(tab.extra_c, tab.extra_a)))
 
+    implicit = False   # (the loop's stiffness hint is for explicit methods)
+
     @property
     def order(self) -> int:
         return self.tableau.order

@@ -1,0 +1,159 @@
+"""``method="auto"``: explicit while the problem is not stiff, implicit while it is, switching both ways.
+
+The explicit phase runs ``tsit5`` and applies Hairer's stiffness test (Hairer and Wanner, Solving
+ODEs II, Sec. IV.2, as in DOPRI5's code): ``tsit5`` evaluates ``f`` twice at the end of the step, at
+the last stage state ``Y6`` and at ``y1`` (FSAL), so
+
+    rho = |f(t1, y1) - f(t1, Y6)| / |y1 - Y6|
+
+estimates the dominant eigenvalue's modulus for free. When ``h rho`` sits at the method's stability
+boundary (``h rho > 3.25``) on 15 accepted steps (reset after 6 steps below it) the step size is
+limited by stability, not accuracy: the problem is stiff here and the solve switches to the implicit
+method (``kvaerno5`` by default, L-stable ESDIRK 5(4) sharing ``tsit5``'s error order 4).
+
+The implicit phase switches back when ``h rho(J)`` falls below half that boundary on 5 consecutive
+steps with a fresh Jacobian: the explicit method could take the same steps stably, at a fraction of
+the cost. ``rho(J)`` is estimated by a few power iterations with the Jacobian the Newton iteration
+already holds (dense and batched modes; in Krylov mode the implicit phase stays).
+
+Both phases appear in ``Solution.stats``: ``n_steps_explicit``, ``n_steps_implicit``, ``n_switches``
+and ``switch_times`` (each ``(t, "to implicit" | "to explicit")``). The idea of an automatic switch
+follows Petzold's LSODA (1983) and SciML's ``AutoTsit5(Rodas5())``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..tableaus import TABLEAUS
+from .implicit import ImplicitRungeKutta, ImplicitState
+from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
+
+_STABILITY_BOUNDARY = 3.25     # Hairer's DOPRI5 value; tsit5's real stability interval is about as long
+_STIFF_STEPS = 15              # Hairer: 15 positive tests switch
+_NONSTIFF_RESET = 6            # Hairer: 6 negative tests in a row reset the count
+_BACK_STEPS = 5
+
+
+@dataclass
+class AutoState:
+    mode: str = "explicit"
+    implicit_state: ImplicitState = field(default_factory=ImplicitState)
+    stiff_count: int = 0
+    nonstiff_count: int = 0
+    back_count: int = 0
+    switch_times: list = field(default_factory=list)
+    steps: dict = field(default_factory=lambda: {"explicit": 0, "implicit": 0})
+    pending: str | None = None     # the mode the next step uses, once this step is accepted
+
+
+@dataclass(frozen=True, eq=False)
+class AutoSwitching:
+    """``tsit5`` with Hairer's stiffness test, switching to and from an implicit method."""
+
+    stiff: ImplicitRungeKutta
+    nonstiff: ExplicitRungeKutta = field(default_factory=lambda: ExplicitRungeKutta(TABLEAUS["tsit5"]))
+    implicit = True   # (class attribute) it handles stiffness itself: no stiffness hint from the loop
+
+    @property
+    def order(self) -> int:
+        return self.nonstiff.order
+
+    @property
+    def adaptive(self) -> bool:
+        return True
+
+    @property
+    def initial_step_order(self) -> int:
+        return self.nonstiff.initial_step_order
+
+    def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> AutoState:
+        return AutoState()
+
+    def statistics(self, state: AutoState | None) -> dict:
+        if state is None:
+            return {}
+        stats = self.stiff.statistics(state.implicit_state)
+        stats.update(n_steps_explicit=state.steps["explicit"], n_steps_implicit=state.steps["implicit"],
+                     n_switches=len(state.switch_times), switch_times=list(state.switch_times))
+        return stats
+
+    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm,
+             state: AutoState) -> StepOutcome:
+        if state.pending is not None:
+            # The previous step was accepted (the loop moved on to a new y0): the switch takes effect.
+            state.mode, state.pending = state.pending, None
+        state.steps[state.mode] += 1
+        if state.mode == "explicit":
+            inner = self.nonstiff.step(func, t0, y0, f0, h, error_norm)
+            if inner.error_ratio is not None and bool(inner.error_ratio <= 1.0):
+                self._stiffness_test(inner, y0, h, t0, state)
+        else:
+            inner = self.stiff.step(func, t0, y0, f0, h, error_norm, state.implicit_state)
+            if inner.failure is None and inner.error_ratio is not None and bool(inner.error_ratio <= 1.0):
+                self._nonstiffness_test(h, t0, state)
+        return StepOutcome(inner.y1, inner.f1, inner.error_ratio, inner.error_order, stages=(state.mode, inner),
+                           state=state, step_factor=inner.step_factor, failure=inner.failure)
+
+    def _stiffness_test(self, inner: StepOutcome, y0, h, t0, state: AutoState) -> None:
+        ks = inner.stages
+        tableau = self.nonstiff.tableau
+        # The last stage state Y6 (c = 1) and y1 = Y7 (FSAL, also c = 1).
+        y6 = linear_combination(y0, h, ks, [(j, float(w)) for j, w in enumerate(tableau.a[-2]) if w != 0])
+        with torch.no_grad():
+            numerator = float((ks[-1] - ks[-2]).norm())
+            denominator = float((inner.y1 - y6).norm())
+        h_rho = abs(h) * numerator / denominator if denominator > 0 else 0.0
+        if h_rho > _STABILITY_BOUNDARY:
+            state.stiff_count += 1
+            state.nonstiff_count = 0
+            if state.stiff_count >= _STIFF_STEPS:
+                self._switch(state, "implicit", t0 + h)
+        else:
+            state.nonstiff_count += 1
+            if state.nonstiff_count >= _NONSTIFF_RESET:
+                state.stiff_count = 0
+
+    def _nonstiffness_test(self, h, t0, state: AutoState) -> None:
+        implicit_state = state.implicit_state
+        J = implicit_state.jacobian
+        if not isinstance(J, torch.Tensor):
+            return  # Krylov mode: no matrix to estimate from; stay implicit
+        rho = _spectral_radius(J)
+        if abs(h) * rho < 0.5 * _STABILITY_BOUNDARY:
+            state.back_count += 1
+            if state.back_count >= _BACK_STEPS:
+                self._switch(state, "explicit", t0 + h)
+        else:
+            state.back_count = 0
+
+    @staticmethod
+    def _switch(state: AutoState, mode: str, t: float) -> None:
+        state.pending = mode
+        state.stiff_count = state.nonstiff_count = state.back_count = 0
+        state.switch_times.append((t, f"to {mode}"))
+
+    def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
+                           f1: torch.Tensor) -> list:
+        mode, inner = outcome.stages
+        stepper = self.nonstiff if mode == "explicit" else self.stiff
+        return stepper.dense_coefficients(func, t0, y0, h, inner, f1)
+
+
+def _spectral_radius(J: torch.Tensor, iterations: int = 20) -> float:
+    """A few power iterations for ``max |lambda(J)|`` (per sample for batched ``(batch, m, m)`` blocks:
+    the largest over the batch). A lower estimate is enough here: it only delays a switch back."""
+    with torch.no_grad():
+        v = torch.ones(J.shape[:-1] + (1,), dtype=J.dtype, device=J.device)
+        v = v / v.norm(dim=-2, keepdim=True)
+        estimate = torch.zeros((), dtype=J.dtype)
+        for _ in range(iterations):
+            w = J @ v
+            estimate = w.norm(dim=-2).max()
+            v = w / w.norm(dim=-2, keepdim=True).clamp_min(1e-300)
+    return float(estimate)
+
+
+__all__ = ["AutoSwitching", "AutoState"]

@@ -1,0 +1,333 @@
+"""Implicit (stiff) methods: convergence orders, the stiff test set against scipy's Radau, Jacobian modes,
+gradients through Newton by the implicit function theorem, ``method="auto"`` and the failure messages.
+
+The stiff problems are the benchmark's (``benchmarks/stiff_problems.py``), on short spans here and on the
+full spans in ``benchmarks/stiff.py``.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import neuralode
+from neuralode import ConvergenceError, MaxStepsError
+from neuralode.controllers import ErrorNorm, FixedGrid
+from neuralode.integrate import integrate
+from neuralode.methods import REGISTRY
+from neuralode.problem import Problem, VectorField
+from neuralode.tableaus.implicit import IMPLICIT_TABLEAUS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stiff_problems as sp  # noqa: E402
+
+F64 = torch.float64
+ADAPTIVE_IMPLICIT = ("kvaerno3", "kvaerno4", "kvaerno5", "radau5")
+FIXED_IMPLICIT = ("implicit_euler", "implicit_midpoint", "trapezoid", "radauIIA3", "radauIIA5", "gl4", "gl6",
+                  "sdirk2", "trbdf2")
+ORDER = {**{name: IMPLICIT_TABLEAUS[name].order for name in FIXED_IMPLICIT},
+         "kvaerno3": 3, "kvaerno4": 4, "kvaerno5": 5, "radau5": 5}
+
+
+# --- convergence order --------------------------------------------------------------------------------
+
+A_LINEAR = torch.tensor([[-1.0, 2.0], [-2.0, -1.5]], dtype=F64)
+
+
+def forced_linear(t, y):
+    """y' = A y + (sin t, cos 2t): non-autonomous, so a wrong stage time (torchdiffeq's gl4 c) shows."""
+    return y @ A_LINEAR.T + torch.stack([torch.sin(t), torch.cos(2 * t)]).to(y)
+
+
+def _fixed_solve(method, n_steps, t_end=1.0):
+    y0 = torch.tensor([1.0, 0.5], dtype=F64)
+    grid = tuple(t_end * i / n_steps for i in range(n_steps + 1))
+    field = VectorField(forced_linear, None, None, F64, y0.device)
+    problem = Problem(field, y0, None, torch.tensor([0.0, t_end], dtype=F64), [0.0, t_end], 1, None, 1e-13, 1e-13,
+                      method)
+    stepper = REGISTRY[method].make_stepper({"max_iters": 50})
+    with torch.no_grad():
+        return integrate(problem, stepper, FixedGrid(grid), options={}).outputs[-1]
+
+
+@pytest.fixture(scope="module")
+def forced_linear_reference():
+    from scipy.integrate import solve_ivp
+    A = A_LINEAR.numpy()
+    sol = solve_ivp(lambda t, y: A @ y + np.array([np.sin(t), np.cos(2 * t)]), (0, 1), [1.0, 0.5],
+                    method="DOP853", rtol=1e-13, atol=1e-15)
+    return torch.tensor(sol.y[:, -1], dtype=F64)
+
+
+@pytest.mark.parametrize("method", FIXED_IMPLICIT + ADAPTIVE_IMPLICIT)
+def test_convergence_order_by_regression(method, forced_linear_reference):
+    """Slope of log(error) against log(h) on fixed grids: the classical order of the propagated solution."""
+    order = ORDER[method]
+    # Step counts where the error is well above rounding (1e-13) and in the asymptotic regime.
+    counts = {1: (16, 32, 64, 128), 2: (8, 16, 32, 64), 3: (8, 16, 32, 64), 4: (4, 8, 16, 32),
+              5: (4, 8, 16, 24), 6: (3, 4, 6, 8)}[order]
+    errors = [float((_fixed_solve(method, n) - forced_linear_reference).abs().max()) for n in counts]
+    slope = np.polyfit(np.log([1.0 / n for n in counts]), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.35, (method, slope, errors)
+
+
+# --- the stiff test set against scipy's Radau -----------------------------------------------------------
+
+STIFF_CASES = [
+    ("robertson40", lambda: sp.robertson(t_end=40.0), None),
+    ("vdp1000", lambda: sp.van_der_pol(1000.0), 1.0),
+    ("hires", sp.hires, 5.0),
+    ("oregonator", sp.oregonator, 30.0),
+]
+
+
+@pytest.mark.parametrize("method", ("kvaerno5", "radau5", "auto"))
+@pytest.mark.parametrize("name,make,t_end", STIFF_CASES, ids=[c[0] for c in STIFF_CASES])
+def test_stiff_set_against_scipy_radau(name, make, t_end, method):
+    """rtol 1e-6: the mixed error (the test set's) at most 10x the tolerance, against Radau at rtol 1e-10."""
+    problem = make()
+    t_end = problem.t_span[1] if t_end is None else t_end
+    rtol = 1e-6
+    atol = problem.atol_tensor(rtol)
+    sol = neuralode.solve(problem.func, problem.y0, torch.tensor([0.0, t_end], dtype=F64), method=method,
+                          rtol=rtol, atol=atol)
+    assert sol.status == "success"
+    reference = sp.scipy_reference(problem, [t_end])[0]
+    error = sp.mixed_error(sol.ys[-1].detach().numpy(), reference, rtol, problem.atol(rtol))
+    assert error <= 10 * rtol, (name, method, error / rtol, sol.stats)
+    assert sol.stats["n_jacobians"] >= 1 or method == "auto"
+
+
+@pytest.mark.parametrize("method", ("kvaerno3", "kvaerno4"))
+def test_lower_order_esdirk_on_robertson(method):
+    problem = sp.robertson(t_end=40.0)
+    sol = neuralode.solve(problem.func, problem.y0, torch.tensor([0.0, 40.0], dtype=F64), method=method,
+                          rtol=1e-5, atol=problem.atol_tensor(1e-5))
+    np.testing.assert_allclose(sol.ys[-1].numpy(), sp.ROBERTSON_T40, rtol=2e-4, atol=1e-9)
+
+
+def test_explicit_method_on_a_stiff_problem_says_so():
+    problem = sp.robertson(t_end=40.0)
+    with pytest.raises(MaxStepsError, match="looks stiff here.*kvaerno5"):
+        neuralode.solve(problem.func, problem.y0, torch.tensor([0.0, 40.0], dtype=F64), method="dopri5",
+                        options={"max_num_steps": 500})
+
+
+def test_non_stiff_problem_gives_no_stiffness_hint():
+    with pytest.raises(MaxStepsError) as info:
+        neuralode.solve(lambda t, y: torch.cos(50 * t) * y, torch.ones(2, dtype=F64),
+                        torch.tensor([0.0, 10.0], dtype=F64), method="dopri5", options={"max_num_steps": 20})
+    assert "stiff here" not in str(info.value)
+
+
+# --- Jacobian modes ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ("kvaerno5", "radau5"))
+def test_batched_and_krylov_agree_with_dense(method):
+    k = sp.sample_rate_constants(4, seed=1)
+    problem = sp.robertson_batch(k, t_end=10.0)
+    t = torch.tensor([0.0, 1.0, 10.0], dtype=F64)
+    rtol, atol = 1e-7, 1e-11
+    results = {mode: neuralode.solve(problem.func, problem.y0, t, method=method, rtol=rtol, atol=atol,
+                                     options={"jacobian": mode}) for mode in ("dense", "batched", "krylov")}
+    for mode in ("batched", "krylov"):
+        torch.testing.assert_close(results[mode].ys, results["dense"].ys, rtol=2e-5, atol=1e-9)
+    # And each sample alone: a joint solve shares steps, so agreement is to the tolerance.
+    for b in range(4):
+        alone = sp.robertson(tuple(k[b].tolist()), t_end=10.0)
+        single = neuralode.solve(alone.func, alone.y0, t, method=method, rtol=rtol, atol=atol)
+        torch.testing.assert_close(results["batched"].ys[:, b], single.ys, rtol=1e-4, atol=1e-9)
+
+
+def test_batched_jacobian_blocks_equal_the_dense_jacobian():
+    from neuralode.solvers.linear import batched_jacobian, dense_jacobian
+    k = sp.sample_rate_constants(3, seed=2)
+    problem = sp.robertson_batch(k)
+    y = torch.rand(3, 3, dtype=F64)
+    dense = dense_jacobian(problem.func, 0.0, y)
+    blocks = batched_jacobian(problem.func, 0.0, y)
+    torch.testing.assert_close(torch.block_diag(*blocks), dense)
+
+
+def test_krylov_heat_equation_with_and_without_preconditioner():
+    """The method of lines heat equation (n = 400): matrix free, against its exact semi-discrete solution."""
+    n = 400
+    problem = sp.heat(n, t_end=0.1)
+    t = torch.tensor([0.0, 0.1], dtype=F64)
+    inv_dx2 = float((n + 1) ** 2)
+
+    def tridiagonal_solve(v, c):
+        # (I - c L) x = v for the Dirichlet Laplacian L, banded: O(n) in LAPACK.
+        from scipy.linalg import solve_banded
+        bands = np.empty((3, n))
+        bands[0], bands[1], bands[2] = -c * inv_dx2, 1 + 2 * c * inv_dx2, -c * inv_dx2
+        return torch.from_numpy(solve_banded((1, 1), bands, v.detach().numpy()))
+
+    exact = torch.as_tensor(problem.exact(0.1))
+    for options in ({"jacobian": "krylov"}, {"jacobian": "krylov", "preconditioner": tridiagonal_solve}):
+        sol = neuralode.solve(problem.func, problem.y0, t, method="kvaerno5", rtol=1e-6, atol=1e-9, options=options)
+        assert sol.status == "success"
+        assert float((sol.ys[-1] - exact).abs().max()) < 1e-5
+
+
+# --- gradients ------------------------------------------------------------------------------------------
+
+class Damped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.rate = torch.nn.Parameter(torch.tensor([0.5, 0.2], dtype=F64))
+        self.W = torch.nn.Parameter(0.3 * torch.randn(2, 2, dtype=F64, generator=generator))
+
+    def forward(self, t, y):
+        return -self.rate * y + torch.tanh(y @ self.W.T) + torch.sin(t)
+
+
+def _loss_and_grads(method, gradient, options, field, y0, t):
+    sol = neuralode.solve(field, y0, t, method=method, rtol=1e-10, atol=1e-12, gradient=gradient, options=options)
+    loss = (sol.ys ** 2).sum()
+    if not loss.requires_grad:
+        return loss, None
+    grads = torch.autograd.grad(loss, [y0, field.rate, field.W])
+    return loss, torch.cat([g.reshape(-1) for g in grads])
+
+
+@pytest.mark.parametrize("method", ADAPTIVE_IMPLICIT + FIXED_IMPLICIT + ("auto",))
+def test_gradients_match_finite_differences(method):
+    """direct (implicit function theorem), checkpoint (replayed) and adjoint agree with central differences."""
+    field = Damped()
+    y0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    options = {"step_size": 0.01} if not REGISTRY[method].adaptive else None
+    strategies = ("direct", "adjoint") if method == "auto" else ("direct", "checkpoint", "adjoint")
+    grads = {g: _loss_and_grads(method, g, options, field, y0, t)[1] for g in strategies}
+    eps, fd = 1e-6, []
+    with torch.no_grad():
+        for p in (y0, field.rate, field.W):
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                old = float(flat[i])
+                flat[i] = old + eps
+                plus = _loss_and_grads(method, "direct", options, field, y0, t)[0]
+                flat[i] = old - eps
+                minus = _loss_and_grads(method, "direct", options, field, y0, t)[0]
+                flat[i] = old
+                fd.append((plus - minus) / (2 * eps))
+    fd = torch.stack(fd)
+    scale = float(fd.abs().max())
+    for name, g in grads.items():
+        # direct/checkpoint differentiate the discrete solve (FD of the same solve); the adjoint solves
+        # the continuous adjoint equation, on a fixed grid to the discretisation error of h = 0.01.
+        tolerance = 1e-6 if (name != "adjoint" or REGISTRY[method].adaptive) else max(1e-4, 2 * 0.01 ** ORDER[method])
+        assert float((g - fd).abs().max()) <= tolerance * scale, (method, name, g, fd)
+    if "checkpoint" in grads:
+        torch.testing.assert_close(grads["checkpoint"], grads["direct"], rtol=1e-9, atol=1e-12)
+
+
+def test_direct_gradient_does_not_record_newton_iterations():
+    """The graph holds one evaluation of f per stage (the implicit function theorem), not one per Newton
+    iteration: the forward NFE with a graph exceeds the no-graph NFE by the stages only."""
+    field = Damped()
+    y0 = torch.tensor([1.0, -0.5], dtype=F64)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    with torch.no_grad():
+        plain = neuralode.solve(field, y0, t, method="kvaerno5", rtol=1e-8, atol=1e-10)
+    graph = neuralode.solve(field, y0.requires_grad_(True), t, method="kvaerno5", rtol=1e-8, atol=1e-10)
+    implicit_stages = 6 * graph.stats["n_steps"]
+    assert graph.stats["nfe"] == plain.stats["nfe"] + implicit_stages
+
+
+def test_krylov_gradient_matches_dense():
+    field = Damped()
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    grads = {}
+    for mode in ("dense", "batched", "krylov"):
+        y0 = torch.tensor([[1.0, -0.5], [0.3, 0.2]], dtype=F64, requires_grad=True)
+        sol = neuralode.solve(field, y0, t, method="kvaerno5", rtol=1e-9, atol=1e-11, options={"jacobian": mode})
+        grads[mode] = torch.autograd.grad((sol.ys ** 2).sum(), [y0, field.rate])
+    for mode in ("batched", "krylov"):
+        for a, b in zip(grads[mode], grads["dense"]):
+            torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+# --- method="auto" ----------------------------------------------------------------------------------------
+
+def test_auto_stays_explicit_and_equals_tsit5_when_not_stiff():
+    t = torch.linspace(0, 10, 5, dtype=F64)
+    y0 = torch.tensor([1.0, 0.0], dtype=F64)
+    oscillator = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
+    auto = neuralode.solve(oscillator, y0, t, method="auto")
+    tsit5 = neuralode.solve(oscillator, y0, t, method="tsit5")
+    assert auto.stats["n_switches"] == 0 and auto.stats["n_steps_implicit"] == 0
+    assert torch.equal(auto.ys, tsit5.ys)
+
+
+def test_auto_switches_on_a_stiff_problem_and_reports_both_phases():
+    problem = sp.van_der_pol(1000.0)
+    sol = neuralode.solve(problem.func, problem.y0, torch.tensor([0.0, 1000.0], dtype=F64), method="auto",
+                          rtol=1e-5, atol=problem.atol_tensor(1e-5))
+    stats = sol.stats
+    assert stats["n_switches"] >= 2 and stats["switch_times"][0][1] == "to implicit"
+    assert stats["switch_times"][1][1] == "to explicit"  # the fast jump near t ~ 807 is not stiff
+    assert stats["n_steps_explicit"] + stats["n_steps_implicit"] == stats["n_steps"]
+    reference = sp.scipy_reference(problem, [1000.0])[0]
+    assert sp.mixed_error(sol.ys[-1].numpy(), reference, 1e-5, problem.atol(1e-5)) <= 1e-4
+
+
+def test_auto_refuses_checkpointing_with_the_reason():
+    with pytest.raises(ValueError, match="switches between methods"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=F64, requires_grad=True),
+                        torch.tensor([0.0, 1.0], dtype=F64), method="auto", gradient="checkpoint")
+
+
+# --- failures and bad options -----------------------------------------------------------------------------
+
+def test_newton_failure_on_a_fixed_grid_is_a_clear_error():
+    """y' = -1e3 (y^3 - 1) with h = 5: Newton cannot converge in 2 iterations; the grid cannot shrink."""
+    with pytest.raises(ConvergenceError, match=r"fixed grid.*max_iters"):
+        neuralode.solve(lambda t, y: -1e3 * (y ** 3 - 1), torch.tensor([3.0], dtype=F64),
+                        torch.tensor([0.0, 10.0], dtype=F64), method="implicit_euler",
+                        options={"step_size": 5.0, "max_iters": 2})
+
+
+def test_singular_iteration_matrix_is_reported():
+    """y' = 2 y with implicit Euler and h = 0.5: I - h J = 0 exactly."""
+    with pytest.raises(ConvergenceError, match="singular"):
+        neuralode.solve(lambda t, y: 2 * y, torch.ones(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                        method="implicit_euler", options={"step_size": 0.5})
+
+
+def test_adaptive_newton_failure_shrinks_the_step_and_is_counted():
+    problem = sp.robertson(t_end=40.0)
+    sol = neuralode.solve(problem.func, problem.y0, torch.tensor([0.0, 40.0], dtype=F64), method="kvaerno5",
+                          rtol=1e-6, atol=problem.atol_tensor(1e-6), options={"first_step": 10.0})
+    assert sol.status == "success" and sol.stats["n_newton_failures"] >= 1
+
+
+@pytest.mark.parametrize("options,error,match", [
+    ({"jacobian": "sparse"}, ValueError, "'dense', 'batched', 'krylov'"),
+    ({"max_iters": 0}, ValueError, "max_iters"),
+    ({"preconditioner": 3, "jacobian": "krylov"}, TypeError, "preconditioner"),
+    ({"preconditioner": lambda v, c: v}, ValueError, "jacobian='krylov' only"),
+    ({"stiff_method": "dopri5"}, ValueError, "stiff_method"),
+])
+def test_bad_implicit_options(options, error, match):
+    method = "auto" if "stiff_method" in options else "kvaerno5"
+    with pytest.raises(error, match=match):
+        neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                        method=method, options=options)
+
+
+def test_batched_jacobian_needs_a_batch_dimension():
+    with pytest.raises(ValueError, match="batch"):
+        neuralode.solve(lambda t, y: -y, torch.tensor(1.0, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                        method="kvaerno5", options={"jacobian": "batched"})
+
+
+def test_error_norm_scale_is_what_newton_uses():
+    """Newton's stopping test is in the error norm's units: a tighter atol gives a closer stage solve."""
+    norm = ErrorNorm(1e-6, 1e-9)
+    assert math.isclose(float(norm.scale(torch.tensor([2.0], dtype=F64))), 1e-9 + 2e-6)

@@ -86,6 +86,7 @@ class ScriptedStepper:
 
     order = 4
     adaptive = True
+    implicit = False
 
     def __init__(self, ratios):
         self.ratios = list(ratios)

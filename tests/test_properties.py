@@ -286,8 +286,12 @@ def test_fixed_step_error_small_and_halving_reduces_it(method, problem, times, n
     p = ORDER[method]
     h = abs(times[-1] - times[0]) / n_steps
     errors = []
+    # The implicit Runge-Kutta methods stop Newton's iteration at a fraction of rtol/atol: tight ones keep
+    # that below the discretisation error.
+    tolerance = {"rtol": 1e-13, "atol": 1e-13} if method in IMPLICIT_TABLEAUS else {}
     for step in (h, h / 2):
-        ys = neuralode.solve(linear_field(A), y0, t, method=method, options={"step_size": step, "interp": "cubic"}).ys
+        ys = neuralode.solve(linear_field(A), y0, t, method=method, options={"step_size": step, "interp": "cubic"},
+                             **tolerance).ys
         errors.append((ys - exact).abs().max().item())
     _note(f"errors {errors}, h {h}")
     assert errors[0] <= 30 * h ** p, (method, errors, h)
@@ -295,7 +299,12 @@ def test_fixed_step_error_small_and_halving_reduces_it(method, problem, times, n
     # Adams methods their corrector, iterated only until increments agree to rtol (default 1e-7).
     floor = 1e-9 if method in ("implicit_adams", "fixed_adams") else 1e-10
     if errors[0] > floor:
-        assert errors[1] <= min(0.75, 2.0 ** (1 - p)) * errors[0], (method, errors)
+        # The implicit Runge-Kutta methods' errors at these random output times are those of the cubic
+        # Hermite output (their grid values are more accurate: gl6, radauIIA5 and gl4 all showed halving
+        # ratios of 0.14 here, the interpolant's pre-asymptotic O(h^4)); their order at the grid points is
+        # measured by regression in tests/test_implicit.py. Here their orders count up to 3.
+        ratio = min(0.75, 2.0 ** (1 - (min(p, 3) if method in IMPLICIT_TABLEAUS else p)))
+        assert errors[1] <= ratio * errors[0], (method, errors)
 
 
 # --- shapes ----------------------------------------------------------------------------------------

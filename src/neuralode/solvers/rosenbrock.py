@@ -173,6 +173,10 @@ class Rosenbrock:
     # --- one step ------------------------------------------------------------------------------------
     def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
              error_norm: Callable, state: RosenbrockState) -> StepOutcome:
+        if y0.numel() == 0:
+            # An empty state: nothing to linearise or solve; every increment is empty.
+            us = [y0 + 0 * h] * self.tableau.stages
+            return StepOutcome(y0 + 0 * h, None, y0.new_zeros(()), self.error_order, stages=(f0, us), state=state)
         graph = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad or state.has_parameters)
         if state.point is not y0 or state.point_t != t0 or state.point_graph != graph:
             self._linearize(func, t0, y0, f0, h, state, graph)

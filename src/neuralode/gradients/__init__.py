@@ -15,7 +15,8 @@ Gradients with respect to the times ``t`` are the same for all three: they come 
 
 When *not* to use each: ``Direct`` runs out of memory on long solves with big vector fields;
 ``Adjoint`` reconstructs the forward trajectory backwards in time, so on dynamics that are unstable
-backwards (dissipative or chaotic ones) its gradient can be far off; prefer ``Checkpoint`` there.
+backwards (dissipative or chaotic ones) its gradient can be far off; prefer ``Adjoint(interpolate=True)``
+(y(t) from the forward dense output) or ``Checkpoint`` there.
 ``Checkpoint`` costs one extra forward solve.
 """
 

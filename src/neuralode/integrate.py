@@ -428,9 +428,14 @@ def _underflow_message(t: float, h: float, non_finite: bool, magnitude: float, d
 
 def _newton_message(t: float, h: float, reason: str, where: str = "") -> str:
     where = f" {where}" if where else f" (the step shrank to {h:.3g})"
-    return (f"the implicit method could not solve its stage equations at t={t}{where}: {reason}. Try a smaller "
-            "step (step_size, or a smaller first_step/max_step), options={'max_iters': N} for more Newton "
-            "iterations, or check the vector field for a singularity near this time")
+    if "singular" in reason:
+        # A singular I - h gamma J: more iterations cannot help (and Rosenbrock methods have none).
+        advice = ("Try another step size (first_step or max_step; step_size on a fixed grid) or check df/dy of "
+                  "the vector field near this time")
+    else:
+        advice = ("Try a smaller step (step_size on a fixed grid, a smaller min_step), more Newton iterations "
+                  "with options={'max_iters': N}, or check the vector field for a singularity near this time")
+    return f"the implicit method could not solve its stage equations at t={t}{where}: {reason}. {advice}"
 
 
 def _stiffness_hint(stepper, field, t: float, y: torch.Tensor, h: float) -> str:

@@ -221,7 +221,8 @@ class ImplicitRungeKutta:
 
     def _attempt(self, func, t0, y0, f0, h, error_norm, state, full_newton=False) -> StepOutcome:
         rtol = error_norm.rtol
-        rtol = float(rtol.max()) if isinstance(rtol, torch.Tensor) else float(rtol)
+        # The tightest component sets Newton's tolerance (a loose one must not loosen the others).
+        rtol = float(rtol.min()) if isinstance(rtol, torch.Tensor) else float(rtol)
         eps = torch.finfo(y0.dtype if not y0.is_complex() else y0.real.dtype).eps
         kappa = _newton_kappa(rtol, eps)
         with torch.no_grad():
@@ -268,8 +269,9 @@ class ImplicitRungeKutta:
             z = newton.solve(lambda z: fixed_point(z, psi_known) - z, guess[None], system,
                              lambda z, t_i=t_i, C=np.array([[coefficient]]): self._fresh_system(func, t_i, z[0], C, state))
             if grad:
-                z = attach_implicit_gradient(z, fixed_point, lambda z, psi_known=psi_known: fixed_point(z, psi_known),
-                                             self.jacobian)
+                # Every name the closure needs is bound now: it runs in the backward pass, after the loop.
+                z = attach_implicit_gradient(
+                    z, fixed_point, lambda z, phi=fixed_point, psi_known=psi_known: phi(z, psi_known), self.jacobian)
             ks.append((z[0] - psi) / coefficient)
         # For a stiffly accurate method this is the last stage state itself, up to rounding.
         y1 = linear_combination(None, h, ks, self._b).add_(y0)

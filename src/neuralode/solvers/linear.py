@@ -54,7 +54,9 @@ def _pullback_rows(fn: Callable, y: torch.Tensor, basis: torch.Tensor) -> torch.
             rows = None if rows[0] is None else torch.stack(rows)
     if rows is None:
         return torch.zeros((basis.shape[0],) + y.shape, dtype=y.dtype, device=y.device)
-    return rows.detach()
+    # For complex states autograd's vector-Jacobian product is conj(e_i^T J) (PyTorch's convention for
+    # holomorphic functions): conjugate back so the rows are those of J itself.
+    return rows.detach().conj() if rows.is_complex() else rows.detach()
 
 
 def dense_jacobian(func: Callable, t: float, y: torch.Tensor) -> torch.Tensor:

@@ -147,17 +147,13 @@ class Rosenbrock:
                     tangent = None
             state.has_parameters = out.requires_grad
             if state.forward_time and tangent is None:
-                # Forward mode saw no path from t to f. A field that reads t as a Python number (float(t),
-                # t.item()) hides it from AD, so one difference confirms the structural answer.
-                # The probe time is far from t0 on purpose: a difference-sized increment can vanish in rounding
-                # (cos(t) at t0 = 0 moves by 1e-21 over Hairer's 5e-11) and call a time-dependent field autonomous.
-                # A field that cannot be evaluated there (data that ends at t0) is treated as time-dependent.
-                try:
-                    with torch.no_grad():
-                        t_probe = t0 + _PROBE_OFFSET * max(1.0, abs(t0))
-                        state.autonomous = bool(torch.equal(func(t_probe, y0.detach()), out.detach()))
-                except Exception:  # noqa: BLE001 - any failure of the user's field means "do not assume"
-                    state.autonomous = False
+                # Forward mode saw no path from t to f: either f ignores t, or it reads t as a Python number
+                # (float(t), t.item(), `if t > 1`), which hides it from AD. Comparing f at two times cannot
+                # tell them apart for the whole solve (a forcing that starts at t = 1 is invisible from t0 = 0:
+                # the step then lost its df/dt term and error control, 1.7e-4 at rtol 1e-6), so one call with
+                # a time that records such conversions decides: if f converted t, df/dt is taken by a
+                # one-sided difference at every step (one more evaluation of f per step).
+                state.autonomous = not _reads_time_as_a_number(func, t0, y0.detach())
                 state.forward_time = state.autonomous
             else:
                 state.autonomous = False
@@ -301,6 +297,58 @@ def _nearby_time(t0: float, direction: float, dtype: torch.dtype) -> float:
     return t0 + direction * math.sqrt(eps * max(1e-5, abs(t0)))
 
 
+class _WatchedTime(torch.Tensor):
+    """A time tensor that notes when user code turns it (or a tensor computed from it) into a Python value."""
+
+    converted = False
+
+    def _note(self):
+        _WatchedTime.converted = True
+
+    def __float__(self):
+        self._note()
+        return float(self.as_subclass(torch.Tensor))
+
+    def __int__(self):
+        self._note()
+        return int(self.as_subclass(torch.Tensor))
+
+    def __bool__(self):
+        self._note()
+        return bool(self.as_subclass(torch.Tensor))
+
+    def item(self):
+        self._note()
+        return self.as_subclass(torch.Tensor).item()
+
+    def tolist(self):
+        self._note()
+        return self.as_subclass(torch.Tensor).tolist()
+
+    def numpy(self, *args, **kwargs):
+        self._note()
+        return self.as_subclass(torch.Tensor).numpy(*args, **kwargs)
+
+    def __array__(self, *args, **kwargs):
+        self._note()
+        return self.as_subclass(torch.Tensor).numpy().__array__(*args, **kwargs)
+
+
+def _reads_time_as_a_number(field: VectorField, t0: float, y: torch.Tensor) -> bool:
+    """Whether ``field`` converts its time to a Python number (then forward-mode AD cannot see df/dt)."""
+    watched = field.time(t0).as_subclass(_WatchedTime)
+    _WatchedTime.converted = False
+    field.time = lambda _t: watched              # instance attribute shadows the method for this call
+    try:
+        with torch.no_grad():
+            field.evaluate(t0, y)
+    except Exception:  # noqa: BLE001 - a field that fails on the probe: do not assume it is autonomous
+        return True
+    finally:
+        del field.time
+    return _WatchedTime.converted
+
+
 def _forward_time_derivative(field: VectorField, t0: float, y: torch.Tensor):
     """``(f(t0, y), df/dt(t0, y))`` by one forward-mode evaluation; the tangent is ``None`` if ``f`` ignores t.
 
@@ -310,6 +358,10 @@ def _forward_time_derivative(field: VectorField, t0: float, y: torch.Tensor):
     t = field.time(t0)
     with forward_ad.dual_level():
         dual = forward_ad.make_dual(t, torch.ones_like(t))
+        if forward_ad.unpack_dual(dual * 1.0).tangent is None:
+            # Forward mode is off here (inside a custom autograd Function's forward, as the adjoint's forward
+            # solve is): a missing tangent would say nothing about f, so report that it cannot be used.
+            raise RuntimeError("forward-mode AD is unavailable in this context")
         field.time = lambda _t: dual             # instance attribute shadows the method for this call
         try:
             out = field.evaluate(t0, y)
@@ -350,6 +402,8 @@ def _jacobian_with_graph(mode: str, func, t: float, y: torch.Tensor) -> torch.Te
                 rows = None if parts[0] is None else torch.stack(parts)
     if rows is None:
         rows = torch.zeros((basis.shape[0],) + y.shape, dtype=y.dtype, device=y.device)
+    elif rows.is_complex():
+        rows = rows.conj()   # autograd's complex vector-Jacobian product is conj(e_i^T J)
     if mode == "dense":
         return rows.reshape(y.numel(), y.numel())
     batch, m = y.shape[0], y[0].numel()

@@ -33,8 +33,12 @@ Targets (printed as PASS/FAIL lines with their numbers):
 (c) a single (unbatched) problem solve within 3x of scipy Radau's wall time (each problem at rtol 1e-6);
 (d) the heat equation with n = 10^5 (options={"jacobian": "krylov"}), error against the closed form, peak memory
     (extra resident memory VmHWM - VmRSS baseline in a fresh process, as benchmarks/memory.py measures it),
-    with scipy Radau (sparse LU) beside it. --quick: n = 10^4 on [0, 0.05], one method of ours. A child still
-    running after --child-timeout seconds (600; --quick 15) is killed and reported as a failure.
+    with scipy Radau (sparse LU) beside it. Each method of ours runs twice: unpreconditioned GMRES, and
+    ("name+pc") with options["preconditioner"] = the exact banded solve of (I - c L) v for the Dirichlet
+    Laplacian L = tridiag(1, -2, 1) / dx^2 (scipy.linalg.solve_banded, O(n)); a method whose Krylov system
+    does not take the preconditioner (radau5: its coupled 3-stage system) runs once, unpreconditioned.
+    --quick: n = 10^4 on [0, 0.05], one case of ours (auto+pc). A child still running after --child-timeout
+    seconds (600; --quick 15) is killed and reported as a failure.
 
 --quick (short spans, rtol 1e-4 and 1e-6, one repeat, max_num_steps 5000, batch 128 with a subset of 16) is a smoke
 test of the script, not a measurement; its JSON goes to results/stiff_quick.json.
@@ -370,9 +374,44 @@ def batched_robertson(args, methods, notes):
     return {"batch": batch, "subset": subset, "t_end": t_end, "rtol": rtol, "rows": rows}
 
 
+PC_SUFFIX = "+pc"
+
+
+def heat_preconditioner(n):
+    """``preconditioner(v, c) = (I - c L)^{-1} v`` for the heat equation's L = tridiag(1, -2, 1) / dx^2
+    (Dirichlet, dx = 1 / (n + 1)), by ``scipy.linalg.solve_banded`` on a numpy copy of v (last axis n);
+    returns a tensor of v's dtype and device. Exact for this linear field, O(n) per call."""
+    from scipy.linalg import solve_banded
+    inv_dx2 = float((n + 1) ** 2)
+
+    def preconditioner(v, c):
+        ab = np.empty((3, n))
+        ab[0] = ab[2] = -c * inv_dx2
+        ab[1] = 1.0 + 2.0 * c * inv_dx2
+        rhs = v.detach().cpu().to(torch.float64).numpy().reshape(-1, n).T
+        x = solve_banded((1, 1), ab, rhs, check_finite=False)
+        return torch.from_numpy(np.ascontiguousarray(x.T)).reshape(v.shape).to(dtype=v.dtype, device=v.device)
+
+    return preconditioner
+
+
+def preconditioner_applies(method):
+    """Whether ``method``'s Krylov system uses options["preconditioner"]: the library passes it to single-stage
+    systems only (Rosenbrock stages, diagonally implicit stages); a fully implicit method (radau5) drops it."""
+    spec = our_spec(method)
+    if spec is None or "preconditioner" not in (getattr(spec, "options", None) or ()):
+        return False
+    stepper = spec.make_stepper({"jacobian": "krylov"})
+    inner = getattr(stepper, "stiff", stepper)  # "auto": its implicit half
+    return bool(getattr(inner, "_diagonal", True))
+
+
 def heat_child(method, n, t_end, rtol, max_steps, threads):
-    """Runs in a fresh process: one heat solve, prints a JSON line with wall time, error and peak memory."""
+    """Runs in a fresh process: one heat solve, prints a JSON line with wall time, error and peak memory.
+    ``method`` ending in "+pc": ours with the banded preconditioner (:func:`heat_preconditioner`)."""
     torch.set_num_threads(threads)
+    precondition = method.endswith(PC_SUFFIX)
+    base = method[:-len(PC_SUFFIX)] if precondition else method
     p = heat(n, t_end=0.5)
     ref = p.exact(t_end)
 
@@ -382,11 +421,14 @@ def heat_child(method, n, t_end, rtol, max_steps, threads):
                 return int(line.split()[1])
         raise KeyError(key)
 
-    if method.startswith("scipy:"):
-        case = Scipy(p, method.split(":", 1)[1], rtol, t_end)
+    if base.startswith("scipy:"):
+        case = Scipy(p, base.split(":", 1)[1], rtol, t_end)
     else:
-        case = Ours(p, method, rtol, t_end, max_steps, {"jacobian": "krylov"})
-        Ours(p, method, 1e-3, 1e-6, 50, {"jacobian": "krylov"})()  # warm-up: a few tiny steps, not timed
+        opts = {"jacobian": "krylov"}
+        if precondition:
+            opts["preconditioner"] = heat_preconditioner(n)
+        case = Ours(p, base, rtol, t_end, max_steps, opts)
+        Ours(p, base, 1e-3, 1e-6, 50, opts)()  # warm-up: a few tiny steps, not timed
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     baseline = status_kib("VmRSS")
@@ -397,7 +439,8 @@ def heat_child(method, n, t_end, rtol, max_steps, threads):
         y, stats, status = None, {}, f"{type(e).__name__}: {e}"
     wall = time.perf_counter() - t0
     peak = status_kib("VmHWM")
-    row = {"method": method, "n": n, "t_end": t_end, "rtol": rtol, "ok": y is not None, "status": status,
+    row = {"method": method, "base_method": base, "preconditioner": "banded (I - c L)^-1" if precondition else None,
+           "n": n, "t_end": t_end, "rtol": rtol, "ok": y is not None, "status": status,
            "wall_s": wall, "baseline_mib": baseline / 1024, "peak_extra_mib": (peak - baseline) / 1024,
            "state_mib": n * 8 / 2 ** 20, **stats}
     if y is not None:
@@ -417,13 +460,20 @@ def heat_large(args, methods, notes):
             notes.append(f"(d) {m}: does not take option 'jacobian' (krylov): not run on the n = {n} heat equation")
             continue
         run.append(m)
-    if args.quick and len(run) > 1:  # a smoke test: one method of ours ("auto" if it is there)
-        keep = "auto" if "auto" in run else run[0]
-        notes.append(f"(d) --quick runs one method of ours ({keep}); the full run takes every one")
+        if preconditioner_applies(m):
+            run.append(m + PC_SUFFIX)
+        elif not args.quick:
+            notes.append(f"(d) {m}: its Krylov system does not use options['preconditioner'] (the library passes it "
+                         "to single-stage systems only): run unpreconditioned only")
+    if args.quick and len(run) > 1:  # a smoke test: one case of ours ("auto+pc" if it is there)
+        keep = next((c for c in ("auto" + PC_SUFFIX, "auto") if c in run),
+                    next((c for c in run if c.endswith(PC_SUFFIX)), run[0]))
+        notes.append(f"(d) --quick runs one case of ours ({keep}); the full run takes every method, with and "
+                     "without the preconditioner")
         run = [keep]
     run += [m for m in scipy_m if m == "scipy:Radau"]
     print(f"\n### (d) heat equation n = {n} on [0, {t_end:g}], rtol {rtol:g}, ours with "
-          "options={'jacobian': 'krylov'}, scipy Radau with its sparse Jacobian; one fresh process each\n", flush=True)
+          "options={'jacobian': 'krylov'} (+pc: with the banded preconditioner), scipy Radau with its sparse Jacobian; one fresh process each\n", flush=True)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     rows = []
     for m in run:
@@ -432,7 +482,8 @@ def heat_large(args, methods, notes):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
         except subprocess.TimeoutExpired:
-            rows.append({"method": m, "n": n, "ok": False, "status": f"timeout: killed after {args.child_timeout:g} s "
+            rows.append({"method": m, "n": n, "ok": False, "preconditioner": m.endswith(PC_SUFFIX) or None,
+                         "status": f"timeout: killed after {args.child_timeout:g} s "
                          "(--child-timeout)", "wall_s": args.child_timeout})
             continue
         got = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -514,7 +565,7 @@ def check_targets(args, wp_rows, b, d, ours):
                              f"{sc['wall_extrapolated_s']:.1f} s extrapolated to {b['batch']}, budget 1/10 = "
                              f"{budget:.2f} s -> {'PASS' if ok else 'FAIL'}")
     if d is not None:
-        mine = [r for r in d["rows"] if r["method"] in ours_set]
+        mine = [r for r in d["rows"] if r["method"].removesuffix(PC_SUFFIX) in ours_set]
         sc = next((r for r in d["rows"] if r["method"] == "scipy:Radau"), None)
         if sc is not None and sc.get("ok"):
             lines.append(f"(d) scipy Radau (sparse LU) on heat n = {d['n']}: {sc['wall_s']:.2f} s, err/tol "
@@ -527,7 +578,8 @@ def check_targets(args, wp_rows, b, d, ours):
                 ok = r["err_over_tol"] <= 10
                 lines.append(f"(d) heat n = {d['n']}, {r['method']} jacobian=krylov: {r['wall_s']:.2f} s, err/tol "
                              f"{r['err_over_tol']:.2g} against the closed form (max |error| {r['max_abs_error']:.2e}), "
-                             f"peak +{r['peak_extra_mib']:.1f} MiB (state {r['state_mib']:.2f} MiB) -> "
+                             f"peak +{r['peak_extra_mib']:.1f} MiB = {r['peak_extra_mib'] / r['state_mib']:.0f}x the "
+                             f"state ({r['state_mib']:.2f} MiB) -> "
                              f"{'PASS' if ok else 'FAIL'}")
             else:
                 lines.append(f"(d) heat n = {d['n']}, {r['method']}: failed ({r.get('status', '?')[:80]}) -> FAIL")

@@ -21,8 +21,7 @@ implicit stage). Three ways to hold ``J``, chosen by ``options={"jacobian": ...}
     GMRES (Saad and Schultz 1986), optionally right-preconditioned by the user. Nothing of size
     ``n^2`` is ever formed, so states of 10^5-10^6 unknowns fit in memory.
 
-The same objects solve the *transposed* systems the implicit-function-theorem gradient needs
-(:mod:`neuralode.solvers.implicit`).
+``create_graph=True`` keeps the Jacobian differentiable (a Rosenbrock step backpropagates through it).
 """
 
 from __future__ import annotations
@@ -39,34 +38,42 @@ JACOBIAN_MODES = ("dense", "batched", "krylov")
 
 # --- Jacobians ---------------------------------------------------------------------------------------
 
-def _pullback_rows(fn: Callable, y: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``basis[k] @ d fn / d y`` for every ``k``: one batched backward pass, or a loop if vmap fails."""
+def _pullback_rows(fn: Callable, y: torch.Tensor, basis: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+    """``basis[k] @ d fn / d y`` for every ``k``: one batched backward pass, or a loop if vmap fails.
+
+    ``create_graph``: the rows stay differentiable (w.r.t. ``y`` when it requires grad, and the tensors
+    ``fn`` captures): a Rosenbrock step backpropagates through its Jacobian. Otherwise they are detached.
+    """
     with torch.enable_grad():
-        y_leaf = y.detach().requires_grad_(True)
-        out = fn(y_leaf)
-        if out.grad_fn is None:          # f does not depend on y (e.g. f(t, y) = g(t))
-            return torch.zeros((basis.shape[0],) + y.shape, dtype=y.dtype, device=y.device)
-        try:
-            (rows,) = torch.autograd.grad(out, y_leaf, basis, is_grads_batched=True, allow_unused=True)
-        except (RuntimeError, NotImplementedError):
-            # vmap cannot run some user code (data-dependent control flow, .item()): one pass per row.
-            rows = [torch.autograd.grad(out, y_leaf, b, retain_graph=True, allow_unused=True)[0] for b in basis]
-            rows = None if rows[0] is None else torch.stack(rows)
+        y_in = y if (create_graph and y.requires_grad) else y.detach().requires_grad_(True)
+        out = fn(y_in)
+        rows = None
+        if out.requires_grad:            # else f does not depend on y (e.g. f(t, y) = g(t))
+            try:
+                (rows,) = torch.autograd.grad(out, y_in, basis, create_graph=create_graph, is_grads_batched=True,
+                                              allow_unused=True)
+            except (RuntimeError, NotImplementedError):
+                # vmap cannot run some user code (data-dependent control flow, .item()): one pass per row.
+                parts = [torch.autograd.grad(out, y_in, b, retain_graph=True, create_graph=create_graph,
+                                             allow_unused=True)[0] for b in basis]
+                rows = None if parts[0] is None else torch.stack(parts)
     if rows is None:
         return torch.zeros((basis.shape[0],) + y.shape, dtype=y.dtype, device=y.device)
+    if not create_graph:
+        rows = rows.detach()
     # For complex states autograd's vector-Jacobian product is conj(e_i^T J) (PyTorch's convention for
     # holomorphic functions): conjugate back so the rows are those of J itself.
-    return rows.detach().conj() if rows.is_complex() else rows.detach()
+    return rows.conj() if rows.is_complex() else rows
 
 
-def dense_jacobian(func: Callable, t: float, y: torch.Tensor) -> torch.Tensor:
+def dense_jacobian(func: Callable, t: float, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
     """``J[i, j] = d f_i / d y_j`` over the flattened state: shape ``(n, n)``."""
     n = y.numel()
     basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape((n,) + y.shape)
-    return _pullback_rows(lambda x: func(t, x), y, basis).reshape(n, n)
+    return _pullback_rows(lambda x: func(t, x), y, basis, create_graph).reshape(n, n)
 
 
-def batched_jacobian(func: Callable, t: float, y: torch.Tensor) -> torch.Tensor:
+def batched_jacobian(func: Callable, t: float, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
     """Per-sample blocks ``J[b, i, j] = d f[b, i] / d y[b, j]``: shape ``(batch, m, m)``.
 
     Valid when sample ``b`` of ``f`` depends on sample ``b`` of ``y`` only (no batch norm, no
@@ -79,8 +86,8 @@ def batched_jacobian(func: Callable, t: float, y: torch.Tensor) -> torch.Tensor:
     batch, m = y.shape[0], y[0].numel()
     eye = torch.eye(m, dtype=y.dtype, device=y.device)
     basis = eye[:, None, :].expand(m, batch, m).reshape((m,) + y.shape)
-    rows = _pullback_rows(lambda x: func(t, x), y, basis)        # (m, batch, ...)
-    return rows.reshape(m, batch, m).permute(1, 0, 2).contiguous()
+    rows = _pullback_rows(lambda x: func(t, x), y, basis, create_graph)        # (m, batch, ...)
+    return rows.reshape(m, batch, m).permute(1, 0, 2)
 
 
 @dataclass
@@ -165,8 +172,8 @@ class DenseSystem:
             raise SingularMatrixError
         return cls(lu, pivots)
 
-    def solve(self, rhs: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        x = torch.linalg.lu_solve(self.lu, self.pivots, rhs.reshape(-1, 1), adjoint=adjoint)
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
+        x = torch.linalg.lu_solve(self.lu, self.pivots, rhs.reshape(-1, 1))
         return x.reshape(rhs.shape)
 
 
@@ -192,10 +199,10 @@ class BatchedSystem:
             raise SingularMatrixError
         return cls(lu, pivots)
 
-    def solve(self, rhs: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
+    def solve(self, rhs: torch.Tensor) -> torch.Tensor:
         s, batch = rhs.shape[0], rhs.shape[1]
         flat = rhs.reshape(s, batch, -1).permute(1, 0, 2).reshape(batch, -1, 1)
-        x = torch.linalg.lu_solve(self.lu, self.pivots, flat, adjoint=adjoint)
+        x = torch.linalg.lu_solve(self.lu, self.pivots, flat)
         return x.reshape(batch, s, -1).permute(1, 0, 2).reshape(rhs.shape)
 
 
@@ -230,9 +237,7 @@ class KrylovSystem:
         jv = torch.stack([self.linearization(v_i) for v_i in v])
         return v - torch.einsum("ij,j...->i...", torch.as_tensor(self.C, dtype=v.dtype, device=v.device), jv)
 
-    def solve(self, rhs: torch.Tensor, adjoint: bool = False, rtol: float | None = None) -> torch.Tensor:
-        if adjoint:
-            raise NotImplementedError("the Krylov system solves transposed systems through vjp_solve")
+    def solve(self, rhs: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
         scale = self.scale if self.scale is not None else torch.ones((), dtype=rhs.dtype, device=rhs.device)
         precondition = None
         if self.preconditioner is not None:

@@ -40,7 +40,8 @@ import torch.autograd.forward_ad as forward_ad
 
 from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
-from .linear import JACOBIAN_MODES, SingularMatrixError, build_system, gmres, jacobian
+from .linear import (JACOBIAN_MODES, SingularMatrixError, batched_jacobian, build_system, dense_jacobian, gmres,
+                     jacobian)
 from .runge_kutta import StepOutcome, linear_combination, step_result
 
 # Step factor after a singular iteration matrix: I - h gamma J is singular only for h gamma = 1/lambda
@@ -380,37 +381,8 @@ def _jacobian_with_graph(mode: str, func, t: float, y: torch.Tensor) -> torch.Te
     ``J`` keeps the graph of ``y`` (when ``y`` requires grad) and of the tensors ``func`` captures, so that
     backpropagation through the step sees ``dJ/dy0`` and ``dJ/dtheta`` (second derivatives of ``f``).
     """
-    y_in = y if y.requires_grad else y.detach().requires_grad_(True)
-    if mode == "dense":
-        n = y.numel()
-        basis = torch.eye(n, dtype=y.dtype, device=y.device).reshape((n,) + y.shape)
-    else:
-        if y.ndim < 1:
-            raise ValueError("jacobian='batched' needs a state of shape (batch, ...); got a 0-dim state: use "
-                             "jacobian='dense'")
-        batch, m = y.shape[0], y[0].numel()
-        eye = torch.eye(m, dtype=y.dtype, device=y.device)
-        basis = eye[:, None, :].expand(m, batch, m).reshape((m,) + y.shape)
-    with torch.enable_grad():
-        out = func(t, y_in)
-        rows = None
-        if out.requires_grad:
-            try:
-                (rows,) = torch.autograd.grad(out, y_in, basis, create_graph=True, is_grads_batched=True,
-                                              allow_unused=True)
-            except (RuntimeError, NotImplementedError):
-                # vmap cannot run some user code: one pass per row.
-                parts = [torch.autograd.grad(out, y_in, b, retain_graph=True, create_graph=True,
-                                             allow_unused=True)[0] for b in basis]
-                rows = None if parts[0] is None else torch.stack(parts)
-    if rows is None:
-        rows = torch.zeros((basis.shape[0],) + y.shape, dtype=y.dtype, device=y.device)
-    elif rows.is_complex():
-        rows = rows.conj()   # autograd's complex vector-Jacobian product is conj(e_i^T J)
-    if mode == "dense":
-        return rows.reshape(y.numel(), y.numel())
-    batch, m = y.shape[0], y[0].numel()
-    return rows.reshape(m, batch, m).permute(1, 0, 2)
+    make = dense_jacobian if mode == "dense" else batched_jacobian
+    return make(func, t, y, create_graph=True)
 
 
 def _jvp_with_graph(func, t: float, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

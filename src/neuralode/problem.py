@@ -62,7 +62,9 @@ class VectorField:
         self.cast = user_dtype is not None and compute_dtype is not None and user_dtype != compute_dtype
         self.nfe = 0
 
-    def time(self, t: float) -> torch.Tensor:
+    def time(self, t) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):  # a stage time computed in float64 inside a compiled step
+            return t.to(self.time_dtype)
         return torch.scalar_tensor(t, dtype=self.time_dtype, device=self.device)
 
     def unflatten(self, y: torch.Tensor):

@@ -72,6 +72,9 @@ class ODEBlock(nn.Module):
         :attr:`jacobian_frobenius`.
     probe : {"gaussian", "rademacher"}, default "gaussian"
         Distribution of the Hutchinson probe, drawn once per forward pass.
+    compile : bool, default False
+        Compile each solver step with ``torch.compile`` (``solve(..., compile=True)``; explicit
+        Runge-Kutta methods). The first call compiles (seconds); later calls reuse it.
 
     Attributes
     ----------
@@ -114,6 +117,7 @@ class ODEBlock(nn.Module):
         kinetic: bool = False,
         frobenius: bool = False,
         probe: str = "gaussian",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not callable(func):
@@ -148,6 +152,10 @@ class ODEBlock(nn.Module):
         self.kinetic = bool(kinetic)
         self.frobenius = bool(frobenius)
         self.probe = one_of("probe", probe, PROBES)
+        if not isinstance(compile, bool):
+            raise TypeError(f"compile must be True or False, got {type(compile).__name__}.")
+        # (not ``self.compile``: that would hide nn.Module.compile)
+        self.compile_step = compile
         self.last_stats: dict[str, Any] | None = None
         self.kinetic_energy: Tensor | None = None
         self.jacobian_frobenius: Tensor | None = None
@@ -218,6 +226,7 @@ class ODEBlock(nn.Module):
             options=self.options,
             gradient=self.gradient,
             adjoint_params=self._solve_adjoint_params(),
+            compile=getattr(self, "compile_step", False),  # (modules pickled before the option: False)
         )
         # Keep the dict itself: an adjoint backward updates it in place with "nfe_backward".
         self.last_stats = solution.stats
@@ -240,6 +249,8 @@ class ODEBlock(nn.Module):
             parts.append(f"options={self.options}")
         if self.return_trajectory:
             parts.append("return_trajectory=True")
+        if self.compile_step:
+            parts.append("compile=True")
         if self.regularised:
             parts.append(f"kinetic={self.kinetic}, frobenius={self.frobenius}, probe={self.probe!r}")
         return ", ".join(parts)

@@ -104,6 +104,9 @@ class RegularisedDynamics:
             raise ValueError("probe must be a tensor shaped like z when frobenius=True; use sample_probe(z).")
         self.func = func
         self.probe = probe
+        # solve(..., compile=True) groups fields by this key: the Frobenius term's autograd.grad cannot be
+        # compiled, the kinetic one can, so the two kinds must not share one verdict.
+        self.compile_key = (type(self), type(func), kinetic, frobenius)
         self.kinetic = bool(kinetic)
         self.frobenius = bool(frobenius)
 

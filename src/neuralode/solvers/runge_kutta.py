@@ -27,9 +27,20 @@ def _sparse(weights) -> tuple:
     return tuple((j, float(w)) for j, w in enumerate(weights) if w != 0)
 
 
-def linear_combination(y0: torch.Tensor | None, h: float, ks, terms) -> torch.Tensor:
-    """``y0 + h * sum_j w_j ks[j]`` over the nonzero ``terms = ((j, w_j), ...)``; ``y0=None`` drops it."""
+def linear_combination(y0: torch.Tensor | None, h, ks, terms) -> torch.Tensor:
+    """``y0 + h * sum_j w_j ks[j]`` over the nonzero ``terms = ((j, w_j), ...)``; ``y0=None`` drops it.
+
+    ``h`` is a float (eager steps) or a 0-dim float64 tensor (the compiled step, whose step size is an input
+    of the compiled graph rather than a constant baked into it).
+    """
     (j0, w0), *rest = terms
+    if isinstance(h, torch.Tensor):
+        acc = ks[j0] * (h * w0)
+        if y0 is not None:
+            acc = acc.add_(y0)
+        for j, w in rest:
+            acc.add_(ks[j] * (h * w))
+        return acc
     # The first term creates the result (fused with y0 when there is one); the rest accumulate in place.
     acc = ks[j0] * (h * w0) if y0 is None else torch.add(y0, ks[j0], alpha=h * w0)
     for j, w in rest:
@@ -37,7 +48,7 @@ def linear_combination(y0: torch.Tensor | None, h: float, ks, terms) -> torch.Te
     return acc
 
 
-def step_result(y0: torch.Tensor, h: float, ks, terms) -> torch.Tensor:
+def step_result(y0: torch.Tensor, h, ks, terms) -> torch.Tensor:
     """``y1 = y0 + h * sum_j b_j ks[j]`` with the increments summed first and ``y0`` added last.
 
     That is torchdiffeq's order (a matrix product, then ``y0 +``): adding each small increment to a large
@@ -120,7 +131,10 @@ class ExplicitRungeKutta:
 
     def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
              error_norm: Callable | None, state=None) -> StepOutcome:
-        """Attempt one step. ``func(t: float, y)``; ``error_norm(err, y0, y1) -> 0-dim tensor``."""
+        """Attempt one step. ``func(t: float, y)``; ``error_norm(err, y0, y1) -> 0-dim tensor``.
+
+        ``t0`` and ``h`` may also be 0-dim float64 tensors (the compiled step): then ``func`` receives the
+        stage times as tensors."""
         ks = [f0]
         yi = y0
         last = len(self._rows) - 1

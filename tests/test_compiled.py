@@ -1,0 +1,165 @@
+"""solve(..., compile=True): the compiled explicit Runge-Kutta step against the eager one (issue 13, item 4).
+
+Each test compiles (seconds on a CPU), so the cases are few and chosen to cover the paths: an FSAL method
+with a 5th-order estimate, DOP853's two estimates, a fixed grid, direct gradients, a float32 state, steps
+that must stay eager (one-sided limits at ``jump_t``), a field that cannot be compiled, and the ODE block.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+import neuralode
+from neuralode.nn import ODEBlock
+
+
+class _Field(torch.nn.Module):
+    """A time-dependent MLP field, so that the stage times (tensors inside the compiled step) matter."""
+
+    def __init__(self, dim=3, hidden=16, dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.Tanh(),
+                                       torch.nn.Linear(hidden, dim)).to(dtype)
+
+    def forward(self, t, y):
+        return self.net(y) * torch.cos(t) - 0.1 * y
+
+
+def Field(**kwargs):
+    """A field of a class of its own: compiled steps are cached per (method, field type), and
+    torch.compile stops compiling a function after 8 variants (running it eagerly), so fields shared
+    between tests could make a later test compare eager with eager."""
+    return type("Field", (_Field,), {})(**kwargs)
+
+
+def _assert_compiled(record):
+    """A fallback to eager would hide what is tested (torch.compile's own warnings are allowed)."""
+    fallbacks = [str(w.message) for w in record if "could not be compiled" in str(w.message)]
+    assert not fallbacks, fallbacks
+
+
+def _pair(field, y0, t, **kwargs):
+    eager = neuralode.solve(field, y0, t, **kwargs)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        compiled = neuralode.solve(field, y0, t, compile=True, **kwargs)
+    _assert_compiled(record)
+    return eager, compiled
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("dopri8", None), ("rk4", {"step_size": 0.05})])
+def test_compiled_step_matches_eager_in_float64(method, options):
+    field = Field()
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 6, dtype=torch.float64)
+    eager, compiled = _pair(field, y0, t, method=method, rtol=1e-9, atol=1e-10, options=options)
+    # The same steps (counts and evaluations) and the same values to rounding: fused multiply-adds and
+    # reordered sums in the generated code differ from the eager kernels by a few ulps per step.
+    for key in ("n_steps", "n_accepted", "n_rejected", "nfe"):
+        assert compiled.stats[key] == eager.stats[key], key
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-13)
+    assert compiled.success
+
+
+def test_compiled_direct_gradient_matches_eager():
+    field = Field()
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
+    eager, compiled = _pair(field, y0, t, method="tsit5", rtol=1e-8, atol=1e-9)
+    inputs = (y0, *field.parameters())
+    grads_eager = torch.autograd.grad(eager.ys.pow(2).sum(), inputs)
+    grads_compiled = torch.autograd.grad(compiled.ys.pow(2).sum(), inputs)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
+def test_new_step_sizes_and_tolerances_do_not_recompile():
+    field = Field()
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.linspace(0.0, 1.0, 3, dtype=torch.float64)
+    with torch.no_grad():
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        neuralode.solve(field, y0, t, method="dopri5", rtol=1e-6, atol=1e-8, compile=True)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert graphs > before   # it did compile
+        for rtol in (1e-4, 1e-8, 1e-10):   # other step sizes, other tolerances, another start
+            neuralode.solve(field, y0, t + 0.5, method="dopri5", rtol=rtol, atol=rtol * 1e-2, compile=True)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_float32_state_stays_within_tolerance_of_eager():
+    field = Field(dtype=torch.float32)
+    y0 = torch.randn(8, 3)
+    t = torch.linspace(0.0, 3.0, 5)
+    eager, compiled = _pair(field, y0, t, method="dopri5", rtol=1e-6, atol=1e-7)
+    # In float32 the error estimate sits near rounding level, so a few ulps can move one step; the
+    # solutions still agree to the tolerance.
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-5, atol=1e-6)
+    assert abs(compiled.stats["n_steps"] - eager.stats["n_steps"]) <= 2
+
+
+def test_one_sided_limits_at_jump_times_stay_exact():
+    field = Field()
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 3, dtype=torch.float64)
+    eager, compiled = _pair(field, y0, t, method="dopri5", rtol=1e-9, atol=1e-10, options={"jump_t": [0.7, 1.3]})
+    assert compiled.stats["n_steps"] == eager.stats["n_steps"]
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-13)
+
+
+def test_a_field_that_cannot_be_compiled_is_solved_eagerly_with_one_warning():
+    def field(t, y):
+        if y.sum() > 0:   # data-dependent Python control flow: a graph break, which fullgraph compilation refuses
+            return -y
+        return y
+
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="could not be compiled") as record:
+        first = neuralode.solve(field, y0, t, compile=True)
+        second = neuralode.solve(field, y0, t, compile=True)
+    assert sum("could not be compiled" in str(w.message) for w in record) == 1
+    eager = neuralode.solve(field, y0, t)
+    torch.testing.assert_close(first.ys, eager.ys, rtol=0, atol=0)
+    torch.testing.assert_close(second.ys, eager.ys, rtol=0, atol=0)
+    torch.testing.assert_close(eager.ys[-1], y0 * torch.exp(torch.tensor(-1.0, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "adams", "implicit_adams"])
+def test_compile_refuses_methods_it_cannot_compile(method):
+    options = {"step_size": 0.1} if method == "implicit_adams" else None
+    with pytest.raises(ValueError, match="compile=True supports the explicit Runge-Kutta methods"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method=method, options=options,
+                        compile=True)
+
+
+def test_compile_must_be_a_bool():
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), compile="yes")
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        ODEBlock(Field(), compile=1)
+
+
+def test_ode_block_compile_switch():
+    field = Field(dtype=torch.float32)
+    block = ODEBlock(field, compile=True, gradient="adjoint")
+    eager_block = ODEBlock(field, gradient="adjoint")
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = block(x)
+        out.pow(2).sum().backward()
+    _assert_compiled(record)
+    grads = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad()
+    eager_block(x).pow(2).sum().backward()
+    torch.testing.assert_close(out, eager_block(x), rtol=1e-5, atol=1e-6)
+    for a, p in zip(grads, field.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+    assert "compile=True" in repr(block)
+    assert callable(block.compile)   # nn.Module.compile is not shadowed by the option

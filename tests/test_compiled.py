@@ -163,3 +163,13 @@ def test_ode_block_compile_switch():
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
     assert "compile=True" in repr(block)
     assert callable(block.compile)   # nn.Module.compile is not shadowed by the option
+
+
+def test_dense_output_built_inside_the_compiled_step_matches_eager():
+    field = Field()
+    y0 = torch.randn(3, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.5], dtype=torch.float64)
+    eager, compiled = _pair(field, y0, t, method="tsit5", rtol=1e-9, atol=1e-10, dense=True)
+    assert compiled.stats["n_steps"] == eager.stats["n_steps"] > 3
+    probe = torch.linspace(0.0, 1.5, 37, dtype=torch.float64)
+    torch.testing.assert_close(compiled.evaluate(probe), eager.evaluate(probe), rtol=1e-12, atol=1e-13)

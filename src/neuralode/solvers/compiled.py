@@ -56,9 +56,12 @@ def _field_key(func):
 
 def _new_kernel(name: str):
     """A fresh function object with its own code object (its own ``torch.compile`` cache)."""
-    def kernel(stepper, field, error_norm, times, y0, f0):
+    def kernel(stepper, field, error_norm, times, y0, f0, with_dense):
         t0, h = times.unbind()
-        return stepper.step(field.evaluate, t0, y0, f0, h, error_norm)
+        outcome = stepper.step(field.evaluate, t0, y0, f0, h, error_norm)
+        if with_dense:
+            outcome.coefficients = stepper.dense_coefficients(field.evaluate, t0, y0, h, outcome, outcome.f1)
+        return outcome
 
     code = kernel.__code__.replace(co_name=name, co_qualname=name)
     return types.FunctionType(code, kernel.__globals__, name)
@@ -85,6 +88,11 @@ class CompiledRungeKutta:
             _KERNELS[self.key] = kernel
         self.kernel = kernel
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
+        tableau = stepper.tableau
+        # The dense output of an FSAL method without extra stages costs no evaluation: the compiled step
+        # builds it too (a few fused operations) instead of the loop's eager stack, matrix product and
+        # unbind whenever an output time falls inside the step.
+        self.with_dense = bool(tableau.fsal and tableau.adaptive and not tableau.extra_c)
 
     @staticmethod
     def time_dtype(y0):
@@ -101,7 +109,9 @@ class CompiledRungeKutta:
             # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
             # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
             times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
-            outcome = self.kernel(self.eager, func, error_norm, times, y0, f0)
+            if self.with_dense:
+                self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
+            outcome = self.kernel(self.eager, func, error_norm, times, y0, f0, self.with_dense)
         except Exception as error:  # noqa: BLE001 - any failure to compile falls back to the eager step
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             _BROKEN[self.key] = reason
@@ -111,6 +121,11 @@ class CompiledRungeKutta:
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
         func.nfe += self.evaluations
         return outcome
+
+    def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome, f1: torch.Tensor) -> list:
+        if outcome.coefficients is not None:
+            return outcome.coefficients
+        return self.eager.dense_coefficients(func, t0, y0, h, outcome, f1)
 
 
 def compiled_stepper(stepper, func, method: str):

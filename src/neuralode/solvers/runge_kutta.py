@@ -84,6 +84,7 @@ class StepOutcome:
     state: Any = None
     step_factor: float | None = None
     failure: str | None = None
+    coefficients: list | None = None   # the dense output, when the step computed it already (compiled steps)
 
 
 @dataclass(frozen=True, eq=False)

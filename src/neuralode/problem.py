@@ -62,6 +62,8 @@ class VectorField:
         self.cast = user_dtype is not None and compute_dtype is not None and user_dtype != compute_dtype
         self.nfe = 0
 
+    compilable = True   # ``evaluate`` accepts a tensor time: a compiled step may inline it (solvers/compiled.py)
+
     def time(self, t) -> torch.Tensor:
         if isinstance(t, torch.Tensor):  # a stage time computed in float64 inside a compiled step
             return t.to(self.time_dtype)

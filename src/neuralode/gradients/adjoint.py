@@ -25,6 +25,8 @@ from ..interpolation import horner
 from ..methods import REGISTRY
 from ..options import check_method, check_options, make_control, time_list
 from ..problem import Problem
+from ..solvers.compiled import CompiledRungeKutta
+from ..solvers.runge_kutta import ExplicitRungeKutta
 from .base import GradientStrategy, RunResult, collect_parameters, no_double_backward
 
 
@@ -121,6 +123,7 @@ class _AdjointSolve(torch.autograd.Function):
         box.append(integration)
         outputs = torch.stack(integration.outputs)
         ctx.strategy, ctx.problem, ctx.kwargs, ctx.integration = strategy, problem, kwargs, integration
+        ctx.compiled = isinstance(stepper, CompiledRungeKutta)
         ctx.save_for_backward(outputs)
         return outputs
 
@@ -141,6 +144,10 @@ class _AdjointSolve(torch.autograd.Function):
         else:
             dynamics = _AdjointDynamics(problem.field, params, state_shape)
         stepper, options, spec = _backward_method(strategy, problem, ctx.kwargs["options"])
+        if ctx.compiled and isinstance(stepper, ExplicitRungeKutta):
+            # compile=True: the backward steps (the augmented field with its vector-Jacobian product inlined)
+            # are compiled too, in an entry of their own.
+            stepper = CompiledRungeKutta(stepper, problem.field.func, role="adjoint")
         rtol, atol = _backward_tolerances(strategy, problem, n, dynamics.n_params, dynamics.y_slots)
         user_norm = options.pop("norm", None)
         if callable(user_norm) and strategy.interpolate:
@@ -269,8 +276,14 @@ class _AdjointDynamics:
     def unflatten(self, y):
         return y
 
+    # A compiled backward step (solve(..., compile=True)) may inline ``evaluate``: it takes a tensor time.
+    compilable = True
+
     def __call__(self, t: float, state: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
+        return self.evaluate(t, state)
+
+    def evaluate(self, t, state: torch.Tensor) -> torch.Tensor:
         n = self.n
         # Called with grad mode on only by an implicit method forming the Jacobian of this augmented field
         # (the backward pass itself runs without a graph): then the result must depend differentiably on
@@ -299,6 +312,7 @@ class _InterpolatedAdjointDynamics(_AdjointDynamics):
     """[-a^T df/dy, -a^T df/dtheta] on the state [a, a_theta], with y(t) from the forward dense output."""
 
     y_slots = 0
+    compilable = False   # y(t) comes from a lookup in Python floats (bisect), not from traceable tensor code
 
     def __init__(self, field, params, state_shape, dense):
         super().__init__(field, params, state_shape)
@@ -330,10 +344,9 @@ class _InterpolatedAdjointDynamics(_AdjointDynamics):
             return dense.end_value
         return horner(dense.coefficients[i], theta)
 
-    def __call__(self, t: float, state: torch.Tensor) -> torch.Tensor:
-        self.nfe += 1
+    def evaluate(self, t: float, state: torch.Tensor) -> torch.Tensor:
         n = self.n
-        differentiable = torch.is_grad_enabled()   # see _AdjointDynamics.__call__
+        differentiable = torch.is_grad_enabled()   # see _AdjointDynamics.evaluate
         a = state[:n].view(self.state_shape)
         if not differentiable:
             a = a.detach()

@@ -35,11 +35,14 @@ import warnings
 
 import torch
 
-from ..problem import VectorField
 from .runge_kutta import ExplicitRungeKutta
 
 _KERNELS: dict = {}
 _BROKEN: dict = {}   # key -> the reason a field could not be compiled (warned once per field)
+# Keys whose field calls torch.autograd.grad (the adjoint's backward dynamics, the Frobenius regulariser):
+# torch.compile traces those calls only with this (experimental, hence scoped) setting. It is switched on
+# around the calls of those kernels alone, after a first trace says it is needed (about 5 us a call).
+_NEEDS_AUTOGRAD: dict = {}
 
 
 def _field_key(func):
@@ -78,9 +81,9 @@ class CompiledRungeKutta:
         The user's field (for the cache key only; the step receives the loop's ``VectorField``).
     """
 
-    def __init__(self, stepper: ExplicitRungeKutta, func):
+    def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
         self.eager = stepper
-        self.key = (stepper.tableau.name, _field_key(func))
+        self.key = (stepper.tableau.name, role, _field_key(func))
         kernel = _KERNELS.get(self.key)
         if kernel is None:
             raw = _new_kernel(f"compiled_{stepper.tableau.name}_step")
@@ -103,15 +106,23 @@ class CompiledRungeKutta:
         return getattr(self.eager, name)
 
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state=None):
-        if not isinstance(func, VectorField) or self.key in _BROKEN:
+        if not getattr(func, "compilable", False) or self.key in _BROKEN:
+            # (wrapped fields for one-sided limits are not compilable; neither is the interpolating adjoint's)
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
+        # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
+        # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
+        times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
+        if self.with_dense:
+            self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
+        arguments = (self.eager, func, error_norm, times, y0, f0, self.with_dense)
         try:
-            # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
-            # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
-            times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
-            if self.with_dense:
-                self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
-            outcome = self.kernel(self.eager, func, error_norm, times, y0, f0, self.with_dense)
+            try:
+                outcome = self._call(arguments)
+            except Exception as error:  # noqa: BLE001
+                if self.key in _NEEDS_AUTOGRAD or "trace_autograd_ops" not in str(error):
+                    raise
+                _NEEDS_AUTOGRAD[self.key] = torch._dynamo.config.patch(trace_autograd_ops=True)
+                outcome = self._call(arguments)
         except Exception as error:  # noqa: BLE001 - any failure to compile falls back to the eager step
             reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
             _BROKEN[self.key] = reason
@@ -121,6 +132,13 @@ class CompiledRungeKutta:
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
         func.nfe += self.evaluations
         return outcome
+
+    def _call(self, arguments):
+        patch = _NEEDS_AUTOGRAD.get(self.key)
+        if patch is None:
+            return self.kernel(*arguments)
+        with patch:
+            return self.kernel(*arguments)
 
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome, f1: torch.Tensor) -> list:
         if outcome.coefficients is not None:

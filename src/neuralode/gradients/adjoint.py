@@ -14,6 +14,7 @@ forward pass keeps only the outputs, and neither pass records a graph across ste
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -28,6 +29,7 @@ from ..problem import Problem
 from ..solvers.compiled import CompiledRungeKutta
 from ..solvers.runge_kutta import ExplicitRungeKutta
 from .base import GradientStrategy, RunResult, collect_parameters, no_double_backward
+from .checkpoint import _Checkpoints
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,18 @@ class Adjoint(GradientStrategy):
         parameter gradient is then integrated on the steps chosen for them. ``seminorm=False`` gives
         torchdiffeq's mixed norm over (y, a, a_theta).
 
-    interpolate : bool, default False
+    interpolate : False, True or "checkpoint", default False
         Take y(t) in the backward pass from the forward solve's dense output instead of integrating it
         backwards (SciML's InterpolatingAdjoint). The backward state is then (a, a_theta) only. Needed
         for dissipative and stiff problems: re-integrating y' = -50 y backwards from y(1) ~ e^-50 gets y(0)
         wrong by orders of magnitude (measured: gradient errors of 1e-3 relative at rtol 1e-10 on a
-        two-state problem with rates 50 and 2, for dopri5 and kvaerno5 alike; interpolated: 1e-9). Costs
-        memory for the forward dense output (O(steps) states), not for graphs.
+        two-state problem with rates 50 and 2, for dopri5 and kvaerno5 alike; interpolated: 1e-9).
+        ``True`` keeps the whole forward dense output (O(steps) states of memory, no graphs).
+        ``"checkpoint"`` keeps only ~2 sqrt(2 N) states of the N forward steps (the online square-root
+        thinning of :class:`~neuralode.gradients.Checkpoint`) and, as the backward solve reaches each
+        segment between two of them, replays that segment's recorded steps without a graph to rebuild
+        its dense output (at most three segments held at a time): O(sqrt(N)) memory for one extra
+        forward solve. Replays of explicit methods reproduce the forward steps bit for bit.
 
     The gradient is that of the continuous problem, accurate to the backward tolerances; it does not
     support double backward. When the dynamics are unstable backwards in time, use ``interpolate=True``
@@ -73,7 +80,7 @@ class Adjoint(GradientStrategy):
     method: str | None = None
     options: dict | None = None
     seminorm: bool = True
-    interpolate: bool = False
+    interpolate: bool | str = False
     params: tuple = field(default=(), repr=False)
     callbacks: object = field(default=None, repr=False)  # the field's *_adjoint step callbacks
 
@@ -93,6 +100,12 @@ class Adjoint(GradientStrategy):
                        callbacks=Callbacks.of(func, adjoint=True))
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
+        if self.interpolate not in (False, True, "checkpoint"):
+            raise ValueError(f"Adjoint(interpolate=...) must be False, True or 'checkpoint', got {self.interpolate!r}")
+        if self.interpolate == "checkpoint" and not hasattr(stepper, "tableau"):
+            raise ValueError(f"Adjoint(interpolate='checkpoint') replays the forward steps of a Runge-Kutta method; "
+                             f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
+                             "method switching): use interpolate=True, which keeps the whole dense output")
         if self.interpolate:
             spec = REGISTRY[problem.method]
             if spec.whole_span:
@@ -116,10 +129,16 @@ class _AdjointSolve(torch.autograd.Function):
     def forward(ctx, strategy, problem, stepper, control, kwargs, box, y0, *params):
         forward_problem = replace(problem, y0=y0.detach(),
                                   f0=None if problem.f0 is None else problem.f0.detach())
-        if strategy.interpolate:
+        checkpoints = None
+        if strategy.interpolate == "checkpoint" and not kwargs.get("record_dense"):
+            checkpoints = _Checkpoints(problem.direction * problem.times[0], forward_problem.y0)
+            kwargs = dict(kwargs, on_accept=checkpoints)
+        elif strategy.interpolate:
             kwargs = dict(kwargs, record_dense=True)
         with torch.no_grad():
             integration = integrate(forward_problem, stepper, control, **kwargs)
+        ctx.forward_source = (integration.dense if checkpoints is None
+                              else _ReplayedForward(problem, stepper, kwargs["options"], checkpoints))
         box.append(integration)
         outputs = torch.stack(integration.outputs)
         ctx.strategy, ctx.problem, ctx.kwargs, ctx.integration = strategy, problem, kwargs, integration
@@ -140,7 +159,7 @@ class _AdjointSolve(torch.autograd.Function):
         grad_outputs = grad_outputs.reshape(outputs.shape)
         n = outputs.shape[1]
         if strategy.interpolate:
-            dynamics = _InterpolatedAdjointDynamics(problem.field, params, state_shape, integration.dense)
+            dynamics = _InterpolatedAdjointDynamics(problem.field, params, state_shape, ctx.forward_source)
         else:
             dynamics = _AdjointDynamics(problem.field, params, state_shape)
         stepper, options, spec = _backward_method(strategy, problem, ctx.kwargs["options"])
@@ -192,7 +211,9 @@ class _AdjointSolve(torch.autograd.Function):
             a, a_params = dynamics.unpack(state)
             a = a + grad_outputs[i - 1]
         stats = integration.stats
-        stats["nfe_backward"] = stats.get("nfe_backward", 0) + dynamics.nfe
+        replayed = getattr(ctx.forward_source, "nfe", 0)   # the checkpointed segments' replays
+        stats["nfe_backward"] = stats.get("nfe_backward", 0) + dynamics.nfe + replayed
+        ctx.forward_source = None
         grads, offset = [], 0
         for p in params:
             grad = a_params[offset:offset + p.numel()].view_as(p)
@@ -314,9 +335,11 @@ class _InterpolatedAdjointDynamics(_AdjointDynamics):
     y_slots = 0
     compilable = False   # y(t) comes from a lookup in Python floats (bisect), not from traceable tensor code
 
-    def __init__(self, field, params, state_shape, dense):
+    def __init__(self, field, params, state_shape, source):
         super().__init__(field, params, state_shape)
-        self.dense = dense
+        # A DenseSolution (the whole forward dense output) or a _ReplayedForward (checkpointed segments):
+        # both answer ``dense_at(tau)`` with the dense output that covers tau.
+        self.source = source
 
     def pack(self, y, a, a_params):
         return torch.cat([a, a_params])
@@ -336,8 +359,8 @@ class _InterpolatedAdjointDynamics(_AdjointDynamics):
     def forward_state(self, t: float) -> torch.Tensor:
         """y(t) from the dense output; a stage slightly outside the span (kvaerno5's c = 1.23) extrapolates
         the nearest step's polynomial."""
-        dense = self.dense
-        tau = dense.direction * t
+        tau = self.source.direction * t
+        dense = self.source.dense_at(tau) if isinstance(self.source, _ReplayedForward) else self.source
         i = min(max(bisect.bisect_right(dense.starts, tau) - 1, 0), len(dense.starts) - 1)
         theta = (tau - dense.starts[i]) / dense.lengths[i]
         if theta == 1.0 and i == len(dense.starts) - 1:
@@ -361,6 +384,56 @@ class _InterpolatedAdjointDynamics(_AdjointDynamics):
         parts = [torch.zeros_like(x).reshape(-1) if g is None else g.reshape(-1)
                  for g, x in zip(grads, (y,) + self.params)]
         return torch.cat([p.to(state.dtype) for p in parts])
+
+
+class _ReplayedForward:
+    """The forward solve's dense output rebuilt segment by segment from square-root checkpoints.
+
+    ``dense_at(tau)`` returns the dense output of the segment that holds internal time ``tau`` (the
+    nearest one outside the span), replaying that segment's recorded steps as a fixed grid without a
+    graph when it is not held; the three most recently used segments are kept, enough for a backward
+    step that straddles a segment boundary. ``nfe`` counts the replays' evaluations (reported as part
+    of the backward cost); the field's own counter is left as the forward solve set it.
+    """
+
+    def __init__(self, problem, stepper, options, checkpoints: _Checkpoints, keep: int = 3):
+        self.problem, self.stepper, self.keep = problem, stepper, keep
+        self.options = dict(options)   # (jump_t: the replayed steps take the forward's one-sided limits)
+        self.direction = problem.direction
+        steps = checkpoints.step_ends
+        bounds = list(checkpoints.saved)
+        if bounds[-1][0] != len(steps):
+            bounds.append((len(steps), steps[-1], None))
+        self.segments = list(zip(bounds, bounds[1:])) or [(bounds[0], bounds[0])]
+        self.starts = [start[1] for start, _ in self.segments]
+        self.step_ends = steps
+        self.held: OrderedDict = OrderedDict()
+        self.nfe = 0
+
+    def dense_at(self, tau: float):
+        i = min(max(bisect.bisect_right(self.starts, tau) - 1, 0), len(self.segments) - 1)
+        dense = self.held.get(i)
+        if dense is None:
+            dense = self.held[i] = self._replay(i)
+            while len(self.held) > self.keep:
+                self.held.popitem(last=False)
+        else:
+            self.held.move_to_end(i)
+        return dense
+
+    def _replay(self, i: int):
+        (k0, tau0, y_start), (k1, tau1, _) = self.segments[i]
+        problem, direction = self.problem, self.direction
+        field = problem.field
+        nfe = field.nfe
+        grid = (tau0,) + tuple(self.step_ends[k0:k1])
+        segment = Problem(field, y_start, None, None, [direction * tau0, direction * grid[-1]], direction,
+                          problem.shapes, problem.rtol, problem.atol, problem.method)
+        with torch.no_grad():
+            replay = integrate(segment, self.stepper, FixedGrid(grid), options=self.options, record_dense=True)
+        self.nfe += field.nfe - nfe
+        field.nfe = nfe
+        return replay.dense
 
 
 def _backward_method(strategy, problem, forward_options):

@@ -1,0 +1,71 @@
+"""Adjoint(interpolate="checkpoint"): y(t) for the backward solve from square-root checkpoints and replayed
+segments instead of the whole forward dense output (issue 13, item 3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import neuralode
+from neuralode.gradients import adjoint as adjoint_module
+
+F64 = torch.float64
+
+
+class Field(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+
+    def forward(self, t, y):
+        return self.net(y) - 2.0 * y + torch.sin(3 * t)
+
+
+def _gradients(field, y0, t, gradient, **kwargs):
+    sol = neuralode.solve(field, y0, t, gradient=gradient, **kwargs)
+    inputs = (y0, *field.parameters())
+    return sol, torch.autograd.grad((sol.ys ** 2).sum(), inputs)
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("tsit5", {"jump_t": [1.3]}),
+                                             ("rk4", {"step_size": 0.01, "interp": "cubic"})])
+def test_checkpointed_interpolation_matches_the_whole_dense_output(method, options, monkeypatch):
+    field = Field()
+    y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    t = torch.linspace(0.0, 3.0, 7, dtype=F64)
+    kwargs = dict(method=method, rtol=1e-9, atol=1e-10, options=options)
+    whole, grads_whole = _gradients(field, y0, t, neuralode.Adjoint(interpolate=True), **kwargs)
+
+    replays, held = [], []
+    original = adjoint_module._ReplayedForward._replay
+
+    def counting(self, i):
+        replays.append(i)
+        held.append(len(self.held))
+        return original(self, i)
+
+    monkeypatch.setattr(adjoint_module._ReplayedForward, "_replay", counting)
+    checkpointed, grads = _gradients(field, y0, t, neuralode.Adjoint(interpolate="checkpoint"), **kwargs)
+    for a, b in zip(grads, grads_whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    steps = whole.stats["n_accepted"]
+    assert steps >= 60
+    # O(sqrt(N)) segments, each replayed once as the backward solve walks from the end to the start, with at
+    # most three held at a time; the replays cost about one more forward solve.
+    assert len(set(replays)) == len(replays) <= 2 * math.sqrt(2 * steps) + 2
+    assert max(held) <= 3
+    extra = checkpointed.stats["nfe_backward"] - whole.stats["nfe_backward"]
+    assert 0.8 * whole.stats["nfe"] <= extra <= 1.3 * whole.stats["nfe"]
+
+
+def test_checkpointed_interpolation_refuses_what_it_cannot_replay():
+    y0 = torch.ones(2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    for method in ("adams", "auto"):
+        with pytest.raises(ValueError, match="cannot be replayed from a checkpoint"):
+            neuralode.solve(lambda t, y: -y, y0, t, method=method, gradient=neuralode.Adjoint(interpolate="checkpoint"))
+    with pytest.raises(ValueError, match="must be False, True or 'checkpoint'"):
+        neuralode.solve(lambda t, y: -y, y0, t, gradient=neuralode.Adjoint(interpolate="yes"))

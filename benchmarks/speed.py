@@ -175,6 +175,54 @@ def measure(name, factory, rounds, target=None):
     return rows, compile_s
 
 
+def per_evaluation(rounds):
+    """Backward time per evaluation of the adjoint against forward time per evaluation (issue 13 item 2):
+    (gradient time - forward time) / backward NFE over forward time / forward NFE, P2 and the ode_demo
+    field (a batch of 20 windows), eager and compiled."""
+    mlp = MLP(64, 256, layers=2, seed=0, dtype=torch.float32)
+    cases = [("P2 MLP, batch 512", mlp, torch.randn(512, 64, generator=torch.Generator().manual_seed(1)),
+              torch.linspace(0, 1, 10), dict(rtol=1e-5, atol=1e-6))]
+    torch.manual_seed(0)
+    demo = _DemoField()
+    cases.append(("ode_demo field, 20 windows", demo, torch.randn(20, 1, 2) * 0.5 + torch.tensor([2.0, 0.0]),
+                  torch.linspace(0, 0.24, 10), dict(rtol=1e-7, atol=1e-9)))
+    rows = []
+    for name, field, y0, t, kw in cases:
+        params = tuple(field.parameters())
+        for compile_ in (False, True):
+            def forward():
+                with torch.no_grad():
+                    return neuralode.solve(field, y0, t, method="dopri5", compile=compile_, **kw)
+
+            def gradient():
+                field.zero_grad(set_to_none=True)
+                sol = neuralode.solve(field, y0, t, method="dopri5", gradient="adjoint", compile=compile_, **kw)
+                sol.ys.pow(2).mean().backward()
+                return sol
+            forward(), gradient()   # warm-up (compiles)
+            f_times, g_times = [], []
+            for _ in range(rounds):
+                start = time.perf_counter()
+                sol = forward()
+                f_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                gsol = gradient()
+                g_times.append(time.perf_counter() - start)
+            forward_s, gradient_s = statistics.median(f_times), statistics.median(g_times)
+            nfe, nfe_back = sol.stats["nfe"], gsol.stats["nfe_backward"]
+            per_forward = forward_s / nfe
+            per_backward = (gradient_s - forward_s) / nfe_back
+            rows.append({"case": name, "library": "neuralode compile" if compile_ else "neuralode",
+                         "nfe": nfe, "nfe_backward": nfe_back, "forward_us_per_eval": 1e6 * per_forward,
+                         "backward_us_per_eval": 1e6 * per_backward, "ratio": per_backward / per_forward})
+    print("\n### Adjoint: backward time per evaluation against forward time per evaluation\n")
+    print(markdown_table(rows, [("case", "case", None), ("", "library", None), ("NFE fwd / bwd", "nfe", "{}"),
+                                ("", "nfe_backward", "{}"), ("us per forward eval", "forward_us_per_eval", "{:.0f}"),
+                                ("us per backward eval", "backward_us_per_eval", "{:.0f}"),
+                                ("ratio", "ratio", "{:.2f}")]), flush=True)
+    return rows
+
+
 TARGETS = {"P3 forward": ("neuralode compile", 0.25), "P2 adjoint gradient": ("neuralode", 0.4),
            "ode_demo adjoint iteration": ("neuralode", 0.35)}
 
@@ -182,7 +230,7 @@ TARGETS = {"P3 forward": ("neuralode compile", 0.25), "P2 adjoint gradient": ("n
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--cases", default="p3,p2,p2adj,demo")
+    parser.add_argument("--cases", default="p3,p2,p2adj,demo,perf")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     chosen = {"p3": ("P3 forward", p3_cases, 30), "p2": ("P2 forward", p2_forward_cases, 7),
@@ -190,21 +238,25 @@ def main(argv=None):
               "demo": ("ode_demo adjoint iteration", ode_demo_cases, 30)}
     all_rows, compile_times, verdicts = [], {}, []
     for key in args.cases.split(","):
+        if key == "perf":
+            continue
         name, factory, rounds = chosen[key]
         rows, compile_s = measure(name, factory, 3 if args.quick else rounds)
         all_rows += rows
         compile_times[name] = compile_s
         if name in TARGETS:
             label, limit = TARGETS[name]
-            for label_ in (label, "neuralode compile"):
+            for label_ in dict.fromkeys((label, "neuralode compile")):
                 value = next(r["vs_best_peer"] for r in rows if r["library"] == label_)
                 verdicts.append(f"{name} {label_}: {value:.2f}x the best peer (target <= {limit}x: "
                                 f"{'PASS' if value <= limit else 'FAIL'})")
+    per_eval = per_evaluation(3 if args.quick else 10) if "perf" in args.cases.split(",") else []
     print("\n### Targets\n")
     for line in verdicts:
         print("- " + line)
     path = write_json("speed_quick.json" if args.quick else "speed.json",
-                      {"rows": all_rows, "compile_s": compile_times, "targets": verdicts})
+                      {"rows": all_rows, "compile_s": compile_times, "targets": verdicts,
+                       "per_evaluation": per_eval})
     print(f"\nwrote {path}")
 
 

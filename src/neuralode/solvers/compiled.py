@@ -102,7 +102,10 @@ class CompiledRungeKutta:
         return torch.float32 if y0.device.type == "mps" else torch.float64   # (MPS has no float64)
 
     def __getattr__(self, name):
-        # tableau, order, adaptive, init, statistics, dense_coefficients, ...: the eager stepper's.
+        # tableau, order, adaptive, init, statistics, ...: the eager stepper's. (``eager`` itself is missing only
+        # on a half-built instance, e.g. inside copy or pickle: no recursion then.)
+        if name == "eager":
+            raise AttributeError(name)
         return getattr(self.eager, name)
 
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state=None):

@@ -220,3 +220,55 @@ def test_frobenius_regulariser_compiles_with_its_vector_jacobian_product(gradien
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-11, atol=1e-12)
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_a_zero_dim_state_keeps_its_dtype():
+    class Decay(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rate = torch.nn.Parameter(torch.tensor(0.5))
+            self.seen = set()
+
+        def forward(self, t, y):
+            self.seen.add(y.dtype)
+            return -self.rate * y
+
+    field = type("Decay", (Decay,), {})()
+    t = torch.linspace(0.0, 1.0, 3)
+    eager = neuralode.solve(field, torch.tensor(1.0), t, method="dopri5")
+    compiled = neuralode.solve(field, torch.tensor(1.0), t, method="dopri5", compile=True)
+    assert compiled.ys.dtype == torch.float32 and field.seen == {torch.float32}
+    assert compiled.stats["nfe"] == eager.stats["nfe"]
+    torch.testing.assert_close(compiled.ys, eager.ys)
+    z = neuralode.solve(lambda t, y: -1j * y, torch.tensor(1 + 0j, dtype=torch.complex64), t, method="rk4",
+                        options={"step_size": 0.1}, compile=True)
+    assert z.ys.dtype == torch.complex64
+
+
+def test_one_field_that_cannot_be_compiled_does_not_switch_off_its_siblings():
+    class Guarded(torch.nn.Module):
+        def __init__(self, check):
+            super().__init__()
+            self.check = check
+
+        def forward(self, t, y):
+            if self.check and bool((y.abs() > 1e6).any()):   # a host read of data: cannot be traced
+                raise RuntimeError("blew up")
+            return -y
+
+    cls = type("Guarded", (Guarded,), {})
+    y0, t = torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(UserWarning, match="could not be compiled"):
+        neuralode.solve(cls(True), y0, t, compile=True)
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        neuralode.solve(cls(False), y0, t, compile=True)
+    _assert_compiled(record)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > before
+
+
+def test_compile_with_perturb_says_it_has_no_effect():
+    with pytest.warns(UserWarning, match="no effect with options=\\{'perturb': True\\}"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rk4",
+                        options={"step_size": 0.1, "perturb": True}, compile=True)

@@ -101,7 +101,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
             raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {options['interp']!r}")
     stepper = spec.make_stepper(options)
     if compile:
-        stepper = compiled_stepper(stepper, func, spec.name)
+        stepper = compiled_stepper(stepper, func, spec.name, options)
     control = make_control(spec, options, problem, func, y0)
     if control.adaptive is False and control.grid is None:
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))

@@ -67,7 +67,8 @@ class Adjoint(GradientStrategy):
         thinning of :class:`~neuralode.gradients.Checkpoint`) and, as the backward solve reaches each
         segment between two of them, replays that segment's recorded steps without a graph to rebuild
         its dense output (at most three segments held at a time): O(sqrt(N)) memory for one extra
-        forward solve. Replays of explicit methods reproduce the forward steps bit for bit.
+        forward solve (somewhat more when backward steps straddle segments already let go). The gradient
+        equals the whole-dense-output one to rounding.
 
     The gradient is that of the continuous problem, accurate to the backward tolerances; it does not
     support double backward. When the dynamics are unstable backwards in time, use ``interpolate=True``
@@ -102,20 +103,20 @@ class Adjoint(GradientStrategy):
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if self.interpolate not in (False, True, "checkpoint"):
             raise ValueError(f"Adjoint(interpolate=...) must be False, True or 'checkpoint', got {self.interpolate!r}")
-        if self.interpolate == "checkpoint" and not hasattr(stepper, "tableau"):
+        if self.interpolate == "checkpoint" and not hasattr(stepper, "tableau") and not REGISTRY[problem.method].whole_span:
             raise ValueError(f"Adjoint(interpolate='checkpoint') replays the forward steps of a Runge-Kutta method; "
                              f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
                              "method switching): use interpolate=True, which keeps the whole dense output")
         if self.interpolate:
             spec = REGISTRY[problem.method]
             if spec.whole_span:
-                raise ValueError(f"Adjoint(interpolate=True) needs the forward solve's dense output, which method "
-                                 f"{problem.method!r} does not keep step by step; use an adaptive method such as "
-                                 "'dopri5' or 'kvaerno5', or Adjoint() without interpolate")
+                raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) needs the forward solve's dense output, "
+                                 f"which method {problem.method!r} does not keep step by step; use an adaptive method "
+                                 "such as 'dopri5' or 'kvaerno5', or Adjoint() without interpolate")
             if kwargs["options"].get("interp") == "linear" or (not spec.adaptive and "interp" not in kwargs["options"]):
-                raise ValueError("Adjoint(interpolate=True) would differentiate along a piecewise-linear y(t) on a "
-                                 "fixed grid with interp='linear' (gradient errors of 1e-3 measured); pass "
-                                 "options={'interp': 'cubic'} or use an adaptive method")
+                raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) would differentiate along a "
+                                 "piecewise-linear y(t) on a fixed grid with interp='linear' (gradient errors of 1e-3 "
+                                 "measured); pass options={'interp': 'cubic'} or use an adaptive method")
         if self.callbacks is not None:
             spec = check_method(self.method) if self.method is not None else REGISTRY[problem.method]
             warn_unsupported(self.callbacks, spec.name, spec.callbacks, adjoint=True)

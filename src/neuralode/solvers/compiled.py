@@ -17,8 +17,9 @@ Design:
   grad mode and the field's identity are guarded by ``torch.compile`` itself.
 - One compiled function per (method, field): functions are keyed by their code object (a lambda
   rebuilt on every call hits the same entry), modules and other callables by their type. Each entry has
-  its own code object, so ``torch.compile``'s per-function recompilation limit is not shared between
-  unrelated fields.
+  its own code object, so ``torch.compile``'s limit of 8 variants per function is shared only by the
+  instances of one field class (or one function), never between unrelated fields. Past the limit the
+  instance that hit it runs eagerly, with a warning that names the usual causes.
 - If the field cannot be compiled (a graph break under ``fullgraph=True``, a missing C++ compiler, any
   error in tracing), the solve continues eagerly and one ``UserWarning`` says why; the eager step is
   the reference the compiled one is tested against (equal to a few ulps).
@@ -30,6 +31,7 @@ the adjoint's backward solve, and the controller (a handful of Python float oper
 
 from __future__ import annotations
 
+import copy
 import types
 import warnings
 
@@ -38,11 +40,19 @@ import torch
 from .runge_kutta import ExplicitRungeKutta
 
 _KERNELS: dict = {}
-_BROKEN: dict = {}   # key -> the reason a field could not be compiled (warned once per field)
+# (key, instance) -> the reason a field could not be compiled (warned once per field). The verdict is per
+# field object for modules and other callables (one instance of a class that cannot be compiled says nothing
+# about the others) and per code object for plain functions (a lambda rebuilt per call would otherwise
+# be traced, and fail, on every solve).
+_BROKEN: dict = {}
 # Keys whose field calls torch.autograd.grad (the adjoint's backward dynamics, the Frobenius regulariser):
-# torch.compile traces those calls only with this (experimental, hence scoped) setting. It is switched on
-# around the calls of those kernels alone, after a first trace says it is needed (about 5 us a call).
+# torch.compile traces those calls only with ``trace_autograd_ops`` (experimental, hence scoped to those
+# kernels, switched on after a first trace says it is needed).
 _NEEDS_AUTOGRAD: dict = {}
+# (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
+# kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
+# never recompile and are never traced as symbolic floats.)
+_SETTINGS_AUTOGRAD = torch._dynamo.config.patch(trace_autograd_ops=True)
 
 
 def _field_key(func):
@@ -84,12 +94,16 @@ class CompiledRungeKutta:
     def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
         self.eager = stepper
         self.key = (stepper.tableau.name, role, _field_key(func))
+        plain_function = getattr(func, "__code__", None) is not None and getattr(func, "compile_key", None) is None
+        # (an id is only compared while the object lives: the solve holds the field)
+        self.verdict_key = self.key if plain_function else (self.key, id(func))
         kernel = _KERNELS.get(self.key)
         if kernel is None:
             raw = _new_kernel(f"compiled_{stepper.tableau.name}_step")
             kernel = torch.compile(raw, fullgraph=True)
             _KERNELS[self.key] = kernel
         self.kernel = kernel
+        self._norm_cache = None
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
         tableau = stepper.tableau
         # The dense output of an FSAL method without extra stages costs no evaluation: the compiled step
@@ -109,7 +123,7 @@ class CompiledRungeKutta:
         return getattr(self.eager, name)
 
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state=None):
-        if not getattr(func, "compilable", False) or self.key in _BROKEN:
+        if not getattr(func, "compilable", False) or self.verdict_key in _BROKEN:
             # (wrapped fields for one-sided limits are not compilable; neither is the interpolating adjoint's)
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
         # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
@@ -117,31 +131,47 @@ class CompiledRungeKutta:
         times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
         if self.with_dense:
             self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
-        arguments = (self.eager, func, error_norm, times, y0, f0, self.with_dense)
+        arguments = (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0, self.with_dense)
         try:
             try:
                 outcome = self._call(arguments)
             except Exception as error:  # noqa: BLE001
                 if self.key in _NEEDS_AUTOGRAD or "trace_autograd_ops" not in str(error):
                     raise
-                _NEEDS_AUTOGRAD[self.key] = torch._dynamo.config.patch(trace_autograd_ops=True)
+                _NEEDS_AUTOGRAD[self.key] = True
                 outcome = self._call(arguments)
         except Exception as error:  # noqa: BLE001 - any failure to compile falls back to the eager step
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-            _BROKEN[self.key] = reason
+            reason = _reason(error)
+            _BROKEN[self.verdict_key] = reason
             warnings.warn(f"compile=True: the step of method {self.key[0]!r} with this vector field could not be "
-                          f"compiled ({reason[:300]}); solving eagerly instead (same results, without the speed-up)",
+                          f"compiled ({reason}); solving eagerly instead (same results, without the speed-up)",
                           UserWarning, stacklevel=4)
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
         func.nfe += self.evaluations
         return outcome
 
     def _call(self, arguments):
-        patch = _NEEDS_AUTOGRAD.get(self.key)
-        if patch is None:
+        if self.key not in _NEEDS_AUTOGRAD:
             return self.kernel(*arguments)
-        with patch:
+        with _SETTINGS_AUTOGRAD:
             return self.kernel(*arguments)
+
+    def _tensor_tolerances(self, error_norm, y0):
+        """The loop's error norm with float tolerances as tensors (inputs of the graph, not constants): a new
+        rtol or atol must not recompile. Built once per solve."""
+        if error_norm is None:
+            return None
+        cached = self._norm_cache
+        if cached is not None and cached[0] is error_norm:
+            return cached[1]
+        converted = copy.copy(error_norm)
+        real = y0.real.dtype if y0.is_complex() else y0.dtype
+        for name in ("rtol", "atol"):
+            value = getattr(error_norm, name)
+            if not isinstance(value, torch.Tensor):
+                setattr(converted, name, torch.tensor(float(value), dtype=real, device=y0.device))
+        self._norm_cache = (error_norm, converted)
+        return converted
 
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome, f1: torch.Tensor) -> list:
         if outcome.coefficients is not None:
@@ -149,11 +179,26 @@ class CompiledRungeKutta:
         return self.eager.dense_coefficients(func, t0, y0, h, outcome, f1)
 
 
-def compiled_stepper(stepper, func, method: str):
+def _reason(error: Exception) -> str:
+    """A one-line account of why tracing failed, with the likely cause when torch.compile's own words are
+    not about the user's code."""
+    text = " ".join(str(error).split())
+    name = type(error).__name__
+    if "RecompileLimit" in name or "recompile_limit" in text or "Hard failure due to fullgraph" in text:
+        return (f"{name}: torch.compile reached its limit of variants for this step; the usual causes are a "
+                "Python attribute the field changes on every call (a call counter such as self.nfe += 1), many "
+                "instances of one field class that differ in Python attributes, or ever-changing shapes")
+    return f"{name}: {text[:400]}"
+
+
+def compiled_stepper(stepper, func, method: str, options=None):
     """The stepper for ``compile=True``: explicit Runge-Kutta methods only (a clear error otherwise)."""
     if not isinstance(stepper, ExplicitRungeKutta):
         raise ValueError(f"compile=True supports the explicit Runge-Kutta methods (e.g. 'dopri5', 'tsit5', 'rk4'); "
                          f"method {method!r} is not one of them: drop compile=True or pick such a method")
+    if options and options.get("perturb"):
+        warnings.warn("compile=True has no effect with options={'perturb': True}: every step evaluates the field "
+                      "at one-sided limits through a wrapper, which runs eagerly", UserWarning, stacklevel=3)
     return CompiledRungeKutta(stepper, func)
 
 

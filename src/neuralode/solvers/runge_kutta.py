@@ -35,11 +35,14 @@ def linear_combination(y0: torch.Tensor | None, h, ks, terms) -> torch.Tensor:
     """
     (j0, w0), *rest = terms
     if isinstance(h, torch.Tensor):
-        acc = ks[j0] * (h * w0)
+        # Each coefficient h * w is rounded to the stages' real dtype first, as the eager ``alpha`` is: a
+        # float64 scalar tensor times a 0-dim float32 (or complex64) stage would otherwise promote the state.
+        dtype = ks[j0].real.dtype if ks[j0].is_complex() else ks[j0].dtype
+        acc = ks[j0] * (h * w0).to(dtype)
         if y0 is not None:
             acc = acc.add_(y0)
         for j, w in rest:
-            acc.add_(ks[j] * (h * w))
+            acc.add_(ks[j] * (h * w).to(dtype))
         return acc
     # The first term creates the result (fused with y0 when there is one); the rest accumulate in place.
     acc = ks[j0] * (h * w0) if y0 is None else torch.add(y0, ks[j0], alpha=h * w0)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,12 +32,6 @@ SETTINGS = ["train_size=0", "test_size=0", "epochs=1", "batch_size=48", "channel
             "model=all", "rtol=1e-6", "atol=1e-6", "eval_every=0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train_records(run_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if r["split"] == "train"]
 
@@ -55,7 +48,9 @@ def test_two_processes_match_one(tmp_path):
     data = write_fake_mitbih(tmp_path / "data")
     settings = [f"data_dir={data}", *SETTINGS]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    # --standalone: torchrun picks and holds its own free port (a port looked up here could be taken before
+    # torchrun binds it, by the DDP test running beside this one under pytest -n 2).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "neuralode", "run", "ecg", "--out", str(tmp_path / "ddp"), "--no-progress", "--set", *settings]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

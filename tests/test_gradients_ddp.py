@@ -8,8 +8,8 @@ concatenated batch computed in one process with ``gradient="direct"``.
 
 from __future__ import annotations
 
+import datetime
 import os
-import socket
 
 import pytest
 import torch
@@ -53,11 +53,13 @@ def data():
     return x, target
 
 
-def _rank(rank, port, out):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _rank(rank, store, out):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file store, not a TCP port: a free port looked up here and bound later could be taken meanwhile by
+    # another test's processes (pytest -n 2 runs the torchrun test beside this one), and ranks of two jobs
+    # meeting at one port hang until gloo's 30-minute timeout. The timeout makes any hang an error.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = torch.nn.parallel.DistributedDataParallel(Model("adjoint"))
         x, target = data()
@@ -70,15 +72,9 @@ def _rank(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_adjoint_gradient_equals_single_process_direct(tmp_path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model = Model("direct")

@@ -6,10 +6,12 @@ Public API (explicit re-exports, no logic here):
 - :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event`, :func:`odeint_dense` keep torchdiffeq's
   signatures;
 - :data:`METHODS` names every method;
-- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`.
+- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`;
+- :class:`Event` (several events per solve, terminal or recorded only) and its :class:`EventRecord`.
 """
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from .events import Event, EventRecord
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
 from .methods import METHODS
 from .solution import Solution
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "METHODS",
+    "Event", "EventRecord",
     "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",

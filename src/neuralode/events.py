@@ -13,7 +13,69 @@ combined as ``min(g * sign(g(t0, y0)))`` (the element that fires first).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event for ``solve(..., events=[...])``: a zero crossing of ``fn(t, y)``, located on the dense output.
+
+    Parameters
+    ----------
+    fn : callable
+        ``fn(t, y) -> Tensor`` of any shape (``t`` a 0-dim tensor, ``y`` the state as given to ``solve``);
+        an occurrence is the first crossing of *any* element within a step (two crossings of one event
+        within one step, back and forth, are not seen: the sign at the step ends is the same).
+    direction : {0, 1, -1}
+        Crossings upwards (1), downwards (-1) or both (0).
+    terminal : bool or int
+        ``False`` (default): record every occurrence and go on. ``True``: stop at the first occurrence.
+        An integer ``N >= 1``: stop at the N-th occurrence.
+    name : str, optional
+        A label carried into the records.
+
+    Every occurrence is in ``Solution.events`` as an :class:`EventRecord`, in time order. A solve that
+    stops at a terminal event reports ``status == "event"``, ``event_t`` and ``event_y``; for
+    ``terminal=True`` the event time is differentiable (implicit function theorem), as with ``event_fn``.
+    """
+
+    fn: Callable
+    direction: int = 0
+    terminal: bool | int = False
+    name: str | None = None
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"Event fn must be callable as fn(t, y), got {type(self.fn).__name__}")
+        if self.direction not in (0, 1, -1) or isinstance(self.direction, bool):
+            raise ValueError(f"Event direction must be 0, 1 or -1, got {self.direction!r}")
+        terminal = self.terminal
+        if not isinstance(terminal, (bool, int)) or (not isinstance(terminal, bool) and terminal < 1):
+            raise ValueError(f"Event terminal must be True, False or a positive integer (stop at that occurrence), "
+                             f"got {terminal!r}")
+
+    @property
+    def stop_after(self) -> int | None:
+        """The occurrence count at which the solve stops, or ``None`` (never)."""
+        if isinstance(self.terminal, bool):
+            return 1 if self.terminal else None
+        return int(self.terminal)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One occurrence of an :class:`Event`: time ``t`` (0-dim tensor), state ``y`` (the state's structure,
+    detached: records carry no gradient), ``index`` of the event in ``events``, its ``name`` and the
+    ``direction`` of the crossing (+1 upwards, -1 downwards)."""
+
+    t: torch.Tensor
+    y: object
+    index: int
+    name: str | None
+    direction: int
 
 
 def _combined(event_fn, signs):

@@ -28,15 +28,18 @@ from .solvers.linear import spectral_radius
 
 @dataclass
 class EventSpec:
-    """A terminal event: the solve stops where ``fn(t, y)`` crosses zero.
+    """An event: a zero crossing of ``fn(t, y)``, recorded, and terminal after ``terminal`` occurrences.
 
-    ``fn`` returns a tensor of any shape; the event fires at the first crossing of *any* element.
-    ``direction``: +1 only crossings from negative to positive, -1 only from positive to negative,
+    ``fn`` returns a tensor of any shape; an occurrence is the first crossing of *any* element within a
+    step. ``direction``: +1 only crossings from negative to positive, -1 only from positive to negative,
     0 both. ``fn`` is called as ``fn(t, y)`` with the user's time tensor and state structure.
+    ``terminal``: the solve stops at this occurrence count (1: the first, torchdiffeq's only kind); ``None``:
+    never (the occurrences are recorded only).
     """
 
     fn: object
     direction: int = 0
+    terminal: int | None = 1
 
 
 @dataclass
@@ -55,6 +58,9 @@ class Integration:
     final_t: float | None = None
     final_y: torch.Tensor | None = None
     accepted_times: list = dataclass_field(default_factory=list)
+    # Every event occurrence in time order: (t, y (detached), index into the events, direction +1/-1).
+    event_records: list = dataclass_field(default_factory=list)
+    event_index: int | None = None   # which event stopped the solve
 
 
 def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor:
@@ -68,15 +74,16 @@ def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor
     return rising | falling
 
 
-def integrate(problem, stepper, control, *, options: dict, event: EventSpec | None = None,
+def integrate(problem, stepper, control, *, options: dict, events: list | tuple = (),
               record_dense: bool = False, until_event: bool = False, throw: bool = True,
               on_accept=None, callbacks: Callbacks | None = None, state_jumps: dict | None = None) -> Integration:
     """Integrate ``problem`` with ``stepper`` under ``control`` (an adaptive controller or a fixed grid).
 
     ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``norm``, ``interp``
     (``"linear"`` or ``"cubic"`` for fixed grids) and ``perturb`` (bool). ``until_event`` ignores the
-    end of ``t`` and integrates until the event fires (torchdiffeq's event mode). When an event
-    fires, its state is appended to ``outputs`` (and its time to ``output_times``). ``on_accept(tau1,
+    end of ``t`` and integrates until a terminal event fires (torchdiffeq's event mode). ``events``: the
+    :class:`EventSpec` s to watch; every occurrence goes to ``event_records``, and when a terminal one
+    fires its state is appended to ``outputs`` (and its time to ``output_times``). ``on_accept(tau1,
     y1, state)`` is called after every accepted step (the checkpointing strategy keeps states there).
     ``callbacks``: the user's step callbacks (:mod:`neuralode.callbacks`), or ``None``.
     ``state_jumps``: ``{tau: jump}`` (internal time): steps land on each ``tau`` (as on ``step_t``) and
@@ -85,7 +92,7 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     """
     if getattr(stepper, "solves_whole_span", False):
         # scipy_solver: scipy runs its own loop over the whole span (see solvers/scipy_wrapper.py).
-        if event is not None or until_event:
+        if events or until_event:
             raise ValueError("method 'scipy_solver' does not support events (neither does torchdiffeq's); "
                              "use an adaptive method such as 'dopri5' with event_fn")
         span = stepper.solve_span(problem, record_dense=record_dense)
@@ -129,8 +136,8 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
     stop_index = 0
     grid = control.grid if not adaptive else None
     grid_index = 0
-    if event is not None:
-        event_value = _event_value(event, field, problem.times[0], y)
+    event_values = [_event_value(event, field, problem.times[0], y) for event in events]
+    event_counts = [0] * len(events)
     state = stepper.init(field, problem.times[0], y, f)
 
     if adaptive:
@@ -265,17 +272,29 @@ def integrate(problem, stepper, control, *, options: dict, event: EventSpec | No
         # Events first: outputs past the event time are not part of the solution.
         fired = False
         tau_reached = tau1
-        if event is not None:
-            new_value = _event_value(event, field, t1, y1)
-            if bool(_crossed(event_value, new_value, event.direction).any()):
-                coefficients = dense_coefficients()
-                theta = _locate_event(event, field, tau, h, direction, coefficients, event_value)
-                fired, tau_reached = True, tau + theta * h
-                result.event_t = direction * tau_reached
-                result.event_y = y1 if theta == 1.0 else horner(coefficients, theta)
-                result.final_t, result.final_y = result.event_t, result.event_y
-                result.status, result.message = "event", "A terminal event occurred."
-            event_value = new_value
+        if events:
+            occurrences = []
+            for k, event in enumerate(events):
+                new_value = _event_value(event, field, t1, y1)
+                if bool(_crossed(event_values[k], new_value, event.direction).any()):
+                    if coefficients is None:
+                        coefficients = dense_coefficients()
+                    theta = _locate_event(event, field, tau, h, direction, coefficients, event_values[k])
+                    occurrences.append((theta, k, event_values[k]))
+                event_values[k] = new_value
+            for theta, k, value0 in sorted(occurrences, key=lambda o: (o[0], o[1])):
+                t_event = direction * (tau + theta * h)
+                y_event = y1 if theta == 1.0 else horner(coefficients, theta)
+                value = _event_value(events[k], field, t_event, y_event)
+                rising = bool(((value0 < 0) & (value >= 0)).any())
+                result.event_records.append((t_event, y_event.detach(), k, 1 if rising else -1))
+                event_counts[k] += 1
+                if events[k].terminal is not None and event_counts[k] >= events[k].terminal:
+                    fired, tau_reached = True, tau + theta * h
+                    result.event_t, result.event_y, result.event_index = t_event, y_event, k
+                    result.final_t, result.final_y = result.event_t, result.event_y
+                    result.status, result.message = "event", "A terminal event occurred."
+                    break
         while next_output < len(taus) and taus[next_output] <= tau_reached:
             if taus[next_output] == tau1:
                 outputs.append(y1)

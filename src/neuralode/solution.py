@@ -27,6 +27,9 @@ class Solution:
     message : str
     event_t, event_y :
         Time and state of a terminal event, if one occurred (``None`` otherwise).
+    events : list of EventRecord
+        Every occurrence of the ``events`` given to :func:`~neuralode.solve`, in time order (with
+        ``event_fn``: its one terminal occurrence).
     """
 
     ts: torch.Tensor
@@ -36,6 +39,7 @@ class Solution:
     message: str = ""
     event_t: torch.Tensor | None = None
     event_y: object = None
+    events: list = field(default_factory=list)
     _dense: object = field(default=None, repr=False)
     _unflatten: object = field(default=None, repr=False)
     _dtype: torch.dtype | None = field(default=None, repr=False)  # the user's dtype, if the loop's differs

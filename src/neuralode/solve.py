@@ -9,6 +9,7 @@ import torch
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import FixedGrid
 from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
+from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
 from .options import FIXED_DEFAULT_INTERP, check_method, check_options, make_control, time_list
 from .problem import make_problem
@@ -18,7 +19,8 @@ from .solvers.compiled import compiled_stepper
 
 def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: dict | None = None,
           gradient: str | GradientStrategy = "direct", adjoint_params=None, event_fn=None,
-          event_direction: int = 0, dense: bool = False, throw: bool = True, compile: bool = False) -> Solution:
+          event_direction: int = 0, events=(), dense: bool = False, throw: bool = True,
+          compile: bool = False) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, and report values at every time in ``t``.
 
     Parameters
@@ -53,6 +55,9 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         ``event_fn(t, y) -> Tensor``; the solve stops at the first zero crossing of any element.
     event_direction : {0, 1, -1}
         Only crossings upwards (1), downwards (-1) or both (0).
+    events : sequence of :class:`~neuralode.Event`
+        Several events in one solve, terminal or not (``Event(fn, direction, terminal, name)``); every
+        occurrence is recorded in ``Solution.events``. Not together with ``event_fn``.
     dense : bool
         Record the dense output for :meth:`Solution.evaluate`.
     throw : bool
@@ -75,14 +80,24 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         raise ValueError(f"event_direction must be 0, 1 or -1, got {event_direction!r}")
     if event_fn is not None and not callable(event_fn):
         raise TypeError("event_fn must be callable as event_fn(t, y)")
+    if isinstance(events, Event) or not isinstance(events, (list, tuple)):
+        raise TypeError(f"events must be a list of neuralode.Event, got {type(events).__name__}; wrap one event "
+                        "in a list: events=[Event(fn)]")
+    for i, event in enumerate(events):
+        if not isinstance(event, Event):
+            raise TypeError(f"events[{i}] must be a neuralode.Event(fn, direction=0, terminal=False), "
+                            f"got {type(event).__name__}")
+    if events and event_fn is not None:
+        raise ValueError("give either event_fn (one terminal event, torchdiffeq's form) or events=[Event(...)], "
+                         "not both; Event(event_fn, terminal=True) is the same as event_fn")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {type(compile).__name__}")
     return _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw,
-                  until_event=False, compile=compile)
+                  until_event=False, compile=compile, events=tuple(events))
 
 
 def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw, until_event,
-           compile=False):
+           compile=False, events=()):
     t_requires_grad = isinstance(t, torch.Tensor) and t.requires_grad
     for name in ("step_t", "jump_t"):
         options[name] = time_list(options, name)
@@ -105,7 +120,9 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     control = make_control(spec, options, problem, func, y0)
     if control.adaptive is False and control.grid is None:
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
-    event = EventSpec(event_fn, event_direction) if event_fn is not None else None
+    if event_fn is not None:
+        events = (Event(event_fn, event_direction, terminal=True),)
+    specs = [EventSpec(e.fn, e.direction, e.stop_after) for e in events]
     callbacks = Callbacks.of(func)
     warn_unsupported(callbacks, spec.name, spec.callbacks)
     if spec.whole_span and isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
@@ -122,7 +139,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         problem.y0 = _StartTime.apply(t[0], problem.y0, problem.f0.detach())
         problem.f0 = None  # re-evaluated from the shifted state, so the first stage is part of that path
 
-    run = strategy.run(problem, stepper, control, options=options, event=event, record_dense=dense,
+    run = strategy.run(problem, stepper, control, options=options, events=specs, record_dense=dense,
                        until_event=until_event, throw=throw, callbacks=callbacks)
     outputs, integration = run.outputs, run.integration
     fired = integration.event_t is not None
@@ -144,16 +161,29 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     if fired:
         event_t = torch.tensor(integration.event_t, dtype=t_in.dtype, device=t_in.device)
         pair = problem.unflatten_trajectory(torch.stack([outputs[0], event_state]))
-        if not until_event:
+        fired_event = events[integration.event_index]
+        if not until_event and fired_event.stop_after == 1:
             # solve() links the event time to its causes; odeint keeps torchdiffeq's semantics, where
-            # only odeint_event does.
-            from .events import reroute_event_gradient
-            event_t, pair = reroute_event_gradient(func, event_fn, t_in[0], event_t, pair)
+            # only odeint_event does. (At a later occurrence the signs at t0 that pick the firing element
+            # of a vector event function no longer hold, so only first occurrences get this gradient.)
+            event_t, pair = reroute_event_gradient(func, fired_event.fn, t_in[0], event_t, pair)
         event_y = tuple(p[-1] for p in pair) if isinstance(pair, tuple) else pair[-1]
     return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
-                    event_t=event_t, event_y=event_y, _dense=integration.dense,
+                    event_t=event_t, event_y=event_y, events=_records(integration, events, problem, t_in),
+                    _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
                     _dtype=problem.field.user_dtype if problem.field.cast else None)
+
+
+def _records(integration, events, problem, t_in) -> list:
+    """The loop's event occurrences as EventRecords in the user's time dtype and state structure."""
+    records = []
+    for t_event, y_event, index, direction in integration.event_records:
+        y_user = problem.unflatten_trajectory(y_event.unsqueeze(0))
+        y_user = tuple(part[0] for part in y_user) if isinstance(y_user, tuple) else y_user[0]
+        records.append(EventRecord(torch.tensor(t_event, dtype=t_in.dtype, device=t_in.device), y_user, index,
+                                   events[index].name, direction))
+    return records
 
 
 def _wants_gradient(func, y0) -> bool:
@@ -313,8 +343,6 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     event). Gradients flow into ``event_t`` through the implicit function theorem: for
     g(t_e, y(t_e)) = 0, dt_e = -(dg/dy . dy) / (dg/dt + dg/dy . f(t_e, y(t_e))).
     """
-    from .events import reroute_event_gradient
-
     t0 = torch.as_tensor(t0).reshape(-1)[:1]
     step = -1.0 if reverse_time else 1.0
     t = torch.cat([t0, t0.detach() + step])

@@ -51,8 +51,17 @@ _BROKEN: dict = {}
 _NEEDS_AUTOGRAD: dict = {}
 # (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
 # kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
-# never recompile and are never traced as symbolic floats.)
-_SETTINGS_AUTOGRAD = torch._dynamo.config.patch(trace_autograd_ops=True)
+# never recompile and are never traced as symbolic floats.) Made on first use: importing neuralode must not
+# import torch._dynamo, which is slow and leaves thread-local Python state behind; with it, a gloo process
+# group's teardown in a spawned DDP worker deadlocked on the GIL.
+_SETTINGS_AUTOGRAD: list = []
+
+
+def _autograd_settings():
+    if not _SETTINGS_AUTOGRAD:
+        import torch._dynamo
+        _SETTINGS_AUTOGRAD.append(torch._dynamo.config.patch(trace_autograd_ops=True))
+    return _SETTINGS_AUTOGRAD[0]
 
 
 def _field_key(func):
@@ -153,7 +162,7 @@ class CompiledRungeKutta:
     def _call(self, arguments):
         if self.key not in _NEEDS_AUTOGRAD:
             return self.kernel(*arguments)
-        with _SETTINGS_AUTOGRAD:
+        with _autograd_settings():
             return self.kernel(*arguments)
 
     def _tensor_tolerances(self, error_norm, y0):

@@ -1,0 +1,110 @@
+"""solve(..., events=[Event(...)]): several events per solve, recorded without stopping, terminal after N
+occurrences (issue 11, item 4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import neuralode
+from neuralode import Event
+
+F64 = torch.float64
+
+
+def oscillator(t, y):
+    return torch.stack([y[1], -y[0]])
+
+
+Y0 = torch.tensor([1.0, 0.0], dtype=F64)   # x = cos t, v = -sin t
+
+
+def test_every_crossing_is_recorded_without_stopping():
+    t = torch.linspace(0.0, 10.0, 6, dtype=F64)
+    sol = neuralode.solve(oscillator, Y0, t, rtol=1e-10, atol=1e-12,
+                          events=[Event(lambda t, y: y[0], name="x"), Event(lambda t, y: y[1], direction=1, name="v")])
+    assert sol.status == "success" and sol.ts.shape == (6,)
+    x_times = [r.t.item() for r in sol.events if r.name == "x"]
+    assert x_times == pytest.approx([math.pi / 2 + k * math.pi for k in range(3)], abs=1e-8)
+    assert [r.direction for r in sol.events if r.index == 0] == [-1, 1, -1]
+    # v = -sin t rises through zero at t = pi and 3 pi only (direction=1).
+    assert [r.t.item() for r in sol.events if r.index == 1] == pytest.approx([math.pi, 3 * math.pi], abs=1e-8)
+    times = [r.t.item() for r in sol.events]
+    assert times == sorted(times)
+    for record in sol.events:
+        torch.testing.assert_close(record.y, torch.stack([torch.cos(record.t), -torch.sin(record.t)]),
+                                   rtol=0, atol=1e-8)
+        assert not record.y.requires_grad
+
+
+def test_terminal_after_n_occurrences_stops_there():
+    t = torch.linspace(0.0, 10.0, 5, dtype=F64)
+    sol = neuralode.solve(oscillator, Y0, t, rtol=1e-10, atol=1e-12,
+                          events=[Event(lambda t, y: y[1], name="v"), Event(lambda t, y: y[0], terminal=3)])
+    assert sol.status == "event"
+    assert sol.event_t.item() == pytest.approx(math.pi / 2 + 2 * math.pi, abs=1e-8)
+    assert sol.ts.tolist() == [0.0, 2.5, 5.0, 7.5]   # outputs past the event are not part of the solution
+    assert [r.index for r in sol.events] == [1, 0, 1, 0, 1]   # pi/2, pi, 3pi/2, 2pi, 5pi/2: v at pi and 2pi
+    assert sol.events[-1].t.item() == pytest.approx(sol.event_t.item())
+
+
+def test_occurrences_in_one_step_are_ordered_and_cut_at_a_terminal_one():
+    # One rk4 step covers [0, 1]: both events occur inside it; the terminal one comes first.
+    sol = neuralode.solve(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=F64),
+                          torch.tensor([0.0, 1.0], dtype=F64), method="rk4", options={"step_size": 1.0},
+                          events=[Event(lambda t, y: y - 0.5, name="late"),
+                                  Event(lambda t, y: y - 0.3, terminal=True, name="early")])
+    assert [r.name for r in sol.events] == ["early"]
+    assert sol.event_t.item() == pytest.approx(0.3, abs=1e-12)
+
+
+def test_a_terminal_event_matches_event_fn_and_its_time_gradient():
+    def run(**kwargs):
+        y0 = torch.tensor([1.0, 0.3], dtype=F64, requires_grad=True)
+        sol = neuralode.solve(oscillator, y0, torch.tensor([0.0, 5.0], dtype=F64), rtol=1e-10, atol=1e-12, **kwargs)
+        (grad,) = torch.autograd.grad(sol.event_t, y0)
+        return sol.event_t.detach(), grad
+
+    fn = lambda t, y: y[0]   # noqa: E731
+    t_a, g_a = run(event_fn=fn)
+    t_b, g_b = run(events=[Event(fn, terminal=True)])
+    assert t_a.item() == t_b.item()
+    torch.testing.assert_close(g_a, g_b)
+    assert float(g_a.abs().max()) > 0.1
+
+
+def test_tuple_states_and_the_adjoint():
+    def field(t, y):
+        x, v = y
+        return v, -x
+
+    y0 = (torch.tensor([1.0], dtype=F64, requires_grad=True), torch.tensor([0.0], dtype=F64))
+    t = torch.linspace(0.0, 5.0, 3, dtype=F64)
+    events = [Event(lambda t, y: y[0].sum(), name="x")]
+    direct = neuralode.solve(field, y0, t, rtol=1e-10, atol=1e-12, events=events)
+    adjoint = neuralode.solve(field, y0, t, rtol=1e-10, atol=1e-12, events=events, gradient="adjoint")
+    assert [r.t.item() for r in direct.events] == pytest.approx([math.pi / 2, 3 * math.pi / 2], abs=1e-8)
+    assert isinstance(direct.events[0].y, tuple) and direct.events[0].y[0].shape == (1,)
+    assert [r.t.item() for r in adjoint.events] == [r.t.item() for r in direct.events]
+    g_direct = torch.autograd.grad(direct.ys[0].sum(), y0[0])[0]
+    g_adjoint = torch.autograd.grad(adjoint.ys[0].sum(), y0[0])[0]
+    torch.testing.assert_close(g_adjoint, g_direct, rtol=1e-7, atol=1e-9)
+
+
+def test_bad_events_are_refused_with_the_fix():
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    fn = lambda t, y: y[0]   # noqa: E731
+    with pytest.raises(TypeError, match="wrap one event in a list"):
+        neuralode.solve(oscillator, Y0, t, events=Event(fn))
+    with pytest.raises(TypeError, match=r"events\[1\] must be a neuralode.Event"):
+        neuralode.solve(oscillator, Y0, t, events=[Event(fn), fn])
+    with pytest.raises(ValueError, match="either event_fn"):
+        neuralode.solve(oscillator, Y0, t, event_fn=fn, events=[Event(fn)])
+    with pytest.raises(ValueError, match="direction must be 0, 1 or -1"):
+        Event(fn, direction=2)
+    with pytest.raises(ValueError, match="positive integer"):
+        Event(fn, terminal=0)
+    with pytest.raises(TypeError, match="must be callable"):
+        Event(3)

@@ -10,11 +10,11 @@ Design:
 
 - The stepper keeps the eager one's interface and delegates everything but ``step`` to it (dense
   output, checkpoint replay, statistics), so the loop and the gradient strategies see no difference.
-- Times and step sizes enter as one float64 tensor, an input of the graph, so a new step size never
-  recompiles (Python floats were tried: ``torch.compile`` specialises on them or traces them symbolically,
-  and in torch 2.13 the symbolic path unified a step size with an equal-valued start time and returned
-  wrong steps). Shapes, dtypes, devices,
-  grad mode and the field's identity are guarded by ``torch.compile`` itself.
+- Times and step sizes enter as one float64 tensor, and float tolerances as tensors, inputs of the graph:
+  a new step size or tolerance never recompiles (Python floats were tried: ``torch.compile`` specialises
+  on them or traces them symbolically, and in torch 2.13 the symbolic path unified a step size with an
+  equal-valued start time and returned wrong steps). Shapes, dtypes, devices, grad mode and what the
+  trace read of the field are guarded by ``torch.compile`` itself.
 - One compiled function per (method, field): functions are keyed by their code object (a lambda
   rebuilt on every call hits the same entry), modules and other callables by their type. Each entry has
   its own code object, so ``torch.compile``'s limit of 8 variants per function is shared only by the
@@ -25,8 +25,11 @@ Design:
   the reference the compiled one is tested against (equal to a few ulps).
 - Steps the loop takes with a wrapped field (one-sided limits for ``perturb`` and ``jump_t``) run eagerly.
 
-Not compiled: implicit, Rosenbrock and Adams methods (their Newton and LU logic branches on the host),
-the adjoint's backward solve, and the controller (a handful of Python float operations per step).
+The adjoint's backward steps are compiled the same way (role ``"adjoint"``: the augmented field with its
+vector-Jacobian product, traced with dynamo's ``trace_autograd_ops``). Not compiled: implicit, Rosenbrock
+and Adams methods (their Newton and LU logic branches on the host), the interpolating adjoint's backward
+steps, event location and output interpolation, and the controller (a handful of Python float operations
+per step; the loop reads the error ratio on the host once per step).
 """
 
 from __future__ import annotations

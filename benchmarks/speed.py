@@ -35,37 +35,28 @@ from _common import MLP, TorchodeSolver, markdown_table, write_json  # noqa: E40
 import neuralode  # noqa: E402
 
 
-def _field(mlp):
-    return lambda t, y: mlp(t, y)
+def _forward_cases(field, y0, t, rtol, atol):
+    """A forward solve (dopri5, no grad) in each library: neuralode eager and compiled, torchdiffeq, torchode."""
+    import torchdiffeq
+    tode = TorchodeSolver(field, rtol, atol)
+    kw = dict(rtol=rtol, atol=atol)
+    return {
+        "neuralode": lambda: neuralode.solve(field, y0, t, method="dopri5", **kw).ys,
+        "neuralode compile": lambda: neuralode.solve(field, y0, t, method="dopri5", compile=True, **kw).ys,
+        "torchdiffeq": lambda: torchdiffeq.odeint(field, y0, t, method="dopri5", **kw),
+        "torchode": lambda: tode(y0, t)[0],
+    }, ("torchdiffeq", "torchode"), True
 
 
 def p3_cases():
-    tiny = MLP(2, 16, layers=1, seed=2, dtype=torch.float32)
-    y0, t = torch.tensor([[1.0, -0.5]]), torch.linspace(0, 10, 10)
-    kw = dict(rtol=1e-6, atol=1e-7)
-    tode = TorchodeSolver(tiny, 1e-6, 1e-7)
-    import torchdiffeq
-    return {
-        "neuralode": lambda: neuralode.solve(tiny, y0, t, method="dopri5", **kw).ys,
-        "neuralode compile": lambda: neuralode.solve(tiny, y0, t, method="dopri5", compile=True, **kw).ys,
-        "torchdiffeq": lambda: torchdiffeq.odeint(tiny, y0, t, method="dopri5", **kw),
-        "torchode": lambda: tode(y0, t)[0],
-    }, ("torchdiffeq", "torchode"), True
+    return _forward_cases(MLP(2, 16, layers=1, seed=2, dtype=torch.float32), torch.tensor([[1.0, -0.5]]),
+                          torch.linspace(0, 10, 10), 1e-6, 1e-7)
 
 
 def p2_forward_cases():
-    mlp = MLP(64, 256, layers=2, seed=0, dtype=torch.float32)
-    y0 = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
-    t = torch.linspace(0, 1, 10)
-    kw = dict(rtol=1e-5, atol=1e-6)
-    tode = TorchodeSolver(mlp, 1e-5, 1e-6)
-    import torchdiffeq
-    return {
-        "neuralode": lambda: neuralode.solve(mlp, y0, t, method="dopri5", **kw).ys,
-        "neuralode compile": lambda: neuralode.solve(mlp, y0, t, method="dopri5", compile=True, **kw).ys,
-        "torchdiffeq": lambda: torchdiffeq.odeint(mlp, y0, t, method="dopri5", **kw),
-        "torchode": lambda: tode(y0, t)[0],
-    }, ("torchdiffeq", "torchode"), True
+    return _forward_cases(MLP(64, 256, layers=2, seed=0, dtype=torch.float32),
+                          torch.randn(512, 64, generator=torch.Generator().manual_seed(1)), torch.linspace(0, 1, 10),
+                          1e-5, 1e-6)
 
 
 def p2_adjoint_cases():

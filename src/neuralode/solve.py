@@ -14,13 +14,16 @@ from .integrate import EventSpec
 from .options import FIXED_DEFAULT_INTERP, check_method, check_options, make_control, time_list
 from .problem import make_problem
 from .solution import Solution
+from .per_sample import _first_evaluation as _per_sample_first_evaluation
+from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field
 from .solvers.compiled import compiled_stepper
+from .solvers.runge_kutta import ExplicitRungeKutta
 
 
 def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: dict | None = None,
           gradient: str | GradientStrategy = "direct", adjoint_params=None, event_fn=None,
           event_direction: int = 0, events=(), dense: bool = False, throw: bool = True,
-          compile: bool = False) -> Solution:
+          compile: bool = False, per_sample: bool = False) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, and report values at every time in ``t``.
 
     Parameters
@@ -68,6 +71,13 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         sums and error norm together; :mod:`neuralode.solvers.compiled`). The first solve with a field
         compiles (seconds); later solves with the same field reuse it. Results equal the eager ones to a
         few ulps; a field that cannot be compiled is solved eagerly with one warning.
+    per_sample : bool
+        Step every batch element on its own (torchode's per-sample stepping; :mod:`neuralode.per_sample`):
+        ``y0`` has shape ``(batch, ...)``, each sample keeps its own step size and accept/reject decisions,
+        ``t`` may have shape ``(batch, n)`` (output times per sample), and ``func(t, y)`` receives ``t`` of
+        shape ``(batch,)``. ``ys`` has shape ``(n, batch, ...)``; ``stats`` holds per-sample counts
+        (tensors of shape ``(batch,)``). A sample's result does not depend on the rest of its batch when
+        ``func`` treats rows independently. Explicit Runge-Kutta methods and ``gradient="direct"``.
 
     Returns
     -------
@@ -92,6 +102,15 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
                          "not both; Event(event_fn, terminal=True) is the same as event_fn")
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {type(compile).__name__}")
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be True or False, got {type(per_sample).__name__}")
+    if per_sample:
+        unsupported = [name for name, used in (("event_fn", event_fn is not None), ("events", bool(events)),
+                                               ("dense=True", dense), ("compile=True", compile)) if used]
+        if unsupported:
+            raise ValueError(f"per_sample=True does not support {', '.join(unsupported)} yet; solve jointly "
+                             "(per_sample=False) for these")
+        return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw)
     return _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw,
                   until_event=False, compile=compile, events=tuple(events))
 
@@ -173,6 +192,66 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                     _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
                     _dtype=problem.field.user_dtype if problem.field.cast else None)
+
+
+# Options a per-sample solve understands (the rest shape a joint solve's steps or norm).
+_PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "min_step", "max_step", "safety",
+                       "ifactor", "dfactor", "controller", "pcoeff", "icoeff", "dcoeff", "dtype"}
+
+
+def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw) -> Solution:
+    """The boundary of per-sample stepping: checks, options to objects, then the per-sample loop."""
+    if not isinstance(strategy, Direct):
+        raise ValueError(f"per_sample=True supports gradient='direct' only (got {type(strategy).__name__}): the "
+                         "adjoint and checkpointing strategies solve jointly; use per_sample=False with them")
+    if callable(func) and Callbacks.of(func) is not None:
+        raise ValueError("per_sample=True does not call step callbacks (callback_step/accept_step/reject_step); "
+                         "remove them or solve jointly")
+    stepper = spec.make_stepper(options)
+    if not isinstance(stepper, ExplicitRungeKutta):
+        raise ValueError(f"per_sample=True needs an explicit Runge-Kutta method (e.g. 'tsit5', 'dopri5', 'rk4'); "
+                         f"{spec.name!r} is not one")
+    unknown = sorted(set(options) - _PER_SAMPLE_OPTIONS)
+    if unknown:
+        raise ValueError(f"option(s) {unknown} are not supported with per_sample=True; it accepts "
+                         f"{sorted(_PER_SAMPLE_OPTIONS & spec.options)}")
+    if not callable(func):
+        raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    field, state, norm = make_per_sample_field(func, y0, rtol, atol)
+    times = check_per_sample_times(t, y0)
+    direction = -1 if times.shape[1] > 1 and bool(times[0, 1] < times[0, 0]) else 1
+    taus = direction * times
+    f0 = _per_sample_first_evaluation(field, state, times[:, 0])
+    if spec.adaptive:
+        control = make_control(spec, options, _Tolerances(norm.rtol, norm.atol), func, y0)
+        step_size, linear = None, False
+    else:
+        step = options.get("step_size")
+        if step is None:
+            raise ValueError(f"method {spec.name!r} takes fixed steps: give options={{'step_size': h}} (per-sample "
+                             "stepping has no grid_constructor)")
+        control = None
+        step_size = make_control(spec, {"step_size": step}, _Tolerances(norm.rtol, norm.atol, times[0].tolist(),
+                                                                        direction), func, y0).step
+        interp = options.get("interp", FIXED_DEFAULT_INTERP)
+        if interp not in ("linear", "cubic"):
+            raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {interp!r}")
+        linear = interp == "linear"
+    outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
+                                                 step_size=step_size, linear=linear, throw=throw)
+    if field.cast:
+        outputs = outputs.to(field.user_dtype)
+    status, message = "success", "Every sample reached the end of its interval."
+    if error is not None:
+        status, message = error.status, str(error)
+    return Solution(ts=t, ys=outputs, stats=stats, status=status, message=message)
+
+
+class _Tolerances:
+    """What :func:`make_control` reads of a problem (tolerances; times and direction for a fixed grid)."""
+
+    def __init__(self, rtol, atol, times=(0.0, 1.0), direction=1):
+        self.rtol, self.atol, self.times, self.direction, self.t = rtol, atol, list(times), direction, None
 
 
 def _records(integration, events, problem, t_in) -> list:

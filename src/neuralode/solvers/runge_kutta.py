@@ -30,10 +30,19 @@ def _sparse(weights) -> tuple:
 def linear_combination(y0: torch.Tensor | None, h, ks, terms) -> torch.Tensor:
     """``y0 + h * sum_j w_j ks[j]`` over the nonzero ``terms = ((j, w_j), ...)``; ``y0=None`` drops it.
 
-    ``h`` is a float (eager steps) or a 0-dim float64 tensor (the compiled step, whose step size is an input
-    of the compiled graph rather than a constant baked into it).
+    ``h`` is a float (eager steps), a 0-dim float64 tensor (the compiled step, whose step size is an input
+    of the compiled graph rather than a constant baked into it) or a float64 tensor of shape
+    ``(batch, 1, ..., 1)`` (per-sample stepping: one step size per batch element).
     """
     (j0, w0), *rest = terms
+    if isinstance(h, torch.Tensor) and h.ndim > 0:
+        # One step size per sample: the weighted sum first (float weights, fused), then one multiplication
+        # by h, instead of a (batch,)-shaped product h * w per term.
+        acc = ks[j0] * w0
+        for j, w in rest:
+            acc.add_(ks[j], alpha=w)
+        acc.mul_(h.to(acc.real.dtype if acc.is_complex() else acc.dtype))
+        return acc if y0 is None else acc.add_(y0)
     if isinstance(h, torch.Tensor):
         # Each coefficient h * w is rounded to the stages' real dtype first, as the eager ``alpha`` is: a
         # float64 scalar tensor times a 0-dim float32 (or complex64) stage would otherwise promote the state.
@@ -137,8 +146,10 @@ class ExplicitRungeKutta:
              error_norm: Callable | None, state=None) -> StepOutcome:
         """Attempt one step. ``func(t: float, y)``; ``error_norm(err, y0, y1) -> 0-dim tensor``.
 
-        ``t0`` and ``h`` may also be 0-dim float64 tensors (the compiled step): then ``func`` receives the
-        stage times as tensors."""
+        ``t0`` and ``h`` may also be 0-dim float64 tensors (the compiled step), or tensors of shape
+        ``(batch, 1, ..., 1)`` with one time and step size per batch element (per-sample stepping,
+        :mod:`neuralode.per_sample`): then ``func`` receives the stage times as tensors and
+        ``error_norm`` returns one ratio per batch element."""
         ks = [f0]
         yi = y0
         last = len(self._rows) - 1
@@ -183,8 +194,15 @@ class ExplicitRungeKutta:
         for c, terms in self._extra_rows:
             ks.append(func(t0 + c * h, linear_combination(y0, h, ks, terms)))
         stages = torch.stack(ks).reshape(len(ks), y0.numel())  # (explicit sizes: y0 may be empty)
-        coefficients = torch.mm(self._dense_matrix(stages.dtype, stages.device), stages).mul_(h)
-        return [y0] + list(coefficients.view(coefficients.shape[0], *y0.shape).unbind(0))
+        coefficients = torch.mm(self._dense_matrix(stages.dtype, stages.device), stages)
+        coefficients = coefficients.view(coefficients.shape[0], *y0.shape)
+        if isinstance(h, torch.Tensor) and h.ndim > 0:
+            # Per-sample stepping: h has shape (batch, 1, ...), one step size per batch element.
+            coefficients = coefficients * h.to(coefficients.real.dtype if coefficients.is_complex()
+                                               else coefficients.dtype)
+        else:
+            coefficients = coefficients.mul_(h)
+        return [y0] + list(coefficients.unbind(0))
 
     def _dense_matrix(self, dtype, device) -> torch.Tensor:
         key = (dtype, device)

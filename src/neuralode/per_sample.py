@@ -1,0 +1,398 @@
+"""Per-sample stepping: every batch element keeps its own step size, accept/reject decisions and output times.
+
+torchode's central feature (Lienen and Günnemann, "torchode: A Parallel ODE Solver for PyTorch", 2022):
+in a joint solve one stiff or fast sample forces small steps on the whole batch, and one rejected
+sample rejects the step for all. Here the state ``y`` has shape ``(batch, *shape)`` and every quantity
+the loop decides on is a tensor of shape ``(batch,)``: the current time, the step size, the error ratio
+(the error norm is taken over each sample's own elements), the accept mask, the controller's history
+and the index of the next output time. One step of the explicit Runge-Kutta stepper advances the whole
+batch at once with a step size per sample (``h`` of shape ``(batch, 1, ..., 1)``); a rejected sample
+stands still, and a sample that has reached its last output time steps with ``h = 0`` (its state no
+longer changes) until every sample is done.
+
+A sample's result therefore does not depend on the batch it is solved in, as long as the vector field
+treats batch rows independently (no batch norm): the tests check it to 1e-12 in float64.
+
+Outputs: every value interpolated at an output time is kept once (``values``) and a table ``(n, batch)``
+of integers says which kept row is the output ``k`` of sample ``b``; one gather at the end
+builds the ``(n, batch, *shape)`` result. That keeps autograd's graph to what was computed (no copy
+of the whole output tensor per step) and needs no host synchronisation to place a value.
+
+Host synchronisation: one read per step (how many outputs the step passed, how many samples are still
+running, and the failure flags), the same count as the joint loop's one read of the error ratio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance
+
+# |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
+_DIVERGENCE_GROWTH = 1e8
+
+__all__ = ["PerSampleField", "PerSampleNorm", "integrate_per_sample", "check_per_sample_times"]
+
+
+class PerSampleField(VectorField):
+    """The user's ``func(t, y)`` called with ``t`` of shape ``(batch,)``: one time per sample (torchode's
+    convention). The loop hands times as float64 tensors of shape ``(batch, 1, ..., 1)``."""
+
+    compilable = False
+
+    def time(self, t) -> torch.Tensor:
+        return t.reshape(-1).to(self.time_dtype)
+
+
+class PerSampleNorm:
+    """Error ratio per sample: RMS over the sample's elements of ``err / (atol + rtol max(|y0|, |y1|))``.
+
+    Returns shape ``(batch,)``. The same weighted norm as the joint solve's default, taken row by row.
+    """
+
+    def __init__(self, rtol, atol):
+        self.rtol, self.atol = rtol, atol
+
+    def scale(self, y0: torch.Tensor, y1: torch.Tensor | None = None) -> torch.Tensor:
+        magnitude = y0.abs() if y1 is None else torch.maximum(y0.abs(), y1.abs())
+        return magnitude.mul_(self.rtol).add_(self.atol)
+
+    @staticmethod
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(x.shape[0], -1)
+        return torch.linalg.vector_norm(rows, dim=1) / math.sqrt(max(rows.shape[1], 1))
+
+    def __call__(self, error: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
+        return self.rms(error / self.scale(y0, y1))
+
+
+def check_per_sample_times(t, y0) -> torch.Tensor:
+    """Validate ``t`` for a per-sample solve; returns the output times as float64, shape ``(batch, n)``.
+
+    ``t`` has shape ``(n,)`` (every sample reports at the same times) or ``(batch, n)`` (its own times per
+    sample); each row strictly monotone, all rows in the same direction.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a torch.Tensor of times, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"t has dtype {t.dtype}; times must be floating point, e.g. t.double()")
+    if t.requires_grad:
+        raise ValueError("with per_sample=True, t must not require grad (gradients with respect to the output "
+                         "times are not supported in per-sample mode); pass t.detach()")
+    batch = y0.shape[0]
+    if t.ndim == 1:
+        t = t.unsqueeze(0).expand(batch, -1)
+    elif t.ndim != 2 or t.shape[0] != batch:
+        raise ValueError(f"with per_sample=True, t must have shape (n,) or (batch, n) = ({batch}, n), got "
+                         f"{tuple(t.shape)}")
+    if t.shape[1] < 1:
+        raise ValueError("t is empty; give at least the start time")
+    if t.device != y0.device:
+        raise ValueError(f"t is on {t.device} but y0 is on {y0.device}; move them to the same device")
+    times = t.detach().to(torch.float64)
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("t contains NaN or infinite values; every output time must be finite")
+    if times.shape[1] > 1:
+        steps = times.diff(dim=1)
+        increasing, decreasing = bool((steps > 0).all()), bool((steps < 0).all())
+        if not (increasing or decreasing):
+            rows = ((steps > 0).all(dim=1) | (steps < 0).all(dim=1))
+            if bool(rows.all()):
+                raise ValueError("the rows of t run in different directions; with per_sample=True every sample must "
+                                 "integrate forward in time, or every sample backward")
+            bad = int((~rows).nonzero()[0, 0])
+            raise ValueError(f"t[{bad}] must be strictly increasing or strictly decreasing (no repeats); sort it "
+                             "and remove duplicates")
+    return times
+
+
+def make_per_sample_field(func, y0, rtol, atol):
+    """Check ``y0`` and the tolerances; returns ``(field, y0 in the compute dtype, norm)``."""
+    if not isinstance(y0, torch.Tensor):
+        raise TypeError(f"with per_sample=True, y0 must be one tensor of shape (batch, ...), got "
+                        f"{type(y0).__name__} (tuple states are not supported in per-sample mode)")
+    if not (y0.is_floating_point() or y0.is_complex()) or y0.dtype == torch.complex32:
+        raise TypeError(f"y0 has dtype {y0.dtype}; the state must be floating point or complex (not complex32)")
+    if y0.ndim < 1 or y0.shape[0] < 1:
+        raise ValueError(f"with per_sample=True, y0 must have a batch dimension first, shape (batch, ...), got "
+                         f"{tuple(y0.shape)}")
+    real_dtype = y0.real.dtype if y0.is_complex() else y0.dtype
+    compute_dtype = COMPUTE_DTYPE.get(y0.dtype, y0.dtype)
+    compute_real = COMPUTE_DTYPE.get(real_dtype, real_dtype)
+    rtol = _check_tolerance("rtol", rtol, (y0,), False, compute_real, y0.device)
+    atol = _check_tolerance("atol", atol, (y0,), False, compute_real, y0.device)
+    if compute_dtype != y0.dtype:
+        floor = torch.finfo(y0.dtype).eps
+        rtol = max(rtol, floor) if isinstance(rtol, float) else rtol.clamp_min(floor)
+    state = y0.to(compute_dtype)
+    if not bool(torch.isfinite(state).all()):
+        raise ValueError("y0 contains NaN or infinite values; the initial state must be finite")
+    field = PerSampleField(func, None, None, real_dtype, y0.device, y0.dtype, compute_dtype)
+    return field, state, PerSampleNorm(rtol, atol)
+
+
+def _first_evaluation(field, y0, times):
+    """``func`` at the start times, checked like the joint solve's first evaluation."""
+    out = field.func(times.reshape(-1).to(field.time_dtype), y0.to(field.user_dtype) if field.cast else y0)
+    field.nfe += 1
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"func(t, y) returned {type(out).__name__}; it must return a tensor shaped like the state")
+    if out.shape != y0.shape:
+        raise ValueError(f"func(t, y) returned shape {tuple(out.shape)} but the state has shape {tuple(y0.shape)}; "
+                         "dy/dt must have exactly the state's shape (t has shape (batch,) in per-sample mode)")
+    if out.dtype != field.user_dtype:
+        raise TypeError(f"func(t, y) returned dtype {out.dtype} but the state has dtype {field.user_dtype}")
+    out = out.to(field.compute_dtype) if field.cast else out
+    if not bool(torch.isfinite(out).all()):
+        raise NonFiniteError("func(t, y0) returned non-finite values at the initial state", t=None)
+    return out
+
+
+def _initial_step(field, tau0, y0, f0, direction, order, norm, view):
+    """Hairer's starting step (Hairer, Nørsett, Wanner I, Sec. II.4) for every sample at once: the joint
+    solve's :func:`~neuralode.controllers.initial_step`, elementwise. One extra evaluation of ``func``."""
+    with torch.no_grad():
+        scale = norm.scale(y0)
+        d0 = norm.rms(y0 / scale).double()
+        d1 = norm.rms(f0 / scale).double()
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        h0 = torch.where(torch.isfinite(h0) & (h0 > 0), h0, torch.full_like(h0, 1e-6))
+        step = (direction * h0).view(view)
+        f1 = field(direction * tau0.view(view) + step, y0 + step.to(y0.real.dtype if y0.is_complex() else y0.dtype) * f0)
+        d2 = norm.rms((f1 - f0) / scale).double() / h0
+        largest = torch.maximum(d1, d2)
+        h1 = torch.where(largest <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                         (0.01 / largest) ** (1.0 / (order + 1)))
+        h = torch.minimum(100 * h0, h1)
+        return torch.where(torch.isfinite(d2), h, h0 * 1e-3)
+
+
+def _next_step(control, h, ratio, previous, older, order, accepted):
+    """:meth:`~neuralode.controllers.AdaptiveController.next_step`, elementwise over the batch."""
+    k = order + 1
+    one = torch.ones_like(h)
+    if control.kind == "pid":
+        b1 = (control.pcoeff + control.icoeff + control.dcoeff) / k
+        b2 = -(control.pcoeff + 2.0 * control.dcoeff) / k
+        b3 = control.dcoeff / k
+        usable = lambda r: torch.where((r > 0) & (r < math.inf), r, one)  # noqa: E731
+        factor = control.safety * ratio ** (-b1) * usable(previous) ** (-b2) * usable(older) ** (-b3)
+        low = torch.where(accepted, one, one * control.dfactor)
+        high = torch.where(accepted, one * control.ifactor, one * control.safety)
+        h_next = h * torch.minimum(high, torch.maximum(factor, low))
+    else:
+        integral = control.safety * ratio ** (-1.0 / k)
+        if control.kind == "pi":
+            pi = control.safety * ratio ** (-0.7 / k) * previous.clamp_min(1e-4) ** (0.4 / k)
+            factor = torch.where(accepted, pi, integral)
+        else:
+            factor = integral
+        low = torch.where(accepted, one, one * control.dfactor)
+        h_next = h * torch.clamp(torch.maximum(factor, low), max=control.ifactor)
+    return torch.where(ratio == 0, h * control.ifactor, h_next)
+
+
+def _horner(coefficients, theta):
+    """``sum_m c_m theta**m`` with one ``theta`` per sample (shape ``(batch, 1, ..., 1)``)."""
+    result = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        result = c + result * theta
+    return result
+
+
+def _fixed_step_counts(tau0, tau_end, step):
+    """Steps per sample on a fixed grid: the joint grid's rule (no sliver step when the span is a whole
+    number of steps up to rounding, see :func:`neuralode.options._fixed_grid`)."""
+    n = (tau_end - tau0) / step
+    nearest = torch.round(n)
+    whole = (n - nearest).abs() <= 1e-9 * torch.clamp(n, min=1.0)
+    return torch.where(whole, nearest, torch.ceil(n)).clamp_min(1)
+
+
+def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
+                         linear=False, throw=True):
+    """Integrate every sample of ``y0`` (shape ``(batch, *shape)``) over its own output times.
+
+    ``taus``: internal times ``direction * t``, float64 of shape ``(batch, n)``, increasing rows.
+    ``control``: an :class:`~neuralode.controllers.AdaptiveController`, or ``None`` for a fixed step
+    ``step_size``. ``linear``: linear interpolation between the steps of a fixed grid (else the method's
+    dense output). Returns ``(outputs (n, batch, *shape), stats, error)``; outputs a sample never
+    reached (after a failure with ``throw=False``) are NaN.
+    """
+    batch, n = taus.shape
+    device = y0.device
+    view = (batch,) + (1,) * (y0.ndim - 1)
+    samples = torch.arange(batch, device=device)
+    taus = taus.to(device)
+    tau = taus[:, 0].clone()
+    tau0, tau_end = tau.clone(), taus[:, -1]
+    adaptive = control is not None
+    max_num_steps = control.max_num_steps if adaptive else math.inf   # a fixed grid is finite
+    y, f = y0, f0
+    # Every state interpolated at an output time, as rows of (batch * J, *shape) blocks; ``table[k, b]`` is
+    # the row that holds output k of sample b (-1: not reached). Row n of the table takes the writes that
+    # are not wanted (a sample with fewer outputs in this step than another), so no two writes collide.
+    values = [y0]
+    n_rows = batch
+    table = torch.full((n + 1, batch), -1, dtype=torch.long, device=device)
+    table[0] = samples                                     # output 0 of every sample is y0 (rows 0..batch-1)
+    next_out = torch.ones(batch, dtype=torch.long, device=device)
+    counts = {name: torch.zeros(batch, dtype=torch.long, device=device)
+              for name in ("n_steps", "n_accepted", "n_rejected")}
+    done = tau >= tau_end
+    if adaptive:
+        if control.first_step is not None:
+            h = torch.full_like(tau, control.first_step)
+        else:
+            order = getattr(stepper, "initial_step_order", stepper.order)
+            h = _initial_step(field, tau, y, f, direction, order, norm, view)
+        previous = torch.ones_like(tau)
+        older = torch.ones_like(tau)
+    else:
+        n_fixed = _fixed_step_counts(tau0, tau_end, step_size)
+        step_index = torch.zeros_like(tau)
+    error = None
+    iterations = 0
+    non_finite_last = torch.zeros_like(done)   # was a sample's last rejection caused by NaN or inf?
+    running = int((~done).sum())
+
+    while running:
+        iterations += 1
+        active = ~done
+        if adaptive:
+            h = h.clamp(min=control.min_step, max=control.max_step)
+            pinned = h <= control.min_step
+            reaches_end = tau + h >= tau_end
+            tau1 = torch.where(reaches_end, tau_end, tau + h)
+            h = torch.where(reaches_end, tau_end - tau, h)
+            underflow = active & ((tau1 <= tau) | (h <= 0))
+        else:
+            tau1 = torch.where(step_index + 1 >= n_fixed, tau_end, tau0 + (step_index + 1) * step_size)
+        tau1 = torch.where(active, tau1, tau)
+        h_step = tau1 - tau                                 # 0 for samples that are done
+        if f is None:
+            f = field((direction * tau).view(view), y)
+        outcome = stepper.step(field, (direction * tau).view(view), y, f, (direction * h_step).view(view),
+                               norm if adaptive else None)
+        y1 = outcome.y1
+        if adaptive:
+            ratio = outcome.error_ratio.to(torch.float64)
+            # As in the joint loop: a step whose result is not finite is rejected whatever the norm says.
+            total = y1.detach().reshape(batch, -1).sum(dim=1)
+            if total.is_complex():
+                total = total.real + total.imag
+            ratio = torch.where(torch.isfinite(total), ratio, torch.full_like(ratio, math.nan))
+            finite = torch.isfinite(ratio)
+            accept = finite & ((ratio <= 1.0) | pinned)
+            h_next = _next_step(control, h, torch.where(finite, ratio, torch.ones_like(ratio)), previous, older,
+                                outcome.error_order, accept)
+            h_next = torch.where(finite, h_next, h * control.dfactor)
+        else:
+            accept = torch.ones_like(active)
+            underflow = torch.zeros_like(active)
+        accepted = active & accept
+        counts["n_steps"] += active
+        counts["n_accepted"] += accepted
+        counts["n_rejected"] += active & ~accept
+        tau_next = torch.where(accepted, tau1, tau)
+        passed = torch.searchsorted(taus, tau1.unsqueeze(1), right=True).squeeze(1)
+        new_outputs = torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
+        done_next = tau_next >= tau_end
+        over_budget = ~done_next & (counts["n_steps"] >= max_num_steps)
+        # The one host read of the step.
+        most_outputs, running, n_underflow, n_over = torch.stack(
+            [new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum()]).tolist()
+
+        if most_outputs > 0:
+            if linear:
+                coefficients = [y, y1 - y]
+            else:
+                f1 = outcome.f1 if outcome.f1 is not None else field((direction * tau1).view(view), y1)
+                coefficients = stepper.dense_coefficients(field, (direction * tau).view(view), y,
+                                                          (direction * h_step).view(view), outcome, f1)
+            safe_h = torch.where(h_step > 0, h_step, torch.ones_like(h_step))
+            # All outputs this step passed, at once: J = the most any sample passed.
+            offsets = torch.arange(most_outputs, device=device)
+            column = next_out.unsqueeze(1) + offsets                              # (batch, J)
+            wanted = offsets < new_outputs.unsqueeze(1)
+            column = torch.where(wanted, column, torch.full_like(column, n))
+            t_out = taus.gather(1, column.clamp_max(n - 1))
+            theta = torch.where(wanted, (t_out - tau.unsqueeze(1)) / safe_h.unsqueeze(1), torch.zeros_like(t_out))
+            real = y.real.dtype if y.is_complex() else y.dtype
+            block = (batch, most_outputs) + (1,) * (y.ndim - 1)
+            value = _horner([c.unsqueeze(1) for c in coefficients], theta.to(real).view(block))
+            # An output time a step ends on exactly gets the step's value itself, as in the joint loop.
+            value = torch.where((t_out == tau1.unsqueeze(1)).view(block), y1.unsqueeze(1), value)
+            values.append(value.reshape(batch * most_outputs, *y.shape[1:]))
+            rows = n_rows + torch.arange(batch * most_outputs, device=device).view(batch, most_outputs)
+            table[column, samples.unsqueeze(1).expand_as(column)] = rows
+            n_rows += batch * most_outputs
+            next_out = next_out + new_outputs
+
+        if n_underflow or n_over:
+            bad = underflow if n_underflow else over_budget
+            sample = int(bad.nonzero()[0, 0])
+            t_fail = direction * float(tau[sample])
+            magnitude, initial = float(y[sample].detach().abs().max()), float(y0[sample].detach().abs().max())
+            if n_underflow and magnitude > _DIVERGENCE_GROWTH * max(1.0, initial):
+                error = NonFiniteError(
+                    f"the solution of sample {sample} diverges to infinity near t={t_fail}: |y| reached "
+                    f"{magnitude:.3g} (over {_DIVERGENCE_GROWTH:.0e} times its initial size) while its step shrank "
+                    "to nothing. The ODE has a finite-time blow-up there; check the vector field and its parameters",
+                    t=t_fail)
+            elif n_underflow and bool(non_finite_last[sample]):
+                error = NonFiniteError(
+                    f"non-finite values (NaN or inf) appeared in the vector field evaluations of sample {sample} at "
+                    f"t={t_fail}; shrinking its step did not avoid them. The vector field likely blows up near this "
+                    "time: check it (and its parameters) there", t=t_fail)
+            elif n_underflow:
+                error = StepSizeUnderflowError(
+                    f"step size underflow in sample {sample} at t={t_fail}: its step shrank below the resolution "
+                    "of the time variable. The solution may blow up there, or the problem is stiff; loosen "
+                    "rtol/atol, set min_step, or check the vector field", t=t_fail)
+            else:
+                error = MaxStepsError(
+                    f"sample {sample} reached the maximum number of steps (max_num_steps={max_num_steps}) at "
+                    f"t={t_fail}; raise it with options={{'max_num_steps': N}}, loosen rtol/atol, or check whether "
+                    "the problem is stiff", t=t_fail)
+            if throw:
+                raise error
+            break
+        # Advance the samples whose step was accepted; the others keep their state and try again.
+        y = torch.where(accepted.view(view), y1, y)
+        if outcome.f1 is not None:
+            f = torch.where(accepted.view(view), outcome.f1, f)
+        else:
+            f = None  # not FSAL: evaluated afresh at the start of the next step
+        tau, done = tau_next, done_next
+        if adaptive:
+            non_finite_last = torch.where(active, ~finite, non_finite_last)
+            h = torch.where(active, h_next, h)
+            previous, older = torch.where(accepted, ratio, previous), torch.where(accepted, previous, older)
+        else:
+            step_index = step_index + active
+
+    table = table[:n]
+    outputs = torch.cat(values)[table.clamp_min(0)]                                  # (n, batch, *shape)
+    if not adaptive and error is None:
+        # A fixed grid accepts every step: non-finite values are found here, once, as in the joint loop.
+        finite = torch.isfinite(outputs.detach().reshape(n, batch, -1)).all(dim=2)      # (n, batch)
+        if not bool(finite.all()):
+            column, sample = (int(i) for i in (~finite).nonzero()[0])
+            t_bad = direction * float(taus[sample, column])
+            error = NonFiniteError(
+                f"the solution of sample {sample} became NaN or infinite by t={t_bad} (its first non-finite output); "
+                "the vector field blew up or the fixed step is too large for this problem: reduce step_size or "
+                "use an adaptive method", t=t_bad)
+            if throw:
+                raise error
+            # As with throw=False elsewhere: a sample's outputs end where it was last finite.
+            table = torch.where(finite.cumprod(dim=0).bool(), table, torch.full_like(table, -1))
+    if error is not None:
+        missing = (table < 0).view(n, *view)
+        outputs = torch.where(missing, torch.full_like(outputs, math.nan), outputs)
+    stats = {"nfe": field.nfe, "n_iterations": iterations, **counts}
+    return outputs, stats, error

@@ -1,0 +1,241 @@
+"""Per-sample stepping (solve(..., per_sample=True)): each batch element keeps its own steps.
+
+The central property: a sample's result does not depend on the batch it is solved in (to 1e-12 in
+float64), and a batch of one takes exactly the steps of a joint solve of that sample.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import neuralode
+from neuralode import MaxStepsError, NonFiniteError, solve
+
+f64 = torch.float64
+
+
+class VanDerPol(torch.nn.Module):
+    """Rows independent: sample b has its own mu[b]."""
+
+    def __init__(self, mu):
+        super().__init__()
+        self.mu = mu   # a plain tensor: a test may differentiate with respect to it
+
+    def forward(self, t, y):
+        x, v = y[:, 0], y[:, 1]
+        return torch.stack([v, self.mu * (1 - x * x) * v - x], dim=1)
+
+
+def single(mu_b):
+    def field(t, y):
+        return torch.stack([y[1], mu_b * (1 - y[0] * y[0]) * y[1] - y[0]])
+    return field
+
+
+def vdp_batch(batch, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    mu = 1 + 9 * torch.rand(batch, generator=generator, dtype=f64)
+    y0 = torch.stack([2 + 0.5 * torch.rand(batch, generator=generator, dtype=f64), torch.zeros(batch, dtype=f64)], 1)
+    return mu, y0
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8", "fehlberg2"])
+def test_batch_of_one_takes_the_joint_solves_steps(method):
+    # A mild oscillator: on stiff stretches rounding-level differences (below) can flip a decision at ratio ~ 1.
+    _, y0 = vdp_batch(3)
+    mu = torch.tensor([0.5, 1.0, 2.0], dtype=f64)
+    t = torch.linspace(0, 4, 25, dtype=f64)
+    batch = solve(VanDerPol(mu), y0, t, method=method, rtol=1e-6, atol=1e-6, per_sample=True)
+    assert batch.success and batch.ys.shape == (25, 3, 2)
+    for b in range(3):
+        joint = solve(single(mu[b]), y0[b], t, method=method, rtol=1e-6, atol=1e-6)
+        assert int(batch.stats["n_steps"][b]) == joint.stats["n_steps"]
+        assert int(batch.stats["n_accepted"][b]) == joint.stats["n_accepted"]
+        # Same steps, values equal up to rounding: a step size per sample multiplies the stages as a tensor
+        # (two roundings) where the joint solve fuses y0 + (h w) k (one), and the error estimate's cancellation
+        # turns that ulp into 1e-12 relative in h, which the oscillator's steep phases amplify (measured: up
+        # to 2e-9). Far below the solve's own error (rtol 1e-6).
+        torch.testing.assert_close(batch.ys[:, b], joint.ys, rtol=1e-7, atol=1e-8)
+
+
+@settings(max_examples=15, deadline=None)
+@given(batch=st.integers(2, 9), seed=st.integers(0, 10_000), shared_times=st.booleans(),
+       method=st.sampled_from(["dopri5", "tsit5", "dopri8"]), controller=st.sampled_from(["integral", "pi", "pid"]))
+def test_a_samples_result_does_not_depend_on_its_batch(batch, seed, shared_times, method, controller):
+    mu, y0 = vdp_batch(batch, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if shared_times:
+        t = torch.linspace(0, 3, 9, dtype=f64)
+    else:   # every sample its own span and output times
+        starts = torch.rand(batch, 1, generator=generator, dtype=f64)
+        t = starts + torch.cumsum(0.05 + torch.rand(batch, 9, generator=generator, dtype=f64) * 0.6, dim=1) - 0.05
+    options = {"controller": controller}
+    if controller == "pid":
+        options.update(pcoeff=0.2, icoeff=0.4)
+    whole = solve(VanDerPol(mu), y0, t, method=method, rtol=1e-7, atol=1e-8, options=options, per_sample=True)
+    order = torch.randperm(batch, generator=generator)
+    shuffled = solve(VanDerPol(mu[order]), y0[order], t if shared_times else t[order], method=method,
+                     rtol=1e-7, atol=1e-8, options=options, per_sample=True)
+    torch.testing.assert_close(shuffled.ys, whole.ys[:, order], rtol=0, atol=1e-12)
+    b = int(order[0])
+    alone = solve(VanDerPol(mu[b:b + 1]), y0[b:b + 1], t if shared_times else t[b:b + 1], method=method,
+                  rtol=1e-7, atol=1e-8, options=options, per_sample=True)
+    torch.testing.assert_close(alone.ys[:, 0], whole.ys[:, b], rtol=0, atol=1e-12)
+    assert int(alone.stats["n_steps"][0]) == int(whole.stats["n_steps"][b])
+
+
+def test_per_sample_output_times_against_the_closed_form():
+    rates = torch.tensor([0.5, 1.0, 3.0, 7.0], dtype=f64)
+    y0 = torch.tensor([1.0, 2.0, -1.0, 0.5], dtype=f64).unsqueeze(1)
+    t = torch.stack([torch.linspace(0, 1 + b, 11, dtype=f64) for b in range(4)])   # (batch, n), own spans
+    solution = solve(lambda t, y: -rates.unsqueeze(1) * y, y0, t, method="tsit5", rtol=1e-10, atol=1e-12,
+                     per_sample=True)
+    exact = y0 * torch.exp(-rates.unsqueeze(1) * t)          # (batch, n)
+    torch.testing.assert_close(solution.ys[..., 0], exact.T, rtol=1e-8, atol=1e-11)
+    assert solution.ts is t
+
+
+def test_time_reaches_the_field_per_sample_and_backwards_in_time():
+    # dy/dt = t: each sample sees its own t (shape (batch,)); integrating backwards from t0 to t1.
+    seen = []
+
+    def field(t, y):
+        seen.append(t.shape)
+        return t.unsqueeze(1).expand_as(y).clone()
+
+    t = torch.tensor([[2.0, 1.0, 0.0], [3.0, 2.5, 1.0]], dtype=f64)
+    y0 = torch.zeros(2, 1, dtype=f64)
+    solution = solve(field, y0, t, method="dopri5", rtol=1e-10, atol=1e-10, per_sample=True)
+    exact = (t ** 2 - t[:, :1] ** 2) / 2
+    torch.testing.assert_close(solution.ys[..., 0], exact.T, rtol=0, atol=1e-10)
+    assert set(seen) == {torch.Size([2])}
+
+
+def test_a_heterogeneous_batch_takes_fewer_batched_steps_than_a_joint_solve():
+    mu = torch.tensor([1.0, 1.0, 1.0, 20.0], dtype=f64)
+    y0 = torch.tensor([[2.0, 0.0]] * 4, dtype=f64)
+    t = torch.linspace(0, 10, 50, dtype=f64)
+    per_sample = solve(VanDerPol(mu), y0, t, method="dopri5", rtol=1e-6, atol=1e-6, per_sample=True)
+    joint = solve(VanDerPol(mu), y0, t, method="dopri5", rtol=1e-6, atol=1e-6)
+    # The easy samples stop early, rejections of the stiff one no longer reject them.
+    assert per_sample.stats["n_steps"][:3].max() < per_sample.stats["n_steps"][3]
+    assert per_sample.stats["n_iterations"] < joint.stats["n_steps"]
+    torch.testing.assert_close(per_sample.ys, joint.ys, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("interp", ["linear", "cubic"])
+def test_fixed_step_per_sample_spans_match_joint_grids(interp):
+    _, y0 = vdp_batch(3, seed=4)
+    mu = torch.tensor([0.5, 1.0, 2.0], dtype=f64)    # (at mu ~ 10 a step of 0.1 is beyond rk4's stability)
+    t = torch.stack([torch.linspace(0, 1.0 + 0.37 * b, 6, dtype=f64) for b in range(3)])
+    batch = solve(VanDerPol(mu), y0, t, method="rk4", options={"step_size": 0.1, "interp": interp}, per_sample=True)
+    for b in range(3):
+        joint = solve(single(mu[b]), y0[b], t[b], method="rk4", options={"step_size": 0.1, "interp": interp})
+        assert int(batch.stats["n_steps"][b]) == joint.stats["n_steps"]
+        torch.testing.assert_close(batch.ys[:, b], joint.ys, rtol=0, atol=1e-12)
+
+
+def test_gradients_match_finite_differences_and_joint_solves():
+    mu, y0 = vdp_batch(3, seed=7)
+    t = torch.linspace(0, 2, 5, dtype=f64)
+
+    def loss_per_sample(mu_, y0_):
+        return solve(VanDerPol(mu_), y0_, t, method="dopri5", rtol=1e-9, atol=1e-9, per_sample=True).ys.square().sum()
+
+    mu_param = mu.clone().requires_grad_()
+    y0_param = y0.clone().requires_grad_()
+    loss_per_sample(mu_param, y0_param).backward()
+    # Against joint solves of every sample (direct backpropagation through the same steps).
+    for b in range(3):
+        mu_b = mu[b].clone().requires_grad_()
+        y0_b = y0[b].clone().requires_grad_()
+        solve(single(mu_b), y0_b, t, method="dopri5", rtol=1e-9, atol=1e-9).ys.square().sum().backward()
+        torch.testing.assert_close(mu_param.grad[b], mu_b.grad, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(y0_param.grad[b], y0_b.grad, rtol=1e-9, atol=1e-9)
+    # Against central differences of the loss in y0 (tolerance from the solve's own accuracy).
+    eps = 1e-6
+    for index in [(0, 0), (2, 1)]:
+        bump = torch.zeros_like(y0)
+        bump[index] = eps
+        numeric = (loss_per_sample(mu, y0 + bump) - loss_per_sample(mu, y0 - bump)) / (2 * eps)
+        assert abs(float(numeric) - float(y0_param.grad[index])) < 1e-5 * max(1.0, abs(float(numeric)))
+
+
+def test_float32_keeps_its_dtype_and_accuracy():
+    rates = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    y0 = torch.ones(2, 3, dtype=torch.float32)
+    t = torch.linspace(0, 1, 4)
+    solution = solve(lambda t, y: -rates.unsqueeze(1) * y, y0, t, method="dopri5", rtol=1e-5, atol=1e-6,
+                     per_sample=True)
+    assert solution.ys.dtype == torch.float32
+    exact = torch.exp(-rates.unsqueeze(0) * t.unsqueeze(1)).unsqueeze(2).expand(4, 2, 3)
+    torch.testing.assert_close(solution.ys, exact, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_sample_is_named_and_throw_false_keeps_the_others():
+    # dy/dt = y^2 blows up at t = 1/y0: sample 1 (y0 = 2) at t = 0.5, inside the span; sample 0 never.
+    y0 = torch.tensor([[0.1], [2.0], [0.2]], dtype=f64)
+    t = torch.linspace(0, 1, 6, dtype=f64)
+    with pytest.raises(neuralode.SolverError, match="sample 1"):
+        solve(lambda t, y: y * y, y0, t, method="dopri5", per_sample=True)
+    solution = solve(lambda t, y: y * y, y0, t, method="dopri5", per_sample=True, throw=False)
+    assert not solution.success
+    assert solution.status in ("non_finite", "step_size_underflow", "max_steps_reached")
+    assert bool(torch.isnan(solution.ys[-1, 1]).all())        # never reached: NaN, not a made-up value
+    torch.testing.assert_close(solution.ys[1:2, 0, 0], 0.1 / (1 - 0.1 * t[1:2]), rtol=1e-6, atol=0)
+
+
+def test_an_unstable_fixed_step_is_reported_not_returned():
+    y0 = torch.ones(2, 1, dtype=f64)
+    rates = torch.tensor([1.0, 100.0], dtype=f64).unsqueeze(1)   # h = 0.5 is far beyond rk4's limit for 100
+    t = torch.linspace(0, 40, 5, dtype=f64)
+    with pytest.raises(NonFiniteError, match="sample 1"):
+        solve(lambda t, y: -rates * y, y0, t, method="rk4", options={"step_size": 0.5}, per_sample=True)
+    solution = solve(lambda t, y: -rates * y, y0, t, method="rk4", options={"step_size": 0.5}, per_sample=True,
+                     throw=False)
+    assert solution.status == "non_finite" and not solution.success
+    assert bool(torch.isfinite(solution.ys[:, 0]).all()) and bool(torch.isnan(solution.ys[-1, 1]).all())
+
+
+def test_max_num_steps_applies_per_sample():
+    mu, y0 = vdp_batch(2)
+    with pytest.raises(MaxStepsError, match="max_num_steps=5"):
+        solve(VanDerPol(mu), y0, torch.linspace(0, 10, 3, dtype=f64), method="dopri5",
+              options={"max_num_steps": 5}, per_sample=True)
+
+
+def test_non_finite_field_values_are_reported_as_such():
+    def field(t, y):
+        return torch.where(t.unsqueeze(1) > 0.3, torch.full_like(y, math.nan), -y)
+    with pytest.raises(NonFiniteError, match="sample 0"):
+        solve(field, torch.ones(2, 1, dtype=f64), torch.tensor([0.0, 1.0], dtype=f64), method="dopri5",
+              per_sample=True)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"y0": (torch.ones(2, 1),)}, TypeError, "tuple states"),
+    ({"t": torch.zeros(3, 2)}, ValueError, r"shape \(n,\) or \(batch, n\)"),
+    ({"t": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, ValueError, "different directions"),
+    ({"t": torch.tensor([[0.0, 1.0], [0.0, 0.0]])}, ValueError, r"t\[1\] must be strictly"),
+    ({"gradient": "adjoint"}, ValueError, "gradient='direct'"),
+    ({"method": "kvaerno5"}, ValueError, "explicit Runge-Kutta"),
+    ({"method": "adams"}, ValueError, "explicit Runge-Kutta"),
+    ({"events": [neuralode.Event(lambda t, y: y)]}, ValueError, "does not support events"),
+    ({"dense": True}, ValueError, "dense=True"),
+    ({"options": {"step_t": [0.5]}}, ValueError, "step_t"),
+    ({"method": "rk4"}, ValueError, "step_size"),
+    ({"per_sample": 1}, TypeError, "per_sample must be True or False"),
+])
+def test_bad_input_names_the_argument(kwargs, error, match):
+    arguments = {"y0": torch.ones(2, 1), "t": torch.tensor([0.0, 1.0]), "method": "dopri5", "per_sample": True}
+    arguments.update(kwargs)
+    func, y0, t = (lambda t, y: -y), arguments.pop("y0"), arguments.pop("t")
+    with pytest.raises(error, match=match):
+        solve(func, y0, t, **arguments)
+
+
+def test_wrong_field_shape_is_reported_at_the_first_evaluation():
+    with pytest.raises(ValueError, match=r"shape \(batch,\)"):
+        solve(lambda t, y: y.sum(1), torch.ones(2, 3), torch.tensor([0.0, 1.0]), per_sample=True)

@@ -2,7 +2,7 @@
 
 Public API (explicit re-exports, no logic here):
 
-- :func:`solve` returns a :class:`Solution` (values, dense output, statistics, status);
+- :func:`solve` returns a :class:`Solution` (values, dense output, statistics, a :class:`Status`);
 - :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event`, :func:`odeint_dense` keep torchdiffeq's
   signatures;
 - :data:`METHODS` names every method;
@@ -10,7 +10,7 @@ Public API (explicit re-exports, no logic here):
 - :class:`Event` (several events per solve, terminal or recorded only) and its :class:`EventRecord`.
 """
 
-from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, Status, StepSizeUnderflowError
 from .events import Event, EventRecord
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
 from .methods import METHODS
@@ -24,7 +24,7 @@ from . import data, models, nn  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "METHODS",
+    "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
     "Event", "EventRecord",
     "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",

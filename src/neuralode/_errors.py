@@ -8,11 +8,33 @@ tell a blow-up of their vector field from a tolerance that is too tight.
 
 from __future__ import annotations
 
+from enum import Enum
+
+
+class Status(str, Enum):
+    """How a solve ended (``Solution.status``). A ``str``: ``solution.status == "success"`` keeps working.
+
+    ``SUCCESS``: every output time was reached with error control held and finite values. ``EVENT``: a
+    terminal event stopped the solve. The others are failures (``Solution.success`` is ``False``), each
+    the ``status`` of one :class:`SolverError` subclass.
+    """
+
+    SUCCESS = "success"
+    EVENT = "event"
+    MAX_STEPS = "max_steps_reached"
+    STEP_SIZE_UNDERFLOW = "step_size_underflow"
+    NON_FINITE = "non_finite"
+    CONVERGENCE_FAILURE = "convergence_failure"
+    FAILED = "failed"
+
+    def __str__(self) -> str:   # the value, as StrEnum (Python 3.11+) would print it
+        return self.value
+
 
 class SolverError(RuntimeError):
     """A numerical failure during a solve. ``t`` is the time reached when it happened."""
 
-    status = "failed"
+    status = Status.FAILED
 
     def __init__(self, message: str, t: float | None = None):
         super().__init__(message)
@@ -23,26 +45,26 @@ class NonFiniteError(SolverError):
     """The state or the vector field became NaN or infinite, or the solution diverges to infinity
     (a finite-time blow-up: the step collapses while |y| has grown more than 1e8-fold)."""
 
-    status = "non_finite"
+    status = Status.NON_FINITE
 
 
 class StepSizeUnderflowError(SolverError):
     """The step size fell below what the time resolution (or ``min_step``) allows."""
 
-    status = "step_size_underflow"
+    status = Status.STEP_SIZE_UNDERFLOW
 
 
 class ConvergenceError(SolverError):
     """An implicit method's Newton iteration failed where the step could not shrink any further
     (on a fixed grid, or at ``min_step``), or its iteration matrix was singular there."""
 
-    status = "convergence_failure"
+    status = Status.CONVERGENCE_FAILURE
 
 
 class MaxStepsError(SolverError):
     """The solve took more steps than ``max_num_steps``."""
 
-    status = "max_steps_reached"
+    status = Status.MAX_STEPS
 
 
 def closest(name: str, choices) -> str:

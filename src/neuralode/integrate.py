@@ -18,7 +18,7 @@ from dataclasses import dataclass, field as dataclass_field
 
 import torch
 
-from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
 from .callbacks import Callbacks, call as call_back
 from .controllers import ErrorNorm, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
@@ -49,7 +49,7 @@ class Integration:
     outputs: list
     output_times: list
     stats: dict
-    status: str = "success"
+    status: Status = Status.SUCCESS
     message: str = "The solver reached the end of the interval."
     error: Exception | None = None
     dense: DenseSolution | None = None
@@ -293,7 +293,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
                     fired, tau_reached = True, tau + theta * h
                     result.event_t, result.event_y, result.event_index = t_event, y_event, k
                     result.final_t, result.final_y = result.event_t, result.event_y
-                    result.status, result.message = "event", "A terminal event occurred."
+                    result.status, result.message = Status.EVENT, "A terminal event occurred."
                     break
         while next_output < len(taus) and taus[next_output] <= tau_reached:
             if taus[next_output] == tau1:
@@ -350,7 +350,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
 
     if result.final_t is None:
         result.final_t, result.final_y = direction * tau, y
-    if not adaptive and result.status == "success":
+    if not adaptive and result.status == Status.SUCCESS:
         _check_finite_outputs(result, problem, throw)
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))

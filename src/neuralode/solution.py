@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._errors import Status
+
 
 @dataclass
 class Solution:
@@ -22,8 +24,10 @@ class Solution:
         ``nfe`` (vector-field evaluations), ``n_steps`` (attempted), ``n_accepted``, ``n_rejected``;
         gradient strategies add ``nfe_backward`` (and ``n_steps_backward``) during ``backward()``:
         the dict is updated in place, so read it after the backward pass.
-    status : str
-        ``"success"``, ``"event"``, ``"max_steps_reached"``, ``"step_size_underflow"`` or ``"non_finite"``.
+    status : Status
+        How the solve ended, a ``str`` enum (:class:`~neuralode.Status`): ``"success"``, ``"event"``,
+        ``"max_steps_reached"``, ``"step_size_underflow"``, ``"non_finite"``, ``"convergence_failure"``
+        or ``"failed"``.
     message : str
     event_t, event_y :
         Time and state of a terminal event, if one occurred (``None`` otherwise).
@@ -35,7 +39,7 @@ class Solution:
     ts: torch.Tensor
     ys: object
     stats: dict
-    status: str = "success"
+    status: Status = Status.SUCCESS
     message: str = ""
     event_t: torch.Tensor | None = None
     event_y: object = None
@@ -46,7 +50,7 @@ class Solution:
 
     @property
     def success(self) -> bool:
-        return self.status in ("success", "event")
+        return self.status in (Status.SUCCESS, Status.EVENT)
 
     def evaluate(self, t) -> object:
         """Dense output at ``t`` (a float, or a tensor of any shape) anywhere in the solved span.

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import FixedGrid
 from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
@@ -241,7 +242,7 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw) -
                                                  step_size=step_size, linear=linear, throw=throw)
     if field.cast:
         outputs = outputs.to(field.user_dtype)
-    status, message = "success", "Every sample reached the end of its interval."
+    status, message = Status.SUCCESS, "Every sample reached the end of its interval."
     if error is not None:
         status, message = error.status, str(error)
     return Solution(ts=t, ys=outputs, stats=stats, status=status, message=message)

@@ -1,0 +1,134 @@
+"""The package's layering (docs/architecture.md), checked on the source: no import cycles, a numerics core
+that knows nothing of models or experiments, a root ``__init__`` that only re-exports."""
+
+import ast
+import pathlib
+
+import pytest
+import torch
+
+import neuralode
+from neuralode import MaxStepsError, NonFiniteError, Solution, Status, StepSizeUnderflowError, solve
+
+SOURCE = pathlib.Path(neuralode.__file__).parent
+ABOVE_THE_CORE = ("neuralode.nn", "neuralode.models", "neuralode.experiments", "neuralode.data", "neuralode.cli",
+                  "neuralode.__main__")
+
+
+def _modules() -> dict:
+    modules = {}
+    for path in SOURCE.rglob("*.py"):
+        parts = ("neuralode",) + path.relative_to(SOURCE).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def _imports(name: str, path: pathlib.Path, modules: dict, *, module_level_only: bool) -> set:
+    """Modules of the package that ``name`` imports (``TYPE_CHECKING`` blocks excluded)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+
+    def visit(node):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.dump(child.test):
+                continue
+            if module_level_only and isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                continue   # an import inside a function runs when called, after every module is loaded
+            if isinstance(child, ast.ImportFrom):
+                if child.level:
+                    base = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    target = ".".join(base + ([child.module] if child.module else []))
+                else:
+                    target = child.module or ""
+                for alias in child.names:
+                    full = f"{target}.{alias.name}"
+                    found.add(full if full in modules else target)
+            elif isinstance(child, ast.Import):
+                found.update(alias.name for alias in child.names)
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for m in found if m in modules and m != name}
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on_stack, components, counter = {}, {}, [], set(), [], [0]
+
+    def connect(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            connect(v)
+    return components
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles_between_modules():
+    modules = _modules()
+    graph = {name: _imports(name, path, modules, module_level_only=True) for name, path in modules.items()}
+    assert _cycles(graph) == []
+
+
+def test_the_numerics_core_imports_nothing_above_it():
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith(ABOVE_THE_CORE) or name == "neuralode":
+            continue
+        above = {m for m in _imports(name, path, modules, module_level_only=False) if m.startswith(ABOVE_THE_CORE)}
+        assert not above, f"{name} (numerics core) imports {sorted(above)}"
+
+
+def test_layers_and_models_import_solve_from_its_module_not_the_package_root():
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith(("neuralode.nn", "neuralode.models")):
+            assert "neuralode" not in _imports(name, path, modules, module_level_only=False), name
+
+
+def test_the_package_root_only_re_exports():
+    tree = ast.parse((SOURCE / "__init__.py").read_text())
+    kinds = {type(node).__name__ for node in tree.body}
+    assert kinds <= {"Expr", "ImportFrom", "Import", "Assign"}, kinds
+
+
+def test_status_is_an_enum_that_still_compares_as_a_string():
+    solution = solve(lambda t, y: -y, torch.ones(2, dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64))
+    assert solution.status is Status.SUCCESS and solution.status == "success" and str(solution.status) == "success"
+    assert f"{solution.status}" == "success"
+    assert {NonFiniteError.status, StepSizeUnderflowError.status, MaxStepsError.status} == {
+        Status.NON_FINITE, Status.STEP_SIZE_UNDERFLOW, Status.MAX_STEPS}
+    failed = solve(lambda t, y: -y, torch.ones(2, dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64), options={"max_num_steps": 1},
+                   throw=False)
+    assert failed.status is Status.MAX_STEPS and not failed.success
+
+
+@pytest.mark.parametrize("status, success", [(Status.SUCCESS, True), (Status.EVENT, True),
+                                             (Status.NON_FINITE, False), (Status.FAILED, False)])
+def test_success_follows_the_status(status, success):
+    assert Solution(ts=None, ys=None, stats={}, status=status).success is success
+

@@ -132,3 +132,38 @@ def test_status_is_an_enum_that_still_compares_as_a_string():
 def test_success_follows_the_status(status, success):
     assert Solution(ts=None, ys=None, stats={}, status=status).success is success
 
+
+
+def _steppers():
+    from neuralode.methods import REGISTRY
+    for name, spec in REGISTRY.items():
+        if spec.whole_span:
+            pytest.importorskip("scipy")
+        yield name, spec.make_stepper({})
+
+
+def test_every_method_is_a_solver_with_consistent_flags():
+    from neuralode.solvers.base import Solver
+    from neuralode.solvers.runge_kutta import ExplicitRungeKutta
+
+    for name, stepper in _steppers():
+        assert isinstance(stepper, Solver), name
+        if stepper.solves_whole_span:
+            assert not stepper.replayable, name
+            continue
+        assert isinstance(stepper.order, int) and stepper.order >= 1, name
+        assert 1 <= stepper.initial_step_order <= stepper.order, name
+        assert stepper.multistep == name.endswith("adams"), name
+        if stepper.multistep:
+            assert not stepper.replayable and not stepper.implicit, name
+        if isinstance(stepper, ExplicitRungeKutta):
+            assert stepper.replayable and not stepper.implicit and stepper.fsal == stepper.tableau.fsal, name
+    assert not dict(_steppers())["auto"].replayable     # it switches methods along the solve
+
+
+@pytest.mark.parametrize("method", ["adams", "explicit_adams", "auto"])
+def test_methods_that_cannot_be_replayed_are_refused_by_checkpointing(method):
+    options = {"step_size": 0.1} if method == "explicit_adams" else None
+    with pytest.raises(ValueError, match="gradient='checkpoint' supports the Runge-Kutta methods"):
+        solve(lambda t, y: -y, torch.ones(2, dtype=torch.float64, requires_grad=True),
+              torch.linspace(0, 1, 3, dtype=torch.float64), method=method, options=options, gradient="checkpoint")

@@ -12,6 +12,7 @@ import neuralode
 from neuralode.controllers import AdaptiveController, ErrorNorm, initial_step, mixed_norm, rms_norm
 from neuralode.integrate import integrate
 from neuralode.problem import make_problem
+from neuralode.solvers.base import Solver
 from neuralode.solvers.runge_kutta import StepOutcome
 
 F64 = torch.float64
@@ -81,22 +82,15 @@ def test_initial_step_is_hairers():
 
 # --- loop logic with a stub stepper ---------------------------------------------------------------
 
-class ScriptedStepper:
+class ScriptedStepper(Solver):
     """y1 = y0 + h (y' = 1 exactly) with error ratios taken from a script (then 0.5 forever)."""
 
     order = 4
     adaptive = True
-    implicit = False
 
     def __init__(self, ratios):
         self.ratios = list(ratios)
         self.attempts = []
-
-    def init(self, func, t0, y0, f0):
-        return None
-
-    def statistics(self, state):
-        return {}
 
     def step(self, func, t0, y0, f0, h, error_norm, state=None):
         self.attempts.append((t0, h))

@@ -90,7 +90,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     the state there is replaced by ``jump(y)``; the step size carries on across it, unlike a restart
     (the adjoint's one backward solve adds dL/dy(t_i) to the adjoint this way).
     """
-    if getattr(stepper, "solves_whole_span", False):
+    if stepper.solves_whole_span:
         # scipy_solver: scipy runs its own loop over the whole span (see solvers/scipy_wrapper.py).
         if events or until_event:
             raise ValueError("method 'scipy_solver' does not support events (neither does torchdiffeq's); "
@@ -143,8 +143,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     if adaptive:
         h = control.first_step
         if h is None:
-            order = getattr(stepper, "initial_step_order", stepper.order)
-            h = initial_step(field, direction * tau, y, f, direction, order, error_norm)
+            h = initial_step(field, direction * tau, y, f, direction, stepper.initial_step_order, error_norm)
         h = abs(float(h))
     previous_ratio = older_ratio = 1.0   # error ratios of the last two accepted steps (PI, PID)
     read_together = y.device.type != "cpu"

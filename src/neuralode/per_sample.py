@@ -247,8 +247,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         if control.first_step is not None:
             h = torch.full_like(tau, control.first_step)
         else:
-            order = getattr(stepper, "initial_step_order", stepper.order)
-            h = _initial_step(field, tau, y, f, direction, order, norm, view)
+            h = _initial_step(field, tau, y, f, direction, stepper.initial_step_order, norm, view)
         previous = torch.ones_like(tau)
         older = torch.ones_like(tau)
     else:

@@ -103,7 +103,7 @@ class Adjoint(GradientStrategy):
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if self.interpolate not in (False, True, "checkpoint"):
             raise ValueError(f"Adjoint(interpolate=...) must be False, True or 'checkpoint', got {self.interpolate!r}")
-        if self.interpolate == "checkpoint" and not hasattr(stepper, "tableau") and not REGISTRY[problem.method].whole_span:
+        if self.interpolate == "checkpoint" and not stepper.replayable and not stepper.solves_whole_span:
             raise ValueError(f"Adjoint(interpolate='checkpoint') replays the forward steps of a Runge-Kutta method; "
                              f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
                              "method switching): use interpolate=True, which keeps the whole dense output")

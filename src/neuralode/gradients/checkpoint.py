@@ -34,7 +34,7 @@ class Checkpoint(GradientStrategy):
         return replace(self, params=collect_parameters(func, adjoint_params))
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
-        if not hasattr(stepper, "tableau"):
+        if not stepper.replayable:
             kind = {"scipy_solver": "hands the whole span to scipy",
                     "auto": "switches between methods along the solve, so a replay from a checkpoint would not "
                             "take the same steps (use method='kvaerno5' or 'radau5')"}.get(problem.method,

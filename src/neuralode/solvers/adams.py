@@ -30,6 +30,7 @@ import torch
 
 from ..tableaus import TABLEAUS
 from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
+from .base import Solver
 
 __all__ = ["ExplicitAdams", "ImplicitAdams", "VariableOrderAdams"]
 
@@ -82,7 +83,7 @@ def _hermite(y0, y1, f0, f1, h) -> list:
 
 
 @dataclass(frozen=True, eq=False)
-class ExplicitAdams:
+class ExplicitAdams(Solver):
     """Adams-Bashforth of order ``max_order`` on a fixed (possibly non-uniform) grid.
 
     Parameters
@@ -118,7 +119,8 @@ class ExplicitAdams:
     """
 
     max_order: int = 4
-    implicit = False
+    multistep = True
+    replayable = False   # a step depends on the history, not on its start state alone
 
     def __post_init__(self):
         object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "explicit_adams", 1, 4))
@@ -168,7 +170,7 @@ def _adams_weights(nodes: list) -> tuple:
 
 
 @dataclass(frozen=True, eq=False)
-class ImplicitAdams:
+class ImplicitAdams(Solver):
     """torchdiffeq's ``implicit_adams`` (alias ``fixed_adams``): Adams-Bashforth-Moulton on a fixed grid.
 
     Parameters
@@ -202,6 +204,8 @@ class ImplicitAdams:
     max_order: int = 12
     max_iters: int = 4
     implicit = False   # a functional (not Newton) corrector: no help for stiff problems
+    multistep = True
+    replayable = False
 
     def __post_init__(self):
         object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "implicit_adams", 1, 12))
@@ -347,7 +351,7 @@ def _adams_coefficients(ts: tuple, h: float, k: int):
 
 
 @dataclass(frozen=True, eq=False)
-class VariableOrderAdams:
+class VariableOrderAdams(Solver):
     """Variable-step, variable-order Adams-Bashforth-Moulton in the style of Shampine and Gordon (1975).
 
     Parameters
@@ -418,6 +422,8 @@ class VariableOrderAdams:
     max_order: int = 12
     max_iters: int = 4
     implicit = False   # a functional (not Newton) corrector: no help for stiff problems
+    multistep = True
+    replayable = False
 
     def __post_init__(self):
         object.__setattr__(self, "max_order", _check_int("max_order", self.max_order, "adams", 1, 12))

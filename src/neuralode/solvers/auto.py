@@ -30,6 +30,7 @@ import torch
 
 from ..tableaus import TABLEAUS
 from .implicit import ImplicitRungeKutta, ImplicitState
+from .base import Solver
 from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
 
 _STABILITY_BOUNDARY = 3.25     # Hairer's DOPRI5 value; tsit5's real stability interval is about as long
@@ -51,12 +52,13 @@ class AutoState:
 
 
 @dataclass(frozen=True, eq=False)
-class AutoSwitching:
+class AutoSwitching(Solver):
     """``tsit5`` with Hairer's stiffness test, switching to and from an implicit method."""
 
     stiff: ImplicitRungeKutta
     nonstiff: ExplicitRungeKutta = field(default_factory=lambda: ExplicitRungeKutta(TABLEAUS["tsit5"]))
     implicit = True   # (class attribute) it handles stiffness itself: no stiffness hint from the loop
+    replayable = False  # it switches methods along the solve: a replay from a stored state would not match
 
     @property
     def order(self) -> int:

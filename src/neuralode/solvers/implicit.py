@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .base import Solver
 from .linear import SingularMatrixError, build_system, gmres, jacobian
 from .runge_kutta import StepOutcome, linear_combination
 
@@ -80,7 +81,7 @@ class NewtonFailure(Exception):
 
 
 @dataclass(frozen=True, eq=False)
-class ImplicitRungeKutta:
+class ImplicitRungeKutta(Solver):
     """Runs an :class:`~neuralode.tableaus.implicit.ImplicitTableau`.
 
     Parameters

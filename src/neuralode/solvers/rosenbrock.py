@@ -40,6 +40,7 @@ import torch.autograd.forward_ad as forward_ad
 
 from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
+from .base import Solver
 from .linear import (JACOBIAN_MODES, SingularMatrixError, batched_jacobian, build_system, dense_jacobian, gmres,
                      jacobian)
 from .runge_kutta import StepOutcome, linear_combination, step_result
@@ -73,7 +74,7 @@ class RosenbrockState:
 
 
 @dataclass(frozen=True, eq=False)
-class Rosenbrock:
+class Rosenbrock(Solver):
     """Runs a :class:`~neuralode.tableaus.rosenbrock.RosenbrockTableau`.
 
     Parameters

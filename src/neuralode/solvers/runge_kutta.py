@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 
 from ..tableaus import ButcherTableau
+from .base import Solver
 
 
 def _sparse(weights) -> tuple:
@@ -100,7 +101,7 @@ class StepOutcome:
 
 
 @dataclass(frozen=True, eq=False)
-class ExplicitRungeKutta:
+class ExplicitRungeKutta(Solver):
     """Runs a :class:`~neuralode.tableaus.ButcherTableau`. One instance per method, immutable."""
 
     tableau: ButcherTableau
@@ -120,7 +121,9 @@ class ExplicitRungeKutta:
         set_(self, "_b_err_low", _sparse(tab.b_err_low) if tab.b_err_low is not None else ())
         set_(self, "_extra_rows", tuple((float(c), _sparse(row)) for c, row in zip(tab.extra_c, tab.extra_a)))
 
-    implicit = False   # (the loop's stiffness hint is for explicit methods)
+    @property
+    def fsal(self) -> bool:
+        return self.tableau.fsal
 
     @property
     def order(self) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .._errors import MaxStepsError, NonFiniteError, SolverError, StepSizeUnderflowError
+from .base import Solver
 
 SCIPY_METHODS = ("LSODA", "RK45", "RK23", "DOP853", "Radau", "BDF")
 
@@ -42,7 +43,7 @@ def _scipy_solvers():
 
 
 @dataclass(frozen=True, eq=False)
-class ScipySolver:
+class ScipySolver(Solver):
     """Runs one of scipy's solvers over the whole span as ``solve_ivp`` does (not a stepper: the loop hands
     it the span and takes back a :class:`SpanResult`)."""
 
@@ -52,6 +53,9 @@ class ScipySolver:
     max_num_steps: int = 100_000  # scipy has no step cap; this one counts scipy's steps
 
     solves_whole_span = True
+    replayable = False
+    adaptive = True   # (scipy's error control; the loop never steps it)
+    order = None
 
     def __post_init__(self):
         if not isinstance(self.solver, str) or self.solver not in SCIPY_METHODS:

@@ -1,0 +1,56 @@
+"""The interface every stepper implements: :class:`Solver`.
+
+A solver takes one step at a time; the loop (:func:`neuralode.integrate.integrate`) asks for steps and
+decides what to do with them. A solver never chooses step sizes (except a multistep method's own step
+policy, reported as ``StepOutcome.step_factor``), never saves outputs and never looks at events.
+
+Flags (class attributes, read by the loop and the gradient strategies instead of probing attributes):
+
+- ``implicit``: the method solves stiff problems (Newton or a linear solve per step); the loop gives
+  explicit methods a stiffness hint when they stall, never implicit ones.
+- ``multistep``: the method keeps a history across steps (Adams).
+- ``replayable``: a step is a function of its start state alone, so a solve can be replayed from a
+  stored state and take the same steps (the checkpoint strategy, the adjoint's replayed forward).
+  False for multistep methods, for methods that switch along the solve, and for whole-span solvers.
+- ``solves_whole_span``: the solver runs its own loop over the whole span (scipy); the loop hands it the
+  span instead of stepping it.
+- ``fsal``: the last stage is the derivative at the step's end (first same as last).
+
+Methods: ``init(func, t0, y0, f0) -> state``; ``step(func, t0, y0, f0, h, error_norm, state) ->
+StepOutcome`` (see :class:`~neuralode.solvers.runge_kutta.StepOutcome`); ``dense_coefficients(func, t0,
+y0, h, outcome, f1) -> [c_0, ..., c_d]`` (``y(t0 + theta h) = sum_m c_m theta**m``);
+``statistics(state) -> dict`` (method-specific counters for ``Solution.stats``). Properties: ``order``,
+``adaptive`` (has an error estimate), ``initial_step_order`` (the order ``q`` in Hairer's starting-step
+exponent ``1/(q+1)``: the error estimator's).
+"""
+
+from __future__ import annotations
+
+
+class Solver:
+    """Base of every stepper: the flags' defaults (an explicit one-step method) and the shared defaults of
+    the interface. Subclasses are frozen dataclasses; see the module docstring for the contract."""
+
+    implicit = False
+    multistep = False
+    replayable = True
+    solves_whole_span = False
+    fsal = False
+
+    @property
+    def order(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def adaptive(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def initial_step_order(self) -> int:
+        return self.order
+
+    def init(self, func, t0: float, y0, f0):
+        return None
+
+    def statistics(self, state) -> dict:
+        return {}

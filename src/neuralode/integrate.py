@@ -20,7 +20,7 @@ import torch
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
 from .callbacks import Callbacks, call as call_back
-from .controllers import ErrorNorm, initial_step
+from .controllers import ErrorNorm, FixedStepping, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
 from .problem import next_after
 from .solvers.linear import spectral_radius
@@ -91,269 +91,267 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     (the adjoint's one backward solve adds dL/dy(t_i) to the adjoint this way).
     """
     if stepper.solves_whole_span:
-        # scipy_solver: scipy runs its own loop over the whole span (see solvers/scipy_wrapper.py).
-        if events or until_event:
-            raise ValueError("method 'scipy_solver' does not support events (neither does torchdiffeq's); "
-                             "use an adaptive method such as 'dopri5' with event_fn")
-        span = stepper.solve_span(problem, record_dense=record_dense)
-        result = Integration(span.outputs, span.output_times, span.stats, dense=span.dense,
-                             final_t=span.output_times[-1], final_y=span.outputs[-1])
-        if span.failure is not None:
-            raise_or_record(result, span.failure, throw)
-        return result
+        return _whole_span(problem, stepper, bool(events) or until_event, record_dense, throw)
     field, direction = problem.field, problem.direction
     taus = [direction * t for t in problem.times]
-    tau = taus[0]
+    tau, y = taus[0], problem.y0
     tau_end = math.inf if until_event else taus[-1]
-    y, f = problem.y0, problem.f0
-    outputs = [y]
-    output_times = [problem.times[0]]
-    next_output = 1
     stats = {"nfe": 0, "n_steps": 0, "n_accepted": 0, "n_rejected": 0}
-    result = Integration(outputs, output_times, stats)
-    dense = DenseSolution(direction) if record_dense else None
-    result.dense = dense
-    unflatten = field.unflatten if problem.shapes is not None else None
-    error_norm = ErrorNorm(problem.rtol, problem.atol, options.get("norm"), unflatten)
-    linear = options.get("interp", "cubic") == "linear"
-    perturb = bool(options.get("perturb", False))
-    adaptive = control.adaptive
-    jumps = sorted(direction * t for t in options.get("jump_t", ()))
+    result = Integration([y], [problem.times[0]], stats, dense=DenseSolution(direction) if record_dense else None)
+    error_norm = ErrorNorm(problem.rtol, problem.atol, options.get("norm"),
+                           field.unflatten if problem.shapes is not None else None)
     state_jumps = state_jumps or {}
-    stops = sorted(set(direction * t for t in options.get("step_t", ())) | set(jumps) | set(state_jumps))
-    stops = [s for s in stops if tau < s < tau_end] + [tau_end]
-    jump_set = set(jumps)
-    # Restart from the right-hand limit after a jump (or everywhere, for a perturbed fixed grid). ``f`` is
-    # only reused where it was evaluated (``f_time``), and never evaluated at a time the user excluded.
-    restart_from_right = tau in jump_set
-    if f is None:
-        t_first = problem.times[0]
-        if perturb or restart_from_right:
-            t_first = next_after(t_first, t_first + direction, field.time_dtype)
-        f, f_time = field(t_first, y), t_first
-    else:
-        f_time = problem.f0_time if problem.f0_time is not None else problem.times[0]
-    stop_index = 0
-    grid = control.grid if not adaptive else None
-    grid_index = 0
-    event_values = [_event_value(event, field, problem.times[0], y) for event in events]
-    event_counts = [0] * len(events)
-    state = stepper.init(field, problem.times[0], y, f)
+    derivative = _Derivative(problem, options, tau)
+    outputs = _Outputs(result, taus, problem.times, options.get("interp", "cubic") == "linear")
+    watch = _Events(events, field, problem.times[0], y, result)
+    state = stepper.init(field, problem.times[0], y, derivative.f)
+    stops = sorted(set(direction * t for t in options.get("step_t", ())) | derivative.jumps | set(state_jumps))
+    stepping = control.start([s for s in stops if tau < s < tau_end] + [tau_end], lambda: initial_step(
+        field, direction * tau, y, derivative.f, direction, stepper.initial_step_order, error_norm),
+        read_together=y.device.type != "cpu")
 
-    if adaptive:
-        h = control.first_step
-        if h is None:
-            h = initial_step(field, direction * tau, y, f, direction, stepper.initial_step_order, error_norm)
-        h = abs(float(h))
-    previous_ratio = older_ratio = 1.0   # error ratios of the last two accepted steps (PI, PID)
-    read_together = y.device.type != "cpu"
-    last_failure_non_finite = False
-    last_newton_failure = None   # why the last rejected step of an implicit method could not be solved
-
-    while next_output < len(taus) or until_event:
-        # --- choose the step -------------------------------------------------------------------
-        if adaptive:
-            h = min(max(h, control.min_step), control.max_step)
-            h_proposed = h
-            # A step held at min_step is accepted whatever its error, also when clipping to a stop
-            # below makes it an ulp longer or shorter.
-            pinned = h <= control.min_step
-            stop = stops[stop_index]
-            if tau + h >= stop:
-                tau1, h = stop, stop - tau
-            else:
-                tau1 = tau + h
-            if tau1 <= tau or h <= 0:
-                magnitude = float(y.detach().abs().max()) if y.numel() else 0.0
-                # A step that collapses while |y| has grown by orders of magnitude is a finite-time
-                # blow-up: the solution diverges to infinity, which we report as such (not as a step-size
-                # problem); at moderate magnitudes the collapse points to stiffness instead.
-                initial_magnitude = float(problem.y0.detach().abs().max()) if y.numel() else 0.0
-                diverging = magnitude > _DIVERGENCE_GROWTH * max(1.0, initial_magnitude)
-                failure = NonFiniteError if (last_failure_non_finite or diverging) else StepSizeUnderflowError
-                message = _underflow_message(direction * tau, h, last_failure_non_finite, magnitude, diverging)
-                if not (last_failure_non_finite or diverging):
-                    message += _stiffness_hint(stepper, field, direction * tau, y, h_proposed)
-                if last_newton_failure is not None and not diverging:
-                    failure, message = ConvergenceError, _newton_message(direction * tau, h, last_newton_failure)
-                raise_or_record(result, failure(message, t=direction * tau), throw)
-                break
-        else:
-            if grid_index + 1 < len(grid):
-                tau1 = grid[grid_index + 1]
-            else:
-                # Event mode runs past the end of t: keep stepping with the fixed step size.
-                tau1 = tau + control.step
-            h = tau1 - tau
-        t0, t1 = direction * tau, direction * tau1
-        ends_on_jump = tau1 in jump_set
-        step_field = field
-        if perturb or ends_on_jump:
-            step_field = _perturbed(field, t0, t1, left=perturb, right=perturb or ends_on_jump)
-        if restart_from_right or perturb:
-            t_right = next_after(t0, t1, field.time_dtype)
-            if f is None or f_time != t_right:
-                f, f_time = field(t_right, y), t_right
-            restart_from_right = False
-        elif f is None:
-            f, f_time = field(t0, y), t0
-
-        # --- attempt it ------------------------------------------------------------------------
+    while outputs.pending or until_event:
+        proposal = stepping.propose(tau)
+        t0, t1, h = direction * tau, direction * proposal.tau1, proposal.h
+        if proposal.tau1 <= tau or h <= 0:
+            raise_or_record(result, _collapse_error(stepping, proposal, stepper, problem, t0, y), throw)
+            break
+        step_field, f = derivative.for_step(t0, t1, proposal.tau1, y)
         if callbacks is not None and callbacks.step is not None:
             call_back(callbacks.step, field, t0, y, h)
         outcome = stepper.step(step_field, t0, y, f, direction * h, error_norm, state)
         stats["n_steps"] += 1
-        accepted = True
-        if outcome.failure is not None:
-            # An implicit method could not solve its stage equations: shrink the step, unless it cannot.
-            if not adaptive or pinned:
-                where = "on the fixed grid" if not adaptive else f"at min_step={control.min_step:.3g}"
-                raise_or_record(result, ConvergenceError(_newton_message(t0, h, outcome.failure, where), t=t0), throw)
-                break
-            accepted, last_newton_failure = False, outcome.failure
-            h_next = h * (outcome.step_factor or control.dfactor)
-        elif adaptive:
-            # A step is accepted only if its result is finite: the weighted norm cannot see an infinite
-            # y1 (its scale becomes infinite too) and a user's norm may hide NaN, so the sum of y1 (not
-            # finite iff some element is not) is read with the ratio: on a device in the same host read,
-            # on the CPU as a second float (measured: 3 us a step; torch.where(isfinite(y1).all(), ...)
-            # cost 23 us).
-            total = outcome.y1.detach().sum()  # (no graph: a check, not part of the solution)
-            if total.is_complex():
-                total = total.real + total.imag
-            if read_together:  # one synchronisation with the device for both numbers
-                ratio, total = torch.stack([outcome.error_ratio.to(total.dtype), total]).tolist()
-            else:              # on the CPU two reads are cheaper than a stack (3 us against 7 us)
-                ratio, total = float(outcome.error_ratio), float(total)
-            if not math.isfinite(total):
-                ratio = math.nan
-            if not math.isfinite(ratio):
-                accepted, last_failure_non_finite = False, True
-                h_next = h * control.dfactor
-            else:
-                accepted = ratio <= 1.0 or pinned
-                last_failure_non_finite = False
-                last_newton_failure = None
-                h_next = control.next_step(h, ratio, previous_ratio, outcome.error_order, accepted, older_ratio)
-                if accepted and outcome.step_factor is not None:
-                    h_next = h * outcome.step_factor
-                if accepted:
-                    previous_ratio, older_ratio = ratio, previous_ratio
-        if callbacks is not None and adaptive:
+        reason = stepping.cannot_shrink(proposal) if outcome.failure is not None else None
+        if reason is not None:
+            raise_or_record(result, ConvergenceError(_newton_message(t0, h, outcome.failure, reason), t=t0), throw)
+            break
+        accepted = stepping.judge(proposal, outcome)
+        if callbacks is not None and stepping.verdict_callbacks:
             chosen = callbacks.accept if accepted else callbacks.reject
             if chosen is not None:
                 call_back(chosen, field, t0, y, h)
         if not accepted:
             stats["n_rejected"] += 1
-            h = h_next
-            if stats["n_steps"] >= control.max_num_steps:
-                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t0)
-                                                     + _stiffness_hint(stepper, field, t0, y, h), t=t0), throw)
+            if stepping.over_budget(stats["n_steps"], until_event):
+                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y), throw)
                 break
             continue
 
-        # --- accept ----------------------------------------------------------------------------
         stats["n_accepted"] += 1
-        y1 = outcome.y1
-        f1 = outcome.f1
-        if ends_on_jump:
-            f1, restart_from_right = None, True
-        coefficients = None
-
-        def dense_coefficients():
-            nonlocal f1
-            if linear:
-                return linear_coefficients(y, y1)
-            if f1 is None:
-                f1 = step_field(t1, y1)
-            return stepper.dense_coefficients(step_field, t0, y, direction * h, outcome, f1)
-
-        # Events first: outputs past the event time are not part of the solution.
-        fired = False
-        tau_reached = tau1
-        if events:
-            occurrences = []
-            for k, event in enumerate(events):
-                new_value = _event_value(event, field, t1, y1)
-                if bool(_crossed(event_values[k], new_value, event.direction).any()):
-                    if coefficients is None:
-                        coefficients = dense_coefficients()
-                    theta = _locate_event(event, field, tau, h, direction, coefficients, event_values[k])
-                    occurrences.append((theta, k, event_values[k]))
-                event_values[k] = new_value
-            for theta, k, value0 in sorted(occurrences, key=lambda o: (o[0], o[1])):
-                t_event = direction * (tau + theta * h)
-                y_event = y1 if theta == 1.0 else horner(coefficients, theta)
-                value = _event_value(events[k], field, t_event, y_event)
-                rising = bool(((value0 < 0) & (value >= 0)).any())
-                result.event_records.append((t_event, y_event.detach(), k, 1 if rising else -1))
-                event_counts[k] += 1
-                if events[k].terminal is not None and event_counts[k] >= events[k].terminal:
-                    fired, tau_reached = True, tau + theta * h
-                    result.event_t, result.event_y, result.event_index = t_event, y_event, k
-                    result.final_t, result.final_y = result.event_t, result.event_y
-                    result.status, result.message = Status.EVENT, "A terminal event occurred."
-                    break
-        while next_output < len(taus) and taus[next_output] <= tau_reached:
-            if taus[next_output] == tau1:
-                outputs.append(y1)
-            else:
-                if coefficients is None:
-                    coefficients = dense_coefficients()
-                outputs.append(horner(coefficients, (taus[next_output] - tau) / h))
-            output_times.append(problem.times[next_output])
-            next_output += 1
-        if dense is not None:
-            if coefficients is None:
-                coefficients = dense_coefficients()
-            dense.append(tau, h, coefficients)
-            dense.end_value = y1
+        step = _AcceptedStep(stepper, step_field, tau, proposal.tau1, h, direction, y, outcome,
+                             derivative.ends_on_jump, outputs.linear)
+        fired = watch.check(step)        # events first: outputs past a terminal event are not part of the solution
+        outputs.save(step, watch.reached)
+        if result.dense is not None:
+            result.dense.append(tau, h, step.coefficients())
+            result.dense.end_value = step.y1
             result.accepted_times.append(t1)
         if fired:
-            if dense is not None:
-                # The solution ends at the event: dense output must not reach past it.
-                dense.end_tau, dense.end_value = tau_reached, result.event_y
+            if result.dense is not None:   # the solution ends at the event: dense output must not reach past it
+                result.dense.end_tau, result.dense.end_value = watch.reached, result.event_y
                 result.accepted_times[-1] = result.event_t
             if on_accept is not None:
-                on_accept(tau1, y1, outcome.state)  # the checkpointing replay must cover this step too
-            outputs.append(result.event_y)
-            output_times.append(result.event_t)
+                on_accept(proposal.tau1, step.y1, outcome.state)  # the checkpointing replay must cover this step too
+            result.outputs.append(result.event_y)
+            result.output_times.append(result.event_t)
             break
-        if tau1 in state_jumps:
-            # The state changes here: f must be evaluated afresh, and the step size the controller
-            # proposed before landing on tau1 (not the clipped one) carries on.
-            y1, f1 = state_jumps[tau1](y1), None
-            if adaptive:
-                h_next = max(h_next, h_proposed)
-        tau, y, f = tau1, y1, (None if ends_on_jump else f1)
-        f_time = None if (perturb or ends_on_jump) else t1  # a perturbed f1 is the left-hand limit
-        state = outcome.state
+        y1, f1 = step.y1, step.f1
+        if proposal.tau1 in state_jumps:
+            y1, f1 = state_jumps[proposal.tau1](y1), None   # the state changes here: f is evaluated afresh
+        stepping.advance(proposal, proposal.tau1 in state_jumps)
+        tau, y, state = proposal.tau1, y1, outcome.state
+        derivative.after_step(t1, f1)
         if on_accept is not None:
-            on_accept(tau1, y1, state)
-        if adaptive:
-            h = h_next
-            if tau1 == stops[stop_index] and stop_index < len(stops) - 1:
-                stop_index += 1
-            if stats["n_steps"] >= control.max_num_steps and (next_output < len(taus) or until_event):
-                raise_or_record(result, MaxStepsError(_max_steps_message(control.max_num_steps, t1)
-                                                     + _stiffness_hint(stepper, field, t1, y, h), t=t1), throw)
-                break
-        else:
-            grid_index += 1
-            if until_event and grid_index >= len(grid) - 1 and stats["n_steps"] >= control.max_num_steps:
-                # Past the grid, a fixed-step event solve runs until the event: capped like adaptive ones.
-                raise_or_record(result, MaxStepsError(
-                    f"the event did not occur within max_num_steps={control.max_num_steps} fixed steps (t={t1}); "
-                    "check event_fn, or raise the cap with options={'max_num_steps': N}", t=t1), throw)
-                break
+            on_accept(tau, y, state)
+        if stepping.over_budget(stats["n_steps"], until_event) and (outputs.pending or until_event):
+            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y), throw)
+            break
 
     if result.final_t is None:
         result.final_t, result.final_y = direction * tau, y
-    if not adaptive and result.status == Status.SUCCESS:
-        _check_finite_outputs(result, problem, throw)
+    if not stepping.checks_each_step and result.status == Status.SUCCESS:
+        _check_finite_outputs(result, problem, throw)   # fixed grids do not synchronise per step
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))
     return result
+
+
+def _whole_span(problem, stepper, wants_events, record_dense, throw) -> Integration:
+    """scipy_solver: scipy runs its own loop over the whole span (see solvers/scipy_wrapper.py)."""
+    if wants_events:
+        raise ValueError("method 'scipy_solver' does not support events (neither does torchdiffeq's); "
+                         "use an adaptive method such as 'dopri5' with event_fn")
+    span = stepper.solve_span(problem, record_dense=record_dense)
+    result = Integration(span.outputs, span.output_times, span.stats, dense=span.dense,
+                         final_t=span.output_times[-1], final_y=span.outputs[-1])
+    if span.failure is not None:
+        raise_or_record(result, span.failure, throw)
+    return result
+
+
+class _Derivative:
+    """``f`` at the start of the next step, with the one-sided limits that ``perturb`` and ``jump_t`` ask for.
+
+    After a jump (or everywhere, for a perturbed solve) a step restarts from the right-hand limit: ``f`` is
+    only reused where it was evaluated (``f_time``), and never evaluated at a time the user excluded.
+    """
+
+    def __init__(self, problem, options, tau0):
+        self.field, direction = problem.field, problem.direction
+        self.perturb = bool(options.get("perturb", False))
+        self.jumps = set(direction * t for t in options.get("jump_t", ()))
+        self.restart_from_right = tau0 in self.jumps
+        self.f = problem.f0
+        if self.f is None:
+            t_first = problem.times[0]
+            if self.perturb or self.restart_from_right:
+                t_first = next_after(t_first, t_first + direction, self.field.time_dtype)
+            self.f, self.f_time = self.field(t_first, problem.y0), t_first
+        else:
+            self.f_time = problem.f0_time if problem.f0_time is not None else problem.times[0]
+        self._ends_on_jump = False
+
+    def for_step(self, t0, t1, tau1, y):
+        """The field the step evaluates (one-sided at its ends where needed) and ``f(t0, y)``."""
+        self._ends_on_jump = tau1 in self.jumps
+        step_field = self.field
+        if self.perturb or self._ends_on_jump:
+            step_field = _perturbed(self.field, t0, t1, left=self.perturb, right=self.perturb or self._ends_on_jump)
+        if self.restart_from_right or self.perturb:
+            t_right = next_after(t0, t1, self.field.time_dtype)
+            if self.f is None or self.f_time != t_right:
+                self.f, self.f_time = self.field(t_right, y), t_right
+            self.restart_from_right = False
+        elif self.f is None:
+            self.f, self.f_time = self.field(t0, y), t0
+        return step_field, self.f
+
+    @property
+    def ends_on_jump(self) -> bool:
+        """Does the step being taken end on a ``jump_t``?"""
+        return self._ends_on_jump
+
+    def after_step(self, t1, f1):
+        """The accepted step ended at ``t1`` with derivative ``f1`` there (``None``: evaluate afresh)."""
+        if self._ends_on_jump:
+            self.f, self.restart_from_right = None, True
+        else:
+            self.f = f1
+        self.f_time = None if (self.perturb or self._ends_on_jump) else t1  # a perturbed f1 is the left limit
+
+
+class _AcceptedStep:
+    """An accepted step from ``tau`` to ``tau1`` (internal time), ``h = tau1 - tau``, with its dense output
+    built on first use (by events, outputs or the dense solution, whichever asks first)."""
+
+    __slots__ = ("stepper", "step_field", "direction", "tau", "tau1", "h", "y0", "y1", "outcome", "linear", "f1",
+                 "_coefficients")
+
+    def __init__(self, stepper, step_field, tau, tau1, h, direction, y0, outcome, ends_on_jump, linear):
+        self.stepper, self.step_field, self.direction = stepper, step_field, direction
+        self.tau, self.tau1, self.h = tau, tau1, h
+        self.y0, self.y1, self.outcome, self.linear = y0, outcome.y1, outcome, linear
+        self.f1 = None if ends_on_jump else outcome.f1   # a derivative from the left of a jump is not reused
+        self._coefficients = None
+
+    def coefficients(self) -> list:
+        if self._coefficients is None:
+            if self.linear:
+                self._coefficients = linear_coefficients(self.y0, self.y1)
+            else:
+                if self.f1 is None:
+                    self.f1 = self.step_field(self.direction * self.tau1, self.y1)
+                self._coefficients = self.stepper.dense_coefficients(self.step_field, self.direction * self.tau, self.y0,
+                                                                     self.direction * self.h, self.outcome, self.f1)
+        return self._coefficients
+
+
+class _Outputs:
+    """Values at the requested output times, from each accepted step's dense output (never changing steps)."""
+
+    def __init__(self, result, taus, times, linear):
+        self.result, self.taus, self.times, self.linear = result, taus, times, linear
+        self.next = 1
+        self.pending = len(taus) > 1   # output times not reached yet
+
+    def save(self, step: _AcceptedStep, tau_reached: float) -> None:
+        taus = self.taus
+        if not self.pending or taus[self.next] > tau_reached:
+            return   # (the common case: no output time inside this step)
+        while self.next < len(taus) and taus[self.next] <= tau_reached:
+            if taus[self.next] == step.tau1:
+                self.result.outputs.append(step.y1)
+            else:
+                self.result.outputs.append(horner(step.coefficients(), (taus[self.next] - step.tau) / step.h))
+            self.result.output_times.append(self.times[self.next])
+            self.next += 1
+        self.pending = self.next < len(taus)
+
+
+class _Events:
+    """The events watched in one solve: their last values, occurrence counts, and where the solution ends."""
+
+    def __init__(self, events, field, t0, y0, result):
+        self.events, self.field, self.result = events, field, result
+        self.values = [_event_value(event, field, t0, y0) for event in events]
+        self.counts = [0] * len(events)
+        self.reached = None   # internal time up to which the last accepted step is part of the solution
+
+    def check(self, step: _AcceptedStep) -> bool:
+        """Record every occurrence inside ``step`` in time order; True if a terminal one fired."""
+        self.reached = step.tau1
+        if not self.events:
+            return False
+        direction, field = step.direction, self.field
+        occurrences = []
+        for k, event in enumerate(self.events):
+            new_value = _event_value(event, field, direction * step.tau1, step.y1)
+            if bool(_crossed(self.values[k], new_value, event.direction).any()):
+                theta = _locate_event(event, field, step.tau, step.h, direction, step.coefficients(), self.values[k])
+                occurrences.append((theta, k, self.values[k]))
+            self.values[k] = new_value
+        for theta, k, value0 in sorted(occurrences, key=lambda o: (o[0], o[1])):
+            t_event = direction * (step.tau + theta * step.h)
+            y_event = step.y1 if theta == 1.0 else horner(step.coefficients(), theta)
+            value = _event_value(self.events[k], field, t_event, y_event)
+            rising = bool(((value0 < 0) & (value >= 0)).any())
+            self.result.event_records.append((t_event, y_event.detach(), k, 1 if rising else -1))
+            self.counts[k] += 1
+            if self.events[k].terminal is not None and self.counts[k] >= self.events[k].terminal:
+                result = self.result
+                self.reached = step.tau + theta * step.h
+                result.event_t, result.event_y, result.event_index = t_event, y_event, k
+                result.final_t, result.final_y = t_event, y_event
+                result.status, result.message = Status.EVENT, "A terminal event occurred."
+                return True
+        return False
+
+
+def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:
+    """Why the step collapsed to nothing: a blow-up, non-finite values, a Newton failure, or stiffness."""
+    h = proposal.h
+    magnitude = float(y.detach().abs().max()) if y.numel() else 0.0
+    # A step that collapses while |y| has grown by orders of magnitude is a finite-time blow-up: the solution
+    # diverges to infinity, which we report as such (not as a step-size problem); at moderate magnitudes the
+    # collapse points to stiffness instead.
+    initial_magnitude = float(problem.y0.detach().abs().max()) if y.numel() else 0.0
+    diverging = magnitude > _DIVERGENCE_GROWTH * max(1.0, initial_magnitude)
+    non_finite = stepping.non_finite
+    if stepping.newton_failure is not None and not diverging:
+        return ConvergenceError(_newton_message(t, h, stepping.newton_failure), t=t)
+    message = _underflow_message(t, h, non_finite, magnitude, diverging)
+    if non_finite or diverging:
+        return NonFiniteError(message, t=t)
+    return StepSizeUnderflowError(message + _stiffness_hint(stepper, problem.field, t, y, proposal.unclipped), t=t)
+
+
+def _budget_error(stepping, stepper, field, t, y) -> Exception:
+    if isinstance(stepping, FixedStepping):
+        return MaxStepsError(
+            f"the event did not occur within max_num_steps={stepping.controller.max_num_steps} fixed steps (t={t}); "
+            "check event_fn, or raise the cap with options={'max_num_steps': N}", t=t)
+    max_num_steps = stepping.controller.max_num_steps
+    return MaxStepsError(_max_steps_message(max_num_steps, t) + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
 
 
 def raise_or_record(result: Integration, error: Exception, throw: bool) -> None:

@@ -22,7 +22,7 @@ shrinks, and a zero or infinite past error counts as 1 in the history.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -129,6 +129,35 @@ class AdaptiveController:
 
     adaptive = True
 
+    def __post_init__(self):
+        # Every setting checked once, here, whether it came from an options dict or a controller object.
+        if self.kind not in ("integral", "pi", "pid"):
+            raise ValueError(f"controller kind must be 'integral', 'pi' or 'pid', got {self.kind!r}")
+        for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                raise TypeError(f"controller setting '{name}' must be a number, got {value!r}")
+        if not 0 < self.safety <= 1:
+            raise ValueError(f"'safety'={self.safety} must be in (0, 1]: above 1 the controller grows the step after "
+                             "rejections and never converges")
+        if self.ifactor < 1 or not 0 < self.dfactor <= 1:
+            raise ValueError(f"the controller needs ifactor >= 1 and dfactor <= 1 (and > 0), got ifactor={self.ifactor}, "
+                             f"dfactor={self.dfactor}")
+        if self.min_step < 0 or self.max_step <= 0 or self.min_step > self.max_step:
+            raise ValueError(f"the controller needs 0 <= min_step <= max_step and max_step > 0, got "
+                             f"min_step={self.min_step}, max_step={self.max_step}")
+        if self.first_step is not None and not (isinstance(self.first_step, (int, float)) and
+                                                math.isfinite(self.first_step) and self.first_step > 0):
+            raise ValueError(f"first_step must be a finite number > 0 (or None for Hairer's choice), got "
+                             f"{self.first_step!r}")
+        if isinstance(self.max_num_steps, bool) or not isinstance(self.max_num_steps, int) or self.max_num_steps < 1:
+            raise ValueError(f"max_num_steps must be a positive integer, got {self.max_num_steps!r}")
+        coefficients = (self.pcoeff, self.icoeff, self.dcoeff)
+        if self.kind == "pid" and (not all(map(math.isfinite, coefficients)) or sum(coefficients) <= 0):
+            raise ValueError(f"PID coefficients (pcoeff, icoeff, dcoeff) = {coefficients}: each must be finite and "
+                             "pcoeff + icoeff + dcoeff must be > 0 (else the step never grows or shrinks); e.g. "
+                             "pcoeff=0.4, icoeff=0.3")
+
     def start(self, stops: list, first_step, read_together: bool = False) -> AdaptiveStepping:
         """The running state of one solve: ``stops`` (internal times to land on, the end last) and
         ``first_step`` (a function giving Hairer's starting step, called only without ``first_step``)."""
@@ -157,6 +186,30 @@ class AdaptiveController:
             factor = self.safety * ratio ** (-1.0 / k)
         low = 1.0 if accepted else self.dfactor
         return h * min(self.ifactor, max(factor, low))
+
+
+@dataclass(frozen=True)
+class IntegralController(AdaptiveController):
+    """The integral controller (the default; torchdiffeq's and scipy's rule), as an object:
+    ``solve(..., controller=IntegralController(safety=0.8, max_step=0.1))``."""
+
+    kind: str = field(default="integral", init=False)
+
+
+@dataclass(frozen=True)
+class PIController(AdaptiveController):
+    """The PI controller (Gustafsson 1991; Hairer and Wanner II, Sec. IV.2) as an object."""
+
+    kind: str = field(default="pi", init=False)
+
+
+@dataclass(frozen=True)
+class PIDController(AdaptiveController):
+    """Söderlind's PID controller in diffrax's parametrisation, as an object:
+    ``solve(..., controller=PIDController(pcoeff=0.4, icoeff=0.3))``. The defaults (0, 1, 0) are the
+    integral controller."""
+
+    kind: str = field(default="pid", init=False)
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .callbacks import NAMES as CALLBACK_NAMES
+from .solvers.base import Solver
 from .solvers.runge_kutta import ExplicitRungeKutta
-from .tableaus import TABLEAUS
+from .tableaus import TABLEAUS, ButcherTableau
 
 # max_num_steps bounds a fixed-step solve that runs until an event (torchdiffeq's would run forever).
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp", "max_num_steps"})
@@ -176,3 +177,20 @@ REGISTRY["adams"] = MethodSpec(
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")
 
 METHODS = tuple(REGISTRY)
+
+
+def spec_for_object(method) -> MethodSpec:
+    """A :class:`MethodSpec` for a method given as an object: a :class:`~neuralode.tableaus.ButcherTableau`
+    (run by the one explicit Runge-Kutta stepper) or any :class:`~neuralode.solvers.base.Solver` instance.
+    It accepts the options of its kind (adaptive or fixed-step)."""
+    if isinstance(method, ButcherTableau):
+        method = ExplicitRungeKutta(method)
+    if not isinstance(method, Solver):
+        raise TypeError(f"method must be a name (one of {list(REGISTRY)}), a ButcherTableau or a "
+                        f"neuralode.solvers.Solver instance, got {type(method).__name__}")
+    if method.solves_whole_span:
+        raise TypeError("a whole-span solver cannot be passed as an object; use method='scipy_solver'")
+    name = method.tableau.name if isinstance(method, ExplicitRungeKutta) else type(method).__name__
+    description = getattr(getattr(method, "tableau", None), "reference", "") or f"user solver {name}"
+    return MethodSpec(name, method.adaptive, lambda options, _solver=method: _solver,
+                      ADAPTIVE_OPTIONS if method.adaptive else FIXED_OPTIONS, description)

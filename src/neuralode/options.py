@@ -12,15 +12,16 @@ import torch
 
 from ._errors import closest
 from .controllers import AdaptiveController, FixedGrid
-from .methods import REGISTRY
+from .methods import REGISTRY, spec_for_object
 from .problem import check_monotone
 
 FIXED_DEFAULT_INTERP = "linear"
 
 
 def check_method(method):
+    """The :class:`~neuralode.methods.MethodSpec` of ``method``: a name, a ButcherTableau or a Solver object."""
     if not isinstance(method, str):
-        raise TypeError(f"method must be a string, got {type(method).__name__}; choose one of {list(REGISTRY)}")
+        return spec_for_object(method)
     if method not in REGISTRY:
         raise ValueError(f"unknown method {method!r}.{closest(method, REGISTRY)} Choose one of {list(REGISTRY)}")
     return REGISTRY[method]
@@ -78,11 +79,6 @@ def make_control(spec, options, problem, field_func, user_y0):
         if given and kind != "pid":
             raise ValueError(f"option(s) {given} set the PID controller's coefficients; add "
                              "options={'controller': 'pid', ...} (diffrax's PIDController parametrisation)")
-        if any(not math.isfinite(v) for v in coefficients.values()):
-            raise ValueError(f"PID coefficients must be finite, got {coefficients}")
-        if coefficients["pcoeff"] + coefficients["icoeff"] + coefficients["dcoeff"] <= 0:
-            raise ValueError(f"PID coefficients {coefficients} never grow or shrink the step "
-                             "(pcoeff + icoeff + dcoeff must be > 0); e.g. pcoeff=0.4, icoeff=0.3")
         max_num_steps = options.get("max_num_steps", 100_000)
         if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
             raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
@@ -92,22 +88,16 @@ def make_control(spec, options, problem, field_func, user_y0):
         safety = _float_option(options, "safety", 0.9, positive=True)
         ifactor = _float_option(options, "ifactor", 10.0, positive=True)
         dfactor = _float_option(options, "dfactor", 0.2, positive=True)
-        if ifactor < 1 or dfactor > 1:
-            raise ValueError(f"options need ifactor >= 1 and dfactor <= 1, got ifactor={ifactor}, dfactor={dfactor}")
-        if safety > 1:
-            raise ValueError(f"option 'safety'={safety} must be in (0, 1]: above 1 the controller grows the step "
-                             "after rejections and never converges")
         norm = options.get("norm")
         if norm is not None and not callable(norm):
             raise TypeError(f"option 'norm' must be a function of the scaled error returning a scalar, got {norm!r}"
                             " ('seminorm' is an adjoint option: pass it in adjoint_options or Adjoint(...))")
-        if _no_tolerance(problem.rtol, problem.atol):
-            raise ValueError("rtol and atol are both zero: no step could ever meet that tolerance; give a "
-                             "positive rtol or atol (per element, for tolerance tensors)")
+        check_tolerances_usable(problem)
         min_step = _float_option(options, "min_step", 0.0, minimum=0.0)
         max_step = _float_option(options, "max_step", math.inf, positive=True)
         if min_step > max_step:
             raise ValueError(f"option 'min_step'={min_step} exceeds 'max_step'={max_step}")
+        # (AdaptiveController checks the values: factors, safety, PID coefficients.)
         return AdaptiveController(
             kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
             first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps,
@@ -121,6 +111,17 @@ def make_control(spec, options, problem, field_func, user_y0):
         raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
     return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t),
                      step=None if step is None else float(step), max_num_steps=max_num_steps)
+
+
+def check_tolerances_usable(problem) -> None:
+    if _no_tolerance(problem.rtol, problem.atol):
+        raise ValueError("rtol and atol are both zero: no step could ever meet that tolerance; give a "
+                         "positive rtol or atol (per element, for tolerance tensors)")
+
+
+# Options that configure step-size control; with a controller object they belong to the object.
+CONTROLLER_OPTIONS = frozenset({"controller", "safety", "ifactor", "dfactor", "min_step", "max_step", "first_step",
+                                "max_num_steps", "pcoeff", "icoeff", "dcoeff"})
 
 
 def _no_tolerance(rtol, atol) -> bool:

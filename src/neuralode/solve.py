@@ -8,11 +8,12 @@ import torch
 
 from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
-from .controllers import FixedGrid
+from .controllers import AdaptiveController, FixedGrid
 from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
-from .options import FIXED_DEFAULT_INTERP, check_method, check_options, make_control, time_list
+from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, check_method, check_options, check_tolerances_usable,
+                      make_control, time_list)
 from .problem import make_problem
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
@@ -24,7 +25,7 @@ from .solvers.runge_kutta import ExplicitRungeKutta
 def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: dict | None = None,
           gradient: str | GradientStrategy = "direct", adjoint_params=None, event_fn=None,
           event_direction: int = 0, events=(), dense: bool = False, throw: bool = True,
-          compile: bool = False, per_sample: bool = False) -> Solution:
+          compile: bool = False, per_sample: bool = False, controller: AdaptiveController | None = None) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, and report values at every time in ``t``.
 
     Parameters
@@ -37,9 +38,11 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
     t : Tensor, shape (T,)
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial time.
         Output times never change the steps the solver takes.
-    method : str
-        One of :data:`neuralode.METHODS`. Fixed-step methods need ``options={"step_size": h}`` or a
-        ``grid_constructor``.
+    method : str, ButcherTableau or Solver
+        One of :data:`neuralode.METHODS`, or a method as an object: a
+        :class:`~neuralode.tableaus.ButcherTableau` of your own (run by the one explicit Runge-Kutta stepper;
+        its order conditions are checked when it is built) or a :class:`~neuralode.solvers.Solver` instance.
+        Fixed-step methods need ``options={"step_size": h}`` or a ``grid_constructor``.
     rtol, atol : float or Tensor
         Relative and absolute tolerance; tensors broadcast to the state (per-element tolerances), or a
         tuple of them for tuple states.
@@ -72,6 +75,12 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         sums and error norm together; :mod:`neuralode.solvers.compiled`). The first solve with a field
         compiles (seconds); later solves with the same field reuse it. Results equal the eager ones to a
         few ulps; a field that cannot be compiled is solved eagerly with one warning.
+    controller : AdaptiveController, optional
+        Step-size control as an object, validated when built: :class:`~neuralode.IntegralController`,
+        :class:`~neuralode.PIController` or :class:`~neuralode.PIDController` (``safety``, ``ifactor``,
+        ``dfactor``, ``min_step``, ``max_step``, ``first_step``, ``max_num_steps``, PID coefficients). The same
+        settings as the options of those names, which must then not be given; the adjoint's backward solve
+        uses it too unless the adjoint has options of its own.
     per_sample : bool
         Step every batch element on its own (torchode's per-sample stepping; :mod:`neuralode.per_sample`):
         ``y0`` has shape ``(batch, ...)``, each sample keeps its own step size and accept/reject decisions,
@@ -105,19 +114,31 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         raise TypeError(f"compile must be True or False, got {type(compile).__name__}")
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be True or False, got {type(per_sample).__name__}")
+    if controller is not None:
+        if not isinstance(controller, AdaptiveController):
+            raise TypeError(f"controller must be an IntegralController, PIController or PIDController, got "
+                            f"{type(controller).__name__}")
+        if not spec.adaptive:
+            raise ValueError(f"method {spec.name!r} takes fixed steps: a step-size controller does not apply")
+        clashing = sorted(set(options) & CONTROLLER_OPTIONS)
+        if clashing:
+            raise ValueError(f"option(s) {clashing} configure step-size control, which the controller object does: "
+                             "set them on the controller instead, e.g. PIDController(pcoeff=0.4, max_step=0.1)")
     if per_sample:
         unsupported = [name for name, used in (("event_fn", event_fn is not None), ("events", bool(events)),
                                                ("dense=True", dense), ("compile=True", compile)) if used]
         if unsupported:
             raise ValueError(f"per_sample=True does not support {', '.join(unsupported)} yet; solve jointly "
                              "(per_sample=False) for these")
-        return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw)
+        return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller)
     return _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw,
-                  until_event=False, compile=compile, events=tuple(events))
+                  until_event=False, compile=compile, events=tuple(events), controller=controller)
 
 
 def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw, until_event,
-           compile=False, events=()):
+           compile=False, events=(), controller=None, grid_is_t=False):
+    """The solve behind every entry point. ``grid_is_t``: a fixed-step method without ``step_size`` steps between
+    the output times (torchdiffeq's ``odeint`` rule; ``solve`` asks for a step size instead)."""
     t_requires_grad = isinstance(t, torch.Tensor) and t.requires_grad
     for name in ("step_t", "jump_t"):
         options[name] = time_list(options, name)
@@ -125,11 +146,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)
     if spec.adaptive is False and options.get("step_size") is None and options.get("grid_constructor") is None:
-        if not options.pop("_grid_is_t", False):
+        if not grid_is_t:
             raise ValueError(f"method {spec.name!r} takes fixed steps: give options={{'step_size': h}} or a "
                              "'grid_constructor'; to step exactly between the output times, use "
                              "options={'grid_constructor': lambda func, y0, t: t}")
-    options.pop("_grid_is_t", None)
     if not spec.adaptive:
         options.setdefault("interp", FIXED_DEFAULT_INTERP)
         if options["interp"] not in ("linear", "cubic"):
@@ -137,7 +157,11 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     stepper = spec.make_stepper(options)
     if compile:
         stepper = compiled_stepper(stepper, func, spec.name, options)
-    control = make_control(spec, options, problem, func, y0)
+    if controller is not None:
+        check_tolerances_usable(problem)
+        control = controller
+    else:
+        control = make_control(spec, options, problem, func, y0)
     if control.adaptive is False and control.grid is None:
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     if event_fn is not None:
@@ -150,7 +174,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                       "its result carries no gradient (as in torchdiffeq); use odeint_adjoint or "
                       "gradient='adjoint' to differentiate it", UserWarning, stacklevel=3)
 
-    problem.method = spec.name
+    problem.method, problem.spec, problem.controller = spec.name, spec, controller
     t_in = problem.t
     y0_given = problem.y0
     if t_requires_grad:
@@ -200,7 +224,7 @@ _PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "mi
                        "ifactor", "dfactor", "controller", "pcoeff", "icoeff", "dcoeff", "dtype"}
 
 
-def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw) -> Solution:
+def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller=None) -> Solution:
     """The boundary of per-sample stepping: checks, options to objects, then the per-sample loop."""
     if not isinstance(strategy, Direct):
         raise ValueError(f"per_sample=True supports gradient='direct' only (got {type(strategy).__name__}): the "
@@ -224,7 +248,10 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw) -
     taus = direction * times
     f0 = _per_sample_first_evaluation(field, state, times[:, 0])
     if spec.adaptive:
-        control = make_control(spec, options, _Tolerances(norm.rtol, norm.atol), func, y0)
+        tolerances = _Tolerances(norm.rtol, norm.atol)
+        if controller is not None:
+            check_tolerances_usable(tolerances)
+        control = controller if controller is not None else make_control(spec, options, tolerances, func, y0)
         step_size, linear = None, False
     else:
         step = options.get("step_size")
@@ -335,17 +362,16 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
 def _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy):
     spec = check_method("dopri5" if method is None else method)
     options = check_options(spec, options)
-    if not spec.adaptive:
-        options["_grid_is_t"] = True
     if event_fn is None:
-        return _solve(func, y0, t, spec, rtol, atol, options, strategy, None, 0, False, True, False).ys
+        return _solve(func, y0, t, spec, rtol, atol, options, strategy, None, 0, False, True, False,
+                      grid_is_t=True).ys
     if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() != 2:
         raise ValueError("with event_fn, t must hold two times [t0, t1]: t0 starts the solve and t1 only sets "
                          "the direction of time (the solve runs until the event)")
     if not spec.adaptive and options.get("step_size") is None:
         raise ValueError(f"method {spec.name!r} takes fixed steps: to run until an event it needs "
                          "options={'step_size': h}")
-    solution = _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, 0, False, True, True)
+    solution = _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, 0, False, True, True, grid_is_t=True)
     if solution.event_t is None:
         raise RuntimeError("the event did not occur")  # unreachable: until_event stops only at an event or error
     ys = solution.ys
@@ -373,9 +399,7 @@ def odeint_dense(func, y0, t0, t1, *, rtol=1e-7, atol=1e-9, method=None, options
         t = t.to(first.device)  # (any other y0 is rejected, with its message, by the solve)
     spec = check_method("dopri5" if method is None else method)
     options = check_options(spec, options)
-    if not spec.adaptive:
-        options["_grid_is_t"] = True
-    solution = _solve(func, y0, t, spec, rtol, atol, options, Direct(), None, 0, True, True, False)
+    solution = _solve(func, y0, t, spec, rtol, atol, options, Direct(), None, 0, True, True, False, grid_is_t=True)
     return solution.evaluate
 
 

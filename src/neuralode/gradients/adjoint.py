@@ -23,7 +23,6 @@ from ..callbacks import Callbacks, warn_unsupported
 from ..controllers import FixedGrid, rms_norm
 from ..integrate import integrate
 from ..interpolation import horner
-from ..methods import REGISTRY
 from ..options import check_method, check_options, make_control, time_list
 from ..problem import Problem
 from ..solvers.compiled import CompiledRungeKutta
@@ -108,7 +107,7 @@ class Adjoint(GradientStrategy):
                              f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
                              "method switching): use interpolate=True, which keeps the whole dense output")
         if self.interpolate:
-            spec = REGISTRY[problem.method]
+            spec = problem.spec
             if spec.whole_span:
                 raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) needs the forward solve's dense output, "
                                  f"which method {problem.method!r} does not keep step by step; use an adaptive method "
@@ -118,7 +117,7 @@ class Adjoint(GradientStrategy):
                                  "piecewise-linear y(t) on a fixed grid with interp='linear' (gradient errors of 1e-3 "
                                  "measured); pass options={'interp': 'cubic'} or use an adaptive method")
         if self.callbacks is not None:
-            spec = check_method(self.method) if self.method is not None else REGISTRY[problem.method]
+            spec = check_method(self.method) if self.method is not None else problem.spec
             warn_unsupported(self.callbacks, spec.name, spec.callbacks, adjoint=True)
         box = []
         outputs = _AdjointSolve.apply(self, problem, stepper, control, kwargs, box, problem.y0, *self.params)
@@ -186,7 +185,7 @@ class _AdjointSolve(torch.autograd.Function):
         continuous = (spec.adaptive and not spec.whole_span and len(times) > 2
                       and all(a != b for a, b in zip(times, times[1:])))
         if continuous:
-            state = _continuous_backward(dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
+            state = _continuous_backward(problem, dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
                                          rtol, atol)
             a, a_params = dynamics.unpack(state)
             a = a + grad_outputs[0]
@@ -202,7 +201,7 @@ class _AdjointSolve(torch.autograd.Function):
                                            1 if times[i - 1] > times[i] else -1, None, rtol, atol)
                 # A grid_constructor is called as torchdiffeq calls it here: with the augmented
                 # dynamics, the augmented state and the interval [t_i, t_{i-1}].
-                control = make_control(spec, options, backward_problem, dynamics.as_user_function, state)
+                control = _backward_control(strategy, problem, spec, options, backward_problem, dynamics, state)
                 if not control.adaptive and control.grid is None:
                     control = FixedGrid((backward_problem.direction * times[i],
                                          backward_problem.direction * times[i - 1]))
@@ -225,7 +224,8 @@ class _AdjointSolve(torch.autograd.Function):
         return (None, None, None, None, None, None, a.view(state_shape), *grads)
 
 
-def _continuous_backward(dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times, rtol, atol):
+def _continuous_backward(forward_problem, dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
+                         rtol, atol):
     """One backward solve from t_N to t_0 that steps onto every output time t_i instead of restarting there.
 
     At t_i the state jumps: y is reset to its forward value and dL/dy(t_i) is added to the adjoint a.
@@ -243,7 +243,7 @@ def _continuous_backward(dynamics, stepper, spec, options, strategy, outputs, gr
     state = dynamics.pack(outputs[-1], grad_outputs[-1], outputs.new_zeros(dynamics.n_params))
     span = torch.tensor([times[-1], times[0]], dtype=torch.float64)
     problem = Problem(dynamics, state, None, span, [times[-1], times[0]], direction, None, rtol, atol)
-    control = make_control(spec, options, problem, dynamics.as_user_function, state)
+    control = _backward_control(strategy, forward_problem, spec, options, problem, dynamics, state)
     result = integrate(problem, stepper, control, options=options, callbacks=strategy.callbacks, state_jumps=jumps)
     return result.final_y
 
@@ -437,9 +437,18 @@ class _ReplayedForward:
         return replay.dense
 
 
+def _backward_control(strategy, forward_problem, spec, options, backward_problem, dynamics, state):
+    """The backward solve's step-size control: the forward solve's controller object when the adjoint has no
+    settings of its own (torchdiffeq's rule: the backward solve defaults to the forward settings), else one
+    built from the adjoint options."""
+    if forward_problem.controller is not None and strategy.options is None and strategy.method is None:
+        return forward_problem.controller
+    return make_control(spec, options, backward_problem, dynamics.as_user_function, state)
+
+
 def _backward_method(strategy, problem, forward_options):
     """Stepper, options and spec of the backward solve: the adjoint settings, else the forward ones."""
-    spec = check_method(strategy.method) if strategy.method is not None else REGISTRY[problem.method]
+    spec = check_method(strategy.method) if strategy.method is not None else problem.spec
     if strategy.options is not None:
         options = check_options(spec, strategy.options)
         norm = options.get("norm")

@@ -47,6 +47,7 @@ _REGISTRY: dict[str, str | type[Experiment]] = {
     "cnf": "neuralode.experiments.cnf:CNFExperiment",
     "latent_spiral": "neuralode.experiments.latent_spiral:LatentSpiral",
     "physionet": "neuralode.experiments.physionet:PhysioNet",
+    "robustness": "neuralode.experiments.robustness:Robustness",
 }
 
 

@@ -33,7 +33,7 @@ from .base import Position, Reference
 from .config import ConfigError, RunConfig
 from .ecg import Classification, stratified_subset
 
-__all__ = ["MNIST", "MNISTConfig"]
+__all__ = ["MNIST", "MNISTConfig", "locate_mnist", "mnist_subsets"]
 
 #: Test errors of Chen et al. (2018), Table 1.
 PAPER_TEST_ERROR = {"mlp": 0.0160, "resnet": 0.0041, "rknet": 0.0047, "odenet": 0.0042}
@@ -89,6 +89,31 @@ class MNISTConfig(RunConfig):
     checkpoint_every: int = 20
 
 
+def locate_mnist(data_dir: str, name: str = "mnist") -> str:
+    """The folder with the MNIST IDX files by the data rule of :mod:`neuralode.data.locate`
+    (``data_dir`` first); ConfigError naming the places tried, for experiment ``name``."""
+    try:
+        return str(find_data_dir("mnist", data_dir))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def mnist_subsets(data_dir: str, train_size: int, test_size: int, seed: int, name: str = "mnist"):
+    """Class-stratified training and test subsets (0: all images) as
+    ``(train_x, train_y, test_x, test_y)``; images ``uint8`` of shape ``(N, 1, 28, 28)``."""
+    root = Path(data_dir).expanduser()
+    try:
+        train, test = load_mnist(root, train=True), load_mnist(root, train=False)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{name}: {exc}; set data_dir to the folder with the MNIST IDX files, or "
+                          f"fetch them with `neuralode download mnist` (docs/data.md)") from None
+    i_train = stratified_subset(train.labels, train_size, seed)
+    i_test = stratified_subset(test.labels, test_size, seed)
+    # uint8 kept until a batch is drawn: 47 MB instead of 188 MB for the full set
+    return (train.images[i_train].unsqueeze(1), train.labels[i_train],
+            test.images[i_test].unsqueeze(1), test.labels[i_test])
+
+
 class MNIST(Classification):
     name = "mnist"
     description = "MLP vs ResNet vs RK-Net vs ODE-Net on MNIST (Chen et al. 2018, Table 1)"
@@ -110,25 +135,12 @@ class MNIST(Classification):
             raise ConfigError(f"train_size={n} is smaller than batch_size={config.batch_size}")
         if config.crop_padding < 0:
             raise ConfigError("crop_padding must be >= 0")
-        try:
-            config = dataclasses.replace(config, data_dir=str(find_data_dir("mnist", config.data_dir)))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"mnist: {exc}") from None
+        config = dataclasses.replace(config, data_dir=locate_mnist(config.data_dir, cls.name))
         return cls._resolve_eval_every(config, n // config.batch_size)
 
     def _data(self):
         c = self.config
-        root = Path(c.data_dir).expanduser()
-        try:
-            train, test = load_mnist(root, train=True), load_mnist(root, train=False)
-        except FileNotFoundError as exc:
-            raise ConfigError(f"mnist: {exc}; set data_dir to the folder with the MNIST IDX files, or "
-                              f"fetch them with `neuralode download mnist` (docs/data.md)") from None
-        i_train = stratified_subset(train.labels, c.train_size, c.seed)
-        i_test = stratified_subset(test.labels, c.test_size, c.seed)
-        # uint8 kept until a batch is drawn: 47 MB instead of 188 MB for the full set
-        return (train.images[i_train].unsqueeze(1), train.labels[i_train],
-                test.images[i_test].unsqueeze(1), test.labels[i_test])
+        return mnist_subsets(c.data_dir, c.train_size, c.test_size, c.seed, self.name)
 
     def _eval_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() / 255.0

@@ -46,8 +46,8 @@ def _fixed_solve(method, n_steps, t_end=1.0):
     y0 = torch.tensor([1.0, 0.5], dtype=F64)
     grid = tuple(t_end * i / n_steps for i in range(n_steps + 1))
     field = VectorField(forced_linear, None, None, F64, y0.device)
-    problem = Problem(field, y0, None, torch.tensor([0.0, t_end], dtype=F64), [0.0, t_end], 1, None, 1e-13, 1e-13,
-                      method)
+    problem = Problem(field=field, y0=y0, f0=None, t=torch.tensor([0.0, t_end], dtype=F64), times=[0.0, t_end],
+                      direction=1, shapes=None, rtol=1e-13, atol=1e-13, method=method)
     stepper = REGISTRY[method].make_stepper({"max_iters": 50})
     with torch.no_grad():
         return integrate(problem, stepper, FixedGrid(grid), options={}).outputs[-1]

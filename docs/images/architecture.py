@@ -17,9 +17,9 @@ BOXES = [
     (0, (0, 3), "inputs and results", "_errors.py (errors, Status)   problem.py (checks, Problem, VectorField)   "
                                       "solution.py", "#dfe9f5"),
     (1, (0, 1), "methods as data", "tableaus/", "#dfe9f5"),
-    (1, (1, 3), "control and output", "controllers.py (norms; I / PI / PID)  interpolation.py\n"
-                                      "callbacks.py  events.py", "#dfe9f5"),
-    (2, (0, 3), "steppers: one per family", "solvers/: runge_kutta (every explicit RK tableau)  adams  implicit\n"
+    (1, (1, 3), "control and output", "controllers.py (norms; I / PI / PID; stepping state)\n"
+                                      "interpolation.py  callbacks.py  events.py", "#dfe9f5"),
+    (2, (0, 3), "steppers: one per family (Solver)", "solvers/: runge_kutta (every explicit RK tableau)  adams  implicit\n"
                                             "          rosenbrock  auto  compiled  scipy_wrapper  linear", "#dfe9f5"),
     (3, (0, 3), "the loops", "integrate.py (joint: step, adapt, save, events)   per_sample.py (one step size per "
                              "sample)", "#c9dcf0"),
@@ -27,8 +27,8 @@ BOXES = [
                                                         "(option dicts -> controller, grid)", "#c9dcf0"),
     (5, (0, 3), "gradient strategies", "gradients/: direct  checkpoint  adjoint (one backward solve, interpolating)",
      "#c9dcf0"),
-    (6, (0, 3), "public API", "solve.py: solve -> Solution;  odeint, odeint_adjoint, odeint_event, odeint_dense",
-     "#a9c7e8"),
+    (6, (0, 3), "public API", "solve.py: solve -> Solution (names become objects)\n"
+                              "compat.py: odeint, odeint_adjoint, odeint_event, odeint_dense", "#a9c7e8"),
     (7, (0, 2), "layers and models", "nn/ (ODEBlock, regularisers)  ->  models/", "#f3e3c9"),
     (7, (2, 3), "data", "data/ (loaders)", "#f3e3c9"),
     (8, (0, 3), "experiments and CLI", "experiments/ (configs, the one training loop, reports)  ->  cli.py",

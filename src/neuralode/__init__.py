@@ -17,7 +17,8 @@ from .events import Event, EventRecord
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
 from .methods import METHODS
 from .solution import Solution
-from .solve import odeint, odeint_adjoint, odeint_dense, odeint_event, solve
+from .compat import odeint, odeint_adjoint, odeint_dense, odeint_event
+from .solve import solve
 
 # The layers, models and loaders build only on the public API above, so importing them last is safe;
 # experiments and the CLI stay out of the top-level import (they pull in matplotlib and tqdm).

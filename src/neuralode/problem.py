@@ -93,9 +93,10 @@ class VectorField:
         return out.to(self.compute_dtype) if self.cast else out
 
 
-@dataclass
+@dataclass(frozen=True, eq=False, kw_only=True)
 class Problem:
-    """A normalised initial value problem (internal)."""
+    """A normalised initial value problem (internal), immutable and built by keyword; a changed copy is made
+    with :func:`dataclasses.replace`."""
 
     field: VectorField
     y0: torch.Tensor                 # flat if the user's state is a tuple
@@ -254,7 +255,8 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     right_limit = right_limit_at is None or times[0] in right_limit_at
     f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]
     f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, f0_time)
-    return Problem(field, flat_y0, f0, t, times, direction, shapes, rtol, atol, f0_time=f0_time)
+    return Problem(field=field, y0=flat_y0, f0=f0, t=t, times=times, direction=direction, shapes=shapes, rtol=rtol,
+                   atol=atol, f0_time=f0_time)
 
 
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):

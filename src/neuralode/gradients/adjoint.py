@@ -197,8 +197,9 @@ class _AdjointSolve(torch.autograd.Function):
             state = dynamics.pack(outputs[i], a, a_params)
             if times[i] != times[i - 1]:
                 span = torch.tensor([times[i], times[i - 1]], dtype=torch.float64)
-                backward_problem = Problem(dynamics, state, None, span, [times[i], times[i - 1]],
-                                           1 if times[i - 1] > times[i] else -1, None, rtol, atol)
+                backward_problem = Problem(field=dynamics, y0=state, f0=None, t=span, times=[times[i], times[i - 1]],
+                                           direction=1 if times[i - 1] > times[i] else -1, shapes=None, rtol=rtol,
+                                           atol=atol)
                 # A grid_constructor is called as torchdiffeq calls it here: with the augmented
                 # dynamics, the augmented state and the interval [t_i, t_{i-1}].
                 control = _backward_control(strategy, problem, spec, options, backward_problem, dynamics, state)
@@ -242,7 +243,8 @@ def _continuous_backward(forward_problem, dynamics, stepper, spec, options, stra
         jumps[direction * times[i]] = jump
     state = dynamics.pack(outputs[-1], grad_outputs[-1], outputs.new_zeros(dynamics.n_params))
     span = torch.tensor([times[-1], times[0]], dtype=torch.float64)
-    problem = Problem(dynamics, state, None, span, [times[-1], times[0]], direction, None, rtol, atol)
+    problem = Problem(field=dynamics, y0=state, f0=None, t=span, times=[times[-1], times[0]], direction=direction,
+                      shapes=None, rtol=rtol, atol=atol)
     control = _backward_control(strategy, forward_problem, spec, options, problem, dynamics, state)
     result = integrate(problem, stepper, control, options=options, callbacks=strategy.callbacks, state_jumps=jumps)
     return result.final_y
@@ -428,8 +430,9 @@ class _ReplayedForward:
         field = problem.field
         nfe = field.nfe
         grid = (tau0,) + tuple(self.step_ends[k0:k1])
-        segment = Problem(field, y_start, None, None, [direction * tau0, direction * grid[-1]], direction,
-                          problem.shapes, problem.rtol, problem.atol, problem.method)
+        segment = Problem(field=field, y0=y_start, f0=None, t=None, times=[direction * tau0, direction * grid[-1]],
+                          direction=direction, shapes=problem.shapes, rtol=problem.rtol, atol=problem.atol,
+                          method=problem.method)
         with torch.no_grad():
             replay = integrate(segment, self.stepper, FixedGrid(grid), options=self.options, record_dense=True)
         self.nfe += field.nfe - nfe

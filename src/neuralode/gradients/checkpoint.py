@@ -106,8 +106,8 @@ class _CheckpointSolve(torch.autograd.Function):
                 times.append(direction * tau1)
             with torch.enable_grad():
                 start = y_start.detach().requires_grad_(True)
-                segment = Problem(field, start, None, None, times, direction, problem.shapes,
-                                  problem.rtol, problem.atol, problem.method)
+                segment = Problem(field=field, y0=start, f0=None, t=None, times=times, direction=direction,
+                                  shapes=problem.shapes, rtol=problem.rtol, atol=problem.atol, method=problem.method)
                 replay = integrate(segment, ctx.stepper, FixedGrid(grid), options=options)
                 values = replay.outputs[1:]
                 cotangents = [grad_outputs[i] for i in inside]

@@ -213,14 +213,21 @@ def _fixed_step_counts(tau0, tau_end, step):
 
 
 def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
-                         linear=False, throw=True):
+                         linear=False, throw=True, on_step=None, jump=None):
     """Integrate every sample of ``y0`` (shape ``(batch, *shape)``) over its own output times.
 
     ``taus``: internal times ``direction * t``, float64 of shape ``(batch, n)``, increasing rows.
     ``control``: an :class:`~neuralode.controllers.AdaptiveController`, or ``None`` for a fixed step
     ``step_size``. ``linear``: linear interpolation between the steps of a fixed grid (else the method's
-    dense output). Returns ``(outputs (n, batch, *shape), stats, error)``; outputs a sample never
-    reached (after a failure with ``throw=False``) are NaN.
+    dense output). ``on_step(t0, h, y0, outcome, accepted)`` is called after every attempted step with the
+    real start times and signed step sizes (shape ``(batch, 1, ...)``), the start state, the stepper's outcome
+    and the accepted mask ``(batch,)`` (the per-sample adjoint accumulates its parameter gradients there).
+    ``jump(y, columns, landed)`` (adaptive only): every sample's steps land on each of its output times, and
+    there the state of the samples that ``landed`` (mask ``(batch,)``) is replaced by ``jump``'s result
+    (``columns``: the index of the output time each sample landed on); the output keeps the value before the
+    jump, and the step size carries on across it (the per-sample adjoint's one backward solve).
+    Returns ``(outputs (n, batch, *shape), stats, error)``; outputs a sample never reached (after a failure
+    with ``throw=False``) are NaN.
     """
     batch, n = taus.shape
     device = y0.device
@@ -264,9 +271,11 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         if adaptive:
             h = h.clamp(min=control.min_step, max=control.max_step)
             pinned = h <= control.min_step
-            reaches_end = tau + h >= tau_end
-            tau1 = torch.where(reaches_end, tau_end, tau + h)
-            h = torch.where(reaches_end, tau_end - tau, h)
+            stop = tau_end if jump is None else taus.gather(1, next_out.clamp_max(n - 1).unsqueeze(1)).squeeze(1)
+            reaches_stop = tau + h >= stop
+            tau1 = torch.where(reaches_stop, stop, tau + h)
+            h_unclipped = h
+            h = torch.where(reaches_stop, stop - tau, h)
             underflow = active & ((tau1 <= tau) | (h <= 0))
         else:
             tau1 = torch.where(step_index + 1 >= n_fixed, tau_end, tau0 + (step_index + 1) * step_size)
@@ -293,6 +302,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             accept = torch.ones_like(active)
             underflow = torch.zeros_like(active)
         accepted = active & accept
+        if on_step is not None:
+            on_step((direction * tau).view(view), (direction * h_step).view(view), y, outcome, accepted)
         counts["n_steps"] += active
         counts["n_accepted"] += accepted
         counts["n_rejected"] += active & ~accept
@@ -329,6 +340,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             rows = n_rows + torch.arange(batch * most_outputs, device=device).view(batch, most_outputs)
             table[column, samples.unsqueeze(1).expand_as(column)] = rows
             n_rows += batch * most_outputs
+            columns = next_out
             next_out = next_out + new_outputs
 
         if n_underflow or n_over:
@@ -366,10 +378,18 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             f = torch.where(accepted.view(view), outcome.f1, f)
         else:
             f = None  # not FSAL: evaluated afresh at the start of the next step
+        landed = None
+        if jump is not None and most_outputs > 0:
+            landed = new_outputs > 0
+            y = torch.where(landed.view(view), jump(y, columns, landed), y)
+            if f is not None:   # the jumped samples' derivative is evaluated afresh
+                f = torch.where(landed.view(view), field((direction * tau_next).view(view), y), f)
         tau, done = tau_next, done_next
         if adaptive:
             non_finite_last = torch.where(active, ~finite, non_finite_last)
             h = torch.where(active, h_next, h)
+            if landed is not None:   # as in the joint loop: the length proposed before landing carries on
+                h = torch.where(landed, torch.maximum(h, h_unclipped), h)
             previous, older = torch.where(accepted, ratio, previous), torch.where(accepted, previous, older)
         else:
             step_index = step_index + active

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 
@@ -11,7 +12,8 @@ import torch
 from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import AdaptiveController, FixedGrid
-from .gradients import Direct, GradientStrategy, resolve_gradient
+from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
+from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdjointRun
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, check_method, check_options, check_tolerances_usable,
@@ -89,7 +91,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         ``t`` may have shape ``(batch, n)`` (output times per sample), and ``func(t, y)`` receives ``t`` of
         shape ``(batch,)``. ``ys`` has shape ``(n, batch, ...)``; ``stats`` holds per-sample counts
         (tensors of shape ``(batch,)``). A sample's result does not depend on the rest of its batch when
-        ``func`` treats rows independently. Explicit Runge-Kutta methods and ``gradient="direct"``.
+        ``func`` treats rows independently. Explicit Runge-Kutta methods; ``gradient="direct"`` or
+        ``"adjoint"`` (per-sample backward solves, :mod:`neuralode.gradients.per_sample_adjoint`).
 
     Returns
     -------
@@ -228,9 +231,9 @@ _PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "mi
 
 def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller=None) -> Solution:
     """The boundary of per-sample stepping: checks, options to objects, then the per-sample loop."""
-    if not isinstance(strategy, Direct):
-        raise ValueError(f"per_sample=True supports gradient='direct' only (got {type(strategy).__name__}): the "
-                         "adjoint and checkpointing strategies solve jointly; use per_sample=False with them")
+    if not isinstance(strategy, (Direct, Adjoint)):
+        raise ValueError(f"per_sample=True supports gradient='direct' and 'adjoint' (got {type(strategy).__name__}): "
+                         "checkpointing replays joint steps; use per_sample=False with it")
     if callable(func) and Callbacks.of(func) is not None:
         raise ValueError("per_sample=True does not call step callbacks (callback_step/accept_step/reject_step); "
                          "remove them or solve jointly")
@@ -267,14 +270,48 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
         if interp not in ("linear", "cubic"):
             raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {interp!r}")
         linear = interp == "linear"
-    outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
-                                                 step_size=step_size, linear=linear, throw=throw)
+    run = None
+    if isinstance(strategy, Adjoint):
+        run = _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direction, norm, throw)
+    with torch.no_grad() if run is not None else contextlib.nullcontext():
+        outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
+                                                     step_size=step_size, linear=linear, throw=throw)
+    if run is not None:
+        run.stats = stats
+        outputs = PerSampleAdjointFunction.apply(run, outputs, state, *strategy.params)
     if field.cast:
         outputs = outputs.to(field.user_dtype)
     status, message = Status.SUCCESS, "Every sample reached the end of its interval."
     if error is not None:
         status, message = error.status, str(error)
     return Solution(ts=t, ys=outputs, stats=stats, status=status, message=message)
+
+
+def _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direction, norm, throw):
+    """The backward settings of the per-sample adjoint: the forward method and control unless the Adjoint
+    names its own method and tolerances."""
+    refused = [name for name, used in (("options", strategy.options is not None), ("seminorm=False",
+               not strategy.seminorm), ("interpolate", bool(strategy.interpolate))) if used]
+    if refused:
+        raise ValueError(f"per_sample=True with the adjoint does not support Adjoint({', '.join(refused)}): its "
+                         "backward solve controls the error of (y, a) per sample and integrates the parameter "
+                         "gradient by the method's quadrature (see neuralode.gradients.per_sample_adjoint)")
+    rtol = norm.rtol if strategy.rtol is None else strategy.rtol
+    atol = norm.atol if strategy.atol is None else strategy.atol
+    if isinstance(rtol, torch.Tensor) or isinstance(atol, torch.Tensor):
+        raise ValueError("per_sample=True with the adjoint takes float tolerances (the backward state (y, a) has "
+                         "twice the elements of y); give rtol and atol as floats")
+    if strategy.method is not None:
+        spec = check_method(strategy.method)
+        stepper = spec.make_stepper({})
+        if not isinstance(stepper, ExplicitRungeKutta) or not spec.adaptive:
+            raise ValueError(f"the adjoint's method {spec.name!r} must be an adaptive explicit Runge-Kutta method "
+                             "with per_sample=True")
+        if control is None:
+            control = make_control(spec, {}, _Tolerances(rtol, atol), func, None)
+        step_size = None
+    return PerSampleAdjointRun(func, strategy.params, stepper, control, step_size, taus, direction, float(rtol),
+                               float(atol), None, throw)
 
 
 class _Tolerances:

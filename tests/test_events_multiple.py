@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import neuralode
-from neuralode import Event
+from neuralode import Event, solve
 
 F64 = torch.float64
 
@@ -108,3 +108,57 @@ def test_bad_events_are_refused_with_the_fix():
         Event(fn, terminal=0)
     with pytest.raises(TypeError, match="must be callable"):
         Event(3)
+
+
+# --- the event-time gradient at an N-th occurrence, for every strategy; the root tolerance ------------------
+
+
+def _oscillator_event_time(w, gradient, terminal, vector=False, tol=None):
+    """y'' = -w^2 y, y(0) = 1: position crossings at t = (pi/2 + k pi) / w. Returns the terminal event time."""
+    def field(t, y):
+        return torch.stack([y[1], -w * w * y[0]])
+
+    def fn(t, y):
+        return torch.stack([y[0], y[0] + 2.0]) if vector else y[0]
+
+    solution = solve(field, torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 20.0], dtype=torch.float64),
+                     method="dopri5", rtol=1e-11, atol=1e-11, gradient=gradient, adjoint_params=[w] if w.requires_grad else None,
+                     events=[Event(fn, terminal=terminal, tol=tol)])
+    return solution.event_t
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+@pytest.mark.parametrize("vector", [False, True])
+def test_the_event_time_of_an_nth_occurrence_is_differentiable(gradient, vector):
+    w = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+    t_event = _oscillator_event_time(w, gradient, terminal=3, vector=vector)
+    assert abs(float(t_event) - 2.5 * math.pi / 1.3) < 1e-8          # the third crossing: (pi/2 + 2 pi) / w
+    t_event.backward()
+    assert abs(float(w.grad) - (-2.5 * math.pi / 1.3 ** 2)) < 1e-6     # d/dw of 5 pi / (2 w)
+
+
+def test_the_root_tolerance_stops_the_bisection_early():
+    calls = {"n": 0}
+
+    def fn(t, y):
+        calls["n"] += 1
+        return y[0]
+
+    def run(tol):
+        calls["n"] = 0
+        solution = solve(lambda t, y: torch.stack([y[1], -y[0]]), torch.tensor([1.0, 0.0], dtype=torch.float64),
+                         torch.tensor([0.0, 3.0], dtype=torch.float64), rtol=1e-10, atol=1e-10,
+                         events=[Event(fn, terminal=True, tol=tol)])
+        return float(solution.event_t), calls["n"]
+
+    precise, precise_calls = run(None)
+    loose, loose_calls = run(1e-3)
+    assert abs(precise - math.pi / 2) < 1e-9
+    assert 0 <= loose - math.pi / 2 <= 1e-3 + 1e-9        # the far end of a bracket at most 1e-3 long
+    assert loose_calls < precise_calls - 20
+
+
+@pytest.mark.parametrize("tol", [0.0, -1.0, float("inf"), "1e-3", True])
+def test_a_bad_root_tolerance_is_refused(tol):
+    with pytest.raises(ValueError, match="Event tol must be a finite time > 0"):
+        Event(lambda t, y: y, tol=tol)

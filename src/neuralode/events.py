@@ -36,16 +36,21 @@ class Event:
         An integer ``N >= 1``: stop at the N-th occurrence.
     name : str, optional
         A label carried into the records.
+    tol : float, optional
+        Root tolerance in time: the bisection on the dense output stops once the bracket around the crossing
+        is at most ``tol`` long (each halving costs one evaluation of ``fn``). ``None`` (default): until the
+        bracket cannot shrink in floating point.
 
     Every occurrence is in ``Solution.events`` as an :class:`EventRecord`, in time order. A solve that
-    stops at a terminal event reports ``status == "event"``, ``event_t`` and ``event_y``; for
-    ``terminal=True`` the event time is differentiable (implicit function theorem), as with ``event_fn``.
+    stops at a terminal event reports ``status == "event"``, ``event_t`` and ``event_y``; the event time is
+    differentiable (implicit function theorem), as with ``event_fn``, at the N-th occurrence as at the first.
     """
 
     fn: Callable
     direction: int = 0
     terminal: bool | int = False
     name: str | None = None
+    tol: float | None = None
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -56,6 +61,9 @@ class Event:
         if not isinstance(terminal, (bool, int)) or (not isinstance(terminal, bool) and terminal < 1):
             raise ValueError(f"Event terminal must be True, False or a positive integer (stop at that occurrence), "
                              f"got {terminal!r}")
+        if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
+                                     or not self.tol > 0 or self.tol == float("inf")):
+            raise ValueError(f"Event tol must be a finite time > 0 (or None: locate to rounding), got {self.tol!r}")
 
     @property
     def stop_after(self) -> int | None:
@@ -140,19 +148,22 @@ def _real_dot(a, b):
     return (product.real if product.is_complex() else product).sum()
 
 
-def reroute_event_gradient(func, event_fn, t0, event_t, ys):
+def reroute_event_gradient(func, event_fn, t0, event_t, ys, signs=None):
     """Attach the implicit-function-theorem gradient to ``(event_t, ys)`` where ``ys[-1]`` is the event state.
 
     ``t0`` is the start time (for the initial signs of a multi-element event function); ``ys`` has
     shape ``(k, *y0.shape)`` with the state at ``t0`` first, or is a tuple of such tensors; returns the
-    same structure.
+    same structure. ``signs``: the event function's signs just before the crossing (the start of the step
+    that fired), which pick the element that fired; ``None``: the signs at ``t0`` (torchdiffeq's
+    ``odeint_event``, a first occurrence).
     """
     is_tuple = isinstance(ys, tuple)
     parts = list(ys) if is_tuple else [ys]
     start_state = tuple(p[0].detach() for p in parts) if is_tuple else parts[0][0].detach()
-    with torch.no_grad():
-        initial = torch.as_tensor(event_fn(torch.as_tensor(t0).detach().reshape(()), start_state))
-    signs = torch.sign(initial) if initial.numel() > 1 else None
+    if signs is None:
+        with torch.no_grad():
+            signs = torch.sign(torch.as_tensor(event_fn(torch.as_tensor(t0).detach().reshape(()), start_state)))
+    signs = signs if signs.numel() > 1 else None
     params = tuple(p for p in event_fn.parameters() if p.requires_grad) if isinstance(event_fn, torch.nn.Module) \
         else ()
     rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), is_tuple, len(parts), event_t,

@@ -40,6 +40,7 @@ class EventSpec:
     fn: object
     direction: int = 0
     terminal: int | None = 1
+    tol: float | None = None       # root tolerance in time (None: bisect to rounding)
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Integration:
     # Every event occurrence in time order: (t, y (detached), index into the events, direction +1/-1).
     event_records: list = dataclass_field(default_factory=list)
     event_index: int | None = None   # which event stopped the solve
+    event_signs: torch.Tensor | None = None   # its values' signs at the start of the firing step
 
 
 def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor:
@@ -321,6 +323,7 @@ class _Events:
                 result = self.result
                 self.reached = step.tau + theta * step.h
                 result.event_t, result.event_y, result.event_index = t_event, y_event, k
+                result.event_signs = torch.sign(value0)
                 result.final_t, result.final_y = t_event, y_event
                 result.status, result.message = Status.EVENT, "A terminal event occurred."
                 return True
@@ -408,14 +411,18 @@ def _locate_event(event, field, tau0, h, direction, coefficients, value0) -> flo
     """Bisection on the step's dense output for the first theta in (0, 1] where any element crosses.
 
     Runs until the bracket cannot shrink in floating point (at most ~60 evaluations of the event
-    function, which is cheap next to the solve); returns the right end of the final bracket, so the
-    event state is on the far side of the crossing, like a step that lands just past it.
+    function, which is cheap next to the solve), or until it is at most ``event.tol`` long in time;
+    returns the right end of the final bracket, so the event state is on the far side of the crossing,
+    like a step that lands just past it.
     """
     lo, hi = 0.0, 1.0
+    width = None if event.tol is None else event.tol / abs(h)   # the root tolerance as a fraction of the step
     with torch.no_grad():
         for _ in range(64):
             mid = 0.5 * (lo + hi)
             if mid in (lo, hi) or (tau0 + mid * h) in (tau0 + lo * h, tau0 + hi * h):
+                break
+            if width is not None and hi - lo <= width:
                 break
             value = _event_value(event, field, direction * (tau0 + mid * h), horner(coefficients, mid))
             if bool(_crossed(value0, value, event.direction).any()):

@@ -171,7 +171,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     if event_fn is not None:
         events = (Event(event_fn, event_direction, terminal=True),)
-    specs = [EventSpec(e.fn, e.direction, e.stop_after) for e in events]
+    specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol) for e in events]
     callbacks = Callbacks.of(func)
     warn_unsupported(callbacks, spec.name, spec.callbacks)
     if spec.whole_span and isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
@@ -211,11 +211,12 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         event_t = torch.tensor(integration.event_t, dtype=t_in.dtype, device=t_in.device)
         pair = problem.unflatten_trajectory(torch.stack([outputs[0], event_state]))
         fired_event = events[integration.event_index]
-        if not until_event and fired_event.stop_after == 1:
+        if not until_event:
             # solve() links the event time to its causes; odeint keeps torchdiffeq's semantics, where
-            # only odeint_event does. (At a later occurrence the signs at t0 that pick the firing element
-            # of a vector event function no longer hold, so only first occurrences get this gradient.)
-            event_t, pair = reroute_event_gradient(func, fired_event.fn, t_in[0], event_t, pair)
+            # only odeint_event does. The element of a vector event function that fired is picked by the
+            # signs at the start of the firing step (right for an N-th occurrence too).
+            event_t, pair = reroute_event_gradient(func, fired_event.fn, t_in[0], event_t, pair,
+                                                   signs=integration.event_signs)
         event_y = tuple(p[-1] for p in pair) if isinstance(pair, tuple) else pair[-1]
     return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
                     event_t=event_t, event_y=event_y, events=_records(integration, events, problem, t_in),

@@ -167,3 +167,20 @@ def test_methods_that_cannot_be_replayed_are_refused_by_checkpointing(method):
     with pytest.raises(ValueError, match="gradient='checkpoint' supports the Runge-Kutta methods"):
         solve(lambda t, y: -y, torch.ones(2, dtype=torch.float64, requires_grad=True),
               torch.linspace(0, 1, 3, dtype=torch.float64), method=method, options=options, gradient="checkpoint")
+
+
+def test_gradient_strategies_hold_objects_and_parse_no_options():
+    # Method names and option dicts become objects at the boundary (solve.py, options.py); the strategies
+    # receive a Problem that carries its MethodSpec, controller and the adjoint's parsed backward settings.
+    modules = _modules()
+    for name, path in modules.items():
+        if name.startswith("neuralode.gradients"):
+            imported = _imports(name, path, modules, module_level_only=False)
+            assert not imported & {"neuralode.options", "neuralode.methods"}, (name, sorted(imported))
+
+
+def test_bad_adjoint_options_fail_at_the_solve_not_in_backward():
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="adjoint option 'norm' must be 'seminorm', 'full' or a callable"):
+        solve(lambda t, y: -y, y0, torch.linspace(0, 1, 3, dtype=torch.float64),
+              gradient=neuralode.Adjoint(options={"norm": "max"}))

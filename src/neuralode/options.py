@@ -7,6 +7,7 @@ from the same pieces), so it sits below both in the import order.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -111,6 +112,49 @@ def make_control(spec, options, problem, field_func, user_y0):
         raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
     return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t),
                      step=None if step is None else float(step), max_num_steps=max_num_steps)
+
+
+@dataclass(frozen=True)
+class BackwardSettings:
+    """The adjoint's backward method, options and control, parsed once at the boundary (``solve``) so that
+    the gradient strategy holds objects and never parses options: ``Adjoint(method=..., options=...)``, else
+    the forward solve's method, options and controller object (torchdiffeq's rule)."""
+
+    spec: object
+    stepper: object
+    options: dict
+    controller: object = None   # the forward controller object, when the adjoint has no settings of its own
+
+    def control(self, options, problem, field_func, state):
+        """The backward solve's control for ``problem`` (one interval, or the whole backward span)."""
+        if self.controller is not None:
+            return self.controller
+        return make_control(self.spec, options, problem, field_func, state)
+
+
+def backward_settings(strategy, forward_spec, forward_options, forward_controller) -> BackwardSettings:
+    """Parse an :class:`~neuralode.gradients.Adjoint`'s settings against the forward ones."""
+    spec = check_method(strategy.method) if strategy.method is not None else forward_spec
+    if strategy.options is not None:
+        options = check_options(spec, strategy.options)
+        norm = options.get("norm")
+        if not (norm is None or callable(norm) or norm in ("seminorm", "full")):
+            raise ValueError(f"adjoint option 'norm' must be 'seminorm', 'full' or a callable, got {norm!r}")
+    else:
+        # The backward state is a flat (y, a, a_theta) vector: a preconditioner written for the forward state
+        # does not apply to it, and its elements are not independent samples (a 'batched' Jacobian of it
+        # would be wrong), so those settings stay with the forward solve.
+        options = {k: v for k, v in forward_options.items()
+                   if k in spec.options and k not in ("norm", "preconditioner")}
+        if options.get("jacobian") == "batched":
+            options["jacobian"] = "dense"
+    for name in ("step_t", "jump_t"):
+        options[name] = time_list(options, name) or list(forward_options.get(name, ()))
+    if not spec.adaptive:
+        options.setdefault("interp", "linear")
+    own_settings = strategy.options is not None or strategy.method is not None
+    return BackwardSettings(spec, spec.make_stepper(options), options,
+                            None if own_settings else forward_controller)
 
 
 def check_tolerances_usable(problem) -> None:

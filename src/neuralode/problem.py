@@ -110,6 +110,7 @@ class Problem:
     method: str = ""                 # set by solve(); gradient strategies reuse it
     spec: object = None              # the method's MethodSpec (set by solve(); the adjoint's default backward method)
     controller: object = None        # the controller object given to solve(), if any (the adjoint's default)
+    backward: object = None          # the adjoint's parsed backward settings (options.BackwardSettings)
     f0_time: float | None = None     # where f0 was evaluated: times[0], or just after it (one-sided limit)
 
     def unflatten_trajectory(self, ys: torch.Tensor):

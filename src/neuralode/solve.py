@@ -16,8 +16,8 @@ from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
 from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdjointRun
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
-from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, check_method, check_options, check_tolerances_usable,
-                      make_control, time_list)
+from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_method, check_options,
+                      check_tolerances_usable, make_control, time_list)
 from .problem import make_problem
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
@@ -180,6 +180,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                       "gradient='adjoint' to differentiate it", UserWarning, stacklevel=3)
 
     problem = dataclasses.replace(problem, method=spec.name, spec=spec, controller=controller)
+    if isinstance(strategy, Adjoint):
+        problem = dataclasses.replace(problem, backward=backward_settings(strategy, spec, options, controller))
     t_in = problem.t
     y0_given = problem.y0
     if t_requires_grad:

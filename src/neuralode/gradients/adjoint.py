@@ -23,7 +23,6 @@ from ..callbacks import Callbacks, warn_unsupported
 from ..controllers import FixedGrid, rms_norm
 from ..integrate import integrate
 from ..interpolation import horner
-from ..options import check_method, check_options, make_control, time_list
 from ..problem import Problem
 from ..solvers.compiled import CompiledRungeKutta
 from ..solvers.runge_kutta import ExplicitRungeKutta
@@ -117,7 +116,7 @@ class Adjoint(GradientStrategy):
                                  "piecewise-linear y(t) on a fixed grid with interp='linear' (gradient errors of 1e-3 "
                                  "measured); pass options={'interp': 'cubic'} or use an adaptive method")
         if self.callbacks is not None:
-            spec = check_method(self.method) if self.method is not None else problem.spec
+            spec = problem.backward.spec
             warn_unsupported(self.callbacks, spec.name, spec.callbacks, adjoint=True)
         box = []
         outputs = _AdjointSolve.apply(self, problem, stepper, control, kwargs, box, problem.y0, *self.params)
@@ -162,7 +161,9 @@ class _AdjointSolve(torch.autograd.Function):
             dynamics = _InterpolatedAdjointDynamics(problem.field, params, state_shape, ctx.forward_source)
         else:
             dynamics = _AdjointDynamics(problem.field, params, state_shape)
-        stepper, options, spec = _backward_method(strategy, problem, ctx.kwargs["options"])
+        # The backward method, options and control were parsed at the boundary (neuralode.options.backward_settings).
+        settings = problem.backward
+        stepper, options, spec = settings.stepper, dict(settings.options), settings.spec
         if ctx.compiled and isinstance(stepper, ExplicitRungeKutta):
             # compile=True: the backward steps (the augmented field with its vector-Jacobian product inlined)
             # are compiled too, in an entry of their own.
@@ -202,7 +203,7 @@ class _AdjointSolve(torch.autograd.Function):
                                            atol=atol)
                 # A grid_constructor is called as torchdiffeq calls it here: with the augmented
                 # dynamics, the augmented state and the interval [t_i, t_{i-1}].
-                control = _backward_control(strategy, problem, spec, options, backward_problem, dynamics, state)
+                control = settings.control(options, backward_problem, dynamics.as_user_function, state)
                 if not control.adaptive and control.grid is None:
                     control = FixedGrid((backward_problem.direction * times[i],
                                          backward_problem.direction * times[i - 1]))
@@ -245,7 +246,7 @@ def _continuous_backward(forward_problem, dynamics, stepper, spec, options, stra
     span = torch.tensor([times[-1], times[0]], dtype=torch.float64)
     problem = Problem(field=dynamics, y0=state, f0=None, t=span, times=[times[-1], times[0]], direction=direction,
                       shapes=None, rtol=rtol, atol=atol)
-    control = _backward_control(strategy, forward_problem, spec, options, problem, dynamics, state)
+    control = forward_problem.backward.control(options, problem, dynamics.as_user_function, state)
     result = integrate(problem, stepper, control, options=options, callbacks=strategy.callbacks, state_jumps=jumps)
     return result.final_y
 
@@ -438,38 +439,6 @@ class _ReplayedForward:
         self.nfe += field.nfe - nfe
         field.nfe = nfe
         return replay.dense
-
-
-def _backward_control(strategy, forward_problem, spec, options, backward_problem, dynamics, state):
-    """The backward solve's step-size control: the forward solve's controller object when the adjoint has no
-    settings of its own (torchdiffeq's rule: the backward solve defaults to the forward settings), else one
-    built from the adjoint options."""
-    if forward_problem.controller is not None and strategy.options is None and strategy.method is None:
-        return forward_problem.controller
-    return make_control(spec, options, backward_problem, dynamics.as_user_function, state)
-
-
-def _backward_method(strategy, problem, forward_options):
-    """Stepper, options and spec of the backward solve: the adjoint settings, else the forward ones."""
-    spec = check_method(strategy.method) if strategy.method is not None else problem.spec
-    if strategy.options is not None:
-        options = check_options(spec, strategy.options)
-        norm = options.get("norm")
-        if not (norm is None or callable(norm) or norm in ("seminorm", "full")):
-            raise ValueError(f"adjoint option 'norm' must be 'seminorm', 'full' or a callable, got {norm!r}")
-    else:
-        # The backward state is a flat (y, a, a_theta) vector: a preconditioner written for the forward state
-        # does not apply to it, and its elements are not independent samples (a 'batched' Jacobian of it
-        # would be wrong), so those settings stay with the forward solve.
-        options = {k: v for k, v in forward_options.items()
-                   if k in spec.options and k not in ("norm", "preconditioner")}
-        if options.get("jacobian") == "batched":
-            options["jacobian"] = "dense"
-    for name in ("step_t", "jump_t"):
-        options[name] = time_list(options, name) or list(forward_options.get(name, ()))
-    if not spec.adaptive:
-        options.setdefault("interp", "linear")
-    return spec.make_stepper(options), options, spec
 
 
 def _backward_tolerances(strategy, problem, n, n_params, y_slots=1):

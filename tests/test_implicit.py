@@ -278,6 +278,19 @@ def test_auto_switches_on_a_stiff_problem_and_reports_both_phases():
     assert sp.mixed_error(sol.ys[-1].numpy(), reference, 1e-5, problem.atol(1e-5)) <= 1e-4
 
 
+def test_auto_switches_early_at_tight_tolerances_too():
+    """At rtol 1e-8 Hairer's cheap estimate stays below the boundary on Robertson (the step is stability-limited
+    but |f(y1) - f(Y6)| / |y1 - Y6| underestimates rho): before the rejection check, 68,046 evaluations and a
+    switch at t = 12.5 on [0, 1e5]. The check sees the rejections and measures h rho by power iteration."""
+    problem = sp.robertson()
+    sol = neuralode.solve(problem.func, problem.y0, torch.tensor([0.0, 40.0], dtype=F64), method="auto",
+                          rtol=1e-8, atol=problem.atol_tensor(1e-8))
+    assert sol.stats["switch_times"][0][1] == "to implicit" and sol.stats["switch_times"][0][0] < 0.1
+    assert sol.stats["n_steps_explicit"] < 200 and sol.stats["nfe"] < 5000
+    reference = sp.scipy_reference(problem, [40.0])[0]
+    assert sp.mixed_error(sol.ys[-1].numpy(), reference, 1e-8, problem.atol(1e-8)) <= 10
+
+
 def test_auto_refuses_checkpointing_with_the_reason():
     with pytest.raises(ValueError, match="switches between methods"):
         neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=F64, requires_grad=True),

@@ -31,12 +31,16 @@ import torch
 from ..tableaus import TABLEAUS
 from .implicit import ImplicitRungeKutta, ImplicitState
 from .base import Solver
+from .linear import spectral_radius
 from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
 
 _STABILITY_BOUNDARY = 3.25     # Hairer's DOPRI5 value; tsit5's real stability interval is about as long
 _STIFF_STEPS = 15              # Hairer: 15 positive tests switch
 _NONSTIFF_RESET = 6            # Hairer: 6 negative tests in a row reset the count
 _BACK_STEPS = 5
+_WINDOW = 20                   # the rejection check: the last 20 explicit steps ...
+_REJECTED = 5                  # ... of which at least 5 rejected
+_POWER_ITERATIONS = 4
 
 
 @dataclass
@@ -49,6 +53,9 @@ class AutoState:
     switch_times: list = field(default_factory=list)
     steps: dict = field(default_factory=lambda: {"explicit": 0, "implicit": 0})
     pending: str | None = None     # the mode the next step uses, once this step is accepted
+    recent_rejections: list = field(default_factory=list)   # explicit phase: was each of the last steps rejected?
+    since_check: int = 0           # explicit steps since the last power-iteration check
+    direction: object = None       # y1 - Y6 of the last accepted explicit step
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,8 +98,11 @@ class AutoSwitching(Solver):
         state.steps[state.mode] += 1
         if state.mode == "explicit":
             inner = self.nonstiff.step(func, t0, y0, f0, h, error_norm)
-            if inner.error_ratio is not None and bool(inner.error_ratio <= 1.0):
+            accepted = inner.error_ratio is not None and bool(inner.error_ratio <= 1.0)
+            if accepted:
                 self._stiffness_test(inner, y0, h, t0, state)
+            if state.pending is None:
+                self._rejection_check(func, t0, y0, h, accepted, state)
         else:
             inner = self.stiff.step(func, t0, y0, f0, h, error_norm, state.implicit_state)
             if inner.failure is None and inner.error_ratio is not None and bool(inner.error_ratio <= 1.0):
@@ -106,6 +116,7 @@ class AutoSwitching(Solver):
         # The last stage state Y6 (c = 1) and y1 = Y7 (FSAL, also c = 1).
         y6 = linear_combination(y0, h, ks, [(j, float(w)) for j, w in enumerate(tableau.a[-2]) if w != 0])
         with torch.no_grad():
+            state.direction = inner.y1 - y6   # (the rejection check's power iteration starts here)
             numerator = float((ks[-1] - ks[-2]).norm())
             denominator = float((inner.y1 - y6).norm())
         h_rho = abs(h) * numerator / denominator if denominator > 0 else 0.0
@@ -118,6 +129,28 @@ class AutoSwitching(Solver):
             state.nonstiff_count += 1
             if state.nonstiff_count >= _NONSTIFF_RESET:
                 state.stiff_count = 0
+
+    def _rejection_check(self, func, t0, y0, h, accepted: bool, state: AutoState) -> None:
+        """A second stiffness test for when Hairer's misses. At tight tolerances the cheap estimate
+        ``|f(y1) - f(Y6)| / |y1 - Y6|`` sees a mix of directions and underestimates the dominant eigenvalue:
+        on Robertson at rtol 1e-8 it stayed below 3.25 on 99% of 8,638 accepted steps while the explicit
+        phase, stability-limited, rejected one step in five (68,046 evaluations before a switch at t = 12.5).
+        Frequent rejections are that regime's mark: when at least ``_REJECTED`` of the last ``_WINDOW``
+        explicit steps were rejected, power iteration with Jacobian-vector products (4 products from the last
+        ``y1 - Y6``, at most once per ``_WINDOW`` steps) measures ``h rho``, and a value past the stability
+        boundary switches."""
+        window = state.recent_rejections
+        window.append(not accepted)
+        if len(window) > _WINDOW:
+            window.pop(0)
+        state.since_check += 1
+        if sum(window) < _REJECTED or state.since_check < _WINDOW:
+            return
+        state.since_check = 0
+        # Started from the last accepted step's y1 - Y6, which leans towards the stiff directions already.
+        rho = spectral_radius(func, t0, y0, iterations=_POWER_ITERATIONS, start=state.direction)
+        if abs(h) * rho > _STABILITY_BOUNDARY:
+            self._switch(state, "implicit", t0)
 
     def _nonstiffness_test(self, h, t0, y0, state: AutoState) -> None:
         implicit_state = state.implicit_state
@@ -137,7 +170,8 @@ class AutoSwitching(Solver):
     @staticmethod
     def _switch(state: AutoState, mode: str, t: float) -> None:
         state.pending = mode
-        state.stiff_count = state.nonstiff_count = state.back_count = 0
+        state.stiff_count = state.nonstiff_count = state.back_count = state.since_check = 0
+        state.recent_rejections.clear()
         state.switch_times.append((t, f"to {mode}"))
 
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,

@@ -29,7 +29,7 @@ import math
 import torch
 
 from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
-from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance
+from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
 _DIVERGENCE_GROWTH = 1e8
@@ -138,13 +138,7 @@ def _first_evaluation(field, y0, times):
     """``func`` at the start times, checked like the joint solve's first evaluation."""
     out = field.func(times.reshape(-1).to(field.time_dtype), y0.to(field.user_dtype) if field.cast else y0)
     field.nfe += 1
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"func(t, y) returned {type(out).__name__}; it must return a tensor shaped like the state")
-    if out.shape != y0.shape:
-        raise ValueError(f"func(t, y) returned shape {tuple(out.shape)} but the state has shape {tuple(y0.shape)}; "
-                         "dy/dt must have exactly the state's shape (t has shape (batch,) in per-sample mode)")
-    if out.dtype != field.user_dtype:
-        raise TypeError(f"func(t, y) returned dtype {out.dtype} but the state has dtype {field.user_dtype}")
+    check_derivative("func(t, y)", out, y0.shape, field.user_dtype, " (t has shape (batch,) in per-sample mode)")
     out = out.to(field.compute_dtype) if field.cast else out
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteError("func(t, y0) returned non-finite values at the initial state", t=None)

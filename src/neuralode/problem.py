@@ -260,6 +260,18 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
                    atol=atol, f0_time=f0_time)
 
 
+def check_derivative(label: str, value, shape, dtype, shape_hint: str = "") -> None:
+    """``func``'s first result must be a tensor of the state's shape and dtype; the error names what differs."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{label} returned {type(value).__name__}; it must return a tensor shaped like the state")
+    if value.shape != shape:
+        raise ValueError(f"{label} returned shape {tuple(value.shape)} but the state has shape {tuple(shape)}; "
+                         f"dy/dt must have exactly the state's shape{shape_hint}")
+    if value.dtype != dtype:
+        raise TypeError(f"{label} returned dtype {value.dtype} but the state has dtype {dtype}; make the "
+                        "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
+
+
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
     """Evaluate ``func`` once and check what it returns, so a wrong shape fails here and clearly."""
     out = func(field.time(t0), tuple(parts) if is_tuple else parts[0])
@@ -273,15 +285,7 @@ def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
         raise ValueError(f"func returned {len(got)} tensors for a state of {len(expected)}; return one "
                          "derivative per state tensor")
     for i, (g, e) in enumerate(zip(got, expected)):
-        label = f"func(t, y)[{i}]" if is_tuple else "func(t, y)"
-        if not isinstance(g, torch.Tensor):
-            raise TypeError(f"{label} returned {type(g).__name__}; it must return a tensor shaped like the state")
-        if g.shape != e.shape:
-            raise ValueError(f"{label} returned shape {tuple(g.shape)} but the state has shape {tuple(e.shape)}; "
-                             "dy/dt must have exactly the state's shape")
-        if g.dtype != e.dtype:
-            raise TypeError(f"{label} returned dtype {g.dtype} but the state has dtype {e.dtype}; make the "
-                            "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
+        check_derivative(f"func(t, y)[{i}]" if is_tuple else "func(t, y)", g, e.shape, e.dtype)
     f0 = torch.cat([g.reshape(-1) for g in got]) if is_tuple else got[0]
     f0 = f0.to(field.compute_dtype) if field.cast else f0
     if not bool(torch.isfinite(f0).all()):

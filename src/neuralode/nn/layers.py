@@ -33,12 +33,15 @@ __all__ = [
 
 
 def _time_like(t: Tensor | float, x: Tensor) -> Tensor:
-    """Return the time ``t`` as a 0-dim tensor with the dtype and device of ``x``."""
+    """Return the time ``t`` with the dtype and device of ``x``: a 0-dim tensor, or, for one time per sample
+    (``t`` of shape ``(batch,)``, per-sample stepping), shape ``(batch, 1, ..., 1)`` to broadcast over ``x``."""
     if isinstance(t, Tensor):
+        if t.ndim == 1 and x.ndim >= 1 and t.shape[0] == x.shape[0] and t.numel() != 1:
+            return t.to(dtype=x.dtype, device=x.device).reshape(x.shape[0], *([1] * (x.ndim - 1)))
         if t.numel() != 1:
             raise ValueError(
-                f"t must be a scalar time (a 0-dim tensor or a float), got a tensor of shape "
-                f"{tuple(t.shape)}."
+                f"t must be a scalar time (a 0-dim tensor or a float) or one time per sample (shape "
+                f"({x.shape[0] if x.ndim else 'batch'},)), got a tensor of shape {tuple(t.shape)}."
             )
         return t.reshape(()).to(dtype=x.dtype, device=x.device)
     if isinstance(t, bool) or not isinstance(t, numbers.Real):

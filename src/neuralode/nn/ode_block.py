@@ -75,6 +75,12 @@ class ODEBlock(nn.Module):
     compile : bool, default False
         Compile each solver step with ``torch.compile`` (``solve(..., compile=True)``; explicit
         Runge-Kutta methods). The first call compiles (seconds); later calls reuse it.
+    per_sample : bool, default False
+        Step every sample of the batch on its own (``solve(..., per_sample=True)``): its own step sizes,
+        so one hard input no longer sets the steps (and the cost) of the whole batch, and a sample's
+        output does not depend on its batch. ``func`` then receives ``t`` of shape ``(N,)``; the
+        time-concatenating layers of :mod:`neuralode.nn` accept it. Explicit Runge-Kutta methods, the
+        ``"adjoint"`` or ``"direct"`` gradient, no regularisers.
 
     Attributes
     ----------
@@ -118,6 +124,7 @@ class ODEBlock(nn.Module):
         frobenius: bool = False,
         probe: str = "gaussian",
         compile: bool = False,
+        per_sample: bool = False,
     ) -> None:
         super().__init__()
         if not callable(func):
@@ -156,6 +163,12 @@ class ODEBlock(nn.Module):
             raise TypeError(f"compile must be True or False, got {type(compile).__name__}.")
         # (not ``self.compile``: that would hide nn.Module.compile)
         self.compile_step = compile
+        if not isinstance(per_sample, bool):
+            raise TypeError(f"per_sample must be True or False, got {type(per_sample).__name__}.")
+        if per_sample and (kinetic or frobenius or compile or gradient == "checkpoint"):
+            raise ValueError("per_sample=True does not combine with the regularisers (kinetic, frobenius), "
+                             "compile=True or gradient='checkpoint'; drop one of them.")
+        self.per_sample = per_sample
         self.last_stats: dict[str, Any] | None = None
         self.kinetic_energy: Tensor | None = None
         self.jacobian_frobenius: Tensor | None = None
@@ -227,6 +240,7 @@ class ODEBlock(nn.Module):
             gradient=self.gradient,
             adjoint_params=self._solve_adjoint_params(),
             compile=getattr(self, "compile_step", False),  # (modules pickled before the option: False)
+            per_sample=getattr(self, "per_sample", False),
         )
         # Keep the dict itself: an adjoint backward updates it in place with "nfe_backward".
         self.last_stats = solution.stats
@@ -251,6 +265,8 @@ class ODEBlock(nn.Module):
             parts.append("return_trajectory=True")
         if self.compile_step:
             parts.append("compile=True")
+        if getattr(self, "per_sample", False):
+            parts.append("per_sample=True")
         if self.regularised:
             parts.append(f"kinetic={self.kinetic}, frobenius={self.frobenius}, probe={self.probe!r}")
         return ", ".join(parts)

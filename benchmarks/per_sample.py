@@ -13,8 +13,8 @@ that costs far more per evaluation, Van der Pol plus a small neural correction `
 - torchode ``AutoDiffAdjoint(Dopri5, IntegralController)`` with the batch as torchode's batch (its
   per-sample stepping).
 Two tasks: the forward solve (no grad), and forward + backward of ``mean(ys**2)`` with respect to ``mu``
-and the MLP's weights: backpropagation through the steps in all three, and neuralode's adjoint, per sample
-and joint (torchode's ``BacksolveAdjoint`` calls the field on single samples under ``vmap``, which a field with
+and the MLP's weights: backpropagation through the steps in all three, neuralode's per-sample checkpointing,
+and neuralode's adjoint, per sample and joint (torchode's ``BacksolveAdjoint`` calls the field on single samples under ``vmap``, which a field with
 a parameter per sample does not allow). Reported: batched vector-field evaluations (one call
 evaluates all 256 oscillators), wall time (median over interleaved rounds), the time ratio against
 torchode in the same round, and the largest error against a per-sample solve at rtol = atol = 1e-10 in
@@ -102,6 +102,8 @@ def solvers(field, y0, t, tol, task):
         cases["neuralode per-sample adjoint"] = lambda: neuralode.solve(field, y0, t, per_sample=True,
                                                                         gradient="adjoint", **kw).ys
         cases["neuralode joint adjoint"] = lambda: neuralode.solve(field, y0, t, gradient="adjoint", **kw).ys
+        cases["neuralode per-sample checkpoint"] = lambda: neuralode.solve(field, y0, t, per_sample=True,
+                                                                           gradient="checkpoint", **kw).ys
     return cases
 
 

@@ -219,7 +219,6 @@ def test_non_finite_field_values_are_reported_as_such():
     ({"t": torch.zeros(3, 2)}, ValueError, r"shape \(n,\) or \(batch, n\)"),
     ({"t": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, ValueError, "different directions"),
     ({"t": torch.tensor([[0.0, 1.0], [0.0, 0.0]])}, ValueError, r"t\[1\] must be strictly"),
-    ({"gradient": "checkpoint"}, ValueError, "gradient='direct' and 'adjoint'"),
     ({"gradient": neuralode.Adjoint(interpolate=True)}, ValueError, r"does not support Adjoint\(interpolate\)"),
     ({"gradient": "adjoint", "rtol": torch.tensor([1e-6])}, ValueError, "takes float tolerances"),
     ({"method": "kvaerno5"}, ValueError, "explicit Runge-Kutta"),
@@ -315,3 +314,34 @@ def test_per_sample_adjoint_with_a_fixed_step_method():
     # rk4 at h = 0.01: both gradients carry the method's O(h^4) error, differently.
     torch.testing.assert_close(mu_adjoint, mu_direct, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(y0_adjoint, y0_direct, rtol=1e-6, atol=1e-7)
+
+
+# --- checkpointing ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", None), ("tsit5", None), ("dopri8", None),
+                                             ("rk4", {"step_size": 0.05}),
+                                             ("rk4", {"step_size": 0.05, "interp": "cubic"})])
+def test_checkpointing_gives_the_direct_gradient_exactly(method, options):
+    mu, y0 = vdp_batch(4, seed=11)
+    t = torch.stack([torch.linspace(0.1 * b, 2 + 0.3 * b, 6, dtype=f64) for b in range(4)])
+    mu_direct, y0_direct, _ = _gradients("direct", mu, y0, t, method, tol=1e-6, options=options)
+    mu_checkpoint, y0_checkpoint, stats = _gradients("checkpoint", mu, y0, t, method, tol=1e-6, options=options)
+    # The same discrete steps replayed: equal to rounding in the order of the sums.
+    torch.testing.assert_close(mu_checkpoint, mu_direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y0_checkpoint, y0_direct, rtol=1e-12, atol=1e-12)
+    assert stats["nfe_backward"] > 0
+
+
+def test_checkpointing_keeps_about_the_square_root_of_the_iterations():
+    from neuralode.gradients.per_sample_checkpoint import PerSampleCheckpointRun
+
+    run = PerSampleCheckpointRun(None, None, (), None, 1, False)
+    run.start(torch.zeros(2, 1))
+    n = 1000
+    for i in range(n):
+        run(None, None, None, None, None, torch.full((2, 1), float(i + 1)))
+    assert len(run.schedule) == n
+    assert len(run.kept) <= 2 * math.sqrt(2 * n) + 2             # 2 sqrt(2 N) + O(1) states, not N
+    assert run.kept[0][0] == 0 and all(i % run.every == 0 for i, _ in run.kept)
+    assert all(float(y[0, 0]) == i for i, y in run.kept)           # each kept state is the one after iteration i

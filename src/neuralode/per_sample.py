@@ -197,6 +197,29 @@ def _horner(coefficients, theta):
     return result
 
 
+def interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, outcome, column, wanted, linear):
+    """The states at the output times ``taus[b, column[b, j]]`` inside one step of every sample, shape
+    ``(batch, J, *shape)`` (entries not ``wanted`` are meaningless): the step's dense output there, or the step's
+    own value where the step ends exactly on the output time, as in the joint loop. (The per-sample checkpoint
+    strategy replays this exactly.)"""
+    batch, n = taus.shape
+    view = (batch,) + (1,) * (y.ndim - 1)
+    y1 = outcome.y1
+    if linear:
+        coefficients = [y, y1 - y]
+    else:
+        f1 = outcome.f1 if outcome.f1 is not None else field((direction * tau1).view(view), y1)
+        coefficients = stepper.dense_coefficients(field, (direction * tau).view(view), y,
+                                                  (direction * h_step).view(view), outcome, f1)
+    safe_h = torch.where(h_step > 0, h_step, torch.ones_like(h_step))
+    t_out = taus.gather(1, column.clamp_max(n - 1))
+    theta = torch.where(wanted, (t_out - tau.unsqueeze(1)) / safe_h.unsqueeze(1), torch.zeros_like(t_out))
+    real = y.real.dtype if y.is_complex() else y.dtype
+    block = (batch, column.shape[1]) + (1,) * (y.ndim - 1)
+    value = _horner([c.unsqueeze(1) for c in coefficients], theta.to(real).view(block))
+    return torch.where((t_out == tau1.unsqueeze(1)).view(block), y1.unsqueeze(1), value)
+
+
 def _fixed_step_counts(tau0, tau_end, step):
     """Steps per sample on a fixed grid: the joint grid's rule (no sliver step when the span is a whole
     number of steps up to rounding, see :func:`neuralode.options._fixed_grid`)."""
@@ -207,7 +230,7 @@ def _fixed_step_counts(tau0, tau_end, step):
 
 
 def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
-                         linear=False, throw=True, on_step=None, jump=None):
+                         linear=False, throw=True, on_step=None, jump=None, record=None):
     """Integrate every sample of ``y0`` (shape ``(batch, *shape)``) over its own output times.
 
     ``taus``: internal times ``direction * t``, float64 of shape ``(batch, n)``, increasing rows.
@@ -220,6 +243,11 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     there the state of the samples that ``landed`` (mask ``(batch,)``) is replaced by ``jump``'s result
     (``columns``: the index of the output time each sample landed on); the output keeps the value before the
     jump, and the step size carries on across it (the per-sample adjoint's one backward solve).
+    ``record(t0, h, tau1, accepted, writes, y)`` is called at the end of every completed iteration with its real
+    start times and signed step sizes ``(batch,)``, the internal end times ``tau1`` (exactly, as the output
+    placement compared them), the accepted mask, the output writes ``(column, wanted)``
+    of shape ``(batch, J)`` (or ``None``) and the state after it: enough to replay the iteration exactly (the
+    per-sample checkpoint strategy).
     Returns ``(outputs (n, batch, *shape), stats, error)``; outputs a sample never reached (after a failure
     with ``throw=False``) are NaN.
     """
@@ -277,7 +305,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         h_step = tau1 - tau                                 # 0 for samples that are done
         if f is None:
             f = field((direction * tau).view(view), y)
-        outcome = stepper.step(field, (direction * tau).view(view), y, f, (direction * h_step).view(view),
+        t_start = direction * tau
+        outcome = stepper.step(field, t_start.view(view), y, f, (direction * h_step).view(view),
                                norm if adaptive else None)
         y1 = outcome.y1
         if adaptive:
@@ -310,26 +339,16 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         most_outputs, running, n_underflow, n_over = torch.stack(
             [new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum()]).tolist()
 
+        writes = None
         if most_outputs > 0:
-            if linear:
-                coefficients = [y, y1 - y]
-            else:
-                f1 = outcome.f1 if outcome.f1 is not None else field((direction * tau1).view(view), y1)
-                coefficients = stepper.dense_coefficients(field, (direction * tau).view(view), y,
-                                                          (direction * h_step).view(view), outcome, f1)
-            safe_h = torch.where(h_step > 0, h_step, torch.ones_like(h_step))
             # All outputs this step passed, at once: J = the most any sample passed.
             offsets = torch.arange(most_outputs, device=device)
             column = next_out.unsqueeze(1) + offsets                              # (batch, J)
             wanted = offsets < new_outputs.unsqueeze(1)
             column = torch.where(wanted, column, torch.full_like(column, n))
-            t_out = taus.gather(1, column.clamp_max(n - 1))
-            theta = torch.where(wanted, (t_out - tau.unsqueeze(1)) / safe_h.unsqueeze(1), torch.zeros_like(t_out))
-            real = y.real.dtype if y.is_complex() else y.dtype
-            block = (batch, most_outputs) + (1,) * (y.ndim - 1)
-            value = _horner([c.unsqueeze(1) for c in coefficients], theta.to(real).view(block))
-            # An output time a step ends on exactly gets the step's value itself, as in the joint loop.
-            value = torch.where((t_out == tau1.unsqueeze(1)).view(block), y1.unsqueeze(1), value)
+            value = interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, outcome, column,
+                                        wanted, linear)
+            writes = (column, wanted)
             values.append(value.reshape(batch * most_outputs, *y.shape[1:]))
             rows = n_rows + torch.arange(batch * most_outputs, device=device).view(batch, most_outputs)
             table[column, samples.unsqueeze(1).expand_as(column)] = rows
@@ -387,6 +406,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             previous, older = torch.where(accepted, ratio, previous), torch.where(accepted, previous, older)
         else:
             step_index = step_index + active
+        if record is not None:
+            record(t_start, direction * h_step, tau1, accepted, writes, y)
 
     table = table[:n]
     outputs = torch.cat(values)[table.clamp_min(0)]                                  # (n, batch, *shape)

@@ -12,8 +12,9 @@ import torch
 from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import AdaptiveController, FixedGrid
-from .gradients import Adjoint, Direct, GradientStrategy, resolve_gradient
+from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
 from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdjointRun
+from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_method, check_options,
@@ -91,8 +92,9 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         ``t`` may have shape ``(batch, n)`` (output times per sample), and ``func(t, y)`` receives ``t`` of
         shape ``(batch,)``. ``ys`` has shape ``(n, batch, ...)``; ``stats`` holds per-sample counts
         (tensors of shape ``(batch,)``). A sample's result does not depend on the rest of its batch when
-        ``func`` treats rows independently. Explicit Runge-Kutta methods; ``gradient="direct"`` or
-        ``"adjoint"`` (per-sample backward solves, :mod:`neuralode.gradients.per_sample_adjoint`).
+        ``func`` treats rows independently. Explicit Runge-Kutta methods; every gradient strategy:
+        ``"direct"``, ``"adjoint"`` (per-sample backward solves, :mod:`neuralode.gradients.per_sample_adjoint`)
+        and ``"checkpoint"`` (:mod:`neuralode.gradients.per_sample_checkpoint`).
 
     Returns
     -------
@@ -234,9 +236,9 @@ _PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "mi
 
 def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller=None) -> Solution:
     """The boundary of per-sample stepping: checks, options to objects, then the per-sample loop."""
-    if not isinstance(strategy, (Direct, Adjoint)):
-        raise ValueError(f"per_sample=True supports gradient='direct' and 'adjoint' (got {type(strategy).__name__}): "
-                         "checkpointing replays joint steps; use per_sample=False with it")
+    if not isinstance(strategy, (Direct, Adjoint, Checkpoint)):
+        raise ValueError(f"per_sample=True supports gradient='direct', 'adjoint' and 'checkpoint', got "
+                         f"{type(strategy).__name__}")
     if callable(func) and Callbacks.of(func) is not None:
         raise ValueError("per_sample=True does not call step callbacks (callback_step/accept_step/reject_step); "
                          "remove them or solve jointly")
@@ -274,11 +276,16 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
             raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {interp!r}")
         linear = interp == "linear"
     run = None
-    if isinstance(strategy, Adjoint):
-        run = _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direction, norm, throw)
-    with torch.no_grad() if run is not None else contextlib.nullcontext():
-        outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
-                                                     step_size=step_size, linear=linear, throw=throw)
+    if isinstance(strategy, Checkpoint):
+        # Exact discrete gradients in O(sqrt(steps)) memory: the loop records its iterations, backward replays them.
+        run = PerSampleCheckpointRun(field, stepper, strategy.params, taus, direction, linear)
+        outputs, stats, error = run.forward(state, f0, control, norm, step_size, throw)
+    else:
+        if isinstance(strategy, Adjoint):
+            run = _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direction, norm, throw)
+        with torch.no_grad() if run is not None else contextlib.nullcontext():
+            outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
+                                                         step_size=step_size, linear=linear, throw=throw)
     if run is not None:
         run.stats = stats
         outputs = PerSampleAdjointFunction.apply(run, outputs, state, *strategy.params)

@@ -345,3 +345,17 @@ def test_checkpointing_keeps_about_the_square_root_of_the_iterations():
     assert len(run.kept) <= 2 * math.sqrt(2 * n) + 2             # 2 sqrt(2 N) + O(1) states, not N
     assert run.kept[0][0] == 0 and all(i % run.every == 0 for i, _ in run.kept)
     assert all(float(y[0, 0]) == i for i, y in run.kept)           # each kept state is the one after iteration i
+
+
+def test_checkpointing_matches_direct_after_a_failure_with_throw_false():
+    # Sample 1 blows up at t = 0.5 (dy/dt = y^2, y0 = 2): its later outputs are NaN; the others' gradients hold.
+    def gradient(strategy):
+        y0 = torch.tensor([[0.1], [2.0], [0.2]], dtype=f64, requires_grad=True)
+        solution = solve(lambda t, y: y * y, y0, torch.linspace(0, 1, 6, dtype=f64), per_sample=True, throw=False,
+                         gradient=strategy)
+        assert not solution.success
+        finite = torch.isfinite(solution.ys)
+        solution.ys[finite].sum().backward()
+        return y0.grad
+
+    torch.testing.assert_close(gradient("checkpoint"), gradient("direct"), rtol=1e-12, atol=1e-12)

@@ -356,6 +356,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             columns = next_out
             next_out = next_out + new_outputs
 
+        if record is not None:   # (also for a step that fails below: its outputs were written)
+            record(t_start, direction * h_step, tau1, accepted, writes, torch.where(accepted.view(view), y1, y))
         if n_underflow or n_over:
             bad = underflow if n_underflow else over_budget
             sample = int(bad.nonzero()[0, 0])
@@ -406,8 +408,6 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             previous, older = torch.where(accepted, ratio, previous), torch.where(accepted, previous, older)
         else:
             step_index = step_index + active
-        if record is not None:
-            record(t_start, direction * h_step, tau1, accepted, writes, y)
 
     table = table[:n]
     outputs = torch.cat(values)[table.clamp_min(0)]                                  # (n, batch, *shape)

@@ -116,8 +116,8 @@ class _ParameterQuadrature:
     def __init__(self, func, params, stepper, state_shape, a_params):
         self.func, self.params, self.stepper, self.state_shape = func, params, stepper, state_shape
         self.a_params = a_params
-        self.rows = ((0.0, ()),) + stepper._rows          # (c_i, nonzero a_ij) for every stage
-        self.weights = stepper._b                            # nonzero b_i
+        self.rows = stepper.stage_rows                       # (c_i, nonzero a_ij) for every stage
+        self.weights = stepper.weights                       # nonzero b_i
         self.nfe = 0
 
     def __call__(self, t0, h, z0, outcome, accepted):

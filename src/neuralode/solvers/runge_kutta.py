@@ -126,6 +126,17 @@ class ExplicitRungeKutta(Solver):
         return self.tableau.fsal
 
     @property
+    def stage_rows(self) -> tuple:
+        """``((c_i, ((j, a_ij), ...)), ...)`` for every stage ``i`` (stage 0 first, with no terms): the nonzero
+        coefficients that build the stage states (the per-sample adjoint rebuilds them from the stages)."""
+        return ((0.0, ()),) + self._rows
+
+    @property
+    def weights(self) -> tuple:
+        """``((j, b_j), ...)``: the nonzero weights of the step's result."""
+        return self._b
+
+    @property
     def order(self) -> int:
         return self.tableau.order
 

@@ -241,3 +241,14 @@ def test_pid_option_errors(options, match):
     with pytest.raises((ValueError, TypeError), match=match):
         neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64),
                         torch.tensor([0.0, 1.0], dtype=torch.float64), options=options)
+
+
+def test_adapt_is_the_decision_as_a_pure_function():
+    pid = AdaptiveController(kind="pid", pcoeff=0.4, icoeff=0.3)
+    accepted, h_next, history = pid.adapt(0.1, 0.5, 4, (1.0, 1.0))
+    assert accepted and history == (0.5, 1.0)
+    assert h_next == pytest.approx(pid.next_step(0.1, 0.5, 1.0, 4, True, 1.0))
+    accepted, h_rejected, kept = pid.adapt(0.1, 4.0, 4, history)
+    assert not accepted and kept == history and h_rejected < 0.1      # a rejection leaves the history alone
+    assert pid.adapt(0.1, float("nan"), 4, history) == (False, 0.1 * pid.dfactor, history)
+    assert pid.adapt(0.1, 50.0, 4, history, pinned=True)[0]          # held at min_step: accepted anyway

@@ -164,6 +164,22 @@ class AdaptiveController:
         return AdaptiveStepping(self, stops, self.first_step if self.first_step is not None else first_step(),
                                 read_together)
 
+    def adapt(self, h: float, ratio: float, order: int, history: tuple = (1.0, 1.0),
+              pinned: bool = False) -> tuple:
+        """One accept/reject decision as a pure function: ``(accepted, h_next, history)``.
+
+        ``h``: the step just attempted, ``ratio``: its error ratio (NaN or inf rejects and shrinks by
+        ``dfactor``), ``order``: the error estimator's, ``history``: the error ratios of the last two
+        accepted steps (what PI and PID remember), ``pinned``: held at ``min_step`` (accepted whatever its
+        error). The solve's stepping state (:class:`AdaptiveStepping`) calls this once per step.
+        """
+        if not math.isfinite(ratio):
+            return False, h * self.dfactor, history
+        accepted = ratio <= 1.0 or pinned
+        previous, older = history
+        h_next = self.next_step(h, ratio, previous, order, accepted, older)
+        return accepted, h_next, ((ratio, previous) if accepted else history)
+
     def next_step(self, h: float, ratio: float, previous_ratio: float, order: int, accepted: bool,
                   older_ratio: float = 1.0) -> float:
         """Length of the next step after a step of length ``h`` with error ratio ``ratio``;
@@ -232,7 +248,8 @@ class FixedGrid:
 # The controllers above are immutable settings; ``controller.start(...)`` returns the mutable state of one
 # solve, with one interface for adaptive control and fixed grids, so the loop has no branch on the kind:
 #   propose(tau) -> Proposal           the next step (clipped to the next stop, min/max step)
-#   judge(proposal, outcome) -> bool   accept or reject it (reads the error ratio: the step's one host sync)
+#   judge(proposal, outcome) -> bool   accept or reject it (reads the error ratio: the step's one host sync;
+#                                      the decision itself is AdaptiveController.adapt, a pure function)
 #   advance(proposal, state_jump)      after an accepted step
 #   cannot_shrink(proposal)            why a step whose Newton iteration failed cannot be retried smaller
 #   over_budget(n_steps, until_event)  max_num_steps reached
@@ -262,7 +279,7 @@ class AdaptiveStepping:
     def __init__(self, controller: AdaptiveController, stops: list, h: float, read_together: bool):
         self.controller, self.stops, self.h = controller, stops, abs(float(h))
         self.stop_index = 0
-        self.previous_ratio = self.older_ratio = 1.0   # error ratios of the last two accepted steps (PI, PID)
+        self.history = (1.0, 1.0)   # error ratios of the last two accepted steps (PI, PID)
         self.read_together = read_together              # one host read for ratio and finiteness (a device)
         self.non_finite = False                         # the last rejection: NaN or inf in the step
         self.newton_failure = None                      # the last rejection: an implicit method's Newton failed
@@ -300,17 +317,14 @@ class AdaptiveStepping:
             ratio, total = torch.stack([outcome.error_ratio.to(total.dtype), total]).tolist()
         else:                 # on the CPU two reads are cheaper than a stack (3 us against 7 us)
             ratio, total = float(outcome.error_ratio), float(total)
-        if not math.isfinite(total) or not math.isfinite(ratio):
-            self.non_finite = True
-            self.h = h * control.dfactor
-            return False
-        accepted = ratio <= 1.0 or proposal.pinned
-        self.non_finite, self.newton_failure = False, None
-        h_next = control.next_step(h, ratio, self.previous_ratio, outcome.error_order, accepted, self.older_ratio)
+        if not math.isfinite(total):
+            ratio = math.nan
+        accepted, h_next, self.history = control.adapt(h, ratio, outcome.error_order, self.history, proposal.pinned)
+        self.non_finite = not math.isfinite(ratio)
+        if not self.non_finite:
+            self.newton_failure = None
         if accepted and outcome.step_factor is not None:
-            h_next = h * outcome.step_factor
-        if accepted:
-            self.previous_ratio, self.older_ratio = ratio, self.previous_ratio
+            h_next = h * outcome.step_factor   # a multistep method's own step policy
         self.h = h_next
         return accepted
 

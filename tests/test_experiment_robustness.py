@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +13,10 @@ import torch.nn.functional as F
 from shared_data import shared
 from torch import nn
 
-from neuralode.experiments import ConfigError, Position, apply_overrides, get_experiment, train
+from neuralode.experiments import ConfigError, Experiment, Position, apply_overrides, get_experiment, train
+from neuralode.experiments import robustness as robustness_module
 from neuralode.experiments.robustness import Robustness, RobustnessConfig, add_gaussian_noise, fgsm, pgd
+from neuralode.experiments.ecg import saved_activation_bytes
 from neuralode.experiments.runner import CHECKPOINT, Hook, load_checkpoint
 from neuralode.models import TisODENet, count_parameters, robust_classifier
 from neuralode.nn import Autonomous
@@ -184,6 +188,90 @@ def test_run_writes_its_table_and_resumes_exactly(tmp_path):
     assert (tmp_path / "ref" / "robustness.json").read_text() == (tmp_path / "cut" / "robustness.json").read_text()
 
 
+def _stepped(step):
+    """Initial weights, then model, optimiser, loss and logged scalars after one training step by
+    ``step`` (an unbound ``train_step``) of a fresh experiment with the same seed."""
+    torch.manual_seed(0)
+    exp = Robustness(Robustness.resolve(_config()))
+    exp.setup()
+    model = exp.build_model()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = exp.build_optimizer(model)
+    position = Position(step=0, epoch=0, index=0)
+    loss, scalars = step(exp, model, exp.batch(position), position, optimizer)
+    return initial, model.state_dict(), optimizer.state_dict()["state"], loss, scalars
+
+
+def _value(v):
+    return v.detach().item() if isinstance(v, torch.Tensor) else v
+
+
+def test_member_wise_step_is_the_joint_step_bitwise():
+    # The loop's default step (one backward pass over the summed loss of all members, TisODE's
+    # steady-state term included) against Robustness.train_step (one member's forward and
+    # backward at a time): the same update, Adam state and logged values, to the bit.
+    init, a, adam_a, loss_a, logged_a = _stepped(Experiment.train_step)
+    init_b, b, adam_b, loss_b, logged_b = _stepped(Robustness.train_step)
+    assert all(torch.equal(init[k], init_b[k]) for k in init)
+    assert all(not torch.equal(init[k], a[k]) for k in a if k.endswith("weight"))  # every member moved
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(adam_a[i][k], adam_b[i][k]) for i in adam_a for k in adam_a[i])
+    assert loss_a.item() == loss_b.item() and not loss_b.requires_grad
+    assert list(logged_a) == list(logged_b) and all(_value(logged_a[k]) == _value(logged_b[k]) for k in logged_a)
+    assert {"tisode_clean_steady", "tisode_noise_steady"} <= set(logged_b)
+
+
+class _Saved:
+    """A tensor autograd saved for backward; alive as long as some graph holds it."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+@pytest.mark.parametrize("member_wise", [True, False])
+def test_one_member_graph_is_alive_at_a_time(member_wise):
+    exp = Robustness(Robustness.resolve(_config()))
+    exp.setup()
+    model = exp.build_model()
+    optimizer = exp.build_optimizer(model)
+    batch = exp.batch(Position(step=0, epoch=0, index=0))
+    live = weakref.WeakSet()
+    alive_at_forward = []
+    for member in model.models.values():
+        member.register_forward_pre_hook(lambda *_: alive_at_forward.append(len(live)))
+
+    def pack(t):
+        saved = _Saved(t)
+        live.add(saved)
+        return saved
+
+    step = Robustness.train_step if member_wise else Experiment.train_step
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+        step(exp, model, batch, Position(0, 0, 0), optimizer)
+    assert len(alive_at_forward) == 4
+    if member_wise:  # every member starts with no other member's graph in memory
+        assert alive_at_forward == [0, 0, 0, 0]
+    else:  # the loop's default step keeps them all until its one backward pass
+        assert alive_at_forward[0] == 0 and all(n > 0 for n in alive_at_forward[1:])
+
+
+def test_activation_meter_keeps_no_activation_alive():
+    # TisODE keeps steady_state, a tensor of its last forward pass, and with it that pass's graph:
+    # the meter's graph must not hold the activations it counted (0.85 GiB per TisODE at channels 64)
+    torch.manual_seed(0)
+    member = robust_classifier("tisode", channels=4).train()
+    stem_out = []
+    member.stem.register_forward_hook(lambda module, args, out: stem_out.append(weakref.ref(out)))
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    with_graph = saved_activation_bytes(member, x, y)
+    assert member.steady_state is not None and member.steady_state.grad_fn is not None
+    assert stem_out[0]() is None
+    member.steady_state = None
+    assert saved_activation_bytes(member, x, y) == with_graph > 0
+
+
 def test_noise_members_see_noisy_images_and_clean_members_clean_ones():
     exp = Robustness(Robustness.resolve(_config()))
     exp.setup()
@@ -197,16 +285,28 @@ def test_noise_members_see_noisy_images_and_clean_members_clean_ones():
     assert torch.equal(again["cnn_noise"], inputs["cnn_noise"])  # drawn from the position, not a stream
 
 
+FULL = ["channels=64", "batch_size=128", "lr=1e-3", "train_size=0", "test_size=0", "attack_size=1000",
+        "epochs=100", "steady_from_epoch=5"]
+
+
 def test_registered_and_the_full_setting_is_the_authors():
     assert get_experiment("robustness") is Robustness
-    c = apply_overrides(RobustnessConfig(), ["train_size=0", "test_size=0", "attack_size=1000", "epochs=100",
-                                             "steady_from_epoch=5"])
+    c = apply_overrides(RobustnessConfig(), FULL)
+    assert [count_parameters(robust_classifier(k, channels=c.channels)) for k in ("cnn", "odenet", "tisode")] == [
+        141_130, 142_410, 141_130]
     assert (c.lr, c.weight_decay, c.batch_size, c.lr_decay_epochs, c.lr_decay) == (1e-3, 5e-4, 128, (30, 60, 90), 0.2)
     assert (c.noise_stds, c.fgsm_eps, c.pgd_eps, c.pgd_step, c.pgd_steps) == (
         (50, 75, 100), (0.15, 0.3, 0.5), (0.2, 0.3), (0.04, 0.06), 10)
     assert (c.steady_window, c.steady_weight, c.odenet_step, c.tisode_step) == ((0.9, 1.5), 0.01, 0.1, 0.05)
     exp = Robustness(c)
     assert [exp._lr(e) for e in (0, 29, 30, 60, 90)] == pytest.approx([1e-3, 1e-3, 2e-4, 4e-5, 8e-6])
+
+
+def test_the_documented_full_command_is_the_full_setting():
+    # the command of the module docstring and of docs/classification.md is the one tested above
+    command = "neuralode run robustness --set " + " ".join(FULL)
+    assert command in robustness_module.__doc__
+    assert command in (Path(__file__).resolve().parents[1] / "docs" / "classification.md").read_text()
 
 
 @pytest.mark.parametrize("override, option", [
@@ -219,7 +319,7 @@ def test_registered_and_the_full_setting_is_the_authors():
     ("train_noise_prob=1.5", "train_noise_prob"),
     ("attack_size=-1", "attack_size"),
     ("tisode_step=0", "tisode_step"),
-    ("train_size=64", "batch_size"),
+    ("train_size=16", "batch_size"),
 ])
 def test_bad_config_values_name_the_option(override, option):
     with pytest.raises(ConfigError, match=option):

@@ -57,7 +57,8 @@ class Experiment:
     methods marked *required*.
 
     The loop calls, in order: ``setup()``, ``build_model()``, ``build_optimizer(model)``;
-    then for each step ``batch(position)`` and ``loss(model, batch, position)``;
+    then for each step ``batch(position)`` and ``train_step(model, batch, position, optimizer)``
+    (by default ``loss(model, batch, position)``, backward, ``optimizer.step()``);
     ``evaluate(model, position, run)`` every ``config.eval_every`` steps and at the end;
     finally ``finish(model, run)``. Everything an experiment keeps between steps that is
     not in the model or optimiser (plot snapshots, divergence flags) must round-trip
@@ -102,6 +103,22 @@ class Experiment:
         """Scalar loss of one batch and extra scalars to log (*required*). A loss that
         does not require grad (nothing left to train) makes the loop skip the update."""
         raise NotImplementedError
+
+    def train_step(self, model: torch.nn.Module, batch: Any, position: Position,
+                   optimizer: torch.optim.Optimizer) -> tuple[torch.Tensor, dict]:
+        """One optimiser step on ``batch``: the loss and the extra scalars to log.
+
+        The default is what every experiment needs: ``loss(model, batch, position)``, one
+        backward pass, ``optimizer.step()`` (no update when the loss does not require grad).
+        Override it only where one backward pass over the whole loss holds too much at once:
+        ``robustness`` runs forward and backward of its independent members one after the
+        other, so one member's graph is alive at a time, and gets the same update."""
+        loss, extra = self.loss(model, batch, position)
+        optimizer.zero_grad(set_to_none=True)
+        if loss.requires_grad:
+            loss.backward()
+            optimizer.step()
+        return loss, extra
 
     # -- optional -----------------------------------------------------------------
     @property

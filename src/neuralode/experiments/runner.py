@@ -602,11 +602,7 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
             for step in range(start, total):
                 position = _position(step, per_epoch)
                 batch = exp.batch(position)
-                loss, extra = exp.loss(net, batch, position)
-                optimizer.zero_grad(set_to_none=True)
-                if loss.requires_grad:
-                    loss.backward()
-                    optimizer.step()
+                loss, extra = exp.train_step(net, batch, position, optimizer)
                 done = _position(step + 1, per_epoch)
                 record: dict = {}
                 if done.step % config.log_every == 0 or done.step == total:

@@ -359,3 +359,14 @@ def test_checkpointing_matches_direct_after_a_failure_with_throw_false():
         return y0.grad
 
     torch.testing.assert_close(gradient("checkpoint"), gradient("direct"), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_only_the_start_time_gives_y0_and_its_identity_gradient(gradient):
+    rate = torch.tensor(0.7, dtype=f64, requires_grad=True)
+    y0 = torch.ones(3, 2, dtype=f64, requires_grad=True)
+    solution = solve(lambda t, y: -rate * y, y0, torch.tensor([0.0], dtype=f64), per_sample=True, gradient=gradient,
+                     adjoint_params=[rate])
+    assert solution.ys.shape == (1, 3, 2)
+    solution.ys.sum().backward()
+    assert torch.equal(y0.grad, torch.ones_like(y0)) and (rate.grad is None or float(rate.grad) == 0.0)

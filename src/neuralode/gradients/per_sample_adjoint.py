@@ -66,6 +66,9 @@ class PerSampleAdjointRun:
             return ends
 
         half = outputs[0].numel() // batch
+        if n == 1:
+            # Only the start time: y(t0) is y0 itself, nothing to integrate back.
+            return grad_outputs[0], a_params
         if self.control is not None:
             # Adaptive: one backward solve from t_{n-1} to t_0 whose steps land on every sample's output times,
             # where y is reset to its forward value and dL/dy(t_k) is added to a (the step size carries on).

@@ -370,3 +370,22 @@ def test_only_the_start_time_gives_y0_and_its_identity_gradient(gradient):
     assert solution.ys.shape == (1, 3, 2)
     solution.ys.sum().backward()
     assert torch.equal(y0.grad, torch.ones_like(y0)) and (rate.grad is None or float(rate.grad) == 0.0)
+
+
+@settings(max_examples=12, deadline=None)
+@given(batch=st.integers(1, 6), seed=st.integers(0, 10_000), shared_times=st.booleans(),
+       method=st.sampled_from(["dopri5", "tsit5", "bosh3", "rk4"]))
+def test_checkpointing_equals_backpropagation_on_random_batches(batch, seed, shared_times, method):
+    mu, y0 = vdp_batch(batch, seed)
+    mu = 0.5 + mu / 5                       # (mild oscillators: a fixed rk4 step of 0.05 stays stable)
+    generator = torch.Generator().manual_seed(seed + 1)
+    if shared_times:
+        t = torch.linspace(0, 2, 5, dtype=f64)
+    else:
+        starts = torch.rand(batch, 1, generator=generator, dtype=f64)
+        t = starts + torch.cumsum(0.05 + torch.rand(batch, 5, generator=generator, dtype=f64) * 0.5, dim=1) - 0.05
+    options = {"step_size": 0.05} if method == "rk4" else None
+    mu_direct, y0_direct, _ = _gradients("direct", mu, y0, t, method, tol=1e-6, options=options)
+    mu_checkpoint, y0_checkpoint, _ = _gradients("checkpoint", mu, y0, t, method, tol=1e-6, options=options)
+    torch.testing.assert_close(mu_checkpoint, mu_direct, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y0_checkpoint, y0_direct, rtol=1e-12, atol=1e-12)

@@ -29,6 +29,7 @@ import math
 import torch
 
 from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from .controllers import ErrorNorm
 from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
@@ -47,26 +48,21 @@ class PerSampleField(VectorField):
         return t.reshape(-1).to(self.time_dtype)
 
 
-class PerSampleNorm:
+class PerSampleNorm(ErrorNorm):
     """Error ratio per sample: RMS over the sample's elements of ``err / (atol + rtol max(|y0|, |y1|))``.
 
-    Returns shape ``(batch,)``. The same weighted norm as the joint solve's default, taken row by row.
+    Returns shape ``(batch,)``. The joint solve's :class:`~neuralode.controllers.ErrorNorm` (the same scale),
+    with its RMS taken row by row.
     """
 
     def __init__(self, rtol, atol):
-        self.rtol, self.atol = rtol, atol
-
-    def scale(self, y0: torch.Tensor, y1: torch.Tensor | None = None) -> torch.Tensor:
-        magnitude = y0.abs() if y1 is None else torch.maximum(y0.abs(), y1.abs())
-        return magnitude.mul_(self.rtol).add_(self.atol)
+        super().__init__(rtol, atol, norm=None)
+        self.norm = self.rms
 
     @staticmethod
     def rms(x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(x.shape[0], -1)
         return torch.linalg.vector_norm(rows, dim=1) / math.sqrt(max(rows.shape[1], 1))
-
-    def __call__(self, error: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-        return self.rms(error / self.scale(y0, y1))
 
 
 def check_per_sample_times(t, y0) -> torch.Tensor:

@@ -26,10 +26,13 @@ exponent ``1/(q+1)``: the error estimator's).
 
 from __future__ import annotations
 
+import abc
 
-class Solver:
+
+class Solver(abc.ABC):
     """Base of every stepper: the flags' defaults (an explicit one-step method) and the shared defaults of
-    the interface. Subclasses are frozen dataclasses; see the module docstring for the contract."""
+    the interface. Subclasses are frozen dataclasses; see the module docstring for the contract. ``order``
+    and ``adaptive`` are abstract: a subclass that leaves either out cannot be instantiated."""
 
     implicit = False
     multistep = False
@@ -38,12 +41,14 @@ class Solver:
     fsal = False
 
     @property
+    @abc.abstractmethod
     def order(self) -> int:
-        raise NotImplementedError
+        """Classical order of the propagated solution."""
 
     @property
+    @abc.abstractmethod
     def adaptive(self) -> bool:
-        raise NotImplementedError
+        """Whether the method has an error estimate (adaptive step-size control)."""
 
     @property
     def initial_step_order(self) -> int:

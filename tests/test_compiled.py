@@ -1,4 +1,5 @@
-"""solve(..., compile=True): the compiled explicit Runge-Kutta step against the eager one (issue 13, item 4).
+"""solve(..., compile=True): the compiled explicit Runge-Kutta and Rosenbrock steps against the eager ones
+(issue 13, item 4; issue 12, the small-problem overhead of rodas5).
 
 Each test compiles (seconds on a CPU), so the cases are few and chosen to cover the paths: an FSAL method
 with a 5th-order estimate, DOP853's two estimates, a fixed grid, direct gradients, a float32 state, steps
@@ -7,8 +8,10 @@ that must stay eager (one-sided limits at ``jump_t``), a field that cannot be co
 
 from __future__ import annotations
 
+import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo.utils
@@ -192,7 +195,7 @@ def test_adjoint_backward_steps_are_compiled_and_match_eager(continuous):
         compiled_solution = neuralode.solve(field, y0, t, compile=True, **kwargs)
         grads_compiled = torch.autograd.grad(compiled_solution.ys.pow(2).sum(), (y0, *params))
     _assert_compiled(record)
-    assert ("dopri5", "adjoint", type(field)) in compiled._KERNELS
+    assert (("dopri5", "adjoint", type(field)), "step") in compiled._KERNELS
     assert compiled_solution.stats["nfe_backward"] == eager.stats["nfe_backward"]
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
@@ -272,3 +275,109 @@ def test_compile_with_perturb_says_it_has_no_effect():
     with pytest.warns(UserWarning, match="no effect with options=\\{'perturb': True\\}"):
         neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rk4",
                         options={"step_size": 0.1, "perturb": True}, compile=True)
+
+
+# --- Rosenbrock (rodas5) -------------------------------------------------------------------------------
+
+class _Robertson(torch.nn.Module):
+    """Robertson's kinetics, one rate triple per sample (state (batch, 3)): stiff, and independent samples."""
+
+    def __init__(self, batch=3):
+        super().__init__()
+        scale = torch.logspace(-0.5, 0.5, batch, dtype=torch.float64)[:, None]
+        self.register_buffer("k", torch.tensor([0.04, 3e7, 1e4], dtype=torch.float64) * scale)
+
+    def forward(self, t, y):
+        k1, k2, k3 = self.k.unbind(-1)
+        y1, y2, y3 = y.unbind(-1)
+        return torch.stack([-k1 * y1 + k3 * y2 * y3, k1 * y1 - k3 * y2 * y3 - k2 * y2 ** 2, k2 * y2 ** 2], -1)
+
+
+def _robertson_y0(batch=3):
+    return torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64).repeat(batch, 1)
+
+
+@pytest.mark.parametrize("jacobian", ["dense", "batched"])
+def test_compiled_rosenbrock_matches_eager(jacobian):
+    field = type("Robertson", (_Robertson,), {})()
+    t = torch.tensor([0.0, 0.1, 40.0], dtype=torch.float64)
+    eager, compiled = _pair(field, _robertson_y0(), t, method="rodas5", rtol=1e-7, atol=1e-10,
+                            options={"jacobian": jacobian})
+    # The same steps, Jacobians, factorisations and evaluations; values to rounding (J by forward-mode AD in
+    # the compiled step, by reverse mode in the eager one: equal here, but fused sums differ by ulps).
+    for key in ("n_steps", "n_accepted", "n_rejected", "nfe", "n_jacobians", "n_lu", "n_singular"):
+        assert compiled.stats[key] == eager.stats[key], key
+    assert compiled.stats["n_rejected"] > 0        # a rejected step reused J (n_jacobians < n_steps)
+    assert compiled.stats["n_jacobians"] < compiled.stats["n_steps"]
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-11, atol=1e-14)
+    assert compiled.success
+
+
+def test_compiled_rosenbrock_time_derivative_and_singular_matrix():
+    from neuralode.tableaus.rosenbrock import RODAS5
+
+    # A forcing read as a tensor: df/dt by forward mode inside the compiled linearisation, every step.
+    def forced(t, y):
+        return -50.0 * (y - torch.cos(t))
+
+    y0 = torch.tensor([0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    eager, compiled = _pair(forced, y0, t, method="rodas5", rtol=1e-8, atol=1e-10)
+    assert compiled.stats["n_time_derivatives"] == compiled.stats["n_jacobians"] == eager.stats["n_jacobians"] > 0
+    assert compiled.stats["nfe"] == eager.stats["nfe"]
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-14)
+
+    # A rate that makes I - h gamma J exactly singular at h = 1: the compiled step reports it (the LU's info),
+    # the step is halved and the solve goes on, as eagerly.
+    lam = 1 / RODAS5.gamma
+    while 1.0 - RODAS5.gamma * lam != 0.0:
+        lam = float(np.nextafter(lam, np.inf if RODAS5.gamma * lam < 1 else -np.inf))
+    eager, compiled = _pair(lambda t, y: lam * y, torch.tensor([1.0], dtype=torch.float64),
+                            torch.tensor([0.0, 1.0], dtype=torch.float64), method="rodas5", rtol=1e-8, atol=1e-10,
+                            options={"first_step": 1.0})
+    assert compiled.stats["n_singular"] == eager.stats["n_singular"] == 1
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=0)
+
+
+def test_compiled_rosenbrock_steps_that_need_a_graph_run_eagerly():
+    # Direct backpropagation differentiates the step (its J with a graph): that step is the eager one, so the
+    # gradient is the eager gradient exactly; the adjoint's forward solve has no graph and runs compiled.
+    class Coupled(torch.nn.Module):
+        """Stiff enough (rates 1 and 200) and stable backwards in time for the adjoint's reconstruction."""
+
+        def __init__(self):
+            super().__init__()
+            self.k = torch.nn.Parameter(torch.tensor([[1.0], [200.0]], dtype=torch.float64))
+
+        def forward(self, t, y):
+            return -self.k * y + 0.5 * torch.tanh(y.roll(1, -1))
+
+    field = Coupled()
+    y0 = torch.tensor([[1.0, -0.5, 0.25], [0.3, 0.2, -1.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    grads = {}
+    for gradient in ("direct", "adjoint"):
+        for compile_ in (False, True):
+            with warnings.catch_warnings(record=True) as record:
+                warnings.simplefilter("always")
+                sol = neuralode.solve(field, y0, t, method="rodas5", rtol=1e-9, atol=1e-12, gradient=gradient,
+                                      compile=compile_)
+                (grads[gradient, compile_],) = torch.autograd.grad(sol.ys.pow(2).sum(), field.k)
+            _assert_compiled(record)
+    assert torch.equal(grads["direct", True], grads["direct", False])
+    torch.testing.assert_close(grads["adjoint", True], grads["adjoint", False], rtol=1e-9, atol=0)
+    torch.testing.assert_close(grads["adjoint", False], grads["direct", False], rtol=1e-5, atol=1e-12)
+
+
+def test_compiled_rosenbrock_refuses_the_krylov_mode_and_runs_a_float_time_field_eagerly():
+    with pytest.raises(ValueError, match="'jacobian': 'dense'"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2), torch.tensor([0.0, 1.0]), method="rodas5",
+                        options={"jacobian": "krylov"}, compile=True)
+
+    # float(t) hides t from forward-mode AD: df/dt is a difference quotient, which only the eager step takes.
+    def float_time(t, y):
+        return -50.0 * (y - math.cos(float(t)))
+
+    y0, t = torch.tensor([0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    eager, compiled = _pair(float_time, y0, t, method="rodas5", rtol=1e-8, atol=1e-10)
+    assert torch.equal(compiled.ys, eager.ys) and compiled.stats == eager.stats

@@ -40,7 +40,8 @@ import warnings
 
 import torch
 
-from .runge_kutta import ExplicitRungeKutta
+from .rosenbrock import Rosenbrock
+from .runge_kutta import ExplicitRungeKutta, StepOutcome
 
 _KERNELS: dict = {}
 # (key, instance) -> the reason a field could not be compiled (warned once per field). The verdict is per
@@ -92,36 +93,32 @@ def _new_kernel(name: str):
     return types.FunctionType(code, kernel.__globals__, name)
 
 
-class CompiledRungeKutta:
-    """An :class:`ExplicitRungeKutta` whose ``step`` runs as one ``torch.compile``d function.
+class _CompiledStepper:
+    """What every compiled stepper shares: the eager stepper it stands for, its cached kernels, and the
+    fallback to that eager stepper (with one warning per field) when a kernel cannot be traced.
 
     Parameters
     ----------
-    stepper : ExplicitRungeKutta
+    stepper : Solver
         The eager stepper: the definition of the method, and the fallback.
     func : callable
         The user's field (for the cache key only; the step receives the loop's ``VectorField``).
     """
 
-    def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
+    def __init__(self, stepper, func, role: str, kernels: dict):
         self.eager = stepper
         self.key = (stepper.tableau.name, role, _field_key(func))
         plain_function = getattr(func, "__code__", None) is not None and getattr(func, "compile_key", None) is None
         # (an id is only compared while the object lives: the solve holds the field)
         self.verdict_key = self.key if plain_function else (self.key, id(func))
-        kernel = _KERNELS.get(self.key)
-        if kernel is None:
-            raw = _new_kernel(f"compiled_{stepper.tableau.name}_step")
-            kernel = torch.compile(raw, fullgraph=True)
-            _KERNELS[self.key] = kernel
-        self.kernel = kernel
+        self.kernels = {}
+        for part, make in kernels.items():
+            kernel = _KERNELS.get((self.key, part))
+            if kernel is None:
+                kernel = torch.compile(make(f"compiled_{stepper.tableau.name}_{part}"), fullgraph=True)
+                _KERNELS[(self.key, part)] = kernel
+            self.kernels[part] = kernel
         self._norm_cache = None
-        self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
-        tableau = stepper.tableau
-        # The dense output of an FSAL method without extra stages costs no evaluation: the compiled step
-        # builds it too (a few fused operations) instead of the loop's eager stack, matrix product and
-        # unbind whenever an output time falls inside the step.
-        self.with_dense = bool(tableau.fsal and tableau.adaptive and not tableau.extra_c)
 
     @staticmethod
     def time_dtype(y0):
@@ -134,39 +131,34 @@ class CompiledRungeKutta:
             raise AttributeError(name)
         return getattr(self.eager, name)
 
-    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state=None):
-        if not getattr(func, "compilable", False) or self.verdict_key in _BROKEN:
-            # (wrapped fields for one-sided limits are not compilable; neither is the interpolating adjoint's)
-            return self.eager.step(func, t0, y0, f0, h, error_norm, state)
-        # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
-        # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
-        times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
-        if self.with_dense:
-            self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
-        arguments = (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0, self.with_dense)
+    def usable(self, func) -> bool:
+        """Whether this step may run compiled: wrapped fields (one-sided limits, the interpolating adjoint)
+        are not compilable, and a field that failed to trace stays eager."""
+        return getattr(func, "compilable", False) and self.verdict_key not in _BROKEN
+
+    def run(self, part: str, arguments: tuple):
+        """``kernels[part](*arguments)``, or ``None`` after warning once if it cannot be compiled."""
         try:
             try:
-                outcome = self._call(arguments)
+                return self._call(part, arguments)
             except Exception as error:  # noqa: BLE001
                 if self.key in _NEEDS_AUTOGRAD or "trace_autograd_ops" not in str(error):
                     raise
                 _NEEDS_AUTOGRAD[self.key] = True
-                outcome = self._call(arguments)
+                return self._call(part, arguments)
         except Exception as error:  # noqa: BLE001 - any failure to compile falls back to the eager step
             reason = _reason(error)
             _BROKEN[self.verdict_key] = reason
             warnings.warn(f"compile=True: the step of method {self.key[0]!r} with this vector field could not be "
                           f"compiled ({reason}); solving eagerly instead (same results, without the speed-up)",
-                          UserWarning, stacklevel=4)
-            return self.eager.step(func, t0, y0, f0, h, error_norm, state)
-        func.nfe += self.evaluations
-        return outcome
+                          UserWarning, stacklevel=5)
+            return None
 
-    def _call(self, arguments):
+    def _call(self, part, arguments):
         if self.key not in _NEEDS_AUTOGRAD:
-            return self.kernel(*arguments)
+            return self.kernels[part](*arguments)
         with _autograd_settings():
-            return self.kernel(*arguments)
+            return self.kernels[part](*arguments)
 
     def _tensor_tolerances(self, error_norm, y0):
         """The loop's error norm with float tolerances as tensors (inputs of the graph, not constants): a new
@@ -185,10 +177,131 @@ class CompiledRungeKutta:
         self._norm_cache = (error_norm, converted)
         return converted
 
+
+class CompiledRungeKutta(_CompiledStepper):
+    """An :class:`ExplicitRungeKutta` whose ``step`` runs as one ``torch.compile``d function."""
+
+    def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
+        super().__init__(stepper, func, role, {"step": _new_kernel})
+        self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
+        tableau = stepper.tableau
+        # The dense output of an FSAL method without extra stages costs no evaluation: the compiled step
+        # builds it too (a few fused operations) instead of the loop's eager stack, matrix product and
+        # unbind whenever an output time falls inside the step.
+        self.with_dense = bool(tableau.fsal and tableau.adaptive and not tableau.extra_c)
+
+    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state=None):
+        if not self.usable(func):
+            return self.eager.step(func, t0, y0, f0, h, error_norm, state)
+        # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
+        # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
+        times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
+        if self.with_dense:
+            self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
+        outcome = self.run("step", (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0,
+                                    self.with_dense))
+        if outcome is None:
+            return self.eager.step(func, t0, y0, f0, h, error_norm, state)
+        func.nfe += self.evaluations
+        return outcome
+
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome, f1: torch.Tensor) -> list:
         if outcome.coefficients is not None:
             return outcome.coefficients
         return self.eager.dense_coefficients(func, t0, y0, h, outcome, f1)
+
+
+def _new_linearize_kernel(name: str):
+    """``(J, df/dt)`` at ``(t0, y0)`` by forward-mode AD: ``J`` dense ``(n, n)`` or per sample ``(batch, m, m)``."""
+    def kernel(field, times, y0, batched, with_time):
+        t0 = times[0]
+        f = lambda y: field.evaluate(t0, y)  # noqa: E731
+        if batched:
+            # Tangent e_j in every sample at once gives column j of every block (samples are independent).
+            m = y0[0].numel()
+            basis = torch.eye(m, dtype=y0.dtype, device=y0.device)[:, None, :].expand(m, y0.shape[0], m)
+            columns = torch.func.vmap(lambda v: torch.func.jvp(f, (y0,), (v.reshape(y0.shape),))[1])(basis)
+            jacobian = columns.reshape(m, y0.shape[0], m).permute(1, 2, 0)
+        else:
+            jacobian = torch.func.jacfwd(f)(y0).reshape(y0.numel(), y0.numel())
+        time_derivative = None
+        if with_time:
+            time_derivative = torch.func.jvp(lambda t: field.evaluate(t, y0), (t0,), (torch.ones_like(t0),))[1]
+        return jacobian, time_derivative
+
+    code = kernel.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, kernel.__globals__, name)
+
+
+def _new_rosenbrock_kernel(name: str):
+    """One Rosenbrock step given the linearisation: the LU of ``I - h gamma J``, the stages, ``y1`` and the
+    error ratio, and whether the factorisation was usable (``info == 0`` and finite)."""
+    def kernel(stepper, field, error_norm, times, y0, f0, jacobian, time_derivative):
+        t0, h = times.unbind()
+        coefficient = (h * stepper.tableau.gamma).to(jacobian.dtype)
+        size = jacobian.shape[-1]
+        matrix = torch.eye(size, dtype=jacobian.dtype, device=jacobian.device) - coefficient * jacobian
+        lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        usable = (info == 0).all() & torch.isfinite(lu).all()
+        shape = (jacobian.shape[0], size, 1) if jacobian.ndim == 3 else (size, 1)
+
+        def solve(rhs):
+            return torch.linalg.lu_solve(lu, pivots, (coefficient * rhs).reshape(shape)).reshape(rhs.shape)
+
+        us = stepper.increments(field.evaluate, t0, y0, f0, h, solve, time_derivative)
+        y1, ratio = stepper.combine(y0, us, error_norm)
+        return y1, ratio, us, usable
+
+    code = kernel.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, kernel.__globals__, name)
+
+
+class CompiledRosenbrock(_CompiledStepper):
+    """A :class:`~neuralode.solvers.rosenbrock.Rosenbrock` method (``jacobian="dense"`` or ``"batched"``) whose
+    step runs as two compiled functions: the linearisation (``J`` by ``torch.func.jacfwd``, ``df/dt`` by a
+    forward-mode product in ``t``) and the rest of the step (LU, stages, error ratio). A rejected step reuses
+    ``J`` and runs only the second, as the eager stepper does.
+
+    The compiled step is used when no graph is recorded (inference, ``torch.no_grad``, the adjoint's forward
+    solve) for real floating-point states; a step that must be differentiated (direct backpropagation,
+    checkpoint replay), a complex state, and a field whose ``df/dt`` forward-mode AD cannot see (it reads the
+    time as a Python number) run the eager step, which is the definition the compiled one is tested against.
+    """
+
+    def __init__(self, stepper, func):
+        super().__init__(stepper, func, "forward", {"linearize": _new_linearize_kernel,
+                                                     "step": _new_rosenbrock_kernel})
+        self.evaluations = stepper.tableau.stages - 1     # f0 comes in
+
+    def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state):
+        graph = torch.is_grad_enabled() and (y0.requires_grad or f0.requires_grad or state.has_parameters)
+        if (graph or not self.usable(func) or y0.numel() == 0 or y0.is_complex() or not y0.is_floating_point()
+                or not (state.autonomous or state.forward_time)):
+            return self.eager.step(func, t0, y0, f0, h, error_norm, state)
+        times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
+        if state.point is not y0 or state.point_t != t0 or state.point_graph:
+            linearization = self.run("linearize", (func, times, y0, self.eager.jacobian == "batched",
+                                                   not state.autonomous))
+            if linearization is None:
+                return self.eager.step(func, t0, y0, f0, h, error_norm, state)
+            state.jacobian, state.time_derivative = linearization
+            state.graph_point = None
+            state.point, state.point_t, state.point_graph = y0, t0, False
+            state.counters["n_jacobians"] += 1
+            func.nfe += 1                   # one (vectorised) evaluation, as the eager Jacobian counts it
+            if not state.autonomous:
+                state.counters["n_time_derivatives"] += 1
+                func.nfe += 1
+        result = self.run("step", (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0,
+                                   state.jacobian, state.time_derivative))
+        if result is None:
+            return self.eager.step(func, t0, y0, f0, h, error_norm, state)
+        y1, ratio, us, usable = result
+        if not bool(usable):
+            return self.eager.singular(y0, h, state)
+        state.counters["n_lu"] += 1
+        func.nfe += self.evaluations
+        return StepOutcome(y1, None, ratio, self.eager.error_order, stages=(f0, list(us)), state=state)
 
 
 def _reason(error: Exception) -> str:
@@ -204,14 +317,21 @@ def _reason(error: Exception) -> str:
 
 
 def compiled_stepper(stepper, func, method: str, options=None):
-    """The stepper for ``compile=True``: explicit Runge-Kutta methods only (a clear error otherwise)."""
-    if not isinstance(stepper, ExplicitRungeKutta):
-        raise ValueError(f"compile=True supports the explicit Runge-Kutta methods (e.g. 'dopri5', 'tsit5', 'rk4'); "
-                         f"method {method!r} is not one of them: drop compile=True or pick such a method")
+    """The stepper for ``compile=True``: explicit Runge-Kutta methods, and Rosenbrock methods with a dense or
+    batched Jacobian (a clear error otherwise)."""
     if options and options.get("perturb"):
         warnings.warn("compile=True has no effect with options={'perturb': True}: every step evaluates the field "
                       "at one-sided limits through a wrapper, which runs eagerly", UserWarning, stacklevel=3)
+    if isinstance(stepper, Rosenbrock):
+        if stepper.jacobian == "krylov":
+            raise ValueError(f"compile=True supports method {method!r} with options={{'jacobian': 'dense'}} or "
+                             "'batched'; the Krylov mode's GMRES iterates on the host: drop compile=True")
+        return CompiledRosenbrock(stepper, func)
+    if not isinstance(stepper, ExplicitRungeKutta):
+        raise ValueError(f"compile=True supports the explicit Runge-Kutta methods (e.g. 'dopri5', 'tsit5', 'rk4') "
+                         f"and 'rodas5'; method {method!r} is not one of them: drop compile=True or pick such a "
+                         "method")
     return CompiledRungeKutta(stepper, func)
 
 
-__all__ = ["CompiledRungeKutta", "compiled_stepper"]
+__all__ = ["CompiledRungeKutta", "CompiledRosenbrock", "compiled_stepper"]

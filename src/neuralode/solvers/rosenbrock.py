@@ -182,15 +182,28 @@ class Rosenbrock(Solver):
         try:
             system = build_system(self.jacobian, np.array([[coefficient]]), state.jacobian, self.preconditioner)
         except SingularMatrixError:
-            state.counters["n_singular"] += 1
-            return StepOutcome(y0, None, None, self.error_order, state=state, step_factor=_SINGULAR_FACTOR,
-                               failure=f"the iteration matrix I - h*gamma*J is singular (h={abs(h):.3g}, "
-                                       f"gamma={self.tableau.gamma})")
+            return self.singular(y0, h, state)
         if self.jacobian != "krylov":
             state.counters["n_lu"] += 1
         solve = self._solver(system, coefficient, state, graph, error_norm, y0)
+        us = self.increments(func, t0, y0, f0, h, solve, state.time_derivative)
+        y1, ratio = self.combine(y0, us, error_norm)
+        return StepOutcome(y1, None, ratio, self.error_order, stages=(f0, us), state=state)
 
-        time_derivative = state.time_derivative
+    def singular(self, y0: torch.Tensor, h, state: RosenbrockState) -> StepOutcome:
+        """The retreat from a singular (or non-finite) ``I - h gamma J``: reject and shrink the step."""
+        state.counters["n_singular"] += 1
+        return StepOutcome(y0, None, None, self.error_order, state=state, step_factor=_SINGULAR_FACTOR,
+                           failure=f"the iteration matrix I - h*gamma*J is singular (h={abs(float(h)):.3g}, "
+                                   f"gamma={self.tableau.gamma})")
+
+    def increments(self, func: Callable, t0, y0: torch.Tensor, f0: torch.Tensor, h, solve: Callable,
+                   time_derivative: torch.Tensor | None) -> list:
+        """The stage increments ``u_i`` given ``solve(rhs) = (I - h gamma J)^{-1} h gamma rhs``.
+
+        Pure tensor code (``t0`` and ``h`` may be floats or 0-dim tensors): the eager step and the compiled
+        one (:mod:`neuralode.solvers.compiled`) both run it, so the method is written once.
+        """
         us = []
         for i, (c, a_terms, C_terms, d) in enumerate(self._stages):
             if i == 0:
@@ -202,13 +215,17 @@ class Rosenbrock(Solver):
             if time_derivative is not None and d != 0.0:
                 rhs = rhs + (d * h) * time_derivative
             us.append(solve(rhs))
+        return us
+
+    def combine(self, y0: torch.Tensor, us: list, error_norm: Callable) -> tuple:
+        """``(y1, error ratio)`` from the increments (the ratio ``None`` without an embedded method)."""
         y1 = step_result(y0, 1.0, us, self._m)
         ratio = None
         if self._m_err:
             # The estimate only steers the step size: no graph is recorded for it.
             with torch.no_grad():
                 ratio = error_norm(linear_combination(None, 1.0, us, self._m_err), y0, y1)
-        return StepOutcome(y1, None, ratio, self.error_order, stages=(f0, us), state=state)
+        return y1, ratio
 
     def _linearize(self, func, t0, y0, f0, h, state, graph):
         """``J`` and ``df/dt`` at ``(t0, y0)``; with a graph when the step must be differentiable."""

@@ -64,7 +64,7 @@ from _common import RESULTS, Counted, markdown_table, write_json  # noqa: E402
 from stiff_problems import (heat, mixed_error, problem_set, robertson, robertson_batch,  # noqa: E402
                             sample_rate_constants, scipy_reference)
 
-OURS_DEFAULT = ("kvaerno3", "kvaerno4", "kvaerno5", "radau5", "rodas5", "auto")
+OURS_DEFAULT = ("kvaerno3", "kvaerno4", "kvaerno5", "radau5", "rodas5", "rodas5p", "auto")
 SCIPY = ("scipy:Radau", "scipy:BDF", "scipy:LSODA")
 DIFFRAX = ("diffrax:Kvaerno5",)
 DEFAULT_METHODS = OURS_DEFAULT + SCIPY + DIFFRAX

@@ -138,19 +138,27 @@ for _name, _description in (
 
 
 
-def _rodas5(options):
-    from .solvers.rosenbrock import RODAS5, Rosenbrock
-    settings = implicit_settings(options)
-    if settings["max_iters"] is not None:
-        raise ValueError("option 'max_iters' means nothing for 'rodas5': a Rosenbrock method solves linear systems, "
-                         "no Newton iteration")
-    return Rosenbrock(RODAS5, jacobian=settings["jacobian"], preconditioner=settings["preconditioner"])
+def _rosenbrock(name):
+    def make(options):
+        from .solvers.rosenbrock import Rosenbrock
+        from .tableaus.rosenbrock import ROSENBROCK_TABLEAUS
+        settings = implicit_settings(options)
+        if settings["max_iters"] is not None:
+            raise ValueError(f"option 'max_iters' means nothing for {name!r}: a Rosenbrock method solves linear "
+                             "systems, no Newton iteration")
+        return Rosenbrock(ROSENBROCK_TABLEAUS[name], jacobian=settings["jacobian"],
+                          preconditioner=settings["preconditioner"])
+    return make
 
 
 REGISTRY["rodas5"] = MethodSpec(
-    "rodas5", True, _rodas5, ADAPTIVE_OPTIONS | {"jacobian", "preconditioner"},
+    "rodas5", True, _rosenbrock("rodas5"), ADAPTIVE_OPTIONS | {"jacobian", "preconditioner"},
     "Rosenbrock method of order 5(4), L-stable, stiffly accurate, with a 4th-order dense output "
     "(Di Marzo 1993; Hairer-Wanner IV.7): one Jacobian and one LU per step, no Newton iteration")
+REGISTRY["rodas5p"] = MethodSpec(
+    "rodas5p", True, _rosenbrock("rodas5p"), ADAPTIVE_OPTIONS | {"jacobian", "preconditioner"},
+    "Rosenbrock method of order 5(4) like rodas5, with Steinebach's coefficients (2023) that keep their order on "
+    "very stiff problems (Prothero-Robinson) where rodas5's drops: the better choice for stiff problems")
 
 
 def _auto(options):

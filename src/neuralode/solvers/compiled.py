@@ -329,8 +329,8 @@ def compiled_stepper(stepper, func, method: str, options=None):
         return CompiledRosenbrock(stepper, func)
     if not isinstance(stepper, ExplicitRungeKutta):
         raise ValueError(f"compile=True supports the explicit Runge-Kutta methods (e.g. 'dopri5', 'tsit5', 'rk4') "
-                         f"and 'rodas5'; method {method!r} is not one of them: drop compile=True or pick such a "
-                         "method")
+                         f"and the Rosenbrock methods ('rodas5', 'rodas5p'); method {method!r} is not one of them: "
+                         "drop compile=True or pick such a method")
     return CompiledRungeKutta(stepper, func)
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["RosenbrockTableau", "ROSENBROCK_TABLEAUS", "RODAS5", "rosenbrock_stability_function"]
+__all__ = ["RosenbrockTableau", "ROSENBROCK_TABLEAUS", "RODAS5", "RODAS5P", "rosenbrock_stability_function"]
 
 # The published coefficients carry 16 significant digits, and some exceed 300 in size (Rodas5's C_63),
 # so identities computed from them hold to about 1e-13; 1e-12 is above that and far below any typo.
@@ -323,4 +323,54 @@ RODAS5 = RosenbrockTableau(
               "Sec. IV.7; coefficients as printed in OrdinaryDiffEq.jl's Rodas5 tableau",
 )
 
-ROSENBROCK_TABLEAUS = {RODAS5.name: RODAS5}
+# Steinebach's Rodas5P (2023): the same 8-stage, stiffly accurate structure as Rodas5 (rows 7 and 8 of a
+# repeat row 6 and add ones; y1 = Y_8 + u_8, the error estimate u_8, c_6 = c_7 = c_8 = 1, d_6 = d_7 = d_8 = 0),
+# with coefficients chosen so that the Prothero-Robinson test problem y' = lambda (y - g(t)) + g'(t) keeps
+# order 3 or more for very stiff lambda (Rodas5 drops to order 1-2 there), which is where Rodas5's global error
+# stops following the tolerance on the very stiff Van der Pol problem (mu = 1000, err/tol 2, 13, 34 at
+# rtol 1e-5, 1e-6, 1e-7; benchmarks/stiff.py). Also a dense output of order 4 built from three rows h_2..h_4.
+_RODAS5P_A_ROW6 = (-7.502846399306121, 2.561846144803919, -11.627539656261098, -0.18268767659942256,
+                   0.030198172008377946)
+
+RODAS5P = RosenbrockTableau(
+    "rodas5p",
+    gamma=0.21193756319429014,
+    a=((),
+       (3.0,),
+       (2.849394379747939, 0.45842242204463923),
+       (-6.954028509809101, 2.489845061869568, -10.358996098473584),
+       (2.8029986275628964, 0.5072464736228206, -0.3988312541770524, -0.04721187230404641),
+       _RODAS5P_A_ROW6,
+       _RODAS5P_A_ROW6 + (1.0,),
+       _RODAS5P_A_ROW6 + (1.0, 1.0)),
+    C=((),
+       (-14.155112264123755,),
+       (-17.97296035885952, -2.859693295451294),
+       (147.12150275711716, -1.41221402718213, 71.68940251302358),
+       (165.43517024871676, -0.4592823456491126, 42.90938336958603, -5.961986721573306),
+       (24.854864614690072, -3.0009227002832186, 47.4931110020768, 5.5814197821558125, -0.6610691825249471),
+       (30.91273214028599, -3.1208243349937974, 77.79954646070892, 34.28646028294783, -19.097331116725623,
+        -28.087943162872662),
+       (37.80277123390563, -3.2571969029072276, 112.26918849496327, 66.9347231244047, -40.06618937091002,
+        -54.66780262877968, -9.48861652309627)),
+    c=(0.0, 0.6358126895828704, 0.4095798393397535, 0.9769306725060716, 0.4288403609558664, 1.0, 1.0, 1.0),
+    d=(0.21193756319429014, -0.42387512638858027, -0.3384627126235924, 1.8046452872882734, 2.325825639765069,
+       0.0, 0.0, 0.0),
+    m=_RODAS5P_A_ROW6 + (1.0, 1.0, 1.0),
+    order=5,
+    m_err=(0.0,) * 7 + (1.0,),
+    error_order=4,
+    dense=((25.948786856663858, -2.5579724845846235, 10.433815404888879, -2.3679251022685204, 0.524948541321073,
+            1.1241088310450404, 0.4272876194431874, -0.17202221070155493),
+           (-9.91568850695171, -0.9689944594115154, 3.0438037242978453, -24.495224566215796, 20.176138334709044,
+            15.98066361424651, -6.789040303419874, -6.710236069923372),
+           (11.419903575922262, 2.8879645146136994, 72.92137995996029, 80.12511834622643, -52.072871366152654,
+            -59.78993625266729, -0.15582684282751913, 4.883087185713722)),
+    dense_order=4,
+    l_stable=True,
+    reference="G. Steinebach, Construction of Rosenbrock-Wanner method Rodas5P and numerical benchmarks within the "
+              "Julia Differential Equations package, BIT Numer. Math. 63, 27 (2023); coefficients as printed in "
+              "OrdinaryDiffEq.jl's Rodas5P tableau (OrdinaryDiffEqRosenbrock, rosenbrock_tableaus.jl)",
+)
+
+ROSENBROCK_TABLEAUS = {RODAS5.name: RODAS5, RODAS5P.name: RODAS5P}

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 
+import json
+
 import numpy as np
 import pytest
+import torch
 
 from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
+from neuralode.experiments.runner import CHECKPOINT, Hook, load_checkpoint
 from neuralode.experiments.latent_spiral import (
     LatentSpiral,
     LatentSpiralConfig,
@@ -47,6 +51,26 @@ def test_bad_config():
         LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["obs_counts=101"]))
     with pytest.raises(ConfigError, match="rnn_hidden"):
         LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["rnn_hidden=-1"]))
+    with pytest.raises(ConfigError, match="models"):
+        LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["models=ode"]))
+    with pytest.raises(ConfigError, match="min_lr"):
+        LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["lr=1e-3", "min_lr=1e-2"]))
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        apply_overrides(LatentSpiralConfig(), ["lr_schedule=step"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
+def test_lr_schedule_runs_from_lr_to_min_lr(schedule):
+    c = LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), [f"lr_schedule={schedule}", "iters=100",
+                                                                    "lr=1e-2", "min_lr=1e-4"]))
+    lrs = [LatentSpiral(c).lr_at(s) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-2)
+    assert lrs[100] == pytest.approx(1e-2 if schedule == "constant" else 1e-4)
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never increases
+    if schedule == "cosine":
+        assert lrs[50] == pytest.approx((1e-2 + 1e-4) / 2)
+    if schedule == "exponential":
+        assert lrs[50] == pytest.approx(1e-3)
 
 
 def test_default_rnn_is_size_matched_to_the_latent_ode():
@@ -69,7 +93,39 @@ def test_end_to_end(tmp_path):
     m = summary["metrics"]
     for kind in ("latent_ode", "rnn"):
         for n in (4, 10):
-            assert math.isfinite(m[f"interp_rmse/{kind}_n{n}"]) and math.isfinite(m[f"extrap_rmse/{kind}_n{n}"])
+            assert all(math.isfinite(m[f"{what}_rmse/{kind}_n{n}"]) for what in ("interp", "extrap", "obs"))
     assert summary["references"]["interp_rmse/latent_ode_n30"]["value"] == 0.164
     assert summary["references"]["interp_rmse/rnn_n100"]["value"] == 0.181
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"loss.png", "reconstructions.png", "rmse.png"}
+
+
+class _Crash(Hook):
+    def after_step(self, run, position, record):
+        if position.step == 3:
+            raise SystemExit("simulated crash")
+
+
+def test_schedule_is_applied_and_resume_is_exact(tmp_path):
+    # One model kind and one n_obs at a time; the logged lr follows the schedule; a run cut at
+    # step 3 (checkpoint at 2) and resumed ends bit-identical to one never stopped.
+    args = [*SMOKE, "iters=6", "checkpoint_every=2", "obs_counts=10", "models=latent_ode",
+            "lr_schedule=cosine", "lr=1e-2", "min_lr=1e-3"]
+    config = LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), args))
+    ref = train(LatentSpiral, config, tmp_path / "ref", progress=False)
+    assert set(ref["metrics"]) >= {"interp_rmse/latent_ode_n10", "extrap_rmse/latent_ode_n10"}
+    assert not any("rnn" in k for k in ref["metrics"])
+    records = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if r["split"] == "train"]
+    exp = LatentSpiral(config)
+    assert lrs == pytest.approx([exp.lr_at(s) for s in range(6)])
+    assert lrs[0] == pytest.approx(1e-2) and lrs[-1] < 2e-3
+
+    with pytest.raises(SystemExit):
+        train(LatentSpiral, config, tmp_path / "cut", progress=False, hooks=[_Crash()])
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["step"] == 2
+    cut = train(LatentSpiral, config, tmp_path / "cut", progress=False, resume=True)
+    a, b = (load_checkpoint(tmp_path / d / CHECKPOINT) for d in ("ref", "cut"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    assert (tmp_path / "ref" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()
+    assert cut["metrics"]["interp_rmse/latent_ode_n10"] == ref["metrics"]["interp_rmse/latent_ode_n10"]

@@ -381,3 +381,18 @@ def test_compiled_rosenbrock_refuses_the_krylov_mode_and_runs_a_float_time_field
     y0, t = torch.tensor([0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
     eager, compiled = _pair(float_time, y0, t, method="rodas5", rtol=1e-8, atol=1e-10)
     assert torch.equal(compiled.ys, eager.ys) and compiled.stats == eager.stats
+
+
+def test_compiled_rosenbrock_batched_jacobian_of_a_state_with_more_dimensions():
+    class Blocks(torch.nn.Module):
+        """Samples of shape (2, 2), coupled within a sample only: per-sample blocks of 4 x 4."""
+
+        def forward(self, t, y):
+            rates = 30.0 * torch.arange(1, 5, dtype=y.dtype).reshape(1, 2, 2)
+            return -rates * y + y.roll(1, 1) ** 2
+
+    y0 = torch.ones(3, 2, 2, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 5, dtype=torch.float64)
+    eager, compiled = _pair(Blocks(), y0, t, method="rodas5", rtol=1e-8, atol=1e-10, options={"jacobian": "batched"})
+    assert compiled.stats["n_steps"] == eager.stats["n_steps"]
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-15)

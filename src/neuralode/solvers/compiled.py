@@ -219,8 +219,11 @@ def _new_linearize_kernel(name: str):
         if batched:
             # Tangent e_j in every sample at once gives column j of every block (samples are independent).
             m = y0[0].numel()
-            basis = torch.eye(m, dtype=y0.dtype, device=y0.device)[:, None, :].expand(m, y0.shape[0], m)
-            columns = torch.func.vmap(lambda v: torch.func.jvp(f, (y0,), (v.reshape(y0.shape),))[1])(basis)
+            # (a contiguous basis in the state's shape: a reshaped view of an expanded tensor inside vmap
+            # failed to trace for states of more than two dimensions)
+            basis = torch.eye(m, dtype=y0.dtype, device=y0.device)[:, None, :].repeat(1, y0.shape[0], 1)
+            basis = basis.reshape((m,) + tuple(y0.shape))
+            columns = torch.func.vmap(lambda v: torch.func.jvp(f, (y0,), (v,))[1])(basis)
             jacobian = columns.reshape(m, y0.shape[0], m).permute(1, 2, 0)
         else:
             jacobian = torch.func.jacfwd(f)(y0).reshape(y0.numel(), y0.numel())

@@ -325,6 +325,8 @@ class AdaptiveStepping:
             self.newton_failure = None
         if accepted and outcome.step_factor is not None:
             h_next = h * outcome.step_factor   # a multistep method's own step policy
+        elif accepted and outcome.keep_step is not None and outcome.keep_step[0] <= h_next / h <= outcome.keep_step[1]:
+            h_next = h                         # an implicit method keeps its LU (Hairer's RADAU5)
         self.h = h_next
         return accepted
 

@@ -108,7 +108,8 @@ class AutoSwitching(Solver):
             if inner.failure is None and inner.error_ratio is not None and bool(inner.error_ratio <= 1.0):
                 self._nonstiffness_test(h, t0, y0, state)
         return StepOutcome(inner.y1, inner.f1, inner.error_ratio, inner.error_order, stages=(state.mode, inner),
-                           state=state, step_factor=inner.step_factor, failure=inner.failure)
+                           state=state, step_factor=inner.step_factor, failure=inner.failure,
+                           keep_step=inner.keep_step)
 
     def _stiffness_test(self, inner: StepOutcome, y0, h, t0, state: AutoState) -> None:
         ks = inner.stages

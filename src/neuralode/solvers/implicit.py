@@ -7,16 +7,19 @@ A step from ``(t0, y0)`` with size ``h`` solves for the stage states ``Y_i``
 *Diagonally implicit* tableaus (``a`` lower triangular) are solved one stage at a time: stage ``i``
 is ``z = psi_i + h a_ii f(t_i, z)`` with the known part ``psi_i = y0 + h sum_{j<i} a_ij k_j``; stages
 with ``a_ii = 0`` are explicit. *Fully implicit* tableaus solve all stage increments ``Z_i = Y_i - y0``
-together, ``Z = h (A (x) I) F(y0 + Z)``, with the ``(s n) x (s n)`` matrix ``I - h A (x) J``.
+together, ``Z = h (A (x) I) F(y0 + Z)``, with the ``(s n) x (s n)`` matrix ``I - h A (x) J``; large
+systems solve it through the eigenvalues of ``A``, as ``s`` systems of size ``n`` (for Radau IIA with
+three stages: one real and one complex LU, :class:`~neuralode.solvers.linear.TransformedSystem`).
 
 Newton's iteration is *simplified* (Hairer and Wanner, Solving ODEs II, Sec. IV.8): one Jacobian
 ``J = df/dy(t0, y0)`` and one factorised iteration matrix serve every iteration and every stage of a
 step, and further steps while Newton keeps converging fast (at most two iterations or a contraction
-rate ``theta <= 1e-3``, the rule of scipy's Radau). Iteration stops when the predicted remaining error
-``theta / (1 - theta) |dz|`` falls below ``kappa = max(10 eps / rtol, min(0.03, rtol^(1/2)))`` in the
-error norm (RADAU5's FNEWT, scipy's rule; see ``_newton_kappa``); it fails when ``theta >= 0.99`` or
-convergence within ``max_iters`` is out of reach. A failed step is retried once with a fresh Jacobian;
-with a fresh one it is rejected and the loop halves ``h``.
+rate ``theta <= 1e-3``, the rule of scipy's Radau); while J is kept, a step the controller would
+lengthen by less than 1.2x keeps its length, so the LU is reused too (RADAU5; ``keep_step``). Iteration
+stops when the predicted remaining error ``theta / (1 - theta) |dz|`` falls below ``kappa = max(10 eps /
+rtol, min(0.03, rtol^(1/2)))`` in the error norm (RADAU5's FNEWT, scipy's rule; see ``_newton_kappa``);
+it fails when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach. A failed step is
+retried once with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
 On a fixed grid, which cannot shrink, the last resort is full Newton (J at every iterate).
 The stage derivatives of implicit stages are ``k_i = (z - psi_i) / (h a_ii)`` rather than ``f(t_i,
 z)``: for stiff components ``f`` amplifies the Newton error by ``|h lambda|`` (Hairer-Wanner IV.8).
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from .base import Solver
-from .linear import SingularMatrixError, build_system, gmres, jacobian
+from .linear import SingularMatrixError, TransformedSystem, build_system, gmres, jacobian
 from .runge_kutta import StepOutcome, linear_combination
 
 # Hairer's RADAU5: keep J for the next step only if Newton contracted at least this fast.
@@ -96,6 +99,11 @@ class ImplicitRungeKutta(Solver):
         methods).
     radau_error : bool
         Use Hairer's RADAU5 error estimate (three-stage Radau IIA only) instead of ``b_err``.
+    keep_step : (float, float) or None
+        After an accepted step whose Jacobian is kept for the next one, a new step length within this
+        range of the old one (as a ratio) is replaced by the old one, so that the factorised iteration
+        matrix is reused: RADAU5's QUOT1 = 1, QUOT2 = 1.2 (Hairer and Wanner, Sec. IV.8). ``None``: every
+        change of ``h`` refactorises. Not applied with ``jacobian="krylov"`` (nothing is factorised).
     """
 
     tableau: Any
@@ -104,6 +112,7 @@ class ImplicitRungeKutta(Solver):
     implicit = True    # (class attribute, not a field) solves stiff problems
     preconditioner: Callable | None = None
     radau_error: bool = False
+    keep_step: tuple | None = (1.0, 1.2)
     _diagonal: bool = field(init=False, repr=False)
     _stages: tuple = field(init=False, repr=False)
     _A: np.ndarray = field(init=False, repr=False)
@@ -128,6 +137,9 @@ class ImplicitRungeKutta(Solver):
         set_(self, "_solution_weights", weights)
         if self.radau_error and (len(tab.c) != 3 or self._diagonal):
             raise ValueError("radau_error applies to the three-stage Radau IIA method only")
+        if self.keep_step is not None and not (len(self.keep_step) == 2 and 0 < self.keep_step[0] <= self.keep_step[1]):
+            raise ValueError(f"keep_step must be None or a range (low, high) of step ratios with 0 < low <= high, "
+                             f"e.g. RADAU5's (1.0, 1.2); got {self.keep_step!r}")
 
     # --- facts the loop and the gradient strategies read ----------------------------------------------
     @property
@@ -248,7 +260,12 @@ class ImplicitRungeKutta(Solver):
                 else:
                     ratio = error_norm(linear_combination(None, h, ks, self._b_err), y0, y1)
                 state.last_rejected = not bool(ratio <= 1.0)
-        return StepOutcome(y1, f1, ratio, self.error_order, stages=(f0, ks), state=state)
+        # Hairer's RADAU5 (QUOT1 = 1, QUOT2 = 1.2): a step the controller would lengthen by less than 1.2
+        # keeps its length while the Jacobian is kept, so that the next step reuses the factorised iteration
+        # matrix. scipy's Radau also keeps it for any shrinking factor after an accepted step; we follow
+        # RADAU5, which lets the error decide where it asks for a shorter step. GMRES factorises nothing.
+        keep = self.keep_step if not (state.recompute or self.jacobian == "krylov") else None
+        return StepOutcome(y1, f1, ratio, self.error_order, stages=(f0, ks), state=state, keep_step=keep)
 
     def _diagonal_stages(self, func, t0, y0, f0, h, newton, state, grad):
         ks = []
@@ -316,7 +333,11 @@ class ImplicitRungeKutta(Solver):
         with ``f(t0, y0 + err)`` in place of ``f0`` (eq. 8.21), as RADAU5 does.
         """
         gamma0 = 1.0 / _RADAU_MU_REAL
-        system = self._system(state, "radau_error", np.array([[h * gamma0]]))
+        # h gamma0 is the real eigenvalue of C = h A: the transformed coupled system holds this LU already.
+        coupled = state.systems.get("coupled")
+        system = coupled[1].block(h * gamma0) if coupled and isinstance(coupled[1], TransformedSystem) else None
+        if system is None:
+            system = self._system(state, "radau_error", np.array([[h * gamma0]]))
         Z = Z.detach()
         ZE = torch.einsum("i,i...->...", torch.as_tensor(_RADAU_E, dtype=y0.dtype, device=y0.device), Z)
         error = system.solve((gamma0 * (h * f0.detach() + ZE))[None])[0]

@@ -86,7 +86,9 @@ class StepOutcome:
     :class:`~neuralode.solvers.adams.VariableOrderAdams`), still clipped to the controller's bounds;
     after a rejected step, the factor to shrink by. ``failure``, if not ``None``, says why the stepper
     could not produce a result (an implicit method's Newton iteration failed): the step is rejected
-    whatever ``error_ratio`` says, shrunk by ``step_factor``.
+    whatever ``error_ratio`` says, shrunk by ``step_factor``. ``keep_step``, if not ``None``, is a range
+    ``(low, high)``: when the step is accepted and the controller's next length over this one lies in it,
+    the length is kept instead (an implicit method then reuses its factorised iteration matrix).
     """
 
     y1: torch.Tensor
@@ -98,6 +100,7 @@ class StepOutcome:
     step_factor: float | None = None
     failure: str | None = None
     coefficients: list | None = None   # the dense output, when the step computed it already (compiled steps)
+    keep_step: tuple | None = None
 
 
 @dataclass(frozen=True, eq=False)

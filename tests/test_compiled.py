@@ -396,3 +396,17 @@ def test_compiled_rosenbrock_batched_jacobian_of_a_state_with_more_dimensions():
     eager, compiled = _pair(Blocks(), y0, t, method="rodas5", rtol=1e-8, atol=1e-10, options={"jacobian": "batched"})
     assert compiled.stats["n_steps"] == eager.stats["n_steps"]
     torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-15)
+
+
+def test_auto_compiles_both_phases_and_matches_eager():
+    from neuralode.solvers import compiled
+
+    field = type("Robertson", (_Robertson,), {})(batch=1)
+    t = torch.tensor([0.0, 1.0, 40.0], dtype=torch.float64)
+    eager, compiled_solution = _pair(field, _robertson_y0(1), t, method="auto", rtol=1e-6, atol=1e-10)
+    assert eager.stats["n_switches"] >= 1 and eager.stats["n_steps_explicit"] > 0 and eager.stats["n_steps_implicit"] > 0
+    for key in ("n_steps", "nfe", "n_switches", "n_steps_explicit", "n_steps_implicit", "n_jacobians"):
+        assert compiled_solution.stats[key] == eager.stats[key], key
+    torch.testing.assert_close(compiled_solution.ys, eager.ys, rtol=1e-10, atol=1e-14)
+    assert (("tsit5", "forward", type(field)), "step") in compiled._KERNELS
+    assert (("rodas5p", "forward", type(field)), "step") in compiled._KERNELS

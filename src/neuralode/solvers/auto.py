@@ -9,13 +9,16 @@ the last stage state ``Y6`` and at ``y1`` (FSAL), so
 estimates the dominant eigenvalue's modulus for free. When ``h rho`` sits at the method's stability
 boundary (``h rho > 3.25``) on 15 accepted steps (reset after 6 steps below it) the step size is
 limited by stability, not accuracy: the problem is stiff here and the solve switches to the implicit
-method (``kvaerno5`` by default, L-stable ESDIRK 5(4) sharing ``tsit5``'s error order 4).
+method: ``rodas5p`` by default, as SciML's ``AutoTsit5(Rodas5P())``, a Rosenbrock method of order 5(4)
+sharing ``tsit5``'s error order 4 and needing no Newton iteration; option ``stiff_method``: ``rodas5``, an
+ESDIRK (``kvaerno3/4/5``) or ``radau5``).
 
 The implicit phase switches back when ``h rho(J)`` falls below half that boundary on 5 consecutive
 accepted steps whose Jacobian was computed at the step's own start (steps reusing an older one do not
 vote): the explicit method could take the same steps stably, at a fraction of
-the cost. ``rho(J)`` is estimated by a few power iterations with the Jacobian the Newton iteration
-already holds (dense and batched modes; in Krylov mode the implicit phase stays).
+the cost. ``rho(J)`` is estimated by a few power iterations with the Jacobian the implicit method
+already holds (Newton's, or a Rosenbrock step's; dense and batched modes; in Krylov mode the implicit
+phase stays).
 
 Both phases appear in ``Solution.stats``: ``n_steps_explicit``, ``n_steps_implicit``, ``n_switches``
 and ``switch_times`` (each ``(t, "to implicit" | "to explicit")``). The idea of an automatic switch
@@ -29,7 +32,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..tableaus import TABLEAUS
-from .implicit import ImplicitRungeKutta, ImplicitState
 from .base import Solver
 from .linear import spectral_radius
 from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
@@ -46,7 +48,7 @@ _POWER_ITERATIONS = 4
 @dataclass
 class AutoState:
     mode: str = "explicit"
-    implicit_state: ImplicitState = field(default_factory=ImplicitState)
+    implicit_state: object = None  # the stiff method's own state, made when the implicit phase first runs
     stiff_count: int = 0
     nonstiff_count: int = 0
     back_count: int = 0
@@ -60,9 +62,13 @@ class AutoState:
 
 @dataclass(frozen=True, eq=False)
 class AutoSwitching(Solver):
-    """``tsit5`` with Hairer's stiffness test, switching to and from an implicit method."""
+    """``tsit5`` with Hairer's stiffness test, switching to and from an implicit method.
 
-    stiff: ImplicitRungeKutta
+    ``stiff``: any implicit :class:`~neuralode.solvers.base.Solver` with ``jacobian_at(state, y0)`` and
+    ``blank_state()`` (the ESDIRK / Radau stepper, or a Rosenbrock one).
+    """
+
+    stiff: Solver
     nonstiff: ExplicitRungeKutta = field(default_factory=lambda: ExplicitRungeKutta(TABLEAUS["tsit5"]))
     implicit = True   # (class attribute) it handles stiffness itself: no stiffness hint from the loop
     replayable = False  # it switches methods along the solve: a replay from a stored state would not match
@@ -85,7 +91,9 @@ class AutoSwitching(Solver):
     def statistics(self, state: AutoState | None) -> dict:
         if state is None:
             return {}
-        stats = self.stiff.statistics(state.implicit_state)
+        # (a solve that never went implicit reports the stiff method's counters at zero)
+        stats = self.stiff.statistics(state.implicit_state if state.implicit_state is not None
+                                      else self.stiff.blank_state())
         stats.update(n_steps_explicit=state.steps["explicit"], n_steps_implicit=state.steps["implicit"],
                      n_switches=len(state.switch_times), switch_times=list(state.switch_times))
         return stats
@@ -104,6 +112,8 @@ class AutoSwitching(Solver):
             if state.pending is None:
                 self._rejection_check(func, t0, y0, h, accepted, state)
         else:
+            if state.implicit_state is None:
+                state.implicit_state = self.stiff.init(func, t0, y0, f0)
             inner = self.stiff.step(func, t0, y0, f0, h, error_norm, state.implicit_state)
             if inner.failure is None and inner.error_ratio is not None and bool(inner.error_ratio <= 1.0):
                 self._nonstiffness_test(h, t0, y0, state)
@@ -154,12 +164,11 @@ class AutoSwitching(Solver):
             self._switch(state, "implicit", t0)
 
     def _nonstiffness_test(self, h, t0, y0, state: AutoState) -> None:
-        implicit_state = state.implicit_state
-        J = implicit_state.jacobian
-        if not isinstance(J, torch.Tensor):
-            return  # Krylov mode: no matrix to estimate from; stay implicit
-        if implicit_state.jacobian_point is not y0:
-            return  # a Jacobian kept from an earlier point says little about this one: no vote
+        # None in Krylov mode (no matrix to estimate from: stay implicit) and for a Jacobian kept from an
+        # earlier point, which says little about this one (no vote).
+        J = self.stiff.jacobian_at(state.implicit_state, y0)
+        if J is None:
+            return
         rho = _spectral_radius(J)
         if abs(h) * rho < 0.5 * _STABILITY_BOUNDARY:
             state.back_count += 1

@@ -35,11 +35,13 @@ per step; the loop reads the error ratio on the host once per step).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 import warnings
 
 import torch
 
+from .auto import AutoSwitching
 from .rosenbrock import Rosenbrock
 from .runge_kutta import ExplicitRungeKutta, StepOutcome
 
@@ -320,20 +322,27 @@ def _reason(error: Exception) -> str:
 
 
 def compiled_stepper(stepper, func, method: str, options=None):
-    """The stepper for ``compile=True``: explicit Runge-Kutta methods, and Rosenbrock methods with a dense or
-    batched Jacobian (a clear error otherwise)."""
+    """The stepper for ``compile=True``: explicit Runge-Kutta methods, Rosenbrock methods with a dense or
+    batched Jacobian, and ``auto`` (its phases that can be); a clear error otherwise."""
     if options and options.get("perturb"):
         warnings.warn("compile=True has no effect with options={'perturb': True}: every step evaluates the field "
                       "at one-sided limits through a wrapper, which runs eagerly", UserWarning, stacklevel=3)
+    if isinstance(stepper, AutoSwitching):
+        # Both phases compiled where they can be: tsit5, and a Rosenbrock stiff method (dense or batched); an
+        # ESDIRK or Radau stiff phase (Newton iterates on the host) stays eager.
+        stiff = stepper.stiff
+        if isinstance(stiff, Rosenbrock) and stiff.jacobian != "krylov":
+            stiff = CompiledRosenbrock(stiff, func)
+        return dataclasses.replace(stepper, nonstiff=CompiledRungeKutta(stepper.nonstiff, func), stiff=stiff)
     if isinstance(stepper, Rosenbrock):
         if stepper.jacobian == "krylov":
             raise ValueError(f"compile=True supports method {method!r} with options={{'jacobian': 'dense'}} or "
                              "'batched'; the Krylov mode's GMRES iterates on the host: drop compile=True")
         return CompiledRosenbrock(stepper, func)
     if not isinstance(stepper, ExplicitRungeKutta):
-        raise ValueError(f"compile=True supports the explicit Runge-Kutta methods (e.g. 'dopri5', 'tsit5', 'rk4') "
-                         f"and the Rosenbrock methods ('rodas5', 'rodas5p'); method {method!r} is not one of them: "
-                         "drop compile=True or pick such a method")
+        raise ValueError(f"compile=True supports the explicit Runge-Kutta methods (e.g. 'dopri5', 'tsit5', 'rk4'), "
+                         f"the Rosenbrock methods ('rodas5', 'rodas5p') and 'auto'; method {method!r} is not one of "
+                         "them: drop compile=True or pick such a method")
     return CompiledRungeKutta(stepper, func)
 
 

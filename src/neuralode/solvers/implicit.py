@@ -161,6 +161,17 @@ class ImplicitRungeKutta(Solver):
     def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> ImplicitState:
         return ImplicitState()
 
+    @staticmethod
+    def blank_state() -> ImplicitState:
+        """A state no step has used (its counters at zero), for statistics of a phase that never ran."""
+        return ImplicitState()
+
+    @staticmethod
+    def jacobian_at(state: ImplicitState, y0: torch.Tensor) -> torch.Tensor | None:
+        """The Newton Jacobian if it was computed at ``y0`` itself (dense or batched), else ``None``."""
+        J = state.jacobian
+        return J if isinstance(J, torch.Tensor) and state.jacobian_point is y0 else None
+
     def statistics(self, state: ImplicitState | None) -> dict:
         return dict(state.counters) if state is not None else {}
 

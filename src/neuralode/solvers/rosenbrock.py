@@ -168,6 +168,17 @@ class Rosenbrock(Solver):
     def statistics(self, state: RosenbrockState | None) -> dict:
         return dict(state.counters) if state is not None else {}
 
+    @staticmethod
+    def blank_state() -> RosenbrockState:
+        """A state no step has used (its counters at zero), for statistics of a phase that never ran."""
+        return RosenbrockState()
+
+    @staticmethod
+    def jacobian_at(state: RosenbrockState, y0: torch.Tensor) -> torch.Tensor | None:
+        """The step's Jacobian if it was taken at ``y0`` (always, after a step from there; dense or batched)."""
+        J = state.jacobian
+        return J if isinstance(J, torch.Tensor) and state.point is y0 else None
+
     # --- one step ------------------------------------------------------------------------------------
     def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
              error_norm: Callable, state: RosenbrockState) -> StepOutcome:

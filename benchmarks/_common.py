@@ -241,13 +241,19 @@ def machine():
                 break
     except OSError:
         pass
-    import scipy
-    import torchdiffeq
-    import torchode
+    import importlib
+
+    def version(name):
+        # (a benchmark environment may lack a peer: the JSON says so rather than the run failing at its end)
+        try:
+            return getattr(importlib.import_module(name), "__version__", "?")
+        except ImportError:
+            return "not installed"
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
-            "torchdiffeq": getattr(torchdiffeq, "__version__", "?"), "torchode": getattr(torchode, "__version__", "?"),
-            "scipy": scipy.__version__, "platform": platform.platform()}
+            "torchdiffeq": version("torchdiffeq"), "torchode": version("torchode"), "scipy": version("scipy"),
+            "jax": version("jax"), "diffrax": version("diffrax"), "platform": platform.platform()}
 
 
 def git_commit():

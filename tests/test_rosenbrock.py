@@ -505,16 +505,19 @@ def test_singular_iteration_matrix_shrinks_the_step():
 
 # --- gradients -----------------------------------------------------------------------------------------
 
-def _stiff_linear(k, y0, amplitude, t, **kwargs):
+METHODS = pytest.mark.parametrize("method", ["rodas5", "rodas5p"])
+
+
+def _stiff_linear(k, y0, amplitude, t, method="rodas5", **kwargs):
     """A 2-state stiff linear system with learnable rate k and a learnable forcing (non-autonomous)."""
     def f(s, y):
         return torch.stack([-k * y[0] + y[1] + amplitude * torch.sin(3 * s), 0.5 * y[0] - 2.0 * y[1]])
-    return neuralode.solve(f, y0, t, method="rodas5", **kwargs).ys
+    return neuralode.solve(f, y0, t, method=method, **kwargs).ys
 
 
-def _van_der_pol(mu, y0, t, **kwargs):
+def _van_der_pol(mu, y0, t, method="rodas5", **kwargs):
     return neuralode.solve(lambda s, y: torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]]), y0, t,
-                           method="rodas5", **kwargs).ys
+                           method=method, **kwargs).ys
 
 
 def _fixed(h, **extra):
@@ -523,19 +526,21 @@ def _fixed(h, **extra):
     return dict(rtol=1e-8, atol=1e-10, options={"first_step": h, "min_step": h, "max_step": h, **extra})
 
 
-def test_gradcheck_stiff_linear():
+@METHODS
+def test_gradcheck_stiff_linear(method):
     k = torch.tensor(50.0, dtype=F64, requires_grad=True)
     y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
     amplitude = torch.tensor(0.7, dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.4], dtype=F64)
-    assert torch.autograd.gradcheck(lambda *a: _stiff_linear(*a, t, **_fixed(0.1)), (k, y0, amplitude))
+    assert torch.autograd.gradcheck(lambda *a: _stiff_linear(*a, t, method=method, **_fixed(0.1)), (k, y0, amplitude))
 
 
-def test_gradcheck_van_der_pol():
+@METHODS
+def test_gradcheck_van_der_pol(method):
     mu = torch.tensor(5.0, dtype=F64, requires_grad=True)
     y0 = torch.tensor([2.0, 0.0], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.3], dtype=F64)
-    assert torch.autograd.gradcheck(lambda *a: _van_der_pol(*a, t, **_fixed(0.1)), (mu, y0))
+    assert torch.autograd.gradcheck(lambda *a: _van_der_pol(*a, t, method=method, **_fixed(0.1)), (mu, y0))
 
 
 def test_gradient_batched_matches_dense():
@@ -562,9 +567,9 @@ def test_gradient_krylov_matches_dense():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-8, atol=1e-12)
 
 
-def _gradients(module, y0, gradient, rtol):
+def _gradients(module, y0, gradient, rtol, method="rodas5"):
     y0 = y0.clone().requires_grad_(True)
-    sol = neuralode.solve(module, y0, torch.tensor([0.0, 0.5], dtype=F64), method="rodas5", rtol=rtol,
+    sol = neuralode.solve(module, y0, torch.tensor([0.0, 0.5], dtype=F64), method=method, rtol=rtol,
                           atol=rtol * 1e-2, gradient=gradient)
     grads = torch.autograd.grad(sol.ys[-1].sum(), (y0, *module.parameters()))
     return torch.cat([g.reshape(-1) for g in grads])
@@ -580,8 +585,9 @@ def test_adjoint_agrees_with_direct():
     torch.testing.assert_close(adjoint, direct, rtol=100 * rtol, atol=100 * rtol)
 
 
-def test_adjoint_with_rodas5_backwards_agrees_with_direct():
+@METHODS
+def test_adjoint_with_rodas5_backwards_agrees_with_direct(method):
     rtol = 1e-7
-    direct = _gradients(VanDerPol(2.0), torch.tensor([2.0, 0.0], dtype=F64), "direct", rtol)
-    adjoint = _gradients(VanDerPol(2.0), torch.tensor([2.0, 0.0], dtype=F64), "adjoint", rtol)
+    direct = _gradients(VanDerPol(2.0), torch.tensor([2.0, 0.0], dtype=F64), "direct", rtol, method)
+    adjoint = _gradients(VanDerPol(2.0), torch.tensor([2.0, 0.0], dtype=F64), "adjoint", rtol, method)
     torch.testing.assert_close(adjoint, direct, rtol=100 * rtol, atol=100 * rtol)

@@ -115,6 +115,12 @@ def _check(command: str, shown: list[str], capsys) -> None:
     for part in command.split("&&"):
         part = part.strip()
         words = shlex.split(part, comments=True)
+        # Environment assignments (XLA_FLAGS=...) and core pinning (taskset -c N) only set how the command
+        # runs: the command after them is what is checked.
+        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+            words = words[1:]
+        if words[:2] == ["taskset", "-c"] and len(words) > 3:
+            words = words[3:]
         if not words:
             continue
         head = words[0]

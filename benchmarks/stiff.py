@@ -621,7 +621,19 @@ D_COLUMNS = [("method", "method", None), ("status", "status_short", None), ("wal
              ("jac", "n_jacobians", "{}"), ("LU", "n_lu", "{}")]
 
 
-def plot(rows, path, title):
+# What each work-precision plot puts on its y axis: the file suffix, the row key, the axis label.
+PLOT_MEASURES = (("", "wall_s", "wall time (s)"), ("_nfe", "nfe", "evaluations of f (NFE)"),
+                 ("_jacobians", "n_jacobians", "Jacobians formed"))
+
+
+def plot_all(rows, path, title):
+    """The work-precision plots: error against wall time (``path``), evaluations (``*_nfe.png``) and Jacobians
+    (``*_jacobians.png``); diffrax reports neither count, so it appears in the first only."""
+    return [plot(rows, path.with_name(path.stem + suffix + path.suffix), title, key, label)
+            for suffix, key, label in PLOT_MEASURES]
+
+
+def plot(rows, path, title, measure="wall_s", ylabel="wall time (s)"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -634,8 +646,9 @@ def plot(rows, path, title):
     shown = {}
     for ax, key in zip(axes.flat, keys):
         for m in methods:
-            pts = sorted((r["mixed_error"], r["wall_s"]) for r in rows
-                         if r["problem"] == key and r["method"] == m and r["ok"] and r["mixed_error"] > 0)
+            pts = sorted((r["mixed_error"], r[measure]) for r in rows
+                         if r["problem"] == key and r["method"] == m and r["ok"] and r["mixed_error"] > 0
+                         and r.get(measure))
             if pts:
                 style = "s--" if m.startswith("scipy") else ("^:" if m.startswith("diffrax") else "o-")
                 (shown[m],) = ax.plot(*zip(*pts), style, color=color[m], label=m, markersize=4)
@@ -643,7 +656,7 @@ def plot(rows, path, title):
         ax.set_yscale("log")
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("end-point mixed relative error", fontsize=8)
-        ax.set_ylabel("wall time (s)", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
@@ -682,12 +695,23 @@ def main(argv=None):
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: wp,batch,heat")
     parser.add_argument("--out", default=None,
                         help="JSON path (default results/stiff.json; --quick results/stiff_quick.json)")
-    parser.add_argument("--plot", action="store_true", help="write the work-precision plot (docs/images/"
-                        "stiff_work_precision.png; with --quick, results/stiff_quick_work_precision.png)")
+    parser.add_argument("--plot", action="store_true", help="write the work-precision plots (docs/images/"
+                        "stiff_work_precision.png against wall time, *_nfe.png and *_jacobians.png against counts; "
+                        "with --quick, results/stiff_quick_work_precision*.png)")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="only redraw the plots from a results JSON of an earlier run, then exit")
     parser.add_argument("--heat-child", nargs=5, metavar=("METHOD", "N", "T_END", "RTOL", "MAX_STEPS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.replot:
+        saved = json.loads(Path(args.replot).read_text())
+        title = (f"stiff work-precision ({'short spans, smoke test' if saved['quick'] else 'full spans'}), "
+                 f"{saved['threads']} thread(s)")
+        target = RESULTS / f"{Path(args.replot).stem}_work_precision.png" if saved["quick"] else PLOT_PATH
+        for written in plot_all(saved["work_precision"], target, title):
+            print(f"wrote {written}")
+        return
     if args.heat_child:
         m, n, t_end, rtol, max_steps = args.heat_child
         heat_child(m, int(n), float(t_end), float(rtol), int(max_steps), args.threads)
@@ -754,7 +778,8 @@ def main(argv=None):
         target = RESULTS / f"{name}_work_precision.png" if args.quick else PLOT_PATH
         title = (f"stiff work-precision ({'short spans, smoke test' if args.quick else 'full spans'}), "
                  f"{torch.get_num_threads()} thread(s)")
-        print(f"wrote {plot(wp, target, title)}")
+        for written in plot_all(wp, target, title):
+            print(f"wrote {written}")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ al. (Table 2) report predictive RMSE 0.164 / 0.150 / 0.135 (latent ODE) and 0.39
 0.181 (RNN) for 30 / 50 / 100 observations; they are attached to ``interp_rmse``.
 
 The paper's setting is ``n_spirals=1000``; ``iters=3000 batch_size=100`` with the default cosine
-learning-rate schedule reproduces its latent ODE rows for 30 and 100 points (three seeds, see
-``docs/generative.md``: mini-batches, not the schedule, made the difference). The CPU default
+learning-rate schedule reproduces its latent ODE rows for 30 and 100 points, not for 50 (three
+seeds, see ``docs/generative.md``: mini-batches, not the schedule, made the difference). The CPU default
 (300 spirals, 100 iterations) takes under a minute.
 """
 

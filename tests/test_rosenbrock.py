@@ -7,7 +7,9 @@ gradcheck, and agreement with the adjoint)."""
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +26,9 @@ from neuralode.solvers.linear import gmres
 from neuralode.solvers.rosenbrock import Rosenbrock, make_rodas5
 from neuralode.tableaus.rosenbrock import (RODAS5, RODAS5P, ROSENBROCK_TABLEAUS, RosenbrockTableau,
                                            rosenbrock_stability_function)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stiff_problems as sp  # noqa: E402
 
 F64 = torch.float64
 # The published digits make identities hold to ~1e-14; products in the order conditions stay below 1e-12.
@@ -364,19 +369,10 @@ def test_van_der_pol_stiff_against_radau():
     assert sol.stats["n_steps"] < 200
 
 
-def _stiff_set():
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import stiff_problems
-    return stiff_problems
-
-
 @pytest.mark.parametrize("method", ["rodas5", "rodas5p"])
 @pytest.mark.parametrize("name, t_end", [("robertson", 40.0), ("vdp1000", 1.0), ("hires", 5.0), ("oregonator", 30.0)])
 def test_stiff_set_against_scipy_radau(name, t_end, method):
     """rtol 1e-6: the test set's mixed error at most 10x the tolerance, against scipy Radau at rtol 1e-10."""
-    sp = _stiff_set()
     problem = {"robertson": lambda: sp.robertson(t_end=40.0), "vdp1000": lambda: sp.van_der_pol(1000.0),
                "hires": sp.hires, "oregonator": sp.oregonator}[name]()
     rtol = 1e-6
@@ -393,7 +389,6 @@ def test_rodas5p_error_follows_the_tolerance_on_van_der_pol_where_rodas5s_does_n
     # Van der Pol with mu = 1000 over [0, 3000] (two relaxation cycles): Rodas5's error at the end grows
     # relative to the tolerance as the tolerance tightens (order reduction on very stiff problems, err/tol
     # 13 and 34 at rtol 1e-6 and 1e-7); Rodas5P's stays near 1 (0.8 and 1.1), which is what it was built for.
-    sp = _stiff_set()
     problem = sp.van_der_pol(1000.0)
     t = torch.tensor(problem.t_span, dtype=F64)
     reference = sp.scipy_reference(problem, [problem.t_span[1]], rtol=1e-12)[0]

@@ -271,8 +271,9 @@ _UNROLLED_SIZE = 8
 def _lu_solver(lu, pivots):
     """``b -> M^{-1} b`` from ``lu_factor``'s output; ``b`` shaped like the state (``(n,)`` flattened, or
     ``(batch, ...)`` for per-sample ``(batch, m, m)`` factors)."""
+    shape = (lu.shape[0], lu.shape[-1], 1) if lu.ndim == 3 else (lu.shape[-1], 1)
+
     def solve(b):
-        shape = (lu.shape[0], lu.shape[-1], 1) if lu.ndim == 3 else (lu.shape[-1], 1)
         return torch.linalg.lu_solve(lu, pivots, b.reshape(shape)).reshape(b.shape)
     return solve
 

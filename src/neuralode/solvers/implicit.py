@@ -159,7 +159,7 @@ class ImplicitRungeKutta(Solver):
         return self.error_order or self.order
 
     def init(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor) -> ImplicitState:
-        return ImplicitState()
+        return self.blank_state()
 
     @staticmethod
     def blank_state() -> ImplicitState:

@@ -20,6 +20,7 @@ def test_full_settings_are_the_papers():
     c = MNIST.resolve(apply_overrides(MNISTConfig(), ["train_size=0", "test_size=0", "epochs=160"]))
     assert (c.lr, c.momentum, c.batch_size, c.lr_decay_epochs, c.crop_padding) == (0.1, 0.9, 128, (60, 100, 140), 4)
     assert (c.rtol, c.atol) == (1e-3, 1e-3) and c.eval_every == 60_000 // 128
+    assert (c.recipe, c.epochs, c.lr_schedule, c.warmup, c.weight_decay) == ("paper", 160, "step", 0.0, 0.0)
     exp = MNIST(c)
     assert [exp._lr(e) for e in (0, 59, 60, 100, 140)] == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001])
     assert get_experiment("mnist") is MNIST
@@ -48,3 +49,100 @@ def test_one_step_all_models_and_parameter_counts_printed(tmp_path, capsys):
     assert len(m["mlp_confusion"]) == 10
     # one step: one logged loss, which is no curve, so no loss.png
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} >= {"confusion.png", "learning_curves.png"}
+
+
+# -- recipes: the paper's schedule and the short one (issue 15, item 4) -------------------------
+
+def _recipe(*overrides):
+    from neuralode.experiments.mnist import apply_recipe
+
+    return apply_recipe(apply_overrides(MNISTConfig(), list(overrides)))
+
+
+def test_paper_recipe_is_the_default_and_keeps_the_step_schedule():
+    c = _recipe()
+    assert c.recipe == "paper"
+    assert (c.epochs, c.lr_schedule, c.warmup, c.weight_decay) == (1, "step", 0.0, 0.0)
+    assert _recipe("epochs=160").epochs == 160
+
+
+def test_fast_recipe_sets_the_schedule_and_keeps_the_papers_model_and_optimiser():
+    fast, paper = _recipe("recipe=fast"), _recipe("recipe=paper")
+    assert (fast.epochs, fast.lr_schedule, fast.warmup, fast.weight_decay) == (18, "cosine", 0.05, 5e-4)
+    same = ("lr", "momentum", "batch_size", "crop_padding", "channels", "rtol", "atol")
+    assert [getattr(fast, k) for k in same] == [getattr(paper, k) for k in same]
+
+
+@pytest.mark.parametrize("order", ["recipe first", "recipe last"])
+def test_explicit_set_keys_override_the_recipe(order):
+    keys = ["epochs=3", "weight_decay=0", "lr_schedule=step"]
+    c = _recipe(*(["recipe=fast", *keys] if order == "recipe first" else [*keys, "recipe=fast"]))
+    assert (c.epochs, c.weight_decay, c.lr_schedule) == (3, 0.0, "step")
+    assert c.warmup == 0.05  # not set: the recipe's
+
+
+def test_fast_learning_rate_warms_up_linearly_then_falls_as_a_half_cosine_towards_zero():
+    from neuralode.experiments.mnist import learning_rate
+
+    c = _recipe("recipe=fast")
+    spe = 100
+    total, warm = 18 * spe, 90  # 5% of 1,800 steps
+    lrs = [learning_rate(c, s, spe) for s in range(total)]
+    assert lrs[:warm] == pytest.approx([0.1 * (s + 1) / warm for s in range(warm)])
+    assert lrs[warm] == pytest.approx(0.1) and max(lrs) == pytest.approx(0.1)
+    after = lrs[warm:]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    # the same curve written as lr * cos^2(pi p / 2), p = fraction of the 1,710 post-warm-up steps done
+    assert after == pytest.approx([0.1 * math.cos(math.pi * k / 1710 / 2) ** 2 for k in range(1710)])
+    assert after[855] == pytest.approx(0.05) and 0 < after[-1] < 1e-6
+
+
+def test_paper_learning_rate_per_step_is_its_epoch_schedule():
+    from neuralode.experiments.mnist import learning_rate
+
+    c = _recipe("epochs=160")
+    spe = 469
+    for epoch, lr in ((0, 0.1), (59, 0.1), (60, 0.01), (99, 0.01), (100, 0.001), (140, 0.0001), (159, 0.0001)):
+        for step in (epoch * spe, epoch * spe + spe - 1):
+            assert learning_rate(c, step, spe) == pytest.approx(lr)
+
+
+def test_unknown_recipe_and_unusable_schedule_values_are_config_errors():
+    from neuralode.experiments.config import ConfigError
+    from neuralode.experiments.mnist import apply_recipe
+
+    with pytest.raises(ConfigError, match=r"--set recipe=fats: 'fats' is not one of paper, fast; did you mean 'fast'"):
+        apply_overrides(MNISTConfig(), ["recipe=fats"])
+    with pytest.raises(ConfigError, match=r"recipe='slow' is not a recipe of mnist; choose one of \['paper', 'fast'\]"):
+        apply_recipe(MNISTConfig(recipe="slow"))
+    with pytest.raises(ConfigError, match="warmup=1.0 is invalid"):
+        _recipe("recipe=fast", "warmup=1")
+    with pytest.raises(ConfigError, match="weight_decay=-0.1 is invalid"):
+        _recipe("weight_decay=-0.1")
+    with pytest.raises(ConfigError, match="lr_schedule='linear' is not one of step, cosine"):
+        apply_recipe(MNISTConfig(lr_schedule="linear"))
+
+
+@needs_data
+def test_a_fast_run_trains_with_the_schedule_it_states(tmp_path):
+    import json
+
+    import torch
+
+    from neuralode.cli import main
+    from neuralode.experiments.mnist import learning_rate
+
+    rc = main(["run", "mnist", "--out", str(tmp_path), "--no-progress", "--set", f"data_dir={DATA}", "model=odenet",
+               "recipe=fast", "epochs=3", "train_size=64", "test_size=20", "batch_size=16", "channels=4",
+               "eval_batch=20"])
+    assert rc == 0
+    saved = json.loads((tmp_path / "config.json").read_text())["config"]
+    assert (saved["recipe"], saved["epochs"], saved["lr_schedule"], saved["weight_decay"]) == ("fast", 3, "cosine", 5e-4)
+    config = MNIST.resolve(apply_overrides(MNISTConfig(), [f"data_dir={DATA}", "recipe=fast", "epochs=3",
+                                                           "train_size=64", "batch_size=16"]))
+    logged = [(r["step"], r["lr"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+              if r.get("split") == "train"]
+    assert [s for s, _ in logged] == list(range(1, 13))  # 3 epochs of 4 steps; a record counts the steps done
+    assert [lr for _, lr in logged] == pytest.approx([learning_rate(config, s - 1, 4) for s, _ in logged])
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
+    assert {g["weight_decay"] for g in checkpoint["optimizer"]["param_groups"]} == {5e-4}

@@ -204,3 +204,23 @@ def test_size_matched_rnn_width_picks_the_closest_parameter_count():
     assert size_matched_rnn_width(2, 1) == 1
     with pytest.raises(ValueError, match="parameters"):
         size_matched_rnn_width(2, 0)
+
+
+def test_layer_counts_of_the_dynamics_and_the_encoder_ode():
+    default = LatentODE(2, 3, encoder_hidden=6, dynamics_hidden=8)
+    linear = lambda module: [m for m in module.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert [m.out_features for m in linear(default.dynamics)] == [8, 8, 3]  # two hidden layers by default
+    assert [m.out_features for m in linear(default.encoder.ode_func)] == [12, 6]  # one of 2 * encoder_hidden
+    # Rubanova et al.'s PhysioNet sizes: four tanh layers of 50 units in both ODE functions.
+    rub = LatentODE(37, 20, encoder_hidden=40, dynamics_hidden=50, dynamics_layers=4, encoder_ode_hidden=50,
+                    encoder_ode_layers=4)
+    assert [(m.in_features, m.out_features) for m in linear(rub.dynamics)] == [(20, 50), *[(50, 50)] * 3, (50, 20)]
+    assert [(m.in_features, m.out_features) for m in linear(rub.encoder.ode_func)] == \
+        [(40, 50), *[(50, 50)] * 3, (50, 40)]
+    assert sum(isinstance(m, torch.nn.Tanh) for m in rub.dynamics.modules()) == 4
+    out = rub(torch.tensor([0.1, 0.5]), torch.randn(2, 2, 37), torch.rand(2, 2, 37) < 0.5)
+    assert out.pred.shape == (2, 2, 37)
+    with pytest.raises(ValueError, match="dynamics_layers"):
+        LatentODE(2, dynamics_layers=0)
+    with pytest.raises(ValueError, match="ode_layers"):
+        LatentODE(2, encoder_ode_layers=0)

@@ -225,6 +225,9 @@ class ObservationEncoder(nn.Module):
         and from the first one back to ``t0`` (Rubanova et al. 2019).
     ode_hidden : int, default 2 * hidden_dim
         Hidden width of the ODE-RNN's MLP.
+    ode_layers : int, default 1
+        Hidden (tanh) layers of the ODE-RNN's MLP. Rubanova et al.'s PhysioNet encoder has four
+        of 50 units (their ``--rec-layers 3 --units 50``: ``create_net`` adds one to the count).
     substeps : int, default 2
         Fixed RK4 steps per gap for the ODE-RNN. A gap of any length gets the same number, in the
         rescaled time ``s in [0, 1]``, which keeps samples independent of each other.
@@ -235,7 +238,7 @@ class ObservationEncoder(nn.Module):
     """
 
     def __init__(self, obs_dim: int, hidden_dim: int, out_dim: int, *, kind: str = "odernn",
-                 ode_hidden: int | None = None, substeps: int = 2) -> None:
+                 ode_hidden: int | None = None, ode_layers: int = 1, substeps: int = 2) -> None:
         super().__init__()
         self.obs_dim = positive_int("obs_dim", obs_dim)
         self.hidden_dim = positive_int("hidden_dim", hidden_dim)
@@ -245,7 +248,8 @@ class ObservationEncoder(nn.Module):
         self.gru = nn.GRUCell(2 * self.obs_dim + (1 if self.kind == "rnn" else 0), self.hidden_dim)
         if self.kind == "odernn":
             ode_hidden = 2 * self.hidden_dim if ode_hidden is None else positive_int("ode_hidden", ode_hidden)
-            self.ode_func = _mlp([self.hidden_dim, ode_hidden, self.hidden_dim])
+            layers = positive_int("ode_layers", ode_layers)
+            self.ode_func = _mlp([self.hidden_dim, *[ode_hidden] * layers, self.hidden_dim])
         self.out = nn.Linear(self.hidden_dim, self.out_dim)
 
     def _evolve(self, h: Tensor, gap: Tensor) -> Tensor:
@@ -355,7 +359,9 @@ class LatentODE(nn.Module):
     encoder_hidden : int, default 25
         GRU hidden size of the encoder (25 in Chen et al.'s spiral experiment).
     dynamics_hidden : int, default 20
-        Hidden width of the latent dynamics MLP ``f`` (two tanh layers).
+        Hidden width of the latent dynamics MLP ``f``.
+    dynamics_layers : int, default 2
+        Hidden (tanh) layers of ``f``; Rubanova et al.'s PhysioNet model has four (``--gen-layers 3``).
     decoder_hidden : int or None, default None
         ``None``: a linear output map ``g``; an int: an MLP with one tanh hidden layer.
     obs_std : float, default 0.1
@@ -378,6 +384,9 @@ class LatentODE(nn.Module):
         ``"adjoint"`` for long series and constant memory, as Chen et al. did.
     encoder_substeps : int, default 2
         RK4 steps per gap in the ODE-RNN encoder.
+    encoder_ode_hidden, encoder_ode_layers : int, optional
+        Width (default ``2 * encoder_hidden``) and hidden layers (default 1) of the ODE-RNN
+        encoder's MLP (see :class:`ObservationEncoder`); unused by the ``"rnn"`` encoder.
 
     Examples
     --------
@@ -392,14 +401,17 @@ class LatentODE(nn.Module):
                  dynamics_hidden: int = 20, decoder_hidden: int | None = None, obs_std: float = 0.1,
                  learn_obs_std: bool = False, t0: float = 0.0, method: str = "rk4", step_size: float | None = 0.1,
                  rtol: float = 1e-5, atol: float = 1e-6, gradient: str | Any = "direct",
-                 encoder_substeps: int = 2) -> None:
+                 encoder_substeps: int = 2, dynamics_layers: int = 2, encoder_ode_hidden: int | None = None,
+                 encoder_ode_layers: int = 1) -> None:
         super().__init__()
         self.obs_dim = positive_int("obs_dim", obs_dim)
         self.latent_dim = positive_int("latent_dim", latent_dim)
         self.encoder = ObservationEncoder(self.obs_dim, positive_int("encoder_hidden", encoder_hidden),
-                                          2 * self.latent_dim, kind=encoder, substeps=encoder_substeps)
+                                          2 * self.latent_dim, kind=encoder, substeps=encoder_substeps,
+                                          ode_hidden=encoder_ode_hidden, ode_layers=encoder_ode_layers)
         hidden = positive_int("dynamics_hidden", dynamics_hidden)
-        self.dynamics = Autonomous(_mlp([self.latent_dim, hidden, hidden, self.latent_dim]))
+        layers = positive_int("dynamics_layers", dynamics_layers)
+        self.dynamics = Autonomous(_mlp([self.latent_dim, *[hidden] * layers, self.latent_dim]))
         if decoder_hidden is None:
             self.decoder = nn.Linear(self.latent_dim, self.obs_dim)
         else:

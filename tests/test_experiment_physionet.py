@@ -19,6 +19,7 @@ from neuralode.experiments.physionet import (
     PhysioNetConfig,
     _masked_mse,
     holdout_mask,
+    rubanova_mse,
 )
 from neuralode.experiments.runner import read_metrics
 from neuralode.models import RNNBaseline, count_parameters, size_matched_rnn_width
@@ -72,11 +73,85 @@ def test_masked_mse_of_nothing_is_nan_not_zero():
 @pytest.mark.parametrize("override, message", [
     ("quantization=-0.1", "quantization"), ("quantization=nan", "quantization"), ("quantization=inf", "quantization"),
     ("rnn_hidden=-1", "rnn_hidden"), ("holdout=1", "holdout"), ("holdout=-0.1", "holdout"),
-    ("test_fraction=0", "test_fraction"),
+    ("test_fraction=0", "test_fraction"), ("models=latent_ode,latent_ode", "models"), ("models=gru", "models"),
+    ("optimizer=sgd", "optimizer"), ("lr_schedule=step", "lr_schedule"), ("kl_schedule=linear", "kl_schedule"),
+    ("likelihood=patient", "likelihood"), ("lr_schedule=cosine min_lr=0.1", "min_lr"), ("lr_decay=0", "lr_decay"),
+    ("kl_decay=1", "kl_decay"), ("kl_weight=-1", "kl_weight"), ("dynamics_layers=0", "dynamics_layers"),
+    ("encoder_ode_layers=0", "encoder_ode_layers"), ("encoder_substeps=0", "encoder_substeps"),
 ])  # fmt: skip
 def test_config_errors_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):
-        PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [override]))
+        PhysioNet.resolve(apply_overrides(PhysioNetConfig(), override.split()))
+
+
+def test_rubanova_lr_schedule_decays_per_step_to_its_floor():
+    # run_models.py: before every step lr = max(0.999 lr, lr0 / 10), so step s takes lr0 * 0.999^(s + 1).
+    exp = PhysioNet(apply_overrides(PhysioNetConfig(), ["lr_schedule=exponential", "iters=5000"]))
+    lr = 1e-2
+    for step in range(3000):
+        lr = max(lr * 0.999, 1e-3)
+        assert exp.lr_at(step) == pytest.approx(lr, rel=1e-9)
+    assert exp.lr_at(2300) > 1e-3 and exp.lr_at(2302) == 1e-3  # 0.999^2302 < 0.1 < 0.999^2301
+    cosine = PhysioNet(apply_overrides(PhysioNetConfig(), ["lr_schedule=cosine", "iters=100", "min_lr=1e-4"]))
+    assert cosine.lr_at(0) == 1e-2 and cosine.lr_at(50) == pytest.approx(0.5 * (1e-2 + 1e-4))
+    assert cosine.lr_at(100) == pytest.approx(1e-4)
+    assert PhysioNet(PhysioNetConfig()).lr_at(999) == 1e-2  # constant by default
+
+
+def test_rubanova_kl_schedule():
+    # run_models.py: kl_coef = 0 for epochs < 10, then 1 - 0.99^(epoch - 10).
+    exp = PhysioNet(apply_overrides(PhysioNetConfig(), ["kl_schedule=rubanova"]))
+    assert [exp.kl_at(e) for e in range(11)] == [0.0] * 11
+    assert exp.kl_at(11) == pytest.approx(0.01) and exp.kl_at(100) == pytest.approx(1 - 0.99 ** 90)
+    half = PhysioNet(apply_overrides(PhysioNetConfig(), ["kl_schedule=rubanova", "kl_weight=0.5", "kl_wait_epochs=0"]))
+    assert half.kl_at(0) == 0.0 and half.kl_at(2) == pytest.approx(0.5 * (1 - 0.99 ** 2))
+    assert PhysioNet(PhysioNetConfig()).kl_at(0) == 1.0
+    assert PhysioNet(apply_overrides(PhysioNetConfig(), ["kl_weight=0"])).kl_at(50) == 0.0
+
+
+def test_rubanova_mse_averages_per_record_and_variable_first():
+    # Record 0: HR seen twice (squared errors 1 and 3) and Temp once (4): (mean(1, 3) + 4) / 37, the 35
+    # variables it never had count as 0. Record 1: nothing seen: 0. An unseen entry's error is ignored.
+    err = torch.zeros(2, 3, 37)
+    mask = torch.zeros(2, 3, 37, dtype=torch.bool)
+    hr, temp = PHYSIONET_VARIABLES.index("HR"), PHYSIONET_VARIABLES.index("Temp")
+    err[0, 0, hr], err[0, 2, hr], err[0, 1, temp], err[0, 1, hr], err[1, 0, hr] = 1.0, 3.0, 4.0, 100.0, 100.0
+    mask[0, 0, hr] = mask[0, 2, hr] = mask[0, 1, temp] = True
+    assert rubanova_mse(err, mask).tolist() == pytest.approx([(2.0 + 4.0) / 37, 0.0])
+    # The per-entry mean would weigh HR twice: (1 + 3 + 4) / 3.
+    assert _masked_mse(err.sqrt(), torch.zeros_like(err), mask) == pytest.approx(8 / 3)
+
+
+class _Out:
+    def __init__(self, pred, kl=None):
+        self.pred, self.kl = pred, kl
+
+
+def test_variable_likelihood_weighs_each_variable_of_a_record_equally():
+    # Rubanova et al.'s likelihood: per record, the mean over D variables of each variable's mean
+    # log-density; KL averaged over latent dimensions.
+    exp = PhysioNet(apply_overrides(PhysioNetConfig(), ["likelihood=variable", "obs_std=0.5", "latent_dim=4"]))
+    model = {"latent_ode": torch.nn.Module(), "rnn": torch.nn.Module()}
+    for m in model.values():
+        m.noise = lambda: torch.full((3,), 0.5)
+    values = torch.zeros(2, 4, 3)
+    pred = torch.zeros(2, 4, 3)
+    mask = torch.zeros(2, 4, 3, dtype=torch.bool)
+    mask[0, :, 0] = True  # record 0: variable 0 four times (error 1 each), variable 1 once (error 2)
+    mask[0, 1, 1] = True
+    mask[1, 2, 2] = True  # record 1: variable 2 once (error 0)
+    pred[0, :, 0], pred[0, 1, 1] = 1.0, 2.0
+    logn = lambda e: -0.5 * (e / 0.5) ** 2 - math.log(0.5) - 0.5 * math.log(2 * math.pi)  # noqa: E731
+    want = -((logn(1.0) + logn(2.0)) / 3 + logn(0.0) / 3) / 2
+    kl = torch.tensor([4.0, 8.0])
+    got = exp._objective(model, "rnn", _Out(pred), values, mask, kl_weight=1.0)
+    assert got.item() == pytest.approx(want, rel=1e-6)
+    got = exp._objective(model, "latent_ode", _Out(pred, kl), values, mask, kl_weight=0.5)
+    assert got.item() == pytest.approx(want + 0.5 * (4.0 + 8.0) / 2 / 4, rel=1e-6)
+    # Adding a fifth identical error on variable 0 changes nothing (the entry likelihood would).
+    mask2, pred2, values2 = (torch.cat([x, x[:, :1]], 1) for x in (mask, pred, values))
+    mask2[0, 4, 1] = False
+    assert exp._objective(model, "rnn", _Out(pred2), values2, mask2, 1.0).item() == pytest.approx(want, rel=1e-6)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="resolving the config locates the data: needs ../shared/data")
@@ -124,13 +199,13 @@ def test_end_to_end(tmp_path):
     summary = train(PhysioNet, config, tmp_path, progress=False)
     m = summary["metrics"]
     for kind in ("latent_ode", "rnn", "mean"):
-        for family in ("test_mse_heldout", "test_mse_recon", "test_mse_recon_rubanova_norm"):
+        for family in ("test_mse_heldout", "test_mse_recon", "test_mse_recon_rubanova_norm", "test_mse_rubanova"):
             assert math.isfinite(m[f"{family}/{kind}"]) and m[f"{family}/{kind}"] > 0
     assert m["data/records"] == 8 and m["data/train_records"] + m["data/test_records"] == 8
     assert m["data/test_heldout_entries"] > 0 and m["data/test_seen_entries"] > 0
     assert m["nfe_per_iter/latent_ode"] > 0 and m["rnn_hidden"] == 4
-    assert summary["references"]["test_mse_recon_rubanova_norm/latent_ode"]["value"] == 3.9e-3
-    assert summary["references"]["test_mse_recon_rubanova_norm/rnn"]["value"] == 5.9e-3
+    assert summary["references"]["test_mse_rubanova/latent_ode"]["value"] == 3.9e-3
+    assert summary["references"]["test_mse_rubanova/rnn"]["value"] == 5.9e-3
     assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"loss.png", "interpolation.png", "mse.png"}
     train_logs = [r for r in read_metrics(tmp_path) if r.get("split") == "train"]
     assert all(math.isfinite(r["train_heldout_mse/rnn"]) for r in train_logs)
@@ -154,3 +229,21 @@ def test_holdout_zero_is_reconstruction_only(tmp_path):
     assert saved["metrics"]["test_mse_heldout/latent_ode"] is None  # JSON has no NaN: null
     train_logs = [r for r in read_metrics(tmp_path) if r.get("split") == "train"]
     assert train_logs and not any("train_heldout_mse/rnn" in r for r in train_logs)
+
+
+def test_one_model_alone_is_the_same_member_as_in_a_run_of_both(tmp_path):
+    shared("physionet2012", "set-a.tar.gz")
+    rubanova = ["holdout=0", "optimizer=adamax", "lr_schedule=exponential", "kl_schedule=rubanova",
+                "kl_wait_epochs=0", "likelihood=variable", "decoder_hidden=0", "dynamics_layers=3",
+                "encoder=odernn", "encoder_ode_layers=2", "encoder_ode_hidden=5", "encoder_substeps=1", "iters=3"]
+    both = train(PhysioNet, PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE, *rubanova])),
+                 tmp_path / "both", progress=False)["metrics"]
+    alone = train(PhysioNet, PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE, *rubanova,
+                                                                                   "models=latent_ode"])),
+                  tmp_path / "alone", progress=False)["metrics"]
+    for key in ("test_mse_recon/latent_ode", "test_mse_rubanova/latent_ode", "test_mse_rubanova/mean"):
+        assert alone[key] == pytest.approx(both[key], rel=1e-6)
+    assert not any(k.endswith("/rnn") for k in alone) and "params/rnn" in both
+    logs = [r for r in read_metrics(tmp_path / "alone") if r.get("split") == "train"]
+    assert [r["lr"] for r in logs] == pytest.approx([1e-2 * 0.999 ** k for k in (1, 2, 3)])
+    assert [r["kl_weight"] for r in logs] == pytest.approx([0.0, 0.0, 0.01])  # 2 steps per epoch

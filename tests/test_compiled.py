@@ -410,3 +410,107 @@ def test_auto_compiles_both_phases_and_matches_eager():
     torch.testing.assert_close(compiled_solution.ys, eager.ys, rtol=1e-10, atol=1e-14)
     assert (("tsit5", "forward", type(field)), "step") in compiled._KERNELS
     assert (("rodas5p", "forward", type(field)), "step") in compiled._KERNELS
+
+
+# --- the whole adaptive loop as one compiled call (CompiledRungeKutta.run_loop) ------------------------------
+
+@pytest.fixture
+def loop_runs(monkeypatch):
+    """What each ``run_loop`` call of the solves in a test did: True where the compiled loop ran (False: the
+    solve did not qualify, or the loop could not be traced, and the per-step path ran)."""
+    from neuralode.solvers.compiled import CompiledRungeKutta
+
+    runs, original = [], CompiledRungeKutta.run_loop
+
+    def spy(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        runs.append(result is not None)
+        return result
+
+    monkeypatch.setattr(CompiledRungeKutta, "run_loop", spy)
+    return runs
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+@pytest.mark.parametrize("controller", [None, neuralode.PIController(), neuralode.PIDController(pcoeff=0.3, icoeff=0.4),
+                                        neuralode.IntegralController(max_step=0.07)])
+def test_compiled_loop_takes_the_eager_steps(method, controller, loop_runs):
+    """The same accepted and rejected steps, evaluations and outputs as the eager loop (float64), forwards and
+    backwards in time, with every controller kind and a step cap."""
+    field = Field()
+    y0 = torch.randn(4, 3, dtype=torch.float64)
+    for t in (torch.linspace(0.0, 2.0, 6, dtype=torch.float64), torch.tensor([1.5, 1.0, -0.25], dtype=torch.float64)):
+        with torch.no_grad():
+            # A loose first step forces rejections, so the rejection branch of the decision is exercised too.
+            eager, compiled = _pair(field, y0, t, method=method, rtol=1e-8, atol=1e-9, controller=controller,
+                                    options={"first_step": 0.5} if controller is None else None)
+        for key in ("n_steps", "n_accepted", "n_rejected", "nfe"):
+            assert compiled.stats[key] == eager.stats[key], key
+        torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-11, atol=1e-12)
+        assert compiled.ts.tolist() == eager.ts.tolist()
+    assert loop_runs == [True, True]
+    assert eager.stats["n_rejected"] > 0 or controller is not None
+
+
+def test_compiled_loop_hands_failures_to_the_eager_loop(loop_runs):
+    """The loop stops before a step the eager loop must judge itself (a collapsing step, the step budget), which
+    then reports exactly what an eager solve reports: same error, same partial solution with throw=False."""
+    blow_up = lambda t, y: y ** 2  # noqa: E731 - y' = y^2, y(0) = 1: infinite at t = 1
+    y0 = torch.ones(1, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 0.9, 2.0], dtype=torch.float64)
+    with torch.no_grad():
+        eager, compiled = _pair(blow_up, y0, t, throw=False)
+    assert compiled.status == eager.status == "non_finite"
+    assert compiled.stats == eager.stats
+    assert compiled.ts.tolist() == eager.ts.tolist() == [0.0, 0.5, 0.9]
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=0.0)
+    for compile_ in (False, True):
+        with pytest.raises(neuralode.NonFiniteError, match="diverges to infinity near t=1.0000001"):
+            neuralode.solve(blow_up, y0, t, compile=compile_)
+    decay = lambda t, y: -y  # noqa: E731
+    t = torch.linspace(0.0, 100.0, 5, dtype=torch.float64)
+    budget = dict(rtol=1e-10, atol=1e-10, options={"max_num_steps": 50})
+    for compile_ in (False, True):
+        with pytest.raises(neuralode.MaxStepsError, match=r"max_num_steps=50\) at t=2\.84852457"):
+            neuralode.solve(decay, y0, t, compile=compile_, **budget)
+    eager, compiled = _pair(decay, y0, t, throw=False, **budget)
+    assert compiled.stats == eager.stats and compiled.stats["n_steps"] == 50
+    assert loop_runs == [True] * 4
+
+
+def test_compiled_loop_runs_only_where_it_gives_the_same_answer(loop_runs):
+    """Solves the compiled loop does not cover take the per-step path with identical results: a graph to record
+    (direct backpropagation), stops inside the span (step_t), events, dense output, tuple states do run it."""
+    field = Field()
+    y0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 4, dtype=torch.float64)
+    kwargs = dict(method="dopri5", rtol=1e-8, atol=1e-9)
+    _pair(field, y0, t, **kwargs)                                            # a graph: per step
+    assert loop_runs == [False]
+    with torch.no_grad():
+        for extra in (dict(options={"step_t": [0.4]}), dict(dense=True),
+                      dict(event_fn=lambda t, y: y[0, 0] - 10.0)):
+            eager, compiled = _pair(field, y0, t, **kwargs, **extra)
+            torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-11, atol=1e-12)
+        assert loop_runs == [False]                                          # (never asked: not a plain solve)
+        pair = lambda t, y: (-y[0] * torch.cos(t), y[0] - 0.5 * y[1])  # noqa: E731
+        eager, compiled = _pair(pair, (y0[0], y0[1]), t, **kwargs)
+        for a, b in zip(compiled.ys, eager.ys):
+            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    assert loop_runs == [False, True]
+
+
+def test_the_adjoint_forward_solve_runs_the_compiled_loop(loop_runs):
+    field = Field()
+    params = tuple(field.parameters())
+    y0 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0.0, 1.0, 5, dtype=torch.float64)
+    kwargs = dict(method="dopri5", rtol=1e-9, atol=1e-10, gradient="adjoint", adjoint_params=params)
+    eager, compiled = _pair(field, y0, t, **kwargs)
+    grads_eager = torch.autograd.grad(eager.ys.pow(2).sum(), (y0, *params))
+    grads_compiled = torch.autograd.grad(compiled.ys.pow(2).sum(), (y0, *params))
+    assert loop_runs == [True]   # the forward solve (the backward solve lands on every output time: per step)
+    for key in ("n_steps", "nfe", "nfe_backward"):
+        assert compiled.stats[key] == eager.stats[key], key
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import neuralode
 from neuralode.controllers import AdaptiveController, ErrorNorm, initial_step, mixed_norm, rms_norm
@@ -252,3 +254,26 @@ def test_adapt_is_the_decision_as_a_pure_function():
     assert not accepted and kept == history and h_rejected < 0.1      # a rejection leaves the history alone
     assert pid.adapt(0.1, float("nan"), 4, history) == (False, 0.1 * pid.dfactor, history)
     assert pid.adapt(0.1, 50.0, 4, history, pinned=True)[0]          # held at min_step: accepted anyway
+
+
+_RATIOS = st.one_of(st.floats(0.0, 1e6, allow_nan=False), st.sampled_from([0.0, 1.0, math.inf, math.nan]))
+_HISTORY = st.one_of(st.floats(0.0, 1e6), st.just(1.0))   # accepted ratios (finite), or the initial 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(kind=st.sampled_from(["integral", "pi", "pid"]), h=st.floats(1e-9, 1e3), ratio=_RATIOS,
+       previous=_HISTORY, older=_HISTORY, order=st.integers(1, 8), pinned=st.booleans())
+def test_adapt_on_device_is_adapt_with_tensors(kind, h, ratio, previous, older, order, pinned):
+    """The compiled loop's decision (tensors, no host read) against the reference one (Python floats)."""
+    coefficients = {"pid": dict(pcoeff=0.4, icoeff=0.3, dcoeff=0.1), "pi": {}, "integral": {}}
+    control = AdaptiveController(kind=kind, **coefficients[kind])
+    accepted, h_next, (new_previous, new_older) = control.adapt(h, ratio, order, (previous, older), pinned)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    for decider in (control, control.with_tensor_settings(torch.device("cpu"))):   # floats, and as in the loop
+        on_device = decider.adapt_on_device(as_tensor(h), as_tensor(ratio), order, as_tensor(previous),
+                                             as_tensor(older), torch.tensor(pinned))
+        assert bool(on_device[0]) == accepted
+        # (the same formula; pow may differ from Python's in the last ulp)
+        assert float(on_device[1]) == pytest.approx(h_next, rel=1e-14, abs=0.0)
+        for got, want in zip(on_device[2:], (new_previous, new_older)):
+            assert float(got) == want or (math.isnan(want) and math.isnan(float(got)))

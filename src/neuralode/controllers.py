@@ -21,6 +21,7 @@ shrinks, and a zero or infinite past error counts as 1 in the history.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -202,6 +203,51 @@ class AdaptiveController:
             factor = self.safety * ratio ** (-1.0 / k)
         low = 1.0 if accepted else self.dfactor
         return h * min(self.ifactor, max(factor, low))
+
+    def with_tensor_settings(self, device: torch.device) -> AdaptiveController:
+        """A copy whose numeric settings are 0-dim float64 tensors on ``device``, for
+        :meth:`adapt_on_device` inside compiled code: a setting that changes between solves is then an input
+        of the graph, never a constant to recompile for (nor a symbolic float, which torch 2.13's
+        ``while_loop`` cannot lift into its body). Not validated again: the settings are this object's."""
+        copied = copy.copy(self)
+        for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff"):
+            object.__setattr__(copied, name, torch.tensor(float(getattr(self, name)), dtype=torch.float64,
+                                                          device=device))
+        return copied
+
+    def adapt_on_device(self, h: torch.Tensor, ratio: torch.Tensor, order: int, previous: torch.Tensor,
+                        older: torch.Tensor, pinned: torch.Tensor) -> tuple:
+        """:meth:`adapt` with 0-dim float64 tensors for ``h``, ``ratio`` and the history, and a bool tensor
+        ``pinned`` (the settings floats or, see :meth:`with_tensor_settings`, tensors): no branch reads a value, so a compiled loop decides on the device without a host read.
+        Returns ``(accepted, h_next, previous, older)``; the same arithmetic as :meth:`adapt` and
+        :meth:`next_step` (tested against them), with ``torch.where`` for their branches."""
+        finite = torch.isfinite(ratio)
+        accepted = finite & ((ratio <= 1.0) | pinned)
+        k = order + 1
+
+        def pick(if_accepted, if_rejected) -> torch.Tensor:
+            # (in h's dtype: torch.where of two Python floats would give the default dtype, float32)
+            as_tensor = lambda x: torch.as_tensor(x, dtype=h.dtype, device=h.device)  # noqa: E731
+            return torch.where(accepted, as_tensor(if_accepted), as_tensor(if_rejected))
+
+        if self.kind == "pid":
+            b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
+            b2 = -(self.pcoeff + 2.0 * self.dcoeff) / k
+            b3 = self.dcoeff / k
+            usable = lambda r: torch.where((r > 0.0) & (r < math.inf), r, torch.ones_like(r))  # noqa: E731
+            factor = self.safety * ratio ** (-b1) * usable(previous) ** (-b2) * usable(older) ** (-b3)
+            low, high = pick(1.0, self.dfactor), pick(self.ifactor, self.safety)
+            scaled = h * torch.minimum(high, torch.maximum(factor, low))
+        else:
+            factor = self.safety * ratio ** (-1.0 / k)
+            if self.kind == "pi":
+                pi_factor = self.safety * ratio ** (-0.7 / k) * previous.clamp_min(1e-4) ** (0.4 / k)
+                factor = torch.where(accepted, pi_factor, factor)
+            low = pick(1.0, self.dfactor)
+            scaled = h * torch.clamp(torch.maximum(factor, low), max=self.ifactor)
+        h_next = torch.where(ratio == 0.0, h * self.ifactor, scaled)
+        h_next = torch.where(finite, h_next, h * self.dfactor)
+        return (accepted, h_next, torch.where(accepted, ratio, previous), torch.where(accepted, previous, older))
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ Stops that *do* shape the steps are the end of the span, ``step_t`` (step exactl
 reusing an evaluation from the left).
 
 Host synchronisation: adaptive methods read the error ratio once per step (the accept/reject
-decision needs it on the host); fixed grids never synchronise inside the loop.
+decision needs it on the host); fixed grids never synchronise inside the loop. With ``compile=True`` a
+plain solve (no stops inside the span, events, callbacks or graph to record) runs as one compiled call
+that decides on the device (:meth:`~neuralode.solvers.compiled.CompiledRungeKutta.run_loop`); this loop
+takes over from where it stopped when a step needs its judgement (a collapsing step, the step budget).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
 from .callbacks import Callbacks, call as call_back
-from .controllers import ErrorNorm, FixedStepping, initial_step
+from .controllers import AdaptiveController, AdaptiveStepping, ErrorNorm, FixedStepping, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
 from .problem import next_after
 from .solvers.linear import spectral_radius
@@ -112,6 +115,10 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         field, direction * tau, y, derivative.f, direction, stepper.initial_step_order, error_norm),
         read_together=y.device.type != "cpu")
 
+    if (getattr(stepper, "run_loop", None) is not None and isinstance(stepping, AdaptiveStepping)
+            and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)):
+        tau, y = _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction)
+
     while outputs.pending or until_event:
         proposal = stepping.propose(tau)
         t0, t1, h = direction * tau, direction * proposal.tau1, proposal.h
@@ -176,6 +183,31 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))
     return result
+
+
+def _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction):
+    """Run the steps to the end of the span in the compiled stepper's one-call loop, where it applies (no stops
+    but the end, no one-sided limits, the controller's own step rule): the same steps, decisions and outputs as
+    the loop below, without its host read and Python work per step. Returns ``(tau, y)`` where it stopped: the
+    end, or before a step the loop below must take itself (a collapsing step, the step budget), which it then
+    does from exactly this state."""
+    control = stepping.controller
+    if (stepping.stops != [tau_end] or derivative.perturb or derivative.jumps
+            or type(control).adapt is not AdaptiveController.adapt
+            or type(control).next_step is not AdaptiveController.next_step):
+        return tau, y
+    _, f = derivative.for_step(direction * tau, direction * tau_end, tau_end, y)
+    done = stepper.run_loop(derivative.field, stepping, error_norm, tau, y, f, outputs.taus[outputs.next:],
+                            control.max_num_steps - 1 - stats["n_steps"], direction)
+    if done is None:
+        return tau, y
+    tau, y, f, values, attempts, accepted = done
+    stats["n_steps"] += attempts
+    stats["n_accepted"] += accepted
+    stats["n_rejected"] += attempts - accepted
+    outputs.extend(values)
+    derivative.after_step(direction * tau, f)
+    return tau, y
 
 
 def _whole_span(problem, stepper, wants_events, record_dense, throw) -> Integration:
@@ -288,6 +320,14 @@ class _Outputs:
             self.result.output_times.append(self.times[self.next])
             self.next += 1
         self.pending = self.next < len(taus)
+
+    def extend(self, values: list) -> None:
+        """The values at the next ``len(values)`` output times (from the compiled loop)."""
+        for value in values:
+            self.result.outputs.append(value)
+            self.result.output_times.append(self.times[self.next])
+            self.next += 1
+        self.pending = self.next < len(self.taus)
 
 
 class _Events:

@@ -12,6 +12,7 @@ tensor that would silently promote its activations.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -72,7 +73,10 @@ class VectorField:
     def unflatten(self, y: torch.Tensor):
         if self.shapes is None:
             return y
-        return tuple(part.view(shape) for part, shape in zip(torch.split(y, self.numels), self.shapes))
+        # (slices rather than torch.split: dynamo fails on split inside the compiled loop's while_loop body)
+        offsets = itertools.accumulate(self.numels, initial=0)
+        return tuple(y[start:start + numel].view(shape)
+                     for start, numel, shape in zip(offsets, self.numels, self.shapes))
 
     def callback_view(self, y: torch.Tensor):
         """The state as step callbacks receive it: the user's shapes and dtype."""

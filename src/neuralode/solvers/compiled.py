@@ -26,10 +26,20 @@ Design:
 - Steps the loop takes with a wrapped field (one-sided limits for ``perturb`` and ``jump_t``) run eagerly.
 
 The adjoint's backward steps are compiled the same way (role ``"adjoint"``: the augmented field with its
-vector-Jacobian product, traced with dynamo's ``trace_autograd_ops``). Not compiled: implicit, Rosenbrock
-and Adams methods (their Newton and LU logic branches on the host), the interpolating adjoint's backward
-steps, event location and output interpolation, and the controller (a handful of Python float operations
-per step; the loop reads the error ratio on the host once per step).
+vector-Jacobian product, traced with dynamo's ``trace_autograd_ops``). Not compiled: implicit and Adams
+methods (their Newton logic branches on the host), the interpolating adjoint's backward steps, and event
+location.
+
+The whole loop, for plain solves (:meth:`CompiledRungeKutta.run_loop`): where no graph is recorded (inference,
+the adjoint's forward solve) and nothing stops the solve inside the span (no ``step_t``/``jump_t``, events,
+callbacks or dense output), the steps, the controller's decision
+(:meth:`~neuralode.controllers.AdaptiveController.adapt_on_device`) and the outputs' interpolation run as one
+``torch.compile``d ``while_loop``: one call per solve instead of a kernel call, two host reads and the
+loop's Python work per step. It takes the eager loop's steps (tested in float64: the same accepted and
+rejected steps, evaluations and outputs) and stops before any step whose outcome the eager loop must
+report (a step that collapses, the step budget), handing its state over. Where ``while_loop`` cannot trace
+a field the solve takes the per-step kernels instead, silently (same results). On a CUDA device the loop's
+condition is still read by the host once per iteration (torch 2.13's ``while_loop``).
 """
 
 from __future__ import annotations
@@ -55,6 +65,9 @@ _BROKEN: dict = {}
 # torch.compile traces those calls only with ``trace_autograd_ops`` (experimental, hence scoped to those
 # kernels, switched on after a first trace says it is needed).
 _NEEDS_AUTOGRAD: dict = {}
+# Fields whose whole-loop kernel failed to trace (the reason): their solves take one compiled call per step
+# instead, silently, since the results are the same.
+_LOOP_BROKEN: dict = {}
 # (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
 # kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
 # never recompile and are never traced as symbolic floats.) Made on first use: importing neuralode must not
@@ -117,7 +130,10 @@ class _CompiledStepper:
         for part, make in kernels.items():
             kernel = _KERNELS.get((self.key, part))
             if kernel is None:
-                kernel = torch.compile(make(f"compiled_{stepper.tableau.name}_{part}"), fullgraph=True)
+                # The whole-loop kernel is compiled for static shapes: with dynamic ones (torch.compile's choice
+                # after a second shape), torch 2.13's while_loop fails to trace the field.
+                kernel = torch.compile(make(f"compiled_{stepper.tableau.name}_{part}"), fullgraph=True,
+                                       dynamic=False if part == "loop" else None)
                 _KERNELS[(self.key, part)] = kernel
             self.kernels[part] = kernel
         self._norm_cache = None
@@ -138,8 +154,10 @@ class _CompiledStepper:
         are not compilable, and a field that failed to trace stays eager."""
         return getattr(func, "compilable", False) and self.verdict_key not in _BROKEN
 
-    def run(self, part: str, arguments: tuple):
-        """``kernels[part](*arguments)``, or ``None`` after warning once if it cannot be compiled."""
+    def run(self, part: str, arguments: tuple, quiet: bool = False):
+        """``kernels[part](*arguments)``, or ``None`` after warning once if it cannot be compiled. ``quiet``: the
+        whole-loop kernel, whose failure only means one compiled call per step instead (no warning, and the
+        per-step kernels are still tried)."""
         try:
             try:
                 return self._call(part, arguments)
@@ -150,6 +168,9 @@ class _CompiledStepper:
                 return self._call(part, arguments)
         except Exception as error:  # noqa: BLE001 - any failure to compile falls back to the eager step
             reason = _reason(error)
+            if quiet:
+                _LOOP_BROKEN[self.verdict_key] = reason
+                return None
             _BROKEN[self.verdict_key] = reason
             warnings.warn(f"compile=True: the step of method {self.key[0]!r} with this vector field could not be "
                           f"compiled ({reason}); solving eagerly instead (same results, without the speed-up)",
@@ -180,11 +201,18 @@ class _CompiledStepper:
         return converted
 
 
+# The compiled loop interpolates every output time at every attempt (masked): outputs x state elements above this
+# would cost more than the eager loop's per-step work saves, so such solves step in the eager loop.
+_LOOP_OUTPUT_BUDGET = 1 << 20
+
+
 class CompiledRungeKutta(_CompiledStepper):
     """An :class:`ExplicitRungeKutta` whose ``step`` runs as one ``torch.compile``d function."""
 
     def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
-        super().__init__(stepper, func, role, {"step": _new_kernel})
+        super().__init__(stepper, func, role, {"step": _new_kernel, "loop": _new_loop_kernel})
+        self.role = role
+        self._settings_cache = None
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
         tableau = stepper.tableau
         # The dense output of an FSAL method without extra stages costs no evaluation: the compiled step
@@ -207,10 +235,116 @@ class CompiledRungeKutta(_CompiledStepper):
         func.nfe += self.evaluations
         return outcome
 
+    def run_loop(self, field, stepping, error_norm, tau: float, y0: torch.Tensor, f0: torch.Tensor, out_taus: list,
+                 attempts_left: int, direction: int):
+        """Integrate from ``tau`` (internal time) to the end of the span in one compiled call (see
+        :func:`_new_loop_kernel`); ``None`` when this solve does not qualify (the eager loop runs it).
+
+        Qualifies: an adaptive FSAL method with its own dense output, a compilable field, no graph to record
+        (inference and the adjoint's forward solve), a real floating-point state on the CPU or a CUDA device,
+        and ``out_taus`` (the output times still to come) strictly increasing. Returns ``(tau, y, f, outputs,
+        attempts, accepted)`` with ``outputs`` the values at the ``out_taus`` reached, and leaves ``stepping``
+        (step size, error history, the last rejection's cause) where the loop stopped.
+        """
+        if (self.role != "forward" or not self.with_dense or not self.usable(field)
+                or self.verdict_key in _LOOP_BROKEN or y0.requires_grad or f0.requires_grad
+                or not y0.is_floating_point() or y0.numel() == 0 or y0.device.type not in ("cpu", "cuda")
+                or attempts_left < 1 or not out_taus or any(b <= a for a, b in zip(out_taus, out_taus[1:]))
+                or len(out_taus) * y0.numel() > _LOOP_OUTPUT_BUDGET):
+            return None
+        device = y0.device
+        self.eager._dense_matrix(y0.dtype, device)   # its cache filled outside the traced code
+        clock = torch.tensor((tau, stepping.h) + stepping.history + (out_taus[-1], float(direction)),
+                             dtype=torch.float64, device=device)
+        taus = torch.tensor(out_taus, dtype=torch.float64, device=device)
+        outputs = y0.new_zeros((len(out_taus),) + tuple(y0.shape))
+        limit = torch.tensor(attempts_left, dtype=torch.int64, device=device)
+        # (inductor assumes the loop's inputs 16-byte aligned: a state sliced out of a larger tensor is copied)
+        y0, f0 = (x.clone() if x.storage_offset() else x for x in (y0, f0))
+        carry = self.run("loop", (self.eager, field, self._tensor_tolerances(error_norm, y0),
+                                  self._tensor_settings(stepping.controller, device), clock, y0, f0, taus, outputs,
+                                  limit), quiet=True)
+        if carry is None:
+            return None
+        tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted = carry
+        tau, h, previous, older, non_finite, attempts, accepted = torch.stack(
+            [tau, h, previous, older, non_finite.double(), attempts.double(), accepted.double()]).tolist()
+        stepping.h, stepping.history, stepping.non_finite = h, (previous, older), bool(non_finite)
+        field.nfe += self.evaluations * int(attempts)
+        reached = sum(1 for x in out_taus if x <= tau)
+        return tau, y, f, list(outputs[:reached].unbind(0)), int(attempts), int(accepted)
+
+    def _tensor_settings(self, control, device):
+        """``control`` with tensor settings (built once per controller and device)."""
+        cached = self._settings_cache
+        if cached is None or cached[0] is not control or cached[1] != device:
+            cached = self._settings_cache = (control, device, control.with_tensor_settings(device))
+        return cached[2]
+
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome, f1: torch.Tensor) -> list:
         if outcome.coefficients is not None:
             return outcome.coefficients
         return self.eager.dense_coefficients(func, t0, y0, h, outcome, f1)
+
+
+def _new_loop_kernel(name: str):
+    """The whole adaptive loop of an explicit FSAL Runge-Kutta method as one ``while_loop``: propose (clipped to
+    the end of the span and to min_step/max_step), step, judge on the device
+    (:meth:`~neuralode.controllers.AdaptiveController.adapt_on_device`), and write the output times that the
+    accepted step covers from its dense output, all without a host read inside the loop.
+
+    ``clock``: float64 ``[tau, h, previous ratio, older ratio, tau_end, direction]`` (internal time ``tau``);
+    ``out_taus``: ``(n,)`` internal output times, strictly increasing; ``outputs``: ``(n, *y0.shape)``, filled
+    where an accepted step covers the time; ``limit``: attempts allowed. The loop also stops before a step that
+    would collapse (``tau1 <= tau`` or ``h <= 0``): the caller's eager loop takes over from the returned state and
+    reports it exactly as it always does.
+    """
+    def kernel(stepper, field, error_norm, control, clock, y0, f0, out_taus, outputs, limit):
+        from torch._higher_order_ops.while_loop import while_loop
+
+        # (clones: the loop's inputs must not be views of one another)
+        tau, h, previous, older, tau_end, direction = (x.clone() for x in clock.unbind())
+        order = stepper.tableau.error_order or stepper.tableau.order
+        out_shape = (-1,) + (1,) * y0.ndim
+        not_a_number = float("nan")   # (a name looked up inside the loop's body must not be a global: dynamo)
+
+        def propose(tau, h):
+            h = h.clamp(min=control.min_step, max=control.max_step)
+            pinned = h <= control.min_step
+            clipped = tau + h >= tau_end
+            return torch.where(clipped, tau_end, tau + h), torch.where(clipped, tau_end - tau, h), pinned
+
+        def unfinished(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
+            tau1, h_step, _ = propose(tau, h)
+            return (tau < tau_end) & (attempts < limit) & (tau1 > tau) & (h_step > 0)
+
+        def attempt(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
+            tau1, h_step, pinned = propose(tau, h)
+            t0, h_signed = direction * tau, direction * h_step
+            outcome = stepper.step(field.evaluate, t0, y, f, h_signed, error_norm)
+            coefficients = stepper.dense_coefficients(field.evaluate, t0, y, h_signed, outcome, outcome.f1,
+                                                      stacked=False)
+            # A step counts only if its result is finite (as the eager loop's judge reads it).
+            ratio = torch.where(torch.isfinite(outcome.y1.sum()), outcome.error_ratio.to(torch.float64), not_a_number)
+            accepted, h_next, previous, older = control.adapt_on_device(h_step, ratio, order, previous, older, pinned)
+            covered = (accepted & (out_taus > tau) & (out_taus <= tau1)).reshape(out_shape)
+            theta = ((out_taus - tau) / h_step).to(y.dtype).reshape(out_shape)
+            dense = coefficients[-1]
+            for c in reversed(coefficients[:-1]):
+                dense = c + theta * dense
+            at_end = (out_taus == tau1).reshape(out_shape)
+            outputs = torch.where(covered, torch.where(at_end, outcome.y1, dense), outputs)
+            return (torch.where(accepted, tau1, tau), h_next, previous, older, ~torch.isfinite(ratio),
+                    torch.where(accepted, outcome.y1, y), torch.where(accepted, outcome.f1, f), outputs,
+                    attempts + 1, accepted_count + accepted.to(accepted_count.dtype))
+
+        zero = torch.zeros((), dtype=torch.int64, device=y0.device)
+        return while_loop(unfinished, attempt, (tau, h, previous, older,
+                                                torch.zeros((), dtype=torch.bool, device=y0.device),
+                                                y0, f0, outputs, zero, zero.clone()))
+
+    code = kernel.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, kernel.__globals__, name)
 
 
 def _new_linearize_kernel(name: str):

@@ -113,6 +113,7 @@ class ExplicitRungeKutta(Solver):
     _b_err: tuple = field(init=False, repr=False)
     _b_err_low: tuple = field(init=False, repr=False)
     _extra_rows: tuple = field(init=False, repr=False)
+    _dense_rows: tuple = field(init=False, repr=False)   # the nonzero terms of each dense coefficient c_1..c_d
     _dense_cache: dict = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self):
@@ -123,6 +124,7 @@ class ExplicitRungeKutta(Solver):
         set_(self, "_b_err", _sparse(tab.b_err) if tab.b_err is not None else ())
         set_(self, "_b_err_low", _sparse(tab.b_err_low) if tab.b_err_low is not None else ())
         set_(self, "_extra_rows", tuple((float(c), _sparse(row)) for c, row in zip(tab.extra_c, tab.extra_a)))
+        set_(self, "_dense_rows", tuple(_sparse(row) for row in tab.dense.T) if tab.dense is not None else ())
 
     @property
     def fsal(self) -> bool:
@@ -199,17 +201,21 @@ class ExplicitRungeKutta(Solver):
         return StepOutcome(y1, f1, ratio, self.tableau.error_order, ks)
 
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
-                           f1: torch.Tensor) -> list:
+                           f1: torch.Tensor, stacked: bool = True) -> list:
         """Coefficients ``[c_0, ..., c_d]`` with ``y(t0 + theta h) = sum_m c_m theta**m``.
 
         One matrix product over the stacked stages gives all of ``c_1..c_d`` at once: fewer kernel
-        launches than a sum per coefficient, and fewer passes over memory for large states.
+        launches than a sum per coefficient, and fewer passes over memory for large states. ``stacked=False``
+        sums each coefficient's terms instead (the compiled loop: inductor writes stacked stages into one
+        buffer, and a stage carried on from there to the next iteration would be misaligned).
         """
         ks = list(outcome.stages)
         if not self.tableau.fsal:
             ks.append(f1)
         for c, terms in self._extra_rows:
             ks.append(func(t0 + c * h, linear_combination(y0, h, ks, terms)))
+        if not stacked:
+            return [y0] + [linear_combination(None, h, ks, terms) for terms in self._dense_rows]
         stages = torch.stack(ks).reshape(len(ks), y0.numel())  # (explicit sizes: y0 may be empty)
         coefficients = torch.mm(self._dense_matrix(stages.dtype, stages.device), stages)
         coefficients = coefficients.view(coefficients.shape[0], *y0.shape)

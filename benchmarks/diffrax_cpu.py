@@ -1,4 +1,5 @@
-"""P2 forward and adjoint gradient, neuralode against diffrax (JAX) on the CPU, same thread count, one process.
+"""P3 tiny forward, P2 forward and adjoint gradient: neuralode against diffrax (JAX) on the CPU, same thread count,
+one process.
 
     pip install jax diffrax                 # a benchmark environment; not a dependency of neuralode
     taskset -c 0 python benchmarks/diffrax_cpu.py --threads 1
@@ -14,7 +15,8 @@ exact, discretise-then-optimise gradient like neuralode's ``gradient="direct"``,
 JAX functions are jitted and warmed up; rounds are interleaved. Threads: torch.set_num_threads(n); XLA's
 CPU client is limited with ``--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1`` for
 n = 1 (and the whole process should be pinned to one core with taskset), and left at its default (all
-cores) otherwise. Writes results/diffrax_cpu_<n>threads.json.
+cores) otherwise. Writes results/diffrax_cpu_<n>threads.json. P3 (the tiny 2-16-2 field of benchmarks/speed.py, batch 1,
+10 outputs on [0, 10], rtol 1e-6, atol 1e-7, no gradient) measures the solver's own work per step.
 """
 
 from __future__ import annotations
@@ -73,6 +75,25 @@ def main(argv=None):
                                    saveat=diffrax.SaveAt(ts=ts), stepsize_controller=controller,
                                    adjoint=adjoint, max_steps=4096)
 
+    # P3: the tiny field (MLP 2-16-2, tanh, batch 1, 10 outputs on [0, 10], rtol 1e-6, atol 1e-7), where the
+    # per-step overhead outside the field decides (benchmarks/speed.py's P3).
+    tiny = MLP(2, 16, layers=1, seed=2, dtype=torch.float32)
+    tiny_weights = [(jnp.asarray(m.weight.detach().numpy().T), jnp.asarray(m.bias.detach().numpy()))
+                    for m in tiny.net if isinstance(m, torch.nn.Linear)]
+    tiny_y0_torch, tiny_t_torch = torch.tensor([[1.0, -0.5]]), torch.linspace(0, 10, 10)
+    tiny_controller = diffrax.PIDController(rtol=1e-6, atol=1e-7)
+    tiny_forward_jax = jax.jit(lambda w: diffrax.diffeqsolve(
+        term, diffrax.Dopri5(), t0=0.0, t1=10.0, dt0=None, y0=jnp.asarray(tiny_y0_torch.numpy()), args=w,
+        saveat=diffrax.SaveAt(ts=jnp.asarray(tiny_t_torch.numpy())), stepsize_controller=tiny_controller,
+        max_steps=4096).ys)
+
+    def tiny_forward(compile_):
+        def call():
+            with torch.no_grad():
+                return neuralode.solve(tiny, tiny_y0_torch, tiny_t_torch, method="dopri5", rtol=1e-6, atol=1e-7,
+                                       compile=compile_)
+        return call
+
     forward_jax = jax.jit(lambda w: solve(w, diffrax.RecursiveCheckpointAdjoint()).ys)
     grad_backsolve = jax.jit(jax.grad(lambda w: jnp.mean(solve(w, diffrax.BacksolveAdjoint()).ys ** 2)))
     grad_checkpoint = jax.jit(jax.grad(lambda w: jnp.mean(solve(w, diffrax.RecursiveCheckpointAdjoint()).ys ** 2)))
@@ -104,6 +125,8 @@ def main(argv=None):
     groups = {
         "P2 field alone (one evaluation)": {"torch": torch_field,
                                             "diffrax": lambda: jax.block_until_ready(field_jax(y0, weights))},
+        "P3 tiny forward": {"neuralode": tiny_forward(False), "neuralode compile": tiny_forward(True),
+                            "diffrax": lambda: jax.block_until_ready(tiny_forward_jax(tiny_weights))},
         "P2 forward": {"neuralode": torch_forward(False), "neuralode compile": torch_forward(True),
                        "diffrax": jax_call(forward_jax)},
         "P2 adjoint gradient": {"neuralode adjoint": torch_gradient("adjoint", False),
@@ -137,7 +160,7 @@ def main(argv=None):
             ratios = [v / r for v, r in zip(values, times[reference])]
             rows.append({"case": group, "library": name, "median_ms": 1e3 * statistics.median(values),
                          "vs_diffrax": statistics.median(ratios), "times_ms": [1e3 * v for v in values]})
-    print(f"\n### P2 on the CPU, {args.threads} thread(s), {args.rounds} interleaved rounds "
+    print(f"\n### P3 and P2 on the CPU, {args.threads} thread(s), {args.rounds} interleaved rounds "
           f"(torch {torch.__version__}, jax {jax.__version__}, diffrax {diffrax.__version__})\n")
     print(f"outputs agree to {agreement:.2e}; diffrax took {diffrax_steps} steps\n")
     print(markdown_table(rows, [("case", "case", None), ("library", "library", None),

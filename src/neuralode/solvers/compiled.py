@@ -39,7 +39,8 @@ loop's Python work per step. It takes the eager loop's steps (tested in float64:
 rejected steps, evaluations and outputs) and stops before any step whose outcome the eager loop must
 report (a step that collapses, the step budget), handing its state over. Where ``while_loop`` cannot trace
 a field the solve takes the per-step kernels instead, silently (same results). On a CUDA device the loop's
-condition is still read by the host once per iteration (torch 2.13's ``while_loop``).
+condition would still be read by the host once per iteration (torch 2.13's ``while_loop``), and the loop is
+untested there: it runs on the CPU only (``_LOOP_DEVICES``).
 """
 
 from __future__ import annotations
@@ -130,10 +131,13 @@ class _CompiledStepper:
         for part, make in kernels.items():
             kernel = _KERNELS.get((self.key, part))
             if kernel is None:
-                # The whole-loop kernel is compiled for static shapes: with dynamic ones (torch.compile's choice
-                # after a second shape), torch 2.13's while_loop fails to trace the field.
+                loop = part == "loop"
+                # The whole-loop kernel: static shapes (with dynamic ones, torch.compile's choice after a second
+                # shape, torch 2.13's while_loop fails to trace the field), and a C++ wrapper around the generated
+                # kernels (inductor's Python wrapper costs ~30 us an iteration on a tiny field; P3 solve 1.15 ->
+                # 0.80 ms; the wrapper's C++ compile adds ~10 s to the first solve with a field).
                 kernel = torch.compile(make(f"compiled_{stepper.tableau.name}_{part}"), fullgraph=True,
-                                       dynamic=False if part == "loop" else None)
+                                       dynamic=False if loop else None, options={"cpp_wrapper": True} if loop else None)
                 _KERNELS[(self.key, part)] = kernel
             self.kernels[part] = kernel
         self._norm_cache = None
@@ -201,6 +205,10 @@ class _CompiledStepper:
         return converted
 
 
+# Devices the compiled loop runs on: the CPU only, the one it is tested and measured on (no GPU was available; on
+# CUDA torch 2.13's while_loop reads its condition on the host every iteration, so it would not remove the
+# per-step synchronisation there anyway). Elsewhere solves take the per-step kernels.
+_LOOP_DEVICES = ("cpu",)
 # The compiled loop interpolates every output time at every attempt (masked): outputs x state elements above this
 # would cost more than the eager loop's per-step work saves, so such solves step in the eager loop.
 _LOOP_OUTPUT_BUDGET = 1 << 20
@@ -241,14 +249,14 @@ class CompiledRungeKutta(_CompiledStepper):
         :func:`_new_loop_kernel`); ``None`` when this solve does not qualify (the eager loop runs it).
 
         Qualifies: an adaptive FSAL method with its own dense output, a compilable field, no graph to record
-        (inference and the adjoint's forward solve), a real floating-point state on the CPU or a CUDA device,
+        (inference and the adjoint's forward solve), a real floating-point state on the CPU,
         and ``out_taus`` (the output times still to come) strictly increasing. Returns ``(tau, y, f, outputs,
         attempts, accepted)`` with ``outputs`` the values at the ``out_taus`` reached, and leaves ``stepping``
         (step size, error history, the last rejection's cause) where the loop stopped.
         """
         if (self.role != "forward" or not self.with_dense or not self.usable(field)
                 or self.verdict_key in _LOOP_BROKEN or y0.requires_grad or f0.requires_grad
-                or not y0.is_floating_point() or y0.numel() == 0 or y0.device.type not in ("cpu", "cuda")
+                or not y0.is_floating_point() or y0.numel() == 0 or y0.device.type not in _LOOP_DEVICES
                 or attempts_left < 1 or not out_taus or any(b <= a for a, b in zip(out_taus, out_taus[1:]))
                 or len(out_taus) * y0.numel() > _LOOP_OUTPUT_BUDGET):
             return None

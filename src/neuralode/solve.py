@@ -76,8 +76,10 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         Raise on numerical failure (default). With ``False`` a failed solve returns a Solution whose
         ``status``/``message`` say what happened and whose ``ts``/``ys`` stop where it stopped.
     compile : bool
-        Run each step of an explicit Runge-Kutta method as one ``torch.compile``d function (field, stage
-        sums and error norm together; :mod:`neuralode.solvers.compiled`). The first solve with a field
+        Run each step of an explicit Runge-Kutta or Rosenbrock method as one ``torch.compile``d function
+        (field, stage sums and error norm together; :mod:`neuralode.solvers.compiled`); a plain adaptive
+        solve on the CPU without a graph to record (inference, the adjoint's forward solve) runs its whole
+        loop, accept/reject and outputs included, as one compiled call. The first solve with a field
         compiles (seconds); later solves with the same field reuse it. Results equal the eager ones to a
         few ulps; a field that cannot be compiled is solved eagerly with one warning.
     controller : AdaptiveController, optional

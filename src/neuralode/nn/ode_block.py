@@ -74,7 +74,8 @@ class ODEBlock(nn.Module):
         Distribution of the Hutchinson probe, drawn once per forward pass.
     compile : bool, default False
         Compile each solver step with ``torch.compile`` (``solve(..., compile=True)``; explicit
-        Runge-Kutta methods). The first call compiles (seconds); later calls reuse it.
+        Runge-Kutta and Rosenbrock methods; at inference on the CPU the whole adaptive loop). The first
+        call compiles (seconds); later calls reuse it.
     per_sample : bool, default False
         Step every sample of the batch on its own (``solve(..., per_sample=True)``): its own step sizes,
         so one hard input no longer sets the steps (and the cost) of the whole batch, and a sample's

@@ -247,3 +247,13 @@ def test_one_model_alone_is_the_same_member_as_in_a_run_of_both(tmp_path):
     logs = [r for r in read_metrics(tmp_path / "alone") if r.get("split") == "train"]
     assert [r["lr"] for r in logs] == pytest.approx([1e-2 * 0.999 ** k for k in (1, 2, 3)])
     assert [r["kl_weight"] for r in logs] == pytest.approx([0.0, 0.0, 0.01])  # 2 steps per epoch
+
+
+def test_the_rnn_alone_finishes_with_its_plots(tmp_path):
+    # The plots once read the latent ODE's metrics, which a run of the RNN alone does not have.
+    shared("physionet2012", "set-a.tar.gz")
+    config = PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [*SMOKE, "models=rnn", "holdout=0"]))
+    m = train(PhysioNet, config, tmp_path, progress=False)["metrics"]
+    assert math.isfinite(m["test_mse_rubanova/rnn"]) and "params/rnn" in m
+    assert not any("latent_ode" in k for k in m)
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == {"loss.png", "interpolation.png", "mse.png"}

@@ -537,7 +537,7 @@ class PhysioNet(Experiment):
             vals = [metrics[f"{fam}/{k}"] for fam, _ in groups]
             ax.bar(np.arange(len(groups)) + (i - 1) * width, [0.0 if math.isnan(x) else x for x in vals],
                    width, color=colors[k], label=labels[k])
-        if math.isnan(metrics[f"{_HELDOUT}/latent_ode"]):
+        if math.isnan(metrics[f"{_HELDOUT}/{rows[0]}"]):
             ax.text(0, 0, "holdout=0:\nnothing held out", ha="center", va="bottom", fontsize=7)
         for k, ls in (("latent_ode", "--"), ("rnn", ":")):
             ref = self.references[f"{_RUB}/{k}"].value

@@ -64,9 +64,10 @@ PAPER_TEST_ERROR = {"mlp": 0.0160, "resnet": 0.0041, "rknet": 0.0047, "odenet": 
 #: of the second half (0.100 against 0.089 at the end), as Smith & Topin's advice to reduce other
 #: regularisation when the schedule already regularises predicts. The tolerance stays the paper's
 #: 1e-3: the test error is measured at the tolerance the network was trained at. 15 epochs: the
-#: issue's H100 run took 26 s per epoch, and the annealed ODE-Net needed up to a quarter more
-#: function evaluations per solve in the CPU comparison (32 against 26), so 15 epochs should take
-#: 7-8 minutes, inside the ten with its evaluations (not measured on a GPU).
+#: issue's H100 run took 26 s per epoch, and in its last epochs the annealed ODE-Net of the CPU
+#: comparison needed up to a third more function evaluations per step (32 forward and 32 backward
+#: against 26 and 20-24), so 15 epochs should take 7-8 minutes, inside the ten with their
+#: evaluations (not measured on a GPU).
 RECIPES: dict[str, dict] = {
     "paper": {"epochs": 1, "lr_schedule": "step", "warmup": 0.0, "weight_decay": 0.0},
     "fast": {"epochs": 15, "lr_schedule": "cosine", "warmup": 0.05, "weight_decay": 0.0},
@@ -169,7 +170,7 @@ def learning_rate(config: MNISTConfig, step: int, steps_per_epoch: int) -> float
     ``step`` schedule: ``lr * lr_decay ** (number of lr_decay_epochs reached)``; ``cosine``:
     ``lr * (1 + cos(pi * p)) / 2`` with ``p`` the fraction of the post-warm-up steps done
     (``lr`` at the first of them, ``lr * (1 - cos(pi / m)) / 2 > 0`` at the last of ``m``).
-    During the first ``round(warmup * total)`` steps either value is scaled by ``(step + 1) / W``.
+    During the first ``W = round(warmup * total)`` steps either value is scaled by ``(step + 1) / W``.
     """
     c = config
     total = c.epochs * steps_per_epoch

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import warnings
 
@@ -220,7 +221,6 @@ class CompiledRungeKutta(_CompiledStepper):
     def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
         super().__init__(stepper, func, role, {"step": _new_kernel, "loop": _new_loop_kernel})
         self.role = role
-        self._settings_cache = None
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
         tableau = stepper.tableau
         # The dense output of an FSAL method without extra stages costs no evaluation: the compiled step
@@ -270,7 +270,7 @@ class CompiledRungeKutta(_CompiledStepper):
         # (inductor assumes the loop's inputs 16-byte aligned: a state sliced out of a larger tensor is copied)
         y0, f0 = (x.clone() if x.storage_offset() else x for x in (y0, f0))
         carry = self.run("loop", (self.eager, field, self._tensor_tolerances(error_norm, y0),
-                                  self._tensor_settings(stepping.controller, device), clock, y0, f0, taus, outputs,
+                                  _tensor_settings(stepping.controller, device), clock, y0, f0, taus, outputs,
                                   limit), quiet=True)
         if carry is None:
             return None
@@ -282,17 +282,17 @@ class CompiledRungeKutta(_CompiledStepper):
         reached = sum(1 for x in out_taus if x <= tau)
         return tau, y, f, list(outputs[:reached].unbind(0)), int(attempts), int(accepted)
 
-    def _tensor_settings(self, control, device):
-        """``control`` with tensor settings (built once per controller and device)."""
-        cached = self._settings_cache
-        if cached is None or cached[0] is not control or cached[1] != device:
-            cached = self._settings_cache = (control, device, control.with_tensor_settings(device))
-        return cached[2]
-
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome, f1: torch.Tensor) -> list:
         if outcome.coefficients is not None:
             return outcome.coefficients
         return self.eager.dense_coefficients(func, t0, y0, h, outcome, f1)
+
+
+@functools.lru_cache(maxsize=64)
+def _tensor_settings(control, device):
+    """``control`` (a frozen dataclass: hashed by its settings) with tensor settings, made once per distinct
+    controller and device rather than once per solve."""
+    return control.with_tensor_settings(device)
 
 
 def _new_loop_kernel(name: str):

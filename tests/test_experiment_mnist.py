@@ -146,3 +146,30 @@ def test_a_fast_run_trains_with_the_schedule_it_states(tmp_path):
     assert [lr for _, lr in logged] == pytest.approx([learning_rate(config, s - 1, 4) for s, _ in logged])
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=False)
     assert {g["weight_decay"] for g in checkpoint["optimizer"]["param_groups"]} == {1e-3}
+
+
+@needs_data
+def test_a_fast_run_cut_in_its_warm_up_resumes_exactly(tmp_path):
+    """The schedule is a function of the step alone: a run stopped in the warm-up and resumed
+    writes the same learning rates and ends with the same weights as one that never stopped."""
+    import torch
+
+    from neuralode.experiments.runner import CHECKPOINT, Hook, load_checkpoint
+
+    class Crash(Hook):
+        def after_step(self, run, position, record):
+            if position.step == 3:
+                raise SystemExit("simulated crash")
+
+    # 2 epochs of 4 steps; warmup 0.3 of 8 steps is 2 steps, so the cut falls just after it
+    config = MNIST.resolve(apply_overrides(MNISTConfig(), [
+        f"data_dir={DATA}", "model=odenet", "recipe=fast", "epochs=2", "warmup=0.3", "train_size=64",
+        "test_size=20", "batch_size=16", "channels=4", "eval_batch=20", "checkpoint_every=2"]))
+    train(MNIST, config, tmp_path / "ref", progress=False)
+    with pytest.raises(SystemExit):
+        train(MNIST, config, tmp_path / "cut", progress=False, hooks=[Crash()])
+    assert load_checkpoint(tmp_path / "cut" / CHECKPOINT)["step"] == 2
+    train(MNIST, config, tmp_path / "cut", progress=False, resume=True)
+    a, b = (load_checkpoint(tmp_path / d / CHECKPOINT)["model"] for d in ("ref", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "ref" / "metrics.jsonl").read_text() == (tmp_path / "cut" / "metrics.jsonl").read_text()

@@ -217,8 +217,9 @@ class AdaptiveController:
 
     def adapt_on_device(self, h: torch.Tensor, ratio: torch.Tensor, order: int, previous: torch.Tensor,
                         older: torch.Tensor, pinned: torch.Tensor) -> tuple:
-        """:meth:`adapt` with 0-dim float64 tensors for ``h``, ``ratio`` and the history, and a bool tensor
-        ``pinned`` (the settings floats or, see :meth:`with_tensor_settings`, tensors): no branch reads a value, so a compiled loop decides on the device without a host read.
+        """:meth:`adapt` with float64 tensors for ``h``, ``ratio`` and the history, and a bool tensor ``pinned``,
+        0-dim (the compiled loop) or one per sample, elementwise (per-sample stepping); the settings floats or,
+        see :meth:`with_tensor_settings`, tensors. No branch reads a value, so a compiled loop decides on the device without a host read.
         Returns ``(accepted, h_next, previous, older)``; the same arithmetic as :meth:`adapt` and
         :meth:`next_step` (tested against them), with ``torch.where`` for their branches."""
         finite = torch.isfinite(ratio)

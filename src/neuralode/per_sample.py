@@ -160,31 +160,6 @@ def _initial_step(field, tau0, y0, f0, direction, order, norm, view):
         return torch.where(torch.isfinite(d2), h, h0 * 1e-3)
 
 
-def _next_step(control, h, ratio, previous, older, order, accepted):
-    """:meth:`~neuralode.controllers.AdaptiveController.next_step`, elementwise over the batch."""
-    k = order + 1
-    one = torch.ones_like(h)
-    if control.kind == "pid":
-        b1 = (control.pcoeff + control.icoeff + control.dcoeff) / k
-        b2 = -(control.pcoeff + 2.0 * control.dcoeff) / k
-        b3 = control.dcoeff / k
-        usable = lambda r: torch.where((r > 0) & (r < math.inf), r, one)  # noqa: E731
-        factor = control.safety * ratio ** (-b1) * usable(previous) ** (-b2) * usable(older) ** (-b3)
-        low = torch.where(accepted, one, one * control.dfactor)
-        high = torch.where(accepted, one * control.ifactor, one * control.safety)
-        h_next = h * torch.minimum(high, torch.maximum(factor, low))
-    else:
-        integral = control.safety * ratio ** (-1.0 / k)
-        if control.kind == "pi":
-            pi = control.safety * ratio ** (-0.7 / k) * previous.clamp_min(1e-4) ** (0.4 / k)
-            factor = torch.where(accepted, pi, integral)
-        else:
-            factor = integral
-        low = torch.where(accepted, one, one * control.dfactor)
-        h_next = h * torch.clamp(torch.maximum(factor, low), max=control.ifactor)
-    return torch.where(ratio == 0, h * control.ifactor, h_next)
-
-
 def _horner(coefficients, theta):
     """``sum_m c_m theta**m`` with one ``theta`` per sample (shape ``(batch, 1, ..., 1)``)."""
     result = coefficients[-1]
@@ -313,10 +288,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
                 total = total.real + total.imag
             ratio = torch.where(torch.isfinite(total), ratio, torch.full_like(ratio, math.nan))
             finite = torch.isfinite(ratio)
-            accept = finite & ((ratio <= 1.0) | pinned)
-            h_next = _next_step(control, h, torch.where(finite, ratio, torch.ones_like(ratio)), previous, older,
-                                outcome.error_order, accept)
-            h_next = torch.where(finite, h_next, h * control.dfactor)
+            # (the history is updated below, for the active samples only)
+            accept, h_next, _, _ = control.adapt_on_device(h, ratio, outcome.error_order, previous, older, pinned)
         else:
             accept = torch.ones_like(active)
             underflow = torch.zeros_like(active)

@@ -219,8 +219,8 @@ class AdaptiveController:
                         older: torch.Tensor, pinned: torch.Tensor) -> tuple:
         """:meth:`adapt` with float64 tensors for ``h``, ``ratio`` and the history, and a bool tensor ``pinned``,
         0-dim (the compiled loop) or one per sample, elementwise (per-sample stepping); the settings floats or,
-        see :meth:`with_tensor_settings`, tensors. No branch reads a value, so a compiled loop decides on the device without a host read.
-        Returns ``(accepted, h_next, previous, older)``; the same arithmetic as :meth:`adapt` and
+        see :meth:`with_tensor_settings`, tensors. No branch reads a value, so a compiled loop decides on the
+        device without a host read. Returns ``(accepted, h_next, previous, older)``; the same arithmetic as :meth:`adapt` and
         :meth:`next_step` (tested against them), with ``torch.where`` for their branches."""
         finite = torch.isfinite(ratio)
         accepted = finite & ((ratio <= 1.0) | pinned)

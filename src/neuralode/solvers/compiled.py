@@ -211,7 +211,7 @@ class _CompiledStepper:
 # per-step synchronisation there anyway). Elsewhere solves take the per-step kernels.
 _LOOP_DEVICES = ("cpu",)
 # The compiled loop interpolates every output time at every attempt (masked): outputs x state elements above this
-# would cost more than the eager loop's per-step work saves, so such solves step in the eager loop.
+# would cost more than the loop's saved per-step work, so such solves take one compiled call per step instead.
 _LOOP_OUTPUT_BUDGET = 1 << 20
 
 

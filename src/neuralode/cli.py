@@ -204,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     from neuralode.experiments import distributed
 
     context = distributed.from_environment(run_dir, device)  # None in one process
+    summary = None
     try:
         if context is not None:
             run_dir = context.run_dir
@@ -215,7 +216,7 @@ def _run(args: argparse.Namespace) -> int:
                         resume=args.resume, progress=not args.no_progress, context=context)
     finally:
         if context is not None:
-            distributed.shutdown()
+            distributed.shutdown(completed=summary is not None)
     if context is not None and not context.is_main:
         return 0 if summary["status"] == "completed" else 130
     if summary["status"] != "completed":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import neuralode
+from neuralode.solvers.runge_kutta import ExplicitRungeKutta
 from neuralode.tableaus import TABLEAUS
 
 F64 = torch.float64
@@ -118,3 +119,19 @@ def test_dense_output_global_accuracy_between_steps():
     ys = sol.evaluate(s)
     exact = torch.stack([torch.linalg.matrix_exp(A * si) @ Y0 for si in s.tolist()])
     assert (ys - exact).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(TABLEAUS))
+def test_dense_coefficients_summed_equal_the_stacked_product(name):
+    """The compiled loop sums each dense coefficient's terms (``stacked=False``) instead of one matrix product
+    over the stacked stages: the same polynomial to rounding, for every explicit method."""
+    stepper = ExplicitRungeKutta(TABLEAUS[name])
+    field = lambda t, y: torch.sin(y) * (1.0 + t)  # noqa: E731
+    y0 = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)
+    outcome = stepper.step(field, 0.0, y0, field(0.0, y0), 0.1, None)
+    f1 = outcome.f1 if outcome.f1 is not None else field(0.1, outcome.y1)
+    stacked = stepper.dense_coefficients(field, 0.0, y0, 0.1, outcome, f1)
+    summed = stepper.dense_coefficients(field, 0.0, y0, 0.1, outcome, f1, stacked=False)
+    assert len(summed) == len(stacked)
+    for a, b in zip(summed, stacked):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)

@@ -134,4 +134,4 @@ def test_dense_coefficients_summed_equal_the_stacked_product(name):
     summed = stepper.dense_coefficients(field, 0.0, y0, 0.1, outcome, f1, stacked=False)
     assert len(summed) == len(stacked)
     for a, b in zip(summed, stacked):
-        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-12)   # (coefficients are sums of O(1) terms)

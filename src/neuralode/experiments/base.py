@@ -113,12 +113,23 @@ class Experiment:
         Override it only where one backward pass over the whole loss holds too much at once:
         ``robustness`` runs forward and backward of its independent members one after the
         other, so one member's graph is alive at a time, and gets the same update."""
+        lr = self.lr_at(position.step)
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         loss, extra = self.loss(model, batch, position)
         optimizer.zero_grad(set_to_none=True)
         if loss.requires_grad:
             loss.backward()
             optimizer.step()
-        return loss, extra
+        return loss, (extra if lr is None else {**extra, "lr": lr})
+
+    def lr_at(self, step: int) -> float | None:
+        """The learning rate of ``step`` for an experiment that schedules it per step, or ``None`` (the
+        optimiser's own). :meth:`train_step` sets it before the step and logs it as ``lr``; set from the step
+        alone (the optimiser's saved param_groups carry the last value and this overwrites it), a resumed run
+        takes the same steps as one never stopped."""
+        return None
 
     # -- optional -----------------------------------------------------------------
     @property

@@ -270,15 +270,6 @@ class LatentSpiral(Experiment):
             return c.lr * (c.min_lr / c.lr) ** frac
         return c.lr
 
-    def train_step(self, model, batch, position, optimizer):
-        # Set from the step alone: the optimiser's saved param_groups carry the last value, and
-        # this overwrites it, so a resumed run takes the same steps as one never stopped.
-        lr = self.lr_at(position.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, logs = super().train_step(model, batch, position, optimizer)
-        return loss, {**logs, "lr": lr}
-
     def batch(self, position: Position):
         c = self.config
         order = epoch_permutation(c.seed, position.epoch, self.n_train)

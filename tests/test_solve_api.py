@@ -394,3 +394,13 @@ def test_user_norm_receives_tuples_for_tuple_states():
     neuralode.solve(lambda t, y: (-y[0], -2 * y[1]), y0, torch.tensor([0.0, 1.0], dtype=F64),
                     options={"norm": norm})
     assert calls and all(c is tuple for c in calls)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_user_norm_that_does_not_reduce_is_a_clear_error(compile):
+    """A norm returning the element-wise error (forgetting the reduction) is a ValueError naming the option,
+    not torch's 'only one element tensors can be converted to Python scalars'."""
+    y0 = torch.tensor([[2.0, 0.0]], dtype=F64)
+    with pytest.raises(ValueError, match=r"option 'norm' must return a scalar .*shape \(1, 2\)"):
+        neuralode.solve(spiral, y0, torch.tensor([0.0, 1.0], dtype=F64), compile=compile,
+                        options={"norm": lambda x: x.abs()})

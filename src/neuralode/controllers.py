@@ -42,6 +42,9 @@ def _finite_or_nan(norm):
     def checked(x):
         flat = x if isinstance(x, torch.Tensor) else torch.cat([part.reshape(-1) for part in x])
         value = torch.as_tensor(norm(x))
+        if value.numel() != 1:   # a shape, known without reading the device: no synchronisation per step
+            raise ValueError(f"option 'norm' must return a scalar (one element), got shape {tuple(value.shape)}; "
+                             "reduce the scaled error to one number, e.g. lambda x: x.abs().max()")
         return torch.where(torch.isfinite(flat).all(), value, torch.full_like(value, math.nan))
     return checked
 

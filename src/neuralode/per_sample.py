@@ -132,7 +132,14 @@ def make_per_sample_field(func, y0, rtol, atol):
 
 def _first_evaluation(field, y0, times):
     """``func`` at the start times, checked like the joint solve's first evaluation."""
-    out = field.func(times.reshape(-1).to(field.time_dtype), y0.to(field.user_dtype) if field.cast else y0)
+    t0 = times.reshape(-1).to(field.time_dtype)
+    try:
+        out = field.func(t0, y0.to(field.user_dtype) if field.cast else y0)
+    except RuntimeError as error:
+        # Most often a field written for a scalar t (torch.cos(t) * y): keep the user's error, say why t differs.
+        error.add_note(f"neuralode: in per-sample mode func(t, y) receives t of shape {tuple(t0.shape)}, one time "
+                       "per sample; broadcast it against the state, e.g. t.view(-1, *[1] * (y.dim() - 1))")
+        raise
     field.nfe += 1
     check_derivative("func(t, y)", out, y0.shape, field.user_dtype, " (t has shape (batch,) in per-sample mode)")
     out = out.to(field.compute_dtype) if field.cast else out

@@ -1,5 +1,6 @@
 """Models built from :mod:`neuralode.nn`: classifiers (MLP, ResNet, RK-Net, ODE-Net) and generative
-models (continuous normalising flows with a planar-flow baseline; latent ODEs with an RNN baseline).
+models (continuous normalising flows with a planar-flow baseline; latent ODEs with an RNN baseline and
+Rubanova et al.'s RNN-VAE).
 
 Generic families (:class:`MLP`, :class:`ResNet`, :class:`RKNet`, :class:`ODENet`) and builders
 for vectors (:func:`vector_classifier`), sequences (:func:`sequence_classifier`, ECG defaults)
@@ -13,6 +14,7 @@ from neuralode.models.cnf import (CNF, TRACE_ESTIMATORS, CNFOutput, ConcatSquash
 from neuralode.models.latent_ode import (ENCODERS, LatentODE, LatentODEOutput, ObservationEncoder, RNNBaseline,
                                          RNNBaselineOutput, gather_observations,
                                          size_matched_rnn_width)
+from neuralode.models.rnn_vae import DECODER_GRIDS, RNNVAE, RNNVAEOutput
 from neuralode.models.base import FIXED_STEP_RK_METHODS, MLP, ODENet, ResidualBlock, ResNet, RKNet, count_parameters
 from neuralode.models.image import image_classifier
 from neuralode.models.registry import MODEL_NAMES, PAPER_PARAMETER_COUNTS, build_model
@@ -25,6 +27,7 @@ __all__ = [
     "TRACE_ESTIMATORS", "trace_exact", "trace_hutchinson",
     "ENCODERS", "LatentODE", "LatentODEOutput", "ObservationEncoder", "RNNBaseline", "RNNBaselineOutput",
     "gather_observations", "size_matched_rnn_width",
+    "DECODER_GRIDS", "RNNVAE", "RNNVAEOutput",
     "FIXED_STEP_RK_METHODS",
     "MLP",
     "MODEL_NAMES",

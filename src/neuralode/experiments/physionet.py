@@ -39,11 +39,16 @@ Models, trained on union-grid batches (``collate_physionet``):
   evaluated at the posterior mean;
 * ``rnn``: :class:`neuralode.models.RNNBaseline`, a deterministic GRU encoder-decoder with the same
   Gaussian likelihood; by default (``rnn_hidden=0``) of the same size as the latent ODE (the width
-  whose parameter count is closest, :func:`neuralode.models.size_matched_rnn_width`).
+  whose parameter count is closest, :func:`neuralode.models.size_matched_rnn_width`);
+* ``rnn_vae`` (only when listed in ``models``): :class:`neuralode.models.RNNVAE`, Rubanova et al.'s
+  stochastic RNN baseline at their sizes (latent ``latent_dim``, encoder GRU ``encoder_hidden``, MLPs
+  of ``rnn_vae_units``), trained on the same ELBO as the latent ODE; evaluated at the posterior mean.
 
-A third row, ``mean``, predicts each variable's training mean (in normalised units), so the MSEs
-have a floor to be read against. ``models`` trains one of the two alone (the same member, seed and
-batches as in a run of both).
+Another row, ``mean``, predicts each variable's training mean (in normalised units), so the MSEs
+have a floor to be read against. ``models`` trains any of them alone (the same member, seed and
+batches as in a run with the others). Paper references: ``test_mse_rubanova/latent_ode_odernn``
+(2.118e-3), ``.../latent_ode_rnn`` (3.9e-3), ``.../rnn_vae`` (5.9e-3); the final metrics repeat the
+latent ODE's as ``test_mse_rubanova/latent_ode_<encoder>`` so that it meets its own row.
 
 Rubanova et al.'s training (``run_models.py``), each a setting here: Adamax (``optimizer``) at
 ``lr=1e-2`` times 0.999 per step down to 1e-3 (``lr_schedule=exponential``), the KL term weighted
@@ -75,6 +80,8 @@ from neuralode.data import (
     load_physionet,
 )
 from neuralode.models import (
+    DECODER_GRIDS,
+    RNNVAE,
     LatentODE,
     RNNBaseline,
     count_parameters,
@@ -87,11 +94,15 @@ from .runner import RunContext, figure
 
 __all__ = ["PhysioNet", "PhysioNetConfig", "holdout_mask", "rubanova_mse"]
 
-_MODELS = ("latent_ode", "rnn")
+_MODELS = ("latent_ode", "rnn", "rnn_vae")
+_DEFAULT_MODELS = ("latent_ode", "rnn")  # the RNN-VAE on request: the CPU default stays two models
+_VAES = ("latent_ode", "rnn_vae")  # members with a posterior over z0: a KL term, the mean at test time
 # Metric families of `_test_mse`: (prefix, which entries, units).
 _HELDOUT, _RECON, _RECON_RUB = "test_mse_heldout", "test_mse_recon", "test_mse_recon_rubanova_norm"
 _RUB = "test_mse_rubanova"  # their units and their averaging (per patient and variable first)
 _LOG_2PI = math.log(2.0 * math.pi)
+_COLORS = {"latent_ode": "tab:blue", "rnn": "tab:red", "rnn_vae": "tab:orange", "mean": "0.6"}
+_LABELS = {"latent_ode": "latent ODE", "rnn": "RNN", "rnn_vae": "RNN-VAE", "mean": "train mean"}
 # Rubanova et al. 2019, Table 4 (PhysioNet interpolation, MSE x 1e-3): 2.118 is the latent ODE with
 # the ODE-RNN encoder; 3.9 (RNN encoder) and 5.9 (RNN-VAE) are given to two figures here.
 _PAPER = {"odernn": 2.118e-3, "rnn": 3.9e-3, "rnn_vae": 5.9e-3}
@@ -123,7 +134,7 @@ class PhysioNetConfig(RunConfig):
     holdout : share of each record's observed entries hidden from the encoder and scored as
         ``test_mse_heldout`` (0: none, Rubanova et al.'s reconstruction protocol).
     time_scale : hours per unit of solver time (48: a stay spans [0, 1]).
-    models : which of ``latent_ode`` and ``rnn`` to train (both by default).
+    models : which of ``latent_ode``, ``rnn`` and ``rnn_vae`` to train (the first two by default).
     iters, batch_size, lr : optimiser steps, records per step, initial step size.
     optimizer : ``adam`` or ``adamax`` (Rubanova et al.'s).
     lr_schedule, lr_decay, min_lr : the learning rate of step ``s`` (0-based), a pure function of
@@ -141,6 +152,11 @@ class PhysioNetConfig(RunConfig):
         (0: ``2 * encoder_hidden``), encoder_ode_layers, encoder_substeps (RK4 steps per gap of the
         ODE-RNN), decoder_hidden (0: linear), step_size, obs_std : the latent ODE.
     rnn_hidden : GRU units of the RNN baseline (0: size-matched to the latent ODE).
+    rnn_vae_units : hidden width of the RNN-VAE's posterior head and output MLP (0: ``dynamics_hidden``,
+        as Rubanova et al.'s ``--units`` sets both); its latent size and encoder GRU are
+        ``latent_dim`` and ``encoder_hidden`` (their ``--latents`` and ``--rec-dims``).
+    rnn_vae_grid : where the RNN-VAE's decoder steps: ``union``, every time of the batch's union
+        grid (their code), or ``own``, each record's own times (see :mod:`neuralode.models.rnn_vae`).
     eval_batch : records per evaluation batch (bounds the union grid).
     """
 
@@ -151,7 +167,7 @@ class PhysioNetConfig(RunConfig):
     test_fraction: float = 0.2
     holdout: float = 0.2
     time_scale: float = 48.0
-    models: tuple[str, ...] = _MODELS
+    models: tuple[str, ...] = _DEFAULT_MODELS
     iters: int = 100
     batch_size: int = 32
     lr: float = 1e-2
@@ -176,6 +192,8 @@ class PhysioNetConfig(RunConfig):
     step_size: float = 0.05
     obs_std: float = 0.05
     rnn_hidden: int = 0
+    rnn_vae_units: int = 0
+    rnn_vae_grid: str = "union"
     eval_batch: int = 64
     log_every: int = 10
     checkpoint_every: int = 100
@@ -197,17 +215,19 @@ def _resolve_path(given: str, data_dir: str) -> str:
 
 class PhysioNet(Experiment):
     name = "physionet"
+    # (docs/experiments.md shows this line, as `neuralode list` prints it)
     description = ("latent ODE vs RNN on PhysioNet 2012: reconstruction MSE (Rubanova's protocol, "
                    "paper 2.1e-3 to 5.9e-3) and held-out MSE")
     Config = PhysioNetConfig
     _SOURCE = "Rubanova et al. 2019, PhysioNet interpolation (their code scores the encoder's inputs)"
-    # The runner reads the class's references, so the latent ODE's is the row of the default (RNN)
-    # encoder; its label gives the ODE-RNN encoder's.
+    # The runner reads one class-level dict, but the latent ODE's paper figure depends on the
+    # encoder: finish() also reports its MSE as test_mse_rubanova/latent_ode_<encoder>, and each
+    # encoder's row has its own figure. The deterministic RNN has no row in their table (their RNN
+    # baseline there is the RNN-VAE), so it has no reference.
     references: ClassVar[dict[str, Reference]] = {
-        f"{_RUB}/latent_ode": Reference(
-            _PAPER["rnn"], "latent ODE, RNN encoder (2.118e-3 with the ODE-RNN encoder), their units", _SOURCE),
-        f"{_RUB}/rnn": Reference(
-            _PAPER["rnn_vae"], "RNN-VAE (their nearest RNN baseline; ours is deterministic), their units", _SOURCE),
+        f"{_RUB}/latent_ode_odernn": Reference(_PAPER["odernn"], "latent ODE, ODE-RNN encoder, their units", _SOURCE),
+        f"{_RUB}/latent_ode_rnn": Reference(_PAPER["rnn"], "latent ODE, RNN encoder, their units", _SOURCE),
+        f"{_RUB}/rnn_vae": Reference(_PAPER["rnn_vae"], "RNN-VAE, their units", _SOURCE),
     }
 
     @classmethod
@@ -227,12 +247,16 @@ class PhysioNet(Experiment):
             raise ConfigError("iters, batch_size, latent_dim, encoder_hidden and eval_batch must be >= 1")
         if c.rnn_hidden < 0:
             raise ConfigError(f"rnn_hidden must be >= 0 (0: size-matched to the latent ODE), got {c.rnn_hidden}")
+        if c.rnn_vae_units < 0:
+            raise ConfigError(f"rnn_vae_units must be >= 0 (0: dynamics_hidden), got {c.rnn_vae_units}")
+        if c.rnn_vae_grid not in DECODER_GRIDS:
+            raise ConfigError(f"rnn_vae_grid must be one of {', '.join(DECODER_GRIDS)}, got {c.rnn_vae_grid!r}")
         if c.time_scale <= 0 or c.step_size <= 0 or c.obs_std <= 0:
             raise ConfigError("time_scale, step_size and obs_std must be > 0")
         if c.encoder not in ("rnn", "odernn"):
             raise ConfigError(f"encoder must be 'rnn' or 'odernn', got {c.encoder!r}")
         if not c.models or any(m not in _MODELS for m in c.models) or len(set(c.models)) < len(c.models):
-            raise ConfigError(f"models must list 'latent_ode' and/or 'rnn' once each, got {list(c.models)}")
+            raise ConfigError(f"models must list some of {', '.join(_MODELS)}, each once, got {list(c.models)}")
         for name, value, allowed in (("optimizer", c.optimizer, ("adam", "adamax")),
                                      ("lr_schedule", c.lr_schedule, ("constant", "exponential", "cosine")),
                                      ("kl_schedule", c.kl_schedule, ("constant", "rubanova")),
@@ -344,6 +368,9 @@ class PhysioNet(Experiment):
                 torch.manual_seed(c.seed * 1_000_003 + zlib.crc32(kind.encode()))
                 if kind == "latent_ode":
                     models[kind] = self._latent_ode()
+                elif kind == "rnn_vae":
+                    models[kind] = RNNVAE(d, c.latent_dim, c.encoder_hidden, c.rnn_vae_units or c.dynamics_hidden,
+                                          obs_std=c.obs_std, decoder_grid=c.rnn_vae_grid)
                 else:
                     models[kind] = RNNBaseline(d, self.rnn_hidden, obs_std=c.obs_std)
         return models.to(self.device)
@@ -393,22 +420,29 @@ class PhysioNet(Experiment):
         held = holdout_mask(mask, c.holdout, np.random.default_rng([c.seed, zlib.crc32(b"train"), position.step]))
         return times, values, mask, held
 
-    def _forward(self, model, kind, times, values, mask, held, *, sample: bool = False):
-        """One model on a batch; the latent ODE decodes a posterior sample if ``sample``, else its mean.
+    def _forward(self, model, kind, times, values, mask, held, *, sample: bool = False, step: int = 0):
+        """One model on a batch; the latent ODE and the RNN-VAE decode a posterior sample if ``sample``, else its mean.
 
         Said explicitly rather than read from ``model.training``: the loop calls ``finish`` with the
         model still in training mode, and the final metrics must be those of the posterior mean.
+        The latent ODE's sample comes from the global generator (as in the runs the docs report);
+        the RNN-VAE's from a generator of ``(seed, step)``, so that it is the same member whether or
+        not the latent ODE, trained first, has drawn before it.
         """
         seen = mask & ~held
         inputs = torch.where(seen, values, torch.zeros((), dtype=values.dtype, device=values.device))
         kwargs = {"target_times": times, "target_values": values, "target_mask": mask}
-        if kind == "latent_ode" and not sample:
-            kwargs["eps"] = torch.zeros(values.shape[0], self.config.latent_dim, device=values.device)
+        shape = (values.shape[0], self.config.latent_dim)
+        if kind in _VAES and not sample:
+            kwargs["eps"] = torch.zeros(shape, device=values.device)
+        elif kind == "rnn_vae":
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + zlib.crc32(b"rnn_vae") + step)
+            kwargs["eps"] = torch.randn(shape, generator=generator).to(values.device)
         return model[kind](times, inputs, seen, **kwargs)
 
     def _objective(self, model, kind, out, values, mask, kl_weight: float) -> torch.Tensor:
         """The training loss of one model's output; see ``likelihood`` in :class:`PhysioNetConfig`."""
-        latent = kind == "latent_ode"
+        latent = kind in _VAES
         if self.config.likelihood == "entry":
             per_record = mask.sum() / values.shape[0]  # observed entries per record: loss per entry
             return (out.loss(kl_weight) if latent else out.loss()) / per_record
@@ -430,7 +464,7 @@ class PhysioNet(Experiment):
         logs = {}
         for kind in self.config.models:
             t0 = time.perf_counter()
-            out = self._forward(model, kind, times, values, mask, held, sample=True)
+            out = self._forward(model, kind, times, values, mask, held, sample=True, step=position.step)
             loss = self._objective(model, kind, out, values, mask, kl_weight)
             self.totals[kind][0] += time.perf_counter() - t0
             if kind == "latent_ode":
@@ -481,6 +515,8 @@ class PhysioNet(Experiment):
             metrics[f"train_s_per_iter/{kind}"] = self.totals[kind][0] / max(1, c.iters)
         metrics["rnn_hidden"] = self.rnn_hidden
         if "latent_ode" in c.models:
+            # The same figure under a name that says the encoder, to pair it with its paper row.
+            metrics[f"{_RUB}/latent_ode_{c.encoder}"] = metrics[f"{_RUB}/latent_ode"]
             metrics["nfe_per_iter/latent_ode"] = self.totals["latent_ode"][1] / max(1, c.iters)
         metrics.update({f"data/{k}": v for k, v in self.dataset_stats.items()})
         self._plot_series(run, model)
@@ -508,11 +544,8 @@ class PhysioNet(Experiment):
             if hid.any():
                 ax.plot(t[hid], v[hid, j], "o", mfc="none", color="tab:green", ms=6, label="held out")
             rows = m.any(-1)  # the record's own times
-            for kind, color in (("latent_ode", "tab:blue"), ("rnn", "tab:red")):
-                if kind not in preds:
-                    continue
-                ax.plot(t[rows], preds[kind][rows, j], color=color, lw=1.2,
-                        label="latent ODE" if kind == "latent_ode" else "RNN")
+            for kind in preds:
+                ax.plot(t[rows], preds[kind][rows, j], color=_COLORS[kind], lw=1.2, label=_LABELS[kind])
             ax.set_title(PHYSIONET_VARIABLES[j], fontsize=9)
             ax.set_xlabel("hours")
             ax.grid(alpha=0.3)
@@ -526,23 +559,22 @@ class PhysioNet(Experiment):
         groups = [(_HELDOUT, "held-out"), (_RECON, "reconstruction"), (_RECON_RUB, "reconstruction,\nRubanova's norm"),
                   (_RUB, "Rubanova's MSE\n(norm and averaging)")]
         rows = self._rows
-        colors = {"latent_ode": "tab:blue", "rnn": "tab:red", "mean": "0.6"}
-        labels = {"latent_ode": "latent ODE", "rnn": "RNN", "mean": "train mean"}
-        width = 0.26
+        width = 0.8 / len(rows)
         for i, k in enumerate(rows):
             vals = [metrics[f"{fam}/{k}"] for fam, _ in groups]
-            ax.bar(np.arange(len(groups)) + (i - 1) * width, [0.0 if math.isnan(x) else x for x in vals],
-                   width, color=colors[k], label=labels[k])
+            ax.bar(np.arange(len(groups)) + (i - (len(rows) - 1) / 2) * width,
+                   [0.0 if math.isnan(x) else x for x in vals], width, color=_COLORS[k], label=_LABELS[k])
         if math.isnan(metrics[f"{_HELDOUT}/{rows[0]}"]):
             ax.text(0, 0, "holdout=0:\nnothing held out", ha="center", va="bottom", fontsize=7)
-        for k, ls in (("latent_ode", "--"), ("rnn", ":")):
-            ref = self.references[f"{_RUB}/{k}"].value
-            ax.plot([3 - 1.5 * width, 3 + 1.5 * width], [ref, ref], color="k", ls=ls, lw=1,
-                    label=f"Rubanova et al. {labels[k]} ({ref:g})")
+        refs = [(f"{_RUB}/latent_ode_{self.config.encoder}", f"latent ODE, {self.config.encoder} encoder", "--"),
+                (f"{_RUB}/rnn_vae", "RNN-VAE", ":")]
+        for key, label, ls in refs:
+            ref = self.references[key].value
+            ax.plot([3 - 0.4, 3 + 0.4], [ref, ref], color="k", ls=ls, lw=1, label=f"Rubanova et al. {label} ({ref:g})")
         ax.set_xticks(np.arange(len(groups)), [g for _, g in groups], fontsize=8)
         ax.set_ylabel("test MSE")
         top = max([x for x in (metrics[f"{fam}/{k}"] for fam, _ in groups for k in rows) if not math.isnan(x)]
-                  + [self.references[f"{_RUB}/rnn"].value])
+                  + [self.references[key].value for key, _, _ in refs])
         ax.set_ylim(0, 1.45 * top)  # headroom for the legend
         ax.legend(fontsize=7, ncol=2, loc="upper center")
         ax.grid(alpha=0.3, axis="y")

@@ -148,3 +148,12 @@ def test_missing_plotting_dependency_names_the_extra(capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     err = _error(capsys, ["run", "spiral"])
     assert "needs matplotlib" in err and "neuralode[cli]" in err
+
+
+def test_version_names_neuralode_and_torch(capsys):
+    import neuralode
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"neuralode {neuralode.__version__} (torch ")

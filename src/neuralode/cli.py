@@ -32,10 +32,19 @@ class _Fail(Exception):
     """A command-line error: printed as one line, exit status 2."""
 
 
+def _version_line() -> str:
+    from importlib.metadata import version
+
+    from . import __version__
+    return f"neuralode {__version__} (torch {version('torch')}, python {sys.version.split()[0]})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuralode", description="Run the neural ODE experiments and report on them."
     )
+    parser.add_argument("--version", action="version",
+                        version=_version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("list", help="name the experiments, one line each")

@@ -111,6 +111,43 @@ def test_gradients_keep_dtype():
     assert torch.allclose(y0.grad, torch.full((2,), math.exp(-1.0)), rtol=1e-5)
 
 
+class _TanhLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, t, y):
+        return torch.tanh(self.linear(y))
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_autocast_field_keeps_a_full_precision_state(gradient, per_sample):
+    """Under torch.autocast the field returns bfloat16 for a float32 state (mixed-precision training): the solve
+    accepts it, keeps the state float32, and its values and gradients match the float32 solve to bfloat16's
+    precision. Outside autocast the same dtype mismatch stays an error (test_input_errors)."""
+    torch.manual_seed(0)
+    field, y0, t = _TanhLinear(), torch.randn(8, 4), torch.tensor([0.0, 1.0])
+    kwargs = dict(gradient=gradient, per_sample=per_sample, rtol=1e-3, atol=1e-3)
+    full = neuralode.solve(field, y0, t, **kwargs).ys[-1]
+    full.sum().backward()
+    full_grad, field.linear.weight.grad = field.linear.weight.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = neuralode.solve(field, y0, t, **kwargs).ys[-1]
+    assert mixed.dtype == torch.float32
+    mixed.sum().backward()
+    assert field.linear.weight.grad.dtype == torch.float32
+    bf16_eps = torch.finfo(torch.bfloat16).eps
+    assert (mixed - full).abs().max() < 4 * bf16_eps
+    assert (field.linear.weight.grad - full_grad).norm() < 4 * bf16_eps * full_grad.norm()
+    assert (mixed - full).abs().max() > 0   # the field did run in bfloat16
+
+
+def test_autocast_with_a_dtype_other_than_its_own_is_still_an_error():
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="returned dtype torch.float16"):
+        neuralode.solve(lambda t, y: (-y).half(), torch.ones(3), torch.tensor([0.0, 1.0]))
+
+
 def test_meta_device_mismatch_is_an_error():
     with pytest.raises(ValueError, match=r"t is on meta but y0 is on cpu"):
         neuralode.solve(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0], device="meta"))

@@ -141,8 +141,9 @@ def _first_evaluation(field, y0, times):
                        "per sample; broadcast it against the state, e.g. t.view(-1, *[1] * (y.dim() - 1))")
         raise
     field.nfe += 1
-    check_derivative("func(t, y)", out, y0.shape, field.user_dtype, " (t has shape (batch,) in per-sample mode)")
-    out = out.to(field.compute_dtype) if field.cast else out
+    if check_derivative("func(t, y)", out, y0.shape, field.user_dtype, " (t has shape (batch,) in per-sample mode)"):
+        field.cast_output = True
+    out = out.to(field.compute_dtype) if field.cast_output else out
     if not bool(torch.isfinite(out).all()):
         raise NonFiniteError("func(t, y0) returned non-finite values at the initial state", t=None)
     return out

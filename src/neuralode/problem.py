@@ -61,6 +61,9 @@ class VectorField:
         self.user_dtype = user_dtype
         self.compute_dtype = compute_dtype
         self.cast = user_dtype is not None and compute_dtype is not None and user_dtype != compute_dtype
+        # Whether func's result is converted to the loop's dtype: for half-precision states, and for a field
+        # under torch.autocast, which returns the autocast dtype for a float32 state (see check_derivative).
+        self.cast_output = self.cast
         self.nfe = 0
 
     compilable = True   # ``evaluate`` accepts a tensor time: a compiled step may inline it (solvers/compiled.py)
@@ -94,7 +97,7 @@ class VectorField:
             out = self.func(self.time(t), y)
         else:
             out = torch.cat([o.reshape(-1) for o in self.func(self.time(t), self.unflatten(y))])
-        return out.to(self.compute_dtype) if self.cast else out
+        return out.to(self.compute_dtype) if self.cast_output else out
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -264,16 +267,26 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
                    atol=atol, f0_time=f0_time)
 
 
-def check_derivative(label: str, value, shape, dtype, shape_hint: str = "") -> None:
-    """``func``'s first result must be a tensor of the state's shape and dtype; the error names what differs."""
+def check_derivative(label: str, value, shape, dtype, shape_hint: str = "") -> bool:
+    """``func``'s first result must be a tensor of the state's shape and dtype; the error names what differs.
+
+    One exception: under ``torch.autocast`` a floating-point field returns the autocast dtype (float16 or
+    bfloat16) for a float32 state. That is accepted, and True is returned: the caller converts every result to
+    the state's dtype, so the state, stage sums and error estimate stay in full precision, as mixed-precision
+    training keeps its accumulations (torchdiffeq's arithmetic promotes the same way).
+    """
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{label} returned {type(value).__name__}; it must return a tensor shaped like the state")
     if value.shape != shape:
         raise ValueError(f"{label} returned shape {tuple(value.shape)} but the state has shape {tuple(shape)}; "
                          f"dy/dt must have exactly the state's shape{shape_hint}")
-    if value.dtype != dtype:
-        raise TypeError(f"{label} returned dtype {value.dtype} but the state has dtype {dtype}; make the "
-                        "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
+    if value.dtype == dtype:
+        return False
+    if (value.is_floating_point() and dtype.is_floating_point and torch.is_autocast_enabled(value.device.type)
+            and value.dtype == torch.get_autocast_dtype(value.device.type)):
+        return True
+    raise TypeError(f"{label} returned dtype {value.dtype} but the state has dtype {dtype}; make the "
+                    "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
 
 
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
@@ -289,9 +302,10 @@ def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
         raise ValueError(f"func returned {len(got)} tensors for a state of {len(expected)}; return one "
                          "derivative per state tensor")
     for i, (g, e) in enumerate(zip(got, expected)):
-        check_derivative(f"func(t, y)[{i}]" if is_tuple else "func(t, y)", g, e.shape, e.dtype)
-    f0 = torch.cat([g.reshape(-1) for g in got]) if is_tuple else got[0]
-    f0 = f0.to(field.compute_dtype) if field.cast else f0
+        if check_derivative(f"func(t, y)[{i}]" if is_tuple else "func(t, y)", g, e.shape, e.dtype):
+            field.cast_output = True
+    f0 = torch.cat([g.reshape(-1).to(field.compute_dtype) for g in got]) if is_tuple else got[0]
+    f0 = f0.to(field.compute_dtype) if field.cast_output else f0
     if not bool(torch.isfinite(f0).all()):
         raise NonFiniteError(f"func(t, y0) returned non-finite values at t={t0}: the vector field is NaN or "
                              "infinite at the initial state", t=t0)

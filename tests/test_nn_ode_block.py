@@ -200,3 +200,12 @@ def test_per_sample_block_gradients_match_between_strategies():
 def test_per_sample_block_refuses_what_it_cannot_do(kwargs):
     with pytest.raises(ValueError, match="per_sample=True does not combine"):
         neuralode.nn.ODEBlock(_mlp(), per_sample=True, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="rk5"), "unknown method 'rk5'. Did you mean 'rk4'"),
+    (dict(method="dopri5", options={"step_size": 0.1}), "option 'step_size' means nothing for method 'dopri5'"),
+])
+def test_unknown_method_or_option_fails_when_the_block_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ODEBlock(lambda t, z: -z, **kwargs)

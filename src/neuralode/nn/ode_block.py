@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from neuralode.gradients import GradientStrategy
+from neuralode.options import check_method, check_options
 from neuralode.solve import solve
 from neuralode.nn._checks import one_of, time_points, tolerance
 from neuralode.nn.augment import augment
@@ -142,6 +143,9 @@ class ODEBlock(nn.Module):
         if options is not None and not isinstance(options, Mapping):
             raise TypeError(f"options must be a dict such as {{'step_size': 0.1}}, got {type(options).__name__}.")
         self.options = dict(options) if options is not None else None
+        # An unknown method or an option it does not take fails here, where the block is built, rather than at
+        # the first forward pass (possibly after data loading, inside a training loop).
+        check_options(check_method(method), self.options)
         if isinstance(gradient, str):
             gradient = one_of("gradient", gradient, GRADIENTS)
         elif not isinstance(gradient, GradientStrategy):

@@ -278,8 +278,10 @@ def test_the_rnn_vae_at_their_sizes_is_a_member_scored_in_their_units(tmp_path):
     vae = exp.build_model()["rnn_vae"]
     assert isinstance(vae, RNNVAE) and vae.decoder_grid == "union"  # their code's grid by default
     assert (vae.latent_dim, vae.encoder_hidden, vae.units) == (2, 4, 4)
-    assert PhysioNet(PhysioNet.resolve(apply_overrides(config, ["rnn_vae_units=7", "rnn_vae_grid=own"]))
-                     ).build_model()["rnn_vae"].units == 7
+    other = PhysioNet(PhysioNet.resolve(apply_overrides(config, ["rnn_vae_units=7", "rnn_vae_grid=own",
+                                                                 "rnn_vae_reverse_batch=true"]))).build_model()
+    assert (other["rnn_vae"].units, other["rnn_vae"].decoder_grid, other["rnn_vae"].reverse_batch) == (7, "own", True)
+    assert not vae.reverse_batch  # their code's batch reversal only on request
     summary = train(PhysioNet, config, tmp_path / "all", progress=False)
     m = summary["metrics"]
     for family in ("test_mse_recon", "test_mse_rubanova"):

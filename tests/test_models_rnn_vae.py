@@ -158,3 +158,20 @@ def test_errors_name_the_argument():
         model(t + 1.0, values, mask, target_times=t + 1.0, target_values=values)
     with pytest.raises(ValueError, match="eps"):
         model(t + 1.0, values, mask, eps=torch.zeros(3, 5))
+
+
+def test_reverse_batch_decodes_each_sample_from_its_mirror_as_their_code_does():
+    # lib/rnn_baselines.py RNN_VAE.get_reconstruction: utils.reverse(data) flips dimension 0 of the
+    # (n_traj, n_tp, n_dims) data, so row b is decoded from the encoding of row B - 1 - b.
+    torch.manual_seed(8)
+    model = RNNVAE(4, latent_dim=3, encoder_hidden=5, units=6, decoder_grid="union")
+    mirrored = RNNVAE(4, latent_dim=3, encoder_hidden=5, units=6, decoder_grid="union", reverse_batch=True)
+    mirrored.load_state_dict(model.state_dict())
+    t, values, mask = _batch()
+    zeros = torch.zeros(3, 3)
+    right, wrong = model(t, values, mask, eps=zeros), mirrored(t, values, mask, eps=zeros)
+    torch.testing.assert_close(wrong.qz0_mean, right.qz0_mean.flip(0), rtol=0, atol=0)
+    torch.testing.assert_close(wrong.pred, right.pred.flip(0))  # union grid: the same steps for all rows
+    torch.testing.assert_close(wrong.kl.sum(), right.kl.sum())
+    with pytest.raises(TypeError, match="reverse_batch"):
+        RNNVAE(4, reverse_batch=1)

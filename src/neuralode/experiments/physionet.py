@@ -157,6 +157,9 @@ class PhysioNetConfig(RunConfig):
         ``latent_dim`` and ``encoder_hidden`` (their ``--latents`` and ``--rec-dims``).
     rnn_vae_grid : where the RNN-VAE's decoder steps: ``union``, every time of the batch's union
         grid (their code), or ``own``, each record's own times (see :mod:`neuralode.models.rnn_vae`).
+    rnn_vae_reverse_batch : decode each record from the posterior of the record at the mirrored
+        position of its batch, as Rubanova et al.'s released RNN-VAE does (``utils.reverse`` flips
+        the batch axis there); a diagnostic of their figure, off by default.
     eval_batch : records per evaluation batch (bounds the union grid).
     """
 
@@ -194,6 +197,7 @@ class PhysioNetConfig(RunConfig):
     rnn_hidden: int = 0
     rnn_vae_units: int = 0
     rnn_vae_grid: str = "union"
+    rnn_vae_reverse_batch: bool = False
     eval_batch: int = 64
     log_every: int = 10
     checkpoint_every: int = 100
@@ -370,7 +374,8 @@ class PhysioNet(Experiment):
                     models[kind] = self._latent_ode()
                 elif kind == "rnn_vae":
                     models[kind] = RNNVAE(d, c.latent_dim, c.encoder_hidden, c.rnn_vae_units or c.dynamics_hidden,
-                                          obs_std=c.obs_std, decoder_grid=c.rnn_vae_grid)
+                                          obs_std=c.obs_std, decoder_grid=c.rnn_vae_grid,
+                                          reverse_batch=c.rnn_vae_reverse_batch)
                 else:
                     models[kind] = RNNBaseline(d, self.rnn_hidden, obs_std=c.obs_std)
         return models.to(self.device)

@@ -33,6 +33,12 @@ Differences from their code, each for a reason:
   time is that data point, the one at ``t_k`` is read from the state before the gap
   ``t_{k-1} - t_{k-2}`` was fed); here the first input is ``g(z0)`` and the prediction at ``t_k``
   is read from the state that has seen the gap to ``t_k``.
+* Their ``get_reconstruction`` calls ``utils.reverse`` on the ``(B, T, D)`` data to read it
+  backwards in time, but that function flips dimension 0, which there is the batch (their RNN
+  encoder for the latent ODE, ``lib/encoder_decoder.py``, permutes time to dimension 0 first):
+  their RNN-VAE decodes sample ``b`` from the encoding of sample ``B - 1 - b`` and is scored
+  against sample ``b``, in training and in test. ``reverse_batch=True`` reproduces that (the
+  posterior of sample ``B - 1 - b`` decodes row ``b``), for diagnosing their figure only.
 * ``decoder_grid="union"`` rolls the decoder over every time of the batch's union grid for every
   sample, as their code does (a 50-record PhysioNet batch at 0.1 h has up to 481 times against
   about 71 per record); ``"own"`` rolls over each sample's own target times only, as
@@ -131,6 +137,9 @@ class RNNVAE(nn.Module):
         See the module docstring; ``"union"`` is their code's.
     t0 : float, default 0.0
         Reference time of ``z0``; every time must be ``>= t0``.
+    reverse_batch : bool, default False
+        Decode sample ``b`` from the posterior of sample ``B - 1 - b``, as their released code does
+        (see the module docstring). A diagnostic, never a model to use.
 
     Shape
     -----
@@ -146,7 +155,7 @@ class RNNVAE(nn.Module):
 
     def __init__(self, obs_dim: int, latent_dim: int = 20, encoder_hidden: int = 40, units: int = 50, *,
                  obs_std: float = 0.01, learn_obs_std: bool = False, decoder_grid: str = "own",
-                 t0: float = 0.0) -> None:
+                 t0: float = 0.0, reverse_batch: bool = False) -> None:
         super().__init__()
         self.obs_dim = positive_int("obs_dim", obs_dim)
         self.latent_dim = positive_int("latent_dim", latent_dim)
@@ -165,6 +174,9 @@ class RNNVAE(nn.Module):
         if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
             raise TypeError(f"t0 must be a finite float, got {t0!r}")
         self.t0 = float(t0)
+        if not isinstance(reverse_batch, bool):
+            raise TypeError(f"reverse_batch must be a bool, got {reverse_batch!r}")
+        self.reverse_batch = reverse_batch
 
     def encode(self, times: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior parameters ``(mean, logvar)``, each ``(B, K)``, from a union-grid batch."""
@@ -245,6 +257,8 @@ class RNNVAE(nn.Module):
             if target_values.shape[0] != values.shape[0]:
                 raise ValueError(f"target_values has {target_values.shape[0]} samples, values has {values.shape[0]}")
         mean, logvar = self.encode(times, values, mask)
+        if self.reverse_batch:  # their utils.reverse on the batch axis (see the module docstring)
+            mean, logvar = mean.flip(0), logvar.flip(0)
         z0 = mean + torch.exp(0.5 * logvar) * _check_eps(eps, mean)
         pred = self.decode(z0, target_times, None if target_mask is None else target_mask.bool())
         kl = normal_kl(mean, logvar)

@@ -193,3 +193,15 @@ def test_dense_output_ends_at_the_event():
         sol.evaluate(t_e + 1e-3)
     with pytest.raises(ValueError, match="t is empty"):
         sol.evaluate(torch.tensor([], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("nan_from", [0.0, 1.0])
+def test_an_event_function_that_turns_nan_is_an_error_not_a_missed_event(nan_from):
+    """NaN never compares, so a NaN event value would silently never fire: it is a ValueError naming the time."""
+    def event_fn(t, y):
+        return y[0] + (math.nan if float(t) >= nan_from else 0.0) - 0.1
+
+    with pytest.raises(ValueError, match=r"the event function returned nan at t=") as info:
+        neuralode.solve(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64),
+                        torch.tensor([0.0, 5.0], dtype=torch.float64), event_fn=event_fn)
+    assert float(str(info.value).split("t=")[1].split(";")[0]) >= nan_from

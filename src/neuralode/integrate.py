@@ -336,6 +336,9 @@ class _Events:
     def __init__(self, events, field, t0, y0, result):
         self.events, self.field, self.result = events, field, result
         self.values = [_event_value(event, field, t0, y0) for event in events]
+        for event, value in zip(events, self.values):
+            if not bool(torch.isfinite(value).all()):
+                raise _non_finite_event(event, t0, value)
         self.counts = [0] * len(events)
         self.reached = None   # internal time up to which the last accepted step is part of the solution
 
@@ -348,7 +351,13 @@ class _Events:
         occurrences = []
         for k, event in enumerate(self.events):
             new_value = _event_value(event, field, direction * step.tau1, step.y1)
-            if bool(_crossed(self.values[k], new_value, event.direction).any()):
+            # One host read for both: did it cross, and is it finite (a NaN never compares, so a NaN event
+            # function would silently never fire)?
+            crossed, finite = torch.stack([_crossed(self.values[k], new_value, event.direction).any(),
+                                           torch.isfinite(new_value).all()]).tolist()
+            if not finite:
+                raise _non_finite_event(event, direction * step.tau1, new_value)
+            if crossed:
                 theta = _locate_event(event, field, step.tau, step.h, direction, step.coefficients(), self.values[k])
                 occurrences.append((theta, k, self.values[k]))
             self.values[k] = new_value
@@ -440,6 +449,12 @@ def _perturbed(field, t0: float, t1: float, left: bool, right: bool):
         return field(t, y)
 
     return evaluate
+
+
+def _non_finite_event(event: EventSpec, t: float, value: torch.Tensor) -> ValueError:
+    bad = value.flatten()[~torch.isfinite(value.flatten())][0].item()
+    return ValueError(f"the event function returned {bad} at t={t}; it must be finite along the solution, or "
+                      "its zero crossings cannot be found")
 
 
 def _event_value(event: EventSpec, field, t: float, y: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,8 @@ and converges at the order of the interpolant (log-log regression on one step fr
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -135,3 +137,21 @@ def test_dense_coefficients_summed_equal_the_stacked_product(name):
     assert len(summed) == len(stacked)
     for a, b in zip(summed, stacked):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-12)   # (coefficients are sums of O(1) terms)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_dense_output_of_a_non_direct_gradient_warns_that_it_is_detached(gradient):
+    """The strategies differentiate ys; their interpolants carry no graph. Rather than a silently detached
+    evaluate(), the solve says so when a gradient is wanted (and stays quiet under no_grad)."""
+    field = torch.nn.Linear(2, 2).double()
+    func = lambda t, y: torch.tanh(field(y))  # noqa: E731
+    y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    with pytest.warns(UserWarning, match=f"gradient='{gradient}' the dense output carries no gradient"):
+        solution = neuralode.solve(func, y0, t, dense=True, gradient=gradient)
+    assert solution.ys.requires_grad and not solution.evaluate(0.5).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            neuralode.solve(func, y0, t, dense=True, gradient=gradient)
+        assert neuralode.solve(func, y0, t, dense=True).evaluate(0.5).requires_grad   # direct: differentiable

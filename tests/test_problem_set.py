@@ -1,0 +1,82 @@
+"""A standard non-stiff problem set (DETEST-style; Hull, Enright, Fellen and Sedgwick, SIAM J. Numer. Anal. 9
+(1972), plus Arenstorf's orbit from Hairer, Norsett and Wanner I, Sec. II.0) solved by our methods and by
+scipy's implementation of the same method, at the same tolerance: our global error at the end must be within
+a small factor of scipy's. Global errors on these problems are 1x-10^4x the tolerance for *both* libraries
+(the orbits amplify local errors), so the comparison is with the same method elsewhere, not with the
+tolerance. Reference: scipy's DOP853 at rtol = atol = 1e-13.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import neuralode
+
+scipy_integrate = pytest.importorskip("scipy.integrate")
+
+F64 = torch.float64
+MU = 0.012277471
+
+
+def _arenstorf(t, y):
+    x, v = y[0], y[1]
+    d1 = ((x + MU) ** 2 + v ** 2) ** 1.5
+    d2 = ((x - 1 + MU) ** 2 + v ** 2) ** 1.5
+    return torch.stack([y[2], y[3], x + 2 * y[3] - (1 - MU) * (x + MU) / d1 - MU * (x - 1 + MU) / d2,
+                        v - 2 * y[2] - (1 - MU) * v / d1 - MU * v / d2])
+
+
+def _b4(t, y):
+    r = torch.sqrt(y[0] ** 2 + y[1] ** 2)
+    return torch.stack([-y[1] - y[0] * y[2] / r, y[0] - y[1] * y[2] / r, y[0] / r])
+
+
+def _kepler(t, y):
+    r3 = (y[0] ** 2 + y[1] ** 2) ** 1.5
+    return torch.stack([y[2], y[3], -y[0] / r3, -y[1] / r3])
+
+
+PROBLEMS = {
+    "A2": (lambda t, y: -y ** 3 / 2, [1.0], 20.0),
+    "A3": (lambda t, y: y * torch.cos(t), [1.0], 20.0),
+    "A4": (lambda t, y: y / 4 * (1 - y / 20), [1.0], 20.0),
+    "B1": (lambda t, y: torch.stack([2 * (y[0] - y[0] * y[1]), -(y[1] - y[0] * y[1])]), [1.0, 3.0], 20.0),
+    "B4": (_b4, [3.0, 0.0, 0.0], 20.0),
+    "D5": (_kepler, [0.1, 0.0, 0.0, math.sqrt(1.9 / 0.1)], 20.0),   # eccentricity 0.9
+    "E2": (lambda t, y: torch.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]]), [2.0, 0.0], 20.0),
+    "Arenstorf": (_arenstorf, [0.994, 0.0, 0.0, -2.00158510637908252240537862224], 17.0652165601579625588917206249),
+}
+# Our method -> scipy's implementation of the same method (same pair, same error estimate).
+SAME_METHOD = {"dopri5": "RK45", "dopri8": "DOP853", "radau5": "Radau"}
+# Ours may be this much less accurate than scipy's. dopri5 and dopri8 step with torchdiffeq's controller (an
+# accepted step never shrinks the next), scipy with its own, so the step sequences and errors differ. Measured
+# on 2026-11-28: ours over scipy's at most 3.3 (dopri8 on A3 at 1e-9) at the tolerances below, and 6.4 for
+# dopri5 on B1 at 1e-5 (not tested); radau5 at most 1.7. (Tableaus are checked against their order conditions
+# when built; this guards the loop around them: an error estimate or norm off by 10x shows here as 10x.)
+FACTOR = 8.0
+CASES = [(method, tol) for method in ("dopri5", "dopri8") for tol in (1e-6, 1e-9)] + [("radau5", 1e-6)]
+
+
+def _numpy_field(func):
+    return lambda t, y: func(torch.tensor(t, dtype=F64), torch.tensor(y, dtype=F64)).numpy()
+
+
+@pytest.mark.parametrize("method, tol", CASES)
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+def test_global_error_matches_scipys_same_method(name, method, tol):
+    func, y0, t_end = PROBLEMS[name]
+    reference = scipy_integrate.solve_ivp(_numpy_field(func), (0.0, t_end), y0, method="DOP853",
+                                          rtol=1e-13, atol=1e-13).y[:, -1]
+    scale = 1.0 + np.abs(reference).max()
+    theirs = scipy_integrate.solve_ivp(_numpy_field(func), (0.0, t_end), y0, method=SAME_METHOD[method],
+                                       rtol=tol, atol=tol).y[:, -1]
+    ours = neuralode.solve(func, torch.tensor(y0, dtype=F64), torch.tensor([0.0, t_end], dtype=F64),
+                           method=method, rtol=tol, atol=tol).ys[-1].numpy()
+    our_error = np.abs(ours - reference).max() / scale
+    their_error = np.abs(theirs - reference).max() / scale
+    # The floor: where scipy is lucky (an error far below the tolerance), ours need only meet the tolerance.
+    assert our_error <= FACTOR * max(their_error, tol), (our_error / tol, their_error / tol)

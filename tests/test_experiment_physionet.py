@@ -294,11 +294,12 @@ def test_the_rnn_vae_at_their_sizes_is_a_member_scored_in_their_units(tmp_path):
     # Without sampling, training decodes the posterior mean: a different member after a step.
     times, values = torch.tensor([0.0, 0.5]), torch.rand(2, 2, 37)
     mask = torch.rand(2, 2, 37) < 0.5
-    for flag, sampled in (("true", True), ("false", False)):
-        exp_flag = PhysioNet(PhysioNet.resolve(apply_overrides(config, [f"rnn_vae_sample={flag}"])))
-        out = exp_flag._forward(exp_flag.build_model(), "rnn_vae", times, values, mask, torch.zeros_like(mask),
-                                sample=True, step=5)
-        assert torch.equal(out.z0, out.qz0_mean) is not sampled
+    for kind in ("rnn_vae", "latent_ode"):
+        for flag, sampled in (("true", True), ("false", False)):
+            exp_flag = PhysioNet(PhysioNet.resolve(apply_overrides(config, [f"{kind}_sample={flag}"])))
+            out = exp_flag._forward(exp_flag.build_model(), kind, times, values, mask, torch.zeros_like(mask),
+                                    sample=True, step=5)
+            assert torch.equal(out.z0, out.qz0_mean) is not sampled
     mean_only = train(PhysioNet, PhysioNet.resolve(apply_overrides(config, ["models=rnn_vae", "rnn_vae_sample=false"])),
                       tmp_path / "mean_only", progress=False)["metrics"]
     assert mean_only["test_mse_rubanova/rnn_vae"] != pytest.approx(m["test_mse_rubanova/rnn_vae"], rel=1e-6)

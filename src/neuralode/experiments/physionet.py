@@ -160,9 +160,9 @@ class PhysioNetConfig(RunConfig):
     rnn_vae_reverse_batch : decode each record from the posterior of the record at the mirrored
         position of its batch, as Rubanova et al.'s released RNN-VAE does (``utils.reverse`` flips
         the batch axis there); a diagnostic of their figure, off by default.
-    rnn_vae_sample : train the RNN-VAE on a posterior sample (true, the ELBO's estimate) or on the
-        posterior mean (false: a deterministic autoencoder of the same architecture, the KL term
-        still weighted by the schedule); a diagnostic of what sampling costs.
+    rnn_vae_sample, latent_ode_sample : train that model on a posterior sample (true, the ELBO's
+        estimate) or on the posterior mean (false: a deterministic autoencoder of the same
+        architecture, the KL term still weighted by the schedule); a diagnostic of what sampling costs.
     eval_batch : records per evaluation batch (bounds the union grid).
     """
 
@@ -202,6 +202,7 @@ class PhysioNetConfig(RunConfig):
     rnn_vae_grid: str = "union"
     rnn_vae_reverse_batch: bool = False
     rnn_vae_sample: bool = True
+    latent_ode_sample: bool = True
     eval_batch: int = 64
     log_every: int = 10
     checkpoint_every: int = 100
@@ -442,7 +443,8 @@ class PhysioNet(Experiment):
         inputs = torch.where(seen, values, torch.zeros((), dtype=values.dtype, device=values.device))
         kwargs = {"target_times": times, "target_values": values, "target_mask": mask}
         shape = (values.shape[0], self.config.latent_dim)
-        if kind in _VAES and not (sample and (kind != "rnn_vae" or self.config.rnn_vae_sample)):
+        samples = {"latent_ode": self.config.latent_ode_sample, "rnn_vae": self.config.rnn_vae_sample}
+        if kind in _VAES and not (sample and samples[kind]):
             kwargs["eps"] = torch.zeros(shape, device=values.device)
         elif kind == "rnn_vae":
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + zlib.crc32(b"rnn_vae") + step)

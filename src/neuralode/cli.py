@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
@@ -226,8 +227,21 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         if context is not None:
             distributed.shutdown(completed=summary is not None)
-    if context is not None and not context.is_main:
-        return 0 if summary["status"] == "completed" else 130
+    if context is not None:
+        code = _report_summary(args, run_dir, summary) if context.is_main else (
+            0 if summary["status"] == "completed" else 130)
+        # A torchrun worker leaves without the interpreter's teardown: gloo's threads can outlive the destroyed
+        # group and abort the process in a C++ destructor at exit ("terminate called without an active
+        # exception", SIGABRT), turning a completed run into a failed one. That happened after the barrier
+        # above was added too (a DDP test under load, 2026-11-28). Every file is written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return _report_summary(args, run_dir, summary)
+
+
+def _report_summary(args: argparse.Namespace, run_dir: Path, summary: dict) -> int:
+    """Print the end of a run (rank 0 / one process) and return the exit status."""
     if summary["status"] != "completed":
         print(f"stopped at step {summary['steps_done']}/{summary['steps']}; continue with\n"
               f"  neuralode run {args.name} --resume --out {run_dir}", file=sys.stderr)

@@ -174,6 +174,28 @@ def gather_observations(times: Tensor, values: Tensor, mask: Tensor, *, t0: floa
 
 
 # --------------------------------------------------------------------------- likelihood and KL
+def resolve_targets(times: Tensor, values: Tensor, mask: Tensor, target_times: Tensor | None,
+                    target_values: Tensor | None, target_mask: Tensor | None):
+    """The times, values and mask a model's ``forward`` scores, checked: the observed batch itself when no
+    ``target_times`` are given; ``target_values`` and ``target_mask`` both or neither (prediction only).
+
+    Shapes as in :meth:`LatentODE.forward`: ``times (U,)``, ``values`` and ``mask (B, U, D)``;
+    ``target_times (T,)``, ``target_values`` and ``target_mask (B, T, D)``.
+    """
+    _check_union_batch(times, values, mask)
+    if target_times is None:
+        if target_values is not None or target_mask is not None:
+            raise ValueError("target_values and target_mask need target_times")
+        return times, values, mask
+    if (target_values is None) != (target_mask is None):
+        raise ValueError("give both target_values and target_mask, or neither (prediction only)")
+    if target_values is not None:
+        _check_union_batch(target_times, target_values, target_mask, prefix="target_")
+        if target_values.shape[0] != values.shape[0]:
+            raise ValueError(f"target_values has {target_values.shape[0]} samples, values has {values.shape[0]}")
+    return target_times, target_values, target_mask
+
+
 def gaussian_log_likelihood(x: Tensor, mean: Tensor, std: Tensor, mask: Tensor) -> Tensor:
     """``sum over observed entries of log N(x; mean, std^2)`` per sample.
 
@@ -511,17 +533,8 @@ class LatentODE(nn.Module):
         -------
         LatentODEOutput
         """
-        _check_union_batch(times, values, mask)
-        if target_times is None:
-            if target_values is not None or target_mask is not None:
-                raise ValueError("target_values and target_mask need target_times")
-            target_times, target_values, target_mask = times, values, mask
-        elif (target_values is None) != (target_mask is None):
-            raise ValueError("give both target_values and target_mask, or neither (prediction only)")
-        if target_values is not None:
-            _check_union_batch(target_times, target_values, target_mask, prefix="target_")
-            if target_values.shape[0] != values.shape[0]:
-                raise ValueError(f"target_values has {target_values.shape[0]} samples, values has {values.shape[0]}")
+        target_times, target_values, target_mask = resolve_targets(times, values, mask, target_times, target_values,
+                                                                   target_mask)
         mean, logvar = self.encode(times, values, mask)
         z0 = mean + torch.exp(0.5 * logvar) * _check_eps(eps, mean)
         pred, z, stats = self.decode(z0, target_times)
@@ -616,11 +629,8 @@ class RNNBaseline(nn.Module):
         With a fully observed ``target_mask`` the two are the same.
         """
         one_of("roll", roll, ("own", "all"))
-        _check_union_batch(times, values, mask)
-        if target_times is None:
-            target_times, target_values, target_mask = times, values, mask
-        elif (target_values is None) != (target_mask is None):
-            raise ValueError("give both target_values and target_mask, or neither (prediction only)")
+        target_times, target_values, target_mask = resolve_targets(times, values, mask, target_times, target_values,
+                                                                   target_mask)
         for name, tt in (("times", times), ("target_times", target_times)):
             _check_union_batch(tt, None, None)
             if float(tt[0]) < self.t0:
@@ -631,7 +641,6 @@ class RNNBaseline(nn.Module):
             roll_mask = torch.ones(batch, target_times.shape[0], self.obs_dim, dtype=torch.bool, device=h.device)
             roll_values = h.new_zeros(batch, target_times.shape[0], self.obs_dim)
         else:
-            _check_union_batch(target_times, target_values, target_mask, prefix="target_")
             roll_mask, roll_values = target_mask, target_values
             if roll == "all":
                 roll_mask = torch.ones_like(target_mask, dtype=torch.bool)

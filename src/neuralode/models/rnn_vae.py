@@ -71,6 +71,7 @@ from neuralode.models.latent_ode import (
     gather_observations,
     gaussian_log_likelihood,
     normal_kl,
+    resolve_targets,
 )
 from neuralode.nn._checks import one_of, positive_int
 
@@ -245,17 +246,8 @@ class RNNVAE(nn.Module):
         ``times``) with ``target_values`` and ``target_mask (B, T, D)`` to score; ``eps (B, K)``, the
         standard normal noise of the sample (zeros: the posterior mean; default: fresh draws).
         """
-        _check_union_batch(times, values, mask)
-        if target_times is None:
-            if target_values is not None or target_mask is not None:
-                raise ValueError("target_values and target_mask need target_times")
-            target_times, target_values, target_mask = times, values, mask
-        elif (target_values is None) != (target_mask is None):
-            raise ValueError("give both target_values and target_mask, or neither (prediction only)")
-        if target_values is not None:
-            _check_union_batch(target_times, target_values, target_mask, prefix="target_")
-            if target_values.shape[0] != values.shape[0]:
-                raise ValueError(f"target_values has {target_values.shape[0]} samples, values has {values.shape[0]}")
+        target_times, target_values, target_mask = resolve_targets(times, values, mask, target_times, target_values,
+                                                                   target_mask)
         mean, logvar = self.encode(times, values, mask)
         if self.reverse_batch:  # their utils.reverse on the batch axis (see the module docstring)
             mean, logvar = mean.flip(0), logvar.flip(0)

@@ -282,11 +282,19 @@ def check_derivative(label: str, value, shape, dtype, shape_hint: str = "") -> b
                          f"dy/dt must have exactly the state's shape{shape_hint}")
     if value.dtype == dtype:
         return False
-    if (value.is_floating_point() and dtype.is_floating_point and torch.is_autocast_enabled(value.device.type)
-            and value.dtype == torch.get_autocast_dtype(value.device.type)):
+    if value.is_floating_point() and dtype.is_floating_point and value.dtype == _autocast_dtype(value.device.type):
         return True
     raise TypeError(f"{label} returned dtype {value.dtype} but the state has dtype {dtype}; make the "
                     "vector field compute in the state's dtype (e.g. model.to(y0.dtype))")
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype torch.autocast computes in on this device type now, or None (autocast off, or a device type
+    autocast does not know, such as meta)."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except RuntimeError:
+        return None
 
 
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):

@@ -406,8 +406,10 @@ def test_adjoint_tolerances_are_checked(kwargs):
 def test_event_that_never_occurs_says_so(method, options):
     """In event mode the span is open-ended: running out of steps means event_fn never changed sign, and the
     error says that (not a stiffness hint), for adaptive and fixed-step methods alike."""
-    with pytest.raises(MaxStepsError, match=r"the event did not occur within max_num_steps=200 .*check event_fn") as info:
+    never = r"the event did not occur within max_num_steps=200 .*check event_fn"
+    with pytest.raises(MaxStepsError, match=never) as info:
         neuralode.odeint_event(lambda t, y: -y, torch.tensor([1.0], dtype=F64), torch.tensor(0.0, dtype=F64),
-                               event_fn=lambda t, y: y[0] + 0.5, method=method, options={"max_num_steps": 200, **options})
+                               event_fn=lambda t, y: y[0] + 0.5, method=method,
+                               options={"max_num_steps": 200, **options})
     assert "stiff" not in str(info.value)
     assert info.value.t > 0

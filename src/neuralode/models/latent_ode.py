@@ -174,6 +174,21 @@ def gather_observations(times: Tensor, values: Tensor, mask: Tensor, *, t0: floa
 
 
 # --------------------------------------------------------------------------- likelihood and KL
+def check_t0(t0) -> float:
+    """A model's reference time ``t0``: a finite number (not a bool)."""
+    if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
+        raise TypeError(f"t0 must be a finite float, got {t0!r}")
+    return float(t0)
+
+
+def check_start(model: nn.Module, times: Tensor, name: str) -> None:
+    """``times`` (a union grid, shape (T,)) must be valid and start no earlier than ``model.t0``."""
+    _check_union_batch(times, None, None, prefix="target_" if name.startswith("target") else "")
+    if float(times[0]) < model.t0:
+        raise ValueError(f"{name} start at {float(times[0])}, before the model's t0={model.t0}; build the model "
+                         f"with t0 <= the earliest time (e.g. {type(model).__name__}(..., t0={float(times[0])}))")
+
+
 def resolve_targets(times: Tensor, values: Tensor, mask: Tensor, target_times: Tensor | None,
                     target_values: Tensor | None, target_mask: Tensor | None):
     """The times, values and mask a model's ``forward`` scores, checked: the observed batch itself when no
@@ -439,9 +454,7 @@ class LatentODE(nn.Module):
         else:
             self.decoder = _mlp([self.latent_dim, positive_int("decoder_hidden", decoder_hidden), self.obs_dim])
         self.noise = _ObservationNoise(self.obs_dim, obs_std, bool(learn_obs_std))
-        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
-            raise TypeError(f"t0 must be a finite float, got {t0!r}")
-        self.t0 = float(t0)
+        self.t0 = check_t0(t0)
         if not isinstance(method, str):
             raise TypeError(f"method must be a str such as 'rk4' or 'dopri5', got {type(method).__name__}")
         self.method = method
@@ -459,16 +472,10 @@ class LatentODE(nn.Module):
 
     def encode(self, times: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior parameters ``(mean, logvar)``, each ``(B, K)``, from a union-grid batch."""
-        self._check_times(times, "times")
+        check_start(self, times, "times")
         obs = gather_observations(times, values, mask, t0=self.t0)
         out = self.encoder(obs, self.t0)
         return out[:, :self.latent_dim], out[:, self.latent_dim:]
-
-    def _check_times(self, times: Tensor, name: str) -> None:
-        _check_union_batch(times, None, None, prefix="target_" if name.startswith("target") else "")
-        if float(times[0]) < self.t0:
-            raise ValueError(f"{name} start at {float(times[0])}, before the model's t0={self.t0}; build the model "
-                             f"with t0 <= the earliest time (e.g. LatentODE(..., t0={float(times[0])}))")
 
     def decode(self, z0: Tensor, times: Tensor) -> tuple[Tensor, Tensor, dict]:
         """Solve the latent ODE from ``z0`` at ``t0`` and decode at ``times``.
@@ -488,7 +495,7 @@ class LatentODE(nn.Module):
         if not isinstance(z0, Tensor) or z0.dim() != 2 or z0.shape[1] != self.latent_dim:
             shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
             raise ValueError(f"z0 must have shape (B, {self.latent_dim}), got {shape}")
-        self._check_times(times, "times")
+        check_start(self, times, "times")
         grid = [float(v) for v in times.detach().to(torch.float64).cpu().tolist()]
         first = 1 if grid[0] > self.t0 else 0  # t0 itself is the first output when it is a target
         solve_times = ([self.t0] if first else []) + grid
@@ -614,9 +621,7 @@ class RNNBaseline(nn.Module):
         self.cell = nn.GRUCell(self.obs_dim + 1, self.hidden_dim)
         self.readout = nn.Linear(self.hidden_dim, self.obs_dim)
         self.noise = _ObservationNoise(self.obs_dim, obs_std, bool(learn_obs_std))
-        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
-            raise TypeError(f"t0 must be a finite float, got {t0!r}")
-        self.t0 = float(t0)
+        self.t0 = check_t0(t0)
 
     def forward(self, times: Tensor, values: Tensor, mask: Tensor, *, target_times: Tensor | None = None,
                 target_values: Tensor | None = None, target_mask: Tensor | None = None,
@@ -631,10 +636,8 @@ class RNNBaseline(nn.Module):
         one_of("roll", roll, ("own", "all"))
         target_times, target_values, target_mask = resolve_targets(times, values, mask, target_times, target_values,
                                                                    target_mask)
-        for name, tt in (("times", times), ("target_times", target_times)):
-            _check_union_batch(tt, None, None)
-            if float(tt[0]) < self.t0:
-                raise ValueError(f"{name} start at {float(tt[0])}, before the model's t0={self.t0}")
+        check_start(self, times, "times")
+        check_start(self, target_times, "target_times")
         batch = values.shape[0]
         h = self.encoder(gather_observations(times, values, mask, t0=self.t0), self.t0)
         if target_mask is None:  # prediction at every target time

@@ -56,7 +56,6 @@ References
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +64,10 @@ from torch import Tensor, nn
 from neuralode.models.latent_ode import (
     ObservationEncoder,
     _check_eps,
-    _check_union_batch,
     _mlp,
     _ObservationNoise,
+    check_start,
+    check_t0,
     gather_observations,
     gaussian_log_likelihood,
     normal_kl,
@@ -172,24 +172,16 @@ class RNNVAE(nn.Module):
         self.cell = nn.GRUCell(2 * self.obs_dim + 1, self.latent_dim)
         self.output = _mlp([self.latent_dim, self.units, self.obs_dim])
         self.noise = _ObservationNoise(self.obs_dim, obs_std, bool(learn_obs_std))
-        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not math.isfinite(t0):
-            raise TypeError(f"t0 must be a finite float, got {t0!r}")
-        self.t0 = float(t0)
+        self.t0 = check_t0(t0)
         if not isinstance(reverse_batch, bool):
             raise TypeError(f"reverse_batch must be a bool, got {reverse_batch!r}")
         self.reverse_batch = reverse_batch
 
     def encode(self, times: Tensor, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior parameters ``(mean, logvar)``, each ``(B, K)``, from a union-grid batch."""
-        self._check_times(times, "times")
+        check_start(self, times, "times")
         out = self.posterior(self.encoder(gather_observations(times, values, mask, t0=self.t0), self.t0))
         return out[:, :self.latent_dim], out[:, self.latent_dim:]
-
-    def _check_times(self, times: Tensor, name: str) -> None:
-        _check_union_batch(times, None, None, prefix="target_" if name.startswith("target") else "")
-        if float(times[0]) < self.t0:
-            raise ValueError(f"{name} start at {float(times[0])}, before the model's t0={self.t0}; build the model "
-                             f"with t0 <= the earliest time (e.g. RNNVAE(..., t0={float(times[0])}))")
 
     def decode(self, z0: Tensor, times: Tensor, mask: Tensor | None = None) -> Tensor:
         """Roll the decoder from ``z0`` at ``t0`` over ``times``.
@@ -210,7 +202,7 @@ class RNNVAE(nn.Module):
         if not isinstance(z0, Tensor) or z0.dim() != 2 or z0.shape[1] != self.latent_dim:
             shape = tuple(z0.shape) if isinstance(z0, Tensor) else type(z0).__name__
             raise ValueError(f"z0 must have shape (B, {self.latent_dim}), got {shape}")
-        self._check_times(times, "times")
+        check_start(self, times, "times")
         batch, n_times = z0.shape[0], times.shape[0]
         if self.decoder_grid == "own" and mask is not None:
             own = gather_observations(times, z0.new_zeros(batch, n_times, self.obs_dim), mask, t0=self.t0)

@@ -178,10 +178,10 @@ def from_environment(run_dir: str | os.PathLike, device: str | torch.device = "c
 def shutdown(completed: bool = False) -> None:
     """Destroy the default process group if there is one.
 
-    ``completed``: every rank ended the run normally, so they first meet at a barrier. Without it a rank that
-    finished first tore its gloo group down while rank 0 was still writing the run's files, and the worker
-    was sometimes aborted at exit ("terminate called without an active exception", SIGABRT: exit code -6
-    although the run had completed). After a failure there is no barrier: the other ranks may never reach it.
+    ``completed``: every rank ended the run normally, so they first meet at a barrier, and no rank tears its
+    gloo group down while rank 0 is still writing the run's files. After a failure there is no barrier: the
+    other ranks may never reach it. (The barrier alone did not stop the abort at exit, "terminate called
+    without an active exception", SIGABRT; the CLI's workers also leave with ``os._exit``, see cli.py.)
     """
     if dist.is_available() and dist.is_initialized():
         if completed:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import tarfile
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -105,5 +107,50 @@ def open_binary(path: Path) -> BinaryIO:
     """
     if is_gzip(path):
         # A BufferedReader over GzipFile: numpy and our chunked readers issue many small reads.
-        return io.BufferedReader(gzip.GzipFile(path, "rb"), buffer_size=1 << 20)  # type: ignore[arg-type]
+        return io.BufferedReader(_NamedGzipReader(path), buffer_size=1 << 20)  # type: ignore[arg-type]
     return open(path, "rb")
+
+
+#: What gzip, zlib and tarfile raise on a cut or corrupted file. None of their messages names the file.
+DAMAGED_ARCHIVE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError)
+
+
+def damaged_file_error(path: Path, exc: BaseException) -> ValueError:
+    """The ValueError for a compressed file or archive that cannot be read to its end.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The file being read.
+    exc : BaseException
+        What gzip, zlib or tarfile raised (one of :data:`DAMAGED_ARCHIVE_ERRORS`).
+
+    Returns
+    -------
+    ValueError
+        Its message names the file, says it is truncated or damaged, and keeps the library's reason.
+    """
+    return ValueError(f"{path}: the file is truncated or damaged ({type(exc).__name__}: {exc}); "
+                      "download it again or restore it from a backup")
+
+
+class _NamedGzipReader(io.RawIOBase):
+    """A raw stream of the decompressed bytes of ``path`` whose read errors name the file."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._path = path
+        self._gzip = gzip.GzipFile(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        try:
+            return self._gzip.readinto(buffer)
+        except DAMAGED_ARCHIVE_ERRORS as exc:
+            raise damaged_file_error(self._path, exc) from exc
+
+    def close(self) -> None:
+        self._gzip.close()
+        super().close()

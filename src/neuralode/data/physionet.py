@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import PathLike, as_path, require_file
+from ._io import DAMAGED_ARCHIVE_ERRORS, PathLike, as_path, damaged_file_error, require_file
 
 __all__ = [
     "PHYSIONET_STATIC",
@@ -297,16 +297,20 @@ def _iter_texts(path: Path, max_records: int | None) -> Iterator[tuple[str, str]
         return
     # Members are read in archive order (sorted by RecordID in the official archives) without
     # listing the whole archive first, so max_records=3 touches only the start of the stream.
-    with tarfile.open(path, "r:*") as archive:
-        for member in archive:
-            if not (member.isfile() and member.name.endswith(".txt")):
-                continue
-            if max_records is not None and count >= max_records:
-                return
-            handle = archive.extractfile(member)
-            assert handle is not None  # isfile() guarantees a handle
-            yield f"{path}:{member.name}", handle.read().decode()
-            count += 1
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            for member in archive:
+                if not (member.isfile() and member.name.endswith(".txt")):
+                    continue
+                if max_records is not None and count >= max_records:
+                    return
+                handle = archive.extractfile(member)
+                assert handle is not None  # isfile() guarantees a handle
+                text = handle.read().decode()
+                yield f"{path}:{member.name}", text
+                count += 1
+    except DAMAGED_ARCHIVE_ERRORS as exc:
+        raise damaged_file_error(path, exc) from exc
     if count == 0:
         raise ValueError(
             f"path={str(path)!r} is an archive without *.txt patient files; expected set-a.tar.gz "

@@ -198,11 +198,18 @@ def _loss_and_grads(method, gradient, options, field, y0, t):
 
 @pytest.mark.parametrize("method", ADAPTIVE_IMPLICIT + FIXED_IMPLICIT + ("auto",))
 def test_gradients_match_finite_differences(method):
-    """direct (implicit function theorem), checkpoint (replayed) and adjoint agree with central differences."""
+    """direct (implicit function theorem), checkpoint (replayed) and adjoint agree with central differences.
+
+    Fixed steps: differences of the same discrete solve. Adaptive methods: differences of a dopri8 solve at
+    rtol 1e-13, not of the method's own solve: a perturbation of 1e-6 can change how many Newton iterations a
+    stage takes, which moves the adaptive solve by up to Newton's tolerance, a jump the difference quotient
+    divides by 2e-6 (kvaerno4's quotient then wanders by 1e-5 between eps = 1e-5, 1e-6 and 1e-7).
+    """
     field = Damped()
     y0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
-    options = {"step_size": 0.01} if not REGISTRY[method].adaptive else None
+    adaptive = REGISTRY[method].adaptive
+    options = {"step_size": 0.01} if not adaptive else None
     strategies = ("direct", "adjoint") if method == "auto" else ("direct", "checkpoint", "adjoint")
     grads = {g: _loss_and_grads(method, g, options, field, y0, t)[1] for g in strategies}
     eps, fd = 1e-6, []
@@ -211,12 +218,13 @@ def test_gradients_match_finite_differences(method):
             flat = p.view(-1)
             for i in range(flat.numel()):
                 old = float(flat[i])
-                flat[i] = old + eps
-                plus = _loss_and_grads(method, "direct", options, field, y0, t)[0]
-                flat[i] = old - eps
-                minus = _loss_and_grads(method, "direct", options, field, y0, t)[0]
+                losses = []
+                for value in (old + eps, old - eps):
+                    flat[i] = value
+                    losses.append(_loss_and_grads(method, "direct", options, field, y0, t)[0] if not adaptive else
+                                  (neuralode.solve(field, y0, t, method="dopri8", rtol=1e-13, atol=1e-13).ys ** 2).sum())
                 flat[i] = old
-                fd.append((plus - minus) / (2 * eps))
+                fd.append((losses[0] - losses[1]) / (2 * eps))
     fd = torch.stack(fd)
     scale = float(fd.abs().max())
     for name, g in grads.items():
@@ -473,3 +481,49 @@ def test_auto_does_not_switch_back_on_a_laplacian_whose_null_space_holds_ones():
     y0 = torch.sin(2 * math.pi * torch.arange(n, dtype=F64) / n) + 1
     sol = neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=F64), method="auto", rtol=1e-6, atol=1e-9)
     assert sol.stats["n_switches"] <= 2
+
+
+# --- Newton's convergence test -------------------------------------------------------------------------
+
+def _decay_and_quadrature(t, s):
+    """y' = -y, q' = y^2: q depends on nothing but y, so a Newton step leaves q wrong by O(dy^2) that only
+    the next iteration shows (y itself, linear, converges in one)."""
+    return torch.stack([-s[0], s[0] ** 2])
+
+
+def test_newton_does_not_stop_before_a_nonlinear_component_converged():
+    # A first iteration tells nothing about the contraction: stopping there on the previous step's rate
+    # left q unconverged, and radauIIA5's q error did not fall with h (7e-5, 3.2e-6, 6.2e-6 at h = 0.2,
+    # 0.1, 0.05 before the fix; 2.2e-8, 7.2e-10, 2.3e-11 after).
+    s0 = torch.tensor([1.0, 0.0], dtype=F64)
+    exact = (1 - math.exp(-4.0)) / 2
+    errors = []
+    for h in (0.2, 0.1, 0.05):
+        sol = neuralode.solve(_decay_and_quadrature, s0, torch.tensor([0.0, 2.0], dtype=F64), method="radauIIA5",
+                              options={"step_size": h})
+        errors.append(abs(float(sol.ys[-1, 1]) - exact))
+    assert errors[0] / errors[1] > 16 and errors[1] / errors[2] > 16, errors
+    for method in ADAPTIVE_IMPLICIT:
+        sol = neuralode.solve(_decay_and_quadrature, s0, torch.tensor([0.0, 2.0], dtype=F64), method=method,
+                              rtol=1e-8, atol=1e-8)
+        assert abs(float(sol.ys[-1, 1]) - exact) < 2e-7, (method, float(sol.ys[-1, 1]) - exact)
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "radau5"])
+def test_adjoint_parameter_gradient_of_implicit_methods_under_the_seminorm(method):
+    # The default backward norm leaves a_theta out of step-size control; Newton's convergence test must
+    # not leave it out too. Before the fix kvaerno5's dL/dp was off by 1.7e-3 relative at rtol 1e-8
+    # (seminorm=False: 3e-7), radau5's by 2.3e-5 (now 2.2e-10).
+    A = torch.tensor([[-0.5, -2.0], [2.0, -0.5]], dtype=F64)
+    y0, t = torch.tensor([1.0, 0.5], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64)
+
+    def gradient(method, strategy, tol):
+        p = torch.tensor(0.3, dtype=F64, requires_grad=True)
+        sol = neuralode.solve(lambda t, y: y @ A.T - p * y, y0, t, method=method, rtol=tol, atol=tol,
+                              gradient=strategy, adjoint_params=(p,) if strategy != "direct" else None)
+        sol.ys[-1].pow(2).sum().backward()
+        return float(p.grad)
+
+    reference = gradient("dopri8", "direct", 1e-13)
+    for strategy in (neuralode.Adjoint(), neuralode.Adjoint(interpolate=True), neuralode.Adjoint(seminorm=False)):
+        assert abs(gradient(method, strategy, 1e-8) / reference - 1) < 1e-5, strategy

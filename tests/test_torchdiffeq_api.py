@@ -209,6 +209,18 @@ def test_scipy_solver_gradients_by_the_adjoint():
     with pytest.warns(UserWarning, match="carries no gradient"):
         out = neuralode.odeint(f, y0, t, method="scipy_solver")
     assert not out.requires_grad
+    # Times that require grad do not attach a partial graph either (it gave dL/dt without the path through
+    # y0 and dL/dt0 = 0): under direct nothing of the result is differentiable; the adjoint gives all of it.
+    t_grad = t.clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match="carries no gradient"):
+        out = neuralode.odeint(f, y0, t_grad, method="scipy_solver")
+    with pytest.warns(UserWarning, match="carries no gradient"):
+        out_t_only = neuralode.odeint(f, Y0, t_grad, method="scipy_solver")
+    assert not out.requires_grad and not out_t_only.requires_grad
+    neuralode.odeint_adjoint(f, y0, t_grad, method="scipy_solver", rtol=1e-10, atol=1e-12).sum().backward()
+    t_ref = t.clone().requires_grad_(True)
+    neuralode.odeint(f, y0.detach(), t_ref, method="dopri5", rtol=1e-10, atol=1e-12).sum().backward()
+    torch.testing.assert_close(t_grad.grad, t_ref.grad, rtol=1e-6, atol=1e-8)
 
 
 def test_scipy_solver_errors():

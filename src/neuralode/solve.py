@@ -148,7 +148,11 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
            compile=False, events=(), controller=None, grid_is_t=False):
     """The solve behind every entry point. ``grid_is_t``: a fixed-step method without ``step_size`` steps between
     the output times (torchdiffeq's ``odeint`` rule; ``solve`` asks for a step size instead)."""
-    t_requires_grad = isinstance(t, torch.Tensor) and t.requires_grad
+    # scipy_solver under direct calls the field without a graph: nothing of its result is differentiable (as in
+    # torchdiffeq), and a gradient through the output times alone would be a partial, wrong one.
+    graphless = spec.whole_span and isinstance(strategy, Direct)
+    t_wants_grad = isinstance(t, torch.Tensor) and t.requires_grad
+    t_requires_grad = t_wants_grad and not graphless
     for name in ("step_t", "jump_t"):
         options[name] = time_list(options, name)
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
@@ -178,7 +182,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol) for e in events]
     callbacks = Callbacks.of(func)
     warn_unsupported(callbacks, spec.name, spec.callbacks)
-    if spec.whole_span and isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
+    if graphless and torch.is_grad_enabled() and (_wants_gradient(func, y0) or t_wants_grad):
         warnings.warn("method 'scipy_solver' calls the vector field without a graph, so under gradient='direct' "
                       "its result carries no gradient (as in torchdiffeq); use odeint_adjoint or "
                       "gradient='adjoint' to differentiate it", UserWarning, stacklevel=3)
@@ -215,6 +219,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                 slopes = torch.stack([problem.field(problem.times[i], outputs[i]) for i in range(1, n_out)])
             outputs = torch.cat([outputs[:1], _OutputTimes.apply(t[1:n_out], outputs[1:], slopes)])
     integration.stats["nfe"] = problem.field.nfe
+    if graphless:
+        outputs = outputs.detach()
     ys = problem.unflatten_trajectory(outputs)
     ts = t_in[:n_out]
     event_t = event_y = None

@@ -155,3 +155,29 @@ def test_dense_output_of_a_non_direct_gradient_warns_that_it_is_detached(gradien
         with torch.no_grad():
             neuralode.solve(func, y0, t, dense=True, gradient=gradient)
         assert neuralode.solve(func, y0, t, dense=True).evaluate(0.5).requires_grad   # direct: differentiable
+
+
+@pytest.mark.parametrize("gradient", ["direct", "adjoint", "checkpoint"])
+def test_dense_output_of_a_solve_with_one_time_is_the_initial_value(gradient):
+    # It raised "cannot unpack non-iterable NoneType object": a solution with no step had no span.
+    y0 = torch.tensor([1.0, -2.0], requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # dense output under adjoint/checkpoint warns that it is detached
+        sol = neuralode.solve(lambda t, y: -y, y0, torch.tensor([0.5]), dense=True, gradient=gradient,
+                              adjoint_params=())
+    assert torch.equal(sol.evaluate(0.5), y0.detach()) and sol.step_times.numel() == 0
+    with pytest.raises(ValueError, match=r"outside the solved span \[0.5, 0.5\]"):
+        sol.evaluate(0.6)
+
+
+def test_dense_output_of_a_failed_fixed_grid_solve_ends_where_it_is_finite():
+    # Fixed grids find non-finite values after the loop; ts/ys were cut back but evaluate() returned NaN.
+    sol = neuralode.solve(lambda t, y: y ** 2, torch.tensor([1.0]), torch.linspace(0, 2, 5), method="rk4",
+                          options={"step_size": 0.1}, throw=False, dense=True)
+    assert sol.status == "non_finite" and float(sol.ts[-1]) == 1.0
+    end = float(sol.step_times[-1])
+    assert 1.0 <= end < 2.0
+    inside = torch.linspace(0.0, end, 23, dtype=torch.float64)
+    assert torch.isfinite(sol.evaluate(inside)).all()
+    with pytest.raises(ValueError, match="outside the solved span"):
+        sol.evaluate(1.7)

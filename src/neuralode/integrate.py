@@ -102,7 +102,8 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     tau, y = taus[0], problem.y0
     tau_end = math.inf if until_event else taus[-1]
     stats = {"nfe": 0, "n_steps": 0, "n_accepted": 0, "n_rejected": 0}
-    result = Integration([y], [problem.times[0]], stats, dense=DenseSolution(direction) if record_dense else None)
+    result = Integration([y], [problem.times[0]], stats,
+                         dense=DenseSolution(direction, tau, y) if record_dense else None)
     error_norm = ErrorNorm(problem.rtol, problem.atol, options.get("norm"),
                            field.unflatten if problem.shapes is not None else None)
     state_jumps = state_jumps or {}
@@ -428,9 +429,18 @@ def _check_finite_outputs(result, problem, throw):
                            "vector field blew up or the fixed step is too large for this problem: reduce "
                            "step_size or use an adaptive method", t=t_bad)
     raise_or_record(result, error, throw)
-    # With throw=False the solution ends where it was last finite, as an adaptive solve's does.
+    # With throw=False the solution ends where it was last finite, as an adaptive solve's does; so does its
+    # dense output, at the start of its first step with a non-finite polynomial.
     del result.outputs[first:], result.output_times[first:]
     result.final_t, result.final_y = result.output_times[-1], result.outputs[-1]
+    dense = result.dense
+    if dense is not None and dense.coefficients:
+        steps_finite = torch.stack([torch.stack([torch.isfinite(c).all() for c in step]).all()
+                                    for step in dense.coefficients]).cpu().tolist()
+        if not all(steps_finite):
+            count = steps_finite.index(False)
+            dense.truncate(count)
+            del result.accepted_times[count:]
 
 
 def _perturbed(field, t0: float, t1: float, left: bool, right: bool):

@@ -33,12 +33,14 @@ class DenseSolution:
     at the end of the last step.
     """
 
-    def __init__(self, direction: int):
+    def __init__(self, direction: int, start_tau: float | None = None, start_value: torch.Tensor | None = None):
         self.direction = direction
         self.starts: list = []
         self.lengths: list = []
         self.coefficients: list = []
-        self.end_value = None
+        # Before the first step (a solve with one output time, or one that failed in its first step) the
+        # solution is its initial value at the start.
+        self.start_tau, self.end_value = start_tau, start_value
         self.end_tau: float | None = None  # set when an event ends the solution inside the last step
 
     def append(self, tau0: float, h: float, coefficients) -> None:
@@ -49,9 +51,17 @@ class DenseSolution:
     @property
     def span(self):
         if not self.starts:
-            return None
+            return None if self.start_tau is None else (self.start_tau, self.start_tau)
         end = self.starts[-1] + self.lengths[-1] if self.end_tau is None else self.end_tau
         return self.starts[0], end
+
+    def truncate(self, count: int) -> None:
+        """Keep the first ``count`` steps; the solution then ends where step ``count`` began."""
+        if count >= len(self.starts):
+            return
+        self.end_value = self.coefficients[count][0]   # the polynomial's value at theta = 0
+        del self.starts[count:], self.lengths[count:], self.coefficients[count:]
+        self.end_tau = None
 
     def evaluate_one(self, t: float) -> torch.Tensor:
         tau = self.direction * t

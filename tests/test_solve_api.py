@@ -404,3 +404,22 @@ def test_user_norm_that_does_not_reduce_is_a_clear_error(compile):
     with pytest.raises(ValueError, match=r"option 'norm' must return a scalar .*shape \(1, 2\)"):
         neuralode.solve(spiral, y0, torch.tensor([0.0, 1.0], dtype=F64), compile=compile,
                         options={"norm": lambda x: x.abs()})
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("norm, error, message", [
+    (lambda x: 0, TypeError, r"real floating-point number, got dtype torch.int64"),
+    (lambda x: x.abs().max() > 1, TypeError, r"real floating-point number, got dtype torch.bool"),
+    (lambda x: -x.abs().max(), ValueError, r"returned NaN or a negative number"),
+    (lambda x: x.abs().max() * math.nan, ValueError, r"returned NaN or a negative number"),
+    # misbehaving only on large errors, i.e. only after some steps: the compiled loop hands over and the
+    # eager loop names it
+    (lambda x: torch.where(x.abs().max() > 0.5, -x.abs().max(), x.abs().max()), ValueError, r"negative"),
+], ids=["int", "bool", "negative", "nan", "negative-later"])
+def test_user_norm_returning_no_size_is_a_clear_error(compile, norm, error, message):
+    # It raised deep inside ('>' between float and complex, int64 overflow), blamed the vector field for the
+    # norm's NaN, or (a bool) solved with a wrong result and status success.
+    f = lambda t, y: torch.stack([y[1], -100 * y[0]])  # noqa: E731
+    with pytest.raises(error, match=message):
+        neuralode.solve(f, torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                        options={"norm": norm}, rtol=1e-8, atol=1e-8, compile=compile)

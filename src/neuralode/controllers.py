@@ -38,15 +38,33 @@ def mixed_norm(xs) -> torch.Tensor:
     return torch.stack([rms_norm(x) for x in xs]).max()
 
 
+#: What a user's norm returns, in place of its value, when that value is NaN or negative for a finite scaled
+#: error: no norm can be negative, so the reader of the ratio (one host read per step, already there) knows
+#: the norm, not the vector field, is at fault (:func:`check_norm_value`).
+BAD_NORM = -1.0
+
+
 def _finite_or_nan(norm):
     def checked(x):
         flat = x if isinstance(x, torch.Tensor) else torch.cat([part.reshape(-1) for part in x])
         value = torch.as_tensor(norm(x))
-        if value.numel() != 1:   # a shape, known without reading the device: no synchronisation per step
+        # shape and dtype are known without reading the device: no synchronisation per step
+        if value.numel() != 1:
             raise ValueError(f"option 'norm' must return a scalar (one element), got shape {tuple(value.shape)}; "
                              "reduce the scaled error to one number, e.g. lambda x: x.abs().max()")
-        return torch.where(torch.isfinite(flat).all(), value, torch.full_like(value, math.nan))
+        if not value.dtype.is_floating_point:
+            raise TypeError(f"option 'norm' must return a real floating-point number, got dtype {value.dtype}; "
+                            "return the size of the scaled error, e.g. lambda x: x.abs().max()")
+        sane = torch.where(value >= 0, value, torch.full_like(value, BAD_NORM))   # NaN >= 0 is False too
+        return torch.where(torch.isfinite(flat).all(), sane, torch.full_like(value, math.nan))
     return checked
+
+
+def check_norm_value(value: float) -> None:
+    """Raise if ``value``, read from an error norm, is :data:`BAD_NORM` (a user norm's NaN or negative)."""
+    if value < 0:
+        raise ValueError("option 'norm' returned NaN or a negative number for a finite error; a norm must return "
+                         "a size >= 0 of the scaled error it is given, e.g. lambda x: x.abs().max()")
 
 
 class ErrorNorm:
@@ -87,6 +105,7 @@ def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction:
         scale = error_norm.scale(y0)
         d0 = float(error_norm.norm(y0 / scale))
         d1 = float(error_norm.norm(f0 / scale))
+        check_norm_value(min(d0, d1))
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
         if not math.isfinite(h0) or h0 <= 0.0:
             h0 = 1e-6  # d1 overflowed (|f0| near the dtype's largest value): no scale to go by
@@ -225,8 +244,8 @@ class AdaptiveController:
         see :meth:`with_tensor_settings`, tensors. No branch reads a value, so a compiled loop decides on the
         device without a host read. Returns ``(accepted, h_next, previous, older)``; the same arithmetic as :meth:`adapt` and
         :meth:`next_step` (tested against them), with ``torch.where`` for their branches."""
-        finite = torch.isfinite(ratio)
-        accepted = finite & ((ratio <= 1.0) | pinned)
+        finite = torch.isfinite(ratio) & (ratio >= 0.0)   # BAD_NORM (< 0) is rejected like NaN; the eager loop,
+        accepted = finite & ((ratio <= 1.0) | pinned)       # to which a collapsing step is handed, names it
         k = order + 1
 
         def pick(if_accepted, if_rejected) -> torch.Tensor:
@@ -367,6 +386,7 @@ class AdaptiveStepping:
             ratio, total = torch.stack([outcome.error_ratio.to(total.dtype), total]).tolist()
         else:                 # on the CPU two reads are cheaper than a stack (3 us against 7 us)
             ratio, total = float(outcome.error_ratio), float(total)
+        check_norm_value(ratio)
         if not math.isfinite(total):
             ratio = math.nan
         accepted, h_next, self.history = control.adapt(h, ratio, outcome.error_order, self.history, proposal.pinned)

@@ -205,3 +205,27 @@ def test_an_event_function_that_turns_nan_is_an_error_not_a_missed_event(nan_fro
         neuralode.solve(lambda t, y: -y, torch.tensor([1.0], dtype=torch.float64),
                         torch.tensor([0.0, 5.0], dtype=torch.float64), event_fn=event_fn)
     assert float(str(info.value).split("t=")[1].split(";")[0]) >= nan_from
+
+
+@pytest.mark.parametrize("event_fn, error, message", [
+    (lambda t, y: None, TypeError, r"event_fn must return a tensor \(or a number\).*got NoneType"),
+    (lambda t, y: y[:0], ValueError, r"event_fn returned no values \(shape \(0,\)\), so no event could ever occur"),
+    (lambda t, y: y[0] > 0.5, TypeError, r"event_fn must return real values.*torch.bool"),
+], ids=["none", "empty", "bool"])
+def test_an_event_function_without_real_values_is_a_clear_error(event_fn, error, message):
+    # None raised torch's 'Could not infer dtype of NoneType'; an empty result silently never fired.
+    y0, t = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])
+    with pytest.raises(error, match=message):
+        neuralode.solve(lambda t, y: -y, y0, t, event_fn=event_fn)
+    with pytest.raises(error, match=message):
+        neuralode.odeint_event(lambda t, y: -y, y0, torch.tensor(0.0), event_fn=event_fn)
+
+
+def test_an_event_function_on_a_complex_state_must_return_real_values():
+    # It raised NotImplementedError: "lt_cpu" not implemented for 'ComplexFloat'.
+    y0, t = torch.tensor([1.0 + 0.5j]), torch.tensor([0.0, 3.0])
+    with pytest.raises(TypeError, match=r"real values.*complex64.*y\[\.\.\., 0\]\.real"):
+        neuralode.solve(lambda t, y: -1j * y, y0, t, event_fn=lambda t, y: y[0])
+    sol = neuralode.solve(lambda t, y: -1j * y, y0, t, event_fn=lambda t, y: y[0].real)
+    # Re(e^{-it} (1 + 0.5i)) = cos t + 0.5 sin t = 0 at t = pi - atan(2)
+    assert sol.event_t is not None and abs(float(sol.event_t) - (math.pi - math.atan(2.0))) < 1e-4

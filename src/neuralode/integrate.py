@@ -471,7 +471,17 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor) -> torch.Te
     with torch.no_grad():
         value = event.fn(field.time(t), field.unflatten(y))
     if not isinstance(value, torch.Tensor):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError(f"event_fn must return a tensor (or a number) whose zero crossings are the events, got "
+                            f"{type(value).__name__}; e.g. event_fn=lambda t, y: y[..., 0] - 1.0")
         value = torch.as_tensor(value)
+    # dtype and size are known without reading the device
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"event_fn must return real values (their sign changes are the events), got dtype "
+                        f"{value.dtype}; for a complex state return e.g. y[..., 0].real")
+    if value.numel() == 0:
+        raise ValueError(f"event_fn returned no values (shape {tuple(value.shape)}), so no event could ever occur; "
+                         "return at least one value whose zero crossing is the event")
     return value.detach()
 
 

@@ -311,3 +311,17 @@ def test_initial_step_with_an_overflowing_derivative_is_a_solver_error_not_zero_
                           torch.tensor([0.0, 1.0]), throw=False)
     assert sol.status in ("success", "non_finite", "step_size_underflow", "max_steps_reached")
     assert torch.isfinite(sol.ys).all()
+
+
+def test_running_out_of_steps_below_the_dtype_resolution_says_so():
+    # rtol=1e-16 on a float32 state can never be met (rounding alone fails the test); the message said only
+    # "raise max_num_steps", which cannot help.
+    rotation = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
+    with pytest.raises(neuralode.MaxStepsError, match=r"rtol=1e-16 is below the resolution of float32 \(eps 1.19e-07\)"):
+        neuralode.odeint(rotation, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 10.0]), rtol=1e-16, atol=1e-16,
+                         options={"max_num_steps": 500})
+    with pytest.raises(neuralode.MaxStepsError) as info:   # a budget that is merely short: no such note
+        neuralode.odeint(rotation, torch.tensor([1.0, 0.0], dtype=torch.float64),
+                         torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-10, atol=1e-12,
+                         options={"max_num_steps": 20})
+    assert "resolution" not in str(info.value)

@@ -143,7 +143,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         if not accepted:
             stats["n_rejected"] += 1
             if stepping.over_budget(stats["n_steps"], until_event):
-                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event), throw)
+                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event, error_norm), throw)
                 break
             continue
 
@@ -174,7 +174,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         if on_accept is not None:
             on_accept(tau, y, state)
         if stepping.over_budget(stats["n_steps"], until_event) and (outputs.pending or until_event):
-            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y, until_event), throw)
+            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y, until_event, error_norm), throw)
             break
 
     if result.final_t is None:
@@ -398,7 +398,7 @@ def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:
     return StepSizeUnderflowError(message + _stiffness_hint(stepper, problem.field, t, y, proposal.unclipped), t=t)
 
 
-def _budget_error(stepping, stepper, field, t, y, until_event: bool) -> Exception:
+def _budget_error(stepping, stepper, field, t, y, until_event: bool, error_norm=None) -> Exception:
     max_num_steps = stepping.controller.max_num_steps
     if until_event:
         # In event mode the span has no end: running out of steps nearly always means the event function never
@@ -407,7 +407,22 @@ def _budget_error(stepping, stepper, field, t, y, until_event: bool) -> Exceptio
         return MaxStepsError(
             f"the event did not occur within max_num_steps={max_num_steps} {kind} (t={t}): event_fn kept the "
             "sign it had at the start; check event_fn, or raise the cap with options={'max_num_steps': N}", t=t)
-    return MaxStepsError(_max_steps_message(max_num_steps, t) + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
+    return MaxStepsError(_max_steps_message(max_num_steps, t) + _resolution_hint(error_norm, y)
+                         + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
+
+
+def _resolution_hint(error_norm, y) -> str:
+    """Why the steps ran out, when rtol asks for more digits than the state's dtype holds."""
+    if error_norm is None:
+        return ""
+    rtol = error_norm.rtol
+    smallest = float(rtol.min()) if isinstance(rtol, torch.Tensor) else float(rtol)
+    dtype = y.real.dtype if y.is_complex() else y.dtype
+    eps = torch.finfo(dtype).eps
+    if smallest >= eps:
+        return ""
+    return (f". Note: rtol={smallest:.3g} is below the resolution of {str(dtype).replace('torch.', '')} "
+            f"(eps {eps:.3g}), where rounding alone can fail the error test: loosen rtol, or solve in float64")
 
 
 def raise_or_record(result: Integration, error: Exception, throw: bool) -> None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from neuralode.tableaus import TABLEAUS, ButcherTableau, hermite_dense
+from neuralode.tableaus.order_conditions import rooted_trees, satisfied_order
 
 NAMES = sorted(TABLEAUS)
 TOL = 1e-12
@@ -15,43 +16,7 @@ TOL = 1e-12
 DENSE_ORDER = {"dopri5": 4, "tsit5": 4, "dopri8": 7}
 
 
-def _trees(max_order):
-    """Rooted trees up to ``max_order`` as sorted tuples of children (a leaf is ())."""
-    by_order = {1: [()]}
-    for n in range(2, max_order + 1):
-        found = set()
-
-        def partitions(remaining, smallest):
-            # multisets of trees whose orders sum to ``remaining``, in non-decreasing canonical order
-            if remaining == 0:
-                yield ()
-                return
-            for k in range(1, remaining + 1):
-                for tree in by_order[k]:
-                    key = (k, tree)
-                    if smallest is not None and key < smallest:
-                        continue
-                    for rest in partitions(remaining - k, key):
-                        yield (tree,) + rest
-
-        for children in partitions(n - 1, None):
-            found.add(tuple(sorted(children, key=repr)))
-        by_order[n] = sorted(found, key=repr)
-    return by_order
-
-
-def _order(tree):
-    return 1 + sum(_order(c) for c in tree)
-
-
-def _gamma(tree):
-    g = _order(tree)
-    for c in tree:
-        g *= _gamma(c)
-    return g
-
-
-TREES = _trees(9)
+TREES = {n: rooted_trees(n) for n in range(1, 10)}
 
 
 def _full_a(tab):
@@ -62,27 +27,9 @@ def _full_a(tab):
     return a
 
 
-def _stage_products(a, tree, cache=None):
-    """g(tree)_i = prod over children of (A g(child))_i."""
-    cache = {} if cache is None else cache
-    if tree not in cache:
-        g = np.ones(a.shape[0])
-        for child in tree:
-            g = g * (a @ _stage_products(a, child, cache))
-        cache[tree] = g
-    return cache[tree]
-
-
 def _satisfied_order(a, b, max_order, theta=1.0):
     """Largest p such that every tree of order <= p satisfies b . g(tree) = theta**|t| / gamma(t)."""
-    cache = {}
-    for n in range(1, max_order + 1):
-        for tree in TREES[n]:
-            lhs = float(np.dot(b, _stage_products(a, tree, cache)))
-            rhs = theta ** n / _gamma(tree)
-            if abs(lhs - rhs) > 1e-10 * max(1.0, abs(rhs)):
-                return n - 1
-    return max_order
+    return satisfied_order(a, b, max_order, theta)[0]
 
 
 def test_tree_counts():
@@ -227,3 +174,15 @@ def test_invalid_tableaus_are_rejected(overrides, match):
 def test_frozen():
     with pytest.raises(Exception):
         TABLEAUS["rk4"].order = 3
+
+
+def test_a_tableau_that_does_not_have_its_claimed_order_is_refused():
+    # The docstring of solve() said so; only row sums and weights were checked, so order=4 on Euler's
+    # coefficients was accepted (a controller exponent and an error estimate built on a false order).
+    with pytest.raises(ValueError, match=r"order=4 is claimed, but the weights b meet the order conditions only up "
+                                         r"to order 1 \(a condition of order 2 fails\)"):
+        ButcherTableau("euler-as-rk4", c=(0.0,), a=((),), b=(1.0,), order=4)
+    # Heun's method is order 2, not 3: the third-order condition b . c^2 = 1/3 fails (1/2)
+    with pytest.raises(ValueError, match=r"only up to order 2"):
+        ButcherTableau("heun-as-3", c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=3)
+    assert ButcherTableau("heun", c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5), order=2).order == 2

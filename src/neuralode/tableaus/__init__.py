@@ -24,6 +24,7 @@ from fractions import Fraction as F
 import numpy as np
 
 from . import _dop853_data as _dop853
+from .order_conditions import satisfied_order
 
 __all__ = ["ButcherTableau", "TABLEAUS", "hermite_dense"]
 
@@ -96,6 +97,14 @@ class ButcherTableau:
                     raise ValueError(f"{self.name}: {label} sums to {sum(weights)}, not 0")
         if (self.b_err is None) != (self.error_order is None):
             raise ValueError(f"{self.name}: b_err and error_order go together")
+        full_a = np.zeros((s, s))
+        for i, row in enumerate(self.a):
+            full_a[i, :i] = [float(x) for x in row]
+        reached, _ = satisfied_order(full_a, [float(x) for x in self.b], self.order)
+        if reached < self.order:
+            raise ValueError(f"{self.name}: order={self.order} is claimed, but the weights b meet the order conditions "
+                             f"only up to order {reached} (a condition of order {reached + 1} fails); give the order the "
+                             "coefficients have, or check them")
         for i, (ci, row) in enumerate(zip(self.extra_c, self.extra_a)):
             if abs(sum(row) - ci) > _IDENTITY_TOL:
                 raise ValueError(f"{self.name}: extra stage {i} sums to {sum(row)}, not {ci}")

@@ -112,9 +112,13 @@ def make_per_sample_field(func, y0, rtol, atol):
                         f"{type(y0).__name__} (tuple states are not supported in per-sample mode)")
     if not (y0.is_floating_point() or y0.is_complex()) or y0.dtype == torch.complex32:
         raise TypeError(f"y0 has dtype {y0.dtype}; the state must be floating point or complex (not complex32)")
-    if y0.ndim < 1 or y0.shape[0] < 1:
+    if y0.ndim < 1:
         raise ValueError(f"with per_sample=True, y0 must have a batch dimension first, shape (batch, ...), got "
                          f"{tuple(y0.shape)}")
+    if y0.shape[0] == 0:
+        raise ValueError(f"with per_sample=True, y0 holds no sample (shape {tuple(y0.shape)}): there is nothing to "
+                         "step; skip the solve for an empty batch, or solve jointly (per_sample=False), which "
+                         "returns an empty trajectory")
     real_dtype = y0.real.dtype if y0.is_complex() else y0.dtype
     compute_dtype = COMPUTE_DTYPE.get(y0.dtype, y0.dtype)
     compute_real = COMPUTE_DTYPE.get(real_dtype, real_dtype)

@@ -413,3 +413,9 @@ def test_event_that_never_occurs_says_so(method, options):
                                options={"max_num_steps": 200, **options})
     assert "stiff" not in str(info.value)
     assert info.value.t > 0
+
+
+def test_a_state_on_the_meta_device_is_a_clear_error():
+    # torch said "Cannot copy out of meta tensor" (torchdiffeq fails the same way)
+    with pytest.raises(ValueError, match=r"on the 'meta' device, whose tensors hold no values"):
+        neuralode.solve(lambda t, y: -y, torch.ones(2, device="meta"), torch.tensor([0.0, 1.0], device="meta"))

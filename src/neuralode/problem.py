@@ -238,7 +238,10 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     parts, is_tuple = _check_state(y0)
     device = parts[0].device
-    t = check_times(t, device)
+    t = check_times(t, device)   # (also: t and y0 on one device)
+    if device.type == "meta":
+        raise ValueError("y0 and t are on the 'meta' device, whose tensors hold no values, so there is nothing to "
+                         "solve (the steps depend on the values); give y0 and t on 'cpu' or 'cuda'")
     times = t.detach().double().cpu().tolist()
     direction = check_monotone(times)
     real_dtype = parts[0].real.dtype if parts[0].is_complex() else parts[0].dtype

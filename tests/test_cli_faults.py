@@ -214,18 +214,10 @@ def test_truncated_mnist_idx(tmp_path, capsys):
 
 def test_cut_physionet_archive_names_the_file(tmp_path, capsys):
     # tarfile and gzip say only "Compressed file ended before the end-of-stream marker was reached"
-    import io
-    import tarfile
+    from test_data_damaged import _physionet_tar_gz
 
     archive = tmp_path / "set-a.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for record in range(30):
-            lines = ["Time,Parameter,Value", f"00:00,RecordID,{132539 + record}", "00:00,Age,60"]
-            lines += [f"{hour:02d}:{minute:02d},HR,{60 + minute}" for hour in range(48) for minute in range(0, 60, 15)]
-            data = ("\n".join(lines) + "\n").encode()
-            info = tarfile.TarInfo(f"set-a/{132539 + record}.txt")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    archive.write_bytes(_physionet_tar_gz())
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     out = tmp_path / "run"
     assert main(["run", "physionet", "--out", str(out), "--no-progress", "--set", f"data_path={archive}",

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_tableaus import TREES, _gamma
+from neuralode.tableaus.order_conditions import tree_density as _gamma
+from test_tableaus import TREES
 
 import neuralode
 from neuralode.controllers import ErrorNorm, FixedGrid

@@ -221,8 +221,11 @@ def test_gradients_match_finite_differences(method):
                 losses = []
                 for value in (old + eps, old - eps):
                     flat[i] = value
-                    losses.append(_loss_and_grads(method, "direct", options, field, y0, t)[0] if not adaptive else
-                                  (neuralode.solve(field, y0, t, method="dopri8", rtol=1e-13, atol=1e-13).ys ** 2).sum())
+                    if adaptive:
+                        sol = neuralode.solve(field, y0, t, method="dopri8", rtol=1e-13, atol=1e-13)
+                        losses.append((sol.ys ** 2).sum())
+                    else:
+                        losses.append(_loss_and_grads(method, "direct", options, field, y0, t)[0])
                 flat[i] = old
                 fd.append((losses[0] - losses[1]) / (2 * eps))
     fd = torch.stack(fd)

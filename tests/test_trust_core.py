@@ -317,7 +317,8 @@ def test_running_out_of_steps_below_the_dtype_resolution_says_so():
     # rtol=1e-16 on a float32 state can never be met (rounding alone fails the test); the message said only
     # "raise max_num_steps", which cannot help.
     rotation = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
-    with pytest.raises(neuralode.MaxStepsError, match=r"rtol=1e-16 is below the resolution of float32 \(eps 1.19e-07\)"):
+    below = r"rtol=1e-16 is below the resolution of float32 \(eps 1.19e-07\)"
+    with pytest.raises(neuralode.MaxStepsError, match=below):
         neuralode.odeint(rotation, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 10.0]), rtol=1e-16, atol=1e-16,
                          options={"max_num_steps": 500})
     with pytest.raises(neuralode.MaxStepsError) as info:   # a budget that is merely short: no such note

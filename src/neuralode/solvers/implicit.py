@@ -20,8 +20,9 @@ stops when the predicted remaining error ``theta / (1 - theta) |dz|`` falls belo
 rtol, min(0.03, rtol^(1/2)))`` (RADAU5's FNEWT, scipy's rule; see ``_newton_kappa``), with ``theta``
 measured in this solve, so after two iterations at the earliest (scipy's rule; RADAU5 may stop after one on
 the previous step's rate, which leaves a component that depends nonlinearly on the others unconverged), and
-``|dz|`` in the larger of the error norm and the RMS over every component (``_covering_norm``); it fails when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach. A failed step is
-retried once with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
+``|dz|`` in the larger of the error norm and the RMS over every component (``_covering_norm``); it fails
+when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach. A failed step is retried once
+with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
 On a fixed grid, which cannot shrink, the last resort is full Newton (J at every iterate).
 The stage derivatives of implicit stages are ``k_i = (z - psi_i) / (h a_ii)`` rather than ``f(t_i,
 z)``: for stiff components ``f`` amplifies the Newton error by ``|h lambda|`` (Hairer-Wanner IV.8).

@@ -103,8 +103,8 @@ class ButcherTableau:
         reached, _ = satisfied_order(full_a, [float(x) for x in self.b], self.order)
         if reached < self.order:
             raise ValueError(f"{self.name}: order={self.order} is claimed, but the weights b meet the order conditions "
-                             f"only up to order {reached} (a condition of order {reached + 1} fails); give the order the "
-                             "coefficients have, or check them")
+                             f"only up to order {reached} (a condition of order {reached + 1} fails); give the order "
+                             "the coefficients have, or check them")
         for i, (ci, row) in enumerate(zip(self.extra_c, self.extra_a)):
             if abs(sum(row) - ci) > _IDENTITY_TOL:
                 raise ValueError(f"{self.name}: extra stage {i} sums to {sum(row)}, not {ci}")

@@ -39,7 +39,7 @@ import dataclasses
 import math
 import time
 import zlib
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from neuralode.models import (
 from neuralode.models.cnf import standard_normal_log_prob
 
 from .base import Experiment, Position, Reference
-from .config import ConfigError, RunConfig
+from .config import NON_EMPTY, ConfigError, PosFloat, PosInt, Range, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["DENSITIES", "CNFConfig", "CNFExperiment", "planar_inverse", "sample_density"]
@@ -157,27 +157,27 @@ class CNFConfig(RunConfig):
     gif : also write ``plots/flow.gif`` (needs Pillow; skipped with a note otherwise).
     """
 
-    densities: tuple[str, ...] = ("moons",)
-    widths: tuple[int, ...] = (8,)
-    depths: tuple[int, ...] = (8,)
+    densities: Annotated[tuple[str, ...], NON_EMPTY] = ("moons",)
+    widths: tuple[PosInt, ...] = (8,)
+    depths: tuple[PosInt, ...] = (8,)
     dynamics: Literal["planar", "concatsquash"] = "planar"
-    hyper_hidden: int = 32
-    iters: int = 300
-    batch_size: int = 256
+    hyper_hidden: PosInt = 32
+    iters: PosInt = 300
+    batch_size: PosInt = 256
     lr: float = 5e-3
-    t1: float = 1.0
+    t1: PosFloat = 1.0
     method: str = "dopri5"
-    rtol: float = 1e-3
-    atol: float = 1e-3
+    rtol: PosFloat = 1e-3
+    atol: PosFloat = 1e-3
     gradient: Literal["direct", "adjoint", "checkpoint"] = "direct"
-    n_test: int = 2000
-    grid_points: int = 60
-    extent: float = 4.0
-    n_samples: int = 1000
-    frames: int = 6
+    n_test: PosInt = 2000
+    grid_points: Annotated[int, Range(2)] = 60
+    extent: PosFloat = 4.0
+    n_samples: PosInt = 1000
+    frames: Annotated[int, Range(2)] = 6
     gif: bool = True
-    log_every: int = 10
-    checkpoint_every: int = 100
+    log_every: PosInt = 10
+    checkpoint_every: PosInt = 100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,22 +8,41 @@ Every experiment declares a ``Config`` dataclass that extends :class:`RunConfig`
 Supported field types: ``int``, ``float``, ``bool``, ``str``, ``typing.Literal[...]``
 (a closed set of choices), ``tuple[T, ...]`` / ``list[T]`` of those (comma separated,
 brackets optional) and ``Optional[T]`` (``none`` for ``None``).
+
+Every field's value is checked against its declared type whenever a config is made (``--set``,
+``config.json`` on ``--resume``, ``dataclasses.replace`` in ``resolve``): a float must be a finite
+number, an int an int (not a bool), a ``Literal`` one of its choices. A field declares its range
+once, with ``typing.Annotated`` and a :class:`Range` (or :data:`NON_EMPTY`); the aliases
+:data:`PosInt`, :data:`NonNegInt`, :data:`PosFloat`, :data:`NonNegFloat` and :data:`Fraction`
+cover most fields, e.g. ``hidden: PosInt = 20`` or ``odenet_sweep: tuple[PosFloat, ...] = ()``.
+A value outside its field's type or range raises :class:`FieldError` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import types
 import typing
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 __all__ = [
+    "NON_EMPTY",
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "FieldError",
+    "Fraction",
+    "NonNegFloat",
+    "NonNegInt",
+    "PosFloat",
+    "PosInt",
+    "Range",
     "RunConfig",
     "apply_overrides",
+    "check_fields",
     "config_from_dict",
     "config_to_dict",
     "parse_value",
@@ -48,6 +67,63 @@ class CheckpointError(ConfigError):
     ``metrics.jsonl`` (the message names the file and what to do)."""
 
 
+class FieldError(ConfigError):
+    """A config field holds a value of the wrong type or outside its declared range.
+
+    ``field`` names the field, ``value`` is the value and ``problem`` says what it must be
+    (``"must be a positive integer"``); ``--set`` and ``config.json`` errors quote them."""
+
+    def __init__(self, field: str, value: Any, problem: str, message: Optional[str] = None):
+        self.field, self.value, self.problem = field, value, problem
+        super().__init__(message or f"{field}={value!r}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field (or each item of a tuple field) may take: ``low``/``high``
+    bounds, excluded where ``low_open``/``high_open``. Floats must be finite whatever the range.
+    ``nonempty`` (strings, tuples) refuses an empty value instead."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    nonempty: bool = False
+
+    def holds(self, value: Any) -> bool:
+        if self.nonempty:
+            return len(value) > 0
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self, integer: bool) -> str:
+        if self.nonempty:
+            return "must not be empty"
+        if integer and self.high is None and not self.low_open and self.low in (0, 1):
+            return "must be a positive integer" if self.low == 1 else "must be a non-negative integer"
+        kind = "an integer" if integer else "a finite number"
+        if self.high is None:
+            return f"must be {kind} {'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"must be {kind} {'<' if self.high_open else '<='} {self.high:g}"
+        return (f"must be {kind} in {'(' if self.low_open else '['}{self.low:g}, "
+                f"{self.high:g}{')' if self.high_open else ']'}")
+
+
+NON_EMPTY = Range(nonempty=True)
+#: An int >= 1 (sizes, counts, steps).
+PosInt = Annotated[int, Range(1)]
+#: An int >= 0 (seeds, counts where 0 means "none" or "all").
+NonNegInt = Annotated[int, Range(0)]
+#: A finite float > 0 (step sizes, scales, standard deviations).
+PosFloat = Annotated[float, Range(0, low_open=True)]
+#: A finite float >= 0 (weights, noise levels that may be off).
+NonNegFloat = Annotated[float, Range(0)]
+#: A finite float strictly between 0 and 1.
+Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
+
+
 @dataclasses.dataclass
 class RunConfig:
     """Fields every experiment has.
@@ -69,41 +145,115 @@ class RunConfig:
         part of the config also pins the reduction order, which exact resume relies on.
     """
 
-    seed: int = 0
-    log_every: int = 10
+    seed: NonNegInt = 0
+    log_every: PosInt = 10
     eval_every: int = 0
-    checkpoint_every: int = 100
-    threads: int = 1
+    checkpoint_every: PosInt = 100
+    threads: NonNegInt = 1
 
     def __post_init__(self):
         """Reject values no run can use, before anything is written (``--set`` errors stay one line).
 
+        Every field is checked against its declared type and range (:func:`check_fields`, which
+        also applies the ranges a base class declares for a field a subclass declares again).
         Checks by field name apply to every experiment's config: learning rates (``lr``, ``*_lr``)
-        must be finite and positive, tolerances (``rtol``, ``atol``) finite and non-negative, and
-        ``method`` one of :data:`neuralode.METHODS`.
+        must be finite and positive, tolerances (``rtol``, ``atol``) finite, non-negative and not
+        both 0, and ``method`` one of :data:`neuralode.METHODS`.
         """
-        import math
-
         from ..methods import METHODS
 
-        # eval_every is left to each experiment: the classification ones read -1 as "every epoch".
-        for name, low in (("log_every", 1), ("checkpoint_every", 1), ("threads", 0)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name}={getattr(self, name)} is invalid; it must be >= {low}")
+        check_fields(self)
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, bool) or value is None:
                 continue
             if (field.name == "lr" or field.name.endswith("_lr")) and isinstance(value, (int, float)):
                 if not math.isfinite(value) or value <= 0:
-                    raise ConfigError(f"{field.name}={value} is invalid; a learning rate must be finite and > 0")
+                    raise FieldError(field.name, value, "must be a finite number > 0 (a learning rate)")
             if field.name in ("rtol", "atol") and isinstance(value, (int, float)):
                 if not math.isfinite(value) or value < 0:
-                    raise ConfigError(f"{field.name}={value} is invalid; tolerances must be finite and >= 0")
+                    raise FieldError(field.name, value, "must be a finite number >= 0 (a tolerance)")
             if field.name == "method" and isinstance(value, str) and value not in METHODS:
                 close = difflib.get_close_matches(value, METHODS, n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"method={value!r} is not a solver method.{hint} Choose one of {list(METHODS)}")
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise FieldError("method", value, f"is not a solver method{hint}; choose one of {list(METHODS)}")
+        if getattr(self, "rtol", None) == 0 and getattr(self, "atol", None) == 0:
+            raise FieldError("atol", 0.0, "rtol and atol are both 0; at least one tolerance must be > 0")
+
+
+@functools.lru_cache(maxsize=None)
+def _declared(cls: type) -> dict[str, list[Any]]:
+    """Field name -> its declared types (with their ``Annotated`` ranges), the class's own first,
+    then those of every base class that declares the field too."""
+    out: dict[str, list[Any]] = {}
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        hints = typing.get_type_hints(klass, include_extras=True)
+        for name in getattr(klass, "__annotations__", {}):
+            if name in hints:
+                out.setdefault(name, []).append(hints[name])
+    return out
+
+
+def check_fields(config: Any) -> None:
+    """Raise :class:`FieldError` for the first field whose value does not fit its declared type
+    and range (see the module docstring)."""
+    declared = _declared(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for tp in declared.get(field.name, ()):
+            problem = _problem(value, tp)
+            if problem is not None:
+                raise FieldError(field.name, value, problem)
+
+
+def _problem(value: Any, tp: Any) -> Optional[str]:
+    """What is wrong with ``value`` as a value of ``tp`` (``None``: nothing)."""
+    ranges = []
+    while typing.get_origin(tp) is Annotated:
+        ranges += [m for m in tp.__metadata__ if isinstance(m, Range)]
+        tp = typing.get_args(tp)[0]
+    if _is_optional(tp):
+        if value is None:
+            return None
+        tp = _strip_optional(tp)
+        while typing.get_origin(tp) is Annotated:
+            ranges += [m for m in tp.__metadata__ if isinstance(m, Range)]
+            tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp)
+    integer = tp is int
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if not any(value == c and type(value) is type(c) for c in choices):
+            return f"must be one of {', '.join(map(str, choices))}"
+    elif origin in (tuple, list):
+        if not isinstance(value, (tuple, list)):
+            return f"expected {_type_name(tp)}"
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        for item in value:
+            problem = _problem(item, inner)
+            if problem is not None:
+                return f"item {item!r}: {problem}"
+    elif tp is bool:
+        if not isinstance(value, bool):
+            return "expected true or false"
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return "expected int"
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+        if not math.isfinite(value):
+            return ranges[0].describe(False) if ranges else "must be a finite number"
+    elif tp is str:
+        if not isinstance(value, str):
+            return "expected a string"
+    for r in ranges:
+        if not r.holds(value):
+            return r.describe(integer)
+    return None
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -111,22 +261,52 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config written by :func:`config_to_dict` (used by ``--resume``)."""
+def config_from_dict(cls: type, data: dict[str, Any], *, strict: bool = False) -> Any:
+    """Rebuild a config written by :func:`config_to_dict` (used by ``--resume``).
+
+    Values are checked like ``--set`` values (:class:`FieldError` names the field). With
+    ``strict=True`` (``--resume``) every field must be present and no other key: a config that
+    lost a field would otherwise resume with that field's default, which is not what was trained.
+
+    Raises
+    ------
+    ConfigError
+        ``data`` is not a dict, misses a field or has an unknown key (strict), or a value does
+        not fit its field (:class:`FieldError`).
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected an object of fields, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
+    names = [field.name for field in dataclasses.fields(cls)]
+    if strict:
+        missing = [n for n in names if n not in data]
+        if missing:
+            raise ConfigError(f"field {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
+                                                                  if len(missing) > 1 else ""))
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ConfigError(f"unknown field {unknown[0]!r}")
     kwargs = {}
-    for field in dataclasses.fields(cls):
-        if field.name in data:
-            kwargs[field.name] = _coerce_json(data[field.name], hints[field.name])
-    return cls(**kwargs)
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce_json(data[name], hints[name])
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise ConfigError(f"field {exc.field}: {exc.problem}, got {exc.value!r}") from None
 
 
 def _coerce_json(value: Any, tp: Any) -> Any:
+    """A JSON value as the field type holds it: lists as tuples, ints as floats for float fields."""
+    if _is_optional(tp):
+        return None if value is None else _coerce_json(value, _strip_optional(tp))
     origin = typing.get_origin(tp)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if _is_optional(tp) and value is not None:
-        return _coerce_json(value, _strip_optional(tp))
+    if origin in (tuple, list) and isinstance(value, list):
+        args = typing.get_args(tp)
+        items = [_coerce_json(v, args[0]) for v in value] if args else value
+        return tuple(items) if origin is tuple else list(items)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
     return value
 
 
@@ -142,6 +322,7 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
     hints = typing.get_type_hints(type(config))
     names = [f.name for f in dataclasses.fields(config)]
     changes: dict[str, Any] = {}
+    raws: dict[str, str] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -160,7 +341,15 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
                 f"--set {key}={raw}: {exc} (field {key!r} has type {_type_name(hints[key])}, "
                 f"current value {getattr(config, key)!r})"
             ) from None
-    return dataclasses.replace(config, **changes)
+        raws[key] = raw.strip()
+    try:
+        return dataclasses.replace(config, **changes)
+    except FieldError as exc:
+        field = exc.field if exc.field in raws or exc.field != "atol" else "rtol"  # the pair's check
+        if field in raws:
+            raise FieldError(exc.field, exc.value, exc.problem,
+                             f"--set {field}={raws[field]}: {exc.problem}") from None
+        raise
 
 
 _TRUE = {"1", "true", "yes", "on"}

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
@@ -36,7 +36,7 @@ from neuralode.models import ODENet, ResNet
 from neuralode.nn import Autonomous
 
 from .base import Experiment, Reference
-from .config import ConfigError, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["Cubic", "CubicConfig"]
@@ -65,28 +65,28 @@ class CubicConfig(RunConfig):
     grid_points : points of the dense evaluation grid.
     """
 
-    n_train: int = 10
-    x_max: float = 2.5
-    noise_std: float = 1.0
-    hidden: int = 20
-    resnet_layers: int = 3
+    n_train: Annotated[int, Range(2)] = 10
+    x_max: PosFloat = 2.5
+    noise_std: NonNegFloat = 1.0
+    hidden: PosInt = 20
+    resnet_layers: PosInt = 3
     resnet_lr: float = 0.01
-    resnet_iters: int = 1000
+    resnet_iters: PosInt = 1000
     odenet_lr: float = 0.005
-    odenet_iters: int = 1500
+    odenet_iters: PosInt = 1500
     method: str = "dopri5"
     rtol: float = 1e-3
     atol: float = 1e-4
     gradient: Literal["direct", "adjoint", "checkpoint"] = "direct"
-    spread_sets: int = 5
-    spread_n: int = 20
-    spread_x_max: float = 3.0
-    resnet_sweep: tuple[float, ...] = (0.001, 0.01, 0.1)
-    odenet_sweep: tuple[float, ...] = (0.0005, 0.001, 0.005)
-    diverge_loss: float = 1e6
-    grid_points: int = 200
-    log_every: int = 10
-    checkpoint_every: int = 250
+    spread_sets: NonNegInt = 5
+    spread_n: Annotated[int, Range(2)] = 20
+    spread_x_max: PosFloat = 3.0
+    resnet_sweep: tuple[PosFloat, ...] = (0.001, 0.01, 0.1)
+    odenet_sweep: tuple[PosFloat, ...] = (0.0005, 0.001, 0.005)
+    diverge_loss: PosFloat = 1e6
+    grid_points: Annotated[int, Range(2)] = 200
+    log_every: PosInt = 10
+    checkpoint_every: PosInt = 250
 
 
 def resnet(hidden: int, layers: int) -> ResNet:

@@ -35,7 +35,7 @@ import math
 import resource
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from neuralode.models import count_parameters, sequence_classifier
 
 from . import distributed
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, DataError, RunConfig
+from .config import ConfigError, DataError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["ClippedSGD", "ECG", "ECGConfig", "Members", "SEED_CONFUSION", "stratified_subset"]
@@ -198,22 +198,22 @@ class ECGConfig(RunConfig):
     model: Literal["all", "resnet", "rknet", "odenet"] = "all"
     data_dir: str = ""
     split: Literal["kaggle", "patient"] = "kaggle"
-    test_fraction: float = 0.25
-    train_size: int = 4000
-    test_size: int = 4000
-    epochs: int = 3
-    batch_size: int = 128
+    test_fraction: Fraction = 0.25
+    train_size: NonNegInt = 4000
+    test_size: NonNegInt = 4000
+    epochs: PosInt = 3
+    batch_size: PosInt = 128
     lr: float = 0.1
-    momentum: float = 0.9
-    channels: int = 32
+    momentum: NonNegFloat = 0.9
+    channels: PosInt = 32
     rtol: float = 1e-3
     atol: float = 1e-3
-    rk_step: float = 0.25
-    grad_clip: float = 1.0
-    eval_batch: int = 512
-    eval_every: int = -1
-    log_every: int = 5
-    checkpoint_every: int = 50
+    rk_step: PosFloat = 0.25
+    grad_clip: NonNegFloat = 1.0
+    eval_batch: PosInt = 512
+    eval_every: Annotated[int, Range(-1)] = -1
+    log_every: PosInt = 5
+    checkpoint_every: PosInt = 50
 
 
 @functools.lru_cache(maxsize=2)

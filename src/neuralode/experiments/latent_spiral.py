@@ -47,7 +47,7 @@ import dataclasses
 import math
 import time
 import zlib
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ from neuralode.models import (
 )
 
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, RunConfig
+from .config import NON_EMPTY, ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["LatentSpiral", "LatentSpiralConfig", "Spirals", "generate_spirals"]
@@ -151,29 +151,29 @@ class LatentSpiralConfig(RunConfig):
     n_plot : test series drawn in the reconstruction figure.
     """
 
-    n_spirals: int = 300
-    test_fraction: float = 0.25
-    nsample: int = 100
-    ntotal: int = 500
-    noise_std: float = 0.3
-    obs_counts: tuple[int, ...] = (30, 50, 100)
+    n_spirals: PosInt = 300
+    test_fraction: Fraction = 0.25
+    nsample: PosInt = 100
+    ntotal: PosInt = 500
+    noise_std: PosFloat = 0.3
+    obs_counts: Annotated[tuple[PosInt, ...], NON_EMPTY] = (30, 50, 100)
     models: tuple[str, ...] = ("latent_ode", "rnn")
-    iters: int = 100
-    batch_size: int = 50
+    iters: PosInt = 100
+    batch_size: PosInt = 50
     lr: float = 1e-2
     lr_schedule: Literal["cosine", "exponential", "constant"] = "cosine"
-    min_lr: float = 1e-4
-    latent_dim: int = 4
+    min_lr: NonNegFloat = 1e-4
+    latent_dim: PosInt = 4
     encoder: str = "rnn"
-    encoder_hidden: int = 25
-    dynamics_hidden: int = 20
-    decoder_hidden: int = 20
-    step_size: float = 0.1
-    rnn_hidden: int = 0
+    encoder_hidden: PosInt = 25
+    dynamics_hidden: PosInt = 20
+    decoder_hidden: NonNegInt = 20
+    step_size: PosFloat = 0.1
+    rnn_hidden: NonNegInt = 0
     rnn_roll: Literal["all", "own"] = "all"
-    n_plot: int = 3
-    log_every: int = 10
-    checkpoint_every: int = 100
+    n_plot: PosInt = 3
+    log_every: PosInt = 10
+    checkpoint_every: PosInt = 100
 
 
 class LatentSpiral(Experiment):

@@ -50,7 +50,7 @@ from neuralode.models import ODENet, ResNet
 from neuralode.nn import Autonomous
 
 from .base import Experiment
-from .config import ConfigError, RunConfig
+from .config import ConfigError, PosInt, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["Memory", "MemoryConfig", "SavedTensorMeter"]
@@ -138,15 +138,15 @@ class MemoryConfig(RunConfig):
     strategies : gradient strategies of the ODE-Net.
     """
 
-    features: int = 8
-    width: int = 64
-    batch: int = 256
-    depths: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-    ode_steps: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    features: PosInt = 8
+    width: PosInt = 64
+    batch: PosInt = 256
+    depths: tuple[PosInt, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    ode_steps: tuple[PosInt, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     method: str = "rk4"
     strategies: tuple[str, ...] = STRATEGIES
-    log_every: int = 1
-    checkpoint_every: int = 4
+    log_every: PosInt = 1
+    checkpoint_every: PosInt = 4
 
 
 @dataclasses.dataclass(frozen=True)

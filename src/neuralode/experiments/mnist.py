@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from neuralode.data import find_data_dir, load_mnist
 from neuralode.models import PAPER_PARAMETER_COUNTS, image_classifier
 
 from .base import Position, Reference
-from .config import ConfigError, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
 from .ecg import Classification, stratified_subset
 
 __all__ = ["MNIST", "MNISTConfig", "RECIPES", "apply_recipe", "learning_rate", "locate_mnist", "mnist_subsets"]
@@ -118,27 +118,27 @@ class MNISTConfig(RunConfig):
 
     model: Literal["all", "mlp", "resnet", "rknet", "odenet"] = "all"
     data_dir: str = ""
-    train_size: int = 1024
-    test_size: int = 1000
+    train_size: NonNegInt = 1024
+    test_size: NonNegInt = 1000
     recipe: Literal["paper", "fast"] = "paper"
-    epochs: Optional[int] = None
-    batch_size: int = 128
+    epochs: Optional[PosInt] = None
+    batch_size: PosInt = 128
     lr: float = 0.1
-    momentum: float = 0.9
+    momentum: NonNegFloat = 0.9
     lr_schedule: Optional[Literal["step", "cosine"]] = None
     warmup: Optional[float] = None
-    weight_decay: Optional[float] = None
-    lr_decay_epochs: tuple[int, ...] = (60, 100, 140)
-    lr_decay: float = 0.1
-    crop_padding: int = 4
-    channels: int = 64
+    weight_decay: Optional[NonNegFloat] = None
+    lr_decay_epochs: tuple[NonNegInt, ...] = (60, 100, 140)
+    lr_decay: PosFloat = 0.1
+    crop_padding: NonNegInt = 4
+    channels: PosInt = 64
     rtol: float = 1e-3
     atol: float = 1e-3
-    rk_step: float = 0.25
-    eval_batch: int = 500
-    eval_every: int = -1
-    log_every: int = 1
-    checkpoint_every: int = 20
+    rk_step: PosFloat = 0.25
+    eval_batch: PosInt = 500
+    eval_every: Annotated[int, Range(-1)] = -1
+    log_every: PosInt = 1
+    checkpoint_every: PosInt = 20
 
 
 def apply_recipe(config: MNISTConfig) -> MNISTConfig:

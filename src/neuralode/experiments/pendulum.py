@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ from neuralode.data import find_data_dir as locate_data_dir
 from neuralode.models import MLP
 
 from .base import Experiment
-from .config import ConfigError, RunConfig
+from .config import NON_EMPTY, ConfigError, Fraction, NonNegInt, PosFloat, PosInt, Range, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["Pendulum", "PendulumConfig", "default_data_dirs", "find_data_dir"]
@@ -78,17 +79,17 @@ class PendulumConfig(RunConfig):
     """
 
     data_dir: str | None = None
-    file: str = "real_pend_h_1.txt"
-    train_fraction: float = 0.5
-    hidden: int = 64
-    steps: int = 600
+    file: Annotated[str, NON_EMPTY] = "real_pend_h_1.txt"
+    train_fraction: Fraction = 0.5
+    hidden: PosInt = 64
+    steps: PosInt = 600
     lr: float = 3e-3
-    batch_size: int = 32
-    window: int = 24
-    short_horizon: float = 10.0
-    log_every: int = 10
-    eval_every: int = 100
-    checkpoint_every: int = 100
+    batch_size: PosInt = 32
+    window: Annotated[int, Range(2)] = 24
+    short_horizon: PosFloat = 10.0
+    log_every: PosInt = 10
+    eval_every: NonNegInt = 100
+    checkpoint_every: PosInt = 100
 
 
 class Pendulum(Experiment):

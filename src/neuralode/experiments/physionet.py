@@ -66,7 +66,7 @@ import math
 import time
 import zlib
 from pathlib import Path
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ from neuralode.models import (
 )
 
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, RunConfig
+from .config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["PhysioNet", "PhysioNetConfig", "holdout_mask", "rubanova_mse"]
@@ -168,44 +168,44 @@ class PhysioNetConfig(RunConfig):
 
     data_dir: str = ""
     data_path: tuple[str, ...] = ("set-a.tar.gz",)
-    max_records: int = 300
-    quantization: float = 0.0
-    test_fraction: float = 0.2
-    holdout: float = 0.2
-    time_scale: float = 48.0
+    max_records: NonNegInt = 300
+    quantization: NonNegFloat = 0.0
+    test_fraction: Fraction = 0.2
+    holdout: Annotated[float, Range(0, 1, high_open=True)] = 0.2
+    time_scale: PosFloat = 48.0
     models: tuple[str, ...] = _DEFAULT_MODELS
-    iters: int = 100
-    batch_size: int = 32
+    iters: PosInt = 100
+    batch_size: PosInt = 32
     lr: float = 1e-2
     optimizer: str = "adam"
     lr_schedule: str = "constant"
-    lr_decay: float = 0.999
-    min_lr: float = 1e-3
+    lr_decay: Annotated[float, Range(0, 1, low_open=True)] = 0.999
+    min_lr: NonNegFloat = 1e-3
     kl_schedule: str = "constant"
-    kl_weight: float = 1.0
-    kl_wait_epochs: int = 10
-    kl_decay: float = 0.99
+    kl_weight: NonNegFloat = 1.0
+    kl_wait_epochs: NonNegInt = 10
+    kl_decay: Annotated[float, Range(0, 1, high_open=True)] = 0.99
     likelihood: str = "entry"
-    latent_dim: int = 10
+    latent_dim: PosInt = 10
     encoder: str = "rnn"
-    encoder_hidden: int = 32
-    dynamics_hidden: int = 32
-    dynamics_layers: int = 2
-    encoder_ode_hidden: int = 0
-    encoder_ode_layers: int = 1
-    encoder_substeps: int = 2
-    decoder_hidden: int = 32
-    step_size: float = 0.05
-    obs_std: float = 0.05
-    rnn_hidden: int = 0
-    rnn_vae_units: int = 0
+    encoder_hidden: PosInt = 32
+    dynamics_hidden: PosInt = 32
+    dynamics_layers: PosInt = 2
+    encoder_ode_hidden: NonNegInt = 0
+    encoder_ode_layers: PosInt = 1
+    encoder_substeps: PosInt = 2
+    decoder_hidden: NonNegInt = 32
+    step_size: PosFloat = 0.05
+    obs_std: PosFloat = 0.05
+    rnn_hidden: NonNegInt = 0
+    rnn_vae_units: NonNegInt = 0
     rnn_vae_grid: str = "union"
     rnn_vae_reverse_batch: bool = False
     rnn_vae_sample: bool = True
     latent_ode_sample: bool = True
-    eval_batch: int = 64
-    log_every: int = 10
-    checkpoint_every: int = 100
+    eval_batch: PosInt = 64
+    log_every: PosInt = 10
+    checkpoint_every: PosInt = 100
 
 
 def _resolve_path(given: str, data_dir: str) -> str:

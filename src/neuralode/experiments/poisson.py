@@ -37,7 +37,7 @@ from neuralode.models import MLP
 from neuralode.nn import ConcatLinear, ODEBlock, TimeSequential
 
 from .base import Experiment, Reference
-from .config import ConfigError, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosInt, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["Poisson", "PoissonConfig", "PoissonODENet", "finite_difference_solution", "laplacian"]
@@ -162,22 +162,22 @@ class PoissonConfig(RunConfig):
     """
 
     source: Literal["seed", "sine"] = "seed"
-    steps: int = 500
+    steps: PosInt = 500
     lr: float = 0.01
-    hidden: int = 32
-    mlp_hidden: int = 32
-    n_interior: int = 256
-    n_boundary: int = 128
-    boundary_weight: float = 10.0
+    hidden: PosInt = 32
+    mlp_hidden: PosInt = 32
+    n_interior: PosInt = 256
+    n_boundary: PosInt = 128
+    boundary_weight: NonNegFloat = 10.0
     method: str = "rk4"
-    step_size: float = 0.25
+    step_size: NonNegFloat = 0.25
     rtol: float = 1e-3
     atol: float = 1e-4
-    grid: int = 47
-    fd_refine: int = 4
-    log_every: int = 10
-    eval_every: int = 50
-    checkpoint_every: int = 100
+    grid: PosInt = 47
+    fd_refine: PosInt = 4
+    log_every: PosInt = 10
+    eval_every: NonNegInt = 50
+    checkpoint_every: PosInt = 100
 
 
 class Poisson(Experiment):
@@ -198,6 +198,12 @@ class Poisson(Experiment):
             raise ConfigError("lr must be > 0, boundary_weight and step_size >= 0")
         if c.log_every < 1 or c.checkpoint_every < 1:
             raise ConfigError("log_every and checkpoint_every must be >= 1")
+        from ..methods import REGISTRY
+
+        spec = REGISTRY.get(c.method)
+        if spec is not None and not spec.adaptive and c.step_size == 0:
+            raise ConfigError(f"--set step_size=0: method={c.method} steps on a fixed grid and needs step_size > 0 "
+                              f"(0 is for adaptive methods such as dopri5)")
         return c
 
     @property

@@ -46,7 +46,7 @@ References
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ from neuralode.models import robust_classifier
 
 from . import distributed
 from .base import Position, Reference
-from .config import ConfigError, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
 from .ecg import Classification, Members, _unwrap
 from .mnist import locate_mnist, mnist_subsets
 from .runner import figure
@@ -183,33 +183,33 @@ class RobustnessConfig(RunConfig):
     models: tuple[Literal["cnn", "odenet", "tisode"], ...] = KINDS
     trainings: tuple[Literal["clean", "noise"], ...] = TRAININGS
     data_dir: str = ""
-    train_size: int = 19_200
-    test_size: int = 1000
-    attack_size: int = 100
-    epochs: int = 1
-    batch_size: int = 32
+    train_size: NonNegInt = 19_200
+    test_size: NonNegInt = 1000
+    attack_size: NonNegInt = 100
+    epochs: PosInt = 1
+    batch_size: PosInt = 32
     lr: float = 1e-2
-    weight_decay: float = 5e-4
-    lr_decay_epochs: tuple[int, ...] = (30, 60, 90)
-    lr_decay: float = 0.2
-    channels: int = 16
-    odenet_step: float = 0.1
-    tisode_step: float = 0.05
-    tisode_time: float = 1.0
+    weight_decay: NonNegFloat = 5e-4
+    lr_decay_epochs: tuple[NonNegInt, ...] = (30, 60, 90)
+    lr_decay: PosFloat = 0.2
+    channels: PosInt = 16
+    odenet_step: PosFloat = 0.1
+    tisode_step: PosFloat = 0.05
+    tisode_time: PosFloat = 1.0
     steady_window: tuple[float, ...] = (0.9, 1.5)
-    steady_weight: float = 0.01
-    steady_from_epoch: int = 0
-    train_noise_stds: tuple[float, ...] = (50.0, 75.0, 100.0)
-    train_noise_prob: float = 0.5
-    noise_stds: tuple[float, ...] = (50.0, 75.0, 100.0)
-    fgsm_eps: tuple[float, ...] = (0.15, 0.3, 0.5)
-    pgd_eps: tuple[float, ...] = (0.2, 0.3)
-    pgd_step: tuple[float, ...] = (0.04, 0.06)
-    pgd_steps: int = 10
-    eval_batch: int = 100
-    eval_every: int = -1
-    log_every: int = 1
-    checkpoint_every: int = 20
+    steady_weight: NonNegFloat = 0.01
+    steady_from_epoch: NonNegInt = 0
+    train_noise_stds: tuple[PosFloat, ...] = (50.0, 75.0, 100.0)
+    train_noise_prob: Annotated[float, Range(0, 1)] = 0.5
+    noise_stds: tuple[PosFloat, ...] = (50.0, 75.0, 100.0)
+    fgsm_eps: tuple[Annotated[float, Range(0, 1, low_open=True)], ...] = (0.15, 0.3, 0.5)
+    pgd_eps: tuple[Annotated[float, Range(0, 1, low_open=True)], ...] = (0.2, 0.3)
+    pgd_step: tuple[Annotated[float, Range(0, 1, low_open=True)], ...] = (0.04, 0.06)
+    pgd_steps: PosInt = 10
+    eval_batch: PosInt = 100
+    eval_every: Annotated[int, Range(-1)] = -1
+    log_every: PosInt = 1
+    checkpoint_every: PosInt = 20
 
 
 class _PerMemberInput(Members):

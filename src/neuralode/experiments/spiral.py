@@ -35,7 +35,7 @@ import neuralode
 from neuralode.models import MLP
 
 from .base import Experiment, Position, epoch_permutation
-from .config import ConfigError, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["Spiral", "SpiralConfig"]
@@ -83,22 +83,22 @@ class SpiralConfig(RunConfig):
     """
 
     variant: Literal["cubic", "linear", "linear_hard"] = "cubic"
-    data_size: int = 1000
-    t_end: Optional[float] = None
-    batch_time: int = 10
-    batch_size: int = 20
-    epochs: Optional[int] = None
+    data_size: PosInt = 1000
+    t_end: Optional[PosFloat] = None
+    batch_time: PosInt = 10
+    batch_size: PosInt = 20
+    epochs: Optional[PosInt] = None
     optimizer: Optional[Literal["rmsprop", "adam"]] = None
     lr: Optional[float] = None
-    hidden: Optional[int] = None
-    noise_std: Optional[float] = None
+    hidden: Optional[NonNegInt] = None
+    noise_std: Optional[NonNegFloat] = None
     loss: Optional[Literal["l1", "mse"]] = None
     method: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-6
-    snapshots: int = 4
-    eval_every: int = 49
-    checkpoint_every: int = 49
+    snapshots: NonNegInt = 4
+    eval_every: NonNegInt = 49
+    checkpoint_every: PosInt = 49
 
 
 class CubicField(nn.Module):

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import statistics
 import time
+from typing import Annotated
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from neuralode.models import ODENet
 from neuralode.nn import ConcatLinear, TimeSequential
 
 from .base import Experiment
-from .config import ConfigError, RunConfig
+from .config import NON_EMPTY, ConfigError, NonNegInt, PosFloat, PosInt, RunConfig
 from .runner import RunContext, figure
 
 __all__ = ["Tolerance", "ToleranceConfig"]
@@ -58,18 +59,18 @@ class ToleranceConfig(RunConfig):
     repeats : timings are the median of this many runs.
     """
 
-    hidden: int = 32
-    t_end: float = 4.0
-    steps: int = 200
+    hidden: PosInt = 32
+    t_end: PosFloat = 4.0
+    steps: NonNegInt = 200
     lr: float = 0.01
-    batch_size: int = 128
-    train_rtol: float = 1e-3
-    tolerances: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
-    reference_tol: float = 1e-10
-    sweep_batch: int = 128
-    repeats: int = 3
-    log_every: int = 10
-    checkpoint_every: int = 100
+    batch_size: PosInt = 128
+    train_rtol: PosFloat = 1e-3
+    tolerances: Annotated[tuple[PosFloat, ...], NON_EMPTY] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
+    reference_tol: PosFloat = 1e-10
+    sweep_batch: PosInt = 128
+    repeats: PosInt = 3
+    log_every: PosInt = 10
+    checkpoint_every: PosInt = 100
 
 
 class Tolerance(Experiment):

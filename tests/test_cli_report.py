@@ -108,3 +108,43 @@ def test_laid_out_by_chromium_nothing_cut_off(page, tmp_path):
     assert wide["zoomed"] and wide["zoom_width"] > wide["figure_widths"][0]
     png = shots.screenshot(page, tmp_path / "report.png", 1280)
     assert png.read_bytes().startswith(b"\x89PNG") and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("file, content, needle", [
+    ("config.json", [1], "config.json is not a run config (expected an object, got an array)"),
+    ("config.json", "x", "config.json is not a run config (expected an object, got the string 'x')"),
+    ("config.json", {"experiment": 5, "config": {}}, "experiment: expected a name"),
+    ("config.json", {"experiment": "spiral", "config": "abc"}, "config: expected an object"),
+    ("summary.json", [], "summary.json is not a run summary (expected an object, got an array)"),
+    ("summary.json", {"metrics": [1, 2]}, "metrics: expected an object"),
+    ("summary.json", {"wall_time_s": "abc"}, "wall_time_s: expected a number"),
+    ("summary.json", {"device": 5}, "device: expected a string"),
+    ("summary.json", {"references": {"a": 5}}, "references.a: expected an object with a numeric value"),
+    ("summary.json", {"references": {"a": {"value": "x"}}}, "references.a"),
+])
+def test_valid_json_of_the_wrong_shape_is_one_line(tmp_path, capsys, file, content, needle):
+    """QA D5: a run file that is valid JSON but not what `neuralode run` writes is named, exit 2, no traceback."""
+    run = _fake_run(tmp_path, "spiral", {"loss": 0.1}, {})
+    (run / file).write_text(json.dumps(content))
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(run / file) in err and needle in err and "leave that run out" in err, err
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_a_confusion_matrix_with_nan_is_drawn(tmp_path):
+    """NaN tokens (accepted by Python's JSON reader) in a confusion matrix leave that cell unshaded."""
+    run = _fake_run(tmp_path, "ecg", {"resnet_confusion": [[1, 0], [0, 1]]}, {})
+    (run / "summary.json").write_text((run / "summary.json").read_text().replace("[[1, 0], [0, 1]]",
+                                                                                  "[[1, NaN], [0, 1]]"))
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 0
+    assert "resnet_confusion (ours)" in (tmp_path / "r.html").read_text()
+
+
+def test_an_empty_run_dir_or_out_is_refused(tmp_path, capsys):
+    assert main(["report", ""]) == 2
+    assert "RUN_DIR is an empty path" in capsys.readouterr().err
+    run = _fake_run(tmp_path, "spiral", {"loss": 0.1}, {})
+    assert main(["report", str(run), "--out", ""]) == 2
+    assert "--out is an empty path" in capsys.readouterr().err

@@ -83,15 +83,65 @@ def _read_json(path: Path) -> Any:
                           f"that run out of the report") from None
 
 
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_shape(path: Path, data: Any, kind: str) -> None:
+    """ReportError naming ``path`` unless ``data`` has the shape ``neuralode run`` writes: valid JSON of
+    the wrong shape (an edited or foreign file) must not crash the report half-way."""
+
+    def bad(why: str) -> ReportError:
+        return ReportError(f"{path} is not a {kind} ({why}); restore it or leave that run out of the report")
+
+    if not isinstance(data, dict):
+        raise bad(f"expected an object, got {_json_type(data)}")
+    if kind == "run config":
+        if not isinstance(data.get("experiment"), str):
+            raise bad(f"experiment: expected a name, got {_json_type(data.get('experiment'))}")
+        if not isinstance(data.get("config"), dict):
+            raise bad(f"config: expected an object, got {_json_type(data.get('config'))}")
+        return
+    for key in ("status", "device", "experiment"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise bad(f"{key}: expected a string, got {_json_type(data[key])}")
+    for key in ("steps", "steps_done", "epochs", "seed", "threads", "wall_time_s"):
+        if not _number(data.get(key)):
+            raise bad(f"{key}: expected a number, got {_json_type(data[key])}")
+    for key in ("metrics", "references"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise bad(f"{key}: expected an object, got {_json_type(data[key])}")
+    for name, ref in (data.get("references") or {}).items():
+        if not isinstance(ref, dict) or not _number(ref.get("value")):
+            raise bad(f"references.{name}: expected an object with a numeric value, got {_json_type(ref)}")
+        for key in ("label", "source"):
+            if ref.get(key) is not None and not isinstance(ref[key], str):
+                raise bad(f"references.{name}.{key}: expected a string, got {_json_type(ref[key])}")
+
+
 def _load_run(run_dir: Path) -> dict:
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise ReportError(f"{run_dir} is not a run directory (no config.json); "
                           f"pass directories written by `neuralode run`")
     run = {"dir": run_dir, "config": _read_json(config_file)}
+    _check_shape(config_file, run["config"], "run config")
     summary_file = run_dir / "summary.json"
     run["summary"] = _read_json(summary_file) if summary_file.is_file() else {
         "status": "unfinished (no summary.json)", "metrics": {}, "references": {}}
+    _check_shape(summary_file, run["summary"], "run summary")
     plots = sorted((run_dir / "plots").glob("*.png"), key=lambda p: (p.stem == "loss", p.stem))
     if not _experiment_attr(run["config"].get("experiment"), "loss_plot", True):
         plots = [p for p in plots if p.stem != "loss"]  # drawn by an older version: no curve
@@ -155,6 +205,7 @@ def _grid(title: str, matrix: list[list[Any]], names: list[str]) -> str:
     out += [f"<th>{e(n)}</th>" for n in names]
     out.append("</tr>")
     for name, row in zip(names, matrix):
+        row = [x if x is not None and math.isfinite(x) else None for x in row]  # NaN (older files): no shade
         total = sum(x for x in row if x) or 1
         out.append(f"<tr><th>{e(name)}</th>")
         for x in row:

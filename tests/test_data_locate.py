@@ -133,3 +133,27 @@ def test_download_command(isolated, capsys, monkeypatch):
                         locate.DataSet(data.name, data.required, data.what, data.source, urls=urls, sha256=sums))
     assert main(["download", "physionet2012", "--to", str(isolated / "here")]) == 0
     assert (isolated / "here" / "set-a.tar.gz").read_bytes() == b"archive"
+
+
+def test_an_unknown_users_home_is_one_line_naming_the_setting(isolated, monkeypatch, capsys):
+    """QA D9: ~nosuchuser makes pathlib raise RuntimeError("Could not determine home directory")."""
+    with pytest.raises(ValueError, match=r"data_dir='~nosuchuser_q/x': ~nosuchuser_q names no user"):
+        find_data_dir("pendulum", "~nosuchuser_q/x")
+    monkeypatch.setenv("NEURALODE_DATA", "~nosuchuser_q")
+    with pytest.raises(ValueError, match=r"NEURALODE_DATA='~nosuchuser_q'"):
+        find_data_dir("pendulum")
+    monkeypatch.delenv("NEURALODE_DATA")
+    assert main(["download", "physionet2012", "--to", "~nosuchuser_q/x"]) == 2
+    err = capsys.readouterr().err
+    assert "--to='~nosuchuser_q/x'" in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert main(["run", "pendulum", "--out", str(isolated / "run"), "--set", "data_dir=~nosuchuser_q/x"]) == 2
+    err = capsys.readouterr().err
+    assert "data_dir='~nosuchuser_q/x'" in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (isolated / "run").exists()
+
+
+def test_an_extracted_directory_counts_like_its_archive(isolated):
+    """QA D10: set-a (the extracted archive) is one of physionet2012's accepted entries."""
+    (isolated / "p" / "set-a").mkdir(parents=True)
+    assert find_data_dir("physionet2012", isolated / "p") == (isolated / "p").resolve()
+    assert find_data_dir("physionet2012", isolated / "p", required=[("set-a",)]) == (isolated / "p").resolve()

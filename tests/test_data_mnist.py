@@ -110,6 +110,10 @@ def test_checksum_mismatch_names_file(tmp_path):
     write_set(tmp_path, images, labels)
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: MD5 of the decompressed file is .* expected 6bbc9ace"):
         load_mnist(tmp_path)  # the published sums do not match the generated files
+    with pytest.raises(ValueError) as info:
+        load_mnist(tmp_path)
+    # QA D14: the advice works from the command line (no `verify=False` there)
+    assert "run `neuralode download mnist`" in str(info.value) and "only from Python" in str(info.value)
     assert len(load_mnist(tmp_path, verify=False)) == 4
 
 

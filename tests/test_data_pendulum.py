@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,33 @@ def test_real_double_pendulum_derivative_columns():
     w1 = traj.states[:, data.columns.index("w1")].numpy()
     dw1 = traj.states[:, data.columns.index("dw1")].numpy()
     assert np.corrcoef(np.gradient(w1, traj.times.numpy()), dw1)[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("text, message", [
+    ("% a b\n0 0 1 2\n0 1 1 2\n0 2 1 2\n0 3 1 nan\n", r"data row 4, column 4 is nan, not a finite number; 1 row"),
+    ("% a\n0 0 1\n0 1 inf\n0 2 -inf\n", r"data row 2, column 3 is inf, not a finite number; 2 row"),
+    ("% a\n0 0 1\n0 nan 1\n0 2 1\n", r"data row 2, column 2 is nan, not a finite number"),
+    ("% a\nnan 0 1\n", r"data row 1, column 1 is nan, not a finite number"),
+])
+def test_non_finite_values_are_named_by_row_and_column(tmp_path, text, message):
+    """QA D7: NaN and infinity (which loadtxt reads) are refused with their place in the file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "invalid value" RuntimeWarning would fail the test
+        with pytest.raises(ValueError, match=message):
+            load_pendulum(write(tmp_path, text))
+
+
+def test_a_one_row_trial_names_the_file_and_the_fix(tmp_path, capsys):
+    """QA D8: a trial with one row has no time step; the experiment says which file and trial."""
+    from neuralode.cli import main
+
+    text = shared("pendulum", "real_pend_h_1.txt").read_text()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "p.txt").write_text(text.rstrip("\n") + "\n7 100.0 0.1 0.2\n")
+    argv = ["run", "pendulum", "--out", str(tmp_path / "run"), "--no-progress", "--set",
+            f"data_dir={tmp_path / 'data'}", "file=p.txt", "steps=1", "eval_every=0", "hidden=4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "zero-size" not in err, err
+    assert "p.txt: trial 7 has only one row" in err and "drop that trial" in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -368,3 +368,17 @@ def test_real_set_a_quantized_against_raw_text():
 def test_real_outcomes_death_count():
     outcomes = load_physionet_outcomes(shared("physionet2012", "Outcomes-a.txt"))
     assert len(outcomes) == 4000 and sum(outcomes.values()) == 554
+
+
+def test_a_relative_data_path_names_an_extracted_directory_under_data_dir(tmp_path, monkeypatch):
+    """QA D10: data_path=set-a (relative, not found from the working directory) is looked up in data_dir,
+    as an archive or an extracted directory."""
+    from neuralode.experiments.physionet import PhysioNet, PhysioNetConfig
+
+    (tmp_path / "data" / "set-a").mkdir(parents=True)
+    for i in range(1, 6):
+        (tmp_path / "data" / "set-a" / f"{i}.txt").write_text(patient(i, [f"0{i}:00,HR,{60 + i}"]))
+    monkeypatch.chdir(tmp_path)  # "set-a" is not a path from here
+    config = PhysioNet.resolve(PhysioNetConfig(data_dir=str(tmp_path / "data"), data_path=("set-a",)))
+    assert config.data_path == (str((tmp_path / "data" / "set-a").resolve()),)
+    assert len(load_physionet(config.data_path[0])) == 5

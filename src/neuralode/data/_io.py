@@ -41,11 +41,22 @@ def as_path(path: PathLike, argname: str) -> Path:
         If ``path`` is not a ``str`` or ``os.PathLike`` (for example an open file or ``None``).
     """
     if isinstance(path, (str, os.PathLike)):
-        return Path(path).expanduser()
+        return expand_user(path, argname)
     raise TypeError(
         f"{argname} must be a path (str or os.PathLike), got {type(path).__name__}; "
         f"pass the location of the file on disk, e.g. {argname}='data/file.csv'"
     )
+
+
+def expand_user(path: str | os.PathLike, setting: str) -> Path:
+    """``Path(path).expanduser()``, with a ValueError naming ``setting`` (not pathlib's RuntimeError
+    "Could not determine home directory") when ``~user`` names no user this machine knows."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:
+        user = os.fspath(path).split("/", 1)[0]
+        raise ValueError(f"{setting}={os.fspath(path)!r}: {user} names no user whose home directory is known "
+                         f"here; write the path out in full (or with ~/ for your own home)") from None
 
 
 def require_file(path: Path, argname: str, what: str) -> None:

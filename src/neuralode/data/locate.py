@@ -25,6 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ._io import expand_user
+
 __all__ = ["DATASETS", "DataSet", "cache_dir", "data_search_path", "download", "find_data_dir"]
 
 ENV = "NEURALODE_DATA"
@@ -48,10 +50,16 @@ class DataSet:
     sha256: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def holds(self, directory: Path) -> bool:
-        return all(any((directory / alt).is_file() for alt in alts) for alts in self.required)
+        return all(any(_present(directory / alt) for alt in alts) for alts in self.required)
 
     def missing(self, directory: Path) -> list[str]:
-        return [" or ".join(alts) for alts in self.required if not any((directory / a).is_file() for a in alts)]
+        return [" or ".join(alts) for alts in self.required if not any(_present(directory / a) for a in alts)]
+
+
+def _present(path: Path) -> bool:
+    """A required entry is there: a file, or a directory (an extracted archive such as PhysioNet's
+    ``set-a``, which loaders read like the archive)."""
+    return path.is_file() or path.is_dir()
 
 
 _MNIST_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -107,7 +115,7 @@ def data_search_path(name: str) -> list[Path]:
     _dataset(name)
     places = []
     if os.environ.get(ENV):
-        places.append(Path(os.environ[ENV]).expanduser() / name)
+        places.append(expand_user(os.environ[ENV], ENV) / name)
     places.append(cache_dir() / name)
     checkout = _checkout_data()
     if checkout is not None:
@@ -140,16 +148,18 @@ def find_data_dir(name: str, explicit: Optional[str | os.PathLike] = None,
     ------
     FileNotFoundError
         Naming every place tried, what belongs there and how to get it.
+    ValueError
+        ``explicit`` or ``$NEURALODE_DATA`` starts with ``~user`` for a user this machine does not know.
     """
     ds = _dataset(name)
     need = DataSet(ds.name, tuple(tuple(a) for a in required), ds.what) if required is not None else ds
     if explicit not in (None, ""):
-        where = Path(explicit).expanduser()
+        where = expand_user(explicit, "data_dir")
         if need.holds(where):
             return where.resolve()
         raise FileNotFoundError(
             f"data_dir={str(where)!r} lacks {', '.join(need.missing(where))} (no "
-            f"{', '.join(str(where / alts[0]) for alts in need.required if not any((where / a).is_file() for a in alts))}); "
+            f"{', '.join(str(where / alts[0]) for alts in need.required if not any(_present(where / a) for a in alts))}); "
             f"put {ds.what} there (from {ds.source}) and pass --set data_dir= with that folder, or leave data_dir unset to use "
             f"${ENV}/{name}, {cache_dir() / name} or the checkout's ../shared/data/{name} (docs/data.md)")
     places = data_search_path(name)
@@ -187,7 +197,7 @@ def download(name: str, to: Optional[str | os.PathLike] = None, *, urls: Optiona
         When a file could not be fetched or failed its checksum (nothing unverified is kept).
     """
     ds = _dataset(name)
-    target = Path(to).expanduser() if to not in (None, "") else cache_dir() / name
+    target = expand_user(to, "--to") if to not in (None, "") else cache_dir() / name
     if name == "mnist" and urls is None:
         from .mnist import load_mnist
 

@@ -165,8 +165,9 @@ def read_idx(path: PathLike, expected_md5: Optional[str] = None) -> np.ndarray:
     if expected_md5 is not None and md5.hexdigest() != expected_md5.lower():
         raise ValueError(
             f"{path}: MD5 of the decompressed file is {md5.hexdigest()}, expected {expected_md5}; "
-            "the file is corrupt or a different data set. Delete it and download again, or pass "
-            "verify=False if you use a modified copy on purpose"
+            "the file is corrupt or a different data set. Delete it and run `neuralode download mnist` "
+            "(or put an intact copy there); only from Python can load_mnist(..., verify=False) read a "
+            "modified copy on purpose"
         )
     # Convert to native byte order (a no-op for uint8) so torch.from_numpy accepts it.
     return out.astype(dtype.newbyteorder("="), copy=False)

@@ -136,8 +136,9 @@ def load_pendulum(path: PathLike) -> PendulumData:
         If ``path`` does not exist.
     ValueError
         If the first line does not start with ``%``, a row is not numeric or has a different
-        number of columns, there are fewer than 3 columns, a trial id is not an integer, or
-        times do not increase strictly within a trial (the message names the trial and row).
+        number of columns, there are fewer than 3 columns, a value is NaN or infinite, a trial id
+        is not an integer, or times do not increase strictly within a trial (the message names the
+        trial and row).
     """
     path = as_path(path, "path")
     require_file(path, "path", "a Schmidt & Lipson data file (e.g. real_pend_h_1.txt)")
@@ -167,6 +168,15 @@ def load_pendulum(path: PathLike) -> PendulumData:
             "(trial, time, one state)"
         )
     columns = _column_names(names, table.shape[1] - 2, path)
+    # loadtxt reads "nan" and "inf" without complaint; such a time or state would surface as a
+    # solver error far from the file, so it is refused with its place in the file.
+    finite = np.isfinite(table)
+    if not finite.all():
+        row, col = (int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(
+            f"path={str(path)!r}: data row {row + 1}, column {col + 1} is {float(table[row, col])!r}, not a finite "
+            f"number; {int((~finite).any(axis=1).sum())} row(s) are affected. Fix or drop those rows"
+        )
     trial_col = table[:, 0]
     bad = np.flatnonzero(trial_col != np.round(trial_col))
     if bad.size:

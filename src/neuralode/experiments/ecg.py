@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuralode.data import HeartbeatData, find_data_dir, inter_patient_split, load_heartbeat
+from neuralode.data._io import expand_user
 from neuralode.models import count_parameters, sequence_classifier
 
 from . import distributed
@@ -218,7 +219,7 @@ class ECGConfig(RunConfig):
 
 @functools.lru_cache(maxsize=2)
 def _load_split(data_dir: str, split: str, test_fraction: float, seed: int) -> tuple[HeartbeatData, HeartbeatData]:
-    root = Path(data_dir).expanduser()
+    root = expand_user(data_dir, "data_dir")
 
     def find(stem: str) -> Path:
         for name in (f"{stem}.csv.gz", f"{stem}.csv"):

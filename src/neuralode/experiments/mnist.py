@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from neuralode.data import find_data_dir, load_mnist
+from neuralode.data._io import expand_user
 from neuralode.models import PAPER_PARAMETER_COUNTS, image_classifier
 
 from .base import Position, Reference
@@ -197,7 +198,7 @@ def locate_mnist(data_dir: str, name: str = "mnist") -> str:
 def mnist_subsets(data_dir: str, train_size: int, test_size: int, seed: int, name: str = "mnist"):
     """Class-stratified training and test subsets (0: all images) as
     ``(train_x, train_y, test_x, test_y)``; images ``uint8`` of shape ``(N, 1, 28, 28)``."""
-    root = Path(data_dir).expanduser()
+    root = expand_user(data_dir, "data_dir")
     try:
         train, test = load_mnist(root, train=True), load_mnist(root, train=False)
     except FileNotFoundError as exc:

@@ -114,9 +114,14 @@ class Pendulum(Experiment):
 
     def setup(self) -> None:
         c = self.config
-        data = load_pendulum(Path(c.data_dir) / c.file)
+        path = Path(c.data_dir) / c.file
+        data = load_pendulum(path)
         self.columns = data.columns
         trajs = data.trajectories()
+        short = [tr.trial for tr in trajs if len(tr.times) < 2]
+        if short:  # the frame step below is the smallest gap between two times of a trial
+            raise ValueError(f"{path}: trial {short[0]} has only one row; every trial needs at least 2 (times "
+                             f"and states to learn from); drop that trial from the file or pass another --set file=")
         self.dt = float(min(np.diff(tr.times.numpy()).min() for tr in trajs))
         self.trajs = []  # per trial: frame index (T,), times (T,), states (T, D) float32, n_train
         train_states = []

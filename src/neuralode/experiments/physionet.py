@@ -79,6 +79,7 @@ from neuralode.data import (
     collate_physionet,
     load_physionet,
 )
+from neuralode.data._io import expand_user
 from neuralode.models import (
     DECODER_GRIDS,
     RNNVAE,
@@ -210,7 +211,7 @@ class PhysioNetConfig(RunConfig):
 
 def _resolve_path(given: str, data_dir: str) -> str:
     """One entry of ``data_path`` as an absolute path (see :class:`PhysioNetConfig`)."""
-    p = Path(given).expanduser()
+    p = expand_user(given, "data_path")
     if p.is_absolute() or p.exists():
         if not p.exists():
             raise ConfigError(f"physionet: data_path entry {given} does not exist; put the PhysioNet "

@@ -123,15 +123,21 @@ def _damage(kind, path: Path, marker: Path):
         path.write_bytes(pickle.dumps({"payload": _Evil(marker)}))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "empty", "garbage", "pickle", "plain-pickle"])
-def test_damaged_checkpoint(tmp_path, capsys, reference, kind):
+@pytest.mark.parametrize("kind, why", [
+    ("truncated", "it is empty or truncated"), ("empty", "it is empty or truncated"),
+    # QA D13: random bytes were reported as "objects other than tensors"
+    ("garbage", "it is not a torch checkpoint (damaged, or a file of another kind)"),
+    ("pickle", "it holds objects other than tensors and plain values"),
+    ("plain-pickle", "it is not a torch checkpoint"),
+])
+def test_damaged_checkpoint(tmp_path, capsys, reference, kind, why):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     marker = tmp_path / "pwned"
     _damage(kind, run / CHECKPOINT, marker)
     before = _tree(run)
     assert _run(run, resume=True) == 2
-    _one_line_error(capsys, str(run / CHECKPOINT), "cannot be loaded", "Delete it")
+    _one_line_error(capsys, str(run / CHECKPOINT), "cannot be loaded", "Delete it", why)
     assert not marker.exists()  # the pickle was never executed
     assert _tree(run) == before  # nothing was touched
 
@@ -502,3 +508,227 @@ def test_a_config_json_with_wrong_types_on_resume(tmp_path, capsys, reference):
     (run / "config.json").write_text(json.dumps(saved))
     assert _run(run, resume=True) == 2
     _one_line_error(capsys, "config.json")
+
+
+# -- QA round: config values, interrupts, resume consistency, concurrent runs --------------
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "spiral", "--set", "hidden=-3"], "--set hidden=-3: must be a non-negative integer"),
+    (["run", "spiral", "--seed", "-1"], "--seed -1: must be a non-negative integer"),
+    (["run", "spiral", "--set", "noise_std=nan"], "--set noise_std=nan: must be a finite number >= 0"),
+    (["run", "spiral", "--set", "rtol=0", "atol=0"], "rtol and atol are both 0"),
+    (["run", "spiral", "--set", "t_end=inf"], "--set t_end=inf: must be a finite number > 0"),
+    (["run", "cnf", "--set", "extent=-1"], "--set extent=-1: must be a finite number > 0"),
+    (["run", "mnist", "--set", "batch_size=0"], "--set batch_size=0: must be a positive integer"),
+    (["run", "latent_spiral", "--set", "n_plot=0"], "--set n_plot=0: must be a positive integer"),
+    (["run", "ecg", "--set", "model=rknet", "rk_step=-0.5"], "--set rk_step=-0.5: must be a finite number > 0"),
+])
+def test_bad_set_values_are_one_line_before_any_directory(tmp_path, capsys, argv, needle):
+    """QA D1: values outside a field's declared range: exit 2, one line naming the option, nothing made."""
+    out = tmp_path / "run"
+    assert main(argv + ["--out", str(out), "--no-progress"]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_an_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """QA D12: --out "" was Path("."): the run went into the working directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "spiral", "--out", "", "--no-progress", "--set", *SMOKE]) == 2
+    _one_line_error(capsys, "--out is an empty path")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["setup", "finish"])
+def test_ctrl_c_outside_the_step_loop_is_one_line(tmp_path, capsys, monkeypatch, reference, where):
+    """QA D2: Ctrl-C during start-up or the final plots: one line, exit 130, the resume hint when a
+    checkpoint exists; the resumed run is the run never stopped."""
+    from neuralode.experiments.spiral import Spiral
+
+    def interrupt(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Spiral, where, interrupt)
+    run = tmp_path / "run"
+    assert _run(run) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("neuralode: interrupted") == 1, err
+    if where == "finish":
+        assert f"neuralode run spiral --resume --out {run}" in err, err
+    else:
+        assert "before the first checkpoint" in err and not (run / CHECKPOINT).exists(), err
+    monkeypatch.undo()
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def _edit_config(run: Path, **changes):
+    saved = json.loads((run / "config.json").read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            del saved["config"][key]
+        else:
+            saved["config"][key] = value
+    (run / "config.json").write_text(json.dumps(saved))
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"epochs": "x"}, "field epochs: expected int, got 'x'"),
+    ({"lr": "abc"}, "field lr: expected a number"),
+    ({"variant": "nope"}, "field variant: must be one of cubic, linear, linear_hard"),
+    ({"batch_size": 2.5}, "field batch_size: expected int"),
+    ({"seed": True}, "field seed: expected int"),
+    ({"method": 5}, "field method: expected a string"),
+    ({"data_size": [1]}, "field data_size: expected int"),
+    ({"rtol": None}, "field rtol: expected a number"),
+    ({"epochs": _DELETE}, "field epochs is missing"),
+])
+def test_config_json_values_are_type_checked_on_resume(tmp_path, capsys, reference, changes, needle):
+    """QA D4: a config.json edited to a wrong type, or missing a field, is named before anything runs."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    _edit_config(run, **changes)
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, f"{run / 'config.json'} is not a valid spiral config", needle, "restore it")
+    assert _tree(run) == before
+
+
+def test_an_empty_config_object_is_not_resumed_with_defaults(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    saved = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**saved, "config": {}}))
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, "is not a valid spiral config", "is missing")
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"epochs": 3}, "epochs: 3 in config.json, 2 when trained"),  # valid, but another schedule
+    ({"hidden": 20}, "hidden: 20 in config.json, 50 when trained"),
+])
+def test_a_config_json_other_than_the_trained_one_is_refused(tmp_path, capsys, reference, changes, needle):
+    """QA D3/D4: the checkpoint records the config it was trained with; resume compares against it."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    _edit_config(run, **changes)
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, f"checkpoint {run / CHECKPOINT} does not match", needle, "another --out")
+    assert _tree(run) == before
+
+
+def test_a_config_json_of_another_architecture_with_an_old_checkpoint(tmp_path, capsys, reference):
+    """QA D3: checkpoints written before they recorded their config: the model's shapes are compared on
+    loading (load_state_dict's RuntimeError), and named as a mismatch, not a traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    ckpt = load_checkpoint(run / CHECKPOINT)
+    del ckpt["config"]
+    torch.save(ckpt, run / CHECKPOINT)
+    _edit_config(run, hidden=20)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, f"checkpoint {run / CHECKPOINT} does not match", "size mismatch", "another --out")
+
+
+def test_a_linear_variants_config_json_on_a_cubic_checkpoint(tmp_path, capsys, reference):
+    run = tmp_path / "run"
+    linear = tmp_path / "linear"
+    assert _run(linear, "variant=linear", "epochs=1") == 0
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    shutil.copy(linear / "config.json", run / "config.json")
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, "does not match", "variant")
+
+
+def test_a_damaged_metrics_line_before_the_checkpoint_is_found_before_training(tmp_path, capsys, reference):
+    """QA D11: the line is named at once (not after the whole resumed training), with a fix that works."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = "x" * (len(lines[1]) - 1) + "\n"  # same length: the offset check alone does not see it
+    (run / "metrics.jsonl").write_text("".join(lines))
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    line = _one_line_error(capsys, f"{run / 'metrics.jsonl'} line 2", "cannot be resumed exactly",
+                           "another --out")
+    assert "resume the run with --resume" not in line
+    assert _tree(run) == before
+
+
+def test_a_second_run_into_a_busy_directory_is_refused(tmp_path, capsys, reference):
+    """QA D6: one process at a time in a run directory (an flock, released when the holder ends)."""
+    run = tmp_path / "run"
+    holder = runner._RunLock(run)  # another process's lock (flock is per open file, so this conflicts)
+    try:
+        assert _run(run) == 2
+        _one_line_error(capsys, f"{run} is in use by another neuralode process (pid {os.getpid()})")
+        assert not (run / "config.json").exists()
+    finally:
+        holder.release()
+    assert _run(run) == 0
+    assert not (run / ".lock").exists()
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_a_run_killed_while_holding_the_lock_leaves_no_stale_lock(tmp_path, reference):
+    run = tmp_path / "run"
+    code = ("import os, sys; from neuralode.experiments.runner import _RunLock; "
+            f"_RunLock(__import__('pathlib').Path({str(run)!r})); os.kill(os.getpid(), 9)")
+    subprocess.run([sys.executable, "-c", code], check=False)
+    assert (run / ".lock").exists()  # left behind by SIGKILL, but no longer locked
+    assert _run(run) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_atomic_write_failures_name_the_target_not_the_temporary_file(tmp_path, monkeypatch):
+    """QA D14: `.config.json.PID.tmp: Operation not permitted` named a file the user never sees."""
+    def refuse(src, dst):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src), None, str(dst))
+
+    monkeypatch.setattr(runner.os, "replace", refuse)
+    with pytest.raises(PermissionError) as info:
+        runner._atomic_write_bytes(tmp_path / "config.json", b"{}")
+    assert info.value.filename == str(tmp_path / "config.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_solve_before_any_checkpoint_does_not_claim_one(tmp_path, capsys, monkeypatch):
+    import neuralode
+    from neuralode.experiments.spiral import Spiral
+
+    def blow_up(self, model, batch, position):
+        raise neuralode.NonFiniteError("the state became non-finite at t=0.5; try a smaller step.", t=0.5)
+
+    monkeypatch.setattr(Spiral, "loss", blow_up)
+    assert _run(tmp_path / "run") == 2
+    line = _one_line_error(capsys, "a solve failed", "No checkpoint was written")
+    assert "is intact" not in line
+
+
+def test_an_error_in_finish_says_how_to_recover_and_resume_redoes_only_the_report(tmp_path, capsys, monkeypatch,
+                                                                                     reference):
+    """QA D15: training is kept (the final checkpoint), the message says so, and once the cause is gone
+    --resume writes the report without training or logging anything again."""
+    from neuralode.experiments.spiral import Spiral
+
+    def broken(self, model, run):
+        raise ValueError("a plot went wrong")
+
+    monkeypatch.setattr(Spiral, "finish", broken)
+    run = tmp_path / "run"
+    assert _run(run) == 2
+    _one_line_error(capsys, "training finished", "a plot went wrong", "--resume")
+    monkeypatch.undo()
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

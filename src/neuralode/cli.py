@@ -11,9 +11,10 @@
 Every fault a user can meet ends with exit status 2 and one line naming the file or
 argument and what to do, never a traceback: mistakes on the command line (an unknown
 experiment or config key, a value of the wrong type, no CUDA), missing or malformed data,
-a damaged checkpoint or ``config.json``, and file-system faults (a read-only or full disk,
-``--out`` naming a file). docs/experiments.md has the table of every fault and what the
-command does about it.
+a damaged checkpoint or ``config.json`` (or one the checkpoint was not trained with), a run
+directory another run is using, and file-system faults (a read-only or full disk, ``--out``
+naming a file). Ctrl-C ends with exit status 130 and one line saying how to go on.
+docs/experiments.md has the table of every fault and what the command does about it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,24 @@ def _version_line() -> str:
     return f"neuralode {__version__} (torch {version('torch')}, python {sys.version.split()[0]})"
 
 
+class _EmptyPath(str):
+    """An empty path argument, kept so that the command can refuse it in one line (``Path("")`` is ``.``)."""
+
+
+def _path(text: str) -> Path | _EmptyPath:
+    return Path(text) if text.strip() else _EmptyPath(text)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    values = [("--out", getattr(args, "out", None)), ("--to", getattr(args, "to", None))]
+    values += [("RUN_DIR", d) for d in getattr(args, "run_dirs", None) or ()]
+    for name, value in values:
+        if isinstance(value, _EmptyPath):
+            default = {"--out": " (or leave --out out: runs/NAME-TIMESTAMP for a run, RUN_DIR/report.html "
+                                "for a report)", "--to": " (or leave --to out: the user cache)"}.get(name, "")
+            raise _Fail(f"{name} is an empty path; name a directory or file{default}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuralode", description="Run the neural ODE experiments and report on them."
@@ -54,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("name", metavar="NAME", help="experiment name (see `neuralode list`)")
     run.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend",
                      default=[], help="override config fields, e.g. --set steps=200 lr=0.01")
-    run.add_argument("--out", type=Path, help="run directory (default: runs/NAME-TIMESTAMP)")
+    run.add_argument("--out", type=_path, help="run directory (default: runs/NAME-TIMESTAMP)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out (default: the newest runs/NAME-*) from its checkpoint")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -63,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     report = sub.add_parser("report", help="write one self-contained HTML page for runs")
-    report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", type=Path)
-    report.add_argument("--out", type=Path,
+    report.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", type=_path)
+    report.add_argument("--out", type=_path,
                         help="HTML file (default: RUN_DIR/report.html for one run, else report.html)")
 
     from neuralode.data.locate import DATASETS
@@ -72,13 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     download = sub.add_parser("download", help="fetch a data set into the user cache, with checksums")
     download.add_argument("dataset", metavar="SET", choices=sorted(DATASETS),
                           help=f"one of {', '.join(sorted(DATASETS))}")
-    download.add_argument("--to", type=Path, help="directory (default: the user cache, see docs/data.md)")
+    download.add_argument("--to", type=_path, help="directory (default: the user cache, see docs/data.md)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        _check_paths(args)
         if args.command == "list":
             return _list()
         if args.command == "run":
@@ -88,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(args)
     except _Fail as exc:
         return _say(str(exc))
+    except KeyboardInterrupt:
+        return _interrupted(args)
     except ValueError as exc:
         from neuralode.experiments import ConfigError
 
@@ -103,8 +125,30 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # The model's ODE blew up (or got stiff): a property of this config, not a bug to trace.
         run_dir = getattr(args, "run_dir", None)
-        return _say(f"training stopped, a solve failed: {exc} The last checkpoint in {run_dir} is intact; "
+        from neuralode.experiments.runner import CHECKPOINT
+
+        kept = (f"The last checkpoint in {run_dir} is intact; " if run_dir is not None
+                and (Path(run_dir) / CHECKPOINT).exists() else f"No checkpoint was written in {run_dir}; ")
+        return _say(f"training stopped, a solve failed: {exc} {kept}"
                     f"start a new run with a smaller lr (or other tolerances / method)")
+
+
+def _interrupted(args: argparse.Namespace) -> int:
+    """Ctrl-C outside the training loop's own handling (start-up, the final report, a second Ctrl-C):
+    one line, exit status 130, and how to go on."""
+    run_dir = getattr(args, "run_dir", None)
+    if args.command != "run" or run_dir is None:
+        print(f"neuralode: interrupted; run `neuralode {args.command} ...` again to finish", file=sys.stderr)
+        return 130
+    from neuralode.experiments.runner import CHECKPOINT
+
+    if (Path(run_dir) / CHECKPOINT).exists():
+        print(f"neuralode: interrupted; the last checkpoint is intact, continue with "
+              f"`neuralode run {args.name} --resume --out {run_dir}`", file=sys.stderr)
+    else:
+        print(f"neuralode: interrupted before the first checkpoint; run the same command again "
+              f"(with --out {run_dir}: the directory is reused)", file=sys.stderr)
+    return 130
 
 
 def _say(message: str) -> int:
@@ -166,7 +210,7 @@ def _device(requested: str) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from neuralode.experiments import apply_overrides, get_experiment, train
+    from neuralode.experiments import ConfigError, apply_overrides, get_experiment, train
     from neuralode.experiments.config import config_from_dict
     from neuralode.experiments.runner import holds_run, read_run_config
 
@@ -192,16 +236,25 @@ def _run(args: argparse.Namespace) -> int:
             raise _Fail(f"--resume: {run_dir} is a run of {saved.get('experiment')!r}, "
                         f"not {args.name!r}")
         try:
-            config = config_from_dict(experiment.Config, saved["config"])
-        except (TypeError, AttributeError) as exc:
-            raise _Fail(f"{run_dir / 'config.json'} does not fit {args.name}'s config ({exc}); restore it "
-                        f"or start a new run in another --out") from None
+            config = config_from_dict(experiment.Config, saved["config"], strict=True)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise _Fail(f"{run_dir / 'config.json'} is not a valid {args.name} config ({exc}); restore it (the "
+                        f"checkpoint was trained with the values it held) or start a new run in another --out"
+                        ) from None
     else:
         config = experiment.Config()
         overrides = list(args.overrides)
         if args.seed is not None:
             overrides.append(f"seed={args.seed}")
-        config = experiment.resolve(apply_overrides(config, overrides))
+        try:
+            config = experiment.resolve(apply_overrides(config, overrides))
+        except ConfigError as exc:
+            if args.seed is not None and str(exc).startswith(f"--set seed={args.seed}:"):
+                raise _Fail(f"--seed {args.seed}:{str(exc).split(':', 1)[1]}") from None
+            raise
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            # A check no field declares, failing inside an experiment's resolve: still the config's fault.
+            raise _Fail(f"{args.name}: {exc}") from None
         run_dir = args.out if args.out is not None else _new_run_dir(args.name)
         args.run_dir = run_dir
         if run_dir.exists() and not run_dir.is_dir():

@@ -157,9 +157,9 @@ def find_data_dir(name: str, explicit: Optional[str | os.PathLike] = None,
         where = expand_user(explicit, "data_dir")
         if need.holds(where):
             return where.resolve()
+        absent = [str(where / alts[0]) for alts in need.required if not any(_present(where / a) for a in alts)]
         raise FileNotFoundError(
-            f"data_dir={str(where)!r} lacks {', '.join(need.missing(where))} (no "
-            f"{', '.join(str(where / alts[0]) for alts in need.required if not any(_present(where / a) for a in alts))}); "
+            f"data_dir={str(where)!r} lacks {', '.join(need.missing(where))} (no {', '.join(absent)}); "
             f"put {ds.what} there (from {ds.source}) and pass --set data_dir= with that folder, or leave data_dir unset to use "
             f"${ENV}/{name}, {cache_dir() / name} or the checkout's ../shared/data/{name} (docs/data.md)")
     places = data_search_path(name)

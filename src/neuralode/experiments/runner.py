@@ -18,6 +18,8 @@ for one process, an all-reduce mean for several).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import gzip
 import io
 import json
@@ -29,6 +31,7 @@ import signal
 import tarfile
 import time
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 from typing import Any, Iterable
@@ -37,7 +40,8 @@ import numpy as np
 import torch
 
 from .base import Experiment, Position
-from .config import CheckpointError, ConfigError, DataError, RunConfig, config_from_dict, config_to_dict
+from .config import (CheckpointError, ConfigError, DataError, FieldError, RunConfig, config_from_dict,
+                     config_to_dict)
 
 __all__ = [
     "CHECKPOINT",
@@ -158,8 +162,11 @@ def _atomic_write(path: Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename == str(tmp) and exc.errno is not None:
+            # Name the file being written, not the hidden temporary one (same errno, same subclass).
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -201,16 +208,33 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
             return torch.load(path, map_location=device, weights_only=True)
     except (FileNotFoundError, PermissionError, IsADirectoryError):
         raise
-    except pickle.UnpicklingError:
-        why = "it holds objects other than tensors and plain values, which are never loaded"
     except Exception as exc:  # noqa: BLE001 - torch's reader fails with a zoo of types (struct.error,
-        # RuntimeError from miniz, EOFError, ...) on a damaged file; all mean the same to a user.
-        why = ("it is empty or truncated" if isinstance(exc, EOFError) or path.stat().st_size < 512
-               or "central directory" in str(exc) else "it is not a readable torch checkpoint")
+        # RuntimeError from miniz, EOFError, UnpicklingError, ...) on a damaged file.
+        why = _why_unloadable(path, exc)
     raise CheckpointError(
         f"checkpoint {path} cannot be loaded: {why}. Delete it and resume again to restart the run "
         f"from step 0 with its saved config, or restore an intact copy"
     ) from None
+
+
+def _why_unloadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in a user's words. Our checkpoints are zip archives:
+    one that is empty or starts like a zip but lacks its end was cut short; a zip whose pickle names
+    a class or function (an ``Unsupported global``) holds objects we never load; anything else
+    (random bytes, a plain pickle, a text file) is not a torch checkpoint at all."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "it is empty or truncated"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "it is empty or truncated"
+    if isinstance(exc, pickle.UnpicklingError) and "global" in str(exc).lower():
+        return "it holds objects other than tensors and plain values, which are never loaded"
+    if head != b"PK\x03\x04":
+        return "it is not a torch checkpoint (damaged, or a file of another kind)"
+    if isinstance(exc, EOFError) or "central directory" in str(exc):
+        return "it is empty or truncated"
+    return "it is not a readable torch checkpoint"
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -260,18 +284,32 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
+    with open(path, "rb") as f:
+        return _parse_metrics(path, f.read())
+
+
+def _parse_metrics(path: Path, data: bytes, checkpoint_step: int | None = None) -> list[dict]:
+    """The records of ``data`` (the bytes of ``path``); CheckpointError naming the first damaged line.
+
+    ``checkpoint_step`` is given where ``data`` is the part the checkpoint counts (checked on
+    ``--resume``): a record lost there cannot be logged again, so the advice differs."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise CheckpointError(
-                    f"{path} line {number} is not valid JSON (a torn write?); resume the run with "
-                    f"--resume (it cuts the file back to its last checkpoint) or delete that line"
-                ) from None
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            if checkpoint_step is None:
+                fix = ("repair or delete that line (a run stopped since its last checkpoint continues with "
+                       "--resume, which cuts the file back to it)")
+            else:
+                fix = (f"it holds a record the checkpoint at step {checkpoint_step} counts, so the run cannot be "
+                       f"resumed exactly; restore the file from a copy, or start a new run in another --out")
+            raise CheckpointError(f"{path} line {number} is not a JSON record (a torn or edited line); {fix}")
+        records.append(record)
     return records
 
 
@@ -345,6 +383,59 @@ def _position(step: int, per_epoch: int) -> Position:
     return Position(step=step, epoch=step // per_epoch, index=step % per_epoch)
 
 
+class _RunLock:
+    """An exclusive ``flock`` on ``RUN_DIR/.lock``, held while a process trains in the directory.
+
+    The kernel drops the lock when its process ends however it ends (SIGKILL included), so a lock is
+    never stale; the file is removed on release. ``holder`` is the pid of the process that holds it
+    when this one could not take it (``None``: taken). The directory is created if need be, and
+    removed again by ``release(remove_dir=True)`` if it was created here and is empty."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+        self.created = not self.run_dir.exists()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / self.NAME
+        self.holder: str | None = None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                self.holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                self.fd = None
+                return
+            try:  # the holder may have removed the file between our open and flock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+
+    def release(self, remove_dir: bool = False) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        if remove_dir and self.created:
+            try:
+                self.run_dir.rmdir()
+            except OSError:  # something else was put there meanwhile: leave it
+                pass
+
+
 class _StopRequest:
     """Turns SIGINT (Ctrl-C) into a request honoured between steps, so the loop stops at a
     step boundary with a fresh checkpoint instead of half-way through an update."""
@@ -414,79 +505,142 @@ def train(
         device = torch.device("cuda", torch.cuda.current_device())
     run_dir = Path(run_dir)
     run = context or RunContext(run_dir=run_dir, device=device)
-    config = experiment.resolve(config)
+    try:
+        config = experiment.resolve(config)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, ArithmeticError) as exc:  # a check inside resolve (e.g. a data path)
+        raise ConfigError(f"{experiment.name}: {exc}") from None
     ckpt_path = run.path(str(CHECKPOINT))
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file, not a directory; choose another --out")
 
-    checkpoint = None
-    started = run.path("config.json").exists()
-    if resume:
-        if not ckpt_path.exists() and not started:
-            raise ConfigError(
-                f"cannot resume: no checkpoint at {ckpt_path} and no config.json in {run_dir}; "
-                f"start a new run without --resume"
-            )
-        saved = read_run_config(run_dir)["config"]
-        # Compared after resolving both: a run written before its defaults were resolved
-        # differently (e.g. a relative data_dir, now recorded as an absolute path) still resumes.
-        try:
-            saved = config_to_dict(experiment.resolve(config_from_dict(type(config), saved)))
-        except (TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise
-            raise CheckpointError(f"{run.path('config.json')} does not fit {experiment.name}'s config "
-                                  f"({exc}); restore it or start a new run in another --out") from None
-        if _jsonable(saved) != _jsonable(config_to_dict(config)):
-            raise ConfigError(
-                f"cannot resume {run_dir} with a different config than its config.json; "
-                f"resume with the saved config or start a new run"
-            )
-        if ckpt_path.exists():
-            # On the CPU: the RNG states must be CPU tensors (numpy's become arrays), and
-            # load_state_dict copies the rest onto the model's and optimiser's device.
-            checkpoint = load_checkpoint(ckpt_path, "cpu")
-            _check_checkpoint(checkpoint, ckpt_path, experiment.name, run.path("metrics.jsonl"))
-        elif _completed(run.path("summary.json")):
-            raise CheckpointError(
-                f"cannot resume {run_dir}: it is a finished run whose checkpoint {ckpt_path} is gone; "
-                f"its results stay where they are; start a new run (another --out) to train again"
-            )
-    elif holds_run(run_dir):
-        raise ConfigError(
-            f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
-        )
-
-    # Every rank has checked the directory before rank 0 writes config.json into it.
-    run.barrier()
-    if checkpoint is None and run.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # A fresh start (also in a directory a stopped run left without a checkpoint):
-        # nothing older than this run may stay in it.
-        for stale in ("metrics.jsonl", "summary.json"):
-            run.path(stale).unlink(missing_ok=True)
-        for png in run.path("plots").glob("*.png") if run.path("plots").is_dir() else ():
-            png.unlink()
-        run.write_json(
-            "config.json",
-            {"experiment": experiment.name, "config": config_to_dict(config),
-             "device": str(device), "torch": torch.__version__},
-        )
-    run.barrier()
-
-    # threads=0 leaves torch's own default (one thread per core) in force; the count used is
-    # recorded in summary.json either way.
-    previous_threads = torch.get_num_threads()
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    # One process at a time in a run directory: a second `neuralode run` into the same --out would
+    # interleave its records and checkpoints with the first's. Rank 0 holds the lock for all ranks.
+    lock = _RunLock(run.run_dir) if run.is_main else None
+    if run.any_rank(lock is not None and lock.holder is not None):
+        holder = lock.holder if lock is not None else "?"
+        raise ConfigError(f"{run_dir} is in use by another neuralode process (pid {holder}); wait for it to "
+                          f"finish (or stop it), or choose another --out")
+    wrote = False
     try:
-        return _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks)
+        checkpoint = None
+        started = run.path("config.json").exists()
+        recorded = _jsonable(config_to_dict(config))  # what config.json holds for this run
+        if resume:
+            if not ckpt_path.exists() and not started:
+                raise ConfigError(
+                    f"cannot resume: no checkpoint at {ckpt_path} and no config.json in {run_dir}; "
+                    f"start a new run without --resume"
+                )
+            saved_raw = read_run_config(run_dir)["config"]
+            # Compared after resolving both: a run written before its defaults were resolved
+            # differently (e.g. a relative data_dir, now recorded as an absolute path) still resumes.
+            saved = _resolved_dict(experiment, type(config), saved_raw, run.path("config.json"))
+            if _jsonable(saved) != _jsonable(config_to_dict(config)):
+                raise ConfigError(
+                    f"cannot resume {run_dir} with a different config than its config.json; "
+                    f"resume with the saved config or start a new run"
+                )
+            if ckpt_path.exists():
+                # On the CPU: the RNG states must be CPU tensors (numpy's become arrays), and
+                # load_state_dict copies the rest onto the model's and optimiser's device.
+                checkpoint = load_checkpoint(ckpt_path, "cpu")
+                _check_checkpoint(checkpoint, ckpt_path, experiment.name, run.path("metrics.jsonl"))
+                _check_trained_config(checkpoint, ckpt_path, run.path("config.json"), saved_raw, saved,
+                                      experiment, type(config))
+                recorded = _jsonable(saved_raw)
+            elif _completed(run.path("summary.json")):
+                raise CheckpointError(
+                    f"cannot resume {run_dir}: it is a finished run whose checkpoint {ckpt_path} is gone; "
+                    f"its results stay where they are; start a new run (another --out) to train again"
+                )
+        elif holds_run(run_dir):
+            raise ConfigError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose another --out"
+            )
+
+        # Every rank has checked the directory before rank 0 writes config.json into it.
+        run.barrier()
+        wrote = True
+        if checkpoint is None and run.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            # A fresh start (also in a directory a stopped run left without a checkpoint):
+            # nothing older than this run may stay in it.
+            for stale in ("metrics.jsonl", "summary.json"):
+                run.path(stale).unlink(missing_ok=True)
+            for png in run.path("plots").glob("*.png") if run.path("plots").is_dir() else ():
+                png.unlink()
+            run.write_json(
+                "config.json",
+                {"experiment": experiment.name, "config": config_to_dict(config),
+                 "device": str(device), "torch": torch.__version__},
+            )
+        run.barrier()
+
+        # threads=0 leaves torch's own default (one thread per core) in force; the count used is
+        # recorded in summary.json either way.
+        previous_threads = torch.get_num_threads()
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        try:
+            return _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks, recorded)
+        finally:
+            torch.set_num_threads(previous_threads)
     finally:
-        torch.set_num_threads(previous_threads)
+        if lock is not None:
+            lock.release(remove_dir=not wrote)
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(_dumps(value))
+
+
+def _resolved_dict(experiment: type[Experiment], cls: type, data: Any, path: Path) -> dict:
+    """The resolved config of ``data`` (a config.json's ``config``) as a dict; CheckpointError
+    naming ``path`` when a field is missing, unknown, of the wrong type or out of range. Faults
+    ``resolve`` finds in the world (missing data) pass as they are."""
+    try:
+        loaded = config_from_dict(cls, data, strict=True)
+    except (TypeError, ValueError) as exc:  # its messages name the field
+        why = str(exc)
+    else:
+        try:
+            return config_to_dict(experiment.resolve(loaded))
+        except FieldError as exc:
+            why = f"field {exc.field}: {exc.problem}, got {exc.value!r}"
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            why = f"{type(exc).__name__}: {exc}"
+    raise CheckpointError(f"{path} is not a valid {experiment.name} config ({why}); restore it (the checkpoint "
+                          f"was trained with the values it held) or start a new run in another --out")
+
+
+def _check_trained_config(checkpoint: dict, ckpt_path: Path, config_path: Path, saved_raw: dict, saved: dict,
+                          experiment: type[Experiment], cls: type) -> None:
+    """Refuse to resume a checkpoint with a config.json other than the one it was trained with
+    (checkpoints record it; older ones do not, and their model shapes are checked on loading)."""
+    trained = checkpoint.get("config")
+    if trained is None or _jsonable(trained) == _jsonable(saved_raw):
+        return
+    try:  # recorded differently but the same run (e.g. a data_dir written relative)?
+        if _jsonable(config_to_dict(experiment.resolve(config_from_dict(cls, trained)))) == _jsonable(saved):
+            return
+    except (TypeError, ValueError, ArithmeticError):
+        pass
+    trained, now = (trained if isinstance(trained, dict) else {}), _jsonable(saved_raw)
+    diffs = [f"{k}: {_short(now.get(k, '(missing)'))} in config.json, {_short(trained.get(k, '(missing)'))} "
+             f"when trained" for k in sorted(set(trained) | set(now)) if trained.get(k) != now.get(k)]
+    raise CheckpointError(
+        f"checkpoint {ckpt_path} does not match {config_path} ({'; '.join(diffs[:3])}"
+        f"{'; ...' if len(diffs) > 3 else ''}): it was trained with another config. Restore those values in "
+        f"config.json to continue it, or start a new run in another --out to train with the new ones")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def holds_run(run_dir: str | os.PathLike) -> bool:
@@ -526,9 +680,12 @@ def _check_checkpoint(checkpoint: Any, path: Path, name: str, metrics_path: Path
             f"{metrics_path} holds {size} bytes but the checkpoint at step {checkpoint['step']} was "
             f"written after {checkpoint['metrics_offset']}: records were lost (file deleted or cut), "
             f"and resuming would leave a gap. Restore the file, or start a new run in another --out")
+    # A damaged record the checkpoint counts would only be found by finish(), after all the training.
+    with open(metrics_path, "rb") if size else io.BytesIO() as f:
+        _parse_metrics(metrics_path, f.read(checkpoint["metrics_offset"]), checkpoint["step"])
 
 
-def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks) -> dict:
+def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hooks, recorded) -> dict:
     t0 = time.perf_counter()  # wall time counts setup and the final plots too
     seed_everything(config.seed)
     exp = experiment(config, device)
@@ -539,16 +696,31 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
     except (OSError, ValueError, EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile, UnicodeDecodeError) as exc:
         # The loaders' messages name the file and the fault; say whose data it was.
         raise DataError(f"{experiment.name}: cannot load its data: {exc}") from None
-    model = exp.build_model()
-    optimizer = exp.build_optimizer(model)
+    try:
+        model = exp.build_model()
+        optimizer = exp.build_optimizer(model)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        # A value the config's declared checks let through but the model refuses: still the config's.
+        raise ConfigError(f"{experiment.name}: this config cannot build its model ({exc}); change that "
+                          f"value (the directory holds no checkpoint yet, so the same --out can be reused)") from None
     total, per_epoch = exp.num_steps, max(1, exp.steps_per_epoch)
 
     metrics_path = run.path("metrics.jsonl")
     start, elapsed = 0, 0.0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        exp.load_state_dict(checkpoint["experiment"])
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            exp.load_state_dict(checkpoint["experiment"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            first = " ".join(str(exc).split()) or type(exc).__name__  # torch's text is several lines
+            first = first if len(first) <= 200 else first[:197] + "..."
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} does not match {run.path('config.json')} ({first}): it was "
+                f"trained with another config (another variant or size?). Restore the config.json it was "
+                f"trained with, or start a new run in another --out") from None
         _set_rng_state(checkpoint["rng"], device)
         start, elapsed = checkpoint["step"], checkpoint["elapsed_s"]
         if run.is_main and metrics_path.exists():
@@ -566,6 +738,7 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
         save_checkpoint(ckpt_path, {
             "format": _FORMAT,
             "experiment_name": experiment.name,
+            "config": recorded,  # config.json's config: resume refuses another one
             "step": step,
             "epoch": position.epoch,
             "index": position.index,
@@ -642,9 +815,19 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
         run.write_json("summary.json", summary)
         return summary
 
-    metrics = {k: _scalar(v) for k, v in exp.finish(model, run).items()}
-    if experiment.loss_plot:
-        _plot_loss(run)
+    try:
+        metrics = {k: _scalar(v) for k, v in exp.finish(model, run).items()}
+        if experiment.loss_plot:
+            _plot_loss(run)
+    except (ValueError, TypeError, ArithmeticError, IndexError, KeyError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        # The trained model is in the final checkpoint: say so, and that --resume redoes only this part.
+        raise ConfigError(
+            f"{experiment.name}: training finished (checkpoint {ckpt_path} at step {total} holds the trained "
+            f"model) but the final report failed: {type(exc).__name__}: {exc}. Once the cause is fixed, "
+            f"resuming the run (--resume) redoes only the final report; or start a new run in another --out"
+        ) from None
     wall = elapsed + (time.perf_counter() - t0)
     summary = {
         "experiment": experiment.name,

@@ -4,6 +4,8 @@ clipping logic checked with a stub stepper whose error ratios are scripted."""
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from neuralode.integrate import integrate
 from neuralode.problem import make_problem
 from neuralode.solvers.base import Solver
 from neuralode.solvers.runge_kutta import StepOutcome
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stiff_problems as sp  # noqa: E402
 
 F64 = torch.float64
 
@@ -44,6 +49,52 @@ def test_pi_controller_formula():
     assert c.next_step(h, r, prev, 4, True) == pytest.approx(expected, rel=1e-15)
     # after a rejection the PI controller falls back to the integral formula
     assert c.next_step(h, 4.0, prev, 4, False) == pytest.approx(h * max(0.9 * 4.0 ** (-1 / 5), 0.2))
+
+
+def test_predictive_controller_formula():
+    """Gustafsson's predictive controller (Hairer-Wanner IV.8 eq. 8.25, scipy's Radau): the integral factor times
+    min(1, (h / h_acc) (r_acc / r)^(1/k)); it may shrink after an accepted step; no history: the integral factor."""
+    c = AdaptiveController(kind="predictive")
+    k = 4
+    h, r, r_acc, h_acc = 0.1, 0.3, 0.05, 0.08
+    prediction = min(1.0, h / h_acc * (r_acc / r) ** (1 / k))
+    assert prediction < 1   # (the error grew since the last accepted step: the prediction cuts the growth)
+    expected = h * min(10.0, max(0.9 * r ** (-1 / k) * prediction, 0.2))
+    assert c.next_step(h, r, r_acc, 3, True, h_acc) == pytest.approx(expected, rel=1e-15)
+    assert c.next_step(h, 0.99, 0.001, 3, True, 0.5) < h                     # shrinks after an accepted step
+    assert c.next_step(h, r, 1.0, 3, True, 0.0) == pytest.approx(h * 0.9 * r ** (-1 / k), rel=1e-15)
+    assert c.next_step(h, 4.0, r_acc, 3, False, h_acc) <= 0.9 * h             # a rejection: at most safety
+    accepted, _, history = c.adapt(h, r, 3, c.initial_history)
+    assert accepted and c.initial_history == (1.0, 0.0) and history == (r, h)   # remembers the ratio and h
+
+
+def test_predictive_is_the_default_of_implicit_and_rosenbrock_methods_only():
+    problem = sp.van_der_pol(1000.0)
+    t = torch.tensor(problem.t_short, dtype=F64)
+    for method in ("radau5", "kvaerno5", "rodas5p", "dopri5"):
+        if method == "dopri5":
+            problem, t = sp.van_der_pol(1.0), torch.tensor([0.0, 10.0], dtype=F64)
+        default = neuralode.solve(problem.func, problem.y0, t, method=method, rtol=1e-4, atol=1e-4)
+        expected = "integral" if method == "dopri5" else "predictive"
+        chosen = neuralode.solve(problem.func, problem.y0, t, method=method, rtol=1e-4, atol=1e-4,
+                                 options={"controller": expected})
+        assert default.stats == chosen.stats and torch.equal(default.ys, chosen.ys), method
+
+
+def test_predictive_controller_rejects_fewer_stiff_steps():
+    """Van der Pol mu = 1000 at rtol 1e-4: radau5's estimate grows more slowly than h^4 on the stiff component,
+    so the integral controller grows the step until it is rejected (177 of 472 steps); predictive: 51."""
+    problem = sp.van_der_pol(1000.0)
+    t = torch.tensor(problem.t_span, dtype=F64)
+    reference = sp.scipy_reference(problem, [t[-1]])[0]
+    stats = {}
+    for controller in ("integral", "predictive"):
+        sol = neuralode.solve(problem.func, problem.y0, t, method="radau5", rtol=1e-4, atol=1e-4,
+                              options={"controller": controller})
+        assert sp.mixed_error(sol.ys[-1].numpy(), reference, 1e-4, 1e-4) <= 1e-4
+        stats[controller] = sol.stats
+    assert stats["predictive"]["n_rejected"] < 0.5 * stats["integral"]["n_rejected"]
+    assert stats["predictive"]["nfe"] < 0.9 * stats["integral"]["nfe"]
 
 
 def test_norms():
@@ -235,7 +286,7 @@ def test_pid_defaults_are_the_integral_controller_and_pi_coefficients_match_pi()
     ({"pcoeff": 0.4}, "controller': 'pid'"),
     ({"controller": "pid", "icoeff": 0.0}, "pcoeff \\+ icoeff \\+ dcoeff must be > 0"),
     ({"controller": "pid", "dcoeff": "a"}, "must be a number"),
-    ({"controller": "pd"}, "'integral', 'pi' or 'pid'"),
+    ({"controller": "pd"}, "'integral', 'pi', 'pid' or 'predictive'"),
 ])
 def test_pid_option_errors(options, match):
     import neuralode
@@ -261,11 +312,12 @@ _HISTORY = st.one_of(st.floats(0.0, 1e6), st.just(1.0))   # accepted ratios (fin
 
 
 @settings(max_examples=300, deadline=None)
-@given(kind=st.sampled_from(["integral", "pi", "pid"]), h=st.floats(1e-9, 1e3), ratio=_RATIOS,
+@given(kind=st.sampled_from(["integral", "pi", "pid", "predictive"]), h=st.floats(1e-9, 1e3),
+       ratio=_RATIOS,
        previous=_HISTORY, older=_HISTORY, order=st.integers(1, 8), pinned=st.booleans())
 def test_adapt_on_device_is_adapt_with_tensors(kind, h, ratio, previous, older, order, pinned):
     """The compiled loop's decision (tensors, no host read) against the reference one (Python floats)."""
-    coefficients = {"pid": dict(pcoeff=0.4, icoeff=0.3, dcoeff=0.1), "pi": {}, "integral": {}}
+    coefficients = {"pid": dict(pcoeff=0.4, icoeff=0.3, dcoeff=0.1), "pi": {}, "integral": {}, "predictive": {}}
     control = AdaptiveController(kind=kind, **coefficients[kind])
     accepted, h_next, (new_previous, new_older) = control.adapt(h, ratio, order, (previous, older), pinned)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731

@@ -62,7 +62,8 @@ def test_batch_of_one_takes_the_joint_solves_steps(method):
 
 @settings(max_examples=15, deadline=None)
 @given(batch=st.integers(2, 9), seed=st.integers(0, 10_000), shared_times=st.booleans(),
-       method=st.sampled_from(["dopri5", "tsit5", "dopri8"]), controller=st.sampled_from(["integral", "pi", "pid"]))
+       method=st.sampled_from(["dopri5", "tsit5", "dopri8"]),
+       controller=st.sampled_from(["integral", "pi", "pid", "predictive"]))
 def test_a_samples_result_does_not_depend_on_its_batch(batch, seed, shared_times, method, controller):
     mu, y0 = vdp_batch(batch, seed)
     generator = torch.Generator().manual_seed(seed + 1)

@@ -8,11 +8,12 @@ Public API (explicit re-exports, no logic here):
 - :data:`METHODS` names every method;
 - gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`;
 - :class:`Event` (several events per solve, terminal or recorded only) and its :class:`EventRecord`;
-- step-size controllers as objects: :class:`IntegralController`, :class:`PIController`, :class:`PIDController`.
+- step-size controllers as objects: :class:`IntegralController`, :class:`PIController`, :class:`PIDController`,
+  :class:`PredictiveController`.
 """
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, Status, StepSizeUnderflowError
-from .controllers import IntegralController, PIController, PIDController
+from .controllers import IntegralController, PIController, PIDController, PredictiveController
 from .events import Event, EventRecord
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
 from .methods import METHODS
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
-    "Event", "EventRecord", "IntegralController", "PIController", "PIDController",
+    "Event", "EventRecord", "IntegralController", "PIController", "PIDController", "PredictiveController",
     "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",

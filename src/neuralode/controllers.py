@@ -16,7 +16,14 @@ in adaptive time-stepping", ACM TOMS 29, 2003), with diffrax's parametrisation a
 r_{n-1}**(-b2/k) * r_{n-2}**(-b3/k)``, ``k = q + 1``, ``b1 = p + i + d``, ``b2 = -(p + 2 d)``, ``b3 = d``;
 select it with ``options={"controller": "pid", "pcoeff": 0.4, "icoeff": 0.3, "dcoeff": 0.0}``. As in
 diffrax, the same formula shrinks a rejected step (capped at ``safety``), an accepted step never
-shrinks, and a zero or infinite past error counts as 1 in the history.
+shrinks, and a zero or infinite past error counts as 1 in the history. The **predictive** controller
+(Gustafsson 1994; Hairer and Wanner II, Sec. IV.8, eq. 8.25; the default of RADAU5, RODAS and scipy's
+Radau, and here of the implicit and Rosenbrock methods) ``h_new = h * safety * r_n**(-1/k) *
+min(1, (h_n / h_acc) * (r_acc / r_n)**(1/k))``, with ``h_acc``, ``r_acc`` the last accepted step and its
+error ratio, predicts that the error keeps changing as it did between the last two steps: where an
+implicit method's estimate grows more slowly than ``h**k`` (stiff components) the integral controller
+grows the step until it is rejected, every second step. As in RADAU5 and scipy it may shrink the step
+after an accepted one (down to ``dfactor``); select it with ``options={"controller": "predictive"}``.
 """
 
 from __future__ import annotations
@@ -65,6 +72,10 @@ def check_norm_value(value: float) -> None:
     if value < 0:
         raise ValueError("option 'norm' returned NaN or a negative number for a finite error; a norm must return "
                          "a size >= 0 of the scaled error it is given, e.g. lambda x: x.abs().max()")
+
+
+#: The adaptive controllers by name (``options={"controller": ...}``).
+CONTROLLER_KINDS = ("integral", "pi", "pid", "predictive")
 
 
 class ErrorNorm:
@@ -122,11 +133,11 @@ def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction:
 
 @dataclass(frozen=True)
 class AdaptiveController:
-    """Integral or PI step-size controller with torchdiffeq's option names and defaults.
+    """Integral, PI, PID or predictive step-size controller with torchdiffeq's option names and defaults.
 
     Parameters
     ----------
-    kind : {"integral", "pi", "pid"}
+    kind : {"integral", "pi", "pid", "predictive"}
     safety, ifactor, dfactor : float
         Safety factor, largest growth and largest shrink factor per step.
     min_step, max_step : float
@@ -154,8 +165,8 @@ class AdaptiveController:
 
     def __post_init__(self):
         # Every setting checked once, here, whether it came from an options dict or a controller object.
-        if self.kind not in ("integral", "pi", "pid"):
-            raise ValueError(f"controller kind must be 'integral', 'pi' or 'pid', got {self.kind!r}")
+        if self.kind not in CONTROLLER_KINDS:
+            raise ValueError(f"controller kind must be one of {list(CONTROLLER_KINDS)}, got {self.kind!r}")
         for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
@@ -187,29 +198,48 @@ class AdaptiveController:
         return AdaptiveStepping(self, stops, self.first_step if self.first_step is not None else first_step(),
                                 read_together)
 
-    def adapt(self, h: float, ratio: float, order: int, history: tuple = (1.0, 1.0),
+    @property
+    def initial_history(self) -> tuple:
+        """The two numbers remembered from accepted steps, before the first: the last two error ratios
+        (PI, PID; 1 = no information), or for the predictive controller the last ratio and its step length
+        (0 = no step yet)."""
+        return (1.0, 0.0) if self.kind == "predictive" else (1.0, 1.0)
+
+    def adapt(self, h: float, ratio: float, order: int, history: tuple | None = None,
               pinned: bool = False) -> tuple:
         """One accept/reject decision as a pure function: ``(accepted, h_next, history)``.
 
         ``h``: the step just attempted, ``ratio``: its error ratio (NaN or inf rejects and shrinks by
-        ``dfactor``), ``order``: the error estimator's, ``history``: the error ratios of the last two
-        accepted steps (what PI and PID remember), ``pinned``: held at ``min_step`` (accepted whatever its
-        error). The solve's stepping state (:class:`AdaptiveStepping`) calls this once per step.
+        ``dfactor``), ``order``: the error estimator's, ``history``: what the controller remembers of the
+        accepted steps before (:attr:`initial_history`), ``pinned``: held at ``min_step`` (accepted
+        whatever its error). The solve's stepping state (:class:`AdaptiveStepping`) calls this once per step.
         """
+        if history is None:
+            history = self.initial_history
         if not math.isfinite(ratio):
             return False, h * self.dfactor, history
         accepted = ratio <= 1.0 or pinned
         previous, older = history
         h_next = self.next_step(h, ratio, previous, order, accepted, older)
-        return accepted, h_next, ((ratio, previous) if accepted else history)
+        if not accepted:
+            return accepted, h_next, history
+        return accepted, h_next, ((ratio, h) if self.kind == "predictive" else (ratio, previous))
 
     def next_step(self, h: float, ratio: float, previous_ratio: float, order: int, accepted: bool,
                   older_ratio: float = 1.0) -> float:
         """Length of the next step after a step of length ``h`` with error ratio ``ratio``;
-        ``previous_ratio`` and ``older_ratio`` are those of the two accepted steps before it."""
+        ``previous_ratio`` and ``older_ratio`` are those of the two accepted steps before it (for the
+        predictive controller ``older_ratio`` is the last accepted step's length, 0 if none)."""
         if ratio == 0.0:
             return h * self.ifactor
         k = order + 1
+        if self.kind == "predictive":
+            factor = self.safety * ratio ** (-1.0 / k)
+            h_accepted = older_ratio
+            if h_accepted > 0.0 and 0.0 < previous_ratio < math.inf:
+                factor *= min(1.0, h / h_accepted * (previous_ratio / ratio) ** (1.0 / k))
+            low, high = (self.dfactor, self.ifactor) if accepted else (self.dfactor, self.safety)
+            return h * min(high, max(factor, low))
         if self.kind == "pid":
             b1 = (self.pcoeff + self.icoeff + self.dcoeff) / k
             b2 = -(self.pcoeff + 2.0 * self.dcoeff) / k
@@ -261,6 +291,17 @@ class AdaptiveController:
             factor = self.safety * ratio ** (-b1) * usable(previous) ** (-b2) * usable(older) ** (-b3)
             low, high = pick(1.0, self.dfactor), pick(self.ifactor, self.safety)
             scaled = h * torch.minimum(high, torch.maximum(factor, low))
+        elif self.kind == "predictive":
+            h_accepted = older
+            known = (h_accepted > 0.0) & (previous > 0.0) & (previous < math.inf)
+            growth = torch.where(known, previous, ratio) / ratio
+            prediction = (h / torch.where(known, h_accepted, h) * growth ** (1.0 / k)).clamp(max=1.0)
+            factor = self.safety * ratio ** (-1.0 / k) * torch.where(known, prediction, torch.ones_like(prediction))
+            low, high = pick(self.dfactor, self.dfactor), pick(self.ifactor, self.safety)
+            scaled = h * torch.minimum(high, torch.maximum(factor, low))
+            h_next = torch.where(ratio == 0.0, h * self.ifactor, scaled)
+            h_next = torch.where(finite, h_next, h * self.dfactor)
+            return accepted, h_next, torch.where(accepted, ratio, previous), torch.where(accepted, h, older)
         else:
             factor = self.safety * ratio ** (-1.0 / k)
             if self.kind == "pi":
@@ -295,6 +336,15 @@ class PIDController(AdaptiveController):
     integral controller."""
 
     kind: str = field(default="pid", init=False)
+
+
+@dataclass(frozen=True)
+class PredictiveController(AdaptiveController):
+    """Gustafsson's predictive controller (Hairer and Wanner II, Sec. IV.8; RADAU5's and scipy Radau's), as an
+    object: ``solve(..., method="radau5", controller=PredictiveController(safety=0.8))``. The default of the
+    implicit and Rosenbrock methods."""
+
+    kind: str = field(default="predictive", init=False)
 
 
 @dataclass(frozen=True)
@@ -348,7 +398,7 @@ class AdaptiveStepping:
     def __init__(self, controller: AdaptiveController, stops: list, h: float, read_together: bool):
         self.controller, self.stops, self.h = controller, stops, abs(float(h))
         self.stop_index = 0
-        self.history = (1.0, 1.0)   # error ratios of the last two accepted steps (PI, PID)
+        self.history = controller.initial_history   # what the controller remembers of accepted steps
         self.read_together = read_together              # one host read for ratio and finiteness (a device)
         self.non_finite = False                         # the last rejection: NaN or inf in the step
         self.newton_failure = None                      # the last rejection: an implicit method's Newton failed

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ._errors import closest
-from .controllers import AdaptiveController, FixedGrid
+from .controllers import CONTROLLER_KINDS, AdaptiveController, FixedGrid
 from .methods import REGISTRY, spec_for_object
 from .problem import check_monotone
 
@@ -71,9 +71,9 @@ def time_list(options, name):
 def make_control(spec, options, problem, field_func, user_y0):
     times, direction = problem.times, problem.direction
     if spec.adaptive:
-        kind = options.get("controller", "integral")
-        if kind not in ("integral", "pi", "pid"):
-            raise ValueError(f"option 'controller' must be 'integral', 'pi' or 'pid', got {kind!r}")
+        kind = options.get("controller", spec.default_controller)
+        if kind not in CONTROLLER_KINDS:
+            raise ValueError(f"option 'controller' must be 'integral', 'pi', 'pid' or 'predictive', got {kind!r}")
         coefficients = {name: _float_option(options, name, default) for name, default in
                         (("pcoeff", 0.0), ("icoeff", 1.0), ("dcoeff", 0.0))}
         given = sorted(name for name in coefficients if name in options)

@@ -260,8 +260,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             h = torch.full_like(tau, control.first_step)
         else:
             h = _initial_step(field, tau, y, f, direction, stepper.initial_step_order, norm, view)
-        previous = torch.ones_like(tau)
-        older = torch.ones_like(tau)
+        previous = torch.full_like(tau, control.initial_history[0])
+        older = torch.full_like(tau, control.initial_history[1])
     else:
         n_fixed = _fixed_step_counts(tau0, tau_end, step_size)
         step_index = torch.zeros_like(tau)
@@ -301,7 +301,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             ratio = torch.where(torch.isfinite(total), ratio, torch.full_like(ratio, math.nan))
             finite = torch.isfinite(ratio)
             # (the history is updated below, for the active samples only)
-            accept, h_next, _, _ = control.adapt_on_device(h, ratio, outcome.error_order, previous, older, pinned)
+            accept, h_next, remembered, remembered_older = control.adapt_on_device(
+                h, ratio, outcome.error_order, previous, older, pinned)
         else:
             accept = torch.ones_like(active)
             underflow = torch.zeros_like(active)
@@ -386,7 +387,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             h = torch.where(active, h_next, h)
             if landed is not None:   # as in the joint loop: the length proposed before landing carries on
                 h = torch.where(landed, torch.maximum(h, h_unclipped), h)
-            previous, older = torch.where(accepted, ratio, previous), torch.where(accepted, previous, older)
+            previous = torch.where(accepted, remembered, previous)
+            older = torch.where(accepted, remembered_older, older)
         else:
             step_index = step_index + active
 

@@ -55,8 +55,9 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         Method options, with torchdiffeq's names: fixed grid ``step_size``, ``grid_constructor``,
         ``perturb``, ``interp``; adaptive ``first_step``, ``max_num_steps`` (default 100000),
         ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``step_t``, ``jump_t``,
-        ``norm``, ``dtype``, and ``controller`` (``"integral"`` default, ``"pi"``, or ``"pid"`` with
-        ``pcoeff``, ``icoeff``, ``dcoeff``); Adams
+        ``norm``, ``dtype``, and ``controller`` (``"integral"``, the default of explicit methods, ``"pi"``,
+        ``"pid"`` with ``pcoeff``, ``icoeff``, ``dcoeff``, or ``"predictive"``, the default of the implicit and
+        Rosenbrock methods); Adams
         ``max_order``, ``max_iters``. An option the method does not use is an error.
     gradient : {"direct", "adjoint", "checkpoint"} or a strategy object
         How ``backward()`` differentiates the solve (see :mod:`neuralode.gradients`).
@@ -84,7 +85,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         few ulps; a field that cannot be compiled is solved eagerly with one warning.
     controller : AdaptiveController, optional
         Step-size control as an object, validated when built: :class:`~neuralode.IntegralController`,
-        :class:`~neuralode.PIController` or :class:`~neuralode.PIDController` (``safety``, ``ifactor``,
+        :class:`~neuralode.PIController`, :class:`~neuralode.PIDController` or
+        :class:`~neuralode.PredictiveController` (``safety``, ``ifactor``,
         ``dfactor``, ``min_step``, ``max_step``, ``first_step``, ``max_num_steps``, PID coefficients). The same
         settings as the options of those names, which must then not be given; the adjoint's backward solve
         uses it too unless the adjoint has options of its own.
@@ -125,7 +127,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         raise TypeError(f"per_sample must be True or False, got {type(per_sample).__name__}")
     if controller is not None:
         if not isinstance(controller, AdaptiveController):
-            raise TypeError(f"controller must be an IntegralController, PIController or PIDController, got "
+            raise TypeError(f"controller must be an IntegralController, PIController, PIDController or "
+                            f"PredictiveController, got "
                             f"{type(controller).__name__}")
         if not spec.adaptive:
             raise ValueError(f"method {spec.name!r} takes fixed steps: a step-size controller does not apply")

@@ -81,14 +81,19 @@ def test_two_processes_match_one(tmp_path):
 
     # Resume the 2-process run in ONE process for a second epoch: it continues from the global
     # position (steps 3, 4) as the single-process run resumed the same way does. The runs are
-    # extended by rewriting epochs in copies of their config.json (resume insists on the saved
-    # config); the checkpoints are untouched, as DDP and the single process wrote them.
+    # extended by rewriting epochs in copies of their config.json and in the config their checkpoints
+    # record (resume insists on the config the checkpoint was trained with); the weights, optimiser
+    # and RNG states are untouched, as DDP and the single process wrote them.
     two_epochs = ECG.resolve(apply_overrides(ECGConfig(), [*settings, "epochs=2"]))
     for name in ("ddp", "one"):
         shutil.copytree(tmp_path / name, tmp_path / f"{name}2")
         saved = json.loads((tmp_path / f"{name}2" / "config.json").read_text())
         saved["config"]["epochs"] = 2
         (tmp_path / f"{name}2" / "config.json").write_text(json.dumps(saved))
+        ckpt_path = tmp_path / f"{name}2" / "checkpoints" / "last.pt"
+        ckpt = load_checkpoint(ckpt_path)
+        ckpt["config"]["epochs"] = 2
+        torch.save(ckpt, ckpt_path)
     resumed = train(ECG, two_epochs, tmp_path / "ddp2", resume=True, progress=False)
     reference = train(ECG, two_epochs, tmp_path / "one2", resume=True, progress=False)
     assert "world_size" not in resumed["metrics"]

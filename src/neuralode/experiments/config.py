@@ -189,7 +189,10 @@ def _declared(cls: type) -> dict[str, list[Any]]:
     for klass in cls.__mro__:
         if not dataclasses.is_dataclass(klass):
             continue
-        hints = typing.get_type_hints(klass, include_extras=True)
+        try:
+            hints = typing.get_type_hints(klass, include_extras=True)
+        except (NameError, TypeError):  # an annotation only a type checker can evaluate: not checked here
+            continue
         for name in getattr(klass, "__annotations__", {}):
             if name in hints:
                 out.setdefault(name, []).append(hints[name])

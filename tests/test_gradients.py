@@ -317,6 +317,36 @@ def test_backward_tolerances_and_method_are_separate():
         assert rel_err(a, b) < 1e-2
 
 
+def test_adjoint_tolerance_tensors_broadcast_like_the_forward_ones():
+    """A tensor adjoint_rtol/adjoint_atol broadcasts to the state as rtol/atol do (a scalar tensor, one per column,
+    the state's shape, one per part of a tuple state); one that cannot is refused at the call, not inside
+    backward() (where (2,) used to fail: size 20 against 6)."""
+    torch.manual_seed(0)
+    weight = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    y0 = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+
+    def gradient(tol):
+        ys = neuralode.odeint_adjoint(lambda t, y: torch.tanh(y @ weight), y0, t, rtol=1e-10, atol=1e-10,
+                                      adjoint_params=(weight,), adjoint_rtol=tol, adjoint_atol=tol)
+        return torch.autograd.grad(ys.sum(), (y0, weight))
+
+    reference = gradient(1e-11)
+    for shape in ((), (1,), (2,), (4, 2)):
+        for got, want in zip(gradient(torch.full(shape, 1e-11, dtype=torch.float64)), reference):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"adjoint_atol has shape \(3,\), which does not broadcast"):
+        neuralode.odeint_adjoint(lambda t, y: -y, y0, t, adjoint_atol=torch.full((3,), 1e-9, dtype=torch.float64))
+    parts = (torch.randn(3, dtype=torch.float64, requires_grad=True),
+             torch.randn(2, dtype=torch.float64, requires_grad=True))
+    ys = neuralode.odeint_adjoint(lambda t, y: (-y[0], -2 * y[1]), parts, t, adjoint_params=(),
+                                  adjoint_rtol=(1e-9, 1e-8), adjoint_atol=(1e-10, torch.full((2,), 1e-11,
+                                                                                             dtype=torch.float64)))
+    (ys[0].sum() + ys[1].sum()).backward()
+    torch.testing.assert_close(parts[0].grad, torch.exp(-t).sum().expand(3), rtol=1e-7, atol=0)
+    torch.testing.assert_close(parts[1].grad, torch.exp(-2 * t).sum().expand(2), rtol=1e-7, atol=0)
+
+
 def test_odeint_adjoint_matches_torchdiffeq():
     import torchdiffeq  # a test dependency (pip install -e ".[test]")
 

@@ -409,6 +409,25 @@ def test_interpolating_adjoint_refuses_what_it_cannot_interpolate():
 
 # --- regressions found in review ---------------------------------------------------------------------------
 
+@pytest.mark.parametrize("method,options", [("kvaerno5", {}), ("radau5", {}), ("implicit_euler", {"step_size": 0.01})])
+def test_double_backward_through_implicit_stages_is_refused(method, options):
+    """The implicit function theorem's backward hook solves without a graph: second derivatives were wrong
+    (kvaerno5 1700x too small) or had no graph (implicit_euler). Refused; first derivatives still work, and a
+    Rosenbrock method gives the closed form's second derivative."""
+    f = lambda t, y: -y ** 3  # noqa: E731  y(1) = y0 / sqrt(1 + 2 y0^2)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    y0 = torch.tensor([0.8, 0.3], dtype=F64, requires_grad=True)
+    ys = neuralode.solve(f, y0, t, method=method, rtol=1e-12, atol=1e-12, options=options).ys
+    (first,) = torch.autograd.grad(ys[-1].sum(), y0, retain_graph=True)
+    torch.testing.assert_close(first, (1 + 2 * y0.detach() ** 2) ** -1.5, rtol=2e-2 if options else 1e-8, atol=0)
+    with pytest.raises(RuntimeError, match="double backward .* implicit method's stage equations"):
+        torch.autograd.grad(ys[-1].sum(), y0, create_graph=True)
+    ys = neuralode.solve(f, y0, t, method="rodas5p", rtol=1e-12, atol=1e-12).ys
+    (first,) = torch.autograd.grad(ys[-1].sum(), y0, create_graph=True)
+    second = torch.stack([torch.autograd.grad(first[i], y0, retain_graph=True)[0][i] for i in range(2)])
+    torch.testing.assert_close(second, -6 * y0.detach() * (1 + 2 * y0.detach() ** 2) ** -2.5, rtol=1e-7, atol=0)
+
+
 def test_a_loose_component_does_not_loosen_newton_for_the_others():
     """Newton's tolerance follows the tightest rtol: a loose dummy component left Van der Pol 1960x off."""
     problem = sp.van_der_pol(1000.0)

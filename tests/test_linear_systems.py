@@ -273,3 +273,40 @@ def test_keep_step_must_be_a_range(keep):
     stepper = neuralode.methods.REGISTRY["radau5"].make_stepper({})
     with pytest.raises(ValueError, match="keep_step must be None or a range"):
         dataclasses.replace(stepper, keep_step=keep)
+
+
+# --- GMRES that cannot reach its tolerance ----------------------------------------------------------------
+
+def test_gmres_reports_what_it_did_not_solve():
+    """With fail=True a solve short of its tolerance, or one that met NaN, raises KrylovFailure; a useless
+    (zero) preconditioner is found after one restart cycle, not after max_iters products."""
+    A = torch.diag(torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64))
+    b = torch.ones(3, dtype=torch.float64)
+    x, _ = linear.gmres(lambda v: A @ v, b, rtol=1e-12, fail=True)
+    torch.testing.assert_close(A @ x, b, rtol=1e-10, atol=0)
+    with pytest.raises(linear.KrylovFailure, match="did not reach its tolerance") as info:
+        linear.gmres(lambda v: A @ v, b, precondition=torch.zeros_like, rtol=1e-8, fail=True)
+    assert not info.value.non_finite
+    with pytest.raises(linear.KrylovFailure, match="non-finite") as info:
+        linear.gmres(lambda v: A @ v, b, precondition=lambda v: v * float("nan"), rtol=1e-8, fail=True)
+    assert info.value.non_finite
+    x, iterations = linear.gmres(lambda v: A @ v, b, precondition=torch.zeros_like, rtol=1e-8)   # the best iterate
+    assert iterations <= 2 and torch.equal(x, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "rodas5p", "sdirk2"])
+def test_a_preconditioner_that_does_not_precondition_is_no_success(method):
+    """A zero preconditioner made GMRES return x = 0: Newton took the zero increment for convergence and
+    Rosenbrock's zero stages for a zero error, and the solve reported success 1e4 off. Now the steps fail."""
+    A = torch.diag(torch.tensor([-1e4, -1.0, -0.5], dtype=torch.float64))
+    y0, t = torch.ones(3, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    options = {"jacobian": "krylov", "preconditioner": lambda v, c: torch.zeros_like(v), "max_num_steps": 300}
+    if method == "sdirk2":
+        options["step_size"] = 0.01
+        del options["max_num_steps"]
+    solution = neuralode.solve(lambda t, y: y @ A, y0, t, method=method, rtol=1e-6, atol=1e-8, options=options,
+                               throw=False)
+    assert solution.status != "success"
+    options["preconditioner"] = lambda v, c: v.reshape(-1)[:2]
+    with pytest.raises(ValueError, match=r"option 'preconditioner' returned \(2,\) for a vector of shape \(3,\)"):
+        neuralode.solve(lambda t, y: y @ A, y0, t, method=method, rtol=1e-6, atol=1e-8, options=options)

@@ -140,6 +140,11 @@ def test_errors_name_the_argument_and_the_fix():
         ODEBlock(f, t=(0.0,))
     with pytest.raises(ValueError, match="t must be strictly increasing or strictly decreasing"):
         ODEBlock(f, t=(0.0, 1.0, 0.5))
+    # a learnable end time would silently get no gradient (the block keeps its times as numbers)
+    with pytest.raises(ValueError, match=r"t requires grad.*neuralode.solve"):
+        ODEBlock(f, t=torch.nn.Parameter(torch.tensor([0.0, 1.0])))
+    with pytest.raises(ValueError, match=r"t holds a tensor that requires grad"):
+        ODEBlock(f, t=(0.0, torch.tensor(1.0, requires_grad=True)))
     with pytest.raises(TypeError, match="t must be a pair"):
         ODEBlock(f, t=1.0)
     with pytest.raises(ValueError, match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint'\], got 'adj'"):

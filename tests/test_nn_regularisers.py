@@ -36,6 +36,19 @@ def test_kinetic_energy_equals_quadrature_of_the_closed_form_flow():
     assert block.jacobian_frobenius is None
 
 
+def test_regularisers_are_sizes_when_time_runs_backwards():
+    """t = (T, 0): the integrals are over |dt| (they were negative, so a positive weight rewarded large dynamics).
+    Running z' = A z from T to 0 is running w' = -A w from 0 to T."""
+    z0 = torch.tensor([[1.0, -0.5, 0.25], [0.3, 0.2, -1.0]], dtype=torch.float64)
+    backwards = ODEBlock(Linear(A), (T, 0.0), rtol=1e-11, atol=1e-12, gradient="direct", kinetic=True,
+                         frobenius=True)
+    backwards(z0)
+    forwards = ODEBlock(Linear(-A), (0.0, T), rtol=1e-11, atol=1e-12, gradient="direct", kinetic=True)
+    forwards(z0)
+    torch.testing.assert_close(backwards.kinetic_energy, forwards.kinetic_energy, rtol=1e-8, atol=0)
+    assert bool((backwards.jacobian_frobenius > 0).all())
+
+
 def test_frobenius_is_the_probe_jacobian_product_for_a_fixed_probe():
     # J = A everywhere, so the integral is exactly T * ||eps^T A||^2 per sample.
     z0 = torch.randn(4, 3, dtype=torch.float64)

@@ -226,6 +226,15 @@ def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
     return one(tol, parts[0].shape, name)
 
 
+def check_other_tolerance(name: str, tol, y0, problem: Problem):
+    """A second tolerance for the state ``y0`` of ``problem`` (the adjoint's backward ``rtol``/``atol``),
+    checked and normalised as :func:`make_problem` checks ``rtol`` and ``atol``: broadcast to the state (one
+    per tensor of a tuple state), finite and non-negative. Returns a float or a tensor of the state's size."""
+    parts, is_tuple = _check_state(y0)
+    real_dtype = problem.y0.real.dtype if problem.y0.is_complex() else problem.y0.dtype
+    return _check_tolerance(name, tol, parts, is_tuple, real_dtype, problem.y0.device)
+
+
 def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     """Validate and normalise ``(func, y0, t, rtol, atol)``; evaluates ``func`` once at ``t[0]``.
 

@@ -19,7 +19,7 @@ from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_method, check_options,
                       check_tolerances_usable, make_control, time_list)
-from .problem import make_problem
+from .problem import check_other_tolerance, make_problem
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
 from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field
@@ -197,6 +197,11 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
 
     problem = dataclasses.replace(problem, method=spec.name, spec=spec, controller=controller)
     if isinstance(strategy, Adjoint):
+        # The backward tolerances are checked here, against the state, as the forward ones are: a tensor that
+        # does not broadcast to the state would otherwise fail deep inside backward().
+        strategy = dataclasses.replace(strategy, **{
+            name: check_other_tolerance(f"adjoint_{name}", getattr(strategy, name), y0, problem)
+            for name in ("rtol", "atol") if getattr(strategy, name) is not None})
         problem = dataclasses.replace(problem, backward=backward_settings(strategy, spec, options, controller))
     t_in = problem.t
     y0_given = problem.y0

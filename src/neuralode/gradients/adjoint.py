@@ -88,11 +88,14 @@ class Adjoint(GradientStrategy):
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-                raise TypeError(f"adjoint {name} must be a float or a tensor, got {type(value).__name__}")
-            tensor = torch.as_tensor(value)
-            if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
-                raise ValueError(f"adjoint {name}={value} is invalid; tolerances must be finite and non-negative")
+            # (a tuple: one per tensor of a tuple state; shapes are checked against the state by solve)
+            for entry in (value if isinstance(value, (tuple, list)) else (value,)):
+                if isinstance(entry, bool) or not isinstance(entry, (int, float, torch.Tensor)):
+                    raise TypeError(f"adjoint {name} must be a float or a tensor (or a tuple of them for a tuple "
+                                    f"state), got {type(entry).__name__}")
+                tensor = torch.as_tensor(entry)
+                if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+                    raise ValueError(f"adjoint {name}={value} is invalid; tolerances must be finite and non-negative")
 
     def bind(self, func, adjoint_params):
         return replace(self, params=collect_parameters(func, adjoint_params),

@@ -62,6 +62,10 @@ def time_points(name: str, value: object) -> tuple[float, ...]:
     dtype and device at every call, so moving or casting a module never loses them.
     """
     if isinstance(value, torch.Tensor):
+        if value.requires_grad:
+            raise ValueError(f"{name} requires grad, but the layer keeps its times as fixed numbers and its gradient "
+                             f"would be dropped without a word; pass {name}.detach(), or call neuralode.solve(func, "
+                             f"x, {name}), which differentiates with respect to the times")
         if value.dim() != 1:
             raise ValueError(
                 f"{name} must be a 1-D tensor of times or a pair (t0, t1), got a tensor of shape "
@@ -73,6 +77,10 @@ def time_points(name: str, value: object) -> tuple[float, ...]:
     elif isinstance(value, Sequence) and not isinstance(value, str):
         values = []
         for v in value:
+            if isinstance(v, torch.Tensor) and v.requires_grad:
+                raise ValueError(f"{name} holds a tensor that requires grad, but the layer keeps its times as fixed "
+                                 f"numbers and its gradient would be dropped without a word; pass plain numbers, or "
+                                 f"call neuralode.solve(func, x, t), which differentiates with respect to the times")
             if isinstance(v, torch.Tensor) and v.numel() == 1:
                 v = v.item()
             if isinstance(v, bool) or not isinstance(v, numbers.Real):

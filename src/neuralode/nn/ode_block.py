@@ -252,8 +252,11 @@ class ODEBlock(nn.Module):
         ys = solution.ys
         if self.regularised:
             ys, kinetic, frob = ys
-            self.kinetic_energy = kinetic[-1] if self.kinetic else None
-            self.jacobian_frobenius = frob[-1] if self.frobenius else None
+            # The solve accumulates the integrals from t0 to t1: negative when time runs backwards, and a
+            # regulariser is a size (Finlay et al. integrate over |dt|), so the sign of the span is divided out.
+            sign = 1.0 if self.times[-1] > self.times[0] else -1.0
+            self.kinetic_energy = sign * kinetic[-1] if self.kinetic else None
+            self.jacobian_frobenius = sign * frob[-1] if self.frobenius else None
         return ys if self.return_trajectory else ys[-1]
 
     def extra_repr(self) -> str:

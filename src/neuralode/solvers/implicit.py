@@ -49,7 +49,7 @@ import torch
 
 from ..controllers import rms_norm
 from .base import Solver
-from .linear import SingularMatrixError, TransformedSystem, build_system, gmres, jacobian
+from .linear import KrylovFailure, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian
 from .runge_kutta import StepOutcome, linear_combination
 
 # Hairer's RADAU5: keep J for the next step only if Newton contracted at least this fast.
@@ -205,7 +205,7 @@ class ImplicitRungeKutta(Solver):
                 return self._attempt(func, t0, y0, f0, h, error_norm, state, full_newton)
             except (NewtonFailure, SingularMatrixError) as failure:
                 state.counters["n_newton_failures"] += 1
-                reason = (failure.reason if isinstance(failure, NewtonFailure) else
+                reason = (failure.reason if isinstance(failure, (NewtonFailure, KrylovFailure)) else
                           f"the iteration matrix I - h*gamma*J is singular (h={abs(h):.3g})")
                 if not fresh:
                     # A stale Jacobian is the usual cause: retry the same step with a fresh one.
@@ -482,6 +482,13 @@ def attach_implicit_gradient(z_star: torch.Tensor, fixed_point: Callable, fixed_
     result = z_star.detach() + (out - out.detach())
 
     def transposed_solve(g: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # A backward pass that records its own graph (create_graph=True) would need lambda's dependence on
+            # z*, y0 and the parameters through dPhi/dz; computed without it, second derivatives came out wrong
+            # (kvaerno5: 1700x too small) or without a graph. Refused rather than wrong.
+            raise RuntimeError("double backward (create_graph=True) through an implicit method's stage equations is "
+                               "not supported: use an explicit method or a Rosenbrock method (rodas5p, which "
+                               "solves no nonlinear equation) for higher derivatives through the solve")
         z_leaf = z_star.detach().requires_grad_(True)
         with torch.enable_grad():
             out_z = fixed_point_known(z_leaf)

@@ -176,6 +176,15 @@ class SingularMatrixError(ArithmeticError):
         self.non_finite = non_finite
 
 
+class KrylovFailure(SingularMatrixError):
+    """GMRES did not reach its tolerance (a preconditioner that does not approximate the inverse, or values
+    that are not finite): the step that needed the solve is rejected, as for a singular matrix."""
+
+    def __init__(self, reason: str, non_finite: bool = False):
+        ArithmeticError.__init__(self, reason)
+        self.reason, self.non_finite = reason, non_finite
+
+
 @dataclass
 class DenseSystem:
     """LU of ``I - C (x) J`` for a dense ``J`` (n, n); right-hand sides are ``(s, *state_shape)``."""
@@ -265,9 +274,16 @@ class KrylovSystem:
         precondition = None
         if self.preconditioner is not None:
             c = float(self.C[0, 0])
-            precondition = lambda v: self.preconditioner(v[0] * scale, c)[None] / scale  # noqa: E731
+
+            def precondition(v):
+                out = self.preconditioner(v[0] * scale, c)
+                if not isinstance(out, torch.Tensor) or out.shape != v[0].shape:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(f"option 'preconditioner' returned {got} for a vector of shape "
+                                     f"{tuple(v[0].shape)}; it must return P v ~ (I - c J)^-1 v, shaped like v")
+                return out[None] / scale
         x, iterations = gmres(lambda v: self._apply(v * scale) / scale, rhs / scale, precondition=precondition,
-                              rtol=self.rtol if rtol is None else rtol, max_iters=self.max_iters)
+                              rtol=self.rtol if rtol is None else rtol, max_iters=self.max_iters, fail=True)
         self.iterations += iterations
         return x * scale
 
@@ -475,12 +491,14 @@ def build_system(mode: str, C: np.ndarray, J, preconditioner=None):
 # --- GMRES -------------------------------------------------------------------------------------------
 
 def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None, rtol: float = 1e-6,
-          atol: float = 0.0, restart: int = 40, max_iters: int = 400) -> tuple:
+          atol: float = 0.0, restart: int = 40, max_iters: int = 400, fail: bool = False) -> tuple:
     """Solve ``A x = b`` with restarted, right-preconditioned GMRES; returns ``(x, iterations)``.
 
     ``apply(v)`` computes ``A v`` for tensors shaped like ``b``; ``precondition(v)`` approximates
-    ``A^{-1} v``. Stops when ``|b - A x| <= max(rtol |b|, atol)`` or after ``max_iters`` products
-    (returning the best iterate: the caller's Newton iteration or gradient check judges it).
+    ``A^{-1} v``. Stops when ``|b - A x| <= max(rtol |b|, atol)``, after ``max_iters`` products, or at a
+    value that is not finite. Short of the tolerance it raises :class:`KrylovFailure` with ``fail=True``
+    (Newton's iteration: a zero increment from a useless preconditioner looked converged), and otherwise
+    returns the best iterate.
     The Arnoldi basis uses modified Gram-Schmidt; the small least-squares problem is solved with
     Givens rotations on the host (its size is at most ``restart``).
     """
@@ -494,6 +512,7 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
     M = precondition if precondition is not None else (lambda v: v)
     iterations = 0
     residual = b_flat.clone()
+    beta = b_norm
     while iterations < max_iters:
         beta = float(residual.norm())
         if beta <= target or not math.isfinite(beta):
@@ -515,6 +534,9 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
                 w = w - H[i, k] * basis[i]
             below = float(w.norm())   # kept: the rotation below zeroes H[k + 1, k]
             H[k + 1, k] = below
+            if not np.isfinite(H[:k + 2, k]).all():
+                beta = math.nan   # (a preconditioner or product gave NaN or inf: x keeps the last finite iterate)
+                break
             for i in range(k):   # apply the previous rotations to the new column
                 H[i, k], H[i + 1, k] = cs[i] * H[i, k] + sn[i] * H[i + 1, k], -sn[i] * H[i, k] + cs[i] * H[i + 1, k]
             r = math.hypot(H[k, k], H[k + 1, k])
@@ -525,15 +547,24 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
             if abs(g[k + 1]) <= target or H[k, k] == 0.0 or iterations >= max_iters or below == 0.0:
                 break
             basis.append(w / below)
-        if k_used == 0:
+        if k_used == 0 or not math.isfinite(beta):
             break
         coefficients = np.linalg.lstsq(np.triu(H[:k_used, :k_used]), g[:k_used], rcond=None)[0]
         for coefficient, z in zip(coefficients, preconditioned):
             x = x + float(coefficient) * z
         residual = b_flat - apply(x.reshape(shape)).reshape(-1)
+        previous, beta = beta, float(residual.norm())
+        if not beta < previous:
+            break   # a restart cycle that gained nothing (e.g. a zero preconditioner) gains nothing the next time
+    if fail and not beta <= target:
+        non_finite = not math.isfinite(beta)
+        raise KrylovFailure("GMRES produced non-finite values" if non_finite else
+                            f"GMRES did not reach its tolerance in {iterations} iterations (residual {beta / b_norm:.2g} "
+                            f"of the right-hand side against {target / b_norm:.2g}); a preconditioner should "
+                            "approximate (I - c J)^{-1} v", non_finite=non_finite)
     return x.reshape(shape), iterations
 
 
 __all__ = ["JACOBIAN_MODES", "jacobian", "spectral_radius", "dense_jacobian", "batched_jacobian", "Linearization",
            "build_system", "DenseSystem", "BatchedSystem", "TransformedSystem", "StageEigenbasis", "stage_eigenbasis",
-           "KrylovSystem", "SingularMatrixError", "gmres"]
+           "KrylovSystem", "SingularMatrixError", "KrylovFailure", "gmres"]

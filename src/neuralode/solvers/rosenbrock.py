@@ -41,8 +41,8 @@ import torch.autograd.forward_ad as forward_ad
 from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
 from .base import Solver
-from .linear import (JACOBIAN_MODES, SingularMatrixError, batched_jacobian, build_system, dense_jacobian, gmres,
-                     jacobian)
+from .linear import (JACOBIAN_MODES, KrylovFailure, SingularMatrixError, batched_jacobian, build_system,
+                     dense_jacobian, gmres, jacobian)
 from .runge_kutta import StepOutcome, linear_combination, step_result
 
 # Step factor after a singular iteration matrix: I - h gamma J is singular only for h gamma = 1/lambda
@@ -197,7 +197,13 @@ class Rosenbrock(Solver):
         if self.jacobian != "krylov":
             state.counters["n_lu"] += 1
         solve = self._solver(system, coefficient, state, graph, error_norm, y0)
-        us = self.increments(func, t0, y0, f0, h, solve, state.time_derivative)
+        try:
+            us = self.increments(func, t0, y0, f0, h, solve, state.time_derivative)
+        except KrylovFailure as failure:
+            # (zero stages from a useless preconditioner gave a zero error estimate: a wrong step accepted)
+            state.counters["n_singular"] += 1
+            return StepOutcome(y0, None, None, self.error_order, state=state, step_factor=_SINGULAR_FACTOR,
+                               failure=failure.reason)
         y1, ratio = self.combine(y0, us, error_norm)
         return StepOutcome(y1, None, ratio, self.error_order, stages=(f0, us), state=state)
 

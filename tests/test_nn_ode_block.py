@@ -145,6 +145,12 @@ def test_errors_name_the_argument_and_the_fix():
         ODEBlock(f, t=torch.nn.Parameter(torch.tensor([0.0, 1.0])))
     with pytest.raises(ValueError, match=r"t holds a tensor that requires grad"):
         ODEBlock(f, t=(0.0, torch.tensor(1.0, requires_grad=True)))
+    # a fixed-step method without a step is refused where the block is built, not at its first call
+    with pytest.raises(ValueError, match=r"method 'rk4' takes fixed steps: give options=\{'step_size': h\}"):
+        ODEBlock(f, method="rk4")
+    # the regularisers sum over the features of each sample: a 1-D input has none (was an IndexError)
+    with pytest.raises(ValueError, match=r"batch dimension first and features after it"):
+        ODEBlock(lambda t, z: -z, kinetic=True)(torch.randn(3))
     with pytest.raises(TypeError, match="t must be a pair"):
         ODEBlock(f, t=1.0)
     with pytest.raises(ValueError, match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint'\], got 'adj'"):

@@ -399,3 +399,11 @@ def test_checkpointing_equals_backpropagation_on_random_batches(batch, seed, sha
     mu_checkpoint, y0_checkpoint, _ = _gradients("checkpoint", mu, y0, t, method, tol=1e-6, options=options)
     torch.testing.assert_close(mu_checkpoint, mu_direct, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(y0_checkpoint, y0_direct, rtol=1e-12, atol=1e-12)
+
+
+def test_double_backward_errors_name_the_per_sample_strategy():
+    y0 = torch.randn(3, 2, dtype=f64, requires_grad=True)
+    for gradient in ("checkpoint", "adjoint"):
+        ys = solve(lambda t, y: -y ** 3, y0, torch.linspace(0, 1, 3, dtype=f64), per_sample=True, gradient=gradient).ys
+        with pytest.raises(RuntimeError, match=f"the per-sample {gradient} does not support double backward"):
+            torch.autograd.grad(ys.sum(), y0, create_graph=True)

@@ -158,7 +158,9 @@ class PerSampleAdjointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_outputs):
         if torch.is_grad_enabled():
-            raise RuntimeError("the per-sample adjoint does not support double backward (create_graph=True); use "
+            # (the function runs the per-sample checkpoint replay too: the run names its strategy)
+            name = getattr(ctx.run, "strategy_name", "adjoint")
+            raise RuntimeError(f"the per-sample {name} does not support double backward (create_graph=True); use "
                                "gradient='direct' for higher derivatives")
         (outputs,) = ctx.saved_tensors
         grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs)

@@ -22,6 +22,8 @@ from ..per_sample import integrate_per_sample, interpolate_outputs
 class PerSampleCheckpointRun:
     """The forward recorder and the backward replay (built by :func:`neuralode.solve.solve`)."""
 
+    strategy_name = "checkpoint"
+
     def __init__(self, field, stepper, params, taus, direction, linear):
         self.field, self.stepper, self.params = field, stepper, tuple(params)
         self.taus, self.direction, self.linear = taus, direction, linear

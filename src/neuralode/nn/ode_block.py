@@ -145,7 +145,13 @@ class ODEBlock(nn.Module):
         self.options = dict(options) if options is not None else None
         # An unknown method or an option it does not take fails here, where the block is built, rather than at
         # the first forward pass (possibly after data loading, inside a training loop).
-        check_options(check_method(method), self.options)
+        spec = check_method(method)
+        check_options(spec, self.options)
+        given = self.options or {}
+        if not spec.adaptive and given.get("step_size") is None and given.get("grid_constructor") is None:
+            raise ValueError(f"method {method!r} takes fixed steps: give options={{'step_size': h}} or a "
+                             "'grid_constructor'; to step exactly between the block's times, use "
+                             "options={'grid_constructor': lambda func, y0, t: t}")
         if isinstance(gradient, str):
             gradient = one_of("gradient", gradient, GRADIENTS)
         elif not isinstance(gradient, GradientStrategy):
@@ -219,9 +225,10 @@ class ODEBlock(nn.Module):
             raise TypeError(f"x must be a Tensor of shape (N, *), got {type(x).__name__}.")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}; cast it with x.float().")
-        if self.regularised and x.dim() < 1:
+        if self.regularised and x.dim() < 2:
             raise ValueError(
-                f"x must have a batch dimension first, shape (N, *), for the regularisers; got {tuple(x.shape)}."
+                f"x must have a batch dimension first and features after it, shape (N, D, ...), for the regularisers; "
+                f"got {tuple(x.shape)}."
             )
         # Times in float64 (the solver hands func the time in the state's dtype); MPS has no float64.
         time_dtype = torch.float32 if x.device.type == "mps" else torch.float64

@@ -576,6 +576,19 @@ def _edit_config(run: Path, **changes):
 _DELETE = object()
 
 
+def _resume_with_edited_config_is_refused(tmp_path, capsys, reference, changes, *needles):
+    """Resume a copy of the finished reference run (its summary removed) after editing config.json: exit 2,
+    one line holding ``needles`` (each formatted with ``run``, the copy), and nothing in the directory touched."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    _edit_config(run, **changes)
+    before = _tree(run)
+    assert _run(run, resume=True) == 2
+    _one_line_error(capsys, *(needle.format(run=run) for needle in needles))
+    assert _tree(run) == before
+
+
 @pytest.mark.parametrize("changes, needle", [
     ({"epochs": "x"}, "field epochs: expected int, got 'x'"),
     ({"lr": "abc"}, "field lr: expected a number"),
@@ -589,14 +602,8 @@ _DELETE = object()
 ])
 def test_config_json_values_are_type_checked_on_resume(tmp_path, capsys, reference, changes, needle):
     """QA D4: a config.json edited to a wrong type, or missing a field, is named before anything runs."""
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    (run / "summary.json").unlink()
-    _edit_config(run, **changes)
-    before = _tree(run)
-    assert _run(run, resume=True) == 2
-    _one_line_error(capsys, f"{run / 'config.json'} is not a valid spiral config", needle, "restore it")
-    assert _tree(run) == before
+    _resume_with_edited_config_is_refused(tmp_path, capsys, reference, changes,
+                                          "{run}/config.json is not a valid spiral config", needle, "restore it")
 
 
 def test_an_empty_config_object_is_not_resumed_with_defaults(tmp_path, capsys, reference):
@@ -614,14 +621,9 @@ def test_an_empty_config_object_is_not_resumed_with_defaults(tmp_path, capsys, r
 ])
 def test_a_config_json_other_than_the_trained_one_is_refused(tmp_path, capsys, reference, changes, needle):
     """QA D3/D4: the checkpoint records the config it was trained with; resume compares against it."""
-    run = tmp_path / "run"
-    shutil.copytree(reference, run)
-    (run / "summary.json").unlink()
-    _edit_config(run, **changes)
-    before = _tree(run)
-    assert _run(run, resume=True) == 2
-    _one_line_error(capsys, f"checkpoint {run / CHECKPOINT} does not match", needle, "another --out")
-    assert _tree(run) == before
+    _resume_with_edited_config_is_refused(tmp_path, capsys, reference, changes,
+                                          "checkpoint {run}/" + str(CHECKPOINT) + " does not match", needle,
+                                          "another --out")
 
 
 def test_a_config_json_of_another_architecture_with_an_old_checkpoint(tmp_path, capsys, reference):

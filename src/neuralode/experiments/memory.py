@@ -199,9 +199,10 @@ class Memory(Experiment):
             blocks = [nn.Sequential(nn.Linear(w, w), nn.Tanh()) for _ in range(L)]
             models[f"resnet_{L}"] = ResNet(nn.Linear(c.features, w), blocks, nn.Linear(w, c.features))
         if c.ode_steps and c.strategies:
-            # One ODE-Net; the strategy and the step count are chosen per case.
+            # One ODE-Net; the strategy and the step count are chosen per case (the first case's step here).
             models["odenet"] = ODENet(nn.Linear(c.features, w), Autonomous(nn.Sequential(nn.Linear(w, w), nn.Tanh())),
-                                      nn.Linear(w, c.features), method=c.method, gradient="direct")
+                                      nn.Linear(w, c.features), method=c.method, gradient="direct",
+                                      options={"step_size": 1.0 / c.ode_steps[0]})
         return models.to(self.device)
 
     def build_optimizer(self, model):

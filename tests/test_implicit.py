@@ -443,6 +443,19 @@ def test_a_loose_component_does_not_loosen_newton_for_the_others():
     assert sp.mixed_error(sol.ys[-1, :2].numpy(), reference, 1e-6, 1e-9) <= 10e-6
 
 
+def test_radau5_newton_starts_from_the_previous_collocation_polynomial():
+    """Newton's starting guess for radau5's stages extrapolates the last accepted step's collocation polynomial
+    (RADAU5, scipy Radau). On HIRES at rtol 1e-7 it took 3.45 iterations a step from the guess c_i h f0 and
+    2.75 with the extrapolation (15% fewer evaluations), within the tolerance."""
+    problem = sp.hires()
+    rtol = 1e-7
+    t = torch.tensor(problem.t_span, dtype=F64)
+    sol = neuralode.solve(problem.func, problem.y0, t, method="radau5", rtol=rtol, atol=problem.atol_tensor(rtol))
+    assert sol.stats["n_newton_iters"] < 3.0 * sol.stats["n_steps"], sol.stats
+    reference = sp.scipy_reference(problem, [problem.t_span[1]])[0]
+    assert sp.mixed_error(sol.ys[-1].numpy(), reference, rtol, problem.atol(rtol)) <= rtol
+
+
 def test_newton_confirms_a_slow_first_contraction_rate():
     """Van der Pol mu = 1000 over two relaxation periods at rtol 1e-4: six Newton solves that stopped on one
     measured rate of 0.10-0.53 left radau5's end point 253x the tolerance (its second jump 18 time units late);

@@ -25,6 +25,8 @@ three where that first rate exceeds 0.1 (a second rate confirms it: ``_CONFIRM_T
 when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach. A failed step is retried once
 with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
 On a fixed grid, which cannot shrink, the last resort is full Newton (J at every iterate).
+Fully implicit stages start from the last accepted step's collocation polynomial, extrapolated to the new
+stage times (RADAU5; scipy's Radau); diagonally implicit ones from the previous stage's derivative.
 The stage derivatives of implicit stages are ``k_i = (z - psi_i) / (h a_ii)`` rather than ``f(t_i,
 z)``: for stiff components ``f`` amplifies the Newton error by ``|h lambda|`` (Hairer-Wanner IV.8).
 
@@ -83,6 +85,10 @@ class ImplicitState:
     systems: dict = field(default_factory=dict)   # coefficient key -> factorised iteration matrix
     scale: Any = None                 # the error norm's scale at this step's y0 (Krylov solves use it)
     last_rejected: bool = True        # the previous attempt was rejected (or none yet): RADAU5's error refinement
+    # The coupled stages' last attempt (y1, h, Z) and the last accepted one: Newton's starting guess extrapolates
+    # the accepted step's collocation polynomial (RADAU5's STARTN = 0, scipy Radau's Z0).
+    attempted: Any = None
+    accepted: Any = None
     counters: dict = field(default_factory=lambda: {"n_jacobians": 0, "n_lu": 0, "n_newton_iters": 0,
                                                     "n_newton_failures": 0})
 
@@ -329,9 +335,12 @@ class ImplicitRungeKutta(Solver):
             return torch.einsum("ij,j...->i...", A_t, F)
 
         y0_known = y0.detach()
-        guess = torch.stack([(c * h) * f0.detach() for c, _, _ in self._stages])
+        guess = self._extrapolated_guess(state, y0, h)
+        if guess is None:
+            guess = torch.stack([(c * h) * f0.detach() for c, _, _ in self._stages])
         Z = newton.solve(lambda Z: fixed_point(Z, y0_known) - Z, guess, system,
                          lambda Z: self._fresh_system(func, times[-1], y0_known + Z[-1], C, state))
+        state.attempted = (None, h, Z.detach())   # (y1 filled in below: a step from it accepts this one)
         if grad:
             Z = attach_implicit_gradient(Z, fixed_point, lambda Z: fixed_point(Z, y0_known), self.jacobian)
         if self._solution_weights:
@@ -344,7 +353,29 @@ class ImplicitRungeKutta(Solver):
         else:
             ks = [func(t_i, y0 + Z[i]) for i, t_i in enumerate(times)]
             y1 = linear_combination(None, h, ks, self._b).add_(y0)
+        state.attempted = (y1, h, state.attempted[2])
         return ks, y1, Z
+
+    def _extrapolated_guess(self, state: ImplicitState, y0: torch.Tensor, h: float):
+        """Stage increments ``u(t0 + c_i h) - y0`` from the previous accepted step's collocation polynomial ``u``
+        (degree s through ``(0, 0)`` and ``(c_j, Z_j)`` in that step's scaled time), or ``None`` without one. A
+        step that starts where the last attempt ended shows that attempt was accepted."""
+        if state.attempted is not None and state.attempted[0] is y0:
+            state.accepted = state.attempted
+        if state.accepted is None or state.accepted[0] is not y0 or not self.tableau.stiffly_accurate:
+            return None
+        _, h_previous, Z_previous = state.accepted
+        nodes = np.concatenate([[0.0], np.asarray(self.tableau.c, dtype=np.float64)])
+        thetas = 1.0 + np.asarray(self.tableau.c, dtype=np.float64) * (h / h_previous)
+        # Lagrange weights of the nodes at each theta; the node 0 carries the value 0.
+        weights = np.ones((len(thetas), len(nodes)))
+        for j, node in enumerate(nodes):
+            for m, other in enumerate(nodes):
+                if m != j:
+                    weights[:, j] *= (thetas - other) / (node - other)
+        W = torch.as_tensor(weights[:, 1:], dtype=Z_previous.dtype, device=Z_previous.device)
+        # u(theta) - y0 = u(theta) - u(1): y0 = y_previous + Z_s for a stiffly accurate method (c_s = 1)
+        return torch.einsum("ij,j...->i...", W, Z_previous) - Z_previous[-1]
 
     def _radau_error(self, func, t0, y0, f0, y1, h, Z, error_norm, state):
         """Hairer's RADAU5 estimate: ``err = (I - h gamma0 J)^{-1} (gamma0 h f0 + gamma0 sum_i e_i Z_i)``.

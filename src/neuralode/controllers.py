@@ -297,11 +297,7 @@ class AdaptiveController:
             growth = torch.where(known, previous, ratio) / ratio
             prediction = (h / torch.where(known, h_accepted, h) * growth ** (1.0 / k)).clamp(max=1.0)
             factor = self.safety * ratio ** (-1.0 / k) * torch.where(known, prediction, torch.ones_like(prediction))
-            low, high = pick(self.dfactor, self.dfactor), pick(self.ifactor, self.safety)
-            scaled = h * torch.minimum(high, torch.maximum(factor, low))
-            h_next = torch.where(ratio == 0.0, h * self.ifactor, scaled)
-            h_next = torch.where(finite, h_next, h * self.dfactor)
-            return accepted, h_next, torch.where(accepted, ratio, previous), torch.where(accepted, h, older)
+            scaled = h * torch.minimum(pick(self.ifactor, self.safety), factor.clamp(min=self.dfactor))
         else:
             factor = self.safety * ratio ** (-1.0 / k)
             if self.kind == "pi":
@@ -311,7 +307,9 @@ class AdaptiveController:
             scaled = h * torch.clamp(torch.maximum(factor, low), max=self.ifactor)
         h_next = torch.where(ratio == 0.0, h * self.ifactor, scaled)
         h_next = torch.where(finite, h_next, h * self.dfactor)
-        return (accepted, h_next, torch.where(accepted, ratio, previous), torch.where(accepted, previous, older))
+        # (what an accepted step leaves: its ratio, and the older ratio or, for the predictive one, its length)
+        remembered = h if self.kind == "predictive" else previous
+        return (accepted, h_next, torch.where(accepted, ratio, previous), torch.where(accepted, remembered, older))
 
 
 @dataclass(frozen=True)

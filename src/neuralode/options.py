@@ -28,6 +28,16 @@ def check_method(method):
     return REGISTRY[method]
 
 
+def check_fixed_step_given(spec, options, times_name: str = "the output times") -> None:
+    """A fixed-step method needs ``step_size`` or a ``grid_constructor``: say so, with the grid that steps
+    exactly between ``times_name``. (``solve`` and ``ODEBlock``, which checks where the block is built.)"""
+    options = options or {}
+    if not spec.adaptive and options.get("step_size") is None and options.get("grid_constructor") is None:
+        raise ValueError(f"method {spec.name!r} takes fixed steps: give options={{'step_size': h}} or a "
+                         f"'grid_constructor'; to step exactly between {times_name}, use "
+                         "options={'grid_constructor': lambda func, y0, t: t}")
+
+
 def check_options(spec, options):
     if options is None:
         return {}

@@ -17,7 +17,8 @@ from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdj
 from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
-from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_method, check_options,
+from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_fixed_step_given,
+                      check_method, check_options,
                       check_tolerances_usable, make_control, time_list)
 from .problem import check_other_tolerance, make_problem
 from .solution import Solution
@@ -161,11 +162,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)
-    if spec.adaptive is False and options.get("step_size") is None and options.get("grid_constructor") is None:
-        if not grid_is_t:
-            raise ValueError(f"method {spec.name!r} takes fixed steps: give options={{'step_size': h}} or a "
-                             "'grid_constructor'; to step exactly between the output times, use "
-                             "options={'grid_constructor': lambda func, y0, t: t}")
+    if not grid_is_t:
+        check_fixed_step_given(spec, options)
     if not spec.adaptive:
         options.setdefault("interp", FIXED_DEFAULT_INTERP)
         if options["interp"] not in ("linear", "cubic"):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from neuralode.gradients import GradientStrategy
-from neuralode.options import check_method, check_options
+from neuralode.options import check_fixed_step_given, check_method, check_options
 from neuralode.solve import solve
 from neuralode.nn._checks import one_of, time_points, tolerance
 from neuralode.nn.augment import augment
@@ -147,11 +147,7 @@ class ODEBlock(nn.Module):
         # the first forward pass (possibly after data loading, inside a training loop).
         spec = check_method(method)
         check_options(spec, self.options)
-        given = self.options or {}
-        if not spec.adaptive and given.get("step_size") is None and given.get("grid_constructor") is None:
-            raise ValueError(f"method {method!r} takes fixed steps: give options={{'step_size': h}} or a "
-                             "'grid_constructor'; to step exactly between the block's times, use "
-                             "options={'grid_constructor': lambda func, y0, t: t}")
+        check_fixed_step_given(spec, self.options, "the block's times")
         if isinstance(gradient, str):
             gradient = one_of("gradient", gradient, GRADIENTS)
         elif not isinstance(gradient, GradientStrategy):

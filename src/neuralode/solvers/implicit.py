@@ -340,7 +340,6 @@ class ImplicitRungeKutta(Solver):
             guess = torch.stack([(c * h) * f0.detach() for c, _, _ in self._stages])
         Z = newton.solve(lambda Z: fixed_point(Z, y0_known) - Z, guess, system,
                          lambda Z: self._fresh_system(func, times[-1], y0_known + Z[-1], C, state))
-        state.attempted = (None, h, Z.detach())   # (y1 filled in below: a step from it accepts this one)
         if grad:
             Z = attach_implicit_gradient(Z, fixed_point, lambda Z: fixed_point(Z, y0_known), self.jacobian)
         if self._solution_weights:
@@ -353,7 +352,7 @@ class ImplicitRungeKutta(Solver):
         else:
             ks = [func(t_i, y0 + Z[i]) for i, t_i in enumerate(times)]
             y1 = linear_combination(None, h, ks, self._b).add_(y0)
-        state.attempted = (y1, h, state.attempted[2])
+        state.attempted = (y1, h, Z.detach())   # a step that starts from y1 shows this attempt was accepted
         return ks, y1, Z
 
     def _extrapolated_guess(self, state: ImplicitState, y0: torch.Tensor, h: float):

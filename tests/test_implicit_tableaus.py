@@ -1,6 +1,7 @@
 """Implicit Runge-Kutta tableaus: order conditions (rooted trees) for the full stage matrix, embedded
 estimates and their sign, stage order, the derived structure/gamma/stiff accuracy, A- and L-stability
-claims against the stability function, the Hermite dense output, and validation errors."""
+claims against the stability function, the dense outputs (Hermite, and the continuous extensions derived from
+the stages), and validation errors."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from test_tableaus import TREES, _satisfied_order
 
 from neuralode.tableaus import TABLEAUS, hermite_dense
 from neuralode.tableaus.implicit import IMPLICIT_TABLEAUS, ImplicitTableau, stability_function
+from neuralode.tableaus.order_conditions import continuous_extension
 
 NAMES = sorted(IMPLICIT_TABLEAUS)
 # The literature's classification of each method (the tableau's own claims are checked against these,
@@ -235,7 +237,15 @@ def test_stiffly_accurate_with_invertible_a_is_l_stable():
 
 # --- dense output ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NAMES)
+# Tableaus whose dense output is derived from their stages (dense_order); the others interpolate by cubic Hermite.
+DERIVED_DENSE = {"kvaerno5": 4, "radauIIA5": 3}
+
+
+def test_the_derived_dense_outputs_are_the_listed_ones():
+    assert {n: t.dense_order for n, t in IMPLICIT_TABLEAUS.items() if t.dense_order} == DERIVED_DENSE
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in DERIVED_DENSE])
 def test_dense_is_the_hermite_cubic(name):
     tab = IMPLICIT_TABLEAUS[name]
     expected = hermite_dense(tab.b, fsal=tab.stiffly_accurate)
@@ -247,7 +257,8 @@ def test_dense_is_the_hermite_cubic(name):
     assert np.allclose(ones[tab.stages:], 0, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if IMPLICIT_TABLEAUS[n].structure == "esdirk"])
+@pytest.mark.parametrize("name", [n for n in NAMES
+                                  if IMPLICIT_TABLEAUS[n].structure == "esdirk" and n not in DERIVED_DENSE])
 def test_esdirk_dense_output_is_a_continuous_extension(name):
     """With an explicit first stage (k_0 = f(t0, y0)) and stiff accuracy (k_{s-1} = f(t1, y1)), the dense rows
     are weights on the stages alone, and b(theta) satisfies the order conditions up to min(3, order)."""
@@ -257,6 +268,56 @@ def test_esdirk_dense_output_is_a_continuous_extension(name):
     q = min(3, tab.order)
     for theta in (0.1, 0.3, 0.5, 0.77, 1.0):
         assert _satisfied_order(_a(tab), tab.dense @ theta ** powers, q, theta) >= q, theta
+
+
+def _dense_stability(tab, z: float, theta: float) -> float:
+    """y(t0 + theta h) / y0 of the dense output on y' = lambda y, z = h lambda: 1 + z b(theta)^T (I - z A)^{-1} 1."""
+    a = _a(tab)
+    b_theta = tab.dense @ theta ** np.arange(1, tab.dense.shape[1] + 1)
+    return float(1 + z * b_theta @ np.linalg.solve(np.eye(len(a)) - z * a, np.ones(len(a))))
+
+
+@pytest.mark.parametrize("name", sorted(DERIVED_DENSE))
+def test_derived_dense_output_has_its_order_and_ends(name):
+    """b(theta) meets the order conditions up to dense_order at every theta (and no higher, at interior theta),
+    reproduces b at theta = 1, and its derivative there is the last stage, f(t0 + h, y1): the output is C1 at the
+    step's end."""
+    tab = IMPLICIT_TABLEAUS[name]
+    q = tab.dense_order
+    powers = np.arange(1, tab.dense.shape[1] + 1)
+    assert tab.dense.shape == (tab.stages, q)
+    for theta in (0.1, 0.3, 0.5, 0.77):
+        assert _satisfied_order(_a(tab), tab.dense @ theta ** powers, q + 1, theta) == q, theta
+    np.testing.assert_allclose(tab.dense.sum(axis=1), tab.b, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(tab.dense @ powers, np.eye(tab.stages)[-1], rtol=0, atol=1e-12)
+
+
+def test_kvaerno5_dense_output_is_bounded_in_the_stiff_limit_where_the_hermite_cubic_is_not():
+    """On y' = lambda y the cubic Hermite's h f0 term grows like h lambda (0.125 z at theta = 1/2); the derived
+    output is built to stay bounded (b(theta) orthogonal to the stage values' limit)."""
+    tab = IMPLICIT_TABLEAUS["kvaerno5"]
+    hermite = ImplicitTableau("k5_hermite", c=tab.c, a=tab.a, b=tab.b, order=5)
+    for theta in (0.25, 0.5, 0.75):
+        values = [abs(_dense_stability(tab, z, theta)) for z in (-1e4, -1e6, -1e8)]
+        assert max(values) < 10 and abs(values[-1] - values[-2]) < 1e-3, (theta, values)
+        assert abs(_dense_stability(hermite, -1e8, theta)) > 1e6
+
+
+def test_radau_iia5_dense_output_is_its_collocation_polynomial():
+    """The collocation polynomial u passes through the stage values: u(c_i) = y0 + h sum_j a_ij k_j, i.e.
+    b(c_i) = row i of A (scipy's Radau and Hairer's RADAU5 interpolate with it)."""
+    tab = IMPLICIT_TABLEAUS["radauIIA5"]
+    for i, c in enumerate(tab.c):
+        np.testing.assert_allclose(tab.dense @ c ** np.arange(1, 4), _a(tab)[i], rtol=0, atol=1e-12)
+
+
+def test_continuous_extension_reports_an_order_out_of_reach():
+    tab = IMPLICIT_TABLEAUS["kvaerno5"]
+    assert continuous_extension(_a(tab), tab.b, 5, end_derivative=tab.stages - 1) is None
+    with pytest.raises(ValueError, match="no dense output of order 5"):
+        ImplicitTableau("k5", c=tab.c, a=tab.a, b=tab.b, order=5, dense_order=5)
+    with pytest.raises(ValueError, match="dense_order 6 must be in"):
+        ImplicitTableau("k5", c=tab.c, a=tab.a, b=tab.b, order=5, dense_order=6)
 
 
 # --- the dataclass validates itself ---------------------------------------------------------------

@@ -84,7 +84,8 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
               on_accept=None, callbacks: Callbacks | None = None, state_jumps: dict | None = None) -> Integration:
     """Integrate ``problem`` with ``stepper`` under ``control`` (an adaptive controller or a fixed grid).
 
-    ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``norm``, ``interp``
+    ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``land_on_outputs`` (steps end on
+    the output times; default ``stepper.lands_on_outputs``, adaptive control only), ``norm``, ``interp``
     (``"linear"`` or ``"cubic"`` for fixed grids) and ``perturb`` (bool). ``until_event`` ignores the
     end of ``t`` and integrates until a terminal event fires (torchdiffeq's event mode). ``events``: the
     :class:`EventSpec` s to watch; every occurrence goes to ``event_records``, and when a terminal one
@@ -111,7 +112,10 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     outputs = _Outputs(result, taus, problem.times, options.get("interp", "cubic") == "linear")
     watch = _Events(events, field, problem.times[0], y, result)
     state = stepper.init(field, problem.times[0], y, derivative.f)
-    stops = sorted(set(direction * t for t in options.get("step_t", ())) | derivative.jumps | set(state_jumps))
+    stops = set(direction * t for t in options.get("step_t", ())) | derivative.jumps | set(state_jumps)
+    if isinstance(control, AdaptiveController) and options.get("land_on_outputs", stepper.lands_on_outputs):
+        stops |= set(taus[1:])   # the steps end on the output times (see Solver.lands_on_outputs)
+    stops = sorted(stops)
     stepping = control.start([s for s in stops if tau < s < tau_end] + [tau_end], lambda: initial_step(
         field, direction * tau, y, derivative.f, direction, stepper.initial_step_order, error_norm),
         read_together=y.device.type != "cpu")

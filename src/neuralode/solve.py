@@ -58,7 +58,9 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         ``min_step``, ``max_step``, ``safety``, ``ifactor``, ``dfactor``, ``step_t``, ``jump_t``,
         ``norm``, ``dtype``, and ``controller`` (``"integral"``, the default of explicit methods, ``"pi"``,
         ``"pid"`` with ``pcoeff``, ``icoeff``, ``dcoeff``, or ``"predictive"``, the default of the implicit and
-        Rosenbrock methods); Adams
+        Rosenbrock methods), ``land_on_outputs`` (end steps on the output times instead of interpolating: the
+        default of the implicit, Rosenbrock and ``auto`` methods, whose dense output between long stiff steps
+        can be far less accurate than the steps; ``False`` interpolates, with fewer steps); Adams
         ``max_order``, ``max_iters``. An option the method does not use is an error.
     gradient : {"direct", "adjoint", "checkpoint"} or a strategy object
         How ``backward()`` differentiates the solve (see :mod:`neuralode.gradients`).
@@ -159,6 +161,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     t_requires_grad = t_wants_grad and not graphless
     for name in ("step_t", "jump_t"):
         options[name] = time_list(options, name)
+    if not isinstance(options.get("land_on_outputs", False), bool):
+        raise TypeError(f"option 'land_on_outputs' must be True or False, got {options['land_on_outputs']!r}")
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)

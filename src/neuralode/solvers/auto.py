@@ -71,6 +71,7 @@ class AutoSwitching(Solver):
     stiff: Solver
     nonstiff: ExplicitRungeKutta = field(default_factory=lambda: ExplicitRungeKutta(TABLEAUS["tsit5"]))
     implicit = True   # (class attribute) it handles stiffness itself: no stiffness hint from the loop
+    lands_on_outputs = True
     replayable = False  # it switches methods along the solve: a replay from a stored state would not match
 
     @property

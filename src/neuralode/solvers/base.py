@@ -15,6 +15,10 @@ Flags (class attributes, read by the loop and the gradient strategies instead of
 - ``solves_whole_span``: the solver runs its own loop over the whole span (scipy); the loop hands it the
   span instead of stepping it.
 - ``fsal``: the last stage is the derivative at the step's end (first same as last).
+- ``lands_on_outputs``: by default the steps end on the output times instead of interpolating there (the
+  option ``land_on_outputs`` overrides it). True for the implicit, Rosenbrock and switching methods: between
+  the long steps of a stiff solve their dense output was 10-1000x less accurate than the steps themselves
+  (docs/solvers.md).
 
 Methods: ``init(func, t0, y0, f0) -> state``; ``step(func, t0, y0, f0, h, error_norm, state) ->
 StepOutcome`` (see :class:`~neuralode.solvers.runge_kutta.StepOutcome`); ``dense_coefficients(func, t0,
@@ -39,6 +43,7 @@ class Solver(abc.ABC):
     replayable = True
     solves_whole_span = False
     fsal = False
+    lands_on_outputs = False
 
     @property
     @abc.abstractmethod

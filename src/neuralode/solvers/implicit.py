@@ -128,6 +128,7 @@ class ImplicitRungeKutta(Solver):
     jacobian: str = "dense"
     max_iters: int = 10
     implicit = True    # (class attribute, not a field) solves stiff problems
+    lands_on_outputs = True
     preconditioner: Callable | None = None
     radau_error: bool = False
     keep_step: tuple | None = (1.0, 1.2)
@@ -137,6 +138,7 @@ class ImplicitRungeKutta(Solver):
     _solution_weights: tuple = field(init=False, repr=False)
     _b: tuple = field(init=False, repr=False)
     _b_err: tuple = field(init=False, repr=False)
+    _dense_rows: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         tab = self.tableau
@@ -147,6 +149,8 @@ class ImplicitRungeKutta(Solver):
         set_(self, "_stages", tuple((float(tab.c[i]), float(A[i, i]), _sparse(A[i, :i])) for i in range(len(tab.c))))
         set_(self, "_b", _sparse(tab.b))
         set_(self, "_b_err", _sparse(tab.b_err) if tab.b_err is not None else ())
+        # A derived continuous extension: the weights of each power of theta on the stages (else cubic Hermite).
+        set_(self, "_dense_rows", tuple(_sparse(column) for column in tab.dense.T) if tab.dense_order else ())
         # Fully implicit with an invertible A: y1 = y0 + b^T A^{-1} Z needs no further evaluation of f
         # (Hairer-Wanner IV.8, eq. 8.2b); a stiffly accurate method's weights are then (0, ..., 0, 1).
         weights = ()
@@ -403,7 +407,12 @@ class ImplicitRungeKutta(Solver):
     # --- dense output --------------------------------------------------------------------------------
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
                            f1: torch.Tensor) -> list:
-        """Cubic Hermite through ``(y0, f0)`` and ``(y1, f1)``: third order, as diffrax's Kvaerno uses."""
+        """The tableau's continuous extension on the stages where it has one (kvaerno5: order 4; radau5: the
+        collocation polynomial), else the cubic Hermite through ``(y0, f0)`` and ``(y1, f1)`` (third order, as
+        diffrax's Kvaerno uses)."""
+        if self._dense_rows:
+            ks = outcome.stages[1]
+            return [y0] + [linear_combination(None, h, ks, terms) for terms in self._dense_rows]
         f0, y1 = outcome.stages[0], outcome.y1
         delta = y1 - y0
         c2 = 3 * delta - h * (2 * f0 + f1)

@@ -101,6 +101,7 @@ class Rosenbrock(Solver):
     preconditioner: Callable | None = None
     krylov_rtol: float | None = None
     implicit = True    # (class attribute, not a field) solves stiff problems
+    lands_on_outputs = True
     _stages: tuple = field(init=False, repr=False)
     _m: tuple = field(init=False, repr=False)
     _m_err: tuple = field(init=False, repr=False)

@@ -75,3 +75,78 @@ def satisfied_order(a: np.ndarray, b, max_order: int, theta: float = 1.0, tol: f
             if abs(lhs - rhs) > tol * max(1.0, abs(rhs)):
                 return n - 1, tree
     return max_order, None
+
+
+def stiff_stage_limit(a: np.ndarray) -> np.ndarray:
+    """``Y = lim (I - z a)^{-1} 1`` as ``z -> -infinity``: the stage values on ``y' = lambda y``, ``y0 = 1``, in
+    the limit ``h lambda -> -infinity``. Zero when ``a`` is invertible; with an explicit first stage (ESDIRK) the
+    first entry is 1 and each implicit stage ``i`` solves ``sum_{j <= i} a_ij Y_j = 0`` (forward substitution).
+    ``None`` for a singular ``a`` of any other shape."""
+    s = a.shape[0]
+    if abs(np.linalg.det(a)) > 1e-12:
+        return np.zeros(s)
+    if not np.allclose(np.triu(a, 1), 0.0):
+        return None
+    limit = np.zeros(s)
+    for i in range(s):
+        if a[i, i] != 0:
+            limit[i] = -(a[i, :i] @ limit[:i]) / a[i, i]
+        elif not np.any(a[i, :i]):
+            limit[i] = 1.0          # an explicit stage at y0
+        else:
+            return None
+    return limit
+
+
+def continuous_extension(a: np.ndarray, b, order: int, end_derivative: int | None = None,
+                         tol: float = 1e-10) -> np.ndarray | None:
+    """Weights ``b(theta) = sum_{m=1}^{order} B[:, m-1] theta**m`` of a dense output ``y(t0 + theta h) = y0 + h
+    sum_i b_i(theta) k_i`` built from the stages alone, or ``None`` where none exists. Shape ``(s, order)``.
+
+    Conditions (linear in ``B``): every rooted tree ``t`` with ``|t| <= order`` holds at every ``theta``
+    (``b(theta) . Phi(t) = theta**|t| / gamma(t)``, one equation per power of theta: Hairer, Norsett and Wanner
+    I, Sec. II.6, continuous Runge-Kutta methods); ``b(1) = b``; ``b'(1)`` is the unit vector of stage
+    ``end_derivative`` when that stage is ``f(t0 + h, y1)`` (a stiffly accurate method's last), which makes the
+    output's derivative continuous at the step's end; and ``b(theta) . Y = 0`` for the stiff stage limit ``Y``
+    (:func:`stiff_stage_limit`), so that on ``y' = lambda y`` the output stays bounded as ``h lambda -> -infinity``
+    (a cubic Hermite through ``h f(t0, y0)`` grows like ``h lambda`` there). Of the solutions the one of least
+    norm (``numpy.linalg.lstsq``); ``None`` if the least-squares residual exceeds ``tol``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    s = len(b)
+    rows, values = [], []
+
+    def condition(weights_by_power: np.ndarray, value: float):
+        rows.append(weights_by_power.ravel())
+        values.append(value)
+
+    cache: dict = {}
+    for n in range(1, order + 1):
+        for tree in rooted_trees(n):
+            products = _stage_products(a, tree, cache)
+            for m in range(1, order + 1):
+                w = np.zeros((s, order))
+                w[:, m - 1] = products
+                condition(w, 1.0 / tree_density(tree) if m == n else 0.0)
+    for i in range(s):
+        w = np.zeros((s, order))
+        w[i, :] = 1.0
+        condition(w, b[i])
+        if end_derivative is not None:
+            w = np.zeros((s, order))
+            w[i, :] = np.arange(1, order + 1)
+            condition(w, float(i == end_derivative))
+    limit = stiff_stage_limit(a)
+    if limit is None:
+        return None
+    if np.any(limit):
+        for m in range(order):
+            w = np.zeros((s, order))
+            w[:, m] = limit
+            condition(w, 0.0)
+    matrix, rhs = np.array(rows), np.array(values)
+    solution = np.linalg.lstsq(matrix, rhs, rcond=None)[0]
+    if np.abs(matrix @ solution - rhs).max() > tol:
+        return None
+    return solution.reshape(s, order)

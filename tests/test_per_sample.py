@@ -407,3 +407,15 @@ def test_double_backward_errors_name_the_per_sample_strategy():
         ys = solve(lambda t, y: -y ** 3, y0, torch.linspace(0, 1, 3, dtype=f64), per_sample=True, gradient=gradient).ys
         with pytest.raises(RuntimeError, match=f"the per-sample {gradient} does not support double backward"):
             torch.autograd.grad(ys.sum(), y0, create_graph=True)
+
+
+def test_per_sample_nan_just_past_the_state_is_a_non_finite_error():
+    """The time-resolution rule of the joint loop holds per sample: a sample that meets NaN just past its state
+    stops with a NonFiniteError naming it, not after crawling on by ulps."""
+    def field(t, y):
+        return torch.where(y < 0.6, torch.full_like(y, math.nan), -y)
+
+    y0 = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(neuralode.NonFiniteError, match="sample 0"):
+        neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="tsit5", per_sample=True,
+                        options={"max_num_steps": 3000})

@@ -89,6 +89,29 @@ def test_a_norm_that_hides_nan_cannot_accept_it(method):
     assert 0.49 < info.value.t <= 0.5 + 1e-9
 
 
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_nan_just_past_the_state_stops_with_a_non_finite_error_not_a_crawl(method):
+    """f is NaN once y falls below 0.6 (as log(y - c) would be): every method stops near t = ln(1/0.6) with a
+    NonFiniteError. kvaerno5, whose stage 3 lies past the step, used to accept steps of one or two ulps of t there
+    and crawl on to its 100,000-step budget (110 s, a MaxStepsError); a step below ten spacings of the time now
+    counts as collapsed (scipy's rule)."""
+    def field(t, y):
+        return torch.where(y < 0.6, torch.full_like(y, math.nan), -y)
+
+    y0 = torch.ones(2, dtype=torch.float64)
+    with pytest.raises(NonFiniteError) as info:
+        neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
+                        options={"max_num_steps": 3000})
+    assert abs(info.value.t - math.log(1 / 0.6)) < 1e-3
+
+
+def test_steps_clipped_below_the_time_resolution_are_not_a_collapse():
+    """The rule looks at the controller's step, not at one clipped to an output time: outputs 1e-15 apart work."""
+    t = torch.tensor([0.0, 1.0, 1.0 + 1e-15], dtype=torch.float64)
+    sol = neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, method="dopri5")
+    assert sol.success and torch.allclose(sol.ys[:, 0], torch.exp(-t))
+
+
 def test_dopri8_error_estimate_is_the_reference_dop853():
     """Defect 3 (checked): dopri8's combined 5th/3rd-order estimate (Hairer's dop853.f: err5^2 /
     sqrt(err5^2 + 0.01 err3^2) in the weighted norm) equals scipy's DOP853 estimate, a port of

@@ -17,6 +17,7 @@ takes over from where it stopped when a step needs its judgement (a collapsing s
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field as dataclass_field
 
 import torch
@@ -25,7 +26,7 @@ from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, St
 from .callbacks import Callbacks, call as call_back
 from .controllers import AdaptiveController, AdaptiveStepping, ErrorNorm, FixedStepping, initial_step
 from .interpolation import DenseSolution, horner, linear_coefficients
-from .problem import next_after
+from .problem import below_time_resolution, next_after
 from .solvers.linear import spectral_radius
 
 
@@ -113,9 +114,11 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     watch = _Events(events, field, problem.times[0], y, result)
     state = stepper.init(field, problem.times[0], y, derivative.f)
     stops = set(direction * t for t in options.get("step_t", ())) | derivative.jumps | set(state_jumps)
-    if isinstance(control, AdaptiveController) and options.get("land_on_outputs", stepper.lands_on_outputs):
-        stops |= set(taus[1:])   # the steps end on the output times (see Solver.lands_on_outputs)
-    stops = sorted(stops)
+    landings = set()
+    if (isinstance(control, AdaptiveController) and not until_event
+            and options.get("land_on_outputs", stepper.lands_on_outputs)):
+        landings = _output_landings(taus) - stops   # the steps end on the output times (Solver.lands_on_outputs)
+    stops = sorted(stops | landings)
     stepping = control.start([s for s in stops if tau < s < tau_end] + [tau_end], lambda: initial_step(
         field, direction * tau, y, derivative.f, direction, stepper.initial_step_order, error_norm),
         read_together=y.device.type != "cpu")
@@ -127,7 +130,8 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     while outputs.pending or until_event:
         proposal = stepping.propose(tau)
         t0, t1, h = direction * tau, direction * proposal.tau1, proposal.h
-        if proposal.tau1 <= tau or h <= 0:
+        adaptive = isinstance(stepping, AdaptiveStepping)
+        if proposal.tau1 <= tau or h <= 0 or (adaptive and below_time_resolution(tau, proposal.unclipped)):
             raise_or_record(result, _collapse_error(stepping, proposal, stepper, problem, t0, y), throw)
             break
         step_field, f = derivative.for_step(t0, t1, proposal.tau1, y)
@@ -147,7 +151,8 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         if not accepted:
             stats["n_rejected"] += 1
             if stepping.over_budget(stats["n_steps"], until_event):
-                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event, error_norm), throw)
+                raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event, error_norm,
+                                                      len(landings)), throw)
                 break
             continue
 
@@ -172,13 +177,15 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         y1, f1 = step.y1, step.f1
         if proposal.tau1 in state_jumps:
             y1, f1 = state_jumps[proposal.tau1](y1), None   # the state changes here: f is evaluated afresh
-        stepping.advance(proposal, proposal.tau1 in state_jumps)
+        # After a state jump, or an output landed on for its value alone, the step size carries on.
+        stepping.advance(proposal, proposal.tau1 in state_jumps or proposal.tau1 in landings)
         tau, y, state = proposal.tau1, y1, outcome.state
         derivative.after_step(t1, f1)
         if on_accept is not None:
             on_accept(tau, y, state)
         if stepping.over_budget(stats["n_steps"], until_event) and (outputs.pending or until_event):
-            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y, until_event, error_norm), throw)
+            raise_or_record(result, _budget_error(stepping, stepper, field, t1, y, until_event, error_norm,
+                                                  len(landings)), throw)
             break
 
     if result.final_t is None:
@@ -188,6 +195,19 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))
     return result
+
+
+def _output_landings(taus: list) -> set:
+    """The output times (internal) the steps end on when a method lands on its outputs: all but the first, less
+    those within float64 rounding of the time before them (16 eps of the span's magnitude), where a step that
+    short would divide by a subnormal h; the interpolant is exact there to rounding."""
+    scale = 16 * sys.float_info.epsilon * max(abs(taus[0]), abs(taus[-1]), abs(taus[-1] - taus[0]))
+    landings, previous = set(), taus[0]
+    for tau in taus[1:]:
+        if tau - previous > scale:
+            landings.add(tau)
+            previous = tau
+    return landings
 
 
 def _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction):
@@ -402,7 +422,7 @@ def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:
     return StepSizeUnderflowError(message + _stiffness_hint(stepper, problem.field, t, y, proposal.unclipped), t=t)
 
 
-def _budget_error(stepping, stepper, field, t, y, until_event: bool, error_norm=None) -> Exception:
+def _budget_error(stepping, stepper, field, t, y, until_event: bool, error_norm=None, landings: int = 0) -> Exception:
     max_num_steps = stepping.controller.max_num_steps
     if until_event:
         # In event mode the span has no end: running out of steps nearly always means the event function never
@@ -411,7 +431,12 @@ def _budget_error(stepping, stepper, field, t, y, until_event: bool, error_norm=
         return MaxStepsError(
             f"the event did not occur within max_num_steps={max_num_steps} {kind} (t={t}): event_fn kept the "
             "sign it had at the start; check event_fn, or raise the cap with options={'max_num_steps': N}", t=t)
-    return MaxStepsError(_max_steps_message(max_num_steps, t) + _resolution_hint(error_norm, y)
+    landing_hint = ""
+    if landings:
+        landing_hint = (f". The steps end on each of the {landings} output times (land_on_outputs, the default of "
+                        "the implicit, Rosenbrock and auto methods): give max_num_steps above that, or "
+                        "options={'land_on_outputs': False} to interpolate between fewer steps")
+    return MaxStepsError(_max_steps_message(max_num_steps, t) + landing_hint + _resolution_hint(error_norm, y)
                          + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
 
 

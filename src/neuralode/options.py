@@ -48,6 +48,8 @@ def check_options(spec, options):
         name = unknown[0]
         raise ValueError(f"option {name!r} means nothing for method {spec.name!r}.{closest(name, spec.options)} "
                          f"It accepts: {sorted(spec.options)}")
+    if not isinstance(options.get("land_on_outputs", False), bool):
+        raise TypeError(f"option 'land_on_outputs' must be True or False, got {options['land_on_outputs']!r}")
     return dict(options)
 
 

@@ -161,8 +161,6 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     t_requires_grad = t_wants_grad and not graphless
     for name in ("step_t", "jump_t"):
         options[name] = time_list(options, name)
-    if not isinstance(options.get("land_on_outputs", False), bool):
-        raise TypeError(f"option 'land_on_outputs' must be True or False, got {options['land_on_outputs']!r}")
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)

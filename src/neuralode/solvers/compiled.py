@@ -53,6 +53,7 @@ import warnings
 
 import torch
 
+from ..problem import TIME_RESOLUTION_SPACINGS
 from .auto import AutoSwitching
 from .rosenbrock import Rosenbrock
 from .runge_kutta import ExplicitRungeKutta, StepOutcome
@@ -304,7 +305,7 @@ def _new_loop_kernel(name: str):
     ``clock``: float64 ``[tau, h, previous ratio, older ratio, tau_end, direction]`` (internal time ``tau``);
     ``out_taus``: ``(n,)`` internal output times, strictly increasing; ``outputs``: ``(n, *y0.shape)``, filled
     where an accepted step covers the time; ``limit``: attempts allowed. The loop also stops before a step that
-    would collapse (``tau1 <= tau`` or ``h <= 0``): the caller's eager loop takes over from the returned state and
+    would collapse (``tau1 <= tau``, ``h <= 0`` or below the time's resolution): the caller's eager loop takes over from the returned state and
     reports it exactly as it always does.
     """
     def kernel(stepper, field, error_norm, control, clock, y0, f0, out_taus, outputs, limit):
@@ -315,6 +316,7 @@ def _new_loop_kernel(name: str):
         order = stepper.tableau.error_order or stepper.tableau.order
         out_shape = (-1,) + (1,) * y0.ndim
         not_a_number = float("nan")   # (a name looked up inside the loop's body must not be a global: dynamo)
+        resolution = TIME_RESOLUTION_SPACINGS
 
         def propose(tau, h):
             h = h.clamp(min=control.min_step, max=control.max_step)
@@ -324,7 +326,10 @@ def _new_loop_kernel(name: str):
 
         def unfinished(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
             tau1, h_step, _ = propose(tau, h)
-            return (tau < tau_end) & (attempts < limit) & (tau1 > tau) & (h_step > 0)
+            # (the eager loop's below_time_resolution, on the unclipped step)
+            resolved = h.clamp(min=control.min_step, max=control.max_step) >= resolution * (
+                torch.nextafter(tau, tau + 1) - tau)
+            return (tau < tau_end) & (attempts < limit) & (tau1 > tau) & (h_step > 0) & resolved
 
         def attempt(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
             tau1, h_step, pinned = propose(tau, h)

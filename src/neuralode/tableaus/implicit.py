@@ -96,8 +96,10 @@ class ImplicitTableau:
     dense : numpy.ndarray, shape (s, dense_order), or (s or s + 1, 3) without a dense_order
         With ``dense_order``: the weights ``b(theta) = dense @ (theta, ..., theta**dense_order)`` of the
         continuous extension derived from the stages
-        (:func:`~neuralode.tableaus.order_conditions.continuous_extension`): order ``dense_order`` at every theta, ``b(1) = b``, the derivative at the step's end ``f(t0 + h, y1)``
-        when stiffly accurate, and bounded as ``h lambda -> -infinity``. Without one:
+        (:func:`~neuralode.tableaus.order_conditions.continuous_extension`): order ``dense_order`` at every
+        theta, ``b(1) = b``, the derivative at the step's end ``f(t0 + h, y1)`` when stiffly accurate (at the
+        start it is not ``f0``: values, not slopes, are continuous across steps), and bounded as
+        ``h lambda -> -infinity``. Without one:
         ``hermite_dense(b, fsal=stiffly_accurate)``, the cubic Hermite interpolant through
         ``y0, f0, y1, f1`` in the power basis of theta. Its rows follow the explicit tableaus'
         convention: row ``0`` carries the ``f0`` coefficient, row ``s`` (when present) ``f1``. Row ``0``

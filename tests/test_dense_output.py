@@ -197,7 +197,8 @@ def _stiff_problems():
 @pytest.mark.parametrize("tol", [1e-6, 1e-8, 1e-10])
 def test_kvaerno5_interpolated_outputs_meet_the_tolerance(tol):
     """kvaerno5's order-4 continuous extension between its long steps: on y' = -10 y, 41 outputs, the cubic
-    Hermite it replaced left 14x / 37x / 78x the tolerance at 1e-6 / 1e-8 / 1e-10 (measured before the change)."""
+    Hermite it replaced left 14x / 37x / 78x the tolerance at 1e-6 / 1e-8 / 1e-10 (measured before the change;
+    after: 1.49x / 1.67x / 1.31x)."""
     t = torch.linspace(0, 1, 41, dtype=F64)
     sol = neuralode.solve(lambda t, y: -10 * y, torch.ones(1, dtype=F64), t, method="kvaerno5", rtol=tol, atol=tol,
                           options={"land_on_outputs": False}, dense=True)

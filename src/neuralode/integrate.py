@@ -127,10 +127,10 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
             and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)):
         tau, y = _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction)
 
+    adaptive = isinstance(stepping, AdaptiveStepping)
     while outputs.pending or until_event:
         proposal = stepping.propose(tau)
         t0, t1, h = direction * tau, direction * proposal.tau1, proposal.h
-        adaptive = isinstance(stepping, AdaptiveStepping)
         if proposal.tau1 <= tau or h <= 0 or (adaptive and below_time_resolution(tau, proposal.unclipped)):
             raise_or_record(result, _collapse_error(stepping, proposal, stepper, problem, t0, y), throw)
             break

@@ -30,7 +30,7 @@ import torch
 
 from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .controllers import ErrorNorm
-from .problem import TIME_RESOLUTION_SPACINGS, COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
+from .problem import COMPUTE_DTYPE, TIME_RESOLUTION_SPACINGS, VectorField, _check_tolerance, check_derivative
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
 _DIVERGENCE_GROWTH = 1e8

@@ -305,8 +305,8 @@ def _new_loop_kernel(name: str):
     ``clock``: float64 ``[tau, h, previous ratio, older ratio, tau_end, direction]`` (internal time ``tau``);
     ``out_taus``: ``(n,)`` internal output times, strictly increasing; ``outputs``: ``(n, *y0.shape)``, filled
     where an accepted step covers the time; ``limit``: attempts allowed. The loop also stops before a step that
-    would collapse (``tau1 <= tau``, ``h <= 0`` or below the time's resolution): the caller's eager loop takes over from the returned state and
-    reports it exactly as it always does.
+    would collapse (``tau1 <= tau``, ``h <= 0``, or a step below the time's resolution): the caller's eager loop
+    takes over from the returned state and reports it exactly as it always does.
     """
     def kernel(stepper, field, error_norm, control, clock, y0, f0, out_taus, outputs, limit):
         from torch._higher_order_ops.while_loop import while_loop

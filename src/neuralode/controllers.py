@@ -398,8 +398,7 @@ class AdaptiveStepping:
         self.stop_index = 0
         self.history = controller.initial_history   # what the controller remembers of accepted steps
         self.read_together = read_together              # one host read for ratio and finiteness (a device)
-        self.non_finite = False                         # a recent rejection: NaN or inf in the step
-        self.non_finite_at = None                       # the length of that step (None: none since)
+        self.non_finite = False                         # the last rejection: NaN or inf in the step
         self.newton_failure = None                      # the last rejection: an implicit method's Newton failed
 
     def propose(self, tau: float) -> Proposal:
@@ -439,15 +438,8 @@ class AdaptiveStepping:
         if not math.isfinite(total):
             ratio = math.nan
         accepted, h_next, self.history = control.adapt(h, ratio, outcome.error_order, self.history, proposal.pinned)
-        # A non-finite rejection names the collapse that may follow, also after short steps accepted on the way:
-        # NaN just past the state lets a step of half the length pass, and then the controller may shrink the step
-        # below the time's resolution. A step accepted at the failed length or longer clears it.
-        if not math.isfinite(ratio):
-            self.non_finite_at = h
-        elif accepted and self.non_finite_at is not None and h >= self.non_finite_at:
-            self.non_finite_at = None
-        self.non_finite = self.non_finite_at is not None
-        if math.isfinite(ratio):
+        self.non_finite = not math.isfinite(ratio)
+        if not self.non_finite:
             self.newton_failure = None
         if accepted and outcome.step_factor is not None:
             h_next = h * outcome.step_factor   # a multistep method's own step policy

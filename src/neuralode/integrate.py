@@ -125,13 +125,23 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
 
     if (getattr(stepper, "run_loop", None) is not None and isinstance(stepping, AdaptiveStepping)
             and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)):
+        steps_before = stats["n_steps"]
         tau, y = _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction)
+        # The compiled loop's integral controller shrinks a step only on a rejection: a step it hands over below the
+        # time's resolution after an attempt of its own follows one (and is judged as the eager loop judges it).
+        compiled_rejected = stats["n_steps"] > steps_before and below_time_resolution(tau, stepping.h)
+    else:
+        compiled_rejected = False
 
-    adaptive = isinstance(stepping, AdaptiveStepping)
+    adaptive, rejected = isinstance(stepping, AdaptiveStepping), compiled_rejected
     while outputs.pending or until_event:
         proposal = stepping.propose(tau)
         t0, t1, h = direction * tau, direction * proposal.tau1, proposal.h
-        if proposal.tau1 <= tau or h <= 0 or (adaptive and below_time_resolution(tau, proposal.unclipped)):
+        # The resolution rule judges a step that a rejection shrank (scipy's): a first step, a max_step or the step
+        # after a clipped one may be that short and fine; with a min_step the user has set the floor.
+        collapsed = (rejected and not proposal.pinned and not stepping.controller.min_step
+                     and below_time_resolution(tau, proposal.unclipped))
+        if proposal.tau1 <= tau or h <= 0 or collapsed:
             raise_or_record(result, _collapse_error(stepping, proposal, stepper, problem, t0, y), throw)
             break
         step_field, f = derivative.for_step(t0, t1, proposal.tau1, y)
@@ -148,6 +158,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
             chosen = callbacks.accept if accepted else callbacks.reject
             if chosen is not None:
                 call_back(chosen, field, t0, y, h)
+        rejected = adaptive and not accepted
         if not accepted:
             stats["n_rejected"] += 1
             if stepping.over_budget(stats["n_steps"], until_event):
@@ -207,7 +218,7 @@ def _output_landings(taus: list) -> set:
         if tau - previous > scale:
             landings.add(tau)
             previous = tau
-    return landings
+    return landings - {taus[-1]}   # (the end is a stop anyway)
 
 
 def _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction):

@@ -30,7 +30,7 @@ import torch
 
 from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
 from .controllers import ErrorNorm
-from .problem import COMPUTE_DTYPE, TIME_RESOLUTION_SPACINGS, VectorField, _check_tolerance, check_derivative
+from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
 _DIVERGENCE_GROWTH = 1e8
@@ -281,8 +281,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             tau1 = torch.where(reaches_stop, stop, tau + h)
             h_unclipped = h
             h = torch.where(reaches_stop, stop - tau, h)
-            underflow = active & ((tau1 <= tau) | (h <= 0)
-                                  | (h_unclipped < TIME_RESOLUTION_SPACINGS * (torch.nextafter(tau, tau + 1) - tau)))
+            underflow = active & ((tau1 <= tau) | (h <= 0))
         else:
             tau1 = torch.where(step_index + 1 >= n_fixed, tau_end, tau0 + (step_index + 1) * step_size)
         tau1 = torch.where(active, tau1, tau)

@@ -23,10 +23,11 @@ from ._errors import NonFiniteError
 _NUMBER = (int, float)
 
 
-# A step the controller asks for below this many spacings of the float64 time has collapsed (scipy's solve_ivp:
-# "Required step size is less than spacing between numbers", at 10 spacings). Without it a solve that meets NaN
-# just past its state (f = log(y - c) as y reaches c) crawled on by one or two ulps a step: kvaerno5 took its
-# 100,000 steps (110 s) to a MaxStepsError where the other methods stopped with a NonFiniteError at once.
+# A step a rejection shrank below this many spacings of the float64 time has collapsed (scipy's solve_ivp:
+# "Required step size is less than spacing between numbers", at 10 spacings, after a rejection). Without it a solve
+# that meets NaN just past its state (f = log(y - c) as y reaches c) crawled on by one or two ulps a step: kvaerno5
+# took its 100,000 steps (110 s) to a MaxStepsError where the other methods stopped with a NonFiniteError at once.
+# (The compiled loop hands such a step to the eager loop; the per-sample loop, explicit methods only, has no rule.)
 TIME_RESOLUTION_SPACINGS = 10
 
 

@@ -326,7 +326,8 @@ def _new_loop_kernel(name: str):
 
         def unfinished(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
             tau1, h_step, _ = propose(tau, h)
-            # (the eager loop's below_time_resolution, on the unclipped step)
+            # A step below the time's resolution goes to the eager loop, which takes it or, after a rejection, names
+            # the collapse (below_time_resolution): handing over is not a failure, so the results stay the eager ones.
             resolved = h.clamp(min=control.min_step, max=control.max_step) >= resolution * (
                 torch.nextafter(tau, tau + 1) - tau)
             return (tau < tau_end) & (attempts < limit) & (tau1 > tau) & (h_step > 0) & resolved

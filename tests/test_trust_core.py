@@ -112,6 +112,18 @@ def test_steps_clipped_below_the_time_resolution_are_not_a_collapse():
     assert sol.success and torch.allclose(sol.ys[:, 0], torch.exp(-t))
 
 
+@pytest.mark.parametrize("method", ["dopri5", "kvaerno5", "rodas5p"])
+def test_a_step_is_the_time_it_advances_at_large_times(method):
+    """At t = 1e12 float64 times are 1.2e-4 apart: a step of 2e-3 advances the time by fl(t + h) - t, not h.
+    Integrating over h while the time moved by the rounded difference left y' = 1 over [1e12, 1e12 + 0.1] 2.4%
+    off with status success (QA measurement); the step is now the time it advances."""
+    t = torch.tensor([1e12, 1e12 + 0.1], dtype=torch.float64)
+    sol = neuralode.solve(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=torch.float64), t, method=method,
+                          options={"max_step": 2e-3, "first_step": 2e-3})
+    assert sol.success
+    assert abs(float(sol.ys[-1, 0]) - float(t[1] - t[0])) < 1e-12
+
+
 def test_dopri8_error_estimate_is_the_reference_dop853():
     """Defect 3 (checked): dopri8's combined 5th/3rd-order estimate (Hairer's dop853.f: err5^2 /
     sqrt(err5^2 + 0.01 err3^2) in the weighted norm) equals scipy's DOP853 estimate, a port of

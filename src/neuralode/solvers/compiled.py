@@ -322,7 +322,8 @@ def _new_loop_kernel(name: str):
             h = h.clamp(min=control.min_step, max=control.max_step)
             pinned = h <= control.min_step
             clipped = tau + h >= tau_end
-            return torch.where(clipped, tau_end, tau + h), torch.where(clipped, tau_end - tau, h), pinned
+            tau1 = torch.where(clipped, tau_end, tau + h)
+            return tau1, tau1 - tau, pinned   # (the time advanced, as the eager loop's Proposal)
 
         def unfinished(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
             tau1, h_step, _ = propose(tau, h)

@@ -578,8 +578,9 @@ def _underflow_message(t: float, h: float, non_finite: bool, magnitude: float, d
                 f"shrinking the step to {h:.3g} did not avoid them. The vector field likely blows up "
                 "near this time: check it (and its parameters) there")
     return (f"step size underflow at t={t}: the step shrank to {h:.3g}, below the resolution of the time "
-            f"variable (largest |y| there: {magnitude:.3g}). The solution may blow up here (a singularity), or "
-            "the problem is stiff; loosen rtol/atol, set min_step, or check the vector field")
+            f"variable (largest |y| there: {magnitude:.3g}). The solution may blow up here (a singularity), "
+            "the vector field may jump here (give the time in options={'jump_t': [...]}), or the problem is stiff; "
+            "loosen rtol/atol, set min_step, or check the vector field")
 
 
 def _newton_message(t: float, h: float, reason: str, where: str = "") -> str:

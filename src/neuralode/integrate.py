@@ -123,17 +123,15 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         field, direction * tau, y, derivative.f, direction, stepper.initial_step_order, error_norm),
         read_together=y.device.type != "cpu")
 
+    rejected = False   # the last attempt was rejected (fixed grids accept every step)
     if (getattr(stepper, "run_loop", None) is not None and isinstance(stepping, AdaptiveStepping)
             and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)):
         steps_before = stats["n_steps"]
         tau, y = _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction)
         # The compiled loop's integral controller shrinks a step only on a rejection: a step it hands over below the
         # time's resolution after an attempt of its own follows one (and is judged as the eager loop judges it).
-        compiled_rejected = stats["n_steps"] > steps_before and below_time_resolution(tau, stepping.h)
-    else:
-        compiled_rejected = False
+        rejected = stats["n_steps"] > steps_before and below_time_resolution(tau, stepping.h)
 
-    adaptive, rejected = isinstance(stepping, AdaptiveStepping), compiled_rejected
     while outputs.pending or until_event:
         proposal = stepping.propose(tau)
         t0, t1, h = direction * tau, direction * proposal.tau1, proposal.h
@@ -158,7 +156,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
             chosen = callbacks.accept if accepted else callbacks.reject
             if chosen is not None:
                 call_back(chosen, field, t0, y, h)
-        rejected = adaptive and not accepted
+        rejected = not accepted
         if not accepted:
             stats["n_rejected"] += 1
             if stepping.over_budget(stats["n_steps"], until_event):

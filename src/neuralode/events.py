@@ -27,8 +27,8 @@ class Event:
     ----------
     fn : callable
         ``fn(t, y) -> Tensor`` of any shape (``t`` a 0-dim tensor, ``y`` the state as given to ``solve``);
-        an occurrence is the first crossing of *any* element within a step (two crossings of one event
-        within one step, back and forth, are not seen: the sign at the step ends is the same).
+        an occurrence is a crossing of *any* element (the first one, where several elements cross between two
+        of the points checked).
     direction : {0, 1, -1}
         Crossings upwards (1), downwards (-1) or both (0).
     terminal : bool or int
@@ -40,6 +40,11 @@ class Event:
         Root tolerance in time: the bisection on the dense output stops once the bracket around the crossing
         is at most ``tol`` long (each halving costs one evaluation of ``fn``). ``None`` (default): until the
         bracket cannot shrink in floating point.
+    samples : int
+        Points inside each step, evenly spaced on its dense output, where the sign of ``fn`` is checked besides
+        the step's ends (each costs one evaluation of ``fn``), so that two crossings within one step (out and
+        back) are both seen unless they lie closer than ``1 / (samples + 1)`` of the step; ``0`` checks the ends
+        only (torchdiffeq's and scipy's rule). Default 4 (SciML's ``interp_points`` is 10).
 
     Every occurrence is in ``Solution.events`` as an :class:`EventRecord`, in time order. A solve that
     stops at a terminal event reports ``status == "event"``, ``event_t`` and ``event_y``; the event time is
@@ -51,6 +56,7 @@ class Event:
     terminal: bool | int = False
     name: str | None = None
     tol: float | None = None
+    samples: int = 4
 
     def __post_init__(self):
         if not callable(self.fn):
@@ -64,6 +70,9 @@ class Event:
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
                                      or not self.tol > 0 or self.tol == float("inf")):
             raise ValueError(f"Event tol must be a finite time > 0 (or None: locate to rounding), got {self.tol!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ValueError(f"Event samples must be an integer >= 0 (sign checks inside each step; 0: the step's "
+                             f"ends only), got {self.samples!r}")
 
     @property
     def stop_after(self) -> int | None:

@@ -18,24 +18,25 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass, field as dataclass_field, replace
 
 import torch
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
 from .callbacks import Callbacks, call as call_back
 from .controllers import AdaptiveController, AdaptiveStepping, ErrorNorm, FixedStepping, initial_step
-from .interpolation import DenseSolution, horner, linear_coefficients
+from .interpolation import DenseSolution, horner, interpolation_error, linear_coefficients
 from .problem import below_time_resolution, next_after
-from .solvers.linear import spectral_radius
+from .solvers.linear import SingularMatrixError, spectral_radius
 
 
 @dataclass
 class EventSpec:
     """An event: a zero crossing of ``fn(t, y)``, recorded, and terminal after ``terminal`` occurrences.
 
-    ``fn`` returns a tensor of any shape; an occurrence is the first crossing of *any* element within a
-    step. ``direction``: +1 only crossings from negative to positive, -1 only from positive to negative,
+    ``fn`` returns a tensor of any shape; an occurrence is the first crossing of *any* element between two
+    points checked: the step's ends and ``samples`` evenly spaced points of its dense output between them.
+    ``direction``: +1 only crossings from negative to positive, -1 only from positive to negative,
     0 both. ``fn`` is called as ``fn(t, y)`` with the user's time tensor and state structure.
     ``terminal``: the solve stops at this occurrence count (1: the first, torchdiffeq's only kind); ``None``:
     never (the occurrences are recorded only).
@@ -45,6 +46,7 @@ class EventSpec:
     direction: int = 0
     terminal: int | None = 1
     tol: float | None = None       # root tolerance in time (None: bisect to rounding)
+    samples: int = 4               # sign checks inside each step (Event.samples)
 
 
 @dataclass
@@ -82,12 +84,16 @@ def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor
 
 def integrate(problem, stepper, control, *, options: dict, events: list | tuple = (),
               record_dense: bool = False, until_event: bool = False, throw: bool = True,
-              on_accept=None, callbacks: Callbacks | None = None, state_jumps: dict | None = None) -> Integration:
+              on_accept=None, callbacks: Callbacks | None = None, state_jumps: dict | None = None,
+              reads_interpolant: bool = False) -> Integration:
     """Integrate ``problem`` with ``stepper`` under ``control`` (an adaptive controller or a fixed grid).
 
     ``options`` may hold ``step_t``, ``jump_t`` (lists of floats, real time), ``land_on_outputs`` (steps end on
     the output times; default ``stepper.lands_on_outputs``, adaptive control only), ``norm``, ``interp``
-    (``"linear"`` or ``"cubic"`` for fixed grids) and ``perturb`` (bool). ``until_event`` ignores the
+    (``"linear"`` or ``"cubic"`` for fixed grids), ``perturb`` (bool) and ``dense_error_control`` (bool, default
+    True: where events, the dense solution or outputs between the steps read a stiff method's interpolant, a step is
+    accepted only when its interpolant meets the tolerance too, :func:`~neuralode.interpolation.interpolation_error`;
+    adaptive control only). ``until_event`` ignores the
     end of ``t`` and integrates until a terminal event fires (torchdiffeq's event mode). ``events``: the
     :class:`EventSpec` s to watch; every occurrence goes to ``event_records``, and when a terminal one
     fires its state is appended to ``outputs`` (and its time to ``output_times``). ``on_accept(tau1,
@@ -95,7 +101,9 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     ``callbacks``: the user's step callbacks (:mod:`neuralode.callbacks`), or ``None``.
     ``state_jumps``: ``{tau: jump}`` (internal time): steps land on each ``tau`` (as on ``step_t``) and
     the state there is replaced by ``jump(y)``; the step size carries on across it, unlike a restart
-    (the adjoint's one backward solve adds dL/dy(t_i) to the adjoint this way).
+    (the adjoint's one backward solve adds dL/dy(t_i) to the adjoint this way). ``reads_interpolant``: the caller
+    reads the steps' dense output later without ``record_dense`` (the interpolating adjoint replays the steps
+    from checkpoints), so it is checked as for events and the dense solution.
     """
     if stepper.solves_whole_span:
         return _whole_span(problem, stepper, bool(events) or until_event, record_dense, throw)
@@ -123,6 +131,12 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         field, direction * tau, y, derivative.f, direction, stepper.initial_step_order, error_norm),
         read_together=y.device.type != "cpu")
 
+    # Events, the dense solution and outputs between the steps read the interpolant: a stiff method's is checked with
+    # its step (the explicit methods' steps are short enough for theirs).
+    interpolated_outputs = bool(set(taus[1:-1]) - set(stops))
+    check_interpolant = (isinstance(stepping, AdaptiveStepping)
+                         and (bool(events) or until_event or record_dense or reads_interpolant or interpolated_outputs)
+                         and options.get("dense_error_control", True))
     rejected = False   # the last attempt was rejected (fixed grids accept every step)
     if (getattr(stepper, "run_loop", None) is not None and isinstance(stepping, AdaptiveStepping)
             and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)):
@@ -151,6 +165,11 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         if reason is not None:
             raise_or_record(result, ConvergenceError(_newton_message(t0, h, outcome.failure, reason), t=t0), throw)
             break
+        step = None
+        if check_interpolant and outcome.failure is None and outcome.error_ratio is not None:
+            step = _AcceptedStep(stepper, step_field, tau, proposal.tau1, h, direction, y, outcome,
+                                 derivative.ends_on_jump, outputs.linear)
+            outcome = _with_interpolation_error(stepper, step, error_norm)
         accepted = stepping.judge(proposal, outcome)
         if callbacks is not None and stepping.verdict_callbacks:
             chosen = callbacks.accept if accepted else callbacks.reject
@@ -166,8 +185,9 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
             continue
 
         stats["n_accepted"] += 1
-        step = _AcceptedStep(stepper, step_field, tau, proposal.tau1, h, direction, y, outcome,
-                             derivative.ends_on_jump, outputs.linear)
+        if step is None:
+            step = _AcceptedStep(stepper, step_field, tau, proposal.tau1, h, direction, y, outcome,
+                                 derivative.ends_on_jump, outputs.linear)
         fired = watch.check(step)        # events first: outputs past a terminal event are not part of the solution
         outputs.save(step, watch.reached)
         if result.dense is not None:
@@ -204,6 +224,22 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))
     return result
+
+
+def _with_interpolation_error(stepper, step: "_AcceptedStep", error_norm):
+    """The step's outcome with its error ratio raised to its interpolant's where the stepper is stiff (one more
+    evaluation of ``f`` and one solve with the step's LU), so that a step whose dense output misses the tolerance is
+    rejected like one whose end does; unchanged for explicit steppers (``Solver.stiff_filter``)."""
+    outcome, h = step.outcome, step.direction * step.h
+    stiff_filter = stepper.stiff_filter(outcome, h)
+    if stiff_filter is None:
+        return outcome
+    try:
+        ratio = interpolation_error(step.step_field, step.direction * step.tau, h, step.coefficients(), stiff_filter,
+                                    error_norm, step.y0, outcome.y1)
+    except SingularMatrixError:      # (GMRES short of its tolerance: the step's own estimate decides)
+        return outcome
+    return replace(outcome, error_ratio=torch.maximum(outcome.error_ratio, ratio.to(outcome.error_ratio.dtype)))
 
 
 def _output_landings(taus: list) -> set:
@@ -384,17 +420,29 @@ class _Events:
         direction, field = step.direction, self.field
         occurrences = []
         for k, event in enumerate(self.events):
-            new_value = _event_value(event, field, direction * step.tau1, step.y1)
-            # One host read for both: did it cross, and is it finite (a NaN never compares, so a NaN event
-            # function would silently never fire)?
-            crossed, finite = torch.stack([_crossed(self.values[k], new_value, event.direction).any(),
-                                           torch.isfinite(new_value).all()]).tolist()
+            # The sign at the step's end and at `samples` points between (two crossings within a step, out and
+            # back, leave the ends with one sign).
+            thetas = [j / (event.samples + 1) for j in range(1, event.samples + 1)]
+            values = [self.values[k]]
+            if thetas:
+                states = _interpolate_many(step.coefficients(), thetas)
+                values += [_event_value(event, field, direction * (step.tau + theta * step.h), state)
+                           for theta, state in zip(thetas, states.unbind(0))]
+            values.append(_event_value(event, field, direction * step.tau1, step.y1))
+            # One host read for all: did it cross between each pair of points, and is it finite (a NaN never
+            # compares, so a NaN event function would silently never fire)?
+            stacked = torch.stack([v.reshape(values[0].shape) for v in values])
+            checks = _crossed(stacked[:-1], stacked[1:], event.direction).reshape(len(values) - 1, -1).any(1)
+            *crossed, finite = torch.cat([checks, torch.isfinite(stacked[1:]).all().reshape(1)]).tolist()
+            bounds = [0.0] + thetas + [1.0]
             if not finite:
-                raise _non_finite_event(event, direction * step.tau1, new_value)
-            if crossed:
-                theta = _locate_event(event, field, step.tau, step.h, direction, step.coefficients(), self.values[k])
-                occurrences.append((theta, k, self.values[k]))
-            self.values[k] = new_value
+                j = next(j for j, v in enumerate(values) if not bool(torch.isfinite(v).all()))
+                raise _non_finite_event(event, direction * (step.tau + bounds[j] * step.h), values[j])
+            for j in (j for j, c in enumerate(crossed) if c):
+                theta = _locate_event(event, field, step.tau, step.h, direction, step.coefficients(), values[j],
+                                      bounds[j], bounds[j + 1])
+                occurrences.append((theta, k, values[j]))
+            self.values[k] = values[-1]
         for theta, k, value0 in sorted(occurrences, key=lambda o: (o[0], o[1])):
             t_event = direction * (step.tau + theta * step.h)
             y_event = step.y1 if theta == 1.0 else horner(step.coefficients(), theta)
@@ -411,6 +459,14 @@ class _Events:
                 result.status, result.message = Status.EVENT, "A terminal event occurred."
                 return True
         return False
+
+
+def _interpolate_many(coefficients: list, thetas: list) -> torch.Tensor:
+    """The step's interpolant at several thetas in one product: shape ``(len(thetas), *y.shape)``."""
+    stacked = torch.stack([c.detach() for c in coefficients])
+    powers = torch.tensor([[theta ** m for m in range(len(coefficients))] for theta in thetas],
+                          dtype=stacked.real.dtype if stacked.is_complex() else stacked.dtype, device=stacked.device)
+    return torch.tensordot(powers.to(stacked.dtype), stacked, dims=1)
 
 
 def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:
@@ -538,15 +594,15 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor) -> torch.Te
     return value.detach()
 
 
-def _locate_event(event, field, tau0, h, direction, coefficients, value0) -> float:
-    """Bisection on the step's dense output for the first theta in (0, 1] where any element crosses.
+def _locate_event(event, field, tau0, h, direction, coefficients, value0, lo: float = 0.0, hi: float = 1.0) -> float:
+    """Bisection on the step's dense output for the first theta in (lo, hi] where any element crosses (``value0``
+    the event function's value at ``lo``).
 
     Runs until the bracket cannot shrink in floating point (at most ~60 evaluations of the event
     function, which is cheap next to the solve), or until it is at most ``event.tol`` long in time;
     returns the right end of the final bracket, so the event state is on the far side of the crossing,
     like a step that lands just past it.
     """
-    lo, hi = 0.0, 1.0
     width = None if event.tol is None else event.tol / abs(h)   # the root tolerance as a fraction of the step
     with torch.no_grad():
         for _ in range(64):

@@ -13,7 +13,7 @@ from .tableaus import TABLEAUS, ButcherTableau
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp", "max_num_steps"})
 ADAPTIVE_OPTIONS = frozenset({"first_step", "max_num_steps", "min_step", "max_step", "safety", "ifactor",
                               "dfactor", "step_t", "jump_t", "norm", "dtype", "controller", "pcoeff", "icoeff",
-                              "dcoeff", "land_on_outputs"})
+                              "dcoeff", "land_on_outputs", "dense_error_control"})
 
 
 @dataclass(frozen=True)

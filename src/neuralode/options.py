@@ -48,8 +48,9 @@ def check_options(spec, options):
         name = unknown[0]
         raise ValueError(f"option {name!r} means nothing for method {spec.name!r}.{closest(name, spec.options)} "
                          f"It accepts: {sorted(spec.options)}")
-    if not isinstance(options.get("land_on_outputs", False), bool):
-        raise TypeError(f"option 'land_on_outputs' must be True or False, got {options['land_on_outputs']!r}")
+    for flag in ("land_on_outputs", "dense_error_control"):
+        if not isinstance(options.get(flag, False), bool):
+            raise TypeError(f"option {flag!r} must be True or False, got {options[flag]!r}")
     return dict(options)
 
 

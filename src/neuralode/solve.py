@@ -60,7 +60,9 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         ``"pid"`` with ``pcoeff``, ``icoeff``, ``dcoeff``, or ``"predictive"``, the default of the implicit and
         Rosenbrock methods), ``land_on_outputs`` (end steps on the output times instead of interpolating: the
         default of the implicit, Rosenbrock and ``auto`` methods, whose dense output between long stiff steps
-        can be far less accurate than the steps; ``False`` interpolates, with fewer steps); Adams
+        can be far less accurate than the steps; ``False`` interpolates, with fewer steps), ``dense_error_control``
+        (default ``True``: where a stiff method's interpolant is read, by events, ``dense=True`` or outputs between
+        the steps, a step is accepted only if its interpolant meets the tolerance too); Adams
         ``max_order``, ``max_iters``. An option the method does not use is an error.
     gradient : {"direct", "adjoint", "checkpoint"} or a strategy object
         How ``backward()`` differentiates the solve (see :mod:`neuralode.gradients`).
@@ -182,7 +184,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     if event_fn is not None:
         events = (Event(event_fn, event_direction, terminal=True),)
-    specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol) for e in events]
+    specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol, e.samples) for e in events]
     callbacks = Callbacks.of(func)
     warn_unsupported(callbacks, spec.name, spec.callbacks)
     if graphless and torch.is_grad_enabled() and (_wants_gradient(func, y0) or t_wants_grad):

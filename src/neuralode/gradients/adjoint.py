@@ -134,7 +134,7 @@ class _AdjointSolve(torch.autograd.Function):
         checkpoints = None
         if strategy.interpolate == "checkpoint" and not kwargs.get("record_dense"):
             checkpoints = _Checkpoints(problem.direction * problem.times[0], forward_problem.y0)
-            kwargs = dict(kwargs, on_accept=checkpoints)
+            kwargs = dict(kwargs, on_accept=checkpoints, reads_interpolant=True)
         elif strategy.interpolate:
             kwargs = dict(kwargs, record_dense=True)
         with torch.no_grad():

@@ -185,6 +185,10 @@ class AutoSwitching(Solver):
         state.recent_rejections.clear()
         state.switch_times.append((t, f"to {mode}"))
 
+    def stiff_filter(self, outcome: StepOutcome, h: float):
+        mode, inner = outcome.stages
+        return self.stiff.stiff_filter(inner, h) if mode == "implicit" else None
+
     def dense_coefficients(self, func, t0: float, y0: torch.Tensor, h: float, outcome: StepOutcome,
                            f1: torch.Tensor) -> list:
         mode, inner = outcome.stages

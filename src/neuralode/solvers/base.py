@@ -23,7 +23,9 @@ Flags (class attributes, read by the loop and the gradient strategies instead of
 Methods: ``init(func, t0, y0, f0) -> state``; ``step(func, t0, y0, f0, h, error_norm, state) ->
 StepOutcome`` (see :class:`~neuralode.solvers.runge_kutta.StepOutcome`); ``dense_coefficients(func, t0,
 y0, h, outcome, f1) -> [c_0, ..., c_d]`` (``y(t0 + theta h) = sum_m c_m theta**m``);
-``statistics(state) -> dict`` (method-specific counters for ``Solution.stats``). Properties: ``order``,
+``statistics(state) -> dict`` (method-specific counters for ``Solution.stats``); ``stiff_filter(outcome, h)
+-> (gamma, solve) or None`` (the step's own factorised ``I - h gamma J``, with which the loop checks the dense
+output of a stiff method's step: :func:`~neuralode.interpolation.interpolation_error`). Properties: ``order``,
 ``adaptive`` (has an error estimate), ``initial_step_order`` (the order ``q`` in Hairer's starting-step
 exponent ``1/(q+1)``: the error estimator's).
 """
@@ -64,3 +66,9 @@ class Solver(abc.ABC):
 
     def statistics(self, state) -> dict:
         return {}
+
+    def stiff_filter(self, outcome, h: float):
+        """``(gamma, solve)`` with ``solve(v) = (I - h gamma J)^{-1} v`` from the factorisation the step used, or
+        ``None``: an explicit method's steps are as short as its accuracy needs, so its dense output is not
+        checked (the loop checks a stiff method's, whose long steps the step-end error estimate allows)."""
+        return None

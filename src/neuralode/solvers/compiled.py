@@ -498,6 +498,7 @@ class CompiledRosenbrock(_CompiledStepper):
         if not bool(usable):
             return self.eager.singular(y0, h, state)
         state.counters["n_lu"] += 1
+        state.system = None       # (the kernel's LU stays inside it)
         func.nfe += self.evaluations
         return StepOutcome(y1, None, ratio, self.eager.error_order, stages=(f0, list(us)), state=state)
 

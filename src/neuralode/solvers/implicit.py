@@ -141,6 +141,7 @@ class ImplicitRungeKutta(Solver):
     _b: tuple = field(init=False, repr=False)
     _b_err: tuple = field(init=False, repr=False)
     _dense_rows: tuple = field(init=False, repr=False)
+    _filter_gamma: float = field(init=False, repr=False)
 
     def __post_init__(self):
         tab = self.tableau
@@ -159,6 +160,15 @@ class ImplicitRungeKutta(Solver):
         if not self._diagonal and abs(np.linalg.det(A)) > 1e-12:
             weights = tuple(np.linalg.solve(A.T, np.asarray(tab.b, dtype=np.float64)))
         set_(self, "_solution_weights", weights)
+        # The interpolant check filters with I - h gamma J for a gamma whose LU the step holds already: the largest
+        # stage diagonal, or the real eigenvalue of A (Radau IIA's gamma0, the real block of its transformed LU).
+        if self._diagonal:
+            gamma = max(diagonal for _, diagonal, _ in self._stages)
+        else:
+            eigenvalues = np.linalg.eigvals(A)
+            real = eigenvalues[np.abs(eigenvalues.imag) <= 1e-12 * np.abs(eigenvalues)].real
+            gamma = float(real.max()) if real.size else float(eigenvalues.real.max())
+        set_(self, "_filter_gamma", float(gamma))
         if self.radau_error and (len(tab.c) != 3 or self._diagonal):
             raise ValueError("radau_error applies to the three-stage Radau IIA method only")
         if self.keep_step is not None and not (len(self.keep_step) == 2 and 0 < self.keep_step[0] <= self.keep_step[1]):
@@ -198,6 +208,22 @@ class ImplicitRungeKutta(Solver):
 
     def statistics(self, state: ImplicitState | None) -> dict:
         return dict(state.counters) if state is not None else {}
+
+    def stiff_filter(self, outcome: StepOutcome, h: float):
+        state = outcome.state
+        gamma = self._filter_gamma
+        if not isinstance(state, ImplicitState) or state.jacobian is None or gamma <= 0:
+            return None
+        system = None
+        if self._diagonal:
+            system = self._system(state, f"diagonal:{gamma!r}", np.array([[h * gamma]]))
+        else:
+            coupled = state.systems.get("coupled")
+            if coupled is not None and isinstance(coupled[1], TransformedSystem):
+                system = coupled[1].block(h * gamma)
+            if system is None:
+                system = self._system(state, "filter", np.array([[h * gamma]]))
+        return gamma, lambda v: system.solve(v[None])[0]
 
     # --- one step ------------------------------------------------------------------------------------
     def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,

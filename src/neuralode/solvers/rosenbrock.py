@@ -66,6 +66,7 @@ class RosenbrockState:
     point_t: float | None = None
     point_graph: bool = False       # whether J (and df/dt) were formed with a graph
     graph_point: Any = None         # krylov with a graph: (func, t0, y0) for the graph-carrying J v
+    system: Any = None              # (h gamma, the factorised I - h gamma J) of the last step
     autonomous: bool | None = None  # probed once in init (None: unknown, use finite differences every step)
     forward_time: bool = False      # df/dt by forward-mode AD works for this field
     has_parameters: bool = False    # f carries a graph even for a detached y (captured tensors need grad)
@@ -197,6 +198,7 @@ class Rosenbrock(Solver):
             return self.singular(y0, h, state)
         if self.jacobian != "krylov":
             state.counters["n_lu"] += 1
+        state.system = (coefficient, system)
         solve = self._solver(system, coefficient, state, graph, error_norm, y0)
         try:
             us = self.increments(func, t0, y0, f0, h, solve, state.time_derivative)
@@ -207,6 +209,20 @@ class Rosenbrock(Solver):
                                failure=failure.reason)
         y1, ratio = self.combine(y0, us, error_norm)
         return StepOutcome(y1, None, ratio, self.error_order, stages=(f0, us), state=state)
+
+    def stiff_filter(self, outcome: StepOutcome, h: float):
+        state, gamma = outcome.state, self.tableau.gamma
+        if not isinstance(state, RosenbrockState) or state.jacobian is None:
+            return None
+        if state.system is None or state.system[0] != h * gamma:
+            # (a compiled step factorised inside its kernel: the same matrix, built here once more)
+            try:
+                state.system = (h * gamma, build_system(self.jacobian, np.array([[h * gamma]]), state.jacobian,
+                                                        self.preconditioner))
+            except SingularMatrixError:
+                return None
+        system = state.system[1]
+        return gamma, lambda v: system.solve(v[None])[0]
 
     def singular(self, y0: torch.Tensor, h, state: RosenbrockState) -> StepOutcome:
         """The retreat from a singular (or non-finite) ``I - h gamma J``: reject and shrink the step."""

@@ -1,0 +1,128 @@
+"""A stiff method's dense output is checked with its step where events or the dense solution read it
+(``interpolation_error``, option ``dense_error_control``): a step whose interpolant misses the tolerance is
+rejected like one whose end does."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from neuralode import Event, solve
+from neuralode.controllers import ErrorNorm
+from neuralode.interpolation import interpolation_error
+
+F64 = torch.float64
+STIFF_METHODS = ["radau5", "rodas5p", "kvaerno3", "kvaerno5", "auto"]
+
+
+def prothero_robinson(t, y):
+    """y' = -1e5 (y - cos t) - sin t, y(0) = 1: y = cos t. The step-end estimate of a stiff method sees only the
+    end, which the stiffness pins to cos t whatever the step: radau5 took a step of 7.7 at rtol 1e-4."""
+    return -1e5 * (y - torch.cos(t)) - torch.sin(t)
+
+
+Y0 = torch.tensor([1.0], dtype=F64)
+SPAN = torch.tensor([0.0, 10.0], dtype=F64)
+GRID = torch.linspace(0.0, 10.0, 401, dtype=F64)
+
+
+def _dense_error(method, rtol, control):
+    solution = solve(prothero_robinson, Y0, SPAN, method=method, rtol=rtol, atol=rtol, dense=True,
+                     options={"dense_error_control": control})
+    assert solution.success
+    return float((solution.evaluate(GRID)[:, 0] - torch.cos(GRID)).abs().max()) / rtol
+
+
+@pytest.mark.parametrize("method", STIFF_METHODS)
+def test_the_dense_output_of_a_stiff_solve_meets_the_tolerance(method):
+    # Measured: 4e3-1.2e4 x rtol unchecked, 1.6-5.7 x checked (kvaerno3's cubic Hermite the worst).
+    assert _dense_error(method, 1e-4, control=True) < 10
+    assert _dense_error(method, 1e-4, control=False) > 100
+
+
+@pytest.mark.parametrize("method", STIFF_METHODS)
+def test_events_of_a_stiff_solve_are_found_and_placed(method):
+    solution = solve(prothero_robinson, Y0, SPAN, method=method, rtol=1e-4, atol=1e-4,
+                     events=[Event(lambda t, y: y[0] - 0.3)])
+    exact = [math.acos(0.3), 2 * math.pi - math.acos(0.3), 2 * math.pi + math.acos(0.3)]
+    # Unchecked, radau5, rodas5p and kvaerno3 found one crossing of the three and kvaerno5 placed one 0.48 off.
+    assert [float(r.t) for r in solution.events] == pytest.approx(exact, abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_explicit_steps_are_not_checked(method):
+    def run(control):
+        return solve(prothero_robinson, Y0, torch.tensor([0.0, 1e-3], dtype=F64), method=method, rtol=1e-6,
+                     dense=True, options={"dense_error_control": control}).stats
+
+    checked, unchecked = run(True), run(False)
+    assert (checked["n_steps"], checked["nfe"]) == (unchecked["n_steps"], unchecked["nfe"])
+
+
+def test_without_dense_output_or_events_nothing_is_checked():
+    # The outputs are landed on by default: the interpolant is not read, and the steps are those of an unchecked solve.
+    t = torch.linspace(0.0, 10.0, 11, dtype=F64)
+    plain = solve(prothero_robinson, Y0, t, method="radau5", rtol=1e-4, atol=1e-4).stats
+    unchecked = solve(prothero_robinson, Y0, t, method="radau5", rtol=1e-4, atol=1e-4,
+                      options={"dense_error_control": False}).stats
+    assert (plain["n_steps"], plain["nfe"]) == (unchecked["n_steps"], unchecked["nfe"])
+
+
+def test_a_bad_flag_is_refused():
+    with pytest.raises(TypeError, match="option 'dense_error_control' must be True or False"):
+        solve(prothero_robinson, Y0, SPAN, method="radau5", options={"dense_error_control": "yes"})
+
+
+# --- the estimate itself ------------------------------------------------------------------------------------
+
+
+def _cubic_through(y0, f0, y1, f1, h):
+    delta = y1 - y0
+    return [y0, h * f0, 3 * delta - h * (2 * f0 + f1), -2 * delta + h * (f0 + f1)]
+
+
+def test_an_exact_interpolant_has_no_error():
+    # y' = 3 t^2: y = t^3 is a cubic, which the Hermite cubic reproduces; its defect is zero.
+    def field(t, y):
+        return 3 * t ** 2 * torch.ones_like(y)
+
+    h, y0, y1 = 0.7, torch.zeros(1, dtype=F64), torch.full((1,), 0.7 ** 3, dtype=F64)
+    coefficients = _cubic_through(y0, field(0.0, y0), y1, field(h, y1), h)
+    norm = ErrorNorm(1e-6, 1e-9)
+    ratio = interpolation_error(field, 0.0, h, coefficients, (0.25, lambda v: v), norm, y0, y1)
+    assert float(ratio) < 1e-6
+
+
+@pytest.mark.parametrize("stiffness", [1e4, 1e6, 1e8])
+def test_the_filtered_defect_measures_the_distance_from_a_stiff_solution(stiffness):
+    # y' = -L (y - cos t) - sin t; an interpolant offset from y = cos t by a constant 1e-3: its defect is L times
+    # the offset, the filter (1 + h gamma L)^-1 brings that back to the offset (to 1 / (h gamma L)).
+    def field(t, y):
+        return -stiffness * (y - torch.cos(torch.as_tensor(t, dtype=F64))) - torch.sin(torch.as_tensor(t, dtype=F64))
+
+    h, gamma, offset = 2.0, 0.25, 1e-3
+    theta = torch.tensor(0.25 * h, dtype=F64)
+    # cos t to fourth order about the check point (so that the slope is right there), plus the offset.
+    expansion = [torch.cos(theta), -torch.sin(theta), -torch.cos(theta) / 2, torch.sin(theta) / 6]
+    shifted = []   # the same polynomial in theta = t / h, expanded about 0
+    for m in range(4):
+        shifted.append(sum(expansion[k] * math.comb(k, m) * (-theta) ** (k - m) for k in range(m, 4)) * h ** m)
+    coefficients = [(c + (offset if m == 0 else 0.0)).reshape(1) for m, c in enumerate(shifted)]
+    norm = ErrorNorm(1.0, 1.0)     # the ratio is then |e| / (1 + |y|), y ~ 1 here
+    ratio = interpolation_error(field, 0.0, h, coefficients, (gamma, lambda v: v / (1 + h * gamma * stiffness)),
+                                norm, coefficients[0], coefficients[0])
+    scale = 1 + abs(float(coefficients[0]))
+    assert float(ratio) * scale == pytest.approx(offset, rel=10 / (h * gamma * stiffness) + 1e-6)
+
+
+def test_a_compiled_rosenbrock_step_is_checked_as_the_eager_one():
+    def run(compile):
+        solution = solve(prothero_robinson, Y0, SPAN, method="rodas5p", rtol=1e-4, atol=1e-4, dense=True,
+                         compile=compile)
+        return solution.stats["n_accepted"], float((solution.evaluate(GRID)[:, 0] - torch.cos(GRID)).abs().max())
+
+    (eager_steps, eager_error), (compiled_steps, compiled_error) = run(False), run(True)
+    assert compiled_steps == eager_steps
+    assert compiled_error == pytest.approx(eager_error, rel=1e-6) and compiled_error < 1e-3

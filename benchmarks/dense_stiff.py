@@ -5,8 +5,10 @@
 Problems from ``stiff_problems.py`` over their literature spans, 121 output times (evenly spaced; Robertson:
 t = 0 and 120 log-spaced from 1e-5 to 1e5), atol = rtol times the problem's scale. Error: the test set's mixed
 error (``stiff_problems.mixed_error``) divided by rtol, the worst over every output, against radau5 at rtol 1e-12
-with its steps on the outputs. "interpolated" passes ``options={"land_on_outputs": False}``; "landing" is the
-default of the implicit, Rosenbrock and auto methods. One thread.
+with its steps on the outputs. "interpolated" passes ``options={"land_on_outputs": False, "dense_error_control":
+False}``; "landing" is the default of the implicit, Rosenbrock and auto methods; "checked" interpolates with the
+check of each step's interpolant (``land_on_outputs=False`` alone): the error of what a user reads between the
+steps (outputs, ``Solution.evaluate``, events). One thread.
 """
 
 from __future__ import annotations
@@ -51,9 +53,11 @@ def main():
         for rtol in (float(r) for r in args.rtols.split(",")):
             for method in args.methods.split(","):
                 row = {"problem": key, "rtol": rtol, "method": method}
-                for label, land in (("interpolated", False), ("landing", True)):
+                for label, land, checked in (("interpolated", False, False), ("landing", True, True),
+                                             ("checked", False, True)):
                     sol = neuralode.solve(problem.func, problem.y0, t, method=method, rtol=rtol,
-                                          atol=problem.atol_tensor(rtol), options={"land_on_outputs": land})
+                                          atol=problem.atol_tensor(rtol),
+                                          options={"land_on_outputs": land, "dense_error_control": checked})
                     ys = sol.ys.numpy()
                     row[f"{label}_error"] = max(sp.mixed_error(y, r, rtol, problem.atol(rtol))
                                                 for y, r in zip(ys, reference)) / rtol
@@ -65,7 +69,9 @@ def main():
                                 ("interpolated: error / tol", "interpolated_error", "{:.2f}"),
                                 ("steps", "interpolated_steps", "{}"), ("nfe", "interpolated_nfe", "{}"),
                                 ("landing: error / tol", "landing_error", "{:.2f}"),
-                                ("steps", "landing_steps", "{}"), ("nfe", "landing_nfe", "{}")]))
+                                ("steps", "landing_steps", "{}"), ("nfe", "landing_nfe", "{}"),
+                                ("checked: error / tol", "checked_error", "{:.2f}"),
+                                ("steps", "checked_steps", "{}"), ("nfe", "checked_nfe", "{}")]))
     print(write_json("dense_stiff.json", {"rows": rows}))
 
 

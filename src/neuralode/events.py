@@ -13,9 +13,11 @@ combined as ``min(g * sign(g(t0, y0)))`` (the element that fires first).
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 
@@ -42,9 +44,10 @@ class Event:
         bracket cannot shrink in floating point.
     samples : int
         Points inside each step, evenly spaced on its dense output, where the sign of ``fn`` is checked besides
-        the step's ends (each costs one evaluation of ``fn``), so that two crossings within one step (out and
-        back) are both seen unless they lie closer than ``1 / (samples + 1)`` of the step; ``0`` checks the ends
-        only (torchdiffeq's and scipy's rule). Default 4 (SciML's ``interp_points`` is 10).
+        the step's ends (each costs one evaluation of ``fn``; dopri8 builds its dense output for them, 3
+        evaluations of ``f`` a step), so that two crossings within one step (out and back) are both seen unless
+        they lie within one ``1 / (samples + 1)`` of the step; ``0`` checks the ends only (torchdiffeq's and
+        scipy's rule). Default 4 (SciML's ``interp_points`` is 10).
 
     Every occurrence is in ``Solution.events`` as an :class:`EventRecord`, in time order. A solve that
     stops at a terminal event reports ``status == "event"``, ``event_t`` and ``event_y``; the event time is
@@ -70,9 +73,11 @@ class Event:
         if self.tol is not None and (isinstance(self.tol, bool) or not isinstance(self.tol, (int, float))
                                      or not self.tol > 0 or self.tol == float("inf")):
             raise ValueError(f"Event tol must be a finite time > 0 (or None: locate to rounding), got {self.tol!r}")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+        if (isinstance(self.samples, (bool, np.bool_)) or not isinstance(self.samples, numbers.Integral)
+                or self.samples < 0):
             raise ValueError(f"Event samples must be an integer >= 0 (sign checks inside each step; 0: the step's "
                              f"ends only), got {self.samples!r}")
+        object.__setattr__(self, "samples", int(self.samples))   # (numpy integers too)
 
     @property
     def stop_after(self) -> int | None:

@@ -412,6 +412,23 @@ class _Events:
         self.counts = [0] * len(events)
         self.reached = None   # internal time up to which the last accepted step is part of the solution
 
+    def _signs(self, event, step, thetas, value0) -> tuple:
+        """The event function at the step's start (``value0``), at ``thetas`` on its dense output (dopri8's costs
+        its 3 evaluations of ``f`` on every step then: a cubic Hermite through the step's ends instead missed the
+        crossings 0.2 apart that the test of this finds) and at its end; whether it crossed between each pair of those points, and whether all were finite, read
+        from the device together (a NaN never compares, so a NaN event function would silently never fire)."""
+        direction, field = step.direction, self.field
+        values = [value0]
+        if thetas:
+            states = _interpolate_many(step.coefficients(), thetas)
+            values += [_event_value(event, field, direction * (step.tau + theta * step.h), state)
+                       for theta, state in zip(thetas, states.unbind(0))]
+        values.append(_event_value(event, field, direction * step.tau1, step.y1))
+        stacked = torch.stack([v.reshape(values[0].shape) for v in values])
+        checks = _crossed(stacked[:-1], stacked[1:], event.direction).reshape(len(values) - 1, -1).any(1)
+        *crossed, finite = torch.cat([checks, torch.isfinite(stacked[1:]).all().reshape(1)]).tolist()
+        return values, crossed, finite
+
     def check(self, step: _AcceptedStep) -> bool:
         """Record every occurrence inside ``step`` in time order; True if a terminal one fired."""
         self.reached = step.tau1
@@ -423,17 +440,7 @@ class _Events:
             # The sign at the step's end and at `samples` points between (two crossings within a step, out and
             # back, leave the ends with one sign).
             thetas = [j / (event.samples + 1) for j in range(1, event.samples + 1)]
-            values = [self.values[k]]
-            if thetas:
-                states = _interpolate_many(step.coefficients(), thetas)
-                values += [_event_value(event, field, direction * (step.tau + theta * step.h), state)
-                           for theta, state in zip(thetas, states.unbind(0))]
-            values.append(_event_value(event, field, direction * step.tau1, step.y1))
-            # One host read for all: did it cross between each pair of points, and is it finite (a NaN never
-            # compares, so a NaN event function would silently never fire)?
-            stacked = torch.stack([v.reshape(values[0].shape) for v in values])
-            checks = _crossed(stacked[:-1], stacked[1:], event.direction).reshape(len(values) - 1, -1).any(1)
-            *crossed, finite = torch.cat([checks, torch.isfinite(stacked[1:]).all().reshape(1)]).tolist()
+            values, crossed, finite = self._signs(event, step, thetas, self.values[k])
             bounds = [0.0] + thetas + [1.0]
             if not finite:
                 j = next(j for j, v in enumerate(values) if not bool(torch.isfinite(v).all()))

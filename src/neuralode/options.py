@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._errors import closest
@@ -48,10 +49,14 @@ def check_options(spec, options):
         name = unknown[0]
         raise ValueError(f"option {name!r} means nothing for method {spec.name!r}.{closest(name, spec.options)} "
                          f"It accepts: {sorted(spec.options)}")
+    options = dict(options)
     for flag in ("land_on_outputs", "dense_error_control"):
-        if not isinstance(options.get(flag, False), bool):
+        value = options.get(flag, False)
+        if not isinstance(value, (bool, np.bool_)):   # (numpy's bool too)
             raise TypeError(f"option {flag!r} must be True or False, got {options[flag]!r}")
-    return dict(options)
+        if flag in options:
+            options[flag] = bool(value)
+    return options
 
 
 def _float_option(options, name, default, *, positive=False, minimum=None):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..interpolation import hermite_coefficients
 from ..tableaus import TABLEAUS
 from .runge_kutta import ExplicitRungeKutta, StepOutcome, linear_combination
 from .base import Solver
@@ -74,12 +75,6 @@ def _integral_terms(polys: list) -> list:
     degree = max(len(p) for p in polys)
     return [tuple((i, p[m] / (m + 1)) for i, p in enumerate(polys) if m < len(p) and p[m] != 0.0)
             for m in range(degree)]
-
-
-def _hermite(y0, y1, f0, f1, h) -> list:
-    """Cubic Hermite interpolant through ``(y0, f0)`` and ``(y1, f1)`` as coefficients in theta."""
-    dy = y1 - y0
-    return [y0, f0 * h, 3 * dy - h * (2 * f0 + f1), h * (f0 + f1) - 2 * dy]
 
 
 @dataclass(frozen=True, eq=False)
@@ -158,7 +153,7 @@ class ExplicitAdams(Solver):
         """Coefficients ``[c_0, ..., c_d]`` with ``y(t0 + theta h) = sum_m c_m theta**m`` on the step."""
         kind = outcome.stages[0]
         if kind == "rk4":
-            return _hermite(y0, outcome.y1, outcome.stages[1].stages[0], f1, h)
+            return hermite_coefficients(y0, outcome.stages[1].stages[0], outcome.y1, f1, h)
         _, derivatives, basis = outcome.stages
         return [y0] + [linear_combination(None, h, derivatives, terms) for terms in _integral_terms(basis)]
 
@@ -261,7 +256,7 @@ class ImplicitAdams(Solver):
         f0 = outcome.stages[1].stages[0] if outcome.stages[0] == "rk4" else None
         if f0 is None:
             f0 = func(t0, y0)
-        return _hermite(y0, outcome.y1, f0, f1, h)
+        return hermite_coefficients(y0, f0, outcome.y1, f1, h)
 
 
 # gamma*_j of the constant-step Adams-Moulton error constants ([HNW93]_ Sec. III.1, Table 1.2):

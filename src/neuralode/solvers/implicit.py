@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..controllers import rms_norm
+from ..interpolation import hermite_coefficients
 from .base import Solver
 from .linear import KrylovFailure, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian
 from .runge_kutta import StepOutcome, linear_combination
@@ -168,6 +169,8 @@ class ImplicitRungeKutta(Solver):
             eigenvalues = np.linalg.eigvals(A)
             real = eigenvalues[np.abs(eigenvalues.imag) <= 1e-12 * np.abs(eigenvalues)].real
             gamma = float(real.max()) if real.size else float(eigenvalues.real.max())
+        if self.radau_error:
+            gamma = 1.0 / _RADAU_MU_REAL     # (exactly the error estimate's, so that its LU serves the check too)
         set_(self, "_filter_gamma", float(gamma))
         if self.radau_error and (len(tab.c) != 3 or self._diagonal):
             raise ValueError("radau_error applies to the three-stage Radau IIA method only")
@@ -221,8 +224,8 @@ class ImplicitRungeKutta(Solver):
             coupled = state.systems.get("coupled")
             if coupled is not None and isinstance(coupled[1], TransformedSystem):
                 system = coupled[1].block(h * gamma)
-            if system is None:
-                system = self._system(state, "filter", np.array([[h * gamma]]))
+            if system is None:   # (small systems keep the coupled LU: RADAU5's error estimate factorised this one)
+                system = self._system(state, "radau_error" if self.radau_error else "filter", np.array([[h * gamma]]))
         return gamma, lambda v: system.solve(v[None])[0]
 
     # --- one step ------------------------------------------------------------------------------------
@@ -443,11 +446,7 @@ class ImplicitRungeKutta(Solver):
         if self._dense_rows:
             ks = outcome.stages[1]
             return [y0] + [linear_combination(None, h, ks, terms) for terms in self._dense_rows]
-        f0, y1 = outcome.stages[0], outcome.y1
-        delta = y1 - y0
-        c2 = 3 * delta - h * (2 * f0 + f1)
-        c3 = -2 * delta + h * (f0 + f1)
-        return [y0, h * f0, c2, c3]
+        return hermite_coefficients(y0, outcome.stages[0], outcome.y1, f1, h)
 
 
 def _covering_norm(norm: Callable) -> Callable:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.autograd.forward_ad as forward_ad
 
+from ..interpolation import hermite_coefficients
 from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
 from .base import Solver
@@ -331,8 +332,7 @@ class Rosenbrock(Solver):
         """
         f0, us = outcome.stages
         if self.tableau.dense_matrix is None:
-            delta = outcome.y1 - y0
-            return [y0, h * f0, 3 * delta - h * (2 * f0 + f1), -2 * delta + h * (f0 + f1)]
+            return hermite_coefficients(y0, f0, outcome.y1, f1, h)
         stacked = torch.stack(us).reshape(len(us), y0.numel())
         key = (stacked.dtype, stacked.device)
         matrix = self._dense_cache.get(key)

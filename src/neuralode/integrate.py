@@ -413,10 +413,11 @@ class _Events:
         self.reached = None   # internal time up to which the last accepted step is part of the solution
 
     def _signs(self, event, step, thetas, value0) -> tuple:
-        """The event function at the step's start (``value0``), at ``thetas`` on its dense output (dopri8's costs
-        its 3 evaluations of ``f`` on every step then: a cubic Hermite through the step's ends instead missed the
-        crossings 0.2 apart that the test of this finds) and at its end; whether it crossed between each pair of those points, and whether all were finite, read
-        from the device together (a NaN never compares, so a NaN event function would silently never fire)."""
+        """The event function at the step's start (``value0``), at ``thetas`` on its dense output and at its end;
+        whether it crossed between each pair of those points, and whether all were finite, read from the device
+        together (a NaN never compares, so a NaN event function would silently never fire). dopri8's dense output
+        costs its 3 evaluations of ``f`` on every step then: a cubic Hermite through the step's ends, which costs
+        none, missed the crossings 0.2 apart that tests/test_events_multiple.py places inside one step."""
         direction, field = step.direction, self.field
         values = [value0]
         if thetas:

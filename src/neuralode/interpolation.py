@@ -62,7 +62,7 @@ def interpolation_error(func, t0: float, h: float, coefficients, stiff_filter, e
         e = (I - h gamma J)^{-1} gamma d
 
     with the step's own factorisation (``stiff_filter = (gamma, solve)``). A component where ``h |lambda|`` is
-    small gets ``gamma d`` (the error the defect drives over the step's first part); a stiff one, where the
+    small gets ``gamma d`` (about the error the defect drives over the step); a stiff one, where the
     solution is pulled onto a slow manifold, ``e -> u - (the manifold)``: the interpolant's distance from the
     true solution, which ``h d`` alone overstates by ``h |lambda|``. This is Shampine's error filtering (as in
     RADAU5's step error estimate) applied to the defect of the continuous solution (Enright's defect control).

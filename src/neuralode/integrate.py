@@ -1,8 +1,10 @@
 """THE loop: step -> adapt -> save/interpolate -> events. Every method and controller goes through it.
 
 The loop works in internal time ``tau = direction * t``, which always increases, and hands the
-stepper real times and signed step sizes. Output times never change the steps taken: values there
-come from the step's dense output (or are the step value itself when a step ends exactly on one).
+stepper real times and signed step sizes. Output times never change the steps of the explicit methods: values
+there come from the step's dense output (or are the step value itself when a step ends exactly on one). The
+implicit, Rosenbrock and auto methods end their steps on them (``land_on_outputs``), or, interpolating, accept a
+step only when its interpolant meets the tolerance too (``dense_error_control``).
 Stops that *do* shape the steps are the end of the span, ``step_t`` (step exactly to these times) and
 ``jump_t`` (discontinuities of ``func``: step to them and restart from the right-hand limit, never
 reusing an evaluation from the left).

@@ -43,7 +43,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         Floating point or complex initial state.
     t : Tensor, shape (T,)
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial time.
-        Output times never change the steps the solver takes.
+        Output times never change the steps of the explicit methods; the implicit, Rosenbrock and ``auto``
+        methods end their steps on them (option ``land_on_outputs``) or check their interpolant there.
     method : str, ButcherTableau or Solver
         One of :data:`neuralode.METHODS`, or a method as an object: a
         :class:`~neuralode.tableaus.ButcherTableau` of your own (run by the one explicit Runge-Kutta stepper;

@@ -74,8 +74,9 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
                    adjoint_params=None):
     """torchdiffeq-compatible ``odeint_adjoint``: the forward solve of :func:`odeint`, differentiated
     by the adjoint method in constant memory. Backward tolerances and method default to the forward
-    ones. The backward error norm is the seminorm of Kidger et al. (2021) by default (torchdiffeq's
-    default is the full norm: ask for it with ``adjoint_options={"norm": "full"}``).
+    ones. The backward error norm is the seminorm of Kidger et al. (2021) by default for explicit methods
+    (torchdiffeq's default is the full norm: ask for it with ``adjoint_options={"norm": "full"}``), the full norm
+    for implicit and Rosenbrock ones.
     ``adjoint_params`` defaults to ``func.parameters()`` for an ``nn.Module``.
     """
     strategy = resolve_gradient(Adjoint(rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,

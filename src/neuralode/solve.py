@@ -325,7 +325,7 @@ def _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direc
     """The backward settings of the per-sample adjoint: the forward method and control unless the Adjoint
     names its own method and tolerances."""
     refused = [name for name, used in (("options", strategy.options is not None), ("seminorm=False",
-               not strategy.seminorm), ("interpolate", bool(strategy.interpolate))) if used]
+               strategy.seminorm is False), ("interpolate", bool(strategy.interpolate))) if used]
     if refused:
         raise ValueError(f"per_sample=True with the adjoint does not support Adjoint({', '.join(refused)}): its "
                          "backward solve controls the error of (y, a) per sample and integrates the parameter "

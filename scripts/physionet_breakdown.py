@@ -105,7 +105,8 @@ def report(d: dict) -> None:
         rows.append((contribution, names[j], int(entries_j.sum()), d["a"][entries_j].mean() if entries_j.any()
                      else float("nan"), d["b"][entries_j].mean() if entries_j.any() else float("nan")))
     for contribution, name, count, a, b in sorted(rows, key=lambda r: -abs(r[0])):
-        print(f"| {name} | {count} | {a:.3e} | {b:.3e} | {contribution * 1e5:+.3f} | {contribution / difference:+.1%} |")
+        share = contribution / difference
+        print(f"| {name} | {count} | {a:.3e} | {b:.3e} | {contribution * 1e5:+.3f} | {share:+.1%} |")
     print("\n| observations per (record, variable) | pairs | entries | mean pair MSE A | B | share |")
     print("|---|---|---|---|---|---|")
     for low, high, label in ((1, 1, "1"), (2, 3, "2-3"), (4, 10, "4-10"), (11, 30, "11-30"), (31, None, ">30")):

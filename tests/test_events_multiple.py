@@ -216,3 +216,12 @@ def test_the_sign_checks_cost_dopri8_its_dense_output_only():
     assert ends_only["nfe"] == plain["nfe"]
     # (+1 at most: the last step's f1, which the dense output needs and no next step reuses)
     assert 0 <= sampled["nfe"] - plain["nfe"] - 3 * sampled["n_accepted"] <= 1
+
+
+@pytest.mark.parametrize("samples", [0, 4])
+def test_a_blow_up_is_the_solution_s_failure_not_the_event_function_s(samples):
+    # y' = 1e5 y: the step's end is still finite (-2e301 is not reached, +2e301 is) while its interpolant's
+    # coefficients overflow; a NaN sample of the event function then blamed it (ValueError, even with throw=False).
+    solution = solve(lambda t, y: 1e5 * y, torch.tensor([1.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                     method="dopri5", events=[Event(lambda t, y: y[0] + 1.0, samples=samples)], throw=False)
+    assert solution.status == "non_finite"

@@ -415,11 +415,12 @@ class _Events:
         self.reached = None   # internal time up to which the last accepted step is part of the solution
 
     def _signs(self, event, step, thetas, value0) -> tuple:
-        """The event function at the step's start (``value0``), at ``thetas`` on its dense output and at its end;
-        whether it crossed between each pair of those points, and whether all were finite, read from the device
-        together (a NaN never compares, so a NaN event function would silently never fire). dopri8's dense output
-        costs its 3 evaluations of ``f`` on every step then: a cubic Hermite through the step's ends, which costs
-        none, missed the crossings 0.2 apart that tests/test_events_multiple.py places inside one step."""
+        """``(thetas, values, crossed, finite)``: the event function at the step's start (``value0``), at
+        ``thetas`` on its dense output (less those where that is not finite) and at its end; whether it crossed
+        between each pair of those points, and whether all were finite, read from the device together (a NaN
+        never compares, so a NaN event function would silently never fire). dopri8's dense output costs its 3
+        evaluations of ``f`` on every step then: a cubic Hermite through the step's ends, which costs none, missed
+        the crossings 0.2 apart that tests/test_events_multiple.py places inside one step."""
         direction, field = step.direction, self.field
         values = [value0]
         if thetas:
@@ -429,8 +430,17 @@ class _Events:
         values.append(_event_value(event, field, direction * step.tau1, step.y1))
         stacked = torch.stack([v.reshape(values[0].shape) for v in values])
         checks = _crossed(stacked[:-1], stacked[1:], event.direction).reshape(len(values) - 1, -1).any(1)
-        *crossed, finite = torch.cat([checks, torch.isfinite(stacked[1:]).all().reshape(1)]).tolist()
-        return values, crossed, finite
+        flags = [checks, torch.isfinite(stacked[1:]).all().reshape(1)]
+        if thetas:
+            flags.append(torch.isfinite(states).reshape(len(thetas), -1).all(1))
+        flags = torch.cat(flags).tolist()
+        crossed, finite, states_finite = flags[:len(checks)], flags[len(checks)], flags[len(checks) + 1:]
+        if not all(states_finite):
+            # The interpolant overflowed (a blow-up whose step ends are still finite): its samples tell nothing about
+            # the event function, which must not be blamed for them; the step's ends decide, and the loop reports the
+            # solution's own failure.
+            return self._signs(event, step, [theta for theta, ok in zip(thetas, states_finite) if ok], value0)
+        return thetas, values, crossed, finite
 
     def check(self, step: _AcceptedStep) -> bool:
         """Record every occurrence inside ``step`` in time order; True if a terminal one fired."""
@@ -443,7 +453,7 @@ class _Events:
             # The sign at the step's end and at `samples` points between (two crossings within a step, out and
             # back, leave the ends with one sign).
             thetas = [j / (event.samples + 1) for j in range(1, event.samples + 1)]
-            values, crossed, finite = self._signs(event, step, thetas, self.values[k])
+            thetas, values, crossed, finite = self._signs(event, step, thetas, self.values[k])
             bounds = [0.0] + thetas + [1.0]
             if not finite:
                 j = next(j for j, v in enumerate(values) if not bool(torch.isfinite(v).all()))

@@ -136,7 +136,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     # Events, the dense solution and outputs between the steps read the interpolant: a stiff method's is checked with
     # its step (the explicit methods' steps are short enough for theirs).
     interpolated_outputs = bool(set(taus[1:-1]) - set(stops))
-    check_interpolant = (isinstance(stepping, AdaptiveStepping)
+    check_interpolant = (isinstance(stepping, AdaptiveStepping) and stepper.implicit   # (only these have a filter)
                          and (bool(events) or until_event or record_dense or reads_interpolant or interpolated_outputs)
                          and options.get("dense_error_control", True))
     rejected = False   # the last attempt was rejected (fixed grids accept every step)
@@ -413,6 +413,7 @@ class _Events:
                 raise _non_finite_event(event, t0, value)
         self.counts = [0] * len(events)
         self.reached = None   # internal time up to which the last accepted step is part of the solution
+        self.powers = {}      # (thetas, degree, dtype, device) -> the powers of theta the samples interpolate with
 
     def _signs(self, event, step, thetas, value0) -> tuple:
         """``(thetas, values, crossed, finite)``: the event function at the step's start (``value0``), at
@@ -424,7 +425,7 @@ class _Events:
         direction, field = step.direction, self.field
         values = [value0]
         if thetas:
-            states = _interpolate_many(step.coefficients(), thetas)
+            states = self._interpolate_many(step.coefficients(), thetas)
             values += [_event_value(event, field, direction * (step.tau + theta * step.h), state)
                        for theta, state in zip(thetas, states.unbind(0))]
         values.append(_event_value(event, field, direction * step.tau1, step.y1))
@@ -441,6 +442,19 @@ class _Events:
             # solution's own failure.
             return self._signs(event, step, [theta for theta, ok in zip(thetas, states_finite) if ok], value0)
         return thetas, values, crossed, finite
+
+    def _interpolate_many(self, coefficients: list, thetas: list) -> torch.Tensor:
+        """The step's interpolant at several thetas in one product: shape ``(len(thetas), *y.shape)``; the powers
+        of theta are built once per solve (per sample set, degree, dtype and device), not per step."""
+        stacked = torch.stack([c.detach() for c in coefficients])
+        key = (tuple(thetas), len(coefficients), stacked.dtype, stacked.device)
+        powers = self.powers.get(key)
+        if powers is None:
+            real = stacked.real.dtype if stacked.is_complex() else stacked.dtype
+            powers = torch.tensor([[theta ** m for m in range(len(coefficients))] for theta in thetas], dtype=real,
+                                  device=stacked.device).to(stacked.dtype)
+            self.powers[key] = powers
+        return torch.tensordot(powers, stacked, dims=1)
 
     def check(self, step: _AcceptedStep) -> bool:
         """Record every occurrence inside ``step`` in time order; True if a terminal one fired."""
@@ -479,14 +493,6 @@ class _Events:
                 result.status, result.message = Status.EVENT, "A terminal event occurred."
                 return True
         return False
-
-
-def _interpolate_many(coefficients: list, thetas: list) -> torch.Tensor:
-    """The step's interpolant at several thetas in one product: shape ``(len(thetas), *y.shape)``."""
-    stacked = torch.stack([c.detach() for c in coefficients])
-    powers = torch.tensor([[theta ** m for m in range(len(coefficients))] for theta in thetas],
-                          dtype=stacked.real.dtype if stacked.is_complex() else stacked.dtype, device=stacked.device)
-    return torch.tensordot(powers.to(stacked.dtype), stacked, dims=1)
 
 
 def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:

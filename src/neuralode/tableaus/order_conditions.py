@@ -108,8 +108,8 @@ def continuous_extension(a: np.ndarray, b, order: int, end_derivative: int | Non
     I, Sec. II.6, continuous Runge-Kutta methods); ``b(1) = b``; ``b'(1)`` is the unit vector of stage
     ``end_derivative`` when that stage is ``f(t0 + h, y1)`` (a stiffly accurate method's last), so that the output's
     derivative at the step's end is ``f(t1, y1)`` (its derivative at the start is not imposed: kvaerno5's slope
-    jumps by about 5e-5 relative across a step boundary, its values are continuous); and ``b(theta) . Y = 0`` for the stiff stage limit ``Y``
-    (:func:`stiff_stage_limit`), so that on ``y' = lambda y`` the output stays bounded as ``h lambda -> -infinity``
+    jumps by about 5e-5 relative across a step boundary, its values are continuous); and ``b(theta) . Y = 0`` for
+    the stiff stage limit ``Y`` (:func:`stiff_stage_limit`), so that on ``y' = lambda y`` the output stays bounded as ``h lambda -> -infinity``
     (a cubic Hermite through ``h f(t0, y0)`` grows like ``h lambda`` there). Of the solutions the one of least
     norm (``numpy.linalg.lstsq``); ``None`` if the least-squares residual exceeds ``tol``.
     """

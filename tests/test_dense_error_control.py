@@ -153,3 +153,10 @@ def test_a_compiled_rosenbrock_step_is_checked_as_the_eager_one():
     (eager_steps, eager_error), (compiled_steps, compiled_error) = run(False), run(True)
     assert compiled_steps == eager_steps
     assert compiled_error == pytest.approx(eager_error, rel=1e-6) and compiled_error < 1e-3
+
+
+def test_numpy_bools_are_accepted_for_the_flags():
+    import numpy as np
+    solution = solve(prothero_robinson, Y0, SPAN, method="radau5", rtol=1e-4, atol=1e-4, dense=True,
+                     options={"dense_error_control": np.bool_(False), "land_on_outputs": np.bool_(True)})
+    assert solution.success

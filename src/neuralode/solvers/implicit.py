@@ -22,7 +22,8 @@ measured in this solve, so after two iterations at the earliest (scipy's rule; R
 the previous step's rate, which leaves a component that depends nonlinearly on the others unconverged), after
 three where that first rate exceeds 0.1 (a second rate confirms it: ``_CONFIRM_THETA``), and
 ``|dz|`` in the larger of the error norm and the RMS over every component (``_covering_norm``); it fails
-when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach. A failed step is retried once
+when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach, unless the correction is within
+rounding of the iterate (converged to working precision: the same correction comes back with rate 1). A failed step is retried once
 with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
 On a fixed grid, which cannot shrink, the last resort is full Newton (J at every iterate).
 Fully implicit stages start from the last accepted step's collocation polynomial, extrapolated to the new
@@ -505,6 +506,11 @@ class _Newton:
                     break
                 if previous is not None:
                     theta = size / previous
+                    if theta >= _CONFIRM_THETA and _within_rounding(delta, z, self.scale):
+                        # Converged to working precision: the correction no longer moves the iterate, so the
+                        # same correction comes back and its rate reads 1 (float32 at rtol 1e-6 read that as
+                        # divergence: kvaerno5 halved its step 10,000 times on a problem it solves in 13 steps).
+                        break
                     self.theta_max = max(self.theta_max, theta)
                     # Full Newton may grow before it converges quadratically: only max_iters bounds it.
                     if theta >= 0.99 and not self.full:
@@ -525,6 +531,13 @@ class _Newton:
             else:
                 raise NewtonFailure(f"Newton's iteration did not converge in max_iters={self.max_iters} iterations")
         return z
+
+
+def _within_rounding(delta: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether every component of Newton's correction is within rounding of the iterate ``z``: a couple of
+    units in its last place, or of ``eps`` in the error norm's ``scale`` for components near zero."""
+    eps = torch.finfo(z.real.dtype if z.is_complex() else z.dtype).eps
+    return bool((delta.abs() <= eps * (2 * z.abs() + scale)).all())
 
 
 def attach_implicit_gradient(z_star: torch.Tensor, fixed_point: Callable, fixed_point_known: Callable,

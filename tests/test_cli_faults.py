@@ -717,6 +717,15 @@ def test_a_failed_solve_before_any_checkpoint_does_not_claim_one(tmp_path, capsy
     assert "is intact" not in line
 
 
+def test_a_diverged_encoder_is_a_failed_solve_not_a_traceback(tmp_path, capsys):
+    # lr=1e10 turns the latent ODE's encoder output to NaN after the first update: the decoder's solve is
+    # handed a NaN initial state, a ValueError (NonFiniteInputError) that used to escape as a traceback.
+    argv = ["run", "latent_spiral", "--out", str(tmp_path / "run"), "--no-progress", "--set", "n_spirals=20",
+            "iters=5", "obs_counts=30", "nsample=50", "ntotal=150", "lr=1e10"]
+    assert main(argv) == 2
+    _one_line_error(capsys, "a solve failed", "y0 contains NaN", "smaller lr")
+
+
 def test_an_error_in_finish_says_how_to_recover_and_resume_redoes_only_the_report(tmp_path, capsys, monkeypatch,
                                                                                      reference):
     """QA D15: training is kept (the final checkpoint), the message says so, and once the cause is gone

@@ -67,6 +67,12 @@ class MaxStepsError(SolverError):
     status = Status.MAX_STEPS
 
 
+class NonFiniteInputError(ValueError):
+    """``y0`` holds NaN or infinite values. Bad input, hence a ``ValueError``; a class of its own so that a
+    training loop can tell a model whose parameters diverged (an encoder that returns NaN) from a mistake in
+    its configuration."""
+
+
 def closest(name: str, choices) -> str:
     """A ' Did you mean ...?' hint for a mistyped name, or an empty string."""
     import difflib

@@ -111,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _interrupted(args)
     except ValueError as exc:
+        from neuralode._errors import NonFiniteInputError
         from neuralode.experiments import ConfigError
 
         if isinstance(exc, ConfigError):
             return _say(str(exc))
-        raise
+        if not (isinstance(exc, NonFiniteInputError) and args.command == "run"):
+            raise
+        # (a diverged encoder handed the solve a NaN initial state: the same failure as a blown-up solve)
+        return _solve_failed(exc, args)
     except OSError as exc:
         return _say(_file_fault(exc, args))
     except RuntimeError as exc:
@@ -123,14 +127,21 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(exc, SolverError) or args.command != "run":
             raise
-        # The model's ODE blew up (or got stiff): a property of this config, not a bug to trace.
-        run_dir = getattr(args, "run_dir", None)
-        from neuralode.experiments.runner import CHECKPOINT
+        return _solve_failed(exc, args)
 
-        kept = (f"The last checkpoint in {run_dir} is intact; " if run_dir is not None
-                and (Path(run_dir) / CHECKPOINT).exists() else f"No checkpoint was written in {run_dir}; ")
-        return _say(f"training stopped, a solve failed: {exc} {kept}"
-                    f"start a new run with a smaller lr (or other tolerances / method)")
+
+def _solve_failed(exc: Exception, args: argparse.Namespace) -> int:
+    """A solve inside training failed or got a non-finite start: one line, exit 2. The model's ODE blew up
+    (or got stiff): a property of this config, not a bug to trace."""
+    run_dir = getattr(args, "run_dir", None)
+    from neuralode.experiments.runner import CHECKPOINT
+
+    kept = (f"The last checkpoint in {run_dir} is intact; " if run_dir is not None
+            and (Path(run_dir) / CHECKPOINT).exists() else f"No checkpoint was written in {run_dir}; ")
+    said = str(exc).rstrip()
+    said += "" if said.endswith(".") else "."
+    return _say(f"training stopped, a solve failed: {said} {kept}"
+                f"start a new run with a smaller lr (or other tolerances / method)")
 
 
 def _interrupted(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._errors import MaxStepsError, NonFiniteError, StepSizeUnderflowError
+from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, StepSizeUnderflowError
 from .controllers import ErrorNorm
 from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
@@ -129,7 +129,7 @@ def make_per_sample_field(func, y0, rtol, atol):
         rtol = max(rtol, floor) if isinstance(rtol, float) else rtol.clamp_min(floor)
     state = y0.to(compute_dtype)
     if not bool(torch.isfinite(state).all()):
-        raise ValueError("y0 contains NaN or infinite values; the initial state must be finite")
+        raise NonFiniteInputError("y0 contains NaN or infinite values; the initial state must be finite")
     field = PerSampleField(func, None, None, real_dtype, y0.device, y0.dtype, compute_dtype)
     return field, state, PerSampleNorm(rtol, atol)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._errors import NonFiniteError
+from ._errors import NonFiniteError, NonFiniteInputError
 
 _NUMBER = (int, float)
 
@@ -283,7 +283,7 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
         shapes, numels, flat_y0 = None, None, parts[0]
     flat_y0 = flat_y0.to(compute_dtype)
     if not bool(torch.isfinite(flat_y0).all()):
-        raise ValueError("y0 contains NaN or infinite values; the initial state must be finite")
+        raise NonFiniteInputError("y0 contains NaN or infinite values; the initial state must be finite")
     field = VectorField(func, shapes, numels, real_dtype, device, user_dtype, compute_dtype)
     right_limit = right_limit_at is None or times[0] in right_limit_at
     f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]

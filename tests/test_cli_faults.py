@@ -743,3 +743,64 @@ def test_an_error_in_finish_says_how_to_recover_and_resume_redoes_only_the_repor
     assert _run(run, resume=True) == 0
     assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+# -- QA round 3: CLI defects -------------------------------------------------------------------
+
+
+def test_a_diverging_model_stops_within_the_step_cap(tmp_path, capsys):
+    """QA: lr=1e10 made the first solve shrink its steps for 100,000 steps (the solver's default), keeping
+    every step's graph (~12 MB/s) for many minutes; training solves are capped by max_steps (2000)."""
+    import time
+
+    start = time.perf_counter()
+    assert _run(tmp_path / "run", "lr=1e10") == 2
+    assert time.perf_counter() - start < 60
+    _one_line_error(capsys, "a solve failed", "max_num_steps=2000", "smaller lr", "--set max_steps")
+
+
+@pytest.mark.parametrize("name, sets", [
+    ("spiral", []), ("cubic", ["spread_sets=0", "resnet_sweep=", "odenet_sweep="]), ("cnf", ["n_test=10"]),
+    ("poisson", ["method=dopri5", "step_size=0"]), ("tolerance", []), ("ecg", ["model=odenet"]),
+    ("mnist", ["model=odenet"]),
+])
+def test_every_adaptive_training_solve_takes_max_steps(name, sets):
+    from neuralode.experiments import apply_overrides, get_experiment
+
+    experiment = get_experiment(name)
+    assert experiment.Config().max_steps == 2000
+    config = apply_overrides(experiment.Config(), sets + ["max_steps=7"])
+    if name in ("spiral", "cubic", "cnf"):  # synthetic data; their models are made from what setup makes
+        config = experiment.resolve(config)
+    exp = experiment(config, torch.device("cpu"))
+    if name in ("spiral", "cubic", "cnf"):
+        exp.setup()
+    if name == "spiral":  # the model is the vector field; the cap is in the loss's solve
+        captured = {}
+        import neuralode
+
+        def fake(func, y0, t, **kwargs):
+            captured.update(kwargs)
+            return y0.expand(len(t), *y0.shape)
+
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(neuralode, "odeint", fake)
+            exp.loss(exp.build_model(), exp.batch(runner._position(0, 1)), runner._position(0, 1))
+        assert captured["options"] == {"max_num_steps": 7}
+        return
+    options = [m.options for m in exp.build_model().modules() if getattr(m, "options", None)]
+    assert options and all(o.get("max_num_steps") == 7 for o in options), options
+
+
+def test_a_run_written_before_max_steps_existed_resumes(tmp_path, reference):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    for name in ("config.json",):
+        saved = json.loads((run / name).read_text())
+        del saved["config"]["max_steps"]
+        (run / name).write_text(json.dumps(saved))
+    ckpt = torch.load(run / CHECKPOINT, weights_only=True)
+    del ckpt["config"]["max_steps"]
+    runner.save_checkpoint(run / CHECKPOINT, ckpt)
+    (run / "summary.json").unlink()
+    assert _run(run, resume=True) == 0

@@ -140,8 +140,10 @@ def _solve_failed(exc: Exception, args: argparse.Namespace) -> int:
             and (Path(run_dir) / CHECKPOINT).exists() else f"No checkpoint was written in {run_dir}; ")
     said = str(exc).rstrip()
     said += "" if said.endswith(".") else "."
+    # The solver's own advice names options={'max_num_steps': N}; from the command line that is max_steps.
+    cap = " or a larger --set max_steps" if "max_num_steps" in said else ""
     return _say(f"training stopped, a solve failed: {said} {kept}"
-                f"start a new run with a smaller lr (or other tolerances / method)")
+                f"start a new run with a smaller lr (or other tolerances / method{cap})")
 
 
 def _interrupted(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ from neuralode.models import (
 from neuralode.models.cnf import standard_normal_log_prob
 
 from .base import Experiment, Position, Reference
-from .config import NON_EMPTY, ConfigError, PosFloat, PosInt, Range, RunConfig
+from .config import NON_EMPTY, ConfigError, PosFloat, PosInt, Range, RunConfig, max_steps_field, solve_cap
 from .runner import RunContext, figure
 
 __all__ = ["DENSITIES", "CNFConfig", "CNFExperiment", "planar_inverse", "sample_density"]
@@ -151,6 +151,7 @@ class CNFConfig(RunConfig):
     iters, batch_size, lr : Adam steps, samples per step (fresh each step), step size.
     t1 : the data time (base at 0).
     method, rtol, atol, gradient : the CNF solves (training and evaluation).
+    max_steps : the most steps one adaptive CNF solve may take (a diverging model stops with an error).
     n_test : held-out samples for the test NLL.
     grid_points, extent : heat-map grid (``grid_points^2`` points on ``[-extent, extent]^2``).
     n_samples, frames : samples and time frames of the flow pictures.
@@ -170,6 +171,7 @@ class CNFConfig(RunConfig):
     rtol: PosFloat = 1e-3
     atol: PosFloat = 1e-3
     gradient: Literal["direct", "adjoint", "checkpoint"] = "direct"
+    max_steps: PosInt = max_steps_field()
     n_test: PosInt = 2000
     grid_points: Annotated[int, Range(2)] = 60
     extent: PosFloat = 4.0
@@ -235,7 +237,7 @@ class CNFExperiment(Experiment):
         else:
             dyn = ConcatSquashMLP(2, (width, width), activation="tanh")
         return CNF(dyn, 2, t0=0.0, t1=c.t1, trace="exact", method=c.method, rtol=c.rtol, atol=c.atol,
-                   gradient=c.gradient)
+                   gradient=c.gradient, options=solve_cap(c.method, c.max_steps) or None)
 
     def build_model(self) -> nn.Module:
         c = self.config
@@ -341,7 +343,8 @@ class CNFExperiment(Experiment):
             cnf = model[cnfs[0].name]
             t = torch.tensor(times, dtype=torch.float64, device=self.device)
             with torch.no_grad():
-                sol = neuralode.solve(cnf.dynamics, z, t, method=c.method, rtol=c.rtol, atol=c.atol)
+                sol = neuralode.solve(cnf.dynamics, z, t, method=c.method, rtol=c.rtol, atol=c.atol,
+                                      options=solve_cap(c.method, c.max_steps))
             paths[cnfs[0].name] = sol.ys.cpu().numpy()  # (frames, N, 2)
         return times, paths
 

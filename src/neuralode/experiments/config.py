@@ -45,7 +45,9 @@ __all__ = [
     "check_fields",
     "config_from_dict",
     "config_to_dict",
+    "max_steps_field",
     "parse_value",
+    "solve_cap",
 ]
 
 
@@ -122,6 +124,32 @@ PosFloat = Annotated[float, Range(0, low_open=True)]
 NonNegFloat = Annotated[float, Range(0)]
 #: A finite float strictly between 0 and 1.
 Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
+
+#: Metadata of a field added after runs were written: a ``config.json`` without it resumes with
+#: its default (every other field must be present, see :func:`config_from_dict`).
+_ADDED_LATER = "added_later"
+
+
+def max_steps_field(default: int = 2000) -> Any:
+    """The ``max_steps`` field of experiments that train through adaptive solves: the most steps
+    one such solve may take (``options={"max_num_steps": ...}``, see :func:`solve_cap`).
+
+    The solver's own default (100,000) is for a user's one solve; in training, a model that
+    diverges (a far too large ``lr``) makes every step smaller and direct backprop keeps the graph
+    of each, so the solve ran for many minutes and GBs before it failed. The experiments' solves
+    take tens to hundreds of steps (docs/experiments.md), so 2000 stops a diverging model within
+    seconds, with the one-line "training stopped, a solve failed" error, and touches no normal run.
+    Runs written before the field existed resume with the default."""
+    return dataclasses.field(default=default, metadata={_ADDED_LATER: True})
+
+
+def solve_cap(method: str, max_steps: int) -> dict[str, int]:
+    """``{"max_num_steps": max_steps}`` for an adaptive ``method``, else ``{}``: a fixed-step
+    method takes the steps its grid has, which the config already fixed."""
+    from ..methods import REGISTRY
+
+    spec = REGISTRY.get(method)
+    return {"max_num_steps": max_steps} if spec is not None and spec.adaptive else {}
 
 
 @dataclasses.dataclass
@@ -282,7 +310,8 @@ def config_from_dict(cls: type, data: dict[str, Any], *, strict: bool = False) -
     hints = typing.get_type_hints(cls)
     names = [field.name for field in dataclasses.fields(cls)]
     if strict:
-        missing = [n for n in names if n not in data]
+        optional = {f.name for f in dataclasses.fields(cls) if f.metadata.get(_ADDED_LATER)}
+        missing = [n for n in names if n not in data and n not in optional]
         if missing:
             raise ConfigError(f"field {missing[0]} is missing" + (f" (and {len(missing) - 1} more)"
                                                                   if len(missing) > 1 else ""))

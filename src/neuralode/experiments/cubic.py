@@ -36,7 +36,7 @@ from neuralode.models import ODENet, ResNet
 from neuralode.nn import Autonomous
 
 from .base import Experiment, Reference
-from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig, max_steps_field, solve_cap
 from .runner import RunContext, figure
 
 __all__ = ["Cubic", "CubicConfig"]
@@ -58,6 +58,8 @@ class CubicConfig(RunConfig):
     resnet_layers : residual blocks of the ResNet.
     resnet_lr, resnet_iters, odenet_lr, odenet_iters : gradient-descent step and iterations.
     method, rtol, atol, gradient : the ODE block's solve.
+    max_steps : the most steps one adaptive solve of the block may take (a diverging model stops with an
+        error, instead of taking the solver's 100,000 steps).
     spread_sets, spread_n, spread_x_max : the random training sets for the spread figure
         (0 sets: skip).
     resnet_sweep, odenet_sweep : extra step sizes trained on the main set (empty: skip).
@@ -78,6 +80,7 @@ class CubicConfig(RunConfig):
     rtol: float = 1e-3
     atol: float = 1e-4
     gradient: Literal["direct", "adjoint", "checkpoint"] = "direct"
+    max_steps: PosInt = max_steps_field()
     spread_sets: NonNegInt = 5
     spread_n: Annotated[int, Range(2)] = 20
     spread_x_max: PosFloat = 3.0
@@ -96,12 +99,12 @@ def resnet(hidden: int, layers: int) -> ResNet:
     return ResNet(stem, blocks, nn.Linear(hidden, 1))
 
 
-def odenet(hidden: int, *, method: str, rtol: float, atol: float, gradient: str) -> ODENet:
+def odenet(hidden: int, *, method: str, rtol: float, atol: float, gradient: str, max_steps: int = 2000) -> ODENet:
     """``Linear(1, H)``, an ODE block ``dh/dt = tanh(W h + b)`` on ``[0, 1]``, ``Linear(H, 1)``."""
     stem = nn.Linear(1, hidden)
     field = Autonomous(nn.Sequential(nn.Linear(hidden, hidden), nn.Tanh()))
     return ODENet(stem, field, nn.Linear(hidden, 1), t=(0.0, 1.0), method=method,
-                  rtol=rtol, atol=atol, gradient=gradient)
+                  rtol=rtol, atol=atol, gradient=gradient, options=solve_cap(method, max_steps) or None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +186,7 @@ class Cubic(Experiment):
                 if m.kind == "resnet":
                     models[m.key] = resnet(c.hidden, c.resnet_layers)
                 else:
-                    models[m.key] = odenet(c.hidden, method=c.method, rtol=c.rtol, atol=c.atol,
+                    models[m.key] = odenet(c.hidden, method=c.method, rtol=c.rtol, atol=c.atol, max_steps=c.max_steps,
                                            gradient=c.gradient)
         return models.to(self.device)
 

@@ -48,7 +48,8 @@ from neuralode.models import count_parameters, sequence_classifier
 
 from . import distributed
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, DataError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
+from .config import (ConfigError, DataError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig,
+                     max_steps_field)
 from .runner import RunContext, figure
 
 __all__ = ["ClippedSGD", "ECG", "ECGConfig", "Members", "SEED_CONFUSION", "stratified_subset"]
@@ -185,6 +186,8 @@ class ECGConfig(RunConfig):
         Width of the convolutions (32: ResNet 53,061 parameters, ODE/RK-Net 22,213).
     rtol, atol : float
         ODE-Net solver tolerances (dopri5).
+    max_steps : int
+        The most steps one ODE-Net solve may take (a diverging model stops with an error).
     rk_step : float
         RK-Net step size on ``[0, 1]`` (rk4).
     grad_clip : float
@@ -209,6 +212,7 @@ class ECGConfig(RunConfig):
     channels: PosInt = 32
     rtol: float = 1e-3
     atol: float = 1e-3
+    max_steps: PosInt = max_steps_field()
     rk_step: PosFloat = 0.25
     grad_clip: NonNegFloat = 1.0
     eval_batch: PosInt = 512
@@ -264,7 +268,8 @@ class Classification(Experiment):
         """One member network: the ODE-Net gets the config's tolerances, the RK-Net its step."""
         c = self.config
         if kind == "odenet":
-            return self.builder(kind, channels=c.channels, rtol=c.rtol, atol=c.atol)
+            return self.builder(kind, channels=c.channels, rtol=c.rtol, atol=c.atol,
+                                options={"max_num_steps": c.max_steps})
         if kind == "rknet":
             return self.builder(kind, channels=c.channels, step_size=c.rk_step)
         return self.builder(kind, channels=c.channels)

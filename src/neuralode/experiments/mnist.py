@@ -39,7 +39,7 @@ from neuralode.data._io import expand_user
 from neuralode.models import PAPER_PARAMETER_COUNTS, image_classifier
 
 from .base import Position, Reference
-from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig, max_steps_field
 from .ecg import Classification, stratified_subset
 
 __all__ = ["MNIST", "MNISTConfig", "RECIPES", "apply_recipe", "learning_rate", "locate_mnist", "mnist_subsets"]
@@ -111,6 +111,8 @@ class MNISTConfig(RunConfig):
         Feature maps (64: the paper's parameter counts).
     rtol, atol : float
         ODE-Net tolerances (dopri5).
+    max_steps : int
+        The most steps one ODE-Net solve may take (a diverging model stops with an error).
     rk_step : float
         RK-Net step size (rk4).
     eval_every : int
@@ -135,6 +137,7 @@ class MNISTConfig(RunConfig):
     channels: PosInt = 64
     rtol: float = 1e-3
     atol: float = 1e-3
+    max_steps: PosInt = max_steps_field()
     rk_step: PosFloat = 0.25
     eval_batch: PosInt = 500
     eval_every: Annotated[int, Range(-1)] = -1

@@ -37,7 +37,7 @@ from neuralode.models import MLP
 from neuralode.nn import ConcatLinear, ODEBlock, TimeSequential
 
 from .base import Experiment, Reference
-from .config import ConfigError, NonNegFloat, NonNegInt, PosInt, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosInt, RunConfig, max_steps_field, solve_cap
 from .runner import RunContext, figure
 
 __all__ = ["Poisson", "PoissonConfig", "PoissonODENet", "finite_difference_solution", "laplacian"]
@@ -124,10 +124,11 @@ def laplacian(model: nn.Module, xy: torch.Tensor) -> tuple[torch.Tensor, torch.T
 class PoissonODENet(nn.Module):
     """``Linear(2, H)``, an ODE block ``dh/dt = tanh(ConcatLinear(H, H)(t, h))`` on ``[0, 1]``, ``Linear(H, 1)``."""
 
-    def __init__(self, hidden: int, *, method: str, step_size: float, rtol: float, atol: float):
+    def __init__(self, hidden: int, *, method: str, step_size: float, rtol: float, atol: float,
+                 max_steps: int = 2000):
         super().__init__()
         self.stem = nn.Linear(2, hidden)
-        options = {"step_size": step_size} if step_size > 0 else None
+        options = {"step_size": step_size} if step_size > 0 else (solve_cap(method, max_steps) or None)
         # gradient="direct": second derivatives need a differentiable backward pass.
         self.block = ODEBlock(TimeSequential(ConcatLinear(hidden, hidden), nn.Tanh()), t=(0.0, 1.0),
                               method=method, rtol=rtol, atol=atol, options=options, gradient="direct")
@@ -156,6 +157,8 @@ class PoissonConfig(RunConfig):
         solution's size), so the default is 10.
     method, step_size, rtol, atol : the ODE block's solve (``step_size`` for fixed-step
         methods; 0 for adaptive ones, which then use ``rtol``/``atol``).
+    max_steps : the most steps one adaptive solve of the block may take (a diverging model stops with an
+        error, instead of taking the solver's 100,000 steps).
     grid : interior points per axis of the evaluation grid (and of the reference); the
         seed source's finite-difference reference uses ``fd_refine`` times finer a grid,
         sampled at the evaluation points.
@@ -173,6 +176,7 @@ class PoissonConfig(RunConfig):
     step_size: NonNegFloat = 0.25
     rtol: float = 1e-3
     atol: float = 1e-4
+    max_steps: PosInt = max_steps_field()
     grid: PosInt = 47
     fd_refine: PosInt = 4
     log_every: PosInt = 10
@@ -229,7 +233,8 @@ class Poisson(Experiment):
     def build_model(self) -> nn.Module:
         c = self.config
         return nn.ModuleDict({
-            "odenet": PoissonODENet(c.hidden, method=c.method, step_size=c.step_size, rtol=c.rtol, atol=c.atol),
+            "odenet": PoissonODENet(c.hidden, method=c.method, step_size=c.step_size, rtol=c.rtol, atol=c.atol,
+                                    max_steps=c.max_steps),
             "mlp": MLP(2, [c.mlp_hidden, c.mlp_hidden], 1, activation=nn.Tanh),
         }).to(self.device)
 

@@ -35,7 +35,7 @@ import neuralode
 from neuralode.models import MLP
 
 from .base import Experiment, Position, epoch_permutation
-from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, RunConfig
+from .config import ConfigError, NonNegFloat, NonNegInt, PosFloat, PosInt, RunConfig, max_steps_field, solve_cap
 from .runner import RunContext, figure
 
 __all__ = ["Spiral", "SpiralConfig"]
@@ -78,6 +78,8 @@ class SpiralConfig(RunConfig):
         Standard deviation of the Gaussian observation noise (linear_hard: 0.05).
     loss : {"l1", "mse"} or None
     method, rtol, atol : solver settings of the training and evaluation solves.
+    max_steps : int
+        The most steps one adaptive solve may take (a diverging model stops with an error).
     snapshots : int
         Evaluations kept for the "true vs learned over training" figure.
     """
@@ -96,6 +98,7 @@ class SpiralConfig(RunConfig):
     method: str = "dopri5"
     rtol: float = 1e-5
     atol: float = 1e-6
+    max_steps: PosInt = max_steps_field()
     snapshots: NonNegInt = 4
     eval_every: NonNegInt = 49
     checkpoint_every: PosInt = 49
@@ -212,7 +215,8 @@ class Spiral(Experiment):
 
     def _solve(self, model, y0, t):
         c = self.config
-        return neuralode.odeint(model, y0, t, method=c.method, rtol=c.rtol, atol=c.atol)
+        return neuralode.odeint(model, y0, t, method=c.method, rtol=c.rtol, atol=c.atol,
+                                options=solve_cap(c.method, c.max_steps))
 
     def loss(self, model, batch, position):
         y0, t, ys = batch

@@ -32,7 +32,7 @@ from neuralode.models import ODENet
 from neuralode.nn import ConcatLinear, TimeSequential
 
 from .base import Experiment
-from .config import NON_EMPTY, ConfigError, NonNegInt, PosFloat, PosInt, RunConfig
+from .config import NON_EMPTY, ConfigError, NonNegInt, PosFloat, PosInt, RunConfig, max_steps_field
 from .runner import RunContext, figure
 
 __all__ = ["Tolerance", "ToleranceConfig"]
@@ -53,6 +53,8 @@ class ToleranceConfig(RunConfig):
     steps, lr, batch_size, train_rtol : the brief training (Adam, dopri5 at
         ``rtol = 10 atol = train_rtol``, direct backprop; a fresh batch of ``batch_size``
         points in ``[-2, 2]`` each step). ``steps=0`` sweeps the random initial network.
+    max_steps : the most steps one training solve may take (a diverging model stops with an error,
+        instead of taking the solver's 100,000 steps); the sweep's solves are not capped.
     tolerances : the sweep (``rtol = atol = tol``), loosest first.
     reference_tol : tolerance of the reference solve (float64).
     sweep_batch : points of the fixed sweep batch (evenly spaced in ``[-2, 2]``).
@@ -65,6 +67,7 @@ class ToleranceConfig(RunConfig):
     lr: float = 0.01
     batch_size: PosInt = 128
     train_rtol: PosFloat = 1e-3
+    max_steps: PosInt = max_steps_field()
     tolerances: Annotated[tuple[PosFloat, ...], NON_EMPTY] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7)
     reference_tol: PosFloat = 1e-10
     sweep_batch: PosInt = 128
@@ -101,7 +104,8 @@ class Tolerance(Experiment):
         h = c.hidden
         field = TimeSequential(ConcatLinear(h, h), nn.Tanh(), ConcatLinear(h, h))
         return ODENet(nn.Linear(1, h), field, nn.Linear(h, 1), t=(0.0, c.t_end), method="dopri5",
-                      rtol=c.train_rtol, atol=c.train_rtol / 10, gradient="direct").to(self.device)
+                      rtol=c.train_rtol, atol=c.train_rtol / 10, gradient="direct",
+                      options={"max_num_steps": c.max_steps}).to(self.device)
 
     def build_optimizer(self, model):
         return torch.optim.Adam(model.parameters(), lr=self.config.lr)

@@ -515,7 +515,7 @@ def test_a_config_json_with_wrong_types_on_resume(tmp_path, capsys, reference):
 
 @pytest.mark.parametrize("argv, needle", [
     (["run", "spiral", "--set", "hidden=-3"], "--set hidden=-3: must be a non-negative integer"),
-    (["run", "spiral", "--seed", "-1"], "--seed -1: must be a non-negative integer"),
+    (["run", "spiral", "--seed", "-1"], "--seed -1: must be an integer in [0, 4294967295]"),
     (["run", "spiral", "--set", "noise_std=nan"], "--set noise_std=nan: must be a finite number >= 0"),
     (["run", "spiral", "--set", "rtol=0", "atol=0"], "rtol and atol are both 0"),
     (["run", "spiral", "--set", "t_end=inf"], "--set t_end=inf: must be a finite number > 0"),
@@ -804,3 +804,26 @@ def test_a_run_written_before_max_steps_existed_resumes(tmp_path, reference):
     runner.save_checkpoint(run / CHECKPOINT, ckpt)
     (run / "summary.json").unlink()
     assert _run(run, resume=True) == 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    # QA: a raw "Overflow when unpacking long long" traceback; 1e14 overflowed the derived seeds
+    # (seed * 1_000_003 + crc32) of cnf, cubic, poisson, tolerance, latent_spiral and physionet.
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999: must be an integer in [0, 4294967295]"),
+    (["--seed", "100000000000000"], "--seed 100000000000000: must be an integer in [0, 4294967295]"),
+    (["--set", "seed=4294967296"], "--set seed=4294967296: must be an integer in [0, 4294967295]"),
+    # QA: threads=100000 crashed torch's thread pool (SIGSEGV, exit 139).
+    (["--set", "threads=100000"], "--set threads=100000: must be an integer in [0, 1024]"),
+])
+def test_seed_and_threads_are_bounded_before_any_directory(tmp_path, capsys, argv, needle):
+    out = tmp_path / "run"
+    assert main(["run", "cubic", *argv, "--out", str(out), "--no-progress"]) == 2
+    _one_line_error(capsys, needle)
+    assert not out.exists()
+
+
+def test_the_largest_seed_derives_seeds_torch_takes():
+    from neuralode.experiments.spiral import SpiralConfig
+
+    seed = SpiralConfig(seed=2**32 - 1).seed
+    torch.Generator().manual_seed(seed * 1_000_003 + 2**32 - 1 + 10**9)  # the experiments' largest derived seed

@@ -105,12 +105,16 @@ class Range:
         if integer and self.high is None and not self.low_open and self.low in (0, 1):
             return "must be a positive integer" if self.low == 1 else "must be a non-negative integer"
         kind = "an integer" if integer else "a finite number"
+
+        def bound(v: float) -> str:  # an integer's bound in full (2**32 - 1, not 4.29497e+09)
+            return str(int(v)) if integer and float(v).is_integer() else f"{v:g}"
+
         if self.high is None:
-            return f"must be {kind} {'>' if self.low_open else '>='} {self.low:g}"
+            return f"must be {kind} {'>' if self.low_open else '>='} {bound(self.low)}"
         if self.low is None:
-            return f"must be {kind} {'<' if self.high_open else '<='} {self.high:g}"
-        return (f"must be {kind} in {'(' if self.low_open else '['}{self.low:g}, "
-                f"{self.high:g}{')' if self.high_open else ']'}")
+            return f"must be {kind} {'<' if self.high_open else '<='} {bound(self.high)}"
+        return (f"must be {kind} in {'(' if self.low_open else '['}{bound(self.low)}, "
+                f"{bound(self.high)}{')' if self.high_open else ']'}")
 
 
 NON_EMPTY = Range(nonempty=True)
@@ -159,7 +163,9 @@ class RunConfig:
     Attributes
     ----------
     seed : int
-        Seeds torch, numpy and Python's ``random`` before the data and model are built.
+        Seeds torch, numpy and Python's ``random`` before the data and model are built. At most
+        ``2**32 - 1``: torch takes 64-bit seeds, and the experiments derive per-model and per-step
+        seeds as ``seed * 1_000_003 + crc32(...) + step``, which must stay below ``2**63`` too.
     log_every : int
         Write a training record to ``metrics.jsonl`` every this many optimiser steps.
     eval_every : int
@@ -171,13 +177,14 @@ class RunConfig:
         experiments' tensors are tiny, so threads only add synchronisation; on a busy
         machine two threads per process ran a spiral step 20-40x slower than one. Being
         part of the config also pins the reduction order, which exact resume relies on.
+        At most 1024: torch's thread pool crashed the process (SIGSEGV) asked for 100,000.
     """
 
-    seed: NonNegInt = 0
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 0
     log_every: PosInt = 10
     eval_every: int = 0
     checkpoint_every: PosInt = 100
-    threads: NonNegInt = 1
+    threads: Annotated[int, Range(0, 1024)] = 1
 
     def __post_init__(self):
         """Reject values no run can use, before anything is written (``--set`` errors stay one line).

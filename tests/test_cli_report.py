@@ -148,3 +148,27 @@ def test_an_empty_run_dir_or_out_is_refused(tmp_path, capsys):
     run = _fake_run(tmp_path, "spiral", {"loss": 0.1}, {})
     assert main(["report", str(run), "--out", ""]) == 2
     assert "--out is an empty path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["config.json", "summary.json", "plots/loss.png", "checkpoints/last.pt",
+                                    "notes.txt", "../elsewhere.json"])
+def test_out_never_replaces_a_runs_files_or_a_non_html_file(tmp_path, capsys, target):
+    """QA: `neuralode report RUN --out RUN/config.json` silently replaced the run's config with the page."""
+    run = _fake_run(tmp_path, "spiral", {"traj_mse": 0.1}, {})
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert main(["report", str(run), "--out", str(run / target)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("neuralode: error: ") == 1 and "Traceback" not in err and "--out" in err, err
+    assert ".html" in err
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_out_may_replace_an_html_page_in_the_run_directory(tmp_path):
+    run = _fake_run(tmp_path, "spiral", {"traj_mse": 0.1}, {})
+    (run / "old.html").write_text("old")
+    assert main(["report", str(run), "--out", str(run / "old.html")]) == 0
+    assert main(["report", str(run)]) == 0 and (run / "report.html").read_text().startswith("<!doctype html>")
+    assert (run / "old.html").read_text().startswith("<!doctype html>")

@@ -317,8 +317,35 @@ def _section(run: dict, index: int) -> str:
     return "\n".join(parts)
 
 
+_HTML = (".html", ".htm")
+
+
+def _check_out(run_dirs: list[Path], out: Path) -> None:
+    """Refuse an ``out`` that would replace a file the report did not write: one of a run directory's
+    own files (``config.json``, ``summary.json``, a checkpoint, a plot, ...: anything in a run
+    directory but an HTML page) or any existing file that is not an HTML page."""
+    where = out.resolve()
+    for run_dir in run_dirs:
+        run = Path(run_dir).resolve()
+        if where.is_relative_to(run) and where.suffix.lower() not in _HTML:
+            raise ReportError(f"--out {out} is inside the run directory {run_dir} and is not an .html file: the report "
+                              f"would replace that run's own files; name an .html file (default: "
+                              f"{Path(run_dir) / 'report.html'})")
+    if where.is_file() and where.suffix.lower() not in _HTML:
+        raise ReportError(f"--out {out} is an existing file that is not an .html page; the report is not written "
+                          f"over it: name an .html file (or delete that file first)")
+
+
 def write_report(run_dirs: list[Path], out: Path) -> Path:
-    """Write the HTML report for ``run_dirs`` to ``out`` (atomically) and return ``out``."""
+    """Write the HTML report for ``run_dirs`` to ``out`` (atomically) and return ``out``.
+
+    Raises
+    ------
+    ReportError
+        ``out`` is a file of a run directory other than an HTML page, or an existing file that is not
+        an HTML page (it is never overwritten), or a run directory cannot be reported on.
+    """
+    _check_out([Path(d) for d in run_dirs], Path(out))
     runs = [_load_run(Path(d)) for d in run_dirs]
     e = html.escape
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>"

@@ -827,3 +827,39 @@ def test_the_largest_seed_derives_seeds_torch_takes():
 
     seed = SpiralConfig(seed=2**32 - 1).seed
     torch.Generator().manual_seed(seed * 1_000_003 + 2**32 - 1 + 10**9)  # the experiments' largest derived seed
+
+
+def test_an_absurd_size_is_one_line_naming_memory(tmp_path, capsys):
+    """QA: data_size=1e10 was a raw RuntimeError traceback from torch's allocator (spiral's setup)."""
+    assert _run(tmp_path / "run", "data_size=1000000000000000") == 2
+    _one_line_error(capsys, "spiral: memory ran out", "bytes failed", "no checkpoint was written", "smaller sizes")
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError("Unable to allocate 37.3 GiB for an array with shape (5000000000,) and data type float64"),
+    RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.35 GiB total capacity)"),
+])
+def test_running_out_of_memory_mid_training_is_one_line(tmp_path, capsys, monkeypatch, error):
+    from neuralode.experiments.spiral import Spiral
+
+    real = Spiral.loss
+
+    def hungry(self, model, batch, position):
+        if position.step == 6:
+            raise error
+        return real(self, model, batch, position)
+
+    monkeypatch.setattr(Spiral, "loss", hungry)
+    assert _run(tmp_path / "run") == 2
+    _one_line_error(capsys, "memory ran out", "GiB failed", "the last checkpoint in", "is intact")
+
+
+def test_other_runtime_errors_still_raise(tmp_path, monkeypatch):
+    from neuralode.experiments.spiral import Spiral
+
+    def bug(self, model, batch, position):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(Spiral, "loss", bug)
+    with pytest.raises(RuntimeError, match="shapes"):
+        _run(tmp_path / "run")

@@ -122,12 +122,41 @@ def main(argv: list[str] | None = None) -> int:
         return _solve_failed(exc, args)
     except OSError as exc:
         return _say(_file_fault(exc, args))
+    except MemoryError as exc:
+        if args.command != "run":
+            raise
+        return _out_of_memory(exc, args)
     except RuntimeError as exc:
         from neuralode import SolverError
 
+        if args.command == "run" and _is_allocation_failure(exc):
+            return _out_of_memory(exc, args)
         if not isinstance(exc, SolverError) or args.command != "run":
             raise
         return _solve_failed(exc, args)
+
+
+# torch's allocators fail with a RuntimeError (torch.cuda.OutOfMemoryError on a GPU), not MemoryError.
+_ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "Cannot allocate memory")
+
+
+def _is_allocation_failure(exc: RuntimeError) -> bool:
+    return any(text in str(exc) for text in _ALLOCATION_FAILURES)
+
+
+def _out_of_memory(exc: BaseException, args: argparse.Namespace) -> int:
+    """A size in the config asked for more memory than there is: one line, exit 2, not torch's traceback."""
+    import re
+
+    asked = re.search(r"allocate ([0-9.]+ ?[KMGTP]i?B|\d+ bytes)", str(exc), re.IGNORECASE)
+    what = f" (an allocation of {asked.group(1)} failed)" if asked else ""
+    run_dir = getattr(args, "run_dir", None)
+    from neuralode.experiments.runner import CHECKPOINT
+
+    kept = (f"the last checkpoint in {run_dir} is intact" if run_dir is not None
+            and (Path(run_dir) / CHECKPOINT).exists() else "no checkpoint was written")
+    return _say(f"{args.name}: memory ran out{what}; {kept}. Choose smaller sizes (data set size, batch_size, "
+                f"hidden widths: --set KEY=VALUE) or free memory, then run again")
 
 
 def _solve_failed(exc: Exception, args: argparse.Namespace) -> int:

@@ -84,6 +84,32 @@ def _pullback_rows(fn: Callable, y: torch.Tensor, basis: torch.Tensor, create_gr
     return rows.conj() if rows.is_complex() else rows
 
 
+def is_holomorphic(func: Callable, t: float, y: torch.Tensor) -> bool:
+    """Whether ``func(t, .)`` is complex-differentiable at a complex ``y``: one evaluation, two pullbacks.
+
+    A field that uses ``conj(y)``, ``|y|``, ``.real`` or ``.imag`` is ``f = A dy + B conj(dy)`` to first order
+    with ``B != 0``; it has no complex Jacobian, and the ``J`` built from pullbacks is wrong for it. Autograd's
+    pullback is ``v -> A^H v + B^T conj(v)``, complex-linear in ``v`` exactly when ``B = 0``, so pulling back
+    ``v`` and ``i v`` tells them apart (up to rounding for a holomorphic ``f``; by O(|B|) otherwise).
+    """
+    n = y.numel()
+    k = torch.arange(n, dtype=torch.float64)
+    # A fixed, generic cotangent (no draw from the global generator, which the caller's training owns).
+    v = torch.complex(torch.cos(k + 1.0), torch.sin(2.0 * k + 1.0)).to(dtype=y.dtype, device=y.device)
+    v = v.reshape(y.shape)
+    with torch.enable_grad():
+        y_in = y.detach().requires_grad_(True)
+        out = func(t, y_in)
+        if not out.requires_grad:
+            return True
+        pulled = [torch.autograd.grad(out, y_in, w, retain_graph=True, allow_unused=True)[0] for w in (v, 1j * v)]
+    if pulled[0] is None:
+        return True
+    scale = float(pulled[0].abs().sum() + pulled[1].abs().sum())
+    eps = torch.finfo(y.real.dtype).eps
+    return float((pulled[1] - 1j * pulled[0]).abs().sum()) <= 1e3 * eps * scale
+
+
 def dense_jacobian(func: Callable, t: float, y: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
     """``J[i, j] = d f_i / d y_j`` over the flattened state: shape ``(n, n)``."""
     n = y.numel()
@@ -565,6 +591,6 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
     return x.reshape(shape), iterations
 
 
-__all__ = ["JACOBIAN_MODES", "jacobian", "spectral_radius", "dense_jacobian", "batched_jacobian", "Linearization",
+__all__ = ["JACOBIAN_MODES", "jacobian", "is_holomorphic", "spectral_radius", "dense_jacobian", "batched_jacobian", "Linearization",
            "build_system", "DenseSystem", "BatchedSystem", "TransformedSystem", "StageEigenbasis", "stage_eigenbasis",
            "KrylovSystem", "SingularMatrixError", "KrylovFailure", "gmres"]

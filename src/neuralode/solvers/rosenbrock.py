@@ -43,7 +43,7 @@ from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
 from .base import Solver
 from .linear import (JACOBIAN_MODES, KrylovFailure, SingularMatrixError, batched_jacobian, build_system,
-                     dense_jacobian, gmres, jacobian)
+                     dense_jacobian, gmres, is_holomorphic, jacobian)
 from .runge_kutta import StepOutcome, linear_combination, step_result
 
 # Step factor after a singular iteration matrix: I - h gamma J is singular only for h gamma = 1/lambda
@@ -264,6 +264,15 @@ class Rosenbrock(Solver):
 
     def _linearize(self, func, t0, y0, f0, h, state, graph):
         """``J`` and ``df/dt`` at ``(t0, y0)``; with a graph when the step must be differentiable."""
+        if y0.is_complex() and not is_holomorphic(func, t0, y0):
+            # Newton's methods only converge slower with a wrong J; a Rosenbrock step is wrong (rodas5 was
+            # 1e4x its tolerance with status success on y' = i y - |y|^2 y / 2 + 0.3 conj(y), rodas5p stalled).
+            raise ValueError(
+                f"the Rosenbrock method ({self.tableau.name}) needs the complex Jacobian of the vector field, and "
+                f"the field is not complex-differentiable in y at t={float(t0):.6g} (it uses conj(y), abs(y), .real "
+                "or .imag; an adjoint's backward field always does): solve the real form (torch.view_as_real of "
+                "the state), or use method='radau5' or 'kvaerno5' (for a gradient: Adjoint(method='radau5') or "
+                "Adjoint(interpolate=True))")
         if graph and self.jacobian != "krylov":
             state.jacobian = _jacobian_with_graph(self.jacobian, func, t0, y0)
         else:
@@ -401,6 +410,7 @@ def _reads_time_as_a_number(field: VectorField, t0: float, y: torch.Tensor) -> b
     _WatchedTime.converted = False
     field.time = lambda _t: watched              # instance attribute shadows the method for this call
     try:
+        field.nfe += 1                          # evaluate() is the uncounted call; the probe is one evaluation
         with torch.no_grad():
             field.evaluate(t0, y)
     except Exception:  # noqa: BLE001 - a field that fails on the probe: do not assume it is autonomous

@@ -863,3 +863,19 @@ def test_other_runtime_errors_still_raise(tmp_path, monkeypatch):
     monkeypatch.setattr(Spiral, "loss", bug)
     with pytest.raises(RuntimeError, match="shapes"):
         _run(tmp_path / "run")
+
+
+def test_a_read_only_file_system_keeps_the_writes_own_error(tmp_path, monkeypatch):
+    """QA: on a read-only mount, removing the temporary file raised EROFS inside the except block and
+    replaced the write's error (and its file name)."""
+    def refuse(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src), None, str(dst))
+
+    def unlink(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(runner.os, "replace", refuse)
+    monkeypatch.setattr(runner.Path, "unlink", unlink)
+    with pytest.raises(OSError) as info:
+        runner._atomic_write_bytes(tmp_path / "summary.json", b"{}")
+    assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "summary.json")

@@ -163,7 +163,10 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system refuses this too (EROFS): the write's own error is the one to tell
+            pass
         if isinstance(exc, OSError) and exc.filename == str(tmp) and exc.errno is not None:
             # Name the file being written, not the hidden temporary one (same errno, same subclass).
             raise OSError(exc.errno, exc.strerror, str(path)) from None

@@ -879,3 +879,35 @@ def test_a_read_only_file_system_keeps_the_writes_own_error(tmp_path, monkeypatc
     with pytest.raises(OSError) as info:
         runner._atomic_write_bytes(tmp_path / "summary.json", b"{}")
     assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "summary.json")
+
+
+def test_a_full_disk_names_the_file_and_claims_no_checkpoint_before_the_first(tmp_path, capsys, monkeypatch):
+    """QA: a failing write() raises ENOSPC with no file name ("a file: No space left on device"), and the
+    line said the last checkpoint was intact when none had been written."""
+    real = runner._atomic_write
+
+    def full(path, write):
+        def torn(f):
+            f.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as write() raises it: no filename
+
+        return real(path, torn if Path(path).name == "last.pt" else write)
+
+    monkeypatch.setattr(runner, "_atomic_write", full)
+    run = tmp_path / "run"
+    assert _run(run) == 2
+    line = _one_line_error(capsys, f"{run / CHECKPOINT}: No space left on device", "no checkpoint was written yet",
+                           "run the command again")
+    assert "intact" not in line and "a file" not in line and "--resume" not in line
+    assert not list(run.rglob(".*.tmp"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_disk_under_metrics_jsonl_names_it():
+    writer = runner._MetricsWriter(Path("/dev/full"), True)
+    with pytest.raises(OSError) as info:
+        writer.write({"step": 1, "loss": 0.5})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
+    with pytest.raises(OSError) as info:  # the line left in the buffer is written again on closing
+        writer.close()
+    assert info.value.filename == "/dev/full"

@@ -204,12 +204,17 @@ def _file_fault(exc: OSError, args: argparse.Namespace) -> str:
     where = exc.filename if exc.filename is not None else "a file"
     reason = exc.strerror or str(exc) or type(exc).__name__
     run_dir = getattr(args, "run_dir", None)
-    resume = (f"neuralode run {args.name} --resume --out {run_dir}"
-              if args.command == "run" and run_dir is not None else None)
+    from neuralode.experiments.runner import CHECKPOINT
+
+    # Only a checkpoint makes --resume continue: before the first one, the same command starts again.
+    resume = (f"neuralode run {args.name} --resume --out {run_dir}" if args.command == "run" and run_dir is not None
+              and (Path(run_dir) / CHECKPOINT).exists() else None)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         fix = "free space on that disk" + (
             f", then continue with `{resume}` (the last checkpoint and everything saved are intact)"
-            if resume else " and run the command again")
+            if resume else " and run the command again" + (
+                " (no checkpoint was written yet; the same --out is reused)"
+                if args.command == "run" and run_dir is not None else ""))
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         fix = ("make it writable or choose another --out" if args.command in ("run", "report")
                else "make it readable/writable or choose another directory")

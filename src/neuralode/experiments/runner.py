@@ -17,6 +17,7 @@ for one process, an all-reduce mean for several).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -167,8 +168,9 @@ def _atomic_write(path: Path, write) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:  # a read-only file system refuses this too (EROFS): the write's own error is the one to tell
             pass
-        if isinstance(exc, OSError) and exc.filename == str(tmp) and exc.errno is not None:
-            # Name the file being written, not the hidden temporary one (same errno, same subclass).
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)) and exc.errno is not None:
+            # Name the file being written, not the hidden temporary one (same errno, same subclass); a
+            # failing write() or fsync() (a full disk) names no file at all.
             raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
@@ -324,15 +326,27 @@ class _MetricsWriter:
 
     def write(self, record: dict) -> None:
         if self._file is not None:
-            self._file.write(_dumps(record) + "\n")
-            self._file.flush()
+            with self._named():
+                self._file.write(_dumps(record) + "\n")
+                self._file.flush()
 
     def offset(self) -> int:
         return self._file.tell() if self._file is not None else 0
 
     def close(self) -> None:
         if self._file is not None:
-            self._file.close()
+            with self._named():  # a write that failed left its line buffered: closing tries it again
+                self._file.close()
+
+    @contextlib.contextmanager
+    def _named(self):
+        """Name this file in an OSError that names none (write() and flush() on a full disk)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
 
 # -- RNG states -----------------------------------------------------------------------

@@ -911,3 +911,56 @@ def test_a_full_disk_under_metrics_jsonl_names_it():
     with pytest.raises(OSError) as info:  # the line left in the buffer is written again on closing
         writer.close()
     assert info.value.filename == "/dev/full"
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_handlers_are_restored(tmp_path, capsys, monkeypatch, reference):
+    """QA: SIGTERM (kill, a scheduler's stop) ended the run at once (exit 143) without a fresh checkpoint."""
+    import signal
+
+    from neuralode.experiments.spiral import Spiral
+
+    real = Spiral.loss
+
+    def terminated(self, model, batch, position):
+        if position.step == 6:
+            signal.raise_signal(signal.SIGTERM)
+        return real(self, model, batch, position)
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(Spiral, "loss", terminated)
+    run = tmp_path / "run"
+    assert _run(run) == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 7/" in err and f"neuralode run spiral --resume --out {run}" in err, err
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 7
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    monkeypatch.undo()
+    assert _run(run, resume=True) == 0
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_ctrl_c_during_the_final_evaluation_is_not_swallowed(tmp_path, capsys, monkeypatch, reference):
+    """QA: one Ctrl-C during the final evaluation or checkpoint was taken as a stop request that the loop
+    no longer looked at: the run finished its report and exited 0."""
+    import signal
+
+    from neuralode.experiments.spiral import Spiral
+
+    real = Spiral.evaluate
+
+    def interrupted(self, model, position, run):
+        if position.step == self.num_steps:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, model, position, run)
+
+    monkeypatch.setattr(Spiral, "evaluate", interrupted)
+    run = tmp_path / "run"
+    assert _run(run) == 130
+    err = capsys.readouterr().err
+    total = load_checkpoint(reference / CHECKPOINT)["step"]
+    assert f"stopped by SIGINT at step {total}/{total}" in err, err
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert load_checkpoint(run / CHECKPOINT)["step"] == total
+    monkeypatch.undo()
+    assert _run(run, resume=True) == 0  # redoes only the final report
+    assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()

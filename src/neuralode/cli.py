@@ -23,6 +23,7 @@ import argparse
 import errno
 import importlib.util
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -343,9 +344,11 @@ def _run(args: argparse.Namespace) -> int:
 def _report_summary(args: argparse.Namespace, run_dir: Path, summary: dict) -> int:
     """Print the end of a run (rank 0 / one process) and return the exit status."""
     if summary["status"] != "completed":
-        print(f"stopped at step {summary['steps_done']}/{summary['steps']}; continue with\n"
+        by = f" by {summary['signal']}" if summary.get("signal") else ""
+        print(f"stopped{by} at step {summary['steps_done']}/{summary['steps']}; continue with\n"
               f"  neuralode run {args.name} --resume --out {run_dir}", file=sys.stderr)
-        return 130
+        # 128 + the signal, as a shell reports a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM.
+        return 128 + getattr(signal.Signals, summary.get("signal") or "SIGINT", signal.SIGINT)
     for key, value in summary["metrics"].items():
         ref = summary["references"].get(key)
         shown = f"{value:.6g}" if isinstance(value, float) else str(value)

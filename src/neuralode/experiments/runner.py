@@ -454,28 +454,35 @@ class _RunLock:
 
 
 class _StopRequest:
-    """Turns SIGINT (Ctrl-C) into a request honoured between steps, so the loop stops at a
-    step boundary with a fresh checkpoint instead of half-way through an update."""
+    """Turns SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's or container's stop) into a request
+    honoured between steps, so the loop stops at a step boundary with a fresh checkpoint instead of
+    half-way through an update. ``signum`` is the signal that asked; the previous handlers are
+    restored on leaving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave SIGINT alone
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                break
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested:  # a second signal stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
         return False
 
 
@@ -820,6 +827,10 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
                 if checkpoint is None or start < total:
                     evaluate(final)
                     checkpoint_now(total)
+                # A stop asked for during the last step, the final evaluation or checkpoint: honoured before
+                # the final report (which --resume redoes from the checkpoint at the last step), not lost.
+                if run.any_rank(stop.requested):
+                    done, status = final, "interrupted"
     finally:
         if bar is not None:
             bar.close()
@@ -829,6 +840,8 @@ def _train(experiment, config, run, device, checkpoint, ckpt_path, progress, hoo
         wall = elapsed + (time.perf_counter() - t0)
         summary = {"experiment": experiment.name, "status": status, "steps_done": done.step,
                    "steps": total, "wall_time_s": wall}
+        if stop.signum is not None:
+            summary["signal"] = signal.Signals(stop.signum).name
         run.write_json("summary.json", summary)
         return summary
 

@@ -964,3 +964,31 @@ def test_ctrl_c_during_the_final_evaluation_is_not_swallowed(tmp_path, capsys, m
     monkeypatch.undo()
     assert _run(run, resume=True) == 0  # redoes only the final report
     assert (run / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+
+
+def test_resume_after_the_data_moved(tmp_path, capsys):
+    """QA: config.json records the absolute data_dir, --resume refused every --set and the checkpoint's
+    identity check compared data paths, so a run could not be resumed once its data moved."""
+    from neuralode.experiments import train
+    from neuralode.experiments.pendulum import Pendulum, PendulumConfig
+    from shared_data import shared
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(shared("pendulum", "real_pend_h_1.txt"), data / "real_pend_h_1.txt")
+    config = Pendulum.resolve(PendulumConfig(steps=2, checkpoint_every=1, eval_every=0, hidden=4,
+                                             data_dir=str(data)))
+    run = tmp_path / "run"
+    train(Pendulum, config, run, progress=False)
+    (run / "summary.json").unlink()
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    resume = ["run", "pendulum", "--resume", "--out", str(run), "--no-progress", "--device", "cpu"]
+    assert main(resume + ["--set", "hidden=5"]) == 2
+    _one_line_error(capsys, "drop --set hidden", "data_dir and data_path")
+    assert main(resume + ["--set", f"data_dir={moved}", "hidden=5"]) == 2
+    capsys.readouterr()
+    assert main(resume + ["--set", f"data_dir={moved}"]) == 0
+    assert json.loads((run / "config.json").read_text())["config"]["data_dir"] == str(moved)
+    (run / "summary.json").unlink()
+    assert main(resume) == 0  # config.json now says where the data are

@@ -4,6 +4,7 @@
 
     neuralode list
     neuralode run NAME [--set key=value ...] [--out DIR] [--resume] [--device auto|cpu|cuda] [--seed N]
+    neuralode run NAME --resume [--out DIR] [--set data_dir=DIR data_path=FILE]   (the data moved)
     neuralode report RUN_DIR [RUN_DIR ...] [--out FILE]
     neuralode download SET [--to DIR]
     torchrun --nproc_per_node=N -m neuralode run NAME ...   (data-parallel training)
@@ -13,7 +14,7 @@ argument and what to do, never a traceback: mistakes on the command line (an unk
 experiment or config key, a value of the wrong type, no CUDA), missing or malformed data,
 a damaged checkpoint or ``config.json`` (or one the checkpoint was not trained with), a run
 directory another run is using, and file-system faults (a read-only or full disk, ``--out``
-naming a file). Ctrl-C ends with exit status 130 and one line saying how to go on.
+naming a file). Ctrl-C (SIGTERM) ends with exit status 130 (143) and says how to go on.
 docs/experiments.md has the table of every fault and what the command does about it.
 """
 
@@ -271,9 +272,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = args.out if args.out is not None else _latest_run(args.name)
         args.run_dir = run_dir
-        if args.overrides or args.seed is not None:
-            raise _Fail("--resume continues a run with its saved config.json; drop --set/--seed "
-                        "(start a new run to change the config)")
+        from neuralode.experiments.runner import DATA_LOCATION_KEYS
+
+        keys = [item.partition("=")[0].strip() for item in args.overrides]
+        other = [key for key in keys if key not in DATA_LOCATION_KEYS]
+        if other or args.seed is not None:
+            raise _Fail(f"--resume continues a run with its saved config.json; drop "
+                        f"{'--seed' if args.seed is not None else '--set ' + other[0]} (with --resume, --set "
+                        f"takes only {' and '.join(DATA_LOCATION_KEYS)}, for data that moved; start a new run to "
+                        f"change the config)")
         if run_dir.exists() and not run_dir.is_dir():
             raise _Fail(f"--out {run_dir} is a file, not a run directory")
         if not (run_dir / "config.json").exists() and not (run_dir / "checkpoints").exists():
@@ -289,6 +296,9 @@ def _run(args: argparse.Namespace) -> int:
             raise _Fail(f"{run_dir / 'config.json'} is not a valid {args.name} config ({exc}); restore it (the "
                         f"checkpoint was trained with the values it held) or start a new run in another --out"
                         ) from None
+        # Where the data are now (the run directory's config.json records where they were); a key this
+        # experiment does not have is refused by name.
+        config = apply_overrides(config, list(args.overrides))
     else:
         config = experiment.Config()
         overrides = list(args.overrides)

@@ -60,6 +60,15 @@ __all__ = [
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 _FORMAT = 1
+#: Config keys that say where the data are, not what was trained: ``--resume`` may change them (the data
+#: set moved), and the check that a checkpoint belongs to its config.json leaves them out.
+DATA_LOCATION_KEYS = ("data_dir", "data_path")
+
+
+def _identity(config: Any) -> Any:
+    """A config dict (as JSON) without its data location keys: what must match for a resume."""
+    config = _jsonable(config)
+    return {k: v for k, v in config.items() if k not in DATA_LOCATION_KEYS} if isinstance(config, dict) else config
 
 
 class Hook:
@@ -560,11 +569,15 @@ def train(
             saved_raw = read_run_config(run_dir)["config"]
             # Compared after resolving both: a run written before its defaults were resolved
             # differently (e.g. a relative data_dir, now recorded as an absolute path) still resumes.
-            saved = _resolved_dict(experiment, type(config), saved_raw, run.path("config.json"))
-            if _jsonable(saved) != _jsonable(config_to_dict(config)):
+            # The data location is the one given now (resolving the recorded one would look for data that moved).
+            now = _jsonable(config_to_dict(config))
+            moved = {k: now[k] for k in DATA_LOCATION_KEYS if k in saved_raw and k in now and now[k] != saved_raw[k]}
+            saved = _resolved_dict(experiment, type(config), {**saved_raw, **moved}, run.path("config.json"))
+            if _identity(saved) != _identity(config_to_dict(config)):
                 raise ConfigError(
                     f"cannot resume {run_dir} with a different config than its config.json; "
-                    f"resume with the saved config or start a new run"
+                    f"resume with the saved config (only {' and '.join(DATA_LOCATION_KEYS)} may change: "
+                    f"the data moved) or start a new run"
                 )
             if ckpt_path.exists():
                 # On the CPU: the RNG states must be CPU tensors (numpy's become arrays), and
@@ -574,6 +587,12 @@ def train(
                 _check_trained_config(checkpoint, ckpt_path, run.path("config.json"), saved_raw, saved,
                                       experiment, type(config))
                 recorded = _jsonable(saved_raw)
+                if moved:
+                    # The data moved (--resume --set data_dir=...): config.json says where they are now, so that
+                    # the next resume finds them too; the rest of what it holds is unchanged. (Without a
+                    # checkpoint the run starts afresh below and writes config.json anew anyway.)
+                    recorded = {**recorded, **moved}
+                    run.write_json("config.json", {**read_run_config(run_dir), "config": recorded})
             elif _completed(run.path("summary.json")):
                 raise CheckpointError(
                     f"cannot resume {run_dir}: it is a finished run whose checkpoint {ckpt_path} is gone; "
@@ -646,14 +665,15 @@ def _check_trained_config(checkpoint: dict, ckpt_path: Path, config_path: Path, 
     """Refuse to resume a checkpoint with a config.json other than the one it was trained with
     (checkpoints record it; older ones do not, and their model shapes are checked on loading)."""
     trained = checkpoint.get("config")
-    if trained is None or _jsonable(trained) == _jsonable(saved_raw):
+    # Where the data are is no part of what was trained (a data set moved since is still the data set).
+    if trained is None or _identity(trained) == _identity(saved_raw):
         return
     try:  # recorded differently but the same run (e.g. a data_dir written relative)?
-        if _jsonable(config_to_dict(experiment.resolve(config_from_dict(cls, trained)))) == _jsonable(saved):
+        if _identity(config_to_dict(experiment.resolve(config_from_dict(cls, trained)))) == _identity(saved):
             return
     except (TypeError, ValueError, ArithmeticError):
         pass
-    trained, now = (trained if isinstance(trained, dict) else {}), _jsonable(saved_raw)
+    trained, now = (_identity(trained) if isinstance(trained, dict) else {}), _identity(saved_raw)
     diffs = [f"{k}: {_short(now.get(k, '(missing)'))} in config.json, {_short(trained.get(k, '(missing)'))} "
              f"when trained" for k in sorted(set(trained) | set(now)) if trained.get(k) != now.get(k)]
     raise CheckpointError(

@@ -330,3 +330,20 @@ def test_adapt_on_device_is_adapt_with_tensors(kind, h, ratio, previous, older, 
         assert float(on_device[1]) == pytest.approx(h_next, rel=1e-14, abs=0.0)
         for got, want in zip(on_device[2:], (new_previous, new_older)):
             assert float(got) == want or (math.isnan(want) and math.isnan(float(got)))
+
+
+@pytest.mark.parametrize("method", ["dopri5", "adams", "kvaerno5", "radau5", "rodas5p", "auto"])
+def test_atol_zero_with_a_component_at_zero(method):
+    # The scale atol + rtol |y| of a component at 0 is 0 with atol = 0: its error must count as 0/0 = 0 (a component
+    # that stays 0), and Newton must not divide by it (a velocity starting at 0). Both used to raise NonFiniteError
+    # blaming the vector field.
+    A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
+    y0, t = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    rotating = neuralode.solve(lambda t, y: y @ A.T, y0, t, method=method, rtol=1e-8, atol=0.0)
+    exact = torch.linalg.matrix_exp(A) @ y0
+    assert torch.allclose(rotating.ys[-1], exact, rtol=1e-6, atol=1e-7)
+    for jacobian in (("dense", "krylov") if method in ("kvaerno5", "rodas5p") else ("dense",)):
+        options = {"jacobian": jacobian} if method in ("kvaerno5", "rodas5p") else {}
+        idle = neuralode.solve(lambda t, y: torch.stack([-y[0], torch.zeros_like(y[1])]), y0, t, method=method,
+                               rtol=1e-8, atol=0.0, options=options)
+        assert float(idle.ys[-1, 1]) == 0.0 and abs(float(idle.ys[-1, 0]) - math.exp(-1.0)) < 1e-6

@@ -86,6 +86,9 @@ class ErrorNorm:
 
     def __init__(self, rtol, atol, norm=None, unflatten=None):
         self.rtol, self.atol = rtol, atol
+        # With atol = 0 somewhere, a component that is exactly 0 has a zero scale; its error is then 0 too (a
+        # component that stays 0), and 0/0 must count as no error rather than as a NaN blamed on the field.
+        self.scale_can_vanish = bool((torch.as_tensor(atol) == 0).any())
         if norm is not None:
             # A user's norm may ignore NaN (nan_to_num, a masked max): a non-finite error estimate
             # must still reject the step, so the result is NaN whenever the scaled error is not
@@ -102,7 +105,13 @@ class ErrorNorm:
         return magnitude.mul_(self.rtol).add_(self.atol)
 
     def __call__(self, error: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
-        return self.norm(error / self.scale(y0, y1))
+        return self.norm(self.scaled(error, self.scale(y0, y1)))
+
+    def scaled(self, error: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``error / scale``, with ``0 / 0 = 0`` where ``atol`` is 0 (a nonzero error over a zero scale stays inf)."""
+        if not self.scale_can_vanish:
+            return error / scale
+        return torch.where(error == 0, torch.zeros_like(error), error / scale)
 
 
 def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: int, order: int,
@@ -114,14 +123,14 @@ def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction:
     """
     with torch.no_grad():
         scale = error_norm.scale(y0)
-        d0 = float(error_norm.norm(y0 / scale))
-        d1 = float(error_norm.norm(f0 / scale))
+        d0 = float(error_norm.norm(error_norm.scaled(y0, scale)))
+        d1 = float(error_norm.norm(error_norm.scaled(f0, scale)))
         check_norm_value(min(d0, d1))
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
         if not math.isfinite(h0) or h0 <= 0.0:
             h0 = 1e-6  # d1 overflowed (|f0| near the dtype's largest value): no scale to go by
         f1 = func(t0 + direction * h0, y0 + (direction * h0) * f0)
-        d2 = float(error_norm.norm((f1 - f0) / scale)) / h0
+        d2 = float(error_norm.norm(error_norm.scaled(f1 - f0, scale))) / h0
     if not math.isfinite(d2):
         return h0 * 1e-3
     if max(d1, d2) <= 1e-15:

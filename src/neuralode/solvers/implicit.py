@@ -306,9 +306,12 @@ class ImplicitRungeKutta(Solver):
         eps = torch.finfo(y0.dtype if not y0.is_complex() else y0.real.dtype).eps
         kappa = _newton_kappa(rtol, eps)
         with torch.no_grad():
-            scale = error_norm.scale(y0)
+            # With atol = 0 a component that is 0 at y0 has no scale there: take it from the Euler predictor too
+            # (a velocity that starts at 0 made every Newton correction infinite, blamed on the field).
+            scale = error_norm.scale(y0, y0 + h * f0) if error_norm.scale_can_vanish else error_norm.scale(y0)
         state.scale = scale
-        newton = _Newton(_covering_norm(error_norm.norm), scale, kappa, self.max_iters, state, full_newton)
+        newton = _Newton(_covering_norm(error_norm.norm), scale, kappa, self.max_iters, state, full_newton,
+                         divide=error_norm.scaled)
         grad = torch.is_grad_enabled()
         if self._diagonal:
             ks, y1 = self._diagonal_stages(func, t0, y0, f0, h, newton, state, grad)
@@ -476,8 +479,9 @@ _RADAU_E = (np.array([-13 - 7 * _SQRT6, -13 + 7 * _SQRT6, -1.0]) / 3).tolist()
 class _Newton:
     """Simplified Newton with Hairer's convergence monitoring; one instance per step attempt."""
 
-    def __init__(self, norm, scale, kappa, max_iters, state, full=False):
+    def __init__(self, norm, scale, kappa, max_iters, state, full=False, divide=torch.div):
         self.norm, self.scale, self.kappa, self.max_iters, self.state = norm, scale, kappa, max_iters, state
+        self.divide = divide   # the error norm's division (0/0 = 0 where atol = 0)
         self.full = full
         self.theta_max = 0.0
         self.iterations_max = 0
@@ -499,7 +503,7 @@ class _Newton:
                 state.counters["n_newton_iters"] += 1
                 self.iterations_max = max(self.iterations_max, k + 1)
                 # The error norm takes one state (tuple states are split by it): one norm per stage.
-                size = float(torch.stack([self.norm(d / self.scale) for d in delta]).max())
+                size = float(torch.stack([self.norm(self.divide(d, self.scale)) for d in delta]).max())
                 if not math.isfinite(size):
                     raise NewtonFailure("Newton's iteration produced non-finite values", non_finite=True)
                 if size == 0.0:

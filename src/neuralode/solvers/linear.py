@@ -297,6 +297,10 @@ class KrylovSystem:
 
     def solve(self, rhs: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
         scale = self.scale if self.scale is not None else torch.ones((), dtype=rhs.dtype, device=rhs.device)
+        if self.scale is not None and not bool((scale > 0).all()):
+            # atol = 0 and a component at 0: weigh it as the most demanding of the others (not 0/0)
+            positive = scale[scale > 0]
+            scale = scale.clamp_min(float(positive.min()) if positive.numel() else 1.0)
         precondition = None
         if self.preconditioner is not None:
             c = float(self.C[0, 0])

@@ -347,3 +347,24 @@ def test_atol_zero_with_a_component_at_zero(method):
         idle = neuralode.solve(lambda t, y: torch.stack([-y[0], torch.zeros_like(y[1])]), y0, t, method=method,
                                rtol=1e-8, atol=0.0, options=options)
         assert float(idle.ys[-1, 1]) == 0.0 and abs(float(idle.ys[-1, 0]) - math.exp(-1.0)) < 1e-6
+
+
+@pytest.mark.parametrize("method,jacobian", [("dopri5", None), ("kvaerno5", "dense"), ("kvaerno5", "krylov"),
+                                             ("radau5", "dense"), ("rodas5p", "dense"), ("rodas5p", "krylov")])
+def test_atol_zero_from_rest(method, jacobian):
+    # x' = v, v' = 1 - x from (0, 0): at t0 both components have a zero scale, x even after an Euler predictor.
+    # Newton's corrections there were infinite (kvaerno5/radau5 ran out of steps); GMRES divided by the zero
+    # scale, got an infinite right-hand side and returned zero stages, which rodas5p accepted: x(1) was 0.
+    options = {"max_num_steps": 2000} | ({"jacobian": jacobian} if jacobian else {})
+    sol = neuralode.solve(lambda t, y: torch.stack([y[1], 1.0 - y[0]]), torch.zeros(2, dtype=torch.float64),
+                          torch.tensor([0.0, 1.0], dtype=torch.float64), method=method, rtol=1e-8, atol=0.0,
+                          options=options)
+    assert abs(float(sol.ys[-1, 0]) - (1 - math.cos(1.0))) < 1e-7
+
+
+def test_atol_zero_from_rest_with_a_low_order_start_says_why():
+    # adams starts at order 1: its first steps cannot meet a relative test on x ~ h^2 / 2 at any h.
+    with pytest.raises(neuralode.MaxStepsError, match="atol=0 asks every component for relative accuracy"):
+        neuralode.solve(lambda t, y: torch.stack([y[1], 1.0 - y[0]]), torch.zeros(2, dtype=torch.float64),
+                        torch.tensor([0.0, 1.0], dtype=torch.float64), method="adams", rtol=1e-8, atol=0.0,
+                        options={"max_num_steps": 300})

@@ -310,3 +310,13 @@ def test_a_preconditioner_that_does_not_precondition_is_no_success(method):
     options["preconditioner"] = lambda v, c: v.reshape(-1)[:2]
     with pytest.raises(ValueError, match=r"option 'preconditioner' returned \(2,\) for a vector of shape \(3,\)"):
         neuralode.solve(lambda t, y: y @ A, y0, t, method=method, rtol=1e-6, atol=1e-8, options=options)
+
+
+def test_gmres_refuses_a_non_finite_right_hand_side():
+    # rtol * inf made the residual test pass at once and a zero iterate came back as the solution.
+    from neuralode.solvers.linear import KrylovFailure
+
+    b = torch.tensor([float("inf"), 1.0], dtype=torch.float64)
+    with pytest.raises(KrylovFailure, match="non-finite"):
+        linear.gmres(lambda v: v, b, fail=True)
+    assert torch.isnan(linear.gmres(lambda v: v, b)[0]).all()

@@ -528,7 +528,17 @@ def _budget_error(stepping, stepper, field, t, y, until_event: bool, error_norm=
                         "the implicit, Rosenbrock and auto methods): give max_num_steps above that, or "
                         "options={'land_on_outputs': False} to interpolate between fewer steps")
     return MaxStepsError(_max_steps_message(max_num_steps, t) + landing_hint + _resolution_hint(error_norm, y)
-                         + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
+                         + _zero_atol_hint(error_norm, y) + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
+
+
+def _zero_atol_hint(error_norm, y) -> str:
+    """Why the steps ran out, when atol = 0 asks for pure relative accuracy of a component at (or near) 0."""
+    if error_norm is None or not error_norm.scale_can_vanish or y.numel() == 0:
+        return ""
+    smallest = float(y.detach().abs().min())
+    return (f". Note: atol=0 asks every component for relative accuracy, and |y| is down to {smallest:.3g} here: a "
+            "component that starts at or passes through 0 (a system starting from rest) can need steps without "
+            "end, as a low-order start cannot meet a relative test at 0; give a small positive atol")
 
 
 def _resolution_hint(error_norm, y) -> str:

@@ -53,7 +53,8 @@ import torch
 from ..controllers import rms_norm
 from ..interpolation import hermite_coefficients
 from .base import Solver
-from .linear import KrylovFailure, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian
+from .linear import (KrylovFailure, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian,
+                     positive_scale)
 from .runge_kutta import StepOutcome, linear_combination
 
 # Hairer's RADAU5: keep J for the next step only if Newton contracted at least this fast.
@@ -309,6 +310,8 @@ class ImplicitRungeKutta(Solver):
             # With atol = 0 a component that is 0 at y0 has no scale there: take it from the Euler predictor too
             # (a velocity that starts at 0 made every Newton correction infinite, blamed on the field).
             scale = error_norm.scale(y0, y0 + h * f0) if error_norm.scale_can_vanish else error_norm.scale(y0)
+            if error_norm.scale_can_vanish:
+                scale = positive_scale(scale, torch.finfo(scale.dtype).tiny)
         state.scale = scale
         newton = _Newton(_covering_norm(error_norm.norm), scale, kappa, self.max_iters, state, full_newton,
                          divide=error_norm.scaled)

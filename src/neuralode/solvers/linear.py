@@ -84,6 +84,19 @@ def _pullback_rows(fn: Callable, y: torch.Tensor, basis: torch.Tensor, create_gr
     return rows.conj() if rows.is_complex() else rows
 
 
+def positive_scale(scale: torch.Tensor, all_zero: float) -> torch.Tensor:
+    """``scale`` (the error norm's ``atol + rtol |y|``) with its zeros raised to its smallest positive entry.
+
+    With ``atol = 0`` a component at exactly 0 has no scale: weighed like the most demanding other component, it
+    neither divides by zero nor is neglected. Every entry zero (a state at rest at 0): ``all_zero`` everywhere
+    (Newton: ``tiny``, so that only rounding passes; GMRES, whose test is relative: 1, i.e. unscaled).
+    """
+    if bool((scale > 0).all()):
+        return scale
+    positive = scale[scale > 0]
+    return scale.clamp_min(float(positive.min()) if positive.numel() else all_zero)
+
+
 def is_holomorphic(func: Callable, t: float, y: torch.Tensor) -> bool:
     """Whether ``func(t, .)`` is complex-differentiable at a complex ``y``: one evaluation, two pullbacks.
 
@@ -302,10 +315,8 @@ class KrylovSystem:
 
     def solve(self, rhs: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
         scale = self.scale if self.scale is not None else torch.ones((), dtype=rhs.dtype, device=rhs.device)
-        if self.scale is not None and not bool((scale > 0).all()):
-            # atol = 0 and a component at 0: weigh it as the most demanding of the others (not 0/0)
-            positive = scale[scale > 0]
-            scale = scale.clamp_min(float(positive.min()) if positive.numel() else 1.0)
+        if self.scale is not None:
+            scale = positive_scale(scale, 1.0)
         precondition = None
         if self.preconditioner is not None:
             c = float(self.C[0, 0])
@@ -543,6 +554,12 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
     b_norm = float(b_flat.norm())
     if b_norm == 0.0:
         return x.reshape(shape), 0
+    if not math.isfinite(b_norm):
+        # (the residual test against rtol * inf passed at once, and a zero iterate came back as the solution: a
+        # Rosenbrock step with zero stages has a zero error estimate and was accepted)
+        if fail:
+            raise KrylovFailure("GMRES was given a non-finite right-hand side", non_finite=True)
+        return torch.full_like(b, math.nan), 0
     target = max(rtol * b_norm, atol)
     M = precondition if precondition is not None else (lambda v: v)
     iterations = 0
@@ -600,6 +617,6 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
     return x.reshape(shape), iterations
 
 
-__all__ = ["JACOBIAN_MODES", "jacobian", "is_holomorphic", "spectral_radius", "dense_jacobian", "batched_jacobian", "Linearization",
+__all__ = ["JACOBIAN_MODES", "jacobian", "is_holomorphic", "positive_scale", "spectral_radius", "dense_jacobian", "batched_jacobian", "Linearization",
            "build_system", "DenseSystem", "BatchedSystem", "TransformedSystem", "StageEigenbasis", "stage_eigenbasis",
            "KrylovSystem", "SingularMatrixError", "KrylovFailure", "gmres"]

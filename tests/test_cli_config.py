@@ -52,6 +52,11 @@ def test_apply_overrides_returns_a_new_config():
     assert base.n == 1
 
 
+def test_a_key_given_twice_is_an_error():
+    with pytest.raises(ConfigError, match=r"--set n is given twice \(n=1 and n=2\); give it once"):
+        apply_overrides(C(), ["n=1", "seed=3", "n=2"])
+
+
 def test_errors_suggest_and_explain():
     with pytest.raises(ConfigError, match=r"unknown config key 'rate'. Did you mean 'rates'"):
         apply_overrides(C(), ["rate=1"])

@@ -274,7 +274,7 @@ def load_mnist(
         raise FileNotFoundError(
             f"MNIST files missing in root={str(root)!r}: {', '.join(missing)} (plain or .gz). "
             f"Put them in that directory (e.g. from {mirrors[0] if mirrors else MNIST_MIRRORS[0]}"
-            f"<name>.gz) or pass download=True"
+            f"<name>.gz) or pass download=True (from the command line: neuralode download mnist)"
         )
     if missing:
         root.mkdir(parents=True, exist_ok=True)

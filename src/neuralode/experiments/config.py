@@ -373,9 +373,6 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
             raise ConfigError(
                 f"unknown config key {key!r}.{hint} Known keys: {', '.join(sorted(names))}"
             )
-        if key in raws:
-            # (last-wins hid a typo in a long command: epochs=1 ... epochs=2 ran 2 epochs without a word)
-            raise ConfigError(f"--set {key} is given twice ({key}={raws[key]} and {key}={raw.strip()}); give it once")
         try:
             changes[key] = parse_value(raw.strip(), hints[key])
         except ValueError as exc:

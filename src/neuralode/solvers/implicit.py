@@ -23,8 +23,8 @@ the previous step's rate, which leaves a component that depends nonlinearly on t
 three where that first rate exceeds 0.1 (a second rate confirms it: ``_CONFIRM_THETA``), and
 ``|dz|`` in the larger of the error norm and the RMS over every component (``_covering_norm``); it fails
 when ``theta >= 0.99`` or convergence within ``max_iters`` is out of reach, unless the correction is within
-rounding of the iterate (converged to working precision: the same correction comes back with rate 1). A failed step is retried once
-with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
+rounding of the iterate (converged to working precision: the same correction comes back with rate 1). A failed
+step is retried once with a fresh Jacobian; with a fresh one it is rejected and the loop halves ``h``.
 On a fixed grid, which cannot shrink, the last resort is full Newton (J at every iterate).
 Fully implicit stages start from the last accepted step's collocation polynomial, extrapolated to the new
 stage times (RADAU5; scipy's Radau); diagonally implicit ones from the previous stage's derivative.

@@ -617,6 +617,7 @@ def gmres(apply: Callable, b: torch.Tensor, precondition: Callable | None = None
     return x.reshape(shape), iterations
 
 
-__all__ = ["JACOBIAN_MODES", "jacobian", "is_holomorphic", "positive_scale", "spectral_radius", "dense_jacobian", "batched_jacobian", "Linearization",
+__all__ = ["JACOBIAN_MODES", "jacobian", "is_holomorphic", "positive_scale", "spectral_radius", "dense_jacobian",
+           "batched_jacobian", "Linearization",
            "build_system", "DenseSystem", "BatchedSystem", "TransformedSystem", "StageEigenbasis", "stage_eigenbasis",
            "KrylovSystem", "SingularMatrixError", "KrylovFailure", "gmres"]

@@ -902,15 +902,26 @@ def test_a_full_disk_names_the_file_and_claims_no_checkpoint_before_the_first(tm
     assert not list(run.rglob(".*.tmp"))
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-def test_a_full_disk_under_metrics_jsonl_names_it():
-    writer = runner._MetricsWriter(Path("/dev/full"), True)
+class _FullDisk:
+    """A file on a full disk: write, flush and close raise ENOSPC without a file name, as a real one does."""
+
+    def _full(self, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    write = flush = close = _full
+
+
+def test_a_full_disk_under_metrics_jsonl_names_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = runner._MetricsWriter(path, True)
+    writer._file.close()
+    writer._file = _FullDisk()
     with pytest.raises(OSError) as info:
         writer.write({"step": 1, "loss": 0.5})
-    assert info.value.errno == errno.ENOSPC and info.value.filename == "/dev/full"
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     with pytest.raises(OSError) as info:  # the line left in the buffer is written again on closing
         writer.close()
-    assert info.value.filename == "/dev/full"
+    assert info.value.filename == str(path)
 
 
 def test_sigterm_stops_like_ctrl_c_and_the_handlers_are_restored(tmp_path, capsys, monkeypatch, reference):

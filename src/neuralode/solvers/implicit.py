@@ -309,9 +309,10 @@ class ImplicitRungeKutta(Solver):
         with torch.no_grad():
             # With atol = 0 a component that is 0 at y0 has no scale there: take it from the Euler predictor too
             # (a velocity that starts at 0 made every Newton correction infinite, blamed on the field).
-            scale = error_norm.scale(y0, y0 + h * f0) if error_norm.scale_can_vanish else error_norm.scale(y0)
             if error_norm.scale_can_vanish:
-                scale = positive_scale(scale, torch.finfo(scale.dtype).tiny)
+                scale = positive_scale(error_norm.scale(y0, y0 + h * f0), torch.finfo(y0.real.dtype).tiny)
+            else:
+                scale = error_norm.scale(y0)
         state.scale = scale
         newton = _Newton(_covering_norm(error_norm.norm), scale, kappa, self.max_iters, state, full_newton,
                          divide=error_norm.scaled)

@@ -153,24 +153,36 @@ def test_batched_jacobian_blocks_equal_the_dense_jacobian():
 
 
 def test_krylov_heat_equation_with_and_without_preconditioner():
-    """The method of lines heat equation (n = 400): matrix free, against its exact semi-discrete solution."""
-    n = 400
-    problem = sp.heat(n, t_end=0.1)
+    """The method of lines heat equation: matrix free, against its exact semi-discrete solution.
+
+    Unpreconditioned at n = 100 only: its GMRES needs O(sqrt(h |lambda_max|)) ~ O(n) products per solve, so at
+    n = 400 the solve takes ~49,000 evaluations (~90 s) to reach the same answer. The preconditioned solve is
+    also run at n = 400, where it takes the same 4 steps as at n = 100.
+    """
+    def tridiagonal_solver(n):
+        inv_dx2 = float((n + 1) ** 2)
+
+        def tridiagonal_solve(v, c):
+            # (I - c L) x = v for the Dirichlet Laplacian L, banded: O(n) in LAPACK.
+            from scipy.linalg import solve_banded
+            bands = np.empty((3, n))
+            bands[0], bands[1], bands[2] = -c * inv_dx2, 1 + 2 * c * inv_dx2, -c * inv_dx2
+            return torch.from_numpy(solve_banded((1, 1), bands, v.detach().numpy()))
+        return tridiagonal_solve
+
     t = torch.tensor([0.0, 0.1], dtype=F64)
-    inv_dx2 = float((n + 1) ** 2)
-
-    def tridiagonal_solve(v, c):
-        # (I - c L) x = v for the Dirichlet Laplacian L, banded: O(n) in LAPACK.
-        from scipy.linalg import solve_banded
-        bands = np.empty((3, n))
-        bands[0], bands[1], bands[2] = -c * inv_dx2, 1 + 2 * c * inv_dx2, -c * inv_dx2
-        return torch.from_numpy(solve_banded((1, 1), bands, v.detach().numpy()))
-
-    exact = torch.as_tensor(problem.exact(0.1))
-    for options in ({"jacobian": "krylov"}, {"jacobian": "krylov", "preconditioner": tridiagonal_solve}):
+    nfe = {}
+    for n, preconditioned in ((100, False), (100, True), (400, True)):
+        problem = sp.heat(n, t_end=0.1)
+        options = {"jacobian": "krylov"}
+        if preconditioned:
+            options["preconditioner"] = tridiagonal_solver(n)
         sol = neuralode.solve(problem.func, problem.y0, t, method="kvaerno5", rtol=1e-6, atol=1e-9, options=options)
         assert sol.status == "success"
-        assert float((sol.ys[-1] - exact).abs().max()) < 1e-5
+        assert float((sol.ys[-1] - torch.as_tensor(problem.exact(0.1))).abs().max()) < 1e-5
+        nfe[n, preconditioned] = sol.stats["nfe"]
+    # The preconditioner is used: it cuts the products per linear solve (measured 1,416 -> 170 at n = 100).
+    assert nfe[100, True] < nfe[100, False] / 4
 
 
 # --- gradients ------------------------------------------------------------------------------------------

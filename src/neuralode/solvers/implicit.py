@@ -76,6 +76,11 @@ _CONFIRM_THETA = 0.1
 _SAME_MATRIX_RTOL = 1e-12
 
 
+# GMRES's absolute residual bound, as a fraction of Newton's tolerance (KrylovSystem.residual_rms): CVODE's
+# linear tolerance factor (eplifac, 0.05 by default; PETSc's TSSundialsSetLinearTolerance documents the same).
+_KRYLOV_NEWTON_FRACTION = 0.05
+
+
 def _newton_kappa(rtol: float, eps: float) -> float:
     return max(10 * eps / max(rtol, 1e-300), min(0.03, math.sqrt(rtol)))
 
@@ -89,6 +94,7 @@ class ImplicitState:
     recompute: bool = False           # Newton was slow on the last step: refresh J at the next point
     systems: dict = field(default_factory=dict)   # coefficient key -> factorised iteration matrix
     scale: Any = None                 # the error norm's scale at this step's y0 (Krylov solves use it)
+    kappa: float = 0.0                # Newton's tolerance in the error norm's units (Krylov solves use it)
     last_rejected: bool = True        # the previous attempt was rejected (or none yet): RADAU5's error refinement
     # The coupled stages' last attempt (y1, h, Z) and the last accepted one: Newton's starting guess extrapolates
     # the accepted step's collocation polynomial (RADAU5's STARTN = 0, scipy Radau's Z0).
@@ -289,6 +295,7 @@ class ImplicitRungeKutta(Solver):
             state.counters["n_lu"] += 1
         if self.jacobian == "krylov":
             system.scale = state.scale   # GMRES in the error norm's units (see KrylovSystem.scale)
+            system.residual_rms = _KRYLOV_NEWTON_FRACTION * state.kappa
         return system
 
     def _fresh_system(self, func, t: float, y: torch.Tensor, C: np.ndarray, state: ImplicitState):
@@ -298,6 +305,7 @@ class ImplicitRungeKutta(Solver):
         system = build_system(self.jacobian, C, jacobian(self.jacobian, func, t, y), self.preconditioner)
         if self.jacobian == "krylov":
             system.scale = state.scale
+            system.residual_rms = _KRYLOV_NEWTON_FRACTION * state.kappa
         return system
 
     def _attempt(self, func, t0, y0, f0, h, error_norm, state, full_newton=False) -> StepOutcome:
@@ -313,7 +321,7 @@ class ImplicitRungeKutta(Solver):
                 scale = positive_scale(error_norm.scale(y0, y0 + h * f0), torch.finfo(y0.real.dtype).tiny)
             else:
                 scale = error_norm.scale(y0)
-        state.scale = scale
+        state.scale, state.kappa = scale, kappa
         newton = _Newton(_covering_norm(error_norm.norm), scale, kappa, self.max_iters, state, full_newton,
                          divide=error_norm.scaled)
         grad = torch.is_grad_enabled()

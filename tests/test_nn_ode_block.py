@@ -114,6 +114,21 @@ def test_plain_callable_with_explicit_adjoint_params():
     assert list(block.parameters()) == []
 
 
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_one_tensor_as_adjoint_params_is_one_parameter(gradient):
+    """adjoint_params=W (not [W]) trains W, as solve does; it used to be split into row views, W's gradient 0."""
+    w = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    grads = []
+    for params in (w, [w]):
+        w.grad = None
+        ODEBlock(lambda t, z: torch.tanh(z @ w), gradient=gradient, adjoint_params=params, rtol=1e-9,
+                 atol=1e-9)(x).pow(2).sum().backward()
+        grads.append(w.grad.clone())
+    assert float(grads[1].abs().sum()) > 0.1
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.0, atol=0.0)
+
+
 def test_to_cpu_and_state_dict_round_trip():
     block = ODEBlock(small_field()).to("cpu")
     other = ODEBlock(small_field())

@@ -157,7 +157,11 @@ class ODEBlock(nn.Module):
             )
         self.gradient = gradient
         self.return_trajectory = bool(return_trajectory)
-        if adjoint_params is not None:
+        if isinstance(adjoint_params, Tensor):
+            # (as in solve: one tensor is one parameter; tuple() would split it into row views the field never
+            # uses, whose gradient is zero, so the tensor would train with a zero gradient)
+            adjoint_params = (adjoint_params,)
+        elif adjoint_params is not None:
             adjoint_params = tuple(adjoint_params)
             for i, p in enumerate(adjoint_params):
                 if not isinstance(p, Tensor):

@@ -197,3 +197,19 @@ def test_errors_name_the_argument():
         CNF(dyn, 2, trace="hutchinson").log_prob(torch.zeros(3, 2), probe=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="activation"):
         ConcatSquashMLP(2, (4,), activation="relu")
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+def test_log_prob_and_sample_under_inference_mode_equal_no_grad(trace):
+    """The trace's vector-Jacobian product inside the field works under torch.inference_mode() (it raised
+    "element 0 of tensors does not require grad": enable_grad does not lift inference mode)."""
+    torch.manual_seed(0)
+    cnf = CNF(ConcatSquashMLP(2, (16,)), 2, trace=trace)
+    x = torch.randn(4, 2)
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        torch.manual_seed(1)
+        with mode():
+            results.append((cnf.log_prob(x), cnf.sample(3)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.clone(), b.clone(), rtol=0.0, atol=0.0)

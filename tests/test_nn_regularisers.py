@@ -109,6 +109,24 @@ def test_copies_drop_the_graph_of_the_last_call():
     assert block.kinetic_energy is not None
 
 
+@pytest.mark.parametrize("gradient", ["direct", "adjoint"])
+def test_regularisers_under_inference_mode_equal_no_grad(gradient):
+    """The Frobenius term's vjp works under torch.inference_mode() (enable_grad alone does not lift it: it raised
+    "element 0 of tensors does not require grad"), with the values of no_grad."""
+    torch.manual_seed(0)
+    block = ODEBlock(TimeSequential(ConcatLinear(2, 4), nn.Tanh(), ConcatLinear(4, 2)), kinetic=True, frobenius=True,
+                     gradient=gradient)
+    x = torch.randn(3, 2)
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        torch.manual_seed(1)   # the same Hutchinson probe
+        with mode():
+            results.append((block(x), block.kinetic_energy, block.jacobian_frobenius))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.clone(), b.clone(), rtol=0.0, atol=0.0)
+    assert float(results[1][2].abs().sum()) > 0
+
+
 def test_regularised_adjoint_gradients_match_direct():
     field = TimeSequential(ConcatLinear(3, 8), nn.Tanh(), ConcatLinear(8, 3)).double()
     x = torch.randn(4, 3, dtype=torch.float64)

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from neuralode.solve import solve
 from neuralode.nn import PROBES, TimeDependentModule, TimeSequential, sample_probe
 from neuralode.nn._checks import one_of, positive_float, positive_int
+from neuralode.nn.regularisers import graph_inputs, vjp_mode
 
 __all__ = [
     "TRACE_ESTIMATORS",
@@ -144,12 +145,8 @@ class _CNFField:
     def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         z = state[0]
         outer_grad = torch.is_grad_enabled()
-        with torch.enable_grad():
-            if not (outer_grad and z.requires_grad):
-                # The trace needs z in a graph. Without outer gradients (the adjoint's forward pass,
-                # evaluation under no_grad) nothing differentiates through z, so a fresh leaf cuts
-                # nothing (and a view made under no_grad may not be usable by autograd.grad).
-                z = z.detach().requires_grad_(True)
+        with vjp_mode():
+            t, z = graph_inputs(t, z, outer_grad)   # the trace needs z in a graph
             f = self.dynamics(t, z)
             if f.shape != z.shape:
                 raise ValueError(f"the CNF dynamics must return dz/dt of the shape of z {tuple(z.shape)}, "

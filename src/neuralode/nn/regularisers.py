@@ -117,18 +117,50 @@ class RegularisedDynamics:
             dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
             return f, dk, torch.zeros_like(state[2])
         outer_grad = torch.is_grad_enabled()
-        with torch.enable_grad():
-            if not (outer_grad and z.requires_grad):
-                # The vjp needs z in a graph. When the caller runs without gradients (the forward
-                # pass of an adjoint solve) or z carries no graph, nothing outside differentiates
-                # through z, so a fresh leaf cuts nothing. (A view made under no_grad may report
-                # requires_grad=True and still not be usable as an input of autograd.grad.)
-                z = z.detach().requires_grad_(True)
+        with vjp_mode():
+            t, z = graph_inputs(t, z, outer_grad)   # the vjp needs z in a graph
             f = self.func(t, z)
-            (eps_jac,) = torch.autograd.grad(f, z, self.probe, create_graph=True)
+            probe = self.probe.clone() if self.probe.is_inference() else self.probe   # (see graph_inputs)
+            (eps_jac,) = torch.autograd.grad(f, z, probe, create_graph=True)
             dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
             dfrob = eps_jac.pow(2).flatten(1).sum(1)
         return f, dk, dfrob
+
+
+def graph_inputs(t: Tensor, z: Tensor, outer_grad: bool) -> tuple[Tensor, Tensor]:
+    """``(t, z)`` made usable by ``autograd.grad`` inside a field; call it under :func:`vjp_mode`.
+
+    Without outer gradients (the adjoint's forward pass, evaluation under ``no_grad`` or ``inference_mode``)
+    or without a graph on ``z``, nothing outside differentiates through ``z``, so a fresh leaf cuts nothing (and
+    a view made under ``no_grad`` may report ``requires_grad=True`` and still not be usable by ``autograd.grad``).
+    Tensors made under ``torch.inference_mode()`` can be neither a leaf that requires grad nor saved for
+    backward: they are cloned (a clone made outside inference mode is an ordinary tensor).
+    """
+    if t.is_inference():
+        t = t.clone()
+    if z.is_inference():
+        return t, z.clone().requires_grad_(True)
+    if not (outer_grad and z.requires_grad):
+        z = z.detach().requires_grad_(True)
+    return t, z
+
+
+def vjp_mode():
+    """``enable_grad`` that also holds under ``torch.inference_mode()``, where ``enable_grad`` alone does not
+    (a vector-Jacobian product inside the field raised "element 0 of tensors does not require grad")."""
+    return _VjpMode()
+
+
+class _VjpMode:
+    def __enter__(self):
+        self._modes = (torch.inference_mode(False), torch.enable_grad())
+        for mode in self._modes:
+            mode.__enter__()
+
+    def __exit__(self, *exc):
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        return False
 
 
 def regularisation_loss(model: nn.Module, *, kinetic: float = 0.0, frobenius: float = 0.0) -> Tensor:

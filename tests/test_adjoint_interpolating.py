@@ -103,3 +103,23 @@ def test_a_stiff_backward_solve_controls_the_parameter_adjoint_by_default(method
     seminorm = _stiff_pair_gradient(method, 1e-8, neuralode.Adjoint(interpolate=True, seminorm=True))
     assert float(((default - reference).abs() / reference.abs()).max()) < 2e-3
     assert float(((seminorm - reference).abs() / reference.abs()).max()) > 5e-3
+
+
+@pytest.mark.parametrize("interpolate", [True, "checkpoint"])
+def test_a_retained_graph_backs_up_twice_with_the_same_gradient(interpolate):
+    """backward(retain_graph=True) then backward(): the second pass needs the forward dense output again (it was
+    dropped after the first, and the second raised AttributeError); the evaluations count per pass."""
+    W = torch.tensor([[-0.3, 1.0], [-0.8, 0.1]], dtype=F64, requires_grad=True)
+    y0 = torch.tensor([1.0, 0.5], dtype=F64, requires_grad=True)
+    sol = neuralode.solve(lambda t, y: torch.tanh(W @ y), y0, torch.tensor([0.0, 0.5, 1.0], dtype=F64),
+                          gradient=neuralode.Adjoint(interpolate=interpolate), adjoint_params=(W,))
+    loss = sol.ys.pow(2).sum()
+    first = torch.autograd.grad(loss, (y0, W), retain_graph=True)
+    nfe_first = sol.stats["nfe_backward"]
+    second = torch.autograd.grad(loss, (y0, W))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=0.0, atol=0.0)
+    if interpolate is True:
+        assert sol.stats["nfe_backward"] == 2 * nfe_first
+    else:   # (the segment replayed last in the first pass is still held, so the second replays less)
+        assert 0 < sol.stats["nfe_backward"] - nfe_first <= nfe_first

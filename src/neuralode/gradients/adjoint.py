@@ -163,6 +163,9 @@ class _AdjointSolve(torch.autograd.Function):
         outputs = outputs.reshape(outputs.shape[0], state_shape.numel())
         grad_outputs = grad_outputs.reshape(outputs.shape)
         n = outputs.shape[1]
+        # (ctx keeps the forward source: a graph retained for a second backward needs it again, and ctx.integration
+        # and ctx.kwargs hold the dense output and the checkpoints anyway)
+        replayed_before = getattr(ctx.forward_source, "nfe", 0)
         if strategy.interpolate:
             dynamics = _InterpolatedAdjointDynamics(problem.field, params, state_shape, ctx.forward_source)
         else:
@@ -221,9 +224,8 @@ class _AdjointSolve(torch.autograd.Function):
             a, a_params = dynamics.unpack(state)
             a = a + grad_outputs[i - 1]
         stats = integration.stats
-        replayed = getattr(ctx.forward_source, "nfe", 0)   # the checkpointed segments' replays
+        replayed = getattr(ctx.forward_source, "nfe", 0) - replayed_before   # the checkpointed segments' replays
         stats["nfe_backward"] = stats.get("nfe_backward", 0) + dynamics.nfe + replayed
-        ctx.forward_source = None
         grads, offset = [], 0
         for p in params:
             grad = a_params[offset:offset + p.numel()].view_as(p)

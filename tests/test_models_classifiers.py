@@ -93,6 +93,14 @@ def test_shapes_dtypes_and_a_training_step(name, dtype):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_an_empty_batch_gives_empty_logits(name):
+    """(the MLPs' feature check indexed the first sample, an IndexError for a batch of 0)"""
+    domain = name.split("_")[0]
+    x = torch.randn((0, *INPUT_SHAPES[domain][1:]))
+    assert small(name)(x).shape == (0, CLASSES[domain])
+
+
 def test_gradient_strategies_of_each_family():
     rk = build_model("vector_rknet", in_features=2, num_classes=2)
     ode = build_model("vector_odenet", in_features=2, num_classes=2)

@@ -224,6 +224,14 @@ def test_errors_name_the_argument():
         LatentODE(2, encoder="lstm")
     with pytest.raises(ValueError, match="step_size"):
         LatentODE(2, step_size=-0.1)
+    # A method that does not match step_size is refused where the model is built (the first forward pass used
+    # to blame an option the user never gave: "option 'interp' means nothing for method 'dopri5'").
+    with pytest.raises(ValueError, match="pass step_size=None with method='dopri5'"):
+        LatentODE(2, method="dopri5")
+    with pytest.raises(ValueError, match="'rk4' takes fixed steps: give step_size"):
+        LatentODE(2, method="rk4", step_size=None)
+    with pytest.raises(ValueError, match="unknown method 'dopri'"):
+        LatentODE(2, method="dopri")
 
 
 def test_size_matched_rnn_width_picks_the_closest_parameter_count():
@@ -260,3 +268,14 @@ def test_layer_counts_of_the_dynamics_and_the_encoder_ode():
         LatentODE(2, dynamics_layers=0)
     with pytest.raises(ValueError, match="ode_layers"):
         LatentODE(2, encoder_ode_layers=0)
+
+
+def test_an_empty_batch_gives_empty_outputs():
+    """A batch of 0 samples (the tail of a filtered data set) passes through every sequence model (it raised from
+    ``lengths.max()`` of an empty tensor)."""
+    from neuralode.models import RNNVAE
+
+    times, values, mask = torch.tensor([0.1, 0.4, 0.5]), torch.randn(0, 3, 2), torch.zeros(0, 3, 2, dtype=torch.bool)
+    for model in (LatentODE(2, 3), RNNBaseline(2, 5), RNNVAE(2)):
+        out = model(times, values, mask)
+        assert out.pred.shape[0] == 0 and out.pred.shape[-1] == 2, type(model).__name__

@@ -86,7 +86,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() < 2 or x[0].numel() != self.in_features:
+        if x.dim() < 2 or x.shape[1:].numel() != self.in_features:
             raise ValueError(
                 f"x must have shape (N, *) with {self.in_features} features per sample, got "
                 f"{tuple(x.shape)}."

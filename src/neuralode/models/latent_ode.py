@@ -66,6 +66,7 @@ from torch import Tensor, nn
 from neuralode.solve import solve
 from neuralode.nn import Autonomous
 from neuralode.nn._checks import one_of, positive_float, positive_int
+from neuralode.options import check_method
 
 __all__ = [
     "ENCODERS",
@@ -157,7 +158,7 @@ def gather_observations(times: Tensor, values: Tensor, mask: Tensor, *, t0: floa
     mask = mask.bool()
     has_time = mask.any(-1)  # (B, U)
     lengths = has_time.sum(1)
-    width = max(int(lengths.max()), 1)
+    width = max(int(lengths.max()), 1) if lengths.numel() else 1   # (an empty batch has no max)
     # A stable sort puts each sample's observed positions first, in time order.
     order = torch.sort((~has_time).to(torch.int8), dim=1, stable=True).indices[:, :width]
     valid = torch.arange(width, device=times.device)[None, :] < lengths[:, None]
@@ -459,6 +460,15 @@ class LatentODE(nn.Module):
             raise TypeError(f"method must be a str such as 'rk4' or 'dopri5', got {type(method).__name__}")
         self.method = method
         self.step_size = None if step_size is None else positive_float("step_size", step_size)
+        # Checked here, not at the first forward pass: the decoder's options come from step_size, and a mismatch
+        # read there as an option the user never gave ("option 'interp' means nothing for method 'dopri5'").
+        adaptive = check_method(method).adaptive
+        if adaptive and self.step_size is not None:
+            raise ValueError(f"method {method!r} chooses its own steps, but step_size={step_size} (the default 0.1 is "
+                             f"for fixed-step methods such as 'rk4'): pass step_size=None with method={method!r}")
+        if not adaptive and self.step_size is None:
+            raise ValueError(f"method {method!r} takes fixed steps: give step_size (e.g. 0.1), or choose an adaptive "
+                             f"method such as 'dopri5' for step_size=None")
         self.rtol = positive_float("rtol", rtol)
         self.atol = positive_float("atol", atol)
         if isinstance(gradient, str):

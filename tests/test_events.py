@@ -193,6 +193,11 @@ def test_dense_output_ends_at_the_event():
         sol.evaluate(t_e + 1e-3)
     with pytest.raises(ValueError, match="t is empty"):
         sol.evaluate(torch.tensor([], dtype=torch.float64))
+    # not times: a TypeError naming t (a string was torch's "new(): invalid data type 'str'"; a complex time
+    # silently lost its imaginary part)
+    for bad in ("0.5", torch.tensor([0.5 + 1j]), 0.5j, [None]):
+        with pytest.raises(TypeError, match="t must be a real time or a real tensor of times"):
+            sol.evaluate(bad)
 
 
 @pytest.mark.parametrize("nan_from", [0.0, 1.0])

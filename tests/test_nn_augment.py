@@ -47,3 +47,7 @@ def test_errors():
         Augment(1.5)
     with pytest.raises(ValueError, match="dim=3 is out of range"):
         Augment(1, dim=3)(torch.randn(2, 3))
+    for bad in (True, "1", 1.0):
+        for build in (lambda d: Augment(1, dim=d), lambda d: AugmentedODEBlock(lambda t, z: -z, 1, dim=d)):
+            with pytest.raises(TypeError, match="dim must be an int"):
+                build(bad)

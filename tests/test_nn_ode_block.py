@@ -168,6 +168,11 @@ def test_errors_name_the_argument_and_the_fix():
         ODEBlock(lambda t, z: -z, kinetic=True)(torch.randn(3))
     with pytest.raises(TypeError, match="t must be a pair"):
         ODEBlock(f, t=1.0)
+    with pytest.raises(TypeError, match=r"t must hold real times, got a complex tensor.*t\.real"):
+        ODEBlock(f, t=torch.tensor([0.0, 1.0 + 1j]))
+    # a NumPy array of times is a 1-D sequence of times (it was refused)
+    import numpy as np
+    assert ODEBlock(f, t=np.array([0.0, 0.5, 1.0]), return_trajectory=True)(torch.randn(2, 3)).shape == (3, 2, 3)
     with pytest.raises(ValueError, match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint'\], got 'adj'"):
         ODEBlock(f, gradient="adj")
     with pytest.raises(TypeError, match=r"gradient must be one of .* or a gradient strategy object .*got int"):

@@ -22,7 +22,7 @@ class Solution:
         The solution at ``ts``.
     stats : dict
         ``nfe`` (vector-field evaluations), ``n_steps`` (attempted), ``n_accepted``, ``n_rejected``;
-        gradient strategies add ``nfe_backward`` (and ``n_steps_backward``) during ``backward()``:
+        gradient strategies add ``nfe_backward`` (evaluations of the backward pass) during ``backward()``:
         the dict is updated in place, so read it after the backward pass.
     status : Status
         How the solve ended, a ``str`` enum (:class:`~neuralode.Status`): ``"success"``, ``"event"``,
@@ -60,7 +60,14 @@ class Solution:
         """
         if self._dense is None:
             raise ValueError("this solution has no dense output; call solve(..., dense=True)")
-        t_tensor = torch.as_tensor(t, dtype=torch.float64)
+        if isinstance(t, (str, bytes, complex)) or (isinstance(t, torch.Tensor) and (t.is_complex() or t.dtype == torch.bool)):
+            raise TypeError(f"t must be a real time or a real tensor of times, got {type(t).__name__} ({t!r}); "
+                            "e.g. sol.evaluate(0.5) or sol.evaluate(torch.linspace(0, 1, 11))")
+        try:
+            t_tensor = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"t must be a real time or a real tensor of times, got {type(t).__name__} ({t!r}); "
+                            "e.g. sol.evaluate(0.5) or sol.evaluate(torch.linspace(0, 1, 11))") from error
         if t_tensor.numel() == 0:
             raise ValueError("t is empty; give at least one time to evaluate the dense output at")
         values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]

@@ -25,6 +25,13 @@ def positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
     return value
 
 
+def axis(name: str, value: object) -> int:
+    """Return ``value`` as an ``int`` dimension index (negative allowed); ``True`` or ``"1"`` is a TypeError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r}).")
+    return int(value)
+
+
 def positive_float(name: str, value: object) -> float:
     """Return ``value`` as a ``float``, checking that it is finite and strictly positive."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -61,7 +68,12 @@ def time_points(name: str, value: object) -> tuple[float, ...]:
     Times are kept as Python floats (double precision) and turned into a tensor of the state's
     dtype and device at every call, so moving or casting a module never loses them.
     """
+    if not isinstance(value, (torch.Tensor, Sequence)) and hasattr(value, "__array__"):
+        value = torch.as_tensor(value)   # a NumPy array of times
     if isinstance(value, torch.Tensor):
+        if value.is_complex():
+            raise TypeError(f"{name} must hold real times, got a complex tensor ({value.dtype}); its imaginary part "
+                            f"would be dropped: pass {name}.real if that is what you mean.")
         if value.requires_grad:
             raise ValueError(f"{name} requires grad, but the layer keeps its times as fixed numbers and its gradient "
                              f"would be dropped without a word; pass {name}.detach(), or call neuralode.solve(func, "
@@ -71,7 +83,7 @@ def time_points(name: str, value: object) -> tuple[float, ...]:
                 f"{name} must be a 1-D tensor of times or a pair (t0, t1), got a tensor of shape "
                 f"{tuple(value.shape)}."
             )
-        if value.is_complex() or not value.is_floating_point():
+        if not value.is_floating_point():
             value = value.to(torch.float64)
         values = tuple(float(v) for v in value.detach().cpu().tolist())
     elif isinstance(value, Sequence) and not isinstance(value, str):

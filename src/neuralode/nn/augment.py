@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from neuralode.nn._checks import positive_int
+from neuralode.nn._checks import axis, positive_int
 
 __all__ = ["Augment", "augment"]
 
@@ -74,9 +74,7 @@ class Augment(nn.Module):
     def __init__(self, augment_dim: int, dim: int = 1) -> None:
         super().__init__()
         self.augment_dim = positive_int("augment_dim", augment_dim, allow_zero=True)
-        if isinstance(dim, bool) or not isinstance(dim, int):
-            raise TypeError(f"dim must be an int, got {type(dim).__name__}.")
-        self.dim = dim
+        self.dim = axis("dim", dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return augment(x, self.augment_dim, self.dim)

@@ -314,10 +314,10 @@ class AugmentedODEBlock(ODEBlock):
 
     def __init__(self, func: Callable[[Tensor, Tensor], Tensor], augment_dim: int, *, dim: int = 1, **kwargs: Any) -> None:
         super().__init__(func, **kwargs)
-        from neuralode.nn._checks import positive_int
+        from neuralode.nn._checks import axis, positive_int
 
         self.augment_dim = positive_int("augment_dim", augment_dim, allow_zero=True)
-        self.augment_axis = int(dim)
+        self.augment_axis = axis("dim", dim)   # (int() took True and "1")
 
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):

@@ -79,10 +79,30 @@ def test_masked_mse_of_nothing_is_nan_not_zero():
     ("kl_decay=1", "kl_decay"), ("kl_weight=-1", "kl_weight"), ("dynamics_layers=0", "dynamics_layers"),
     ("encoder_ode_layers=0", "encoder_ode_layers"), ("encoder_substeps=0", "encoder_substeps"),
     ("rnn_vae_units=-1", "rnn_vae_units"), ("rnn_vae_grid=mine", "rnn_vae_grid"), ("models=rnn_vae,rnn_vae", "models"),
+    ("rnn_roll=mine", "rnn_roll"),
 ])  # fmt: skip
 def test_config_errors_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):
         PhysioNet.resolve(apply_overrides(PhysioNetConfig(), override.split()))
+
+
+@pytest.mark.parametrize("roll", ["own", "all"])
+def test_rnn_roll_chooses_the_times_the_rnn_steps_through(roll):
+    """rnn_roll=all steps the GRU through the batch's whole grid, hiding each record's own schedule."""
+    torch.manual_seed(0)
+    exp = PhysioNet(PhysioNet.resolve(apply_overrides(PhysioNetConfig(), [f"rnn_roll={roll}"])))
+    rnn = RNNBaseline(37, 4)
+    times = torch.tensor([0.0, 0.1, 0.3, 0.6])
+    values = torch.randn(2, 4, 37)
+    mask = torch.rand(2, 4, 37) < 0.3
+    mask[0, 1] = False   # record 0 has no observation at t = 0.1: "own" skips that time, "all" steps through it
+    held = torch.zeros_like(mask)
+    out = exp._forward({"rnn": rnn}, "rnn", times, values, mask, held)
+    for which in ("own", "all"):
+        direct = rnn(times, torch.where(mask, values, 0.0), mask, target_times=times, target_values=values,
+                     target_mask=mask, roll=which)
+        same = torch.equal(out.pred, direct.pred)
+        assert same == (which == roll), which
 
 
 def test_rubanova_lr_schedule_decays_per_step_to_its_floor():

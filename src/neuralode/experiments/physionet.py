@@ -153,6 +153,10 @@ class PhysioNetConfig(RunConfig):
         (0: ``2 * encoder_hidden``), encoder_ode_layers, encoder_substeps (RK4 steps per gap of the
         ODE-RNN), decoder_hidden (0: linear), step_size, obs_std : the latent ODE.
     rnn_hidden : GRU units of the RNN baseline (0: size-matched to the latent ODE).
+    rnn_roll : the times the RNN baseline's decoder steps through: ``own``, each record's own observation
+        times (its schedule: how many steps it takes, and when, depends on when the record was measured), or
+        ``all``, every time of the batch's union grid, which hides most of that schedule (a record's times are
+        among up to 481 others); see :meth:`neuralode.models.RNNBaseline.forward`.
     rnn_vae_units : hidden width of the RNN-VAE's posterior head and output MLP (0: ``dynamics_hidden``,
         as Rubanova et al.'s ``--units`` sets both); its latent size and encoder GRU are
         ``latent_dim`` and ``encoder_hidden`` (their ``--latents`` and ``--rec-dims``).
@@ -199,6 +203,7 @@ class PhysioNetConfig(RunConfig):
     step_size: PosFloat = 0.05
     obs_std: PosFloat = 0.05
     rnn_hidden: NonNegInt = 0
+    rnn_roll: str = "own"
     rnn_vae_units: NonNegInt = 0
     rnn_vae_grid: str = "union"
     rnn_vae_reverse_batch: bool = False
@@ -259,6 +264,8 @@ class PhysioNet(Experiment):
             raise ConfigError(f"rnn_hidden must be >= 0 (0: size-matched to the latent ODE), got {c.rnn_hidden}")
         if c.rnn_vae_units < 0:
             raise ConfigError(f"rnn_vae_units must be >= 0 (0: dynamics_hidden), got {c.rnn_vae_units}")
+        if c.rnn_roll not in ("own", "all"):
+            raise ConfigError(f"rnn_roll must be one of own, all, got {c.rnn_roll!r}")
         if c.rnn_vae_grid not in DECODER_GRIDS:
             raise ConfigError(f"rnn_vae_grid must be one of {', '.join(DECODER_GRIDS)}, got {c.rnn_vae_grid!r}")
         if c.time_scale <= 0 or c.step_size <= 0 or c.obs_std <= 0:
@@ -447,6 +454,8 @@ class PhysioNet(Experiment):
         samples = {"latent_ode": self.config.latent_ode_sample, "rnn_vae": self.config.rnn_vae_sample}
         if kind in _VAES and not (sample and samples[kind]):
             kwargs["eps"] = torch.zeros(shape, device=values.device)
+        elif kind == "rnn":
+            kwargs["roll"] = self.config.rnn_roll
         elif kind == "rnn_vae":
             generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + zlib.crc32(b"rnn_vae") + step)
             kwargs["eps"] = torch.randn(shape, generator=generator).to(values.device)

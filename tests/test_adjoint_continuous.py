@@ -48,3 +48,18 @@ def test_continuous_backward_gradient_matches_direct(method, decreasing):
         grads[gradient] = torch.cat([y0.grad.reshape(-1)] + [p.grad.reshape(-1) for p in params])
     error = (grads["adjoint"] - grads["direct"]).norm() / grads["direct"].norm()
     assert error < 1e-6, error
+
+
+def test_a_failure_of_the_backward_solve_says_so():
+    """A MaxStepsError from loss.backward() read like the forward solve's; it now names the backward solve and
+    its settings, and keeps its class and time."""
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    W = torch.tensor([[-0.3, 5.0], [-5.0, 0.1]], dtype=torch.float64, requires_grad=True)
+    sol = neuralode.solve(lambda t, y: W @ y, y0, torch.tensor([0.0, 3.0], dtype=torch.float64),
+                          gradient=neuralode.Adjoint(rtol=1e-12, atol=1e-12), adjoint_params=(W,), rtol=1e-8,
+                          atol=1e-8, options={"max_num_steps": 125})
+    assert sol.status == "success"
+    with pytest.raises(neuralode.MaxStepsError, match=r"the adjoint's backward solve failed: reached the maximum "
+                                                       r"number of steps \(max_num_steps=125\).*neuralode.Adjoint") as info:
+        sol.ys.sum().backward()
+    assert 0.0 < info.value.t < 3.0

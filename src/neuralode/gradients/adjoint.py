@@ -26,7 +26,7 @@ from ..interpolation import horner
 from ..problem import Problem
 from ..solvers.compiled import CompiledRungeKutta
 from ..solvers.runge_kutta import ExplicitRungeKutta
-from .base import GradientStrategy, RunResult, collect_parameters, no_double_backward
+from .base import GradientStrategy, RunResult, collect_parameters, names_the_backward_solve, no_double_backward
 from .checkpoint import _Checkpoints
 
 
@@ -152,6 +152,7 @@ class _AdjointSolve(torch.autograd.Function):
         return outputs
 
     @staticmethod
+    @names_the_backward_solve
     def backward(ctx, grad_outputs):
         if torch.is_grad_enabled():
             no_double_backward("adjoint")

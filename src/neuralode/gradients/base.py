@@ -51,6 +51,27 @@ def collect_parameters(func, adjoint_params) -> tuple:
     return tuple(unique)
 
 
+def names_the_backward_solve(backward):
+    """Wrap an adjoint ``Function.backward`` so that a solver failure says it came from the backward solve.
+
+    Raised from ``loss.backward()``, a ``MaxStepsError`` reading like the forward solve's sent users to the forward
+    settings; the backward solve has its own (``Adjoint(options=...)``, ``adjoint_options``). Same class, same ``t``.
+    """
+    import functools
+
+    from .._errors import SolverError
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grad_outputs):
+        try:
+            return backward(ctx, *grad_outputs)
+        except SolverError as error:
+            raise type(error)(f"the adjoint's backward solve failed: {error} (its settings: neuralode.Adjoint(rtol=..., "
+                              f"atol=..., options=...), or odeint_adjoint's adjoint_rtol/adjoint_atol/adjoint_options; "
+                              f"unset, they are the forward solve's)", error.t) from error
+    return wrapped
+
+
 def no_double_backward(name):
     raise RuntimeError(f"the {name} gradient strategy does not support double backward (create_graph=True); "
                        "use gradient='direct' for higher derivatives through the solve")

@@ -29,6 +29,7 @@ import torch
 
 from ..per_sample import PerSampleField, PerSampleNorm, integrate_per_sample
 from ..solvers.runge_kutta import linear_combination
+from .base import names_the_backward_solve
 
 
 class PerSampleAdjointRun:
@@ -156,6 +157,7 @@ class PerSampleAdjointFunction(torch.autograd.Function):
         return outputs.clone()
 
     @staticmethod
+    @names_the_backward_solve
     def backward(ctx, grad_outputs):
         if torch.is_grad_enabled():
             # (the function runs the per-sample checkpoint replay too: the run names its strategy)

@@ -105,6 +105,14 @@ def test_rnn_roll_chooses_the_times_the_rnn_steps_through(roll):
         assert same == (which == roll), which
 
 
+def test_runs_written_before_rnn_roll_resume_with_their_own_times():
+    from neuralode.experiments.config import config_from_dict, config_to_dict
+
+    data = config_to_dict(PhysioNetConfig())
+    del data["rnn_roll"]
+    assert config_from_dict(PhysioNetConfig, data, strict=True).rnn_roll == "own"
+
+
 def test_rubanova_lr_schedule_decays_per_step_to_its_floor():
     # run_models.py: before every step lr = max(0.999 lr, lr0 / 10), so step s takes lr0 * 0.999^(s + 1).
     exp = PhysioNet(apply_overrides(PhysioNetConfig(), ["lr_schedule=exponential", "iters=5000"]))

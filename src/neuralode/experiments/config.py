@@ -134,6 +134,12 @@ Fraction = Annotated[float, Range(0, 1, low_open=True, high_open=True)]
 _ADDED_LATER = "added_later"
 
 
+def added_later(default: Any) -> Any:
+    """A config field added after runs were written: a ``config.json`` without it resumes (and rebuilds) with
+    ``default``, which must be the behaviour those runs had."""
+    return dataclasses.field(default=default, metadata={_ADDED_LATER: True})
+
+
 def max_steps_field(default: int = 2000) -> Any:
     """The ``max_steps`` field of experiments that train through adaptive solves: the most steps
     one such solve may take (``options={"max_num_steps": ...}``, see :func:`solve_cap`).
@@ -144,7 +150,7 @@ def max_steps_field(default: int = 2000) -> Any:
     take tens to hundreds of steps (docs/experiments.md), so 2000 stops a diverging model within
     seconds, with the one-line "training stopped, a solve failed" error, and touches no normal run.
     Runs written before the field existed resume with the default."""
-    return dataclasses.field(default=default, metadata={_ADDED_LATER: True})
+    return added_later(default)
 
 
 def solve_cap(method: str, max_steps: int) -> dict[str, int]:

@@ -90,7 +90,7 @@ from neuralode.models import (
 )
 
 from .base import Experiment, Position, Reference, epoch_permutation
-from .config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig
+from .config import ConfigError, Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range, RunConfig, added_later
 from .runner import RunContext, figure
 
 __all__ = ["PhysioNet", "PhysioNetConfig", "holdout_mask", "rubanova_mse"]
@@ -203,7 +203,7 @@ class PhysioNetConfig(RunConfig):
     step_size: PosFloat = 0.05
     obs_std: PosFloat = 0.05
     rnn_hidden: NonNegInt = 0
-    rnn_roll: str = "own"
+    rnn_roll: str = added_later("own")   # (runs written before it rolled over their own times)
     rnn_vae_units: NonNegInt = 0
     rnn_vae_grid: str = "union"
     rnn_vae_reverse_batch: bool = False

@@ -60,14 +60,16 @@ class Solution:
         """
         if self._dense is None:
             raise ValueError("this solution has no dense output; call solve(..., dense=True)")
-        if isinstance(t, (str, bytes, complex)) or (isinstance(t, torch.Tensor) and (t.is_complex() or t.dtype == torch.bool)):
-            raise TypeError(f"t must be a real time or a real tensor of times, got {type(t).__name__} ({t!r}); "
-                            "e.g. sol.evaluate(0.5) or sol.evaluate(torch.linspace(0, 1, 11))")
+        not_times = TypeError(f"t must be a real time or a real tensor of times, got {type(t).__name__} ({t!r}); "
+                              "e.g. sol.evaluate(0.5) or sol.evaluate(torch.linspace(0, 1, 11))")
+        # (a complex time would lose its imaginary part in the conversion, a string fail inside torch)
+        if isinstance(t, (str, bytes, complex)) or (isinstance(t, torch.Tensor)
+                                                    and (t.is_complex() or t.dtype == torch.bool)):
+            raise not_times
         try:
             t_tensor = torch.as_tensor(t, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as error:
-            raise TypeError(f"t must be a real time or a real tensor of times, got {type(t).__name__} ({t!r}); "
-                            "e.g. sol.evaluate(0.5) or sol.evaluate(torch.linspace(0, 1, 11))") from error
+            raise not_times from error
         if t_tensor.numel() == 0:
             raise ValueError("t is empty; give at least one time to evaluate the dense output at")
         values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]

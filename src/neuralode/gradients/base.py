@@ -66,9 +66,9 @@ def names_the_backward_solve(backward):
         try:
             return backward(ctx, *grad_outputs)
         except SolverError as error:
-            raise type(error)(f"the adjoint's backward solve failed: {error} (its settings: neuralode.Adjoint(rtol=..., "
-                              f"atol=..., options=...), or odeint_adjoint's adjoint_rtol/adjoint_atol/adjoint_options; "
-                              f"unset, they are the forward solve's)", error.t) from error
+            raise type(error)(f"the adjoint's backward solve failed: {error} (its settings: "
+                              f"neuralode.Adjoint(rtol=..., atol=..., options=...), or odeint_adjoint's adjoint_rtol/"
+                              f"adjoint_atol/adjoint_options; unset, they are the forward solve's)", error.t) from error
     return wrapped
 
 

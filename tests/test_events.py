@@ -200,6 +200,15 @@ def test_dense_output_ends_at_the_event():
             sol.evaluate(bad)
 
 
+def test_an_event_function_whose_shape_changes_is_a_value_error():
+    """Each element's sign is compared with its own earlier sign: a shape that changes mid-solve raised torch's
+    reshape error from inside the loop."""
+    y0 = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"event_fn returned shape \(2,\) at t=.* but \(\) before"):
+        neuralode.solve(lambda t, y: torch.stack([y[1], -y[0]]), y0, torch.linspace(0, 5, 11, dtype=torch.float64),
+                        event_fn=lambda t, y: y[0] if t < 1 else y)
+
+
 @pytest.mark.parametrize("nan_from", [0.0, 1.0])
 def test_an_event_function_that_turns_nan_is_an_error_not_a_missed_event(nan_from):
     """NaN never compares, so a NaN event value would silently never fire: it is a ValueError naming the time."""

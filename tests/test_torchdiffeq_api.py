@@ -197,6 +197,17 @@ def test_scipy_solver_matches_torchdiffeq_and_keeps_dtype():
             torch.testing.assert_close(ours[1:], theirs[1:], rtol=0, atol=0)
 
 
+def test_scipy_solver_min_step_warns_where_scipy_ignores_it():
+    """min_step reaches LSODA only; with another solver it was dropped without a word."""
+    t = torch.linspace(0, 1, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="'min_step' of method 'scipy_solver' applies to solver='LSODA' only"):
+        neuralode.odeint(linear, Y0, t, method="scipy_solver", options={"solver": "RK45", "min_step": 1e-3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        neuralode.odeint(linear, Y0, t, method="scipy_solver", options={"solver": "LSODA", "min_step": 1e-3})
+        neuralode.odeint(linear, Y0, t, method="scipy_solver", options={"solver": "RK45"})
+
+
 def test_scipy_solver_gradients_by_the_adjoint():
     f = Field()
     y0 = Y0.clone().requires_grad_(True)

@@ -426,10 +426,10 @@ class _Events:
         values = [value0]
         if thetas:
             states = self._interpolate_many(step.coefficients(), thetas)
-            values += [_event_value(event, field, direction * (step.tau + theta * step.h), state)
+            values += [_event_value(event, field, direction * (step.tau + theta * step.h), state, like=value0)
                        for theta, state in zip(thetas, states.unbind(0))]
-        values.append(_event_value(event, field, direction * step.tau1, step.y1))
-        stacked = torch.stack([v.reshape(values[0].shape) for v in values])
+        values.append(_event_value(event, field, direction * step.tau1, step.y1, like=value0))
+        stacked = torch.stack(values)
         checks = _crossed(stacked[:-1], stacked[1:], event.direction).reshape(len(values) - 1, -1).any(1)
         flags = [checks, torch.isfinite(stacked[1:]).all().reshape(1)]
         if thetas:
@@ -612,7 +612,9 @@ def _non_finite_event(event: EventSpec, t: float, value: torch.Tensor) -> ValueE
                       "its zero crossings cannot be found")
 
 
-def _event_value(event: EventSpec, field, t: float, y: torch.Tensor) -> torch.Tensor:
+def _event_value(event: EventSpec, field, t: float, y: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """``event_fn(t, y)``, checked; ``like``: an earlier value, whose shape this one must have (its elements are
+    compared one to one)."""
     with torch.no_grad():
         value = event.fn(field.time(t), field.unflatten(y))
     if not isinstance(value, torch.Tensor):
@@ -627,6 +629,10 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor) -> torch.Te
     if value.numel() == 0:
         raise ValueError(f"event_fn returned no values (shape {tuple(value.shape)}), so no event could ever occur; "
                          "return at least one value whose zero crossing is the event")
+    if like is not None and value.shape != like.shape:
+        # (each element's sign is compared with its own earlier sign; a reshape failed inside torch)
+        raise ValueError(f"event_fn returned shape {tuple(value.shape)} at t={float(t)!r} but {tuple(like.shape)} "
+                         "before; it must return the same number of values at every time")
     return value.detach()
 
 
@@ -647,7 +653,7 @@ def _locate_event(event, field, tau0, h, direction, coefficients, value0, lo: fl
                 break
             if width is not None and hi - lo <= width:
                 break
-            value = _event_value(event, field, direction * (tau0 + mid * h), horner(coefficients, mid))
+            value = _event_value(event, field, direction * (tau0 + mid * h), horner(coefficients, mid), like=value0)
             if bool(_crossed(value0, value, event.direction).any()):
                 hi = mid
             else:

@@ -62,6 +62,11 @@ class ScipySolver(Solver):
             raise ValueError(f"option 'solver' of method 'scipy_solver' must be one of {list(SCIPY_METHODS)}, "
                              f"got {self.solver!r}")
         _scipy_solvers()  # fail at the boundary, not mid-solve, when scipy is missing
+        if self.min_step and self.solver != "LSODA":
+            # Only LSODA takes a minimum step; dropping it without a word hid that (scipy warns as well, and
+            # torchdiffeq passes it on, so a warning rather than an error keeps torchdiffeq code running).
+            warnings.warn(f"option 'min_step' of method 'scipy_solver' applies to solver='LSODA' only; "
+                          f"solver={self.solver!r} ignores it", UserWarning, stacklevel=2)
 
     def solve_span(self, problem, *, record_dense: bool = False) -> SpanResult:
         """Integrate ``problem`` over its output times.

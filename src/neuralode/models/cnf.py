@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from neuralode.solve import solve
 from neuralode.nn import PROBES, TimeDependentModule, TimeSequential, sample_probe
 from neuralode.nn._checks import one_of, positive_float, positive_int
-from neuralode.nn.regularisers import graph_inputs, vjp_mode
+from neuralode.nn.regularisers import graph_inputs, in_inference_mode, vjp_mode
 
 __all__ = [
     "TRACE_ESTIMATORS",
@@ -144,9 +144,9 @@ class _CNFField:
 
     def __call__(self, t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         z = state[0]
-        outer_grad = torch.is_grad_enabled()
-        with vjp_mode():
-            t, z = graph_inputs(t, z, outer_grad)   # the trace needs z in a graph
+        outer_grad, inference = torch.is_grad_enabled(), in_inference_mode()
+        with vjp_mode(inference):
+            t, z = graph_inputs(t, z, outer_grad, inference)   # the trace needs z in a graph
             f = self.dynamics(t, z)
             if f.shape != z.shape:
                 raise ValueError(f"the CNF dynamics must return dz/dt of the shape of z {tuple(z.shape)}, "

@@ -116,39 +116,28 @@ class RegularisedDynamics:
             f = self.func(t, z)
             dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
             return f, dk, torch.zeros_like(state[2])
-        outer_grad = torch.is_grad_enabled()
-        with vjp_mode():
-            t, z = graph_inputs(t, z, outer_grad)   # the vjp needs z in a graph
+        outer_grad, inference = torch.is_grad_enabled(), in_inference_mode()
+        with vjp_mode(inference):
+            t, z = graph_inputs(t, z, outer_grad, inference)   # the vjp needs z in a graph
             f = self.func(t, z)
-            probe = self.probe.clone() if self.probe.is_inference() else self.probe   # (see graph_inputs)
+            probe = self.probe.clone() if inference and self.probe.is_inference() else self.probe   # (graph_inputs)
             (eps_jac,) = torch.autograd.grad(f, z, probe, create_graph=True)
             dk = f.pow(2).flatten(1).sum(1) if self.kinetic else torch.zeros_like(state[1])
             dfrob = eps_jac.pow(2).flatten(1).sum(1)
         return f, dk, dfrob
 
 
-def graph_inputs(t: Tensor, z: Tensor, outer_grad: bool) -> tuple[Tensor, Tensor]:
-    """``(t, z)`` made usable by ``autograd.grad`` inside a field; call it under :func:`vjp_mode`.
-
-    Without outer gradients (the adjoint's forward pass, evaluation under ``no_grad`` or ``inference_mode``)
-    or without a graph on ``z``, nothing outside differentiates through ``z``, so a fresh leaf cuts nothing (and
-    a view made under ``no_grad`` may report ``requires_grad=True`` and still not be usable by ``autograd.grad``).
-    Tensors made under ``torch.inference_mode()`` can be neither a leaf that requires grad nor saved for
-    backward: they are cloned (a clone made outside inference mode is an ordinary tensor).
-    """
-    if t.is_inference():
-        t = t.clone()
-    if z.is_inference():
-        return t, z.clone().requires_grad_(True)
-    if not (outer_grad and z.requires_grad):
-        z = z.detach().requires_grad_(True)
-    return t, z
+def in_inference_mode() -> bool:
+    """Whether ``torch.inference_mode()`` is on (read before :func:`vjp_mode` lifts it; False while torch.compile
+    traces, which cannot trace the query and never runs under inference mode)."""
+    return not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
 
 
-def vjp_mode():
-    """``enable_grad`` that also holds under ``torch.inference_mode()``, where ``enable_grad`` alone does not
-    (a vector-Jacobian product inside the field raised "element 0 of tensors does not require grad")."""
-    return _VjpMode()
+def vjp_mode(inference: bool):
+    """``enable_grad``, which also lifts ``torch.inference_mode()`` when ``inference`` (:func:`in_inference_mode`):
+    ``enable_grad`` alone does not, and a vector-Jacobian product inside the field raised "element 0 of tensors does
+    not require grad". Otherwise it is ``enable_grad`` itself, which torch.compile traces."""
+    return _VjpMode() if inference else torch.enable_grad()
 
 
 class _VjpMode:
@@ -161,6 +150,25 @@ class _VjpMode:
         for mode in reversed(self._modes):
             mode.__exit__(*exc)
         return False
+
+
+def graph_inputs(t: Tensor, z: Tensor, outer_grad: bool, inference: bool) -> tuple[Tensor, Tensor]:
+    """``(t, z)`` made usable by ``autograd.grad`` inside a field; call it under :func:`vjp_mode`.
+
+    Without outer gradients (the adjoint's forward pass, evaluation under ``no_grad`` or ``inference_mode``)
+    or without a graph on ``z``, nothing outside differentiates through ``z``, so a fresh leaf cuts nothing (and
+    a view made under ``no_grad`` may report ``requires_grad=True`` and still not be usable by ``autograd.grad``).
+    Tensors made under ``torch.inference_mode()`` (``inference``) can be neither a leaf that requires grad nor saved
+    for backward: they are cloned (a clone made outside inference mode is an ordinary tensor).
+    """
+    if inference:
+        if t.is_inference():
+            t = t.clone()
+        if z.is_inference():
+            return t, z.clone().requires_grad_(True)
+    if not (outer_grad and z.requires_grad):
+        z = z.detach().requires_grad_(True)
+    return t, z
 
 
 def regularisation_loss(model: nn.Module, *, kinetic: float = 0.0, frobenius: float = 0.0) -> Tensor:

@@ -66,6 +66,9 @@ def names_the_backward_solve(backward):
         try:
             return backward(ctx, *grad_outputs)
         except SolverError as error:
+            # (the per-sample function also runs the per-sample checkpoint replay, which has no settings of its own)
+            if getattr(getattr(ctx, "run", None), "strategy_name", "adjoint") != "adjoint":
+                raise type(error)(f"the checkpoint replay of the backward pass failed: {error}", error.t) from error
             raise type(error)(f"the adjoint's backward solve failed: {error} (its settings: "
                               f"neuralode.Adjoint(rtol=..., atol=..., options=...), or odeint_adjoint's adjoint_rtol/"
                               f"adjoint_atol/adjoint_options; unset, they are the forward solve's)", error.t) from error

@@ -158,7 +158,7 @@ def test_krylov_heat_equation_with_and_without_preconditioner():
     Unpreconditioned, GMRES needs O(sqrt(h |lambda_max|)) products per linear solve. Stopping it once the residual is
     a twentieth of Newton's tolerance (KrylovSystem.residual_rms) keeps that to 2,669 evaluations in 4 steps; on the
     relative test alone it took 48,744 evaluations in 67 steps (65 Newton failures: GMRES ran out of iterations),
-    90 s, for the same answer.
+    76-95 s, for the same answer.
     """
     n = 400
     problem = sp.heat(n, t_end=0.1)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+from .._errors import SolverError
 
 
 @dataclass
@@ -57,10 +60,6 @@ def names_the_backward_solve(backward):
     Raised from ``loss.backward()``, a ``MaxStepsError`` reading like the forward solve's sent users to the forward
     settings; the backward solve has its own (``Adjoint(options=...)``, ``adjoint_options``). Same class, same ``t``.
     """
-    import functools
-
-    from .._errors import SolverError
-
     @functools.wraps(backward)
     def wrapped(ctx, *grad_outputs):
         try:

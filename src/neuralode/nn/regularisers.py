@@ -34,6 +34,7 @@ References
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -137,19 +138,13 @@ def vjp_mode(inference: bool):
     """``enable_grad``, which also lifts ``torch.inference_mode()`` when ``inference`` (:func:`in_inference_mode`):
     ``enable_grad`` alone does not, and a vector-Jacobian product inside the field raised "element 0 of tensors does
     not require grad". Otherwise it is ``enable_grad`` itself, which torch.compile traces."""
-    return _VjpMode() if inference else torch.enable_grad()
+    return _lifted_inference_mode() if inference else torch.enable_grad()
 
 
-class _VjpMode:
-    def __enter__(self):
-        self._modes = (torch.inference_mode(False), torch.enable_grad())
-        for mode in self._modes:
-            mode.__enter__()
-
-    def __exit__(self, *exc):
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
-        return False
+@contextlib.contextmanager
+def _lifted_inference_mode():
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def graph_inputs(t: Tensor, z: Tensor, outer_grad: bool, inference: bool) -> tuple[Tensor, Tensor]:

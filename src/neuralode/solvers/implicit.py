@@ -293,16 +293,18 @@ class ImplicitRungeKutta(Solver):
             system = build_system(self.jacobian, C, state.jacobian, self.preconditioner)
             state.systems[key] = (C, system)
             state.counters["n_lu"] += 1
-        if self.jacobian == "krylov":
-            system.scale = state.scale   # GMRES in the error norm's units (see KrylovSystem.scale)
-            system.residual_rms = _KRYLOV_NEWTON_FRACTION * state.kappa
-        return system
+        return self._in_error_units(system, state)
 
     def _fresh_system(self, func, t: float, y: torch.Tensor, C: np.ndarray, state: ImplicitState):
         """Full Newton's iteration matrix, with J at the current iterate (not cached)."""
         state.counters["n_jacobians"] += 1
         state.counters["n_lu"] += 1
         system = build_system(self.jacobian, C, jacobian(self.jacobian, func, t, y), self.preconditioner)
+        return self._in_error_units(system, state)
+
+    def _in_error_units(self, system, state: ImplicitState):
+        """A Krylov system works in this step's error-norm units and stops at a fraction of Newton's tolerance
+        (KrylovSystem.scale, .residual_rms); a factorised one needs neither."""
         if self.jacobian == "krylov":
             system.scale = state.scale
             system.residual_rms = _KRYLOV_NEWTON_FRACTION * state.kappa

@@ -198,8 +198,8 @@ class Damped(torch.nn.Module):
         return -self.rate * (1 + t) * y + torch.tanh(y @ self.W.T) + torch.sin(t)
 
 
-def _loss_and_grads(method, gradient, options, field, y0, t):
-    sol = neuralode.solve(field, y0, t, method=method, rtol=1e-10, atol=1e-12, gradient=gradient, options=options)
+def _loss_and_grads(method, gradient, options, field, y0, t, rtol=1e-10, atol=1e-12):
+    sol = neuralode.solve(field, y0, t, method=method, rtol=rtol, atol=atol, gradient=gradient, options=options)
     loss = (sol.ys ** 2).sum()
     if not loss.requires_grad:
         return loss, None
@@ -215,14 +215,18 @@ def test_gradients_match_finite_differences(method):
     rtol 1e-13, not of the method's own solve: a perturbation of 1e-6 can change how many Newton iterations a
     stage takes, which moves the adaptive solve by up to Newton's tolerance, a jump the difference quotient
     divides by 2e-6 (kvaerno4's quotient then wanders by 1e-5 between eps = 1e-5, 1e-6 and 1e-7).
+    Adaptive methods solve at rtol 1e-8, where their gradients are within 3e-9 of dopri8's at 1e-13 (kvaerno3
+    and kvaerno4, all three strategies), and must come within 1e-7; at rtol 1e-10 kvaerno3 took 997 steps a
+    solve and the test 26-30 s for the same verdict.
     """
     field = Damped()
     y0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
     t = torch.tensor([0.0, 0.3, 1.0], dtype=F64)
     adaptive = REGISTRY[method].adaptive
     options = {"step_size": 0.01} if not adaptive else None
+    tolerances = dict(rtol=1e-8, atol=1e-10) if adaptive else {}
     strategies = ("direct", "adjoint") if method == "auto" else ("direct", "checkpoint", "adjoint")
-    grads = {g: _loss_and_grads(method, g, options, field, y0, t)[1] for g in strategies}
+    grads = {g: _loss_and_grads(method, g, options, field, y0, t, **tolerances)[1] for g in strategies}
     eps, fd = 1e-6, []
     with torch.no_grad():
         for p in (y0, field.rate, field.W):
@@ -244,7 +248,10 @@ def test_gradients_match_finite_differences(method):
     for name, g in grads.items():
         # direct/checkpoint differentiate the discrete solve (FD of the same solve); the adjoint solves
         # the continuous adjoint equation, on a fixed grid to the discretisation error of h = 0.01.
-        tolerance = 1e-6 if (name != "adjoint" or REGISTRY[method].adaptive) else max(1e-4, 2 * 0.01 ** ORDER[method])
+        if adaptive:
+            tolerance = 1e-7
+        else:
+            tolerance = 1e-6 if name != "adjoint" else max(1e-4, 2 * 0.01 ** ORDER[method])
         assert float((g - fd).abs().max()) <= tolerance * scale, (method, name, g, fd)
     if "checkpoint" in grads:
         torch.testing.assert_close(grads["checkpoint"], grads["direct"], rtol=1e-9, atol=1e-12)
@@ -388,17 +395,18 @@ def test_interpolating_adjoint_matches_direct_where_backsolve_cannot(method):
                            ("interpolated", neuralode.Adjoint(interpolate=True)),
                            ("checkpointed", neuralode.Adjoint(interpolate="checkpoint"))):
         y0 = torch.tensor([1.0, -0.5], dtype=F64, requires_grad=True)
-        sol = neuralode.solve(field, y0, t, method=method, rtol=1e-9, atol=1e-11, gradient=gradient)
+        # rtol 1e-6: the interpolated gradients came within 4e-8 of direct (relative), the backsolve's 8e-3 to 2e-2
+        # off; at rtol 1e-9 the same verdicts took 20 s per implicit method.
+        sol = neuralode.solve(field, y0, t, method=method, rtol=1e-6, atol=1e-8, gradient=gradient)
         loss = (sol.ys ** 2).sum() + sol.ys.sum()
         grads[name] = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, [y0, field.rate, field.W])])
     scale = float(grads["direct"].abs().max())
     assert float((grads["interpolated"] - grads["direct"]).abs().max()) <= 1e-6 * scale
     # Replaying segments from checkpoints (implicit methods: Newton again) changes the gradient by rounding only.
-    assert float((grads["checkpointed"] - grads["interpolated"]).abs().max()) <= 1e-9 * scale
-    # The reason the option exists: the backsolve adjoint's gradient is far off on this problem (with radau5
-    # and rodas5 less so, but still far above the tolerance).
-    far_off = 1e-4 if method in ("dopri5", "kvaerno5") else 1e-7
-    assert float((grads["backsolve"] - grads["direct"]).abs().max()) >= far_off * scale
+    assert float((grads["checkpointed"] - grads["interpolated"]).abs().max()) <= 1e-10 * scale
+    # The reason the option exists: the backsolve adjoint's gradient is far off on this problem, a thousand times
+    # the tolerance.
+    assert float((grads["backsolve"] - grads["direct"]).abs().max()) >= 1e-3 * scale
 
 
 def test_interpolating_adjoint_refuses_a_callable_norm():

@@ -320,3 +320,75 @@ def test_gmres_refuses_a_non_finite_right_hand_side():
     with pytest.raises(KrylovFailure, match="non-finite"):
         linear.gmres(lambda v: v, b, fail=True)
     assert torch.isnan(linear.gmres(lambda v: v, b)[0]).all()
+
+
+# --- the Krylov mode's Jacobian-vector products ---------------------------------------------------------------
+
+class _OnceDifferentiableSquare(torch.autograd.Function):
+    """y^2 with a backward that autograd cannot differentiate again (the reverse-mode product must step aside)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        ctx.save_for_backward(y)
+        return y * y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return 2 * y * grad
+
+
+def _fields():
+    W = torch.randn(5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    return {
+        "mlp": lambda t, y: torch.tanh(y @ W.T) * (1 + t) - y ** 3,
+        "linear": lambda t, y: y @ W.T,
+        "constant": lambda t, y: torch.ones_like(y),                       # J = 0, the value carries no graph
+        "once_differentiable": lambda t, y: _OnceDifferentiableSquare.apply(y) - y,
+    }
+
+
+@pytest.mark.parametrize("name", ["mlp", "linear", "constant", "once_differentiable"])
+@pytest.mark.parametrize("inference", [False, True])
+def test_krylov_products_equal_the_dense_jacobian_times_the_vector(name, inference):
+    """J v from the recorded double backward, or its fallbacks, equals the dense Jacobian's product to rounding, under
+    torch.inference_mode too, and every product is counted in n_jvp."""
+    from neuralode.solvers.linear import dense_jacobian, jacobian
+    func = _fields()[name]
+    y = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    vectors = torch.randn(4, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    J = dense_jacobian(func, 0.3, y)
+    counters = {"n_jvp": 0}
+    context = torch.inference_mode() if inference else torch.no_grad()
+    with context:
+        linearization = jacobian("krylov", func, 0.3, y.clone(), counters)
+        products = [linearization(v) for v in vectors.clone()]
+    tolerance = 1e-6 if name == "once_differentiable" else 1e-12
+    for v, product in zip(vectors, products):
+        torch.testing.assert_close(product.reshape(-1), J @ v.reshape(-1), rtol=tolerance, atol=tolerance)
+    assert counters["n_jvp"] == 4
+    # (y^2 through a once-differentiable function has no forward-mode rule either: a one-sided difference, whose
+    # error is sqrt(eps))
+    expected = {"mlp": "reverse", "linear": "reverse", "constant": "forward", "once_differentiable": "difference"}
+    assert linearization._how == expected[name]
+
+
+def test_krylov_solves_count_products_apart_from_evaluations():
+    """A product calls no f: nfe counts evaluations only, n_jvp the products, for the Newton and Rosenbrock methods."""
+    W = torch.tensor([[-50.0, 1.0], [0.5, -2.0]], dtype=torch.float64)
+    calls = []
+
+    def field(t, y):
+        calls.append(1)
+        return y @ W.T + torch.sin(t)
+
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for method in ("kvaerno5", "radau5", "rodas5p"):
+        calls.clear()
+        sol = neuralode.solve(field, y0, t, method=method, rtol=1e-6, atol=1e-9, options={"jacobian": "krylov"})
+        assert sol.stats["nfe"] == len(calls) and sol.stats["n_jvp"] > 0
+        dense = neuralode.solve(field, y0, t, method=method, rtol=1e-6, atol=1e-9)
+        assert sol.status == "success" and dense.stats["n_jvp"] == 0
+        torch.testing.assert_close(sol.ys, dense.ys, rtol=1e-5, atol=1e-8)

@@ -101,7 +101,7 @@ class ImplicitState:
     attempted: Any = None
     accepted: Any = None
     counters: dict = field(default_factory=lambda: {"n_jacobians": 0, "n_lu": 0, "n_newton_iters": 0,
-                                                    "n_newton_failures": 0})
+                                                    "n_newton_failures": 0, "n_jvp": 0})
 
 
 class NewtonFailure(Exception):
@@ -277,7 +277,7 @@ class ImplicitRungeKutta(Solver):
                                        step_factor=_NEWTON_FAILURE_FACTOR, failure=reason)
 
     def _refresh_jacobian(self, func, t0, y0, state):
-        state.jacobian = jacobian(self.jacobian, func, t0, y0.detach())
+        state.jacobian = jacobian(self.jacobian, func, t0, y0.detach(), state.counters)
         state.jacobian_point = y0
         state.systems.clear()
         state.counters["n_jacobians"] += 1
@@ -299,7 +299,8 @@ class ImplicitRungeKutta(Solver):
         """Full Newton's iteration matrix, with J at the current iterate (not cached)."""
         state.counters["n_jacobians"] += 1
         state.counters["n_lu"] += 1
-        system = build_system(self.jacobian, C, jacobian(self.jacobian, func, t, y), self.preconditioner)
+        linearization = jacobian(self.jacobian, func, t, y, state.counters)
+        system = build_system(self.jacobian, C, linearization, self.preconditioner)
         return self._in_error_units(system, state)
 
     def _in_error_units(self, system, state: ImplicitState):

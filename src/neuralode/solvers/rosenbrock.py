@@ -72,7 +72,7 @@ class RosenbrockState:
     forward_time: bool = False      # df/dt by forward-mode AD works for this field
     has_parameters: bool = False    # f carries a graph even for a detached y (captured tensors need grad)
     counters: dict = field(default_factory=lambda: {"n_jacobians": 0, "n_lu": 0, "n_time_derivatives": 0,
-                                                    "n_singular": 0})
+                                                    "n_singular": 0, "n_jvp": 0})
 
 
 @dataclass(frozen=True, eq=False)
@@ -276,7 +276,7 @@ class Rosenbrock(Solver):
         if graph and self.jacobian != "krylov":
             state.jacobian = _jacobian_with_graph(self.jacobian, func, t0, y0)
         else:
-            state.jacobian = jacobian(self.jacobian, func, t0, y0.detach())
+            state.jacobian = jacobian(self.jacobian, func, t0, y0.detach(), state.counters)
         state.graph_point = (func, t0, y0) if (graph and self.jacobian == "krylov") else None
         state.counters["n_jacobians"] += 1
         state.time_derivative = None

@@ -207,7 +207,7 @@ def test_grid_constructor_not_callable():
 
 @pytest.mark.parametrize("options, exc, match", [
     ({"controller": "pd"}, ValueError, r"option 'controller' must be 'integral', 'pi', 'pid' or 'predictive', got 'pd'"),
-    ({"max_num_steps": 0}, ValueError, r"option 'max_num_steps' must be a positive integer, got 0"),
+    ({"max_num_steps": 0}, ValueError, r"option 'max_num_steps' must be a positive integer \(such as 10_000\), got 0"),
     ({"max_num_steps": 10.5}, ValueError, r"option 'max_num_steps' must be a positive integer"),
     ({"safety": -0.9}, ValueError, r"option 'safety'=-0.9 is invalid; it must be > 0"),
     ({"ifactor": 0.5}, ValueError, r"ifactor >= 1 and dfactor <= 1"),

@@ -369,3 +369,79 @@ def test_scipy_solver_stops_when_lsoda_stops_advancing():
                           torch.tensor([0.0, 0.5, 1.5], dtype=torch.float64), method="scipy_solver", rtol=1e-3,
                           atol=1e-6, throw=False)
     assert sol.status == "non_finite" and "diverges" in sol.message and sol.ys.shape[0] == 2
+
+
+# --- numbers as torchdiffeq takes them (found by running torchdiffeq's own tests and probes against us) ---------
+
+def _decay_case():
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    return (lambda t, y: -y), y0, torch.linspace(0, 1, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("given, plain", [
+    (dict(rtol=np.float32(1e-5)), dict(rtol=float(np.float32(1e-5)))),
+    (dict(atol=np.array([1e-8, 1e-6])), dict(atol=torch.tensor([1e-8, 1e-6], dtype=torch.float64))),
+    (dict(rtol=[1e-6, 1e-3]), dict(rtol=torch.tensor([1e-6, 1e-3], dtype=torch.float64))),
+    (dict(options=dict(first_step=np.float32(0.125))), dict(options=dict(first_step=0.125))),
+    (dict(options=dict(max_step=np.float64(0.2), safety=np.float32(0.75))),
+     dict(options=dict(max_step=0.2, safety=float(np.float32(0.75))))),
+    (dict(options=dict(max_num_steps=np.int64(1000))), dict(options=dict(max_num_steps=1000))),
+    (dict(options=dict(max_num_steps=1e5)), dict(options=dict(max_num_steps=100_000))),
+    (dict(method="rk4", options=dict(step_size=np.float32(0.125))), dict(method="rk4", options=dict(step_size=0.125))),
+    (dict(method="rk4", options=dict(step_size=0.1, perturb=None)), dict(method="rk4", options=dict(step_size=0.1))),
+    (dict(method="rk4", options=dict(step_size=0.1, perturb=np.bool_(True))),
+     dict(method="rk4", options=dict(step_size=0.1, perturb=True))),
+])
+def test_numpy_numbers_lists_and_none_are_taken_as_torchdiffeq_takes_them(given, plain):
+    """numpy scalars and arrays, lists of tolerances, a float step count and perturb=None: the same solve as the
+    plain Python (or tensor) value, not a TypeError."""
+    f, y0, t = _decay_case()
+    torch.testing.assert_close(neuralode.odeint(f, y0, t, **given), neuralode.odeint(f, y0, t, **plain),
+                               rtol=0, atol=0)
+
+
+def test_adjoint_tolerances_take_numpy_scalars():
+    f, y0, t = _decay_case()
+    y0 = y0.clone().requires_grad_(True)
+    out = neuralode.odeint_adjoint(f, y0, t, adjoint_rtol=np.float32(1e-7), adjoint_atol=np.float64(1e-9),
+                                   adjoint_params=())
+    (grad,) = torch.autograd.grad(out[-1].sum(), y0)
+    torch.testing.assert_close(grad, torch.full_like(grad, math.exp(-1.0)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("given, message", [
+    (dict(options=dict(max_num_steps=1.5)), r"'max_num_steps' must be a positive integer \(such as 10_000\), got 1.5"),
+    (dict(options=dict(max_num_steps=np.int64(0))), "'max_num_steps' must be a positive integer"),
+    (dict(rtol=np.bool_(True)), "rtol must be a float or a tensor, got bool"),
+    (dict(atol=["a", "b"]), "atol must be a float or a tensor, got a list that is not numbers"),
+    (dict(method="rk4", options=dict(step_size=0.1, perturb="yes")), "'perturb' must be True or False, got 'yes'"),
+])
+def test_what_is_not_a_number_is_still_refused(given, message):
+    f, y0, t = _decay_case()
+    with pytest.raises((TypeError, ValueError), match=message):
+        neuralode.odeint(f, y0, t, **given)
+
+
+def test_output_times_that_require_grad_cost_no_evaluations_until_backward():
+    """f at the outputs (dL/dt_i = <dL/dy_i, f(t_i, y_i)>) is evaluated in backward, as torchdiffeq does: the
+    forward pass calls f as often as with t detached (it called f once per output more, 150 against 50)."""
+    calls = [0]
+
+    def f(t, y):
+        calls[0] += 1
+        return -y
+
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    t = torch.linspace(0, 1, 100, dtype=torch.float64)
+    neuralode.odeint(f, y0, t)
+    detached = calls[0]
+    calls[0] = 0
+    t_grad = t.clone().requires_grad_(True)
+    out = neuralode.odeint(f, y0, t_grad)
+    assert calls[0] <= detached + 1          # (+1: f(t0, y0) again, on the path of dL/dt0)
+    out.pow(2).sum().backward()
+    assert calls[0] >= detached + 99          # now f at the 99 later outputs
+    # dL/dt_i = 2 <y_i, f(t_i, y_i)> = -2 |y_i|^2 for i >= 1, and dL/dt_0 = -sum_i dL/dt_i (a shift of the start)
+    expected = -2 * out.detach().pow(2).sum(-1)
+    torch.testing.assert_close(t_grad.grad[1:], expected[1:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t_grad.grad[0], -expected[1:].sum(), rtol=1e-5, atol=1e-8)

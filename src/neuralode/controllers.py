@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._numbers import real_number, whole_number
+
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """Root mean square over all elements (complex values by modulus); 0-dim tensor."""
@@ -177,9 +179,14 @@ class AdaptiveController:
         if self.kind not in CONTROLLER_KINDS:
             raise ValueError(f"controller kind must be one of {list(CONTROLLER_KINDS)}, got {self.kind!r}")
         for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-                raise TypeError(f"controller setting '{name}' must be a number, got {value!r}")
+            value = real_number(getattr(self, name))
+            if value is None or math.isnan(value):
+                raise TypeError(f"controller setting '{name}' must be a number, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)   # (a numpy or tensor scalar becomes a float once, here)
+        if self.first_step is not None and real_number(self.first_step) is not None:
+            object.__setattr__(self, "first_step", real_number(self.first_step))
+        if whole_number(self.max_num_steps) is not None:
+            object.__setattr__(self, "max_num_steps", whole_number(self.max_num_steps))
         if not 0 < self.safety <= 1:
             raise ValueError(f"'safety'={self.safety} must be in (0, 1]: above 1 the controller grows the step after "
                              "rejections and never converges")

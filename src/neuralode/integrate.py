@@ -25,6 +25,7 @@ from dataclasses import dataclass, field as dataclass_field, replace
 import torch
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
+from ._numbers import real_number
 from .callbacks import Callbacks, call as call_back
 from .controllers import AdaptiveController, AdaptiveStepping, ErrorNorm, FixedStepping, initial_step
 from .interpolation import DenseSolution, horner, interpolation_error, linear_coefficients
@@ -618,10 +619,10 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor, like: torch
     with torch.no_grad():
         value = event.fn(field.time(t), field.unflatten(y))
     if not isinstance(value, torch.Tensor):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if real_number(value) is None:
             raise TypeError(f"event_fn must return a tensor (or a number) whose zero crossings are the events, got "
                             f"{type(value).__name__}; e.g. event_fn=lambda t, y: y[..., 0] - 1.0")
-        value = torch.as_tensor(value)
+        value = torch.as_tensor(real_number(value))
     # dtype and size are known without reading the device
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"event_fn must return real values (their sign changes are the events), got dtype "

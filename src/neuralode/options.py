@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ._errors import closest
+from ._numbers import real_number, whole_number
 from .controllers import CONTROLLER_KINDS, AdaptiveController, FixedGrid
 from .methods import REGISTRY, spec_for_object
 from .problem import check_monotone
@@ -56,6 +57,11 @@ def check_options(spec, options):
             raise TypeError(f"option {flag!r} must be True or False, got {options[flag]!r}")
         if flag in options:
             options[flag] = bool(value)
+    if "perturb" in options:
+        perturb = options["perturb"]
+        if not isinstance(perturb, (bool, np.bool_)) and perturb is not None:   # (None: off, as in torchdiffeq)
+            raise TypeError(f"option 'perturb' must be True or False, got {perturb!r}")
+        options["perturb"] = bool(perturb)
     return options
 
 
@@ -63,17 +69,26 @@ def _float_option(options, name, default, *, positive=False, minimum=None):
     value = options.get(name, default)
     if value is None:
         return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"option {name!r} must be a single number, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    size = value.numel() if isinstance(value, torch.Tensor) else value.size if isinstance(value, np.ndarray) else 1
+    if size != 1:
+        raise ValueError(f"option {name!r} must be a single number, got an array of shape {tuple(value.shape)}")
+    number = real_number(value)
+    if number is None:
         raise TypeError(f"option {name!r} must be a number, got {type(value).__name__}")
-    value = float(value)
+    value = number
     if math.isnan(value) or (positive and value <= 0) or (minimum is not None and value < minimum):
         bound = "> 0" if positive else f">= {minimum}"
         raise ValueError(f"option {name!r}={value} is invalid; it must be {bound}")
     return value
+
+
+def _step_budget(options) -> int:
+    """Option ``max_num_steps`` as an int: any integer, or a float without a fraction (``1e5``), at least 1."""
+    given = options.get("max_num_steps", 100_000)
+    steps = whole_number(given)
+    if steps is None or steps < 1:
+        raise ValueError(f"option 'max_num_steps' must be a positive integer (such as 10_000), got {given!r}")
+    return steps
 
 
 def time_list(options, name):
@@ -98,9 +113,7 @@ def make_control(spec, options, problem, field_func, user_y0):
         if given and kind != "pid":
             raise ValueError(f"option(s) {given} set the PID controller's coefficients; add "
                              "options={'controller': 'pid', ...} (diffrax's PIDController parametrisation)")
-        max_num_steps = options.get("max_num_steps", 100_000)
-        if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
-            raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
+        max_num_steps = _step_budget(options)
         dtype = options.get("dtype")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"option 'dtype' must be a floating torch.dtype, got {dtype!r}")
@@ -121,13 +134,8 @@ def make_control(spec, options, problem, field_func, user_y0):
             kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
             first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps,
             **coefficients)
-    perturb = options.get("perturb", False)
-    if not isinstance(perturb, bool):
-        raise TypeError(f"option 'perturb' must be True or False, got {perturb!r}")
     step = options.get("step_size")
-    max_num_steps = options.get("max_num_steps", 100_000)
-    if isinstance(max_num_steps, bool) or not isinstance(max_num_steps, int) or max_num_steps < 1:
-        raise ValueError(f"option 'max_num_steps' must be a positive integer, got {max_num_steps!r}")
+    max_num_steps = _step_budget(options)
     return FixedGrid(_fixed_grid(options, times, direction, field_func, user_y0, problem.t),
                      step=None if step is None else float(step), max_num_steps=max_num_steps)
 

@@ -16,9 +16,11 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ._errors import NonFiniteError, NonFiniteInputError
+from ._numbers import real_number
 
 _NUMBER = (int, float)
 
@@ -206,6 +208,16 @@ def check_monotone(times: list, name="t") -> int:
 
 def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
     def one(value, shape, label):
+        # (numpy scalars, arrays and lists of numbers too, as torchdiffeq takes them: an array or a list is one
+        # tolerance per element of the state, like a tensor)
+        if isinstance(value, (np.ndarray, list, tuple)):
+            try:
+                value = torch.as_tensor(value, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"{label} must be a float or a tensor, got a {type(value).__name__} that is not "
+                                "numbers") from None
+        elif not isinstance(value, torch.Tensor) and real_number(value) is not None:
+            value = real_number(value)
         if isinstance(value, bool) or not isinstance(value, (*_NUMBER, torch.Tensor)):
             raise TypeError(f"{label} must be a float or a tensor, got {type(value).__name__}")
         if isinstance(value, torch.Tensor):

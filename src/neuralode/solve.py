@@ -226,9 +226,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         # y(t_0) is y0 itself, whatever t_0 is; later outputs move with their times as dy/dt = f.
         outputs = torch.cat([y0_given.unsqueeze(0), outputs[1:]])
         if n_out > 1:
-            with torch.no_grad():
-                slopes = torch.stack([problem.field(problem.times[i], outputs[i]) for i in range(1, n_out)])
-            outputs = torch.cat([outputs[:1], _OutputTimes.apply(t[1:n_out], outputs[1:], slopes)])
+            outputs = torch.cat([outputs[:1], _OutputTimes.apply(t[1:n_out], outputs[1:], problem.field,
+                                                                 tuple(problem.times[1:n_out]))])
     integration.stats["nfe"] = problem.field.nfe
     if graphless:
         outputs = outputs.detach()
@@ -405,20 +404,29 @@ class _StartTime(torch.autograd.Function):
 
 
 class _OutputTimes(torch.autograd.Function):
-    """Identity on the outputs whose backward gives dL/dt_i = <dL/dy(t_i), f(t_i, y(t_i))>."""
+    """Identity on the outputs whose backward gives dL/dt_i = <dL/dy(t_i), f(t_i, y(t_i))>.
+
+    ``f`` is evaluated at the outputs in the backward pass, and only when a time's gradient is asked for (as
+    torchdiffeq does): evaluated in the forward pass, a solve whose ``t`` requires grad cost one evaluation per
+    output time more, 150 against torchdiffeq's 50 for 100 outputs of ``y' = -y``, backward or not.
+    """
 
     @staticmethod
-    def forward(ctx, times, outputs, slopes):
-        ctx.save_for_backward(slopes)
-        ctx.t_dtype = times.dtype
+    def forward(ctx, times, outputs, field, output_times):
+        ctx.save_for_backward(outputs)
+        ctx.field, ctx.output_times, ctx.t_dtype = field, output_times, times.dtype
         return outputs.clone()
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():
             raise RuntimeError(_SECOND_ORDER_TIME)
-        (slopes,) = ctx.saved_tensors
-        return _inner(grad, slopes, tuple(range(1, grad.ndim))).to(ctx.t_dtype), grad, None
+        grad_times = None
+        if ctx.needs_input_grad[0]:
+            (outputs,) = ctx.saved_tensors
+            slopes = torch.stack([ctx.field(t, y) for t, y in zip(ctx.output_times, outputs)])
+            grad_times = _inner(grad, slopes, tuple(range(1, grad.ndim))).to(ctx.t_dtype)
+        return grad_times, grad, None, None
 
 
 def __getattr__(name):

@@ -22,7 +22,8 @@ def _mlp_problem(n_outputs, dtype=torch.float64):
 
 def test_backward_does_not_restart_at_every_output_time():
     net, y0, t = _mlp_problem(10)
-    sol = neuralode.solve(lambda t, y: net(y), y0, t, method="dopri5", rtol=1e-5, atol=1e-5, gradient="adjoint")
+    sol = neuralode.solve(lambda t, y: net(y), y0, t, method="dopri5", rtol=1e-5, atol=1e-5, gradient="adjoint",
+                          adjoint_params=tuple(net.parameters()))
     sol.ys.pow(2).mean().backward()
     # Restarting per interval cost each of the 9 intervals a starting-step search (2 evaluations) and a
     # small first step: 126 evaluations here. One solve lands each interval in about one step of 6

@@ -148,8 +148,9 @@ def test_dense_output_of_a_non_direct_gradient_warns_that_it_is_detached(gradien
     func = lambda t, y: torch.tanh(field(y))  # noqa: E731
     y0 = torch.ones(2, dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    params = tuple(field.parameters())
     with pytest.warns(UserWarning, match=f"gradient='{gradient}' the dense output carries no gradient"):
-        solution = neuralode.solve(func, y0, t, dense=True, gradient=gradient)
+        solution = neuralode.solve(func, y0, t, dense=True, gradient=gradient, adjoint_params=params)
     assert solution.ys.requires_grad and not solution.evaluate(0.5).requires_grad
     with warnings.catch_warnings():
         warnings.simplefilter("error")

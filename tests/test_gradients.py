@@ -494,3 +494,48 @@ def test_adjoint_keeps_no_per_step_graph():
     _, direct_short, _ = _saved_tensors("direct", 1.0)
     _, direct_long, _ = _saved_tensors("direct", 8.0)
     assert direct_long > 3 * direct_short
+
+
+# --- a plain function's tensors: no silent zero gradient -----------------------------------------------------
+
+_W = torch.tensor([[-0.5, 0.2], [0.1, -0.3]], dtype=torch.float64, requires_grad=True)
+
+
+def _uses_a_global(t, y):
+    return y @ _W.T
+
+
+class _Dynamics(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(2, 2, dtype=torch.float64)
+
+    def vector_field(self, t, y):
+        return self.linear(y)
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_a_plain_function_whose_tensors_would_get_no_gradient_is_refused(gradient):
+    """Without adjoint_params a plain function's tensors get no gradient from these strategies (the forward
+    solve records no graph). Where func visibly uses tensors that require grad, that is a ValueError naming them,
+    not a silent zero gradient: through a closure, a global, a partial's argument, a bound method's module."""
+    import functools
+    y0 = torch.ones(2, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    V = _W.detach().clone().requires_grad_(True)
+    model = torch.nn.Linear(2, 2, dtype=torch.float64)
+    cases = {"V": lambda t, y: y @ V.T, "_W": _uses_a_global,
+             "A": functools.partial(lambda t, y, A: y @ A, A=V), "model": lambda t, y: model(y),
+             "_Dynamics": _Dynamics().vector_field}
+    for name, func in cases.items():
+        with pytest.raises(ValueError, match=rf"func uses {name}.*require grad.*adjoint_params"):
+            neuralode.solve(func, y0, t, gradient=gradient)
+    # Given adjoint_params (or () on purpose), and under no_grad, it runs; the gradient is the direct one.
+    y0 = y0.clone().requires_grad_(True)
+    sol = neuralode.solve(cases["V"], y0, t, gradient=gradient, adjoint_params=(V,), rtol=1e-10, atol=1e-10)
+    (grad,) = torch.autograd.grad(sol.ys[-1].sum(), V)
+    direct = neuralode.solve(cases["V"], y0, t, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad, torch.autograd.grad(direct.ys[-1].sum(), V)[0], rtol=1e-6, atol=1e-9)
+    neuralode.solve(cases["V"], y0, t, gradient=gradient, adjoint_params=())
+    with torch.no_grad():
+        neuralode.solve(cases["V"], y0, t, gradient=gradient)

@@ -224,7 +224,8 @@ def test_adjoint_with_grid_constructor(grid):
     net = torch.nn.Linear(2, 2).double()
     y0 = torch.randn(2, dtype=torch.float64, requires_grad=True)
     t = torch.linspace(0, 1, 4, dtype=torch.float64)
-    out = neuralode.odeint_adjoint(lambda t, y: net(y), y0, t, method="rk4", options={"grid_constructor": constructor})
+    out = neuralode.odeint_adjoint(lambda t, y: net(y), y0, t, method="rk4", options={"grid_constructor": constructor},
+                                   adjoint_params=())   # (y0's gradient only; net's parameters need none)
     out.sum().backward()
     assert all(is_func and is_tensor for is_func, is_tensor, _ in seen)
     assert seen[-1][2] == pytest.approx((1 / 3, 0.0))  # the last backward interval, from t_1 to t_0

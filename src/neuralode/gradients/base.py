@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -29,15 +30,25 @@ class GradientStrategy:
         raise NotImplementedError
 
 
-def collect_parameters(func, adjoint_params) -> tuple:
+def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple:
     """The tensors to differentiate: ``adjoint_params``, or ``func.parameters()`` for an ``nn.Module``.
 
-    Tensors that do not require grad are dropped (they get no gradient, and cost nothing).
+    Tensors that do not require grad are dropped (they get no gradient, and cost nothing). A plain function
+    without ``adjoint_params`` differentiates nothing but ``y0`` and ``t``; where it visibly uses tensors that
+    require grad (:func:`_grad_tensors_used_by`) that would leave them without a gradient, silently, so it is a
+    ``ValueError`` while grad is enabled (torchdiffeq refuses every plain function without ``adjoint_params``).
     """
     if adjoint_params is None:
         if isinstance(func, torch.nn.Module):
             adjoint_params = tuple(func.parameters())
         else:
+            used = _grad_tensors_used_by(func) if torch.is_grad_enabled() and func is not None else []
+            if used:
+                raise ValueError(
+                    f"func is not an nn.Module, so gradient={strategy!r} differentiates only the tensors in "
+                    f"adjoint_params, and func uses {', '.join(used)}, which require grad: they would get no gradient. "
+                    "Pass them, e.g. adjoint_params=(W,) or tuple(model.parameters()), or adjoint_params=() if they "
+                    "need none (or give the nn.Module itself as func)")
             adjoint_params = ()
     elif isinstance(adjoint_params, torch.Tensor):
         adjoint_params = (adjoint_params,)
@@ -52,6 +63,45 @@ def collect_parameters(func, adjoint_params) -> tuple:
             seen.add(id(p))
             unique.append(p)
     return tuple(unique)
+
+
+def _grad_tensors_used_by(func) -> list:
+    """Names of the tensors requiring grad (and modules with such parameters) that a plain function reaches:
+    its closure, the globals its code names, its default arguments, a ``functools.partial``'s arguments and a bound
+    method's object. A callable object that is not a function is not looked into, nor are functions it calls."""
+    found = []
+
+    def visit(name, value):
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            found.append(name)
+        elif isinstance(value, torch.nn.Module) and any(p.requires_grad for p in value.parameters()):
+            found.append(f"{name} (an nn.Module: its parameters)")
+
+    target = func
+    if isinstance(target, functools.partial):
+        for i, value in enumerate(target.args):
+            visit(f"partial argument {i}", value)
+        for name, value in target.keywords.items():
+            visit(name, value)
+        target = target.func
+    if inspect.ismethod(target):
+        visit(f"{type(target.__self__).__name__} (the method's object)", target.__self__)
+        target = target.__func__
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return found
+    for name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
+        try:
+            visit(name, cell.cell_contents)
+        except ValueError:       # (a cell not yet filled)
+            pass
+    namespace = getattr(target, "__globals__", {})
+    for name in code.co_names:
+        if name in namespace:
+            visit(name, namespace[name])
+    for i, value in enumerate(getattr(target, "__defaults__", None) or ()):
+        visit(f"default argument {i}", value)
+    return found
 
 
 def names_the_backward_solve(backward):

@@ -31,7 +31,7 @@ class Checkpoint(GradientStrategy):
     params: tuple = field(default=(), repr=False)
 
     def bind(self, func, adjoint_params):
-        return replace(self, params=collect_parameters(func, adjoint_params))
+        return replace(self, params=collect_parameters(func, adjoint_params, "checkpoint"))
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if not stepper.replayable:

@@ -392,3 +392,80 @@ def test_krylov_solves_count_products_apart_from_evaluations():
         dense = neuralode.solve(field, y0, t, method=method, rtol=1e-6, atol=1e-9)
         assert sol.status == "success" and dense.stats["n_jvp"] == 0
         torch.testing.assert_close(sol.ys, dense.ys, rtol=1e-5, atol=1e-8)
+
+
+class _ScaleOnceDifferentiable(torch.autograd.Function):
+    """k x with a backward autograd cannot differentiate again."""
+
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        return k * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return grad * ctx.k, None
+
+
+def test_a_dropped_term_beside_a_much_stiffer_component_is_caught():
+    """The check compares component by component: a term of rate -2 that the double backward drops, beside a
+    component of rate -1e9, passed a check on the largest component, and rodas5 ended 1,360 times its tolerance
+    off with status success. Now the record is refused and the answer is the dense one's."""
+    from neuralode.solvers.linear import jacobian
+
+    def field(t, y):
+        return torch.cat([-1e9 * y[:1], _ScaleOnceDifferentiable.apply(y[1:], -2.0) + torch.cos(t)])
+
+    y0 = torch.tensor([1.0, 1.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        linearization = jacobian("krylov", field, torch.tensor(0.0, dtype=torch.float64), y0)
+        product = linearization(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+    assert linearization._how != "reverse"
+    torch.testing.assert_close(product, torch.tensor([0.0, -2.0, 0.0], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    t = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64)
+    for method in ("rodas5", "kvaerno4"):
+        dense = neuralode.solve(field, y0, t, method=method, rtol=1e-6, atol=1e-9)
+        krylov = neuralode.solve(field, y0, t, method=method, rtol=1e-6, atol=1e-9, options={"jacobian": "krylov"})
+        assert krylov.status == "success"
+        torch.testing.assert_close(krylov.ys[:, 1:], dense.ys[:, 1:], rtol=1e-5, atol=1e-8)
+
+
+def test_the_check_does_not_leave_the_fields_domain():
+    """A field that refuses a negative concentration: the check of the record (torch.func.jvp, which evaluates f at
+    y only) does not call it at y - delta, as a central difference did (ValueError from the check)."""
+    def field(t, y):
+        if bool(y[2] < 0):
+            raise ValueError(f"negative concentration {float(y[2])}")
+        return torch.stack([-50 * y[0] + y[1], -y[1], y[2] * y[0]])
+
+    y0 = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for method in ("kvaerno4", "radau5", "rodas5p"):
+        sol = neuralode.solve(field, y0, t, method=method, options={"jacobian": "krylov"})
+        assert sol.status == "success" and float(sol.ys[-1, 2]) == 0.0
+
+
+def test_a_complex_state_is_refused_by_the_krylov_mode_with_what_to_do():
+    y0 = torch.tensor([1.0 + 1.0j, 0.5j], dtype=torch.complex128)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for method in ("kvaerno4", "rodas5p"):
+        with pytest.raises(ValueError, match="jacobian='krylov' supports real states only.*view_as_real"):
+            neuralode.solve(lambda t, y: -50 * y, y0, t, method=method, options={"jacobian": "krylov"})
+
+
+@pytest.mark.parametrize("mode", ["dense", "batched"])
+def test_a_jacobian_under_inference_mode_is_not_zero(mode):
+    """Under torch.inference_mode the dense and batched Jacobians were zero, and rodas5p took 1,719 steps for
+    y' = -50 y instead of 39."""
+    from neuralode.solvers.linear import jacobian
+    field = lambda t, y: -50.0 * y  # noqa: E731
+    with torch.inference_mode():
+        J = jacobian(mode, field, 0.0, torch.ones(2, 3, dtype=torch.float64))
+    assert float(J.abs().max()) == 50.0
+    y0 = torch.ones(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    normal = neuralode.solve(field, y0, t, method="rodas5p", rtol=1e-6, atol=1e-9, options={"jacobian": mode})
+    with torch.inference_mode():
+        inference = neuralode.solve(field, y0, t, method="rodas5p", rtol=1e-6, atol=1e-9, options={"jacobian": mode})
+    assert inference.stats["n_steps"] == normal.stats["n_steps"]

@@ -183,10 +183,11 @@ class AdaptiveController:
             if value is None or math.isnan(value):
                 raise TypeError(f"controller setting '{name}' must be a number, got {getattr(self, name)!r}")
             object.__setattr__(self, name, value)   # (a numpy or tensor scalar becomes a float once, here)
-        if self.first_step is not None and real_number(self.first_step) is not None:
-            object.__setattr__(self, "first_step", real_number(self.first_step))
-        if whole_number(self.max_num_steps) is not None:
-            object.__setattr__(self, "max_num_steps", whole_number(self.max_num_steps))
+        first_step, max_num_steps = real_number(self.first_step), whole_number(self.max_num_steps)
+        if first_step is not None:
+            object.__setattr__(self, "first_step", first_step)
+        if max_num_steps is not None:
+            object.__setattr__(self, "max_num_steps", max_num_steps)
         if not 0 < self.safety <= 1:
             raise ValueError(f"'safety'={self.safety} must be in (0, 1]: above 1 the controller grows the step after "
                              "rejections and never converges")

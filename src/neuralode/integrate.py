@@ -619,10 +619,11 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor, like: torch
     with torch.no_grad():
         value = event.fn(field.time(t), field.unflatten(y))
     if not isinstance(value, torch.Tensor):
-        if real_number(value) is None:
+        number = real_number(value)
+        if number is None:
             raise TypeError(f"event_fn must return a tensor (or a number) whose zero crossings are the events, got "
                             f"{type(value).__name__}; e.g. event_fn=lambda t, y: y[..., 0] - 1.0")
-        value = torch.as_tensor(real_number(value))
+        value = torch.as_tensor(number)
     # dtype and size are known without reading the device
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"event_fn must return real values (their sign changes are the events), got dtype "

@@ -216,8 +216,9 @@ def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
             except (TypeError, ValueError, RuntimeError):
                 raise TypeError(f"{label} must be a float or a tensor, got a {type(value).__name__} that is not "
                                 "numbers") from None
-        elif not isinstance(value, torch.Tensor) and real_number(value) is not None:
-            value = real_number(value)
+        elif not isinstance(value, torch.Tensor):
+            number = real_number(value)
+            value = value if number is None else number
         if isinstance(value, bool) or not isinstance(value, (*_NUMBER, torch.Tensor)):
             raise TypeError(f"{label} must be a float or a tensor, got {type(value).__name__}")
         if isinstance(value, torch.Tensor):

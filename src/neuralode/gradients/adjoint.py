@@ -95,10 +95,11 @@ class Adjoint(GradientStrategy):
                 continue
             # (a tuple: one per tensor of a tuple state; shapes are checked against the state by solve)
             for entry in (value if isinstance(value, (tuple, list)) else (value,)):
-                if real_number(entry) is None and not isinstance(entry, (torch.Tensor, np.ndarray)):
+                number = real_number(entry)
+                if number is None and not isinstance(entry, (torch.Tensor, np.ndarray)):
                     raise TypeError(f"adjoint {name} must be a float or a tensor (or a tuple of them for a tuple "
                                     f"state), got {type(entry).__name__}")
-                tensor = torch.as_tensor(entry if real_number(entry) is None else real_number(entry))
+                tensor = torch.as_tensor(entry if number is None else number)
                 if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
                     raise ValueError(f"adjoint {name}={value} is invalid; tolerances must be finite and non-negative")
 

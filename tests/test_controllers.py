@@ -322,7 +322,8 @@ def test_adapt_on_device_is_adapt_with_tensors(kind, h, ratio, previous, older, 
     control = AdaptiveController(kind=kind, **coefficients[kind])
     accepted, h_next, (new_previous, new_older) = control.adapt(h, ratio, order, (previous, older), pinned)
     as_tensor = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    for decider in (control, control.with_tensor_settings(torch.device("cpu"))):   # floats, and as in the loop
+    in_the_loop = control.with_tensor_settings(torch.device("cpu")).with_scalar_settings()
+    for decider in (control, in_the_loop):   # floats, and tensors as in the compiled loop
         on_device = decider.adapt_on_device(as_tensor(h), as_tensor(ratio), order, as_tensor(previous),
                                              as_tensor(older), torch.tensor(pinned))
         assert bool(on_device[0]) == accepted

@@ -76,6 +76,9 @@ def check_norm_value(value: float) -> None:
                          "a size >= 0 of the scaled error it is given, e.g. lambda x: x.abs().max()")
 
 
+#: The adaptive controllers' numeric settings (floats once checked).
+_NUMERIC_SETTINGS = ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff")
+
 #: The adaptive controllers by name (``options={"controller": ...}``).
 CONTROLLER_KINDS = ("integral", "pi", "pid", "predictive")
 
@@ -178,7 +181,7 @@ class AdaptiveController:
         # Every setting checked once, here, whether it came from an options dict or a controller object.
         if self.kind not in CONTROLLER_KINDS:
             raise ValueError(f"controller kind must be one of {list(CONTROLLER_KINDS)}, got {self.kind!r}")
-        for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff"):
+        for name in _NUMERIC_SETTINGS:
             value = real_number(getattr(self, name))
             if value is None or math.isnan(value):
                 raise TypeError(f"controller setting '{name}' must be a number, got {getattr(self, name)!r}")
@@ -274,14 +277,25 @@ class AdaptiveController:
         return h * min(self.ifactor, max(factor, low))
 
     def with_tensor_settings(self, device: torch.device) -> AdaptiveController:
-        """A copy whose numeric settings are 0-dim float64 tensors on ``device``, for
+        """A copy whose numeric settings are float64 tensors of shape ``(1,)`` on ``device``, for
         :meth:`adapt_on_device` inside compiled code: a setting that changes between solves is then an input
         of the graph, never a constant to recompile for (nor a symbolic float, which torch 2.13's
-        ``while_loop`` cannot lift into its body). Not validated again: the settings are this object's."""
+        ``while_loop`` cannot lift into its body). Shape ``(1,)`` rather than 0-dim: torch.compile reads a 0-dim
+        float64 CPU input as a Python number, specialises it late and then traces the whole function a second
+        time. The compiled code takes 0-dim views with :meth:`with_scalar_settings`. Not validated again: the
+        settings are this object's."""
         copied = copy.copy(self)
-        for name in ("safety", "ifactor", "dfactor", "min_step", "max_step", "pcoeff", "icoeff", "dcoeff"):
-            object.__setattr__(copied, name, torch.tensor(float(getattr(self, name)), dtype=torch.float64,
+        for name in _NUMERIC_SETTINGS:
+            object.__setattr__(copied, name, torch.tensor((float(getattr(self, name)),), dtype=torch.float64,
                                                           device=device))
+        return copied
+
+    def with_scalar_settings(self) -> AdaptiveController:
+        """The copy of :meth:`with_tensor_settings` with each setting a 0-dim view; called inside the compiled code,
+        where the views are intermediates of the graph rather than its inputs."""
+        copied = copy.copy(self)
+        for name in _NUMERIC_SETTINGS:
+            object.__setattr__(copied, name, getattr(self, name).reshape(()))
         return copied
 
     def adapt_on_device(self, h: torch.Tensor, ratio: torch.Tensor, order: int, previous: torch.Tensor,

@@ -199,10 +199,16 @@ class _CompiledStepper:
             return cached[1]
         converted = copy.copy(error_norm)
         real = y0.real.dtype if y0.is_complex() else y0.dtype
+        # Shape (1,) rather than 0-dim where the state has a dimension to broadcast against: torch.compile reads a
+        # 0-dim float64 CPU input as a symbolic Python float, specialises it late and then traces the whole step a
+        # second time ("Restarting analysis due to _tensorify_python_scalars"), a third of the compile time.
+        shape = (1,) if y0.dim() > 0 else ()
         for name in ("rtol", "atol"):
             value = getattr(error_norm, name)
             if not isinstance(value, torch.Tensor):
-                setattr(converted, name, torch.tensor(float(value), dtype=real, device=y0.device))
+                setattr(converted, name, torch.full(shape, float(value), dtype=real, device=y0.device))
+            elif value.dim() == 0 and shape:
+                setattr(converted, name, value.reshape(shape))
         self._norm_cache = (error_norm, converted)
         return converted
 
@@ -313,6 +319,7 @@ def _new_loop_kernel(name: str):
 
         # (clones: the loop's inputs must not be views of one another)
         tau, h, previous, older, tau_end, direction = (x.clone() for x in clock.unbind())
+        control = control.with_scalar_settings()
         order = stepper.tableau.error_order or stepper.tableau.order
         out_shape = (-1,) + (1,) * y0.ndim
         not_a_number = float("nan")   # (a name looked up inside the loop's body must not be a global: dynamo)

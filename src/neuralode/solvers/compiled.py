@@ -201,7 +201,7 @@ class _CompiledStepper:
         real = y0.real.dtype if y0.is_complex() else y0.dtype
         # Shape (1,) rather than 0-dim where the state has a dimension to broadcast against: torch.compile reads a
         # 0-dim float64 CPU input as a symbolic Python float, specialises it late and then traces the whole step a
-        # second time ("Restarting analysis due to _tensorify_python_scalars"), a third of the compile time.
+        # second time ("Restarting analysis due to _tensorify_python_scalars": a few seconds per compilation).
         shape = (1,) if y0.dim() > 0 else ()
         for name in ("rtol", "atol"):
             value = getattr(error_norm, name)

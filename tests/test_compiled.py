@@ -131,7 +131,7 @@ def test_compiled_direct_gradient_matches_eager(restarts):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
-def test_new_step_sizes_and_tolerances_do_not_recompile(restarts):
+def test_new_step_sizes_and_tolerances_do_not_recompile(restarts, loop_runs):
     field = Field()
     y0 = _y0()
     t = torch.linspace(0.0, 2.0, 6, dtype=torch.float64)
@@ -146,6 +146,7 @@ def test_new_step_sizes_and_tolerances_do_not_recompile(restarts):
         neuralode.solve(field, y0, t, method="dopri5", rtol=1e-6, atol=1e-8, compile=True,
                         options={"safety": 0.8, "ifactor": 5.0, "max_step": 0.3})
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert loop_runs == [True] * 5   # every solve ran the compiled loop (none fell back to the per-step path)
     assert restarts == [0]   # the loop kernel was traced once (its controller settings as with the tolerances)
 
 

@@ -194,22 +194,23 @@ class _CompiledStepper:
         rtol or atol must not recompile. Built once per solve."""
         if error_norm is None:
             return None
+        # Shape (1,) rather than 0-dim where the state has a dimension to broadcast against: torch.compile reads a
+        # 0-dim float64 CPU input as a symbolic Python float, specialises it late and then traces the whole step a
+        # second time ("Restarting analysis due to _tensorify_python_scalars": a few seconds per compilation). A
+        # 0-dim state keeps 0-dim tolerances (an in-place product with it cannot grow to (1,)), and that retrace.
+        shape = (1,) if y0.dim() > 0 else ()
         cached = self._norm_cache
-        if cached is not None and cached[0] is error_norm:
+        if cached is not None and cached[0] is error_norm and cached[2] == shape:
             return cached[1]
         converted = copy.copy(error_norm)
         real = y0.real.dtype if y0.is_complex() else y0.dtype
-        # Shape (1,) rather than 0-dim where the state has a dimension to broadcast against: torch.compile reads a
-        # 0-dim float64 CPU input as a symbolic Python float, specialises it late and then traces the whole step a
-        # second time ("Restarting analysis due to _tensorify_python_scalars": a few seconds per compilation).
-        shape = (1,) if y0.dim() > 0 else ()
         for name in ("rtol", "atol"):
             value = getattr(error_norm, name)
             if not isinstance(value, torch.Tensor):
                 setattr(converted, name, torch.full(shape, float(value), dtype=real, device=y0.device))
             elif value.dim() == 0 and shape:
                 setattr(converted, name, value.reshape(shape))
-        self._norm_cache = (error_norm, converted)
+        self._norm_cache = (error_norm, converted, shape)
         return converted
 
 

@@ -41,7 +41,7 @@ class _Field(torch.nn.Module):
 
 class _Coupled(torch.nn.Module):
     """A time-dependent field with parameters and no matrix product: its steps fuse into a few kernels, where each
-    matrix product of the MLP splits them (an adjoint's backward step with the MLP built 17 kernels, about 35 s on
+    matrix product of the MLP splits them (an adjoint test with the MLP built 17 kernels, 23 s of C++ builds on
     a fresh machine). For the tests whose subject is what surrounds the field: the adjoint, the regularisers, the
     ODE block."""
 

@@ -206,10 +206,8 @@ class _CompiledStepper:
         real = y0.real.dtype if y0.is_complex() else y0.dtype
         for name in ("rtol", "atol"):
             value = getattr(error_norm, name)
-            if not isinstance(value, torch.Tensor):
+            if not isinstance(value, torch.Tensor):   # (tensor tolerances come expanded to the state's shape)
                 setattr(converted, name, torch.full(shape, float(value), dtype=real, device=y0.device))
-            elif value.dim() == 0 and shape:
-                setattr(converted, name, value.reshape(shape))
         self._norm_cache = (error_norm, converted, shape)
         return converted
 

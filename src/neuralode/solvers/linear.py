@@ -160,6 +160,11 @@ def batched_jacobian(func: Callable, t: float, y: torch.Tensor, create_graph: bo
     return rows.reshape(m, batch, m).permute(1, 0, 2)
 
 
+# What automatic differentiation raises where it cannot run a field (no forward-mode rule, no double backward, a
+# value that is not a tensor shaped like the state): the Krylov product then takes its next route.
+_AD_FAILURES = (RuntimeError, NotImplementedError, TypeError)
+
+
 @dataclass
 class Linearization:
     """``J v`` at a fixed ``(t, y)`` for the Krylov mode (nothing of size n^2 is stored).
@@ -193,12 +198,12 @@ class Linearization:
         if self._how == "reverse":
             try:
                 return self._reverse_product(v)
-            except (RuntimeError, NotImplementedError, TypeError):
+            except _AD_FAILURES:
                 self._how, self._record = "forward", None
         if self._how == "forward":
             try:
-                return torch.func.jvp(lambda x: self.func(self.t, x), (self.y,), (v,))[1]
-            except (RuntimeError, NotImplementedError, TypeError):
+                return self._forward_product(v)
+            except _AD_FAILURES:
                 self._how = "difference"
         # Forward-mode AD is not implemented for every operation: a one-sided difference with
         # the usual step sqrt(eps) (1 + |y|) / |v| (Knoll and Keyes, J. Comput. Phys. 193, 2004).
@@ -233,6 +238,10 @@ class Linearization:
                 raise RuntimeError("the recorded pullback is not J^T u")
         return self._recorded_product(v)
 
+    def _forward_product(self, v: torch.Tensor) -> torch.Tensor:
+        """``J v`` by forward-mode AD (traces ``f`` again at every call)."""
+        return torch.func.jvp(lambda x: self.func(self.t, x), (self.y,), (v,))[1]
+
     def _recorded_product(self, v: torch.Tensor) -> torch.Tensor:
         cotangent, pullback = self._record
         with torch.inference_mode(False), torch.enable_grad():
@@ -257,8 +266,8 @@ class Linearization:
         recorded = self._recorded_product(probe)
         eps = torch.finfo(self.y.dtype).eps
         try:
-            exact = torch.func.jvp(lambda x: self.func(self.t, x), (self.y,), (probe,))[1]
-        except (RuntimeError, NotImplementedError, TypeError):
+            exact = self._forward_product(probe)
+        except _AD_FAILURES:
             exact = None
         if exact is not None:
             if exact.shape != recorded.shape:

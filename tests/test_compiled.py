@@ -129,6 +129,18 @@ def test_compiled_direct_gradient_matches_eager(restarts):
     grads_compiled = torch.autograd.grad(compiled.ys.pow(2).sum(), inputs)
     for a, b in zip(grads_compiled, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+    # From a y0 without grad (the parameters with it) the first step takes the same graph as every later step:
+    # requires_grad is guarded on, and that first step used to compile a graph of its own, forward and backward.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    y0_plain = y0.detach()
+    eager, compiled = _pair(field, y0_plain, t, method="dopri5", rtol=1e-8, atol=1e-9)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert not y0_plain.requires_grad and y0_plain.grad is None
+    parameters = tuple(field.parameters())
+    grads_eager = torch.autograd.grad(eager.ys.pow(2).sum(), parameters)
+    grads_compiled = torch.autograd.grad(compiled.ys.pow(2).sum(), parameters)
+    for a, b in zip(grads_compiled, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
 def test_new_step_sizes_and_tolerances_do_not_recompile(restarts, loop_runs):
@@ -148,6 +160,36 @@ def test_new_step_sizes_and_tolerances_do_not_recompile(restarts, loop_runs):
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert loop_runs == [True] * 5   # every solve ran the compiled loop (none fell back to the per-step path)
     assert restarts == [0]   # the loop kernel was traced once (its controller settings as with the tolerances)
+
+
+def test_a_solve_under_a_transform_runs_eagerly_and_the_field_stays_compiled(loop_runs):
+    """torch.func.jvp or a forward-mode dual level around a compiled solve: torch.compile cannot be called from
+    either, so the solve runs eagerly with one warning, and the field is not marked as one that cannot be
+    compiled (it was, and every later solve of it ran eagerly without a word)."""
+    import torch.autograd.forward_ad as forward_ad
+
+    field = Field()
+    y0, tangent = _y0(), torch.randn(4, 3, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 6, dtype=torch.float64)
+
+    def solve(y, compile):
+        return neuralode.solve(field, y, t, method="dopri5", rtol=1e-8, atol=1e-9, compile=compile).ys
+
+    with pytest.warns(UserWarning, match="torch.func transform") as record:
+        _, compiled = torch.func.jvp(lambda y: solve(y, True), (y0,), (tangent,))
+        with forward_ad.dual_level():
+            dual_compiled = forward_ad.unpack_dual(solve(forward_ad.make_dual(y0, tangent), True)).tangent
+    assert sum("torch.func transform" in str(w.message) for w in record) == 1   # once per field
+    assert not [str(w.message) for w in record if "could not be compiled" in str(w.message)]
+    _, eager = torch.func.jvp(lambda y: solve(y, False), (y0,), (tangent,))
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    torch.testing.assert_close(dual_compiled, eager, rtol=0, atol=0)
+    assert loop_runs == [False, False]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        solve(y0, True)
+    _assert_compiled(record)
+    assert loop_runs[-1] is True
 
 
 def test_float32_state_stays_within_tolerance_of_eager():

@@ -52,6 +52,7 @@ import types
 import warnings
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from ..problem import TIME_RESOLUTION_SPACINGS
 from .auto import AutoSwitching
@@ -71,6 +72,8 @@ _NEEDS_AUTOGRAD: dict = {}
 # Fields whose whole-loop kernel failed to trace (the reason): their solves take one compiled call per step
 # instead, silently, since the results are the same.
 _LOOP_BROKEN: dict = {}
+# Fields warned that a solve under forward-mode AD or a torch.func transform ran eagerly (once per field).
+_TRANSFORM_WARNED: set = set()
 # (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
 # kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
 # never recompile and are never traced as symbolic floats.) Made on first use: importing neuralode must not
@@ -96,6 +99,13 @@ def _field_key(func):
         return key
     code = getattr(func, "__code__", None)
     return code if code is not None else type(func)
+
+
+def _under_transform() -> bool:
+    """Whether the caller runs under forward-mode AD (a dual level) or a ``torch.func`` transform. A compiled
+    function cannot be called from either in eager mode: torch.compile refuses "functorch tracing" from outside
+    a compiled region, and its autograd Function has no forward-mode rule. Two flag reads, no tensor work."""
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _new_kernel(name: str):
@@ -157,7 +167,16 @@ class _CompiledStepper:
 
     def usable(self, func) -> bool:
         """Whether this step may run compiled: wrapped fields (one-sided limits, the interpolating adjoint)
-        are not compilable, and a field that failed to trace stays eager."""
+        are not compilable, a field that failed to trace stays eager, and so does a solve under a transform."""
+        if _under_transform():
+            # Not the field's fault: it stays compilable for solves outside the transform.
+            if self.verdict_key not in _TRANSFORM_WARNED:
+                _TRANSFORM_WARNED.add(self.verdict_key)
+                warnings.warn("compile=True: this solve runs under forward-mode AD or a torch.func transform (jvp, "
+                              "vmap, grad, jacrev, ...), which a compiled step cannot be called from; solving it "
+                              "eagerly (same results, without the speed-up). Solves outside the transform still "
+                              "compile.", UserWarning, stacklevel=5)
+            return False
         return getattr(func, "compilable", False) and self.verdict_key not in _BROKEN
 
     def run(self, part: str, arguments: tuple, quiet: bool = False):
@@ -242,6 +261,12 @@ class CompiledRungeKutta(_CompiledStepper):
         times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
         if self.with_dense:
             self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
+        if f0.requires_grad and not y0.requires_grad and torch.is_grad_enabled():
+            # The first step of a graph-recording solve from a y0 without grad (parameters with it): every later
+            # state requires grad, and requires_grad is part of torch.compile's guards, so this step would be a
+            # graph of its own, forward and backward (~6 s of compile on P2). A detached copy that requires grad
+            # takes the later steps' graph; its gradient goes nowhere. (No forward-mode tangent to lose: see usable.)
+            y0 = y0.detach().requires_grad_()
         outcome = self.run("step", (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0,
                                     self.with_dense))
         if outcome is None:

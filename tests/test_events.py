@@ -209,6 +209,26 @@ def test_an_event_function_whose_shape_changes_is_a_value_error():
                         event_fn=lambda t, y: y[0] if t < 1 else y)
 
 
+def test_one_event_value_or_values_that_broadcast_stand_for_every_element():
+    """torchdiffeq's learn_physics example returns zeros_like(t) (shape ()) after a time limit and a (1,) value before;
+    torchdiffeq broadcasts them (min(c * initial_signs)), so that is one value for every element here too."""
+    f = lambda t, y: -0.1 * torch.ones_like(y)  # noqa: E731
+    y0 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    t0 = torch.tensor(0.0, dtype=torch.float64)
+    for placeholder in (lambda t, y: torch.zeros_like(t), lambda t, y: torch.zeros(1, dtype=y.dtype)):
+        event_t, _ = neuralode.odeint_event(f, y0, t0, event_fn=lambda t, y: placeholder(t, y) if t > 2.0 else y,
+                                            atol=1e-10, rtol=1e-10)
+        assert abs(event_t.item() - 2.0) < 1e-9
+    # a (2, 2) state: values of shape (1, 2) broadcast over the rows
+    y0 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    shift = torch.tensor([0.0, 1.85], dtype=torch.float64)
+    event_t, _ = neuralode.odeint_event(f, y0, t0, event_fn=lambda t, y: y if t < 1.0 else y[:1] - shift,
+                                        atol=1e-10, rtol=1e-10)
+    assert abs(event_t.item() - 1.5) < 1e-9   # y[0, 1] - 1.85 = 0.15 - 0.1 t
+    with pytest.raises(ValueError, match=r"event_fn returned shape \(3,\) at t=.* but \(2, 2\) before"):
+        neuralode.odeint_event(f, y0, t0, event_fn=lambda t, y: y if t < 1.0 else torch.ones(3, dtype=y.dtype))
+
+
 @pytest.mark.parametrize("nan_from", [0.0, 1.0])
 def test_an_event_function_that_turns_nan_is_an_error_not_a_missed_event(nan_from):
     """NaN never compares, so a NaN event value would silently never fire: it is a ValueError naming the time."""

@@ -613,6 +613,13 @@ def _non_finite_event(event: EventSpec, t: float, value: torch.Tensor) -> ValueE
                       "its zero crossings cannot be found")
 
 
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def _event_value(event: EventSpec, field, t: float, y: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
     """``event_fn(t, y)``, checked; ``like``: an earlier value, whose shape this one must have (its elements are
     compared one to one)."""
@@ -632,9 +639,18 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor, like: torch
         raise ValueError(f"event_fn returned no values (shape {tuple(value.shape)}), so no event could ever occur; "
                          "return at least one value whose zero crossing is the event")
     if like is not None and value.shape != like.shape:
-        # (each element's sign is compared with its own earlier sign; a reshape failed inside torch)
-        raise ValueError(f"event_fn returned shape {tuple(value.shape)} at t={float(t)!r} but {tuple(like.shape)} "
-                         "before; it must return the same number of values at every time")
+        # Each element's sign is compared with its own earlier sign (a reshape failed inside torch). One value, or
+        # values that broadcast to the earlier shape, stand for every element, as torchdiffeq's min(c * signs)
+        # broadcasts them: its learn_physics example returns zeros_like(t), shape (), after a time limit, where
+        # its event value before was (1,).
+        if value.numel() == 1:
+            value = value.reshape(()).expand(like.shape)
+        elif _broadcasts_to(value.shape, like.shape):
+            value = value.expand(like.shape)
+        else:
+            raise ValueError(f"event_fn returned shape {tuple(value.shape)} at t={float(t)!r} but "
+                             f"{tuple(like.shape)} before; it must return the same number of values at every time "
+                             "(or one value, or values that broadcast to that shape)")
     return value.detach()
 
 

@@ -110,6 +110,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(ADAPTIVE))
     parser.add_argument("--tols", default="1e-4,1e-7,1e-10")
+    parser.add_argument("--json", default="detest.json", help="file name under benchmarks/results/")
     args = parser.parse_args()
     from scipy.integrate import solve_ivp
 
@@ -153,7 +154,7 @@ def main():
     for r in results:
         if "failed" in r:
             print(f"failed: {r['method']} {r['problem']} tol {r['tol']:.0e}: {r['failed'][:160]}")
-    path = write_json("detest.json", {"tols": tols, "results": results, "summary": summary,
+    path = write_json(args.json, {"tols": tols, "results": results, "summary": summary,
                                       "seconds": time.perf_counter() - start})
     print(f"wrote {path}")
 

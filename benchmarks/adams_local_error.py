@@ -29,17 +29,6 @@ import neuralode  # noqa: E402
 from neuralode.solvers.adams import VariableOrderAdams  # noqa: E402
 
 F64 = torch.float64
-MU = 0.012277471
-ARENSTORF_Y0 = [0.994, 0.0, 0.0, -2.00158510637908252240537862224]
-ARENSTORF_PERIOD = 17.0652165601579625588917206249
-
-
-def arenstorf(t, y):
-    x, v = y[0], y[1]
-    d1 = ((x + MU) ** 2 + v ** 2) ** 1.5
-    d2 = ((x - 1 + MU) ** 2 + v ** 2) ** 1.5
-    return torch.stack([y[2], y[3], x + 2 * y[3] - (1 - MU) * (x + MU) / d1 - MU * (x - 1 + MU) / d2,
-                        v - 2 * y[2] - (1 - MU) * v / d1 - MU * v / d2])
 
 
 def accepted_local_errors(field, y0, t_end, tol):
@@ -74,7 +63,7 @@ def main():
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="At least one element of `rtol` is too small")
     problems = {name: (*detest.PROBLEMS[name], detest.T_END) for name in detest.PROBLEMS}
-    problems["Arenstorf"] = (arenstorf, ARENSTORF_Y0, ARENSTORF_PERIOD)
+    problems["Arenstorf"] = detest.ARENSTORF
     totals = {"nfe": 0, "over": 0, "steps": 0}
     for name, (field, y0, t_end) in problems.items():
         line = f"{name:9s}"

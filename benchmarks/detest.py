@@ -91,6 +91,19 @@ PROBLEMS = {
 }
 
 
+def _arenstorf(t, y, mu=0.012277471):
+    x, v = y[0], y[1]
+    d1 = ((x + mu) ** 2 + v ** 2) ** 1.5
+    d2 = ((x - 1 + mu) ** 2 + v ** 2) ** 1.5
+    return torch.stack([y[2], y[3], x + 2 * y[3] - (1 - mu) * (x + mu) / d1 - mu * (x - 1 + mu) / d2,
+                        v - 2 * y[2] - (1 - mu) * v / d1 - mu * v / d2])
+
+
+# Arenstorf's periodic orbit of the restricted three-body problem (Hairer, Norsett and Wanner I, Sec. II.0): not a
+# DETEST problem, so not in PROBLEMS; (field, y0, one period), for the tests and benchmarks that add it.
+ARENSTORF = (_arenstorf, [0.994, 0.0, 0.0, -2.00158510637908252240537862224], 17.0652165601579625588917206249)
+
+
 def _numpy_field(field):
     return lambda t, y: field(torch.tensor(t, dtype=F64), torch.tensor(y, dtype=F64)).numpy()
 

@@ -135,7 +135,7 @@ def test_compiled_direct_gradient_matches_eager(restarts):
     y0_plain = y0.detach()
     eager, compiled = _pair(field, y0_plain, t, method="dopri5", rtol=1e-8, atol=1e-9)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert not y0_plain.requires_grad and y0_plain.grad is None
+    assert not y0_plain.requires_grad and y0_plain.grad is None   # the user's tensor is left as it was
     parameters = tuple(field.parameters())
     grads_eager = torch.autograd.grad(eager.ys.pow(2).sum(), parameters)
     grads_compiled = torch.autograd.grad(compiled.ys.pow(2).sum(), parameters)

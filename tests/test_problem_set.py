@@ -23,22 +23,13 @@ import detest  # noqa: E402
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
 F64 = torch.float64
-MU = 0.012277471
 
 
-def _arenstorf(t, y):
-    x, v = y[0], y[1]
-    d1 = ((x + MU) ** 2 + v ** 2) ** 1.5
-    d2 = ((x - 1 + MU) ** 2 + v ** 2) ** 1.5
-    return torch.stack([y[2], y[3], x + 2 * y[3] - (1 - MU) * (x + MU) / d1 - MU * (x - 1 + MU) / d2,
-                        v - 2 * y[2] - (1 - MU) * v / d1 - MU * v / d2])
-
-
-# The DETEST fields are the benchmark's (benchmarks/detest.py, all on [0, 20]); Arenstorf's orbit is ours alone.
+# The DETEST fields are the benchmark's (benchmarks/detest.py, all on [0, 20]), and so is Arenstorf's orbit.
 _DETEST = ("A2", "A3", "A4", "B1", "B4", "D5", "E2")   # D5: eccentricity 0.9
 PROBLEMS = {
     **{name: (*detest.PROBLEMS[name], detest.T_END) for name in _DETEST},
-    "Arenstorf": (_arenstorf, [0.994, 0.0, 0.0, -2.00158510637908252240537862224], 17.0652165601579625588917206249),
+    "Arenstorf": detest.ARENSTORF,
 }
 # Our method -> scipy's implementation of the same method (same pair, same error estimate).
 SAME_METHOD = {"dopri5": "RK45", "dopri8": "DOP853", "radau5": "Radau"}

@@ -104,8 +104,12 @@ def _field_key(func):
 def _under_transform() -> bool:
     """Whether the caller runs under forward-mode AD (a dual level) or a ``torch.func`` transform. A compiled
     function cannot be called from either in eager mode: torch.compile refuses "functorch tracing" from outside
-    a compiled region, and its autograd Function has no forward-mode rule. Two flag reads, no tensor work."""
-    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+    a compiled region, and its autograd Function has no forward-mode rule. Two flag reads, no tensor work (both
+    private to torch: read defensively, so a torch without them only loses this check)."""
+    if getattr(forward_ad, "_current_level", -1) >= 0:
+        return True
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def _new_kernel(name: str):

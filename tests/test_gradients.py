@@ -429,6 +429,35 @@ def test_double_backward_is_refused_clearly(gradient):
 
 # --- errors -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("gradient", STRATEGIES + [neuralode.Adjoint(interpolate=True)])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_non_finite_incoming_gradient_gives_non_finite_gradients(gradient, bad):
+    """An overflowed loss under a loss scaler (torch.amp.GradScaler) sends inf cotangents; the scaler then sees
+    non-finite gradients and skips the step. The adjoint's backward solve collapsed on them and raised
+    NonFiniteError blaming the vector field."""
+    y0, W, b = leaves(Y0, W0, B0)
+    t = torch.linspace(0.0, 1.0, 4, dtype=DTYPE)
+    ys = solve_ys(y0, t, W, b, gradient, tol=1e-8)
+    cotangent = torch.ones_like(ys)
+    cotangent[2, 0] = bad
+    ys.backward(cotangent)
+    for x in (y0, W, b):
+        assert not torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_a_non_finite_incoming_gradient_per_sample(gradient):
+    from neuralode.nn import Autonomous, ODEBlock
+
+    torch.manual_seed(0)
+    block = ODEBlock(Autonomous(torch.nn.Linear(2, 2)), per_sample=True, gradient=gradient)
+    x = torch.randn(4, 2, requires_grad=True)
+    out = block(x)
+    out.backward(torch.full_like(out, math.inf))
+    for grad in (x.grad, *(p.grad for p in block.parameters())):
+        assert not torch.isfinite(grad).all()
+
+
 def test_unknown_strategy_names_the_choices():
     with pytest.raises(ValueError, match="unknown gradient strategy 'adjiont'.*adjoint"):
         neuralode.solve(lambda t, y: -y, Y0, torch.tensor([0.0, 1.0], dtype=DTYPE), gradient="adjiont")

@@ -166,6 +166,15 @@ class _AdjointSolve(torch.autograd.Function):
         state_shape = outputs.shape[1:]
         outputs = outputs.reshape(outputs.shape[0], state_shape.numel())
         grad_outputs = grad_outputs.reshape(outputs.shape)
+        if not bool(torch.isfinite(grad_outputs).all()):
+            # An infinite or NaN incoming gradient (an overflow under a loss scaler such as torch.amp.GradScaler,
+            # which then skips the step): no backward solve can carry it (the step size would collapse and the
+            # solve blamed the vector field). Backpropagation through the steps would give non-finite gradients;
+            # so does this, at once.
+            nan = float("nan")
+            return (None, None, None, None, None, None, torch.full(state_shape, nan, dtype=outputs.dtype,
+                                                                   device=outputs.device),
+                    *(torch.full_like(p, nan) for p in params))
         n = outputs.shape[1]
         # (ctx keeps the forward source: a graph retained for a second backward needs it again, and ctx.integration
         # and ctx.kwargs hold the dense output and the checkpoints anyway)

@@ -153,6 +153,8 @@ class PerSampleAdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run, outputs, y0, *params):
         ctx.run = run
+        ctx.y0_like = (y0.shape, y0.dtype, y0.device)
+        ctx.params = params
         ctx.save_for_backward(outputs)
         return outputs.clone()
 
@@ -165,5 +167,11 @@ class PerSampleAdjointFunction(torch.autograd.Function):
             raise RuntimeError(f"the per-sample {name} does not support double backward (create_graph=True); use "
                                "gradient='direct' for higher derivatives")
         (outputs,) = ctx.saved_tensors
+        if not bool(torch.isfinite(grad_outputs).all()):
+            # An overflowed loss under a loss scaler: non-finite gradients at once (see the adjoint's backward).
+            shape, dtype, device = ctx.y0_like
+            nan = float("nan")
+            return (None, None, torch.full(shape, nan, dtype=dtype, device=device),
+                    *(torch.full_like(p, nan) for p in ctx.params))
         grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs)
         return (None, None, grad_y0, *grad_params)

@@ -419,3 +419,28 @@ def test_a_state_on_the_meta_device_is_a_clear_error():
     # torch said "Cannot copy out of meta tensor" (torchdiffeq fails the same way)
     with pytest.raises(ValueError, match=r"on the 'meta' device, whose tensors hold no values"):
         neuralode.solve(lambda t, y: -y, torch.ones(2, device="meta"), torch.tensor([0.0, 1.0], device="meta"))
+
+
+def test_a_field_of_the_state_alone_is_named_with_the_wrapper_to_use():
+    """torchdyn calls a field f(x); here it is f(t, y). A one-argument module or lambda raised torch's own
+    'forward() takes 2 positional arguments but 3 were given' from deep inside."""
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh()).double()
+    for field in (module, lambda y: -y):
+        with pytest.raises(TypeError, match=r"func is called as func\(t, y\).*neuralode.nn.Autonomous"):
+            neuralode.solve(field, Y0, T01)
+    # a TypeError from inside a two-argument field is the field's own, unchanged
+
+    def broken(t, y):
+        raise TypeError("a bug inside the field")
+
+    with pytest.raises(TypeError, match="^a bug inside the field$"):
+        neuralode.solve(broken, Y0, T01)
+
+
+def test_a_gradient_name_of_another_library_names_the_strategy_objects():
+    from neuralode.nn import ODEBlock
+
+    for call in (lambda: neuralode.solve(decay, Y0, T01, gradient="interpolated_adjoint"),
+                 lambda: ODEBlock(decay, gradient="interpolated_adjoint")):
+        with pytest.raises(ValueError, match=r"Adjoint\(interpolate=True\) \(torchdyn's 'interpolated_adjoint'\)"):
+            call()

@@ -12,6 +12,7 @@ tensor that would silently promote its activations.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
@@ -335,9 +336,30 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
+def _takes_two_arguments(func) -> bool:
+    """Whether ``func(t, y)`` binds (True where the signature cannot be read)."""
+    target = func.forward if isinstance(func, torch.nn.Module) else func
+    try:
+        inspect.signature(target).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:
+        return True
+    return True
+
+
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
     """Evaluate ``func`` once and check what it returns, so a wrong shape fails here and clearly."""
-    out = func(field.time(t0), tuple(parts) if is_tuple else parts[0])
+    try:
+        out = func(field.time(t0), tuple(parts) if is_tuple else parts[0])
+    except TypeError as error:
+        if _takes_two_arguments(func):
+            raise
+        # torchdyn calls a field of the state alone (f(x)); here a field is always called f(t, y)
+        name = type(func).__name__ if isinstance(func, torch.nn.Module) else getattr(func, "__name__", "func")
+        raise TypeError(f"func is called as func(t, y), but {name} does not take two arguments ({error}); for a "
+                        "field of the state alone wrap it: neuralode.nn.Autonomous(module), or "
+                        "lambda t, y: f(y)") from error
     field.nfe += 1
     expected = parts if is_tuple else (parts[0],)
     got = tuple(out) if (is_tuple and isinstance(out, (tuple, list))) else (out,)

@@ -30,6 +30,12 @@ from .direct import Direct
 __all__ = ["GradientStrategy", "Direct", "Checkpoint", "Adjoint", "resolve_gradient", "RunResult"]
 
 
+# Said wherever a gradient name is refused: the other strategies are objects, and torchdyn's names map onto them.
+STRATEGY_HINT = ("or a strategy object: neuralode.Adjoint(interpolate=True) (torchdyn's 'interpolated_adjoint'), "
+                 "neuralode.Adjoint(rtol=..., method=...) for the backward solve's settings, neuralode.Checkpoint(); "
+                 "torchdyn's 'autograd' is 'direct'")
+
+
 def resolve_gradient(gradient, *, adjoint_params=None, func=None) -> GradientStrategy:
     """Turn ``"direct" | "adjoint" | "checkpoint"`` or a strategy object into a strategy with parameters."""
     if isinstance(gradient, str):
@@ -37,7 +43,7 @@ def resolve_gradient(gradient, *, adjoint_params=None, func=None) -> GradientStr
         if gradient not in table:
             from .._errors import closest
             raise ValueError(f"unknown gradient strategy {gradient!r}.{closest(gradient, table)} "
-                             f"Choose one of {list(table)} or pass a strategy object")
+                             f"Choose one of {list(table)} {STRATEGY_HINT}")
         gradient = table[gradient]()
     if not isinstance(gradient, GradientStrategy):
         raise TypeError(f"gradient must be 'direct', 'adjoint', 'checkpoint' or a GradientStrategy, "

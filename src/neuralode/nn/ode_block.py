@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuralode.gradients import GradientStrategy
+from neuralode.gradients import STRATEGY_HINT, GradientStrategy
 from neuralode.options import check_fixed_step_given, check_method, check_options
 from neuralode.solve import solve
 from neuralode.nn._checks import one_of, time_points, tolerance
@@ -149,7 +149,8 @@ class ODEBlock(nn.Module):
         check_options(spec, self.options)
         check_fixed_step_given(spec, self.options, "the block's times")
         if isinstance(gradient, str):
-            gradient = one_of("gradient", gradient, GRADIENTS)
+            if gradient not in GRADIENTS:
+                raise ValueError(f"gradient must be one of {list(GRADIENTS)}, got {gradient!r}; {STRATEGY_HINT}")
         elif not isinstance(gradient, GradientStrategy):
             raise TypeError(
                 f"gradient must be one of {list(GRADIENTS)} or a gradient strategy object such as "

@@ -17,6 +17,7 @@ Properties tested (float64 throughout):
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -456,6 +457,19 @@ def test_a_non_finite_incoming_gradient_per_sample(gradient):
     out.backward(torch.full_like(out, math.inf))
     for grad in (x.grad, *(p.grad for p in block.parameters())):
         assert not torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_a_tensor_the_function_uses_but_adjoint_params_leave_out_is_warned_about(gradient):
+    """It gets no gradient (torchdiffeq's rule); a deep copy of a block with a closure field left every gradient zero
+    without a word (its adjoint_params are copies the closure never reads)."""
+    W, V = leaves(W0, W0)
+    f = lambda t, y: torch.tanh(y @ W)  # noqa: E731
+    with pytest.warns(UserWarning, match="func uses W, which require grad but are not in adjoint_params"):
+        neuralode.solve(f, Y0, torch.tensor([0.0, 1.0], dtype=DTYPE), gradient=gradient, adjoint_params=(V,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        neuralode.solve(f, Y0, torch.tensor([0.0, 1.0], dtype=DTYPE), gradient=gradient, adjoint_params=(W,))
 
 
 def test_unknown_strategy_names_the_choices():

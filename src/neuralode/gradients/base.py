@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,12 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
     require grad (:func:`_grad_tensors_used_by`) that would leave them without a gradient, silently, so it is a
     ``ValueError`` while grad is enabled (torchdiffeq refuses every plain function without ``adjoint_params``).
     """
+    plain = func is not None and not isinstance(func, torch.nn.Module) and torch.is_grad_enabled()
     if adjoint_params is None:
         if isinstance(func, torch.nn.Module):
             adjoint_params = tuple(func.parameters())
         else:
-            used = _grad_tensors_used_by(func) if torch.is_grad_enabled() and func is not None else []
+            used = [name for name, _ in _grad_tensors_used_by(func)] if plain else []
             if used:
                 raise ValueError(
                     f"func is not an nn.Module, so gradient={strategy!r} differentiates only the tensors in "
@@ -57,6 +59,18 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
     for i, p in enumerate(adjoint_params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"adjoint_params[{i}] is a {type(p).__name__}; give tensors (e.g. model.parameters())")
+    if plain and adjoint_params:
+        # Given adjoint_params, a tensor the function uses and they leave out gets no gradient (torchdiffeq's rule,
+        # and a way to freeze one): said, not silent (a copied block's adjoint_params are copies its closure never
+        # reads, and every gradient was then zero). Tensors only: a module the function reaches may be called with
+        # other parameters (torch.func.functional_call with adjoint_params as its values).
+        given = {id(p) for p in adjoint_params}
+        left_out = [name for name, value in _grad_tensors_used_by(func)
+                    if isinstance(value, torch.Tensor) and id(value) not in given]
+        if left_out:
+            warnings.warn(f"func uses {', '.join(left_out)}, which require grad but are not in adjoint_params: "
+                          f"gradient={strategy!r} gives them no gradient. Add them to adjoint_params, or set "
+                          "requires_grad=False on what should not train", UserWarning, stacklevel=2)
     unique, seen = [], set()
     for p in adjoint_params:
         if p.requires_grad and id(p) not in seen:
@@ -66,16 +80,16 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
 
 
 def _grad_tensors_used_by(func) -> list:
-    """Names of the tensors requiring grad (and modules with such parameters) that a plain function reaches:
+    """``(name, value)`` of the tensors requiring grad (and modules with such parameters) that a plain function reaches:
     its closure, the globals its code names, its default arguments, a ``functools.partial``'s arguments and a bound
     method's object. A callable object that is not a function is not looked into, nor are functions it calls."""
     found = []
 
     def visit(name, value):
         if isinstance(value, torch.Tensor) and value.requires_grad:
-            found.append(name)
+            found.append((name, value))
         elif isinstance(value, torch.nn.Module) and any(p.requires_grad for p in value.parameters()):
-            found.append(f"{name} (an nn.Module: its parameters)")
+            found.append((f"{name} (an nn.Module: its parameters)", value))
 
     target = func
     if isinstance(target, functools.partial):

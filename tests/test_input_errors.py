@@ -444,3 +444,17 @@ def test_a_gradient_name_of_another_library_names_the_strategy_objects():
                  lambda: ODEBlock(decay, gradient="interpolated_adjoint")):
         with pytest.raises(ValueError, match=r"Adjoint\(interpolate=True\) \(torchdyn's 'interpolated_adjoint'\)"):
             call()
+
+
+def test_tolerances_far_below_the_dtypes_resolution_are_warned_about_at_once():
+    """float32 at rtol = atol = 1e-14 crawled for 100,000 steps before MaxStepsError said why."""
+    y0 = torch.ones(2)
+    t = torch.tensor([0.0, 1.0])
+    with pytest.warns(UserWarning, match="ask for far more digits than float32 holds"):
+        neuralode.solve(decay, y0, t, rtol=1e-14, atol=1e-14, options={"max_num_steps": 20}, throw=False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        neuralode.solve(decay, y0, t)                          # torchdiffeq's defaults, rtol 1e-7, in float32
+        neuralode.solve(decay, y0, t, rtol=0.0, atol=1e-6)     # absolute control only
+        neuralode.solve(decay, y0.double(), t.double(), rtol=1e-14, atol=1e-14)

@@ -240,3 +240,15 @@ def test_per_sample_block_refuses_what_it_cannot_do(kwargs):
 def test_unknown_method_or_option_fails_when_the_block_is_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ODEBlock(lambda t, z: -z, **kwargs)
+
+
+def test_the_times_can_be_read_and_set_as_t():
+    """torchdyn users set model.t_span; block.t = ... was an attribute nothing read."""
+    block = ODEBlock(lambda t, z: -z, gradient="direct")
+    x = torch.ones(2, dtype=torch.float64)
+    assert block.t == (0.0, 1.0)
+    block.t = (0.0, 2.0)
+    assert block.times == (0.0, 2.0)
+    torch.testing.assert_close(block(x), x * np.exp(-2.0), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="t must be strictly increasing or strictly decreasing"):
+        block.t = (1.0, 1.0)

@@ -221,6 +221,16 @@ class ODEBlock(nn.Module):
             return tuple(self.func.parameters())
         return None
 
+    @property
+    def t(self) -> tuple:
+        """The integration times, as given (``(t0, t1)`` or the output times); assignable, and checked as at
+        construction (torchdyn users set ``model.t_span``: an attribute that nothing read was ignored)."""
+        return self.times
+
+    @t.setter
+    def t(self, value) -> None:
+        self.times = time_points("t", value)
+
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor of shape (N, *), got {type(x).__name__}.")

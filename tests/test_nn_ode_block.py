@@ -252,3 +252,12 @@ def test_the_times_can_be_read_and_set_as_t():
     torch.testing.assert_close(block(x), x * np.exp(-2.0), rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="t must be strictly increasing or strictly decreasing"):
         block.t = (1.0, 1.0)
+
+
+def test_an_interpolating_adjoint_the_method_cannot_serve_is_refused_where_the_block_is_built():
+    """It raised at the first forward pass, after the block had been built into a model."""
+    with pytest.raises(ValueError, match=r"Adjoint\(interpolate=True\) would differentiate along a piecewise-linear"):
+        ODEBlock(lambda t, z: -z, method="rk4", options={"step_size": 0.1},
+                 gradient=neuralode.Adjoint(interpolate=True))
+    ODEBlock(lambda t, z: -z, method="rk4", options={"step_size": 0.1, "interp": "cubic"},
+             gradient=neuralode.Adjoint(interpolate=True))

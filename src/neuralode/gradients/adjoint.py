@@ -107,6 +107,20 @@ class Adjoint(GradientStrategy):
         return replace(self, params=collect_parameters(func, adjoint_params),
                        callbacks=Callbacks.of(func, adjoint=True))
 
+    def check_forward_method(self, spec, method: str, options: dict) -> None:
+        """Refuse a forward method and options whose dense output the interpolating adjoint cannot use (called by
+        :meth:`run`, and by ODEBlock where it is built)."""
+        if not self.interpolate:
+            return
+        if spec.whole_span:
+            raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) needs the forward solve's dense output, "
+                             f"which method {method!r} does not keep step by step; use an adaptive method "
+                             "such as 'dopri5' or 'kvaerno5', or Adjoint() without interpolate")
+        if options.get("interp") == "linear" or (not spec.adaptive and "interp" not in options):
+            raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) would differentiate along a "
+                             "piecewise-linear y(t) on a fixed grid with interp='linear' (gradient errors of 1e-3 "
+                             "measured); pass options={'interp': 'cubic'} or use an adaptive method")
+
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if self.interpolate not in (False, True, "checkpoint"):
             raise ValueError(f"Adjoint(interpolate=...) must be False, True or 'checkpoint', got {self.interpolate!r}")
@@ -114,16 +128,7 @@ class Adjoint(GradientStrategy):
             raise ValueError(f"Adjoint(interpolate='checkpoint') replays the forward steps of a Runge-Kutta method; "
                              f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
                              "method switching): use interpolate=True, which keeps the whole dense output")
-        if self.interpolate:
-            spec = problem.spec
-            if spec.whole_span:
-                raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) needs the forward solve's dense output, "
-                                 f"which method {problem.method!r} does not keep step by step; use an adaptive method "
-                                 "such as 'dopri5' or 'kvaerno5', or Adjoint() without interpolate")
-            if kwargs["options"].get("interp") == "linear" or (not spec.adaptive and "interp" not in kwargs["options"]):
-                raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) would differentiate along a "
-                                 "piecewise-linear y(t) on a fixed grid with interp='linear' (gradient errors of 1e-3 "
-                                 "measured); pass options={'interp': 'cubic'} or use an adaptive method")
+        self.check_forward_method(problem.spec, problem.method, kwargs["options"])
         if self.callbacks is not None:
             spec = problem.backward.spec
             warn_unsupported(self.callbacks, spec.name, spec.callbacks, adjoint=True)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuralode.gradients import STRATEGY_HINT, GradientStrategy
+from neuralode.gradients import STRATEGY_HINT, Adjoint, GradientStrategy
 from neuralode.options import check_fixed_step_given, check_method, check_options
 from neuralode.solve import solve
 from neuralode.nn._checks import one_of, time_points, tolerance
@@ -156,6 +156,8 @@ class ODEBlock(nn.Module):
                 f"gradient must be one of {list(GRADIENTS)} or a gradient strategy object such as "
                 f"neuralode.Adjoint(rtol=1e-4), got {type(gradient).__name__}."
             )
+        elif isinstance(gradient, Adjoint):
+            gradient.check_forward_method(spec, method, self.options)   # here, not at the first forward pass
         self.gradient = gradient
         self.return_trajectory = bool(return_trajectory)
         if isinstance(adjoint_params, Tensor):

@@ -261,3 +261,9 @@ def test_an_interpolating_adjoint_the_method_cannot_serve_is_refused_where_the_b
                  gradient=neuralode.Adjoint(interpolate=True))
     ODEBlock(lambda t, z: -z, method="rk4", options={"step_size": 0.1, "interp": "cubic"},
              gradient=neuralode.Adjoint(interpolate=True))
+
+
+def test_times_on_the_meta_device_are_named():
+    """They raised torch's 'Cannot copy out of meta tensor; no data!'."""
+    with pytest.raises(ValueError, match="t is on the 'meta' device"):
+        ODEBlock(lambda t, z: -z, t=torch.tensor([0.0, 1.0], device="meta"))

@@ -78,6 +78,9 @@ def time_points(name: str, value: object) -> tuple[float, ...]:
             raise ValueError(f"{name} requires grad, but the layer keeps its times as fixed numbers and its gradient "
                              f"would be dropped without a word; pass {name}.detach(), or call neuralode.solve(func, "
                              f"x, {name}), which differentiates with respect to the times")
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is on the 'meta' device, whose tensors hold no values; give the times as numbers "
+                             f"or a tensor on 'cpu' (the layer keeps them as Python floats)")
         if value.dim() != 1:
             raise ValueError(
                 f"{name} must be a 1-D tensor of times or a pair (t0, t1), got a tensor of shape "

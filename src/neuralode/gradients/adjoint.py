@@ -28,7 +28,8 @@ from ..interpolation import horner
 from ..problem import Problem
 from ..solvers.compiled import CompiledRungeKutta
 from ..solvers.runge_kutta import ExplicitRungeKutta
-from .base import GradientStrategy, RunResult, collect_parameters, names_the_backward_solve, no_double_backward
+from .base import (GradientStrategy, RunResult, collect_parameters, nan_gradients, names_the_backward_solve,
+                   no_double_backward)
 from .checkpoint import _Checkpoints
 
 
@@ -172,14 +173,7 @@ class _AdjointSolve(torch.autograd.Function):
         outputs = outputs.reshape(outputs.shape[0], state_shape.numel())
         grad_outputs = grad_outputs.reshape(outputs.shape)
         if not bool(torch.isfinite(grad_outputs).all()):
-            # An infinite or NaN incoming gradient (an overflow under a loss scaler such as torch.amp.GradScaler,
-            # which then skips the step): no backward solve can carry it (the step size would collapse and the
-            # solve blamed the vector field). Backpropagation through the steps would give non-finite gradients;
-            # so does this, at once.
-            nan = float("nan")
-            return (None, None, None, None, None, None, torch.full(state_shape, nan, dtype=outputs.dtype,
-                                                                   device=outputs.device),
-                    *(torch.full_like(p, nan) for p in params))
+            return (None,) * 6 + nan_gradients(state_shape, outputs.dtype, outputs.device, params)
         n = outputs.shape[1]
         # (ctx keeps the forward source: a graph retained for a second backward needs it again, and ctx.integration
         # and ctx.kwargs hold the dense output and the checkpoints anyway)

@@ -118,6 +118,15 @@ def _grad_tensors_used_by(func) -> list:
     return found
 
 
+def nan_gradients(y0_shape, dtype, device, params) -> tuple:
+    """NaN gradients for ``y0`` and every parameter: what a backward pass returns for an infinite or NaN incoming
+    gradient (an overflowed loss under a loss scaler such as torch.amp.GradScaler, which then skips the step). No
+    backward solve can carry one (its step size collapses, and the solve blamed the vector field), and
+    backpropagation through the steps would give non-finite gradients too."""
+    nan = float("nan")
+    return (torch.full(y0_shape, nan, dtype=dtype, device=device), *(torch.full_like(p, nan) for p in params))
+
+
 def names_the_backward_solve(backward):
     """Wrap an adjoint ``Function.backward`` so that a solver failure says it came from the backward solve.
 

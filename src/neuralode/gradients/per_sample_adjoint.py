@@ -29,7 +29,7 @@ import torch
 
 from ..per_sample import PerSampleField, PerSampleNorm, integrate_per_sample
 from ..solvers.runge_kutta import linear_combination
-from .base import names_the_backward_solve
+from .base import nan_gradients, names_the_backward_solve
 
 
 class PerSampleAdjointRun:
@@ -168,10 +168,6 @@ class PerSampleAdjointFunction(torch.autograd.Function):
                                "gradient='direct' for higher derivatives")
         (outputs,) = ctx.saved_tensors
         if not bool(torch.isfinite(grad_outputs).all()):
-            # An overflowed loss under a loss scaler: non-finite gradients at once (see the adjoint's backward).
-            shape, dtype, device = ctx.y0_like
-            nan = float("nan")
-            return (None, None, torch.full(shape, nan, dtype=dtype, device=device),
-                    *(torch.full_like(p, nan) for p in ctx.params))
+            return (None, None) + nan_gradients(*ctx.y0_like, ctx.params)
         grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs)
         return (None, None, grad_y0, *grad_params)

@@ -157,6 +157,15 @@ class _CompiledStepper:
                 _KERNELS[(self.key, part)] = kernel
             self.kernels[part] = kernel
         self._norm_cache = None
+        # A compiled stepper serves one solve, which runs wholly inside a transform or wholly outside: read once
+        # here, not at every step.
+        self.under_transform = _under_transform()
+        if self.under_transform and self.verdict_key not in _TRANSFORM_WARNED:
+            _TRANSFORM_WARNED.add(self.verdict_key)
+            warnings.warn("compile=True: this solve runs under forward-mode AD or a torch.func transform (jvp, vmap, "
+                          "grad, jacrev, ...), which a compiled step cannot be called from; solving it eagerly (same "
+                          "results, without the speed-up). Solves outside the transform still compile.", UserWarning,
+                          stacklevel=4)
 
     @staticmethod
     def time_dtype(y0):
@@ -172,14 +181,7 @@ class _CompiledStepper:
     def usable(self, func) -> bool:
         """Whether this step may run compiled: wrapped fields (one-sided limits, the interpolating adjoint)
         are not compilable, a field that failed to trace stays eager, and so does a solve under a transform."""
-        if _under_transform():
-            # Not the field's fault: it stays compilable for solves outside the transform.
-            if self.verdict_key not in _TRANSFORM_WARNED:
-                _TRANSFORM_WARNED.add(self.verdict_key)
-                warnings.warn("compile=True: this solve runs under forward-mode AD or a torch.func transform (jvp, "
-                              "vmap, grad, jacrev, ...), which a compiled step cannot be called from; solving it "
-                              "eagerly (same results, without the speed-up). Solves outside the transform still "
-                              "compile.", UserWarning, stacklevel=5)
+        if self.under_transform:   # (not the field's fault: it stays compilable for solves outside the transform)
             return False
         return getattr(func, "compilable", False) and self.verdict_key not in _BROKEN
 

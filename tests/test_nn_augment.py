@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from neuralode.nn import Augment, AugmentedODEBlock, ConcatConv2d, ConcatLinear, TimeSequential, augment
+from neuralode.nn import Augment, AugmentedODEBlock, Autonomous, ConcatConv2d, ConcatLinear, TimeSequential, augment
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -51,3 +51,30 @@ def test_errors():
         for build in (lambda d: Augment(1, dim=d), lambda d: AugmentedODEBlock(lambda t, z: -z, 1, dim=d)):
             with pytest.raises(TypeError, match="dim must be an int"):
                 build(bad)
+
+
+def test_a_field_of_the_input_width_is_told_the_augmented_width():
+    # The usual mistake: a field of the input's width D where it sees D + augment_dim. torch's error names matrix
+    # sizes only; the notes name the first evaluation, the state's shape and the augmented width.
+    for field, error in ((torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)),
+                          "shapes cannot be multiplied"),
+                         (TimeSequential(ConcatLinear(2, 8), torch.nn.Tanh(), ConcatLinear(8, 2)),
+                          r"x must have shape \(\*, 2\)")):
+        block = AugmentedODEBlock(field if isinstance(field, TimeSequential) else Autonomous(field), augment_dim=3)
+        with pytest.raises((RuntimeError, ValueError), match=error) as info:
+            block(torch.randn(4, 2))
+        notes = "\n".join(getattr(info.value, "__notes__", [str(info.value)]))
+        assert "first evaluation func(t0, y0), with y0 of shape (4, 5)" in notes
+        assert "2 + augment_dim=3 = 5 along dim 1" in notes
+    # an error later in the solve, or of another kind, is passed on without the block's note
+    calls = []
+
+    def fails_later(t, z):
+        calls.append(t)
+        if len(calls) > 3:
+            raise RuntimeError("the field's own failure")
+        return -z
+
+    with pytest.raises(RuntimeError, match="the field's own failure") as info:
+        AugmentedODEBlock(fails_later, augment_dim=1)(torch.randn(4, 2))
+    assert not getattr(info.value, "__notes__", [])

@@ -79,3 +79,13 @@ def closest(name: str, choices) -> str:
 
     match = difflib.get_close_matches(str(name), list(choices), n=1)
     return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """``error.add_note(note)``: context for an exception raised by the user's code, which is passed on unchanged
+    otherwise. Python 3.10 has no ``add_note``; there the note goes into the message of a one-argument exception
+    (torch's shape errors are such), else it is dropped."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    elif len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{note}",)

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, StepSizeUnderflowError
+from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
 from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
@@ -141,8 +141,8 @@ def _first_evaluation(field, y0, times):
         out = field.func(t0, y0.to(field.user_dtype) if field.cast else y0)
     except RuntimeError as error:
         # Most often a field written for a scalar t (torch.cos(t) * y): keep the user's error, say why t differs.
-        error.add_note(f"neuralode: in per-sample mode func(t, y) receives t of shape {tuple(t0.shape)}, one time "
-                       "per sample; broadcast it against the state, e.g. t.view(-1, *[1] * (y.dim() - 1))")
+        add_note(error, f"neuralode: in per-sample mode func(t, y) receives t of shape {tuple(t0.shape)}, one time "
+                        "per sample; broadcast it against the state, e.g. t.view(-1, *[1] * (y.dim() - 1))")
         raise
     field.nfe += 1
     if check_derivative("func(t, y)", out, y0.shape, field.user_dtype, " (t has shape (batch,) in per-sample mode)"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._errors import NonFiniteError, NonFiniteInputError
+from ._errors import NonFiniteError, NonFiniteInputError, add_note
 from ._numbers import real_number
 
 _NUMBER = (int, float)
@@ -371,6 +371,9 @@ def _takes_two_arguments(func) -> bool:
     return True
 
 
+FIRST_EVALUATION_NOTE = "neuralode: raised by the first evaluation"
+
+
 def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
     """Evaluate ``func`` once and check what it returns, so a wrong shape fails here and clearly."""
     try:
@@ -383,6 +386,12 @@ def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
         raise TypeError(f"func is called as func(t, y), but {name} does not take two arguments ({error}); for a "
                         "field of the state alone wrap it: neuralode.nn.Autonomous(module), or "
                         "lambda t, y: f(y)") from error
+    except (RuntimeError, ValueError) as error:
+        # torch's shape errors name matrix sizes, not the state: say which call and which state it was
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+        add_note(error, f"{FIRST_EVALUATION_NOTE} func(t0, y0), with y0 of shape {shapes} ({parts[0].dtype}): "
+                        "the field must accept the state's shape and return a derivative of the same shape")
+        raise
     field.nfe += 1
     expected = parts if is_tuple else (parts[0],)
     got = tuple(out) if (is_tuple and isinstance(out, (tuple, list))) else (out,)

@@ -335,7 +335,21 @@ class AugmentedODEBlock(ODEBlock):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a Tensor of shape (N, *), got {type(x).__name__}.")
-        return super().forward(augment(x, self.augment_dim, self.augment_axis))
+        augmented = augment(x, self.augment_dim, self.augment_axis)
+        try:
+            return super().forward(augmented)
+        except (RuntimeError, ValueError) as error:
+            from neuralode._errors import add_note
+            from neuralode.problem import FIRST_EVALUATION_NOTE
+
+            notes = [*getattr(error, "__notes__", ()), str(error)]
+            if any(FIRST_EVALUATION_NOTE in note for note in notes):
+                # the usual mistake: a field built for the input's width, not the augmented one
+                width = x.shape[self.augment_axis]   # augment() has checked the axis
+                add_note(error, f"AugmentedODEBlock: func acts on the augmented state, {width} + augment_dim="
+                                f"{self.augment_dim} = {augmented.shape[self.augment_axis]} along dim "
+                                f"{self.augment_axis} (input {tuple(x.shape)}, state {tuple(augmented.shape)})")
+            raise
 
     def extra_repr(self) -> str:
         return f"augment_dim={self.augment_dim}, dim={self.augment_axis}, " + super().extra_repr()

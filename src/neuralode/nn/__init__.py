@@ -1,7 +1,8 @@
 """Neural-network building blocks for neural ODEs.
 
 - time-dependent layers for vector fields: :class:`ConcatLinear`, :class:`ConcatConv1d`,
-  :class:`ConcatConv2d`, :class:`TimeSequential`, :class:`Autonomous`;
+  :class:`ConcatConv2d`, :class:`TimeSequential`, :class:`Autonomous`,
+  :class:`SecondOrder` (second-order dynamics);
 - :class:`ODEBlock`, a neural ODE as a layer, and :class:`AugmentedODEBlock` / :class:`Augment`
   (augmented neural ODEs, Dupont et al. 2019);
 - kinetic-energy and Jacobian-Frobenius regularisers accumulated during the solve (Finlay et al.
@@ -16,6 +17,7 @@ from neuralode.nn.layers import (
     ConcatConv1d,
     ConcatConv2d,
     ConcatLinear,
+    SecondOrder,
     TimeDependentModule,
     TimeSequential,
 )
@@ -33,6 +35,7 @@ __all__ = [
     "ODEBlock",
     "PROBES",
     "RegularisedDynamics",
+    "SecondOrder",
     "TimeDependentModule",
     "TimeSequential",
     "augment",

@@ -20,7 +20,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from neuralode.nn._checks import positive_int
+from neuralode.nn._checks import axis, positive_int
 
 __all__ = [
     "TimeDependentModule",
@@ -29,6 +29,7 @@ __all__ = [
     "ConcatConv2d",
     "TimeSequential",
     "Autonomous",
+    "SecondOrder",
 ]
 
 
@@ -252,3 +253,53 @@ class Autonomous(TimeDependentModule):
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         return self.module(x)
+
+
+class SecondOrder(TimeDependentModule):
+    """A second-order neural ODE ``x'' = g(t, x, x')`` as the first-order field of ``z = [x, v]``.
+
+    ``f(t, z) = [v, g(t, z)]`` with ``z`` split into halves along ``dim``: the field returns the velocity and
+    the acceleration the module predicts from the whole state (Norcliffe et al. 2020; torchdyn's
+    ``NeuralODE(..., order=2)``). Solve it from ``z0 = torch.cat([x0, v0], dim)``; for a learnt initial velocity,
+    augment: ``AugmentedODEBlock(SecondOrder(g), augment_dim=D)`` starts from ``v0 = 0``.
+
+    Parameters
+    ----------
+    module : callable
+        ``g(t, z)``: the acceleration, of the shape of ``x`` (half of ``z`` along ``dim``). A module of ``z`` alone
+        goes in :class:`Autonomous`.
+    dim : int, default 1
+        The dimension that holds ``[x, v]``: features of ``(N, 2D)``, channels of ``(N, 2C, *)``.
+
+    Shape
+    -----
+    - input ``z``: ``(N, 2D)`` or ``(N, 2C, *)``; output: the same.
+
+    References
+    ----------
+    A. Norcliffe, C. Bodnar, B. Day, N. Simidjievski, P. Liò, "On Second Order Behaviour in Augmented Neural
+    ODEs", NeurIPS 2020. https://arxiv.org/abs/2006.07220
+    """
+
+    def __init__(self, module, dim: int = 1) -> None:
+        super().__init__()
+        if not callable(module):
+            raise TypeError(f"module must be a callable g(t, z), got {type(module).__name__}.")
+        self.module = module
+        self.dim = axis("dim", dim)
+
+    def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
+        size = z.shape[self.dim] if -z.ndim <= self.dim < z.ndim else None
+        if size is None or size % 2:
+            raise ValueError(f"SecondOrder: the state [x, v] must have an even size along dim={self.dim}, got "
+                             f"shape {tuple(z.shape)}; start from torch.cat([x0, v0], dim={self.dim})")
+        velocity = z.narrow(self.dim, size // 2, size // 2)
+        acceleration = self.module(t, z)
+        if not isinstance(acceleration, Tensor) or acceleration.shape != velocity.shape:
+            got = tuple(acceleration.shape) if isinstance(acceleration, Tensor) else type(acceleration).__name__
+            raise ValueError(f"SecondOrder: module(t, z) must return the acceleration, of shape "
+                             f"{tuple(velocity.shape)} (half of z along dim={self.dim}), got {got}")
+        return torch.cat([velocity, acceleration], self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"

@@ -188,6 +188,62 @@ def test_a_failing_sample_is_named_and_throw_false_keeps_the_others():
     torch.testing.assert_close(solution.ys[1:2, 0, 0], 0.1 / (1 - 0.1 * t[1:2]), rtol=1e-6, atol=0)
 
 
+def test_a_failed_sample_stops_alone_and_each_sample_has_its_status():
+    # Sample 1 fails at t = 0.5; sample 2 (y0 = 0.9, blow-up at 1.11) takes many more steps to reach t = 1, and
+    # goes on after sample 1 has failed, as if solved alone. One status per sample says which to keep.
+    y0 = torch.tensor([[0.1], [2.0], [0.9]], dtype=f64)
+    t = torch.linspace(0, 1, 6, dtype=f64)
+    solution = solve(lambda t, y: y * y, y0, t, method="dopri5", per_sample=True, throw=False, rtol=1e-9, atol=1e-9)
+    assert not solution.success and solution.status == solution.sample_status[1] != "success"
+    assert solution.sample_status[0] == solution.sample_status[2] == "success"
+    assert solution.sample_success.tolist() == [True, False, True]
+    exact = y0[:, 0] / (1 - y0[:, 0] * t.unsqueeze(1))
+    torch.testing.assert_close(solution.ys[:, [0, 2], 0], exact[:, [0, 2]], rtol=1e-7, atol=0)
+    assert bool(torch.isnan(solution.ys[-1, 1]).all())
+    # two failures: the message counts them; fixed grids report every sample's status too
+    two = solve(lambda t, y: y * y, torch.tensor([[2.0], [0.1], [3.0]], dtype=f64), t, per_sample=True, throw=False)
+    assert "2 of 3 samples failed: 0, 2" in two.message and two.sample_success.tolist() == [False, True, False]
+    rates = torch.tensor([[1.0], [100.0]], dtype=f64)
+    fixed = solve(lambda t, y: -rates * y, torch.ones(2, 1, dtype=f64), torch.linspace(0, 40, 5, dtype=f64),
+                  method="rk4", options={"step_size": 0.5}, per_sample=True, throw=False)
+    assert fixed.sample_status == ("success", "non_finite")
+    assert solve(lambda t, y: -y, torch.ones(2, 1, dtype=f64), t, per_sample=True).sample_status == ("success",) * 2
+    with pytest.raises(ValueError, match="per_sample=True"):
+        solve(lambda t, y: -y, torch.ones(2, 1, dtype=f64), t).sample_success
+
+
+@pytest.mark.parametrize("method, options", [("dopri5", {}), ("rk4", {"step_size": 0.05})])
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+def test_gradients_after_a_sample_failed_match_backpropagation(gradient, method, options):
+    # (and backpropagation itself is finite: the assertion on got covers both)
+    # The loss reads every output that exists, the failed sample's early ones included: the adjoint solves that
+    # sample back from its last reached output, the others from the end, and none of them is poisoned by the NaNs.
+    def gradients(strategy):
+        rate = torch.tensor(1.0, dtype=f64, requires_grad=True)
+        y0 = torch.tensor([[0.1], [2.0 if method == "dopri5" else 0.3], [-1.0], [0.5]], dtype=f64, requires_grad=True)
+        # dopri5: sample 1 blows up at t = 0.5. On rk4's fixed grid the discrete gradient near a blow-up is not the
+        # adjoint's, so there sample 1's field turns NaN after t = 0.5 instead: backpropagation through the steps
+        # then gave NaN for every gradient before the field was guarded (0 x NaN in the rejected steps' graphs).
+        switch = torch.tensor([[0.0], [1.0], [0.0], [0.0]], dtype=f64) * (method == "rk4")
+
+        def field(t, y):
+            broken = (t.reshape(-1, 1) > 0.5) & (switch > 0)
+            return rate * y * y + torch.where(broken, torch.full_like(y, math.nan), torch.zeros_like(y))
+
+        solution = solve(field, y0, torch.linspace(0, 1, 6, dtype=f64), method=method, options=options,
+                         per_sample=True, throw=False, gradient=strategy, adjoint_params=(rate,), rtol=1e-10,
+                         atol=1e-10)
+        assert solution.sample_success.tolist() == [True, False, True, True]
+        finite = torch.isfinite(solution.ys)
+        assert 1 < int(finite[:, 1].sum()) < 6                     # the failed sample reached some outputs
+        (solution.ys[finite] ** 2).sum().backward()
+        return y0.grad, rate.grad
+
+    for got, want in zip(gradients(gradient), gradients("direct")):
+        assert bool(torch.isfinite(got).all()) and bool(torch.isfinite(want).all())
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 def test_an_unstable_fixed_step_is_reported_not_returned():
     y0 = torch.ones(2, 1, dtype=f64)
     rates = torch.tensor([1.0, 100.0], dtype=f64).unsqueeze(1)   # h = 0.5 is far beyond rk4's limit for 100
@@ -419,3 +475,20 @@ def test_per_sample_nan_just_past_the_state_is_a_non_finite_error():
     with pytest.raises(neuralode.NonFiniteError, match="sample 0"):
         neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method="tsit5", per_sample=True,
                         options={"max_num_steps": 3000})
+
+
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "adjoint"])
+def test_a_trial_step_into_nan_leaves_the_gradients_finite(gradient):
+    # y' = -k sqrt(y) reaches 0 at t = 2 sqrt(y0) / k; the long first step overshoots below 0 for sample 1 and its
+    # trial step is NaN (rejected, the solve succeeds). Backpropagation through the steps used to return NaN for
+    # that sample and for k: the rejected step's NaN partial derivatives times its zero cotangent.
+    k = torch.tensor(1.0, dtype=f64, requires_grad=True)
+    y0 = torch.tensor([[1.0], [0.5]], dtype=f64, requires_grad=True)
+    end = 1.35
+    solution = solve(lambda t, y: -k * torch.sqrt(y), y0, torch.tensor([0.0, end], dtype=f64), per_sample=True,
+                     gradient=gradient, adjoint_params=(k,), rtol=1e-8, atol=1e-10, options={"first_step": 1.0})
+    assert solution.success and int(solution.stats["n_rejected"][1]) > 0
+    solution.ys[-1].sum().backward()
+    root = y0.detach().sqrt() - end / 2                         # sqrt(y(end)), k = 1
+    torch.testing.assert_close(y0.grad, root / y0.detach().sqrt(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(k.grad, (-end * root).sum(), rtol=1e-5, atol=0)

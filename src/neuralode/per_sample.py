@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, StepSizeUnderflowError, add_note
+from ._errors import MaxStepsError, Status, NonFiniteError, NonFiniteInputError, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
 from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
@@ -212,8 +212,46 @@ def _fixed_step_counts(tau0, tau_end, step):
     return torch.where(whole, nearest, torch.ceil(n)).clamp_min(1)
 
 
+def _sample_failure(sample, underflow, t_fail, y, y0, non_finite_last, max_num_steps):
+    """The SolverError of one sample whose step shrank to nothing (``underflow``) or that ran out of steps."""
+    magnitude, initial = float(y.detach().abs().max()), float(y0.detach().abs().max())
+    if underflow and magnitude > _DIVERGENCE_GROWTH * max(1.0, initial):
+        return NonFiniteError(
+            f"the solution of sample {sample} diverges to infinity near t={t_fail}: |y| reached {magnitude:.3g} "
+            f"(over {_DIVERGENCE_GROWTH:.0e} times its initial size) while its step shrank to nothing. The ODE has a "
+            "finite-time blow-up there; check the vector field and its parameters", t=t_fail)
+    if underflow and non_finite_last:
+        return NonFiniteError(
+            f"non-finite values (NaN or inf) appeared in the vector field evaluations of sample {sample} at "
+            f"t={t_fail}; shrinking its step did not avoid them. The vector field likely blows up near this time: "
+            "check it (and its parameters) there", t=t_fail)
+    if underflow:
+        return StepSizeUnderflowError(
+            f"step size underflow in sample {sample} at t={t_fail}: its step shrank below the resolution of the "
+            "time variable. The solution may blow up there, or the problem is stiff; loosen rtol/atol, set "
+            "min_step, or check the vector field", t=t_fail)
+    return MaxStepsError(
+        f"sample {sample} reached the maximum number of steps (max_num_steps={max_num_steps}) at t={t_fail}; raise "
+        "it with options={'max_num_steps': N}, loosen rtol/atol, or check whether the problem is stiff", t=t_fail)
+
+
+def _first_failure(failures: dict, batch: int):
+    """The error a solve with failed samples reports: the first failure, naming how many failed, with every
+    sample's status in ``sample_status`` (``None`` when every sample succeeded)."""
+    if not failures:
+        return None
+    first = next(iter(failures.values()))
+    if len(failures) > 1:
+        listed = sorted(failures)
+        shown = ", ".join(map(str, listed[:10])) + (", ..." if len(listed) > 10 else "")
+        first = type(first)(f"{first} ({len(failures)} of {batch} samples failed: {shown}; "
+                            "Solution.sample_status has each one's status)", t=first.t)
+    first.sample_status = tuple(failures[b].status if b in failures else Status.SUCCESS for b in range(batch))
+    return first
+
+
 def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
-                         linear=False, throw=True, on_step=None, jump=None, record=None):
+                         linear=False, throw=True, on_step=None, jump=None, record=None, start=None):
     """Integrate every sample of ``y0`` (shape ``(batch, *shape)``) over its own output times.
 
     ``taus``: internal times ``direction * t``, float64 of shape ``(batch, n)``, increasing rows.
@@ -231,15 +269,20 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     placement compared them), the accepted mask, the output writes ``(column, wanted)``
     of shape ``(batch, J)`` (or ``None``) and the state after it: enough to replay the iteration exactly (the
     per-sample checkpoint strategy).
+    ``start`` (LongTensor ``(batch,)``, default all 0): the output column each sample starts from, with ``y0``
+    its state there; the earlier columns stay NaN (the per-sample adjoint starts a sample that failed forward at
+    the last output it reached).
     Returns ``(outputs (n, batch, *shape), stats, error)``; outputs a sample never reached (after a failure
-    with ``throw=False``) are NaN.
+    with ``throw=False``) are NaN. ``error`` is the first sample's failure, with ``error.sample_status`` the
+    status of every sample.
     """
     batch, n = taus.shape
     device = y0.device
     view = (batch,) + (1,) * (y0.ndim - 1)
     samples = torch.arange(batch, device=device)
     taus = taus.to(device)
-    tau = taus[:, 0].clone()
+    first = torch.zeros(batch, dtype=torch.long, device=device) if start is None else start.to(device)
+    tau = taus.gather(1, first.unsqueeze(1)).squeeze(1)
     tau0, tau_end = tau.clone(), taus[:, -1]
     adaptive = control is not None
     max_num_steps = control.max_num_steps if adaptive else math.inf   # a fixed grid is finite
@@ -250,8 +293,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     values = [y0]
     n_rows = batch
     table = torch.full((n + 1, batch), -1, dtype=torch.long, device=device)
-    table[0] = samples                                     # output 0 of every sample is y0 (rows 0..batch-1)
-    next_out = torch.ones(batch, dtype=torch.long, device=device)
+    table[first, samples] = samples                        # the first output of every sample is y0 (rows 0..batch-1)
+    next_out = first + 1
     counts = {name: torch.zeros(batch, dtype=torch.long, device=device)
               for name in ("n_steps", "n_accepted", "n_rejected")}
     done = tau >= tau_end
@@ -265,10 +308,13 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     else:
         n_fixed = _fixed_step_counts(tau0, tau_end, step_size)
         step_index = torch.zeros_like(tau)
-    error = None
+        broke_at = torch.full_like(tau, math.nan)   # where a sample's fixed step first went non-finite
+    failures = {}   # sample -> its SolverError, in the order they happened
     iterations = 0
     non_finite_last = torch.zeros_like(done)   # was a sample's last rejection caused by NaN or inf?
     running = int((~done).sum())
+    # A solve that keeps its graph (gradient="direct") must not keep a step whose values are not finite: see below.
+    keeps_graph = torch.is_grad_enabled()
 
     while running:
         iterations += 1
@@ -300,11 +346,18 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
                 total = total.real + total.imag
             ratio = torch.where(torch.isfinite(total), ratio, torch.full_like(ratio, math.nan))
             finite = torch.isfinite(ratio)
+            non_finite = active & ~finite
             # (the history is updated below, for the active samples only)
             accept, h_next, remembered, remembered_older = control.adapt_on_device(
                 h, ratio, outcome.error_order, previous, older, pinned)
         else:
-            accept = torch.ones_like(active)
+            # A fixed grid accepts every finite step. A sample whose step is not finite stops there (it counts as
+            # done, its state stays finite): stepping on through NaN would poison every gradient that flows back
+            # through its later steps, which backpropagation multiplies by zero only to get NaN.
+            total = y1.detach().reshape(batch, -1).sum(dim=1)
+            accept = torch.isfinite(total.real + total.imag if total.is_complex() else total)
+            non_finite = active & ~accept
+            broke_at = torch.where(non_finite & torch.isnan(broke_at), tau, broke_at)
             underflow = torch.zeros_like(active)
         accepted = active & accept
         if on_step is not None:
@@ -315,11 +368,21 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         tau_next = torch.where(accepted, tau1, tau)
         passed = torch.searchsorted(taus, tau1.unsqueeze(1), right=True).squeeze(1)
         new_outputs = torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
-        done_next = tau_next >= tau_end
+        done_next = tau_next >= tau_end if adaptive else (tau_next >= tau_end) | ~torch.isnan(broke_at)
         over_budget = ~done_next & (counts["n_steps"] >= max_num_steps)
         # The one host read of the step.
-        most_outputs, running, n_underflow, n_over = torch.stack(
-            [new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum()]).tolist()
+        most_outputs, running, n_underflow, n_over, n_non_finite = torch.stack(
+            [new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(), non_finite.sum()]).tolist()
+        if keeps_graph and n_non_finite:
+            # The rows this step rejects hold NaN or inf, and so do the partial derivatives in their part of the
+            # graph: backpropagation multiplies those by the rows' zero cotangents and gets NaN, in every gradient
+            # (a successful solve whose trial step overshot into sqrt of a negative number returned NaN gradients).
+            # Taken again with those rows standing still (h = 0: their stages are their current, finite state),
+            # the step keeps the other rows' values and a finite graph. Rare: only steps that met non-finite values.
+            h_still = torch.where(non_finite, torch.zeros_like(h_step), h_step)
+            outcome = stepper.step(field, t_start.view(view), y, f, (direction * h_still).view(view),
+                                   norm if adaptive else None)
+            y1 = outcome.y1
 
         writes = None
         if most_outputs > 0:
@@ -341,34 +404,16 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         if record is not None:   # (also for a step that fails below: its outputs were written)
             record(t_start, direction * h_step, tau1, accepted, writes, torch.where(accepted.view(view), y1, y))
         if n_underflow or n_over:
-            bad = underflow if n_underflow else over_budget
-            sample = int(bad.nonzero()[0, 0])
-            t_fail = direction * float(tau[sample])
-            magnitude, initial = float(y[sample].detach().abs().max()), float(y0[sample].detach().abs().max())
-            if n_underflow and magnitude > _DIVERGENCE_GROWTH * max(1.0, initial):
-                error = NonFiniteError(
-                    f"the solution of sample {sample} diverges to infinity near t={t_fail}: |y| reached "
-                    f"{magnitude:.3g} (over {_DIVERGENCE_GROWTH:.0e} times its initial size) while its step shrank "
-                    "to nothing. The ODE has a finite-time blow-up there; check the vector field and its parameters",
-                    t=t_fail)
-            elif n_underflow and bool(non_finite_last[sample]):
-                error = NonFiniteError(
-                    f"non-finite values (NaN or inf) appeared in the vector field evaluations of sample {sample} at "
-                    f"t={t_fail}; shrinking its step did not avoid them. The vector field likely blows up near this "
-                    "time: check it (and its parameters) there", t=t_fail)
-            elif n_underflow:
-                error = StepSizeUnderflowError(
-                    f"step size underflow in sample {sample} at t={t_fail}: its step shrank below the resolution "
-                    "of the time variable. The solution may blow up there, or the problem is stiff; loosen "
-                    "rtol/atol, set min_step, or check the vector field", t=t_fail)
-            else:
-                error = MaxStepsError(
-                    f"sample {sample} reached the maximum number of steps (max_num_steps={max_num_steps}) at "
-                    f"t={t_fail}; raise it with options={{'max_num_steps': N}}, loosen rtol/atol, or check whether "
-                    "the problem is stiff", t=t_fail)
-            if throw:
-                raise error
-            break
+            # One sample's failure is its own: with throw=False it is retired (its later outputs stay NaN) and
+            # the others go on, as if each were solved alone.
+            for sample in (underflow | over_budget).nonzero()[:, 0].tolist():
+                failures[sample] = _sample_failure(sample, bool(underflow[sample]), direction * float(tau[sample]),
+                                                   y[sample], y0[sample], bool(non_finite_last[sample]),
+                                                   max_num_steps)
+                if throw:
+                    raise failures[sample]
+            done_next = done_next | underflow | over_budget
+            running = int((~done_next).sum())
         # Advance the samples whose step was accepted; the others keep their state and try again.
         y = torch.where(accepted.view(view), y1, y)
         if outcome.f1 is not None:
@@ -394,21 +439,18 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
 
     table = table[:n]
     outputs = torch.cat(values)[table.clamp_min(0)]                                  # (n, batch, *shape)
-    if not adaptive and error is None:
-        # A fixed grid accepts every step: non-finite values are found here, once, as in the joint loop.
-        finite = torch.isfinite(outputs.detach().reshape(n, batch, -1)).all(dim=2)      # (n, batch)
-        if not bool(finite.all()):
-            column, sample = (int(i) for i in (~finite).nonzero()[0])
-            t_bad = direction * float(taus[sample, column])
-            error = NonFiniteError(
-                f"the solution of sample {sample} became NaN or infinite by t={t_bad} (its first non-finite output); "
-                "the vector field blew up or the fixed step is too large for this problem: reduce step_size or "
-                "use an adaptive method", t=t_bad)
+    if not adaptive:
+        broken = ~torch.isnan(broke_at)
+        for sample in broken.nonzero()[:, 0].tolist():
+            t_bad = direction * float(broke_at[sample])
+            failures[sample] = NonFiniteError(
+                f"the solution of sample {sample} became NaN or infinite in its fixed step from t={t_bad}; the vector "
+                "field blew up or the fixed step is too large for this problem: reduce step_size or use an adaptive "
+                "method", t=t_bad)
             if throw:
-                raise error
-            # As with throw=False elsewhere: a sample's outputs end where it was last finite.
-            table = torch.where(finite.cumprod(dim=0).bool(), table, torch.full_like(table, -1))
-    if error is not None:
+                raise failures[sample]
+    error = _first_failure(failures, batch)
+    if error is not None or start is not None:
         missing = (table < 0).view(n, *view)
         outputs = torch.where(missing, torch.full_like(outputs, math.nan), outputs)
     stats = {"nfe": field.nfe, "n_iterations": iterations, **counts}

@@ -34,6 +34,9 @@ class Solution:
     events : list of EventRecord
         Every occurrence of the ``events`` given to :func:`~neuralode.solve`, in time order (with
         ``event_fn``: its one terminal occurrence).
+    sample_status : tuple of Status, or None
+        ``per_sample=True``: each sample's own status (a failed sample stops alone; the others go on), so that
+        a loss can leave the failed ones out (``sample_success``). ``None`` for a joint solve.
     """
 
     ts: torch.Tensor
@@ -44,6 +47,7 @@ class Solution:
     event_t: torch.Tensor | None = None
     event_y: object = None
     events: list = field(default_factory=list)
+    sample_status: tuple | None = None
     _dense: object = field(default=None, repr=False)
     _unflatten: object = field(default=None, repr=False)
     _dtype: torch.dtype | None = field(default=None, repr=False)  # the user's dtype, if the loop's differs
@@ -51,6 +55,15 @@ class Solution:
     @property
     def success(self) -> bool:
         return self.status in (Status.SUCCESS, Status.EVENT)
+
+    @property
+    def sample_success(self) -> torch.Tensor:
+        """``per_sample=True``: a bool tensor ``(batch,)``, True where the sample reached all its output times."""
+        if self.sample_status is None:
+            raise ValueError("sample_success is for per_sample=True solves; a joint solve has one status, "
+                             "Solution.success")
+        device = (self.ys[0] if isinstance(self.ys, tuple) else self.ys).device
+        return torch.tensor([s == Status.SUCCESS for s in self.sample_status], dtype=torch.bool, device=device)
 
     def evaluate(self, t) -> object:
         """Dense output at ``t`` (a float, or a tensor of any shape) anywhere in the solved span.

@@ -315,9 +315,10 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
     if field.cast:
         outputs = outputs.to(field.user_dtype)
     status, message = Status.SUCCESS, "Every sample reached the end of its interval."
+    sample_status = (Status.SUCCESS,) * state.shape[0]
     if error is not None:
-        status, message = error.status, str(error)
-    return Solution(ts=t, ys=outputs, stats=stats, status=status, message=message)
+        status, message, sample_status = error.status, str(error), error.sample_status
+    return Solution(ts=t, ys=outputs, stats=stats, status=status, message=message, sample_status=sample_status)
 
 
 def _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direction, norm, throw):

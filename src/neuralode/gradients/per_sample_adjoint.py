@@ -41,9 +41,18 @@ class PerSampleAdjointRun:
         self.taus, self.direction = taus, direction
         self.rtol, self.atol, self.stats, self.throw = rtol, atol, stats, throw
 
-    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor):
-        """``dL/dy0`` and ``dL/dtheta`` from ``dL/d outputs`` (both shaped ``(n, batch, *shape)``)."""
+    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor, reached: torch.Tensor | None = None):
+        """``dL/dy0`` and ``dL/dtheta`` from ``dL/d outputs`` (both shaped ``(n, batch, *shape)``). ``reached``
+        ``(n, batch)``: the outputs each sample reached (a prefix; all of them unless the forward solve failed
+        with ``throw=False``); a sample that failed is solved back from the last output it reached."""
         n, batch = outputs.shape[:2]
+        samples = torch.arange(batch, device=outputs.device)
+        last = None
+        if reached is not None and not bool(reached.all()):
+            last = reached.sum(dim=0) - 1                                    # (batch,), >= 0: y0 is reached
+            # The unreached outputs are NaN; the last reached state stands in for them (never integrated from).
+            mask = reached.view(n, batch, *([1] * (outputs.ndim - 2)))
+            outputs = torch.where(mask, outputs, outputs[last, samples].unsqueeze(0))
         state_shape = outputs.shape[1:]
         times = self.direction * self.taus                                   # (batch, n), real time
         a_params = [torch.zeros_like(p) for p in self.params]
@@ -56,13 +65,14 @@ class PerSampleAdjointRun:
         def pack(y, a):
             return torch.cat([y.reshape(flat), a.reshape(flat)], dim=1)
 
-        def run(span, z0, jump=None):
-            f0 = field(span[:, 0].reshape(batch, 1), z0)
+        def run(span, z0, jump=None, start=None):
+            begin = span[:, 0] if start is None else span.gather(1, start.unsqueeze(1)).squeeze(1)
+            f0 = field(begin.reshape(batch, 1), z0)
             with torch.no_grad():
                 ends, stats, _ = integrate_per_sample(
                     field, self.stepper, self.control, z0, f0, -self.direction * span, -self.direction,
                     PerSampleNorm(self.rtol, self.atol), step_size=self.step_size, throw=self.throw,
-                    on_step=hook if self.params else None, jump=jump)
+                    on_step=hook if self.params else None, jump=jump, start=start)
             self.stats["n_iterations_backward"] = self.stats.get("n_iterations_backward", 0) + stats["n_iterations"]
             return ends
 
@@ -78,18 +88,31 @@ class PerSampleAdjointRun:
 
             def jump(z, columns, landed):
                 k = reverse[columns.clamp_max(n - 1)]          # forward index of the output each sample landed on
-                samples = torch.arange(batch, device=z.device)
                 y_k = outputs[k, samples].reshape(flat)
                 a = z[:, half:] + grad_outputs[k, samples].reshape(flat)
                 return torch.cat([y_k, a], dim=1)
 
-            ends = run(span, pack(outputs[-1], grad_outputs[-1]), jump)
+            if last is None:
+                ends = run(span, pack(outputs[-1], grad_outputs[-1]), jump)
+            else:
+                # Each sample from its last reached output (column n-1-last of the reversed times), dL/dy there
+                # already in a; a sample that reached only y0 starts at the end and takes dL/dy0 below.
+                a_last = torch.where((last > 0).view(batch, *([1] * (outputs.ndim - 2))),
+                                     grad_outputs[last, samples], torch.zeros_like(grad_outputs[0]))
+                ends = run(span, pack(outputs[last, samples], a_last), jump, start=n - 1 - last)
             a = ends[-1][:, half:].reshape(state_shape) + grad_outputs[0]
         else:
             # A fixed grid: one backward solve per interval t_k -> t_{k-1}, restarted at each output time.
             a = grad_outputs[-1]
             for k in range(n - 1, 0, -1):
-                ends = run(torch.stack([times[:, k], times[:, k - 1]], dim=1), pack(outputs[k], a))
+                span, skip = torch.stack([times[:, k], times[:, k - 1]], dim=1), None
+                if last is not None:
+                    # A sample whose last reached output is before t_k starts this interval done, keeping its a;
+                    # its one evaluation is at its last reached time and state, where the field is defined.
+                    skip = last < k
+                    t_last = times.gather(1, last.unsqueeze(1)).expand(-1, 2)
+                    span, skip = torch.where(skip.unsqueeze(1), t_last, span), skip.long()
+                ends = run(span, pack(outputs[k], a), start=skip)
                 a = ends[-1][:, half:].reshape(state_shape) + grad_outputs[k - 1]
         self.stats["nfe_backward"] = self.stats.get("nfe_backward", 0) + field.nfe + hook.nfe
         return a, a_params
@@ -130,15 +153,17 @@ class _ParameterQuadrature:
         ks, batch = outcome.stages, z0.shape[0]
         half = z0.shape[1] // 2
         real = z0.real.dtype if z0.is_complex() else z0.dtype
-        keep = accepted.view(batch, 1).to(real)
+        keep = accepted.view(batch, 1)
         values, cotangents = [], []
         with torch.enable_grad():
             for i, b in self.weights:
                 c, terms = self.rows[i]
                 zi = z0 if not terms else linear_combination(z0, h, ks, terms)
-                y = zi[:, :half].reshape(self.state_shape).detach()
+                # A rejected sample's stages may not be finite: it is evaluated at its start state with a zero
+                # cotangent (by where, not by multiplying: 0 * NaN would make every parameter's gradient NaN).
+                y = torch.where(keep, zi[:, :half], z0[:, :half]).reshape(self.state_shape).detach()
                 values.append(self.func((t0 + c * h).reshape(-1).to(real), y))
-                cotangent = zi[:, half:] * (-(h * b).to(real) * keep)
+                cotangent = torch.where(keep, zi[:, half:] * (-(h * b).to(real)), torch.zeros_like(zi[:, half:]))
                 cotangents.append(cotangent.reshape(self.state_shape))
             self.nfe += len(values)
             grads = torch.autograd.grad(values, self.params, cotangents, allow_unused=True)
@@ -167,7 +192,13 @@ class PerSampleAdjointFunction(torch.autograd.Function):
             raise RuntimeError(f"the per-sample {name} does not support double backward (create_graph=True); use "
                                "gradient='direct' for higher derivatives")
         (outputs,) = ctx.saved_tensors
+        n, batch = outputs.shape[:2]
+        # The outputs a sample never reached (it failed with throw=False) are NaN constants: their gradients are
+        # zero, as backpropagation through torch.where gives with gradient="direct".
+        reached = torch.isfinite(outputs.reshape(n, batch, -1)).all(dim=2).cumprod(dim=0).bool()     # (n, batch)
+        grad_outputs = torch.where(reached.view(n, batch, *([1] * (outputs.ndim - 2))), grad_outputs,
+                                   torch.zeros_like(grad_outputs))
         if not bool(torch.isfinite(grad_outputs).all()):
             return (None, None) + nan_gradients(*ctx.y0_like, ctx.params)
-        grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs)
+        grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs, reached)
         return (None, None, grad_y0, *grad_params)

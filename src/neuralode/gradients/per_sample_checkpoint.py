@@ -51,8 +51,9 @@ class PerSampleCheckpointRun:
             return integrate_per_sample(self.field, self.stepper, control, y0, f0, self.taus, self.direction, norm,
                                         step_size=step_size, linear=self.linear, throw=throw, record=self)
 
-    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor):
-        """``dL/dy0`` and ``dL/dtheta`` of the discrete solve from ``dL/d outputs`` ``(n, batch, *shape)``."""
+    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor, reached=None):
+        """``dL/dy0`` and ``dL/dtheta`` of the discrete solve from ``dL/d outputs`` ``(n, batch, *shape)``
+        (``reached`` is not needed: the replay writes only the outputs the forward solve reached)."""
         n, batch = outputs.shape[:2]
         samples = torch.arange(batch, device=outputs.device)
         nfe = self.field.nfe
@@ -83,7 +84,11 @@ class PerSampleCheckpointRun:
         for t0, h, tau1, accepted, writes in self.schedule[i0:i1]:
             if f is None:
                 f = field(t0.view(view), y)
-            outcome = stepper.step(field, t0.view(view), y, f, h.view(view), None)
+            # A rejected row's result is not used, so it stands still (h = 0): its stages are its finite state. Its
+            # trial step may have met NaN, and NaN partial derivatives times its zero cotangent would make every
+            # gradient NaN (see the forward loop).
+            still = torch.where(accepted, h, torch.zeros_like(h))
+            outcome = stepper.step(field, t0.view(view), y, f, still.view(view), None)
             if writes is not None:
                 column, wanted = writes
                 values.append(interpolate_outputs(stepper, field, direction, self.taus, direction * t0, tau1,

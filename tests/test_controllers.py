@@ -348,6 +348,11 @@ def test_atol_zero_with_a_component_at_zero(method):
         idle = neuralode.solve(lambda t, y: torch.stack([-y[0], torch.zeros_like(y[1])]), y0, t, method=method,
                                rtol=1e-8, atol=0.0, options=options)
         assert float(idle.ys[-1, 1]) == 0.0 and abs(float(idle.ys[-1, 0]) - math.exp(-1.0)) < 1e-6
+    # The starting step: f0 / scale is infinite in the component at 0, which made Hairer's estimate 0 (a step
+    # size underflow at t = 0) unless the trial evaluation happened to be infinite too (the rotation above).
+    oscillator = neuralode.solve(lambda t, y: torch.stack([y[1], -y[0]]), y0, t, method=method, rtol=1e-8, atol=0.0)
+    assert torch.allclose(oscillator.ys[-1], torch.tensor([math.cos(1.0), -math.sin(1.0)], dtype=torch.float64),
+                          rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("method,jacobian", [("dopri5", None), ("kvaerno5", "dense"), ("kvaerno5", "krylov"),

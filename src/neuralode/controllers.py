@@ -128,6 +128,11 @@ def initial_step(func, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction:
     """
     with torch.no_grad():
         scale = error_norm.scale(y0)
+        if error_norm.scale_can_vanish:
+            # atol = 0 and a component at exactly 0: its scale is 0 and its f0 / scale infinite, which made the
+            # starting step 0 (pure relative control failed at t0). Such a component has no scale to suggest a step
+            # by, so it is left out of the estimate; the step's own error test covers it from the first step on.
+            scale = torch.where(scale == 0, torch.full_like(scale, math.inf), scale)
         d0 = float(error_norm.norm(error_norm.scaled(y0, scale)))
         d1 = float(error_norm.norm(error_norm.scaled(f0, scale)))
         check_norm_value(min(d0, d1))

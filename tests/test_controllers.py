@@ -374,3 +374,19 @@ def test_atol_zero_from_rest_with_a_low_order_start_says_why():
         neuralode.solve(lambda t, y: torch.stack([y[1], 1.0 - y[0]]), torch.zeros(2, dtype=torch.float64),
                         torch.tensor([0.0, 1.0], dtype=torch.float64), method="adams", rtol=1e-8, atol=0.0,
                         options={"max_num_steps": 300})
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_non_finite_step_at_min_step_fails_at_once(per_sample):
+    # y' = -1000 (y - cos t) with min_step = 0.01: dopri5's steps at min_step are unstable and overflow. A step
+    # held at min_step cannot shrink, so retrying it gave the same inf until max_num_steps (69 s jointly, 221 s per
+    # sample with the default cap of 100,000). It is now a NonFiniteError naming min_step.
+    stiff = lambda t, y: -1000 * (y - torch.cos(t).reshape(-1, 1))  # noqa: E731
+    y0, t = torch.zeros(2, 1, dtype=torch.float64), torch.linspace(0, 1, 3, dtype=torch.float64)
+    options = {"min_step": 0.01, "max_num_steps": 3000}
+    solution = neuralode.solve(stiff, y0, t, method="dopri5", rtol=1e-6, atol=1e-6, throw=False, per_sample=per_sample,
+                               options=options)
+    assert solution.status == "non_finite" and "at min_step=0.01" in solution.message
+    assert int(torch.as_tensor(solution.stats["n_steps"]).max()) < 300
+    with pytest.raises(neuralode.NonFiniteError, match="cannot shrink: lower min_step"):
+        neuralode.solve(stiff, y0, t, method="dopri5", rtol=1e-6, atol=1e-6, per_sample=per_sample, options=options)

@@ -181,6 +181,11 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         rejected = not accepted
         if not accepted:
             stats["n_rejected"] += 1
+            if proposal.pinned and stepping.non_finite:
+                # A step at min_step cannot shrink: retrying it would give the same NaN until max_num_steps.
+                raise_or_record(result, NonFiniteError(pinned_non_finite_message(t0, stepping.controller.min_step),
+                                                       t=t0), throw)
+                break
             if stepping.over_budget(stats["n_steps"], until_event):
                 raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event, error_norm,
                                                       len(landings)), throw)
@@ -724,6 +729,12 @@ def _stiffness_hint(stepper, field, t: float, y: torch.Tensor, h: float) -> str:
     return (f". The problem looks stiff here: the step {abs(h):.3g} times the dominant eigenvalue |lambda| ~ "
             f"{rho:.3g} of df/dy is {abs(h) * rho:.2g}, at the stability limit of an explicit method; try "
             "method='kvaerno5', 'radau5' or 'auto'")
+
+
+def pinned_non_finite_message(t: float, min_step: float, sample: int | None = None) -> str:
+    who = "the step" if sample is None else f"the step of sample {sample}"
+    return (f"{who} at min_step={min_step:.3g} gave NaN or infinite values at t={t}, and a step held at min_step "
+            "cannot shrink: lower min_step (or remove it), or check the vector field there")
 
 
 def _max_steps_message(max_num_steps, t: float) -> str:

@@ -28,8 +28,9 @@ import math
 
 import torch
 
-from ._errors import MaxStepsError, Status, NonFiniteError, NonFiniteInputError, StepSizeUnderflowError, add_note
+from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, Status, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
+from .integrate import pinned_non_finite_message
 from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
@@ -212,8 +213,11 @@ def _fixed_step_counts(tau0, tau_end, step):
     return torch.where(whole, nearest, torch.ceil(n)).clamp_min(1)
 
 
-def _sample_failure(sample, underflow, t_fail, y, y0, non_finite_last, max_num_steps):
-    """The SolverError of one sample whose step shrank to nothing (``underflow``) or that ran out of steps."""
+def _sample_failure(sample, underflow, t_fail, y, y0, non_finite_last, max_num_steps, stuck_at=None):
+    """The SolverError of one sample whose step shrank to nothing (``underflow``), that met NaN at ``min_step``
+    (``stuck_at``: the min_step), or that ran out of steps."""
+    if stuck_at is not None:
+        return NonFiniteError(pinned_non_finite_message(t_fail, stuck_at, sample), t=t_fail)
     magnitude, initial = float(y.detach().abs().max()), float(y0.detach().abs().max())
     if underflow and magnitude > _DIVERGENCE_GROWTH * max(1.0, initial):
         return NonFiniteError(
@@ -347,6 +351,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             ratio = torch.where(torch.isfinite(total), ratio, torch.full_like(ratio, math.nan))
             finite = torch.isfinite(ratio)
             non_finite = active & ~finite
+            stuck = non_finite & pinned        # at min_step: it cannot shrink, and retrying gives the same NaN
             # (the history is updated below, for the active samples only)
             accept, h_next, remembered, remembered_older = control.adapt_on_device(
                 h, ratio, outcome.error_order, previous, older, pinned)
@@ -357,6 +362,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             total = y1.detach().reshape(batch, -1).sum(dim=1)
             accept = torch.isfinite(total.real + total.imag if total.is_complex() else total)
             non_finite = active & ~accept
+            stuck = torch.zeros_like(active)
             broke_at = torch.where(non_finite & torch.isnan(broke_at), tau, broke_at)
             underflow = torch.zeros_like(active)
         accepted = active & accept
@@ -369,8 +375,9 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         passed = torch.searchsorted(taus, tau1.unsqueeze(1), right=True).squeeze(1)
         new_outputs = torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
         done_next = tau_next >= tau_end if adaptive else (tau_next >= tau_end) | ~torch.isnan(broke_at)
-        over_budget = ~done_next & (counts["n_steps"] >= max_num_steps)
+        over_budget = ~done_next & ~stuck & (counts["n_steps"] >= max_num_steps)
         # The one host read of the step.
+        underflow = underflow | stuck
         most_outputs, running, n_underflow, n_over, n_non_finite = torch.stack(
             [new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(), non_finite.sum()]).tolist()
         if keeps_graph and n_non_finite:
@@ -409,7 +416,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             for sample in (underflow | over_budget).nonzero()[:, 0].tolist():
                 failures[sample] = _sample_failure(sample, bool(underflow[sample]), direction * float(tau[sample]),
                                                    y[sample], y0[sample], bool(non_finite_last[sample]),
-                                                   max_num_steps)
+                                                   max_num_steps, control.min_step if stuck[sample] else None)
                 if throw:
                     raise failures[sample]
             done_next = done_next | underflow | over_budget

@@ -363,12 +363,14 @@ def _new_loop_kernel(name: str):
             return tau1, tau1 - tau, pinned   # (the time advanced, as the eager loop's Proposal)
 
         def unfinished(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
-            tau1, h_step, _ = propose(tau, h)
+            tau1, h_step, pinned = propose(tau, h)
             # A step below the time's resolution goes to the eager loop, which takes it or, after a rejection, names
             # the collapse (below_time_resolution): handing over is not a failure, so the results stay the eager ones.
             resolved = h.clamp(min=control.min_step, max=control.max_step) >= resolution * (
                 torch.nextafter(tau, tau + 1) - tau)
-            return (tau < tau_end) & (attempts < limit) & (tau1 > tau) & (h_step > 0) & resolved
+            # So does a step at min_step after a non-finite attempt: it cannot shrink, and the eager loop names it.
+            stuck = non_finite & pinned
+            return (tau < tau_end) & (attempts < limit) & (tau1 > tau) & (h_step > 0) & resolved & ~stuck
 
         def attempt(tau, h, previous, older, non_finite, y, f, outputs, attempts, accepted_count):
             tau1, h_step, pinned = propose(tau, h)

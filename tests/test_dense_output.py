@@ -315,3 +315,46 @@ def test_the_adjoint_checks_land_on_outputs_too():
         sol = neuralode.solve(lambda t, y: -y, y0, torch.tensor([0.0, 0.5, 1.0], dtype=F64), method="kvaerno5",
                               gradient=neuralode.Adjoint(options={"land_on_outputs": "yes"}))
         sol.ys.sum().backward()
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "dopri8", "bosh3", "kvaerno5", "rk4"])
+@pytest.mark.parametrize("backwards", [False, True])
+def test_derivative_is_the_field_along_the_solution_and_the_time_gradient(method, backwards):
+    # dy/dt of the interpolant approximates func(t, y(t)) to the interpolant's order (diffrax's sol.derivative);
+    # a query time that requires grad gets that slope as its gradient (it got none before, silently).
+    def field(t, y):
+        return torch.stack([y[1], -y[0] + 0.1 * torch.sin(t)])
+
+    span = torch.tensor([3.0, 0.0] if backwards else [0.0, 3.0], dtype=torch.float64)
+    options = {"step_size": 1e-3, "interp": "cubic"} if method == "rk4" else {}
+    tol = 1e-6 if method in ("bosh3", "kvaerno5") else 1e-10
+    solution = neuralode.solve(field, torch.tensor([1.0, 0.0], dtype=torch.float64), span, method=method,
+                               dense=True, rtol=tol, atol=tol, options=options)
+    times = torch.linspace(0.0, 3.0, 23, dtype=torch.float64)
+    slopes = solution.derivative(times)
+    along = torch.stack([field(t, y) for t, y in zip(times, solution.evaluate(times))])
+    assert slopes.shape == (23, 2)
+    torch.testing.assert_close(slopes, along, rtol=0, atol=3e3 * tol if method != "rk4" else 1e-6)
+    query = times.clone().requires_grad_(True)
+    (solution.evaluate(query) * torch.tensor([1.0, -2.0], dtype=torch.float64)).sum().backward()
+    torch.testing.assert_close(query.grad, slopes @ torch.tensor([1.0, -2.0], dtype=torch.float64), rtol=1e-12,
+                               atol=1e-12)
+    # central differences of the interpolant itself, inside one step
+    h = 1e-6
+    inner = torch.tensor([0.77, 1.91], dtype=torch.float64)
+    difference = (solution.evaluate(inner + h) - solution.evaluate(inner - h)) / (2 * h)
+    torch.testing.assert_close(solution.derivative(inner), difference, rtol=0, atol=1e-6)
+
+
+def test_derivative_of_a_linear_solution_and_errors():
+    solution = neuralode.solve(lambda t, y: torch.ones_like(y), torch.zeros(3, dtype=torch.float64),
+                               torch.tensor([0.0, 2.0], dtype=torch.float64), dense=True)
+    torch.testing.assert_close(solution.derivative(torch.tensor([0.0, 0.5, 2.0])),
+                               torch.ones(3, 3, dtype=torch.float64), rtol=0, atol=1e-13)
+    with pytest.raises(ValueError, match="outside the solved span"):
+        solution.derivative(3.0)
+    with pytest.raises(ValueError, match="no dense output"):
+        neuralode.solve(lambda t, y: -y, torch.ones(1), torch.tensor([0.0, 1.0])).derivative(0.5)
+    one_time = neuralode.solve(lambda t, y: -y, torch.ones(1), torch.tensor([0.0]), dense=True)
+    with pytest.raises(ValueError, match="has no derivative"):
+        one_time.derivative(0.0)

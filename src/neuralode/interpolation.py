@@ -142,3 +142,19 @@ class DenseSolution:
         if theta == 0.0:
             return self.coefficients[i][0]
         return horner(self.coefficients[i], theta)
+
+    def derivative_one(self, t: float) -> torch.Tensor:
+        """``dy/dt`` of the interpolant at ``t``: within a step, the slope of its polynomial; at a step boundary
+        the slope of the step that starts there (of the last step at the end of the span)."""
+        tau = self.direction * t
+        lo, hi = self.span
+        if not (lo <= tau <= hi):
+            a, b = sorted((self.direction * lo, self.direction * hi))
+            raise ValueError(f"t={t} lies outside the solved span [{a}, {b}]; dense output does not extrapolate")
+        if not self.starts:
+            raise ValueError("the solution has no step (one output time, or a failure in the first step), so its "
+                             "dense output has no derivative; evaluate func(t, y) instead")
+        i = min(bisect.bisect_right(self.starts, tau) - 1, len(self.starts) - 1)
+        theta = (tau - self.starts[i]) / self.lengths[i]
+        # theta = (tau - tau_i) / h_i and tau = direction * t: dy/dt = direction * (dp/dtheta) / h_i
+        return horner_derivative(self.coefficients[i], theta) * (self.direction / self.lengths[i])

@@ -69,9 +69,28 @@ class Solution:
         """Dense output at ``t`` (a float, or a tensor of any shape) anywhere in the solved span.
 
         Returns shape ``(*t.shape, *y0.shape)`` (a tuple for tuple states). Needs ``solve(..., dense=True)``.
-        At a step boundary the stored step value is returned exactly.
+        At a step boundary the stored step value is returned exactly. A ``t`` that requires grad gets the
+        gradient ``dL/dy . dy/dt`` with ``dy/dt`` the interpolant's slope (:meth:`derivative`); the solution's
+        own gradients (to ``y0`` and the parameters) flow as for any output.
         """
-        if self._dense is None:
+        values, t_tensor = self._at_times(t, self._dense.evaluate_one if self._dense is not None else None)
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            # value + (t - t.detach()) dy/dt: the same value, and d/dt = dy/dt (the interpolant's slope)
+            slopes, _ = self._at_times(t, self._dense.derivative_one)
+            shift = (t - t.detach()).reshape(-1)
+            values = [v + shift[i].to(v.dtype) * s.detach() for i, (v, s) in enumerate(zip(values, slopes))]
+        return self._shaped(values, t_tensor)
+
+    def derivative(self, t) -> object:
+        """``dy/dt`` of the dense output at ``t`` (a float, or a tensor of any shape): the slope of the step's
+        interpolant, which approximates ``func(t, y(t))`` to the interpolant's order. At a step boundary, the
+        slope of the step that starts there. Shape as :meth:`evaluate`; needs ``solve(..., dense=True)``."""
+        values, t_tensor = self._at_times(t, self._dense.derivative_one if self._dense is not None else None)
+        return self._shaped(values, t_tensor)
+
+    def _at_times(self, t, evaluate_one) -> tuple:
+        """``evaluate_one`` at every time of ``t`` (checked), in the user's dtype, and ``t`` as a float64 tensor."""
+        if evaluate_one is None:
             raise ValueError("this solution has no dense output; call solve(..., dense=True)")
         not_times = TypeError(f"t must be a real time or a real tensor of times, got {type(t).__name__} ({t!r}); "
                               "e.g. sol.evaluate(0.5) or sol.evaluate(torch.linspace(0, 1, 11))")
@@ -85,9 +104,12 @@ class Solution:
             raise not_times from error
         if t_tensor.numel() == 0:
             raise ValueError("t is empty; give at least one time to evaluate the dense output at")
-        values = [self._dense.evaluate_one(x) for x in t_tensor.reshape(-1).tolist()]
+        values = [evaluate_one(x) for x in t_tensor.detach().reshape(-1).tolist()]
         if self._dtype is not None:
             values = [v.to(self._dtype) for v in values]
+        return values, t_tensor
+
+    def _shaped(self, values: list, t_tensor: torch.Tensor) -> object:
         if self._unflatten is None:
             return torch.stack(values).reshape(*t_tensor.shape, *values[0].shape)
         # Tuple states are stored flat: split each value into its components, then stack per component.

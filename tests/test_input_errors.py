@@ -452,9 +452,38 @@ def test_tolerances_far_below_the_dtypes_resolution_are_warned_about_at_once():
     t = torch.tensor([0.0, 1.0])
     with pytest.warns(UserWarning, match="ask for far more digits than float32 holds"):
         neuralode.solve(decay, y0, t, rtol=1e-14, atol=1e-14, options={"max_num_steps": 20}, throw=False)
+    with pytest.warns(UserWarning, match="ask for far more digits than float32 holds"):     # per sample too
+        neuralode.solve(decay, y0.reshape(2, 1), t, rtol=1e-14, atol=1e-14, options={"max_num_steps": 20},
+                        throw=False, per_sample=True)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         neuralode.solve(decay, y0, t)                          # torchdiffeq's defaults, rtol 1e-7, in float32
         neuralode.solve(decay, y0, t, rtol=0.0, atol=1e-6)     # absolute control only
         neuralode.solve(decay, y0.double(), t.double(), rtol=1e-14, atol=1e-14)
+
+
+def test_states_of_other_libraries_shapes_are_named():
+    # diffrax takes any PyTree; here a tensor or a flat tuple of tensors. The message named the tuple as the culprit.
+    with pytest.raises(TypeError, match=r"y0\[1\] is a tuple, not a tensor.*nested tuples and dicts"):
+        neuralode.solve(lambda t, y: y, (torch.ones(2), (torch.ones(1),)), T01)
+    with pytest.raises(TypeError, match=r"y0 is a dict.*tuple\(y0.values\(\)\)"):
+        neuralode.solve(lambda t, y: y, {"x": torch.ones(2)}, T01)
+
+
+def test_vmap_over_solve_says_to_batch_instead():
+    # jax.vmap over diffeqsolve is a diffrax habit; torch.func.vmap over solve failed deep inside torch.
+    with pytest.raises(ValueError, match="batched by torch.func.vmap.*per_sample=True"):
+        torch.func.vmap(lambda y0: neuralode.solve(decay, y0, T01).ys)(torch.ones(3, 2, dtype=F64))
+    # torch.func.grad over solve works (no batching): the check does not get in its way
+    grad = torch.func.grad(lambda y0: neuralode.odeint(decay, y0, T01)[-1].sum())(torch.ones(2, dtype=F64))
+    assert bool(torch.isfinite(grad).all())
+
+
+def test_a_zero_length_per_sample_row_says_so():
+    times = torch.tensor([[0.0, 0.5, 1.0], [2.0, 2.0, 2.0]], dtype=F64)
+    with pytest.raises(ValueError, match=r"row t\[1\] has zero length.*leave that sample out"):
+        neuralode.solve(decay, torch.ones(2, 1, dtype=F64), times, per_sample=True)
+    with pytest.raises(ValueError, match=r"row t\[1\] must be strictly increasing or strictly decreasing"):
+        neuralode.solve(decay, torch.ones(2, 1, dtype=F64), torch.tensor([[0.0, 0.5, 1.0], [0.0, 1.0, 0.5]],
+                                                                          dtype=F64), per_sample=True)

@@ -31,7 +31,7 @@ import torch
 from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, Status, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
 from .integrate import pinned_non_finite_message
-from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative
+from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative, warn_below_resolution
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
 _DIVERGENCE_GROWTH = 1e8
@@ -101,7 +101,11 @@ def check_per_sample_times(t, y0) -> torch.Tensor:
                 raise ValueError("the rows of t run in different directions; with per_sample=True every sample must "
                                  "integrate forward in time, or every sample backward")
             bad = int((~rows).nonzero()[0, 0])
-            raise ValueError(f"t[{bad}] must be strictly increasing or strictly decreasing (no repeats); sort it "
+            if bool((steps[bad] == 0).all()):
+                raise ValueError(f"row t[{bad}] has zero length (all its times are {float(times[bad, 0])}): a "
+                                 "per-sample row must span an interval; leave that sample out of the solve (its "
+                                 "result is its y0)")
+            raise ValueError(f"row t[{bad}] must be strictly increasing or strictly decreasing (no repeats); sort it "
                              "and remove duplicates")
     return times
 
@@ -131,6 +135,7 @@ def make_per_sample_field(func, y0, rtol, atol):
     state = y0.to(compute_dtype)
     if not bool(torch.isfinite(state).all()):
         raise NonFiniteInputError("y0 contains NaN or infinite values; the initial state must be finite")
+    warn_below_resolution(rtol, atol, state, compute_real)
     field = PerSampleField(func, None, None, real_dtype, y0.device, y0.dtype, compute_dtype)
     return field, state, PerSampleNorm(rtol, atol)
 

@@ -152,6 +152,14 @@ def _check_state(y0):
         parts, is_tuple = (y0,), False
     elif isinstance(y0, (tuple, list)) and len(y0) > 0 and all(isinstance(p, torch.Tensor) for p in y0):
         parts, is_tuple = tuple(y0), True
+    elif isinstance(y0, dict):
+        raise TypeError("y0 is a dict; the state must be a tensor or a flat tuple of tensors: pass "
+                        "tuple(y0.values()) and rebuild the dict inside func (dict states are not supported)")
+    elif isinstance(y0, (tuple, list)) and len(y0) > 0:
+        i, part = next((i, p) for i, p in enumerate(y0) if not isinstance(p, torch.Tensor))
+        raise TypeError(f"y0[{i}] is a {type(part).__name__}, not a tensor; y0 must be a tensor or a flat tuple of "
+                        "tensors (nested tuples and dicts are not supported: flatten the state into one tuple and "
+                        "regroup it inside func)")
     else:
         raise TypeError(f"y0 must be a torch.Tensor or a non-empty tuple of tensors, got {type(y0).__name__}; "
                         "wrap numbers with torch.tensor(..., dtype=torch.float64)")
@@ -299,7 +307,7 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     flat_y0 = flat_y0.to(compute_dtype)
     if not bool(torch.isfinite(flat_y0).all()):
         raise NonFiniteInputError("y0 contains NaN or infinite values; the initial state must be finite")
-    _warn_below_resolution(rtol, atol, flat_y0, compute_real_dtype)
+    warn_below_resolution(rtol, atol, flat_y0, compute_real_dtype)
     field = VectorField(func, shapes, numels, real_dtype, device, user_dtype, compute_dtype)
     right_limit = right_limit_at is None or times[0] in right_limit_at
     f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]
@@ -308,7 +316,7 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
                    atol=atol, f0_time=f0_time)
 
 
-def _warn_below_resolution(rtol, atol, y0: torch.Tensor, dtype: torch.dtype) -> None:
+def warn_below_resolution(rtol, atol, y0: torch.Tensor, dtype: torch.dtype) -> None:
     """Warn when ``rtol`` and ``atol`` ask for far more digits than ``dtype`` holds at ``y0``'s scale: rounding alone
     then fails the error test, and an adaptive solve crawls to its step budget (a float32 MLP at rtol = atol =
     1e-14 took 100,000 steps and a minute before its MaxStepsError said so). The line is eps / 100: a float32 MLP

@@ -110,6 +110,7 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
     -------
     Solution
     """
+    _refuse_vmap(y0)
     spec = check_method(method)
     options = check_options(spec, options)
     strategy = resolve_gradient(gradient, adjoint_params=adjoint_params, func=func)
@@ -250,6 +251,19 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                     _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
                     _dtype=problem.field.user_dtype if problem.field.cast else None)
+
+
+def _refuse_vmap(y0) -> None:
+    """``torch.func.vmap(lambda y0: solve(f, y0, t))`` (a diffrax user's habit: ``jax.vmap`` over diffeqsolve) fails
+    deep inside torch at the first value the loop reads; say why and what to do instead. (A flag read of torch's
+    private functorch API, read defensively: a torch without it only loses this message.)"""
+    is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
+    parts = y0 if isinstance(y0, (tuple, list)) else (y0,)
+    if is_batched is not None and any(isinstance(p, torch.Tensor) and is_batched(p) for p in parts):
+        raise ValueError("y0 is batched by torch.func.vmap, which neuralode.solve does not run under: its adaptive "
+                         "loop decides on values (accept or reject, the next step). Give the batch as y0's leading "
+                         "dimension instead: one solve for the batch, or per_sample=True for a step size per sample "
+                         "(what vmap over diffrax's diffeqsolve gives)")
 
 
 # Options a per-sample solve understands (the rest shape a joint solve's steps or norm).

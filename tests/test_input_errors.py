@@ -487,3 +487,21 @@ def test_a_zero_length_per_sample_row_says_so():
     with pytest.raises(ValueError, match=r"row t\[1\] must be strictly increasing or strictly decreasing"):
         neuralode.solve(decay, torch.ones(2, 1, dtype=F64), torch.tensor([[0.0, 0.5, 1.0], [0.0, 1.0, 0.5]],
                                                                           dtype=F64), per_sample=True)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_times_far_from_zero_rounded_to_a_float32_state_are_warned_about(per_sample):
+    # func receives t in the state's dtype: float64 times near 1e4 reach a float32 field rounded by 1e-3, which cost
+    # y' = cos t three digits at rtol 1e-6 (torchode passes float64 times). Only where the offset dominates the span.
+    field = lambda t, y: torch.cos(t).reshape(-1, 1).expand_as(y)  # noqa: E731
+    y0 = torch.zeros(1, 1)
+    with pytest.warns(UserWarning, match=r"func receives t in float32.*spacing near \|t\| = 1e\+04"):
+        neuralode.solve(field, y0, torch.tensor([1e4, 1e4 + 10], dtype=F64), rtol=1e-6, atol=1e-6,
+                        per_sample=per_sample)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        neuralode.solve(field, y0, torch.tensor([0.0, 10.0], dtype=F64), per_sample=per_sample)       # from 0
+        neuralode.solve(field, y0, torch.tensor([1e4, 1e4 + 10]), per_sample=per_sample, throw=False,  # float32 t
+                        options={"max_num_steps": 50})
+        neuralode.solve(field, y0.double(), torch.tensor([1e4, 1e4 + 10], dtype=F64), per_sample=per_sample)

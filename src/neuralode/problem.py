@@ -308,12 +308,34 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     if not bool(torch.isfinite(flat_y0).all()):
         raise NonFiniteInputError("y0 contains NaN or infinite values; the initial state must be finite")
     warn_below_resolution(rtol, atol, flat_y0, compute_real_dtype)
+    warn_time_rounding(rtol, t.dtype, real_dtype, max(abs(times[0]), abs(times[-1])), abs(times[-1] - times[0]))
     field = VectorField(func, shapes, numels, real_dtype, device, user_dtype, compute_dtype)
     right_limit = right_limit_at is None or times[0] in right_limit_at
     f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]
     f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, f0_time)
     return Problem(field=field, y0=flat_y0, f0=f0, t=t, times=times, direction=direction, shapes=shapes, rtol=rtol,
                    atol=atol, f0_time=f0_time)
+
+
+def warn_time_rounding(rtol, times_dtype: torch.dtype, field_time_dtype: torch.dtype, largest: float,
+                       span: float, stacklevel: int = 5) -> None:
+    """Warn when ``func`` sees the times rounded far more coarsely than the tolerance: it receives ``t`` in the
+    state's dtype, so float64 times far from 0 with a float32 state lose digits that the user gave (y' = cos t on
+    [1e4, 1e4 + 10] in float32: an error of 1.3e-3 at rtol 1e-6; torchode passes float64 times and got 1.7e-6).
+    Only where the offset dominates the span (|t| > 100 x span) and only if this conversion narrows the times, so
+    the usual t in [0, T] stays quiet; float tolerances only."""
+    if not isinstance(rtol, float) or not (span > 0) or largest <= 100 * span:
+        return
+    if not (times_dtype.is_floating_point and field_time_dtype.is_floating_point):
+        return
+    eps = torch.finfo(field_time_dtype).eps
+    if eps <= torch.finfo(times_dtype).eps or largest * eps <= rtol * span:
+        return
+    warnings.warn(f"func receives t in {str(field_time_dtype).replace('torch.', '')} (the state's dtype), whose "
+                  f"spacing near |t| = {largest:.3g} is {largest * eps:.3g}: coarse for a span of {span:.3g} at "
+                  f"rtol={rtol:.3g}, so the field sees rounded times. Shift time to start at 0 (solve on [0, "
+                  f"{span:.3g}] and add the offset inside func in float64), or solve in float64", UserWarning,
+                  stacklevel=stacklevel)
 
 
 def warn_below_resolution(rtol, atol, y0: torch.Tensor, dtype: torch.dtype) -> None:

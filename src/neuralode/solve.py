@@ -20,7 +20,7 @@ from .integrate import EventSpec
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_fixed_step_given,
                       check_method, check_options,
                       check_tolerances_usable, make_control, time_list)
-from .problem import check_other_tolerance, make_problem
+from .problem import check_other_tolerance, make_problem, warn_time_rounding
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
 from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field
@@ -291,6 +291,8 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
     field, state, norm = make_per_sample_field(func, y0, rtol, atol)
     times = check_per_sample_times(t, y0)
+    warn_time_rounding(norm.rtol, t.dtype, field.time_dtype, float(times.abs().max()),
+                       float((times[:, -1] - times[:, 0]).abs().min()), stacklevel=4)
     direction = -1 if times.shape[1] > 1 and bool(times[0, 1] < times[0, 0]) else 1
     taus = direction * times
     f0 = _per_sample_first_evaluation(field, state, times[:, 0])

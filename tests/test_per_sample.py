@@ -492,3 +492,23 @@ def test_a_trial_step_into_nan_leaves_the_gradients_finite(gradient):
     root = y0.detach().sqrt() - end / 2                         # sqrt(y(end)), k = 1
     torch.testing.assert_close(y0.grad, root / y0.detach().sqrt(), rtol=1e-5, atol=0)
     torch.testing.assert_close(k.grad, (-end * root).sum(), rtol=1e-5, atol=0)
+
+
+def test_a_failed_backward_solve_gives_nan_gradients_not_a_partial_sum():
+    # With throw=False, a sample whose adjoint backward solve fails gets NaN gradients, and so does every shared
+    # parameter: its quadrature would lack the rest of that sample's integral (a finite, wrong sum before).
+    rate = torch.tensor(0.5, dtype=f64, requires_grad=True)
+    backward = {"on": False}
+
+    def field(t, y):
+        broken = torch.tensor([[0.0], [1.0]], dtype=f64) * backward["on"] * (t.reshape(-1, 1) < 0.5)
+        return -rate * y + torch.where(broken > 0, torch.full_like(y, math.nan), torch.zeros_like(y))
+
+    y0 = torch.tensor([[1.0], [2.0]], dtype=f64, requires_grad=True)
+    solution = solve(field, y0, torch.linspace(0, 1, 3, dtype=f64), per_sample=True, throw=False,
+                     gradient="adjoint", adjoint_params=(rate,))
+    assert solution.success
+    backward["on"] = True
+    solution.ys.sum().backward()
+    assert bool(torch.isfinite(y0.grad[0]).all()) and bool(torch.isnan(y0.grad[1]).all())
+    assert bool(torch.isnan(rate.grad))

@@ -25,6 +25,8 @@ backward pass with respect to the parameters. Memory: one step's graph at a time
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..per_sample import PerSampleField, PerSampleNorm, integrate_per_sample
@@ -69,11 +71,16 @@ class PerSampleAdjointRun:
             begin = span[:, 0] if start is None else span.gather(1, start.unsqueeze(1)).squeeze(1)
             f0 = field(begin.reshape(batch, 1), z0)
             with torch.no_grad():
-                ends, stats, _ = integrate_per_sample(
+                ends, stats, error = integrate_per_sample(
                     field, self.stepper, self.control, z0, f0, -self.direction * span, -self.direction,
                     PerSampleNorm(self.rtol, self.atol), step_size=self.step_size, throw=self.throw,
                     on_step=hook if self.params else None, jump=jump, start=start)
             self.stats["n_iterations_backward"] = self.stats.get("n_iterations_backward", 0) + stats["n_iterations"]
+            if error is not None:
+                # (throw=False) A sample whose backward solve failed has NaN gradients (its ends are NaN), and so has
+                # every parameter: its quadrature lacks the rest of that sample's integral, a silently wrong sum.
+                for total in a_params:
+                    total.fill_(math.nan)
             return ends
 
         half = outputs[0].numel() // batch

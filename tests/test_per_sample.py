@@ -512,3 +512,18 @@ def test_a_failed_backward_solve_gives_nan_gradients_not_a_partial_sum():
     solution.ys.sum().backward()
     assert bool(torch.isfinite(y0.grad[0]).all()) and bool(torch.isnan(y0.grad[1]).all())
     assert bool(torch.isnan(rate.grad))
+
+
+def test_a_failed_sample_stays_stopped_while_the_others_run_on():
+    # Sample 0's field is NaN after t = 0.5; sample 1 runs long after that. The failed sample was retired for one
+    # iteration only and then stepped again, so its steps and status depended on the rest of its batch.
+    def field(t, y):
+        bad = (t.reshape(-1, 1) > 0.5) & (torch.arange(y.shape[0]).reshape(-1, 1) == 0)
+        return torch.where(bad, torch.full_like(y, math.nan), -20 * y * torch.cos(40 * t.reshape(-1, 1)))
+
+    y0, t = torch.ones(2, 1, dtype=f64), torch.tensor([0.0, 1.0, 5.0], dtype=f64)
+    alone = solve(field, y0[:1], t, per_sample=True, throw=False, rtol=1e-7, atol=1e-7)
+    both = solve(field, y0, t, per_sample=True, throw=False, rtol=1e-7, atol=1e-7)
+    assert both.sample_status == (alone.sample_status[0], "success")
+    assert int(both.stats["n_steps"][0]) == int(alone.stats["n_steps"][0])
+    torch.testing.assert_close(both.ys[:, :1], alone.ys, rtol=0, atol=0, equal_nan=True)

@@ -319,6 +319,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         step_index = torch.zeros_like(tau)
         broke_at = torch.full_like(tau, math.nan)   # where a sample's fixed step first went non-finite
     failures = {}   # sample -> its SolverError, in the order they happened
+    retired = torch.zeros_like(done)   # samples that failed (throw=False): done for good, whatever their time
     iterations = 0
     non_finite_last = torch.zeros_like(done)   # was a sample's last rejection caused by NaN or inf?
     running = int((~done).sum())
@@ -379,7 +380,9 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         tau_next = torch.where(accepted, tau1, tau)
         passed = torch.searchsorted(taus, tau1.unsqueeze(1), right=True).squeeze(1)
         new_outputs = torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
-        done_next = tau_next >= tau_end if adaptive else (tau_next >= tau_end) | ~torch.isnan(broke_at)
+        done_next = (tau_next >= tau_end) | retired
+        if not adaptive:
+            done_next = done_next | ~torch.isnan(broke_at)
         over_budget = ~done_next & ~stuck & (counts["n_steps"] >= max_num_steps)
         # The one host read of the step.
         underflow = underflow | stuck
@@ -424,7 +427,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
                                                    max_num_steps, control.min_step if stuck[sample] else None)
                 if throw:
                     raise failures[sample]
-            done_next = done_next | underflow | over_budget
+            retired = retired | underflow | over_budget
+            done_next = done_next | retired
             running = int((~done_next).sum())
         # Advance the samples whose step was accepted; the others keep their state and try again.
         y = torch.where(accepted.view(view), y1, y)

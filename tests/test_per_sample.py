@@ -527,3 +527,18 @@ def test_a_failed_sample_stays_stopped_while_the_others_run_on():
     assert both.sample_status == (alone.sample_status[0], "success")
     assert int(both.stats["n_steps"][0]) == int(alone.stats["n_steps"][0])
     torch.testing.assert_close(both.ys[:, :1], alone.ys, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "adjoint"])
+def test_a_sample_that_overflows_on_a_fixed_grid_leaves_the_gradients_finite(gradient):
+    # y' = k y^2 from y0 = 1 on rk4's grid of 0.01: sample 0's last finite state is ~1e193, where k y^2 overflows.
+    # Standing still there (h = 0) still met y + 0 * inf; finished and failed rows now stand at their first state.
+    k = torch.tensor(1.0, dtype=f64, requires_grad=True)
+    y0 = torch.tensor([[1.0], [0.1]], dtype=f64, requires_grad=True)
+    solution = solve(lambda t, y: k * y * y, y0, torch.tensor([0.0, 0.5, 1.2], dtype=f64), method="rk4",
+                     options={"step_size": 0.01}, per_sample=True, throw=False, gradient=gradient, adjoint_params=(k,))
+    assert solution.sample_status == ("non_finite", "success")
+    solution.ys[torch.isfinite(solution.ys)].sum().backward()
+    # d/dy0 of y(0.5) = y0 / (1 - k y0 t): 1 / (1 - 0.5)^2 = 4 for sample 0, plus 1 from y(0) itself
+    torch.testing.assert_close(y0.grad[0, 0], torch.tensor(5.0, dtype=f64), rtol=1e-6, atol=0)
+    assert bool(torch.isfinite(k.grad))

@@ -227,8 +227,10 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
 
     if result.final_t is None:
         result.final_t, result.final_y = direction * tau, y
-    if not stepping.checks_each_step and result.status == Status.SUCCESS:
-        _check_finite_outputs(result, problem, throw)   # fixed grids do not synchronise per step
+    if result.status == Status.SUCCESS:
+        # Fixed grids do not synchronise per step; adaptive steps check their ends, not the outputs interpolated
+        # between them, which can read the field where it is not finite (dopri8's extra stages, f(y1) of a Hermite).
+        _check_finite_outputs(result, problem, throw, fixed=not stepping.checks_each_step)
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))
     return result
@@ -567,8 +569,8 @@ def raise_or_record(result: Integration, error: Exception, throw: bool) -> None:
     result.status, result.message, result.error = error.status, str(error), error
 
 
-def _check_finite_outputs(result, problem, throw):
-    """Fixed grids do not synchronise per step, so non-finite values are found once, at the end."""
+def _check_finite_outputs(result, problem, throw, fixed: bool = True):
+    """Every output finite, read once at the end (one host read per solve): a solve succeeds only then."""
     if not result.outputs:
         return
     finite = torch.stack([torch.isfinite(o).all() for o in result.outputs]).cpu().tolist()
@@ -576,9 +578,15 @@ def _check_finite_outputs(result, problem, throw):
         return
     first = finite.index(False)
     t_bad = result.output_times[first]
-    error = NonFiniteError(f"the solution became NaN or infinite by t={t_bad} (first non-finite output); the "
-                           "vector field blew up or the fixed step is too large for this problem: reduce "
-                           "step_size or use an adaptive method", t=t_bad)
+    if fixed:
+        error = NonFiniteError(f"the solution became NaN or infinite by t={t_bad} (first non-finite output); the "
+                               "vector field blew up or the fixed step is too large for this problem: reduce "
+                               "step_size or use an adaptive method", t=t_bad)
+    else:
+        error = NonFiniteError(f"the output at t={t_bad} is NaN or infinite although the steps' ends are finite: "
+                               "the interpolant between them read the vector field where it is not finite (its extra "
+                               "stages, or f at the step's end). Tighten rtol/atol, or end the steps on the output "
+                               "times (options={'step_t': t})", t=t_bad)
     raise_or_record(result, error, throw)
     # With throw=False the solution ends where it was last finite, as an adaptive solve's does; so does its
     # dense output, at the start of its first step with a non-finite polynomial.

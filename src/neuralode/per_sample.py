@@ -259,6 +259,15 @@ def _first_failure(failures: dict, batch: int):
     return first
 
 
+def standing_still(still, t_first, y_first, t, y, f, view):
+    """Step inputs with the rows ``still`` (bool ``(batch,)``) at their first time and state and a zero derivative:
+    with ``h = 0`` their stages are that state, where the field was finite, so their (dropped) part of a kept graph
+    holds no NaN. ``f`` may be ``None`` (evaluated afresh by the caller)."""
+    rows = still.view(view)
+    return (torch.where(still, t_first, t), torch.where(rows, y_first, y),
+            None if f is None else torch.where(rows, torch.zeros_like(f), f))
+
+
 def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
                          linear=False, throw=True, on_step=None, jump=None, record=None, start=None):
     """Integrate every sample of ``y0`` (shape ``(batch, *shape)``) over its own output times.
@@ -325,6 +334,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     running = int((~done).sum())
     # A solve that keeps its graph (gradient="direct") must not keep a step whose values are not finite: see below.
     keeps_graph = torch.is_grad_enabled()
+    t_first, y_first = direction * tau, y0.detach()    # where each sample started: the field is finite there
 
     while running:
         iterations += 1
@@ -342,10 +352,16 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             tau1 = torch.where(step_index + 1 >= n_fixed, tau_end, tau0 + (step_index + 1) * step_size)
         tau1 = torch.where(active, tau1, tau)
         h_step = tau1 - tau                                 # 0 for samples that are done
-        if f is None:
-            f = field((direction * tau).view(view), y)
         t_start = direction * tau
-        outcome = stepper.step(field, t_start.view(view), y, f, (direction * h_step).view(view),
+        t_in, y_in, f_in = t_start, y, f
+        if keeps_graph and running < batch:
+            # The rows that are done step with h = 0 and their results are dropped, but their part of the graph is
+            # kept: a failed sample's state may be where the field overflows, and NaN partial derivatives there
+            # times their zero cotangent made every gradient NaN. They stand still at their first state instead.
+            t_in, y_in, f_in = standing_still(~active, t_first, y_first, t_start, y, f, view)
+        if f_in is None:   # (not FSAL: evaluated afresh at the start of every step)
+            f_in = field(t_in.view(view), y_in)
+        outcome = stepper.step(field, t_in.view(view), y_in, f_in, (direction * h_step).view(view),
                                norm if adaptive else None)
         y1 = outcome.y1
         if adaptive:
@@ -395,7 +411,10 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             # Taken again with those rows standing still (h = 0: their stages are their current, finite state),
             # the step keeps the other rows' values and a finite graph. Rare: only steps that met non-finite values.
             h_still = torch.where(non_finite, torch.zeros_like(h_step), h_step)
-            outcome = stepper.step(field, t_start.view(view), y, f, (direction * h_still).view(view),
+            t_in, y_in, f_in = standing_still(~active | non_finite, t_first, y_first, t_start, y, f_in, view)
+            if f_in is None:
+                f_in = field(t_in.view(view), y_in)
+            outcome = stepper.step(field, t_in.view(view), y_in, f_in, (direction * h_still).view(view),
                                    norm if adaptive else None)
             y1 = outcome.y1
 
@@ -465,6 +484,21 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
                 "method", t=t_bad)
             if throw:
                 raise failures[sample]
+    # Every output finite (one host read): an output interpolated between finite step ends can still read the field
+    # where it is not finite (dopri8's extra stages, or f at a step's end for a Hermite).
+    finite = torch.isfinite(outputs.detach().reshape(n, batch, -1)).all(dim=2) | (table < 0)        # (n, batch)
+    if not bool(finite.all()):
+        for sample in (~finite.all(dim=0)).nonzero()[:, 0].tolist():
+            column = int((~finite[:, sample]).int().argmax())
+            t_bad = direction * float(taus[sample, column])
+            if sample not in failures:
+                failures[sample] = NonFiniteError(
+                    f"the output of sample {sample} at t={t_bad} is NaN or infinite although its steps' ends are "
+                    "finite: the interpolant between them read the vector field where it is not finite. Tighten "
+                    "rtol/atol, or give the sample output times its steps can end on", t=t_bad)
+                if throw:
+                    raise failures[sample]
+            table[column:, sample] = -1                  # its solution ends where it was last finite
     error = _first_failure(failures, batch)
     if error is not None or start is not None:
         missing = (table < 0).view(n, *view)

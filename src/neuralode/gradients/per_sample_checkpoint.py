@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..per_sample import integrate_per_sample, interpolate_outputs
+from ..per_sample import integrate_per_sample, interpolate_outputs, standing_still
 
 
 class PerSampleCheckpointRun:
@@ -81,14 +81,18 @@ class PerSampleCheckpointRun:
         view = (y.shape[0],) + (1,) * (y.ndim - 1)
         values, cotangents = [], []
         f = None
+        t_first, y_first = direction * self.taus[:, 0].to(y.device), self.kept[0][1]
         for t0, h, tau1, accepted, writes in self.schedule[i0:i1]:
-            if f is None:
-                f = field(t0.view(view), y)
-            # A rejected row's result is not used, so it stands still (h = 0): its stages are its finite state. Its
-            # trial step may have met NaN, and NaN partial derivatives times its zero cotangent would make every
-            # gradient NaN (see the forward loop).
+            if f is None:   # (finished and failed rows, h = 0, are evaluated where they started: see below)
+                t_a, y_a, _ = standing_still(h == 0, t_first, y_first, t0, y, None, view)
+                f = field(t_a.view(view), y_a)
+            # A rejected or finished row's result is not used, so it stands still (h = 0) at its first time and
+            # state, where the field is finite: its trial step may have met NaN, or its state be where the field
+            # overflows, and NaN partial derivatives times its zero cotangent would make every gradient NaN (see
+            # the forward loop).
+            t_in, y_in, f_in = standing_still(~accepted, t_first, y_first, t0, y, f, view)
             still = torch.where(accepted, h, torch.zeros_like(h))
-            outcome = stepper.step(field, t0.view(view), y, f, still.view(view), None)
+            outcome = stepper.step(field, t_in.view(view), y_in, f_in, still.view(view), None)
             if writes is not None:
                 column, wanted = writes
                 values.append(interpolate_outputs(stepper, field, direction, self.taus, direction * t0, tau1,

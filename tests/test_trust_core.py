@@ -362,3 +362,19 @@ def test_running_out_of_steps_below_the_dtype_resolution_says_so():
                          torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-10, atol=1e-12,
                          options={"max_num_steps": 20})
     assert "resolution" not in str(info.value)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_an_output_interpolated_into_nan_is_a_failure_not_a_success(per_sample):
+    # y' = -k sqrt(y) reaches 0 near t = 1.15; dopri8's last step ends finite (just below 0) but its dense output's
+    # extra stages read sqrt of a negative number: the output at t = 1.0283 was NaN with status success.
+    k = torch.tensor([[0.5953]])
+    y0 = torch.tensor([[0.1176]])
+    t = torch.tensor([0.0000, 0.7253, 0.8482, 0.9573, 1.0283, 1.1490])
+    field = (lambda t, y: -k * torch.sqrt(y)) if per_sample else (lambda t, y: -k[0] * torch.sqrt(y))
+    solution = neuralode.solve(field, y0 if per_sample else y0[0], t, method="dopri8", rtol=1e-5, atol=1e-5,
+                               per_sample=per_sample, throw=False)
+    assert solution.status == "non_finite" and "NaN or infinite" in solution.message
+    with pytest.raises(neuralode.NonFiniteError, match="t=1.028"):
+        neuralode.solve(field, y0 if per_sample else y0[0], t, method="dopri8", rtol=1e-5, atol=1e-5,
+                        per_sample=per_sample)

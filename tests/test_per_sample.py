@@ -542,3 +542,20 @@ def test_a_sample_that_overflows_on_a_fixed_grid_leaves_the_gradients_finite(gra
     # d/dy0 of y(0.5) = y0 / (1 - k y0 t): 1 / (1 - 0.5)^2 = 4 for sample 0, plus 1 from y(0) itself
     torch.testing.assert_close(y0.grad[0, 0], torch.tensor(5.0, dtype=f64), rtol=1e-6, atol=0)
     assert bool(torch.isfinite(k.grad))
+
+
+def test_a_sample_the_loss_leaves_out_is_not_solved_back():
+    # The documented pattern: the loss reads the samples that succeeded. Sample 1 is pushed through its pole at
+    # min_step (an output of -5.9e6 before it fails); solving it back from there failed and made every parameter's
+    # gradient NaN, though its gradients are all zero. The adjoint now starts each sample at its last needed output.
+    def gradients(strategy):
+        k = torch.tensor(1.0, dtype=f64, requires_grad=True)
+        y0 = torch.tensor([[0.2], [2.0], [0.5]], dtype=f64, requires_grad=True)
+        solution = solve(lambda t, y: k * y * y, y0, torch.linspace(0, 1, 5, dtype=f64), per_sample=True,
+                         throw=False, gradient=strategy, adjoint_params=(k,), options={"min_step": 1e-3})
+        assert solution.sample_status[1] != "success"
+        solution.ys[:, solution.sample_success].square().mean().backward()
+        return y0.grad, k.grad
+
+    for got, want in zip(gradients("adjoint"), gradients("direct")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-12)

@@ -43,17 +43,21 @@ class PerSampleAdjointRun:
         self.taus, self.direction = taus, direction
         self.rtol, self.atol, self.stats, self.throw = rtol, atol, stats, throw
 
-    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor, reached: torch.Tensor | None = None):
-        """``dL/dy0`` and ``dL/dtheta`` from ``dL/d outputs`` (both shaped ``(n, batch, *shape)``). ``reached``
-        ``(n, batch)``: the outputs each sample reached (a prefix; all of them unless the forward solve failed
-        with ``throw=False``); a sample that failed is solved back from the last output it reached."""
+    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor):
+        """``dL/dy0`` and ``dL/dtheta`` from ``dL/d outputs`` (both shaped ``(n, batch, *shape)``; the gradients of
+        outputs a failed sample never reached are zero). Each sample is solved back from its last output with a
+        nonzero gradient: a failed sample from at most its last reached output, and a sample the loss leaves
+        out not at all (its backward solve could only fail, and make every parameter's gradient NaN)."""
         n, batch = outputs.shape[:2]
         samples = torch.arange(batch, device=outputs.device)
-        last = None
-        if reached is not None and not bool(reached.all()):
-            last = reached.sum(dim=0) - 1                                    # (batch,), >= 0: y0 is reached
-            # The unreached outputs are NaN; the last reached state stands in for them (never integrated from).
-            mask = reached.view(n, batch, *([1] * (outputs.ndim - 2)))
+        columns = torch.arange(n, device=outputs.device).unsqueeze(1)
+        wanted = (grad_outputs.reshape(n, batch, -1) != 0).any(dim=2)                               # (n, batch)
+        last = (wanted * columns).amax(dim=0)                       # the last output with a gradient; 0 if none
+        if bool((last == n - 1).all()):
+            last = None                                             # (the usual case: every sample from the end)
+        else:
+            # Past its last needed output a sample's outputs may be NaN (unreached): that state stands in for them.
+            mask = (columns <= last).view(n, batch, *([1] * (outputs.ndim - 2)))
             outputs = torch.where(mask, outputs, outputs[last, samples].unsqueeze(0))
         state_shape = outputs.shape[1:]
         times = self.direction * self.taus                                   # (batch, n), real time
@@ -102,8 +106,8 @@ class PerSampleAdjointRun:
             if last is None:
                 ends = run(span, pack(outputs[-1], grad_outputs[-1]), jump)
             else:
-                # Each sample from its last reached output (column n-1-last of the reversed times), dL/dy there
-                # already in a; a sample that reached only y0 starts at the end and takes dL/dy0 below.
+                # Each sample from its last needed output (column n-1-last of the reversed times), dL/dy there
+                # already in a; a sample that needs only y0 starts at the end and takes dL/dy0 below.
                 a_last = torch.where((last > 0).view(batch, *([1] * (outputs.ndim - 2))),
                                      grad_outputs[last, samples], torch.zeros_like(grad_outputs[0]))
                 ends = run(span, pack(outputs[last, samples], a_last), jump, start=n - 1 - last)
@@ -114,8 +118,8 @@ class PerSampleAdjointRun:
             for k in range(n - 1, 0, -1):
                 span, skip = torch.stack([times[:, k], times[:, k - 1]], dim=1), None
                 if last is not None:
-                    # A sample whose last reached output is before t_k starts this interval done, keeping its a;
-                    # its one evaluation is at its last reached time and state, where the field is defined.
+                    # A sample whose last needed output is before t_k starts this interval done, keeping its a;
+                    # its one evaluation is at that output's time and state, where the field is defined.
                     skip = last < k
                     t_last = times.gather(1, last.unsqueeze(1)).expand(-1, 2)
                     span, skip = torch.where(skip.unsqueeze(1), t_last, span), skip.long()
@@ -207,5 +211,5 @@ class PerSampleAdjointFunction(torch.autograd.Function):
                                    torch.zeros_like(grad_outputs))
         if not bool(torch.isfinite(grad_outputs).all()):
             return (None, None) + nan_gradients(*ctx.y0_like, ctx.params)
-        grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs, reached)
+        grad_y0, grad_params = ctx.run.backward(outputs, grad_outputs)
         return (None, None, grad_y0, *grad_params)

@@ -51,9 +51,8 @@ class PerSampleCheckpointRun:
             return integrate_per_sample(self.field, self.stepper, control, y0, f0, self.taus, self.direction, norm,
                                         step_size=step_size, linear=self.linear, throw=throw, record=self)
 
-    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor, reached=None):
-        """``dL/dy0`` and ``dL/dtheta`` of the discrete solve from ``dL/d outputs`` ``(n, batch, *shape)``
-        (``reached`` is not needed: the replay writes only the outputs the forward solve reached)."""
+    def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor):
+        """``dL/dy0`` and ``dL/dtheta`` of the discrete solve from ``dL/d outputs`` ``(n, batch, *shape)``."""
         n, batch = outputs.shape[:2]
         samples = torch.arange(batch, device=outputs.device)
         nfe = self.field.nfe

@@ -186,14 +186,24 @@ def _horner(coefficients, theta):
     return result
 
 
-def interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, outcome, column, wanted, linear):
+def interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, outcome, column, wanted, linear,
+                        first=None):
     """The states at the output times ``taus[b, column[b, j]]`` inside one step of every sample, shape
     ``(batch, J, *shape)`` (entries not ``wanted`` are meaningless): the step's dense output there, or the step's
     own value where the step ends exactly on the output time, as in the joint loop. (The per-sample checkpoint
-    strategy replays this exactly.)"""
+    strategy replays this exactly.) ``first = (tau_first, y_first)``, for a solve that keeps its graph: the rows
+    with no wanted output are interpolated at their first time and state with h = 0 (their values are dropped,
+    and the field at their own step end may be NaN, whose partial derivatives would make every gradient NaN)."""
     batch, n = taus.shape
     view = (batch,) + (1,) * (y.ndim - 1)
     y1 = outcome.y1
+    if first is not None:
+        idle = ~wanted.any(dim=1)
+        tau_first, y_first = first
+        rows = idle.view(view)
+        y, y1 = torch.where(rows, y_first, y), torch.where(rows, y_first, y1)
+        tau, tau1 = torch.where(idle, tau_first, tau), torch.where(idle, tau_first, tau1)
+        h_step = torch.where(idle, torch.zeros_like(h_step), h_step)
     if linear:
         coefficients = [y, y1 - y]
     else:
@@ -334,7 +344,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     running = int((~done).sum())
     # A solve that keeps its graph (gradient="direct") must not keep a step whose values are not finite: see below.
     keeps_graph = torch.is_grad_enabled()
-    t_first, y_first = direction * tau, y0.detach()    # where each sample started: the field is finite there
+    tau_first, y_first = tau.clone(), y0.detach()     # where each sample started: the field is finite there
+    t_first = direction * tau_first
 
     while running:
         iterations += 1
@@ -411,7 +422,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             # Taken again with those rows standing still (h = 0: their stages are their current, finite state),
             # the step keeps the other rows' values and a finite graph. Rare: only steps that met non-finite values.
             h_still = torch.where(non_finite, torch.zeros_like(h_step), h_step)
-            t_in, y_in, f_in = standing_still(~active | non_finite, t_first, y_first, t_start, y, f_in, view)
+            # (from f, not f_in: a method that is not FSAL evaluated f_in at this state, maybe NaN, so afresh)
+            t_in, y_in, f_in = standing_still(~active | non_finite, t_first, y_first, t_start, y, f, view)
             if f_in is None:
                 f_in = field(t_in.view(view), y_in)
             outcome = stepper.step(field, t_in.view(view), y_in, f_in, (direction * h_still).view(view),
@@ -426,7 +438,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             wanted = offsets < new_outputs.unsqueeze(1)
             column = torch.where(wanted, column, torch.full_like(column, n))
             value = interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, outcome, column,
-                                        wanted, linear)
+                                        wanted, linear, (tau_first, y_first) if keeps_graph else None)
             writes = (column, wanted)
             values.append(value.reshape(batch * most_outputs, *y.shape[1:]))
             rows = n_rows + torch.arange(batch * most_outputs, device=device).view(batch, most_outputs)

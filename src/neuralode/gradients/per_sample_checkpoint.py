@@ -82,8 +82,11 @@ class PerSampleCheckpointRun:
         f = None
         t_first, y_first = direction * self.taus[:, 0].to(y.device), self.kept[0][1]
         for t0, h, tau1, accepted, writes in self.schedule[i0:i1]:
-            if f is None:   # (finished and failed rows, h = 0, are evaluated where they started: see below)
-                t_a, y_a, _ = standing_still(h == 0, t_first, y_first, t0, y, None, view)
+            if f is None:   # (rows whose step is dropped are evaluated where they started: see below)
+                # A FSAL method carries f to the next step, so only the finished and failed rows (h = 0) may take
+                # it from elsewhere; a method that evaluates f afresh at every step needs it only for accepted rows.
+                still = (h == 0) if stepper.fsal else ~accepted
+                t_a, y_a, _ = standing_still(still, t_first, y_first, t0, y, None, view)
                 f = field(t_a.view(view), y_a)
             # A rejected or finished row's result is not used, so it stands still (h = 0) at its first time and
             # state, where the field is finite: its trial step may have met NaN, or its state be where the field
@@ -95,7 +98,8 @@ class PerSampleCheckpointRun:
             if writes is not None:
                 column, wanted = writes
                 values.append(interpolate_outputs(stepper, field, direction, self.taus, direction * t0, tau1,
-                                                  direction * h, y, outcome, column, wanted, self.linear))
+                                                  direction * h, y, outcome, column, wanted, self.linear,
+                                                  (direction * t_first, y_first)))
                 block = wanted.view(*wanted.shape, *([1] * (y.ndim - 1)))
                 cotangent = grad_outputs[column.clamp_max(n - 1), samples.unsqueeze(1)]
                 cotangents.append(torch.where(block, cotangent, torch.zeros_like(cotangent)))

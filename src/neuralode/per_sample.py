@@ -254,6 +254,13 @@ def _sample_failure(sample, underflow, t_fail, y, y0, non_finite_last, max_num_s
         "it with options={'max_num_steps': N}, loosen rtol/atol, or check whether the problem is stiff", t=t_fail)
 
 
+def _fail(failures: dict, sample: int, throw: bool, error) -> None:
+    """Record ``sample``'s failure (with ``throw``, raise it: the solve stops at its first failure)."""
+    failures[sample] = error
+    if throw:
+        raise error
+
+
 def _first_failure(failures: dict, batch: int):
     """The error a solve with failed samples reports: the first failure, naming how many failed, with every
     sample's status in ``sample_status`` (``None`` when every sample succeeded)."""
@@ -453,11 +460,9 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             # One sample's failure is its own: with throw=False it is retired (its later outputs stay NaN) and
             # the others go on, as if each were solved alone.
             for sample in (underflow | over_budget).nonzero()[:, 0].tolist():
-                failures[sample] = _sample_failure(sample, bool(underflow[sample]), direction * float(tau[sample]),
-                                                   y[sample], y0[sample], bool(non_finite_last[sample]),
-                                                   max_num_steps, control.min_step if stuck[sample] else None)
-                if throw:
-                    raise failures[sample]
+                _fail(failures, sample, throw, _sample_failure(
+                    sample, bool(underflow[sample]), direction * float(tau[sample]), y[sample], y0[sample],
+                    bool(non_finite_last[sample]), max_num_steps, control.min_step if stuck[sample] else None))
             retired = retired | underflow | over_budget
             done_next = done_next | retired
             running = int((~done_next).sum())
@@ -490,12 +495,10 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         broken = ~torch.isnan(broke_at)
         for sample in broken.nonzero()[:, 0].tolist():
             t_bad = direction * float(broke_at[sample])
-            failures[sample] = NonFiniteError(
+            _fail(failures, sample, throw, NonFiniteError(
                 f"the solution of sample {sample} became NaN or infinite in its fixed step from t={t_bad}; the vector "
                 "field blew up or the fixed step is too large for this problem: reduce step_size or use an adaptive "
-                "method", t=t_bad)
-            if throw:
-                raise failures[sample]
+                "method", t=t_bad))
     # Every output finite (one host read): an output interpolated between finite step ends can still read the field
     # where it is not finite (dopri8's extra stages, or f at a step's end for a Hermite).
     finite = torch.isfinite(outputs.detach().reshape(n, batch, -1)).all(dim=2) | (table < 0)        # (n, batch)
@@ -504,12 +507,10 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             column = int((~finite[:, sample]).int().argmax())
             t_bad = direction * float(taus[sample, column])
             if sample not in failures:
-                failures[sample] = NonFiniteError(
+                _fail(failures, sample, throw, NonFiniteError(
                     f"the output of sample {sample} at t={t_bad} is NaN or infinite although its steps' ends are "
                     "finite: the interpolant between them read the vector field where it is not finite. Tighten "
-                    "rtol/atol, or give the sample output times its steps can end on", t=t_bad)
-                if throw:
-                    raise failures[sample]
+                    "rtol/atol, or give the sample output times its steps can end on", t=t_bad))
             table[column:, sample] = -1                  # its solution ends where it was last finite
     error = _first_failure(failures, batch)
     if error is not None or start is not None:

@@ -351,8 +351,15 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     running = int((~done).sum())
     # A solve that keeps its graph (gradient="direct") must not keep a step whose values are not finite: see below.
     keeps_graph = torch.is_grad_enabled()
-    tau_first, y_first = tau.clone(), y0.detach()     # where each sample started: the field is finite there
-    t_first = direction * tau_first
+    t_first, y_first = direction * tau0, y0.detach()  # where each sample started: the field is finite there
+
+    def step(still, t_start, y, f, h_signed):
+        """The step from ``(t_start, y, f)``; the rows ``still`` (if any) stand at their first state."""
+        t_in, y_in, f_in = (t_start, y, f) if still is None else standing_still(still, t_first, y_first, t_start,
+                                                                                y, f, view)
+        if f_in is None:   # (not FSAL: evaluated afresh at the start of every step)
+            f_in = field(t_in.view(view), y_in)
+        return stepper.step(field, t_in.view(view), y_in, f_in, h_signed.view(view), norm if adaptive else None)
 
     while running:
         iterations += 1
@@ -371,24 +378,17 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         tau1 = torch.where(active, tau1, tau)
         h_step = tau1 - tau                                 # 0 for samples that are done
         t_start = direction * tau
-        t_in, y_in, f_in = t_start, y, f
-        if keeps_graph and running < batch:
-            # The rows that are done step with h = 0 and their results are dropped, but their part of the graph is
-            # kept: a failed sample's state may be where the field overflows, and NaN partial derivatives there
-            # times their zero cotangent made every gradient NaN. They stand still at their first state instead.
-            t_in, y_in, f_in = standing_still(~active, t_first, y_first, t_start, y, f, view)
-        if f_in is None:   # (not FSAL: evaluated afresh at the start of every step)
-            f_in = field(t_in.view(view), y_in)
-        outcome = stepper.step(field, t_in.view(view), y_in, f_in, (direction * h_step).view(view),
-                               norm if adaptive else None)
+        # In a solve that keeps its graph the rows that are done (h = 0, results dropped) keep their part of the
+        # graph: a failed sample's state may be where the field overflows, and NaN partial derivatives there times
+        # their zero cotangent made every gradient NaN. They stand still at their first state instead.
+        outcome = step(~active if keeps_graph and running < batch else None, t_start, y, f, direction * h_step)
         y1 = outcome.y1
+        # As in the joint loop: a step whose result is not finite is rejected whatever the norm says.
+        total = y1.detach().reshape(batch, -1).sum(dim=1)
+        finite_y1 = torch.isfinite(total.real + total.imag if total.is_complex() else total)
         if adaptive:
             ratio = outcome.error_ratio.to(torch.float64)
-            # As in the joint loop: a step whose result is not finite is rejected whatever the norm says.
-            total = y1.detach().reshape(batch, -1).sum(dim=1)
-            if total.is_complex():
-                total = total.real + total.imag
-            ratio = torch.where(torch.isfinite(total), ratio, torch.full_like(ratio, math.nan))
+            ratio = torch.where(finite_y1, ratio, torch.full_like(ratio, math.nan))
             finite = torch.isfinite(ratio)
             non_finite = active & ~finite
             stuck = non_finite & pinned        # at min_step: it cannot shrink, and retrying gives the same NaN
@@ -399,8 +399,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             # A fixed grid accepts every finite step. A sample whose step is not finite stops there (it counts as
             # done, its state stays finite): stepping on through NaN would poison every gradient that flows back
             # through its later steps, which backpropagation multiplies by zero only to get NaN.
-            total = y1.detach().reshape(batch, -1).sum(dim=1)
-            accept = torch.isfinite(total.real + total.imag if total.is_complex() else total)
+            accept = finite_y1
             non_finite = active & ~accept
             stuck = torch.zeros_like(active)
             broke_at = torch.where(non_finite & torch.isnan(broke_at), tau, broke_at)
@@ -426,15 +425,11 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             # The rows this step rejects hold NaN or inf, and so do the partial derivatives in their part of the
             # graph: backpropagation multiplies those by the rows' zero cotangents and gets NaN, in every gradient
             # (a successful solve whose trial step overshot into sqrt of a negative number returned NaN gradients).
-            # Taken again with those rows standing still (h = 0: their stages are their current, finite state),
-            # the step keeps the other rows' values and a finite graph. Rare: only steps that met non-finite values.
+            # Taken again with those rows standing still (h = 0 at their first state, where the field is finite;
+            # f afresh for a method that is not FSAL), the step keeps the other rows' values and a finite graph.
+            # Rare: only steps that met non-finite values.
             h_still = torch.where(non_finite, torch.zeros_like(h_step), h_step)
-            # (from f, not f_in: a method that is not FSAL evaluated f_in at this state, maybe NaN, so afresh)
-            t_in, y_in, f_in = standing_still(~active | non_finite, t_first, y_first, t_start, y, f, view)
-            if f_in is None:
-                f_in = field(t_in.view(view), y_in)
-            outcome = stepper.step(field, t_in.view(view), y_in, f_in, (direction * h_still).view(view),
-                                   norm if adaptive else None)
+            outcome = step(~active | non_finite, t_start, y, f, direction * h_still)
             y1 = outcome.y1
 
         writes = None
@@ -445,7 +440,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             wanted = offsets < new_outputs.unsqueeze(1)
             column = torch.where(wanted, column, torch.full_like(column, n))
             value = interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, outcome, column,
-                                        wanted, linear, (tau_first, y_first) if keeps_graph else None)
+                                        wanted, linear, (tau0, y_first) if keeps_graph else None)
             writes = (column, wanted)
             values.append(value.reshape(batch * most_outputs, *y.shape[1:]))
             rows = n_rows + torch.arange(batch * most_outputs, device=device).view(batch, most_outputs)

@@ -50,14 +50,14 @@ class PerSampleAdjointRun:
         out not at all (its backward solve could only fail, and make every parameter's gradient NaN)."""
         n, batch = outputs.shape[:2]
         samples = torch.arange(batch, device=outputs.device)
-        columns = torch.arange(n, device=outputs.device).unsqueeze(1)
+        output_index = torch.arange(n, device=outputs.device).unsqueeze(1)
         wanted = (grad_outputs.reshape(n, batch, -1) != 0).any(dim=2)                               # (n, batch)
-        last = (wanted * columns).amax(dim=0)                       # the last output with a gradient; 0 if none
+        last = (wanted * output_index).amax(dim=0)                  # the last output with a gradient; 0 if none
         if bool((last == n - 1).all()):
             last = None                                             # (the usual case: every sample from the end)
         else:
             # Past its last needed output a sample's outputs may be NaN (unreached): that state stands in for them.
-            mask = (columns <= last).view(n, batch, *([1] * (outputs.ndim - 2)))
+            mask = (output_index <= last).view(n, batch, *([1] * (outputs.ndim - 2)))
             outputs = torch.where(mask, outputs, outputs[last, samples].unsqueeze(0))
         state_shape = outputs.shape[1:]
         times = self.direction * self.taus                                   # (batch, n), real time

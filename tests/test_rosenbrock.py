@@ -392,15 +392,15 @@ def test_rodas5p_error_follows_the_tolerance_on_van_der_pol_where_rodas5s_does_n
     # 13 and 34 at rtol 1e-6 and 1e-7); Rodas5P's stays near 1 (0.8 and 1.1), which is what it was built for.
     problem = sp.van_der_pol(1000.0)
     t = torch.tensor(problem.t_span, dtype=F64)
-    reference = sp.scipy_reference(problem, [problem.t_span[1]], rtol=1e-12)[0]
+    # (scipy's Radau at its default 1e-10 here is within 1e-4 of this test's tolerance of a 1e-12 run, in a
+    # quarter of the time.)
+    reference = sp.scipy_reference(problem, [problem.t_span[1]])[0]
     ratios = {}
-    for method in ("rodas5", "rodas5p"):
-        for rtol in (1e-6, 1e-7):
-            with torch.no_grad():
-                sol = neuralode.solve(problem.func, problem.y0, t, method=method, rtol=rtol,
-                                      atol=problem.atol_tensor(rtol))
-            error = sp.mixed_error(sol.ys[-1].numpy(), reference, rtol, problem.atol(rtol))
-            ratios[method, rtol] = error / rtol
+    for method, rtol in (("rodas5p", 1e-6), ("rodas5p", 1e-7), ("rodas5", 1e-7)):
+        with torch.no_grad():
+            sol = neuralode.solve(problem.func, problem.y0, t, method=method, rtol=rtol, atol=problem.atol_tensor(rtol))
+        error = sp.mixed_error(sol.ys[-1].numpy(), reference, rtol, problem.atol(rtol))
+        ratios[method, rtol] = error / rtol
     assert ratios["rodas5p", 1e-6] < 3 and ratios["rodas5p", 1e-7] < 3, ratios
     assert ratios["rodas5", 1e-7] > 10 * ratios["rodas5p", 1e-7], ratios
 

@@ -227,7 +227,7 @@ def test_per_sample_block_gradients_match_between_strategies():
     torch.testing.assert_close(grads[2], grads[0], rtol=1e-12, atol=1e-12)   # checkpointing: the same steps
 
 
-@pytest.mark.parametrize("kwargs", [{"kinetic": True}, {"compile": True}])
+@pytest.mark.parametrize("kwargs", [{"kinetic": True}, {"frobenius": True}])
 def test_per_sample_block_refuses_what_it_cannot_do(kwargs):
     with pytest.raises(ValueError, match="per_sample=True does not combine"):
         neuralode.nn.ODEBlock(_mlp(), per_sample=True, **kwargs)

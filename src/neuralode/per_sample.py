@@ -41,9 +41,8 @@ __all__ = ["PerSampleField", "PerSampleNorm", "integrate_per_sample", "check_per
 
 class PerSampleField(VectorField):
     """The user's ``func(t, y)`` called with ``t`` of shape ``(batch,)``: one time per sample (torchode's
-    convention). The loop hands times as float64 tensors of shape ``(batch, 1, ..., 1)``."""
-
-    compilable = False
+    convention). The loop hands times as float64 tensors of shape ``(batch, 1, ..., 1)``, which a compiled step
+    (``compile=True``) inlines as it does the joint field."""
 
     def time(self, t) -> torch.Tensor:
         return t.reshape(-1).to(self.time_dtype)

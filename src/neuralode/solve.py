@@ -104,7 +104,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         (tensors of shape ``(batch,)``). A sample's result does not depend on the rest of its batch when
         ``func`` treats rows independently. Explicit Runge-Kutta methods; every gradient strategy:
         ``"direct"``, ``"adjoint"`` (per-sample backward solves, :mod:`neuralode.gradients.per_sample_adjoint`)
-        and ``"checkpoint"`` (:mod:`neuralode.gradients.per_sample_checkpoint`).
+        and ``"checkpoint"`` (:mod:`neuralode.gradients.per_sample_checkpoint`). With ``compile=True`` each
+        batched step runs compiled (the adjoint's backward steps stay eager).
 
     Returns
     -------
@@ -145,11 +146,11 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
                              "set them on the controller instead, e.g. PIDController(pcoeff=0.4, max_step=0.1)")
     if per_sample:
         unsupported = [name for name, used in (("event_fn", event_fn is not None), ("events", bool(events)),
-                                               ("dense=True", dense), ("compile=True", compile)) if used]
+                                               ("dense=True", dense)) if used]
         if unsupported:
             raise ValueError(f"per_sample=True does not support {', '.join(unsupported)} yet; solve jointly "
                              "(per_sample=False) for these")
-        return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller)
+        return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller, compile)
     return _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw,
                   until_event=False, compile=compile, events=tuple(events), controller=controller)
 
@@ -271,7 +272,8 @@ _PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "mi
                        "ifactor", "dfactor", "controller", "pcoeff", "icoeff", "dcoeff", "dtype"}
 
 
-def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller=None) -> Solution:
+def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller=None,
+                      compile=False) -> Solution:
     """The boundary of per-sample stepping: checks, options to objects, then the per-sample loop."""
     if not isinstance(strategy, (Direct, Adjoint, Checkpoint)):
         raise ValueError(f"per_sample=True supports gradient='direct', 'adjoint' and 'checkpoint', got "
@@ -289,6 +291,11 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
                          f"{sorted(_PER_SAMPLE_OPTIONS & spec.options)}")
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
+    # compile=True: each batched step runs as one compiled function; the per-sample adjoint's backward steps (an
+    # augmented field, stepped from a stepper of their own) stay eager.
+    eager_stepper = stepper
+    if compile:
+        stepper = compiled_stepper(stepper, func, spec.name, options)
     field, state, norm = make_per_sample_field(func, y0, rtol, atol)
     times = check_per_sample_times(t, y0)
     warn_time_rounding(norm.rtol, t.dtype, field.time_dtype, float(times.abs().max()),
@@ -321,7 +328,8 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
         outputs, stats, error = run.forward(state, f0, control, norm, step_size, throw)
     else:
         if isinstance(strategy, Adjoint):
-            run = _per_sample_adjoint(strategy, func, stepper, control, step_size, taus, direction, norm, throw)
+            run = _per_sample_adjoint(strategy, func, eager_stepper, control, step_size, taus, direction, norm,
+                                      throw)
         with torch.no_grad() if run is not None else contextlib.nullcontext():
             outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
                                                          step_size=step_size, linear=linear, throw=throw)

@@ -31,6 +31,7 @@ class PerSampleCheckpointRun:
         self.every = 1
         self.kept = []                # (iteration index, state at its start)
         self.stats = None
+        self.replay_norm = None
 
     def start(self, y0):
         self.kept = [(0, y0.detach())]
@@ -47,6 +48,8 @@ class PerSampleCheckpointRun:
 
     def forward(self, y0, f0, control, norm, step_size, throw):
         self.start(y0)
+        # (a compiled stepper replays with the norm: see CompiledRungeKutta.replay_with_norm)
+        self.replay_norm = norm if getattr(self.stepper, "replay_with_norm", False) else None
         with torch.no_grad():
             return integrate_per_sample(self.field, self.stepper, control, y0, f0, self.taus, self.direction, norm,
                                         step_size=step_size, linear=self.linear, throw=throw, record=self)
@@ -94,7 +97,7 @@ class PerSampleCheckpointRun:
             # the forward loop).
             t_in, y_in, f_in = standing_still(~accepted, t_first, y_first, t0, y, f, view)
             still = torch.where(accepted, h, torch.zeros_like(h))
-            outcome = stepper.step(field, t_in.view(view), y_in, f_in, still.view(view), None)
+            outcome = stepper.step(field, t_in.view(view), y_in, f_in, still.view(view), self.replay_norm)
             if writes is not None:
                 column, wanted = writes
                 values.append(interpolate_outputs(stepper, field, direction, self.taus, direction * t0, tau1,

@@ -82,7 +82,7 @@ class ODEBlock(nn.Module):
         so one hard input no longer sets the steps (and the cost) of the whole batch, and a sample's
         output does not depend on its batch. ``func`` then receives ``t`` of shape ``(N,)``; the
         time-concatenating layers of :mod:`neuralode.nn` accept it. Explicit Runge-Kutta methods, every
-        gradient strategy, no regularisers.
+        gradient strategy, ``compile=True``, no regularisers.
 
     Attributes
     ----------
@@ -179,9 +179,9 @@ class ODEBlock(nn.Module):
         self.compile_step = compile
         if not isinstance(per_sample, bool):
             raise TypeError(f"per_sample must be True or False, got {type(per_sample).__name__}.")
-        if per_sample and (kinetic or frobenius or compile):
-            raise ValueError("per_sample=True does not combine with the regularisers (kinetic, frobenius) or "
-                             "compile=True; drop one of them.")
+        if per_sample and (kinetic or frobenius):
+            raise ValueError("per_sample=True does not combine with the regularisers (kinetic, frobenius); drop one "
+                             "of them.")
         self.per_sample = per_sample
         self.last_stats: dict[str, Any] | None = None
         self.kinetic_energy: Tensor | None = None

@@ -250,7 +250,10 @@ class CompiledRungeKutta(_CompiledStepper):
     """An :class:`ExplicitRungeKutta` whose ``step`` runs as one ``torch.compile``d function."""
 
     def __init__(self, stepper: ExplicitRungeKutta, func, role: str = "forward"):
-        super().__init__(stepper, func, role, {"step": _new_kernel, "loop": _new_loop_kernel})
+        # ("per_sample": the same step with one time and step size per batch element, an entry of its own so that
+        # its shapes never count against the joint step's variants)
+        super().__init__(stepper, func, role, {"step": _new_kernel, "per_sample": _new_kernel,
+                                               "loop": _new_loop_kernel})
         self.role = role
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
         tableau = stepper.tableau
@@ -262,23 +265,35 @@ class CompiledRungeKutta(_CompiledStepper):
     def step(self, func, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, error_norm, state=None):
         if not self.usable(func):
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
-        # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
-        # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
-        times = torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
+        if isinstance(t0, torch.Tensor) and t0.ndim > 0:
+            # Per-sample stepping (neuralode.per_sample): t0 and h of shape (batch, 1, ..., 1), already tensors.
+            part, times = "per_sample", torch.stack((t0, h))
+        else:
+            # Time and step size as one float64 tensor: inputs of the graph, never constants in it (a Python
+            # float would be specialised on, or traced symbolically, which torch.compile does unreliably).
+            part, times = "step", torch.tensor((t0, h), dtype=self.time_dtype(y0), device=y0.device)
         if self.with_dense:
             self.eager._dense_matrix(y0.dtype, y0.device)   # its cache filled outside the traced code
-        if f0.requires_grad and not y0.requires_grad and torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            # requires_grad is guarded on: a derivative evaluated with a graph (the first evaluation of a solve that
+            # then steps without one, the checkpoint strategy's recording pass) would compile a variant of its own.
+            y0, f0 = y0.detach(), f0.detach()
+        elif f0.requires_grad and not y0.requires_grad:
             # The first step of a graph-recording solve from a y0 without grad (parameters with it): every later
             # state requires grad, and requires_grad is part of torch.compile's guards, so this step would be a
             # graph of its own, forward and backward (~6 s of compile on P2). A detached copy that requires grad
             # takes the later steps' graph; its gradient goes nowhere. (No forward-mode tangent to lose: see usable.)
             y0 = y0.detach().requires_grad_()
-        outcome = self.run("step", (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0,
-                                    self.with_dense))
+        outcome = self.run(part, (self.eager, func, self._tensor_tolerances(error_norm, y0), times, y0, f0,
+                                  self.with_dense))
         if outcome is None:
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
         func.nfe += self.evaluations
         return outcome
+
+    # A replay (the per-sample checkpoint strategy) passes the error norm it does not need, so that its steps take
+    # the recording solve's compiled graph instead of compiling one without the error estimate.
+    replay_with_norm = True
 
     def run_loop(self, field, stepping, error_norm, tau: float, y0: torch.Tensor, f0: torch.Tensor, out_taus: list,
                  attempts_left: int, direction: int):

@@ -44,7 +44,8 @@ class VanDerPol(torch.nn.Module):
         self.nfe = 0
 
     def forward(self, t, y):
-        self.nfe += 1
+        if not torch.compiler.is_compiling():   # (a counter traced into a compiled step would recompile it per call)
+            self.nfe += 1
         x, v = y[:, 0], y[:, 1]
         return torch.stack([v, self.mu * (1 - x * x) * v - x], dim=1)
 
@@ -90,21 +91,30 @@ def solvers(field, y0, t, tol, task):
     t_eval = t.unsqueeze(0).expand(y0.shape[0], -1)
     problem = to.InitialValueProblem(y0=y0, t_eval=t_eval)
     kw = dict(method="dopri5", rtol=tol, atol=tol)
+    # neuralode's cases return the Solution (its stats count the evaluations, also inside a compiled step, where the
+    # field's own counter is not traced); torchode's the outputs, transposed from (batch, n, ...) to (n, batch, ...).
     cases = {
-        "neuralode per-sample": lambda: neuralode.solve(field, y0, t, per_sample=True, **kw).ys,
-        "neuralode joint": lambda: neuralode.solve(field, y0, t, **kw).ys,
-        # torchode returns (batch, n, ...); transposed to neuralode's (n, batch, ...).
+        "neuralode per-sample": lambda: neuralode.solve(field, y0, t, per_sample=True, **kw),
+        "neuralode per-sample, compile=True": lambda: neuralode.solve(field, y0, t, per_sample=True, compile=True,
+                                                                      **kw),
+        "neuralode joint": lambda: neuralode.solve(field, y0, t, **kw),
         "torchode per-sample": lambda: torchode.solve(problem).ys.transpose(0, 1),
     }
     if task == "gradient":
         # (torchode's BacksolveAdjoint evaluates the field on one sample at a time under vmap, which a field with
         # a parameter per sample, mu[b], does not allow; it is left out.)
         cases["neuralode per-sample adjoint"] = lambda: neuralode.solve(field, y0, t, per_sample=True,
-                                                                        gradient="adjoint", **kw).ys
-        cases["neuralode joint adjoint"] = lambda: neuralode.solve(field, y0, t, gradient="adjoint", **kw).ys
+                                                                        gradient="adjoint", **kw)
+        cases["neuralode joint adjoint"] = lambda: neuralode.solve(field, y0, t, gradient="adjoint", **kw)
         cases["neuralode per-sample checkpoint"] = lambda: neuralode.solve(field, y0, t, per_sample=True,
-                                                                           gradient="checkpoint", **kw).ys
+                                                                           gradient="checkpoint", **kw)
+        cases["neuralode per-sample checkpoint, compile=True"] = lambda: neuralode.solve(
+            field, y0, t, per_sample=True, gradient="checkpoint", compile=True, **kw)
     return cases
+
+
+def _outputs(result):
+    return result if isinstance(result, torch.Tensor) else result.ys
 
 
 def run_problem(model, mu, y0, t, tol, rounds):
@@ -121,16 +131,18 @@ def run_problem(model, mu, y0, t, tol, rounds):
         cases = solvers(field, y0, t, tol, task)
         times = {name: [] for name in cases}
         nfe, error = {}, {}
-        for name, run in cases.items():       # warm-up; records NFE and accuracy
+        for name, run in cases.items():       # warm-up (and compilation, untimed); records NFE and accuracy
             field.nfe = 0
             if task == "forward":
                 with torch.no_grad():
-                    ys = run()
-                error[name] = float((ys.double() - reference).abs().max())
+                    result = run()
+                error[name] = float((_outputs(result).double() - reference).abs().max())
             else:
                 field.zero_grad()
-                run().square().mean().backward()
-            nfe[name] = field.nfe
+                result = run()
+                _outputs(result).square().mean().backward()
+            nfe[name] = field.nfe if isinstance(result, torch.Tensor) else (result.stats["nfe"]
+                                                                            + result.stats.get("nfe_backward", 0))
         for _ in range(rounds):               # interleaved: every solver once per round
             for name, run in cases.items():
                 start = time.perf_counter()
@@ -139,7 +151,7 @@ def run_problem(model, mu, y0, t, tol, rounds):
                         run()
                 else:
                     field.zero_grad()
-                    run().square().mean().backward()
+                    _outputs(run()).square().mean().backward()
                 times[name].append(time.perf_counter() - start)
         peer = times["torchode per-sample"]
         results[task] = [{

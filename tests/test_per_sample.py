@@ -583,3 +583,40 @@ def test_a_step_that_ends_where_the_field_is_nan_leaves_the_gradients_finite(gra
     for got, want in zip(gradients(gradient), gradients("adjoint")):
         assert bool(torch.isfinite(got).all())
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "adjoint"])
+def test_a_first_step_per_sample_is_each_samples_own(gradient):
+    """options={'first_step': tensor (batch,)} (torchode's dt0): every sample starts with its own step, as if solved
+    alone with that number; bad tensors are refused with the argument named."""
+    mu, y0 = vdp_batch(3)
+    mu = (0.2 * mu).requires_grad_()   # (mild enough for the adjoint's backward solve: Van der Pol repels backwards)
+    t = torch.linspace(0.0, 2.0, 5, dtype=f64)
+    first = torch.tensor([1e-3, 0.05, 0.3], dtype=f64)
+    kwargs = dict(method="dopri5", rtol=1e-7, atol=1e-9, per_sample=True, gradient=gradient, adjoint_params=(mu,))
+
+    def rows(index):   # (mu indexed inside the field: the adjoint differentiates the field with respect to mu)
+        return lambda t, y: VanDerPol(mu[index])(t, y)
+
+    batch = solve(rows(slice(None)), y0, t, options={"first_step": first}, **kwargs)
+    grad_batch, = torch.autograd.grad(batch.ys.square().sum(), mu)
+    for b in range(3):
+        alone = solve(rows(slice(b, b + 1)), y0[b:b + 1], t, options={"first_step": float(first[b])}, **kwargs)
+        assert int(alone.stats["n_steps"][0]) == int(batch.stats["n_steps"][b])
+        torch.testing.assert_close(batch.ys[:, b], alone.ys[:, 0], rtol=1e-12, atol=1e-13)
+        grad_alone, = torch.autograd.grad(alone.ys.square().sum(), mu)
+        # (the adjoint's backward solve starts from Hairer's step in the batch and from the number alone: agreement
+        # to its tolerance there)
+        torch.testing.assert_close(grad_batch[b], grad_alone[b], rtol=1e-6 if gradient == "adjoint" else 1e-9,
+                                   atol=1e-12)
+    # A different first step changes the steps: the option is not ignored.
+    with torch.no_grad():
+        other = solve(rows(slice(None)), y0, t, options={"first_step": first.flip(0)}, **kwargs)
+    assert not torch.equal(other.stats["n_steps"], batch.stats["n_steps"])
+    for bad, error, match in ((first[:2], ValueError, r"shape \(batch,\) = \(3,\)"),
+                              (torch.tensor([1e-3, 0.0, 0.1], dtype=f64), ValueError, "sample 1 has 0.0"),
+                              (torch.tensor([1e-3, math.nan, 0.1]), ValueError, "sample 1 has nan")):
+        with pytest.raises(error, match=match):
+            solve(VanDerPol(mu), y0, t, options={"first_step": bad}, **kwargs)
+    with pytest.raises(ValueError, match="'first_step' means nothing for method 'rk4'"):
+        solve(VanDerPol(mu), y0, t, method="rk4", per_sample=True, options={"first_step": first, "step_size": 0.1})

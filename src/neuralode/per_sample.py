@@ -139,6 +139,28 @@ def make_per_sample_field(func, y0, rtol, atol):
     return field, state, PerSampleNorm(rtol, atol)
 
 
+def per_sample_first_steps(options: dict, y0: torch.Tensor):
+    """Option ``first_step`` given as a tensor of shape ``(batch,)``: one starting step per sample (torchode's
+    ``dt0``). Returns ``(options without it, the steps as float64)``; ``(options, None)`` for anything else (a
+    number is every sample's, checked with the other options). The adjoint's backward solve takes Hairer's
+    starting step per sample (with a number, it starts from that number too)."""
+    given = options.get("first_step")
+    if not isinstance(given, torch.Tensor) or given.numel() == 1:
+        return options, None
+    batch = y0.shape[0]   # (a fixed-step method was refused the option with the others it does not take)
+    if given.shape != (batch,):
+        raise ValueError(f"option 'first_step' as a tensor must have shape (batch,) = ({batch},), one starting step "
+                         f"per sample, got {tuple(given.shape)}")
+    if given.is_complex() or given.dtype == torch.bool:
+        raise TypeError(f"option 'first_step' must hold real step sizes, got dtype {given.dtype}")
+    steps = given.detach().to(device=y0.device, dtype=torch.float64)
+    if not bool((torch.isfinite(steps) & (steps > 0)).all()):
+        bad = int((~(torch.isfinite(steps) & (steps > 0))).nonzero()[0, 0])
+        raise ValueError(f"option 'first_step' must be finite and > 0 for every sample; sample {bad} has "
+                         f"{float(steps[bad])}")
+    return {k: v for k, v in options.items() if k != "first_step"}, steps
+
+
 def _first_evaluation(field, y0, times):
     """``func`` at the start times, checked like the joint solve's first evaluation."""
     t0 = times.reshape(-1).to(field.time_dtype)
@@ -285,7 +307,8 @@ def standing_still(still, t_first, y_first, t, y, f, view):
 
 
 def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
-                         linear=False, throw=True, on_step=None, jump=None, record=None, start=None):
+                         linear=False, throw=True, on_step=None, jump=None, record=None, start=None,
+                         first_step=None):
     """Integrate every sample of ``y0`` (shape ``(batch, *shape)``) over its own output times.
 
     ``taus``: internal times ``direction * t``, float64 of shape ``(batch, n)``, increasing rows.
@@ -305,7 +328,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     per-sample checkpoint strategy).
     ``start`` (LongTensor ``(batch,)``, default all 0): the output column each sample starts from, with ``y0``
     its state there; the earlier columns stay NaN (the per-sample adjoint starts a sample that failed forward at
-    the last output it reached).
+    the last output it reached). ``first_step`` (float64 ``(batch,)``, adaptive only): each sample's first step,
+    instead of the controller's ``first_step`` or Hairer's choice.
     Returns ``(outputs (n, batch, *shape), stats, error)``; outputs a sample never reached (after a failure
     with ``throw=False``) are NaN. ``error`` is the first sample's failure, with ``error.sample_status`` the
     status of every sample.
@@ -333,7 +357,9 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
               for name in ("n_steps", "n_accepted", "n_rejected")}
     done = tau >= tau_end
     if adaptive:
-        if control.first_step is not None:
+        if first_step is not None:
+            h = first_step.to(tau.device)
+        elif control.first_step is not None:
             h = torch.full_like(tau, control.first_step)
         else:
             h = _initial_step(field, tau, y, f, direction, stepper.initial_step_order, norm, view)

@@ -23,7 +23,7 @@ from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_setting
 from .problem import check_other_tolerance, make_problem, warn_time_rounding
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
-from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field
+from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field, per_sample_first_steps
 from .solvers.compiled import compiled_stepper
 from .solvers.runge_kutta import ExplicitRungeKutta
 
@@ -298,6 +298,7 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
         stepper = compiled_stepper(stepper, func, spec.name, options)
     field, state, norm = make_per_sample_field(func, y0, rtol, atol)
     times = check_per_sample_times(t, y0)
+    options, first_steps = per_sample_first_steps(options, state)
     warn_time_rounding(norm.rtol, t.dtype, field.time_dtype, float(times.abs().max()),
                        float((times[:, -1] - times[:, 0]).abs().min()), stacklevel=4)
     direction = -1 if times.shape[1] > 1 and bool(times[0, 1] < times[0, 0]) else 1
@@ -325,14 +326,15 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
     if isinstance(strategy, Checkpoint):
         # Exact discrete gradients in O(sqrt(steps)) memory: the loop records its iterations, backward replays them.
         run = PerSampleCheckpointRun(field, stepper, strategy.params, taus, direction, linear)
-        outputs, stats, error = run.forward(state, f0, control, norm, step_size, throw)
+        outputs, stats, error = run.forward(state, f0, control, norm, step_size, throw, first_steps)
     else:
         if isinstance(strategy, Adjoint):
             run = _per_sample_adjoint(strategy, func, eager_stepper, control, step_size, taus, direction, norm,
                                       throw)
         with torch.no_grad() if run is not None else contextlib.nullcontext():
             outputs, stats, error = integrate_per_sample(field, stepper, control, state, f0, taus, direction, norm,
-                                                         step_size=step_size, linear=linear, throw=throw)
+                                                         step_size=step_size, linear=linear, throw=throw,
+                                                         first_step=first_steps)
     if run is not None:
         run.stats = stats
         outputs = PerSampleAdjointFunction.apply(run, outputs, state, *strategy.params)

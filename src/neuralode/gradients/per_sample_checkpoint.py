@@ -46,13 +46,14 @@ class PerSampleCheckpointRun:
                 self.every *= 2
                 self.kept = [k for k in self.kept if k[0] % self.every == 0]
 
-    def forward(self, y0, f0, control, norm, step_size, throw):
+    def forward(self, y0, f0, control, norm, step_size, throw, first_step=None):
         self.start(y0)
         # (a compiled stepper replays with the norm: see CompiledRungeKutta.replay_with_norm)
         self.replay_norm = norm if getattr(self.stepper, "replay_with_norm", False) else None
         with torch.no_grad():
             return integrate_per_sample(self.field, self.stepper, control, y0, f0, self.taus, self.direction, norm,
-                                        step_size=step_size, linear=self.linear, throw=throw, record=self)
+                                        step_size=step_size, linear=self.linear, throw=throw, record=self,
+                                        first_step=first_step)
 
     def backward(self, outputs: torch.Tensor, grad_outputs: torch.Tensor):
         """``dL/dy0`` and ``dL/dtheta`` of the discrete solve from ``dL/d outputs`` ``(n, batch, *shape)``."""

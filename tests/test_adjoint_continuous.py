@@ -65,3 +65,31 @@ def test_a_failure_of_the_backward_solve_says_so():
     with pytest.raises(neuralode.MaxStepsError, match=expected) as info:
         sol.ys.sum().backward()
     assert 0.0 < info.value.t < 3.0
+
+
+def test_a_failed_backsolve_points_at_the_strategies_that_avoid_it():
+    """A backsolve's backward solve that collapses where the forward one succeeded (Robertson: y re-integrated
+    backwards reached 6e4) blamed only the field and the tolerances; it now names the strategies that do not
+    re-integrate y: the interpolating adjoint (joint solves) and checkpointing (per-sample solves have only
+    that). The interpolating adjoint's own failures do not send the user to itself."""
+    import types
+
+    from neuralode.gradients.base import names_the_backward_solve
+
+    @names_the_backward_solve
+    def backward(ctx):
+        raise neuralode.StepSizeUnderflowError("step size underflow at t=39.99", 39.99)
+
+    def message(ctx):
+        with pytest.raises(neuralode.StepSizeUnderflowError) as info:
+            backward(ctx)
+        assert info.value.t == 39.99
+        return str(info.value)
+
+    backsolve = message(types.SimpleNamespace(strategy=neuralode.Adjoint()))
+    assert "Adjoint(interpolate=True) takes y from the forward solve" in backsolve
+    assert "gradient='checkpoint'" in backsolve
+    interpolating = message(types.SimpleNamespace(strategy=neuralode.Adjoint(interpolate=True)))
+    assert "interpolate=True" not in interpolating and "backward solve failed" in interpolating
+    per_sample = message(types.SimpleNamespace(run=types.SimpleNamespace(strategy_name="adjoint")))
+    assert "gradient='checkpoint' backpropagates" in per_sample and "interpolate=True" not in per_sample

@@ -141,9 +141,23 @@ def names_the_backward_solve(backward):
             # (the per-sample function also runs the per-sample checkpoint replay, which has no settings of its own)
             if getattr(getattr(ctx, "run", None), "strategy_name", "adjoint") != "adjoint":
                 raise type(error)(f"the checkpoint replay of the backward pass failed: {error}", error.t) from error
+            strategy = getattr(ctx, "strategy", None)
+            if getattr(strategy, "interpolate", False):
+                remedy = ""
+            else:
+                # A backsolve re-integrates y backwards: on stiff or strongly contracting dynamics y drifts away from
+                # the forward solution (Robertson's y reached 6e4 where it is at most 1) and the step collapses,
+                # whatever the settings. The message blamed only the vector field and the tolerances.
+                # (the per-sample adjoint, whose ctx has no strategy, has no interpolating variant)
+                fixes = ("gradient='checkpoint' backpropagates through the forward steps instead" if strategy is None
+                         else "neuralode.Adjoint(interpolate=True) takes y from the forward solve instead, and "
+                              "gradient='checkpoint' backpropagates exactly")
+                remedy = ("; if the forward solve succeeded, the likely cause is y re-integrated backwards leaving "
+                          f"the forward solution (stiff or strongly contracting dynamics): {fixes}")
             raise type(error)(f"the adjoint's backward solve failed: {error} (its settings: "
                               f"neuralode.Adjoint(rtol=..., atol=..., options=...), or odeint_adjoint's adjoint_rtol/"
-                              f"adjoint_atol/adjoint_options; unset, they are the forward solve's)", error.t) from error
+                              f"adjoint_atol/adjoint_options; unset, they are the forward solve's{remedy})",
+                              error.t) from error
     return wrapped
 
 

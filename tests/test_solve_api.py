@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -423,3 +424,19 @@ def test_user_norm_returning_no_size_is_a_clear_error(compile, norm, error, mess
     with pytest.raises(error, match=message):
         neuralode.solve(f, torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
                         options={"norm": norm}, rtol=1e-8, atol=1e-8, compile=compile)
+
+
+def test_float32_jump_times_for_a_float64_state_warn():
+    """torch.tensor([1.2345]) is float32 by default: the solve restarted at 1.23450005, past the field's jump at
+    1.2345, and the straddling step cost 1.6e-7 of error and 14x the evaluations, silently (SciML-user QA round)."""
+    y0 = torch.ones(1, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"'jump_t' is a torch.float32 tensor .* \(1.2345 is 1.2345000505"):
+        neuralode.solve(lambda t, y: -y, y0, t, options={"jump_t": torch.tensor([1.2345])})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # exact float32 times, float64 tensors and lists, and float32 states are all fine
+        neuralode.solve(lambda t, y: -y, y0, t, options={"jump_t": torch.tensor([0.5, 1.25])})
+        neuralode.solve(lambda t, y: -y, y0, t, options={"step_t": torch.tensor([1.2345], dtype=torch.float64)})
+        neuralode.solve(lambda t, y: -y, y0, t, options={"jump_t": [1.2345]})
+        neuralode.solve(lambda t, y: -y, y0.float(), t.float(), options={"jump_t": torch.tensor([1.2345])})

@@ -164,8 +164,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     graphless = spec.whole_span and isinstance(strategy, Direct)
     t_wants_grad = isinstance(t, torch.Tensor) and t.requires_grad
     t_requires_grad = t_wants_grad and not graphless
+    precise_state = any(x.dtype in (torch.float64, torch.complex128)
+                        for x in (y0 if isinstance(y0, (tuple, list)) else (y0,)) if isinstance(x, torch.Tensor))
     for name in ("step_t", "jump_t"):
-        options[name] = time_list(options, name)
+        options[name] = time_list(options, name, precise_state)
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)

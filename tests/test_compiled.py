@@ -653,9 +653,9 @@ class _PerSampleCoupled(_Coupled):
 
 
 def test_per_sample_steps_compile_and_match_eager(monkeypatch):
-    """compile=True with per_sample=True: every batched step runs compiled (one time and step size per sample) and
-    takes the eager solve's steps, for the forward solve and the three gradient strategies (the adjoint's backward
-    steps stay eager)."""
+    """compile=True with per_sample=True: every batched step runs compiled (one time and step size per sample), and
+    so do the step's verdict and the placement of its outputs; the solve takes the eager solve's steps, for the
+    forward solve and the three gradient strategies (the adjoint's backward steps stay eager)."""
     from neuralode.solvers.compiled import CompiledRungeKutta
 
     parts, original = [], CompiledRungeKutta.run
@@ -672,7 +672,8 @@ def test_per_sample_steps_compile_and_match_eager(monkeypatch):
     kwargs = dict(method="dopri5", rtol=1e-8, atol=1e-9, per_sample=True)
     with torch.no_grad():
         eager, compiled = _pair(field, y0, t, **kwargs)
-    assert parts and set(parts) == {("per_sample", True)}
+    compiled_parts = {("per_sample", True), ("judge", True), ("place", True)}   # step, verdict, output placement
+    assert set(parts) == compiled_parts
     for key in ("n_steps", "n_accepted", "n_rejected"):
         assert torch.equal(compiled.stats[key], eager.stats[key]), key
     assert compiled.stats["nfe"] == eager.stats["nfe"]
@@ -687,4 +688,4 @@ def test_per_sample_steps_compile_and_match_eager(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         for a, b in zip(grads[1], direct):   # (the adjoint to its tolerance)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
-    assert set(parts) == {("per_sample", True)}
+    assert set(parts) == compiled_parts

@@ -231,11 +231,20 @@ def interpolate_outputs(stepper, field, direction, taus, tau, tau1, h_step, y, o
         f1 = outcome.f1 if outcome.f1 is not None else field((direction * tau1).view(view), y1)
         coefficients = stepper.dense_coefficients(field, (direction * tau).view(view), y,
                                                   (direction * h_step).view(view), outcome, f1)
+    place = getattr(stepper, "place_outputs_per_sample", place_outputs)
+    return place(coefficients, taus, tau, tau1, h_step, column, wanted, y1)
+
+
+def place_outputs(coefficients, taus, tau, tau1, h_step, column, wanted, y1):
+    """The dense output ``sum_m c_m theta**m`` of every sample's step at its output times ``taus[b, column[b, j]]``,
+    or the step's end ``y1`` where the output time is that end exactly; shape ``(batch, J, *shape)``. Pure tensor
+    code: ``compile=True`` runs it as one compiled function (solvers/compiled.py)."""
+    batch, n = taus.shape
     safe_h = torch.where(h_step > 0, h_step, torch.ones_like(h_step))
     t_out = taus.gather(1, column.clamp_max(n - 1))
     theta = torch.where(wanted, (t_out - tau.unsqueeze(1)) / safe_h.unsqueeze(1), torch.zeros_like(t_out))
-    real = y.real.dtype if y.is_complex() else y.dtype
-    block = (batch, column.shape[1]) + (1,) * (y.ndim - 1)
+    real = y1.real.dtype if y1.is_complex() else y1.dtype
+    block = (batch, column.shape[1]) + (1,) * (y1.ndim - 1)
     value = _horner([c.unsqueeze(1) for c in coefficients], theta.to(real).view(block))
     return torch.where((t_out == tau1.unsqueeze(1)).view(block), y1.unsqueeze(1), value)
 
@@ -306,6 +315,50 @@ def standing_still(still, t_first, y_first, t, y, f, view):
             None if f is None else torch.where(rows, torch.zeros_like(f), f))
 
 
+def _finite_rows(y: torch.Tensor) -> torch.Tensor:
+    """Whether each sample's row of ``y`` is finite (one sum per row: NaN and inf propagate)."""
+    total = y.reshape(y.shape[0], -1).sum(dim=1)
+    return torch.isfinite(total.real + total.imag if total.is_complex() else total)
+
+
+def _outputs_passed(taus, tau1, next_out, accepted) -> torch.Tensor:
+    """How many output times each sample's accepted step reached (0 for the others)."""
+    passed = torch.searchsorted(taus, tau1.unsqueeze(1), right=True).squeeze(1)
+    return torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
+
+
+def judge_adaptive_step(control, y1, error_ratio, error_order, h, pinned, previous, older, active, underflow, tau,
+                        tau1, taus, next_out, tau_end, retired, n_steps, max_num_steps):
+    """The verdict on one adaptive per-sample step, every quantity of shape ``(batch,)``: accept or reject (a step
+    whose result is not finite is rejected whatever the norm says, as in the joint loop), the next step size and
+    controller history (:meth:`~neuralode.controllers.AdaptiveController.adapt_on_device`), the outputs passed,
+    who is done, out of budget or stuck, and ``summary``, the five numbers of the loop's one host read. Pure tensor
+    code without a host read: ``compile=True`` runs it as one compiled function (solvers/compiled.py).
+
+    ``n_steps`` counts the steps before this one; ``underflow``: the samples whose step collapsed before it was
+    taken. Returns ``(finite, non_finite, stuck, accept, accepted, h_next, previous, older, tau_next, new_outputs,
+    done_next, over_budget, underflow, summary)``.
+    """
+    ratio = error_ratio.to(torch.float64)
+    ratio = torch.where(_finite_rows(y1), ratio, torch.full_like(ratio, math.nan))
+    finite = torch.isfinite(ratio)
+    non_finite = active & ~finite
+    stuck = non_finite & pinned        # at min_step: it cannot shrink, and retrying gives the same NaN
+    # (the history is updated by the loop, for the active samples only)
+    accept, h_next, remembered, remembered_older = control.adapt_on_device(h, ratio, error_order, previous, older,
+                                                                           pinned)
+    accepted = active & accept
+    tau_next = torch.where(accepted, tau1, tau)
+    new_outputs = _outputs_passed(taus, tau1, next_out, accepted)
+    done_next = (tau_next >= tau_end) | retired
+    over_budget = ~done_next & ~stuck & (n_steps + active >= max_num_steps)
+    underflow = underflow | stuck
+    summary = torch.stack([new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(),
+                           non_finite.sum()])
+    return (finite, non_finite, stuck, accept, accepted, h_next, remembered, remembered_older, tau_next,
+            new_outputs, done_next, over_budget, underflow, summary)
+
+
 def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm, *, step_size=None,
                          linear=False, throw=True, on_step=None, jump=None, record=None, start=None,
                          first_step=None):
@@ -338,6 +391,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
     device = y0.device
     view = (batch,) + (1,) * (y0.ndim - 1)
     samples = torch.arange(batch, device=device)
+    # The step's verdict, all samples at once: a compiled stepper brings a compiled one (the same function).
+    judge = getattr(stepper, "judge_per_sample", judge_adaptive_step)
     taus = taus.to(device)
     first = torch.zeros(batch, dtype=torch.long, device=device) if start is None else start.to(device)
     tau = taus.gather(1, first.unsqueeze(1)).squeeze(1)
@@ -408,44 +463,33 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         # their zero cotangent made every gradient NaN. They stand still at their first state instead.
         outcome = step(~active if keeps_graph and running < batch else None, t_start, y, f, direction * h_step)
         y1 = outcome.y1
-        # As in the joint loop: a step whose result is not finite is rejected whatever the norm says.
-        total = y1.detach().reshape(batch, -1).sum(dim=1)
-        finite_y1 = torch.isfinite(total.real + total.imag if total.is_complex() else total)
         if adaptive:
-            ratio = outcome.error_ratio.to(torch.float64)
-            ratio = torch.where(finite_y1, ratio, torch.full_like(ratio, math.nan))
-            finite = torch.isfinite(ratio)
-            non_finite = active & ~finite
-            stuck = non_finite & pinned        # at min_step: it cannot shrink, and retrying gives the same NaN
-            # (the history is updated below, for the active samples only)
-            accept, h_next, remembered, remembered_older = control.adapt_on_device(
-                h, ratio, outcome.error_order, previous, older, pinned)
+            (finite, non_finite, stuck, accept, accepted, h_next, remembered, remembered_older, tau_next,
+             new_outputs, done_next, over_budget, underflow, summary) = judge(
+                control, y1.detach(), outcome.error_ratio, outcome.error_order, h, pinned, previous, older, active,
+                underflow, tau, tau1, taus, next_out, tau_end, retired, counts["n_steps"], max_num_steps)
         else:
             # A fixed grid accepts every finite step. A sample whose step is not finite stops there (it counts as
             # done, its state stays finite): stepping on through NaN would poison every gradient that flows back
             # through its later steps, which backpropagation multiplies by zero only to get NaN.
-            accept = finite_y1
+            accept = _finite_rows(y1.detach())
             non_finite = active & ~accept
-            stuck = torch.zeros_like(active)
             broke_at = torch.where(non_finite & torch.isnan(broke_at), tau, broke_at)
+            accepted = active & accept
+            tau_next = torch.where(accepted, tau1, tau)
+            new_outputs = _outputs_passed(taus, tau1, next_out, accepted)
+            done_next = (tau_next >= tau_end) | retired | ~torch.isnan(broke_at)
+            over_budget = torch.zeros_like(active)   # (a fixed grid is finite)
             underflow = torch.zeros_like(active)
-        accepted = active & accept
+            summary = torch.stack([new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(),
+                                   non_finite.sum()])
         if on_step is not None:
             on_step((direction * tau).view(view), (direction * h_step).view(view), y, outcome, accepted)
         counts["n_steps"] += active
         counts["n_accepted"] += accepted
         counts["n_rejected"] += active & ~accept
-        tau_next = torch.where(accepted, tau1, tau)
-        passed = torch.searchsorted(taus, tau1.unsqueeze(1), right=True).squeeze(1)
-        new_outputs = torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
-        done_next = (tau_next >= tau_end) | retired
-        if not adaptive:
-            done_next = done_next | ~torch.isnan(broke_at)
-        over_budget = ~done_next & ~stuck & (counts["n_steps"] >= max_num_steps)
         # The one host read of the step.
-        underflow = underflow | stuck
-        most_outputs, running, n_underflow, n_over, n_non_finite = torch.stack(
-            [new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(), non_finite.sum()]).tolist()
+        most_outputs, running, n_underflow, n_over, n_non_finite = summary.tolist()
         if keeps_graph and n_non_finite:
             # The rows this step rejects hold NaN or inf, and so do the partial derivatives in their part of the
             # graph: backpropagation multiplies those by the rows' zero cotangents and gets NaN, in every gradient
@@ -482,7 +526,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             for sample in (underflow | over_budget).nonzero()[:, 0].tolist():
                 _fail(failures, sample, throw, _sample_failure(
                     sample, bool(underflow[sample]), direction * float(tau[sample]), y[sample], y0[sample],
-                    bool(non_finite_last[sample]), max_num_steps, control.min_step if stuck[sample] else None))
+                    bool(non_finite_last[sample]), max_num_steps,
+                    control.min_step if adaptive and stuck[sample] else None))
             retired = retired | underflow | over_budget
             done_next = done_next | retired
             running = int((~done_next).sum())

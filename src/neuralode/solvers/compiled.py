@@ -253,6 +253,7 @@ class CompiledRungeKutta(_CompiledStepper):
         # ("per_sample": the same step with one time and step size per batch element, an entry of its own so that
         # its shapes never count against the joint step's variants)
         super().__init__(stepper, func, role, {"step": _new_kernel, "per_sample": _new_kernel,
+                                               "judge": _new_judge_kernel, "place": _new_place_kernel,
                                                "loop": _new_loop_kernel})
         self.role = role
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
@@ -290,6 +291,25 @@ class CompiledRungeKutta(_CompiledStepper):
             return self.eager.step(func, t0, y0, f0, h, error_norm, state)
         func.nfe += self.evaluations
         return outcome
+
+    def judge_per_sample(self, control, *arguments):
+        """:func:`neuralode.per_sample.judge_adaptive_step` as one compiled function (about 40 small operations of
+        the per-sample loop's bookkeeping between a step and its host read); eagerly where the step is eager."""
+        from ..per_sample import judge_adaptive_step
+        if self.under_transform or self.verdict_key in _BROKEN:
+            return judge_adaptive_step(control, *arguments)
+        with torch.no_grad():   # (decisions only, never differentiated: one variant whatever the grad mode)
+            verdict = self.run("judge", (control, *arguments))
+        return judge_adaptive_step(control, *arguments) if verdict is None else verdict
+
+    def place_outputs_per_sample(self, *arguments):
+        """:func:`neuralode.per_sample.place_outputs` (the dense output at a step's output times, per sample) as one
+        compiled function; eagerly where the step is eager."""
+        from ..per_sample import place_outputs
+        if self.under_transform or self.verdict_key in _BROKEN:
+            return place_outputs(*arguments)
+        values = self.run("place", arguments)
+        return place_outputs(*arguments) if values is None else values
 
     # A replay (the per-sample checkpoint strategy) passes the error norm it does not need, so that its steps take
     # the recording solve's compiled graph instead of compiling one without the error estimate.
@@ -345,6 +365,28 @@ def _tensor_settings(control, device):
     """``control`` (a frozen dataclass: hashed by its settings) with tensor settings, made once per distinct
     controller and device rather than once per solve."""
     return control.with_tensor_settings(device)
+
+
+def _new_judge_kernel(name: str):
+    """A fresh compiled entry for the per-sample step's verdict (see :meth:`CompiledRungeKutta.judge_per_sample`)."""
+    from ..per_sample import judge_adaptive_step
+
+    def kernel(*arguments):
+        return judge_adaptive_step(*arguments)
+
+    code = kernel.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, kernel.__globals__, name, closure=kernel.__closure__)
+
+
+def _new_place_kernel(name: str):
+    """A fresh compiled entry for the per-sample output placement (see :meth:`CompiledRungeKutta.place_outputs_per_sample`)."""
+    from ..per_sample import place_outputs
+
+    def kernel(*arguments):
+        return place_outputs(*arguments)
+
+    code = kernel.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, kernel.__globals__, name, closure=kernel.__closure__)
 
 
 def _new_loop_kernel(name: str):

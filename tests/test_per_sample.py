@@ -618,5 +618,7 @@ def test_a_first_step_per_sample_is_each_samples_own(gradient):
                               (torch.tensor([1e-3, math.nan, 0.1]), ValueError, "sample 1 has nan")):
         with pytest.raises(error, match=match):
             solve(VanDerPol(mu), y0, t, options={"first_step": bad}, **kwargs)
+    with pytest.raises(ValueError, match="a first step per sample needs per_sample=True"):
+        solve(rows(slice(None)), y0, t, method="dopri5", options={"first_step": first})
     with pytest.raises(ValueError, match="'first_step' means nothing for method 'rk4'"):
         solve(VanDerPol(mu), y0, t, method="rk4", per_sample=True, options={"first_step": first, "step_size": 0.1})

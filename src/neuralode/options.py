@@ -72,7 +72,8 @@ def _float_option(options, name, default, *, positive=False, minimum=None):
         return None
     size = value.numel() if isinstance(value, torch.Tensor) else value.size if isinstance(value, np.ndarray) else 1
     if size != 1:
-        raise ValueError(f"option {name!r} must be a single number, got an array of shape {tuple(value.shape)}")
+        hint = "; a first step per sample needs per_sample=True" if name == "first_step" else ""
+        raise ValueError(f"option {name!r} must be a single number, got an array of shape {tuple(value.shape)}{hint}")
     number = real_number(value)
     if number is None:
         raise TypeError(f"option {name!r} must be a number, got {type(value).__name__}")

@@ -480,6 +480,21 @@ def test_vmap_over_solve_says_to_batch_instead():
     assert bool(torch.isfinite(grad).all())
 
 
+@pytest.mark.parametrize("gradient", ["adjoint", "checkpoint"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_a_custom_backward_pass_under_torch_func_says_to_use_direct(gradient, per_sample):
+    # torch.func.grad over an adjoint or checkpointed solve failed deep inside torch ("must override the
+    # setup_context staticmethod"); it now names the strategy and what works. direct works under the transform.
+    y0 = torch.ones(3, 2, dtype=F64)
+    loss = lambda g: lambda z: neuralode.solve(decay, z, T01, gradient=g, per_sample=per_sample).ys.sum()  # noqa: E731
+    with pytest.raises(ValueError, match=f"gradient='{gradient}' cannot run under a torch.func transform.*"
+                                         "gradient='direct' inside the transform"):
+        torch.func.grad(loss(gradient))(y0)
+    torch.testing.assert_close(torch.func.grad(loss("direct"))(y0), torch.autograd.grad(
+        neuralode.solve(decay, y0.requires_grad_(), T01, gradient=gradient, per_sample=per_sample).ys.sum(), y0)[0],
+        rtol=1e-5, atol=1e-7)
+
+
 def test_a_zero_length_per_sample_row_says_so():
     times = torch.tensor([[0.0, 0.5, 1.0], [2.0, 2.0, 2.0]], dtype=F64)
     with pytest.raises(ValueError, match=r"row t\[1\] has zero length.*leave that sample out"):

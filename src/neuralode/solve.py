@@ -24,7 +24,7 @@ from .problem import check_other_tolerance, make_problem, warn_time_rounding
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
 from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field, per_sample_first_steps
-from .solvers.compiled import compiled_stepper
+from .solvers.compiled import _under_transform, compiled_stepper
 from .solvers.runge_kutta import ExplicitRungeKutta
 
 
@@ -115,6 +115,7 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
     spec = check_method(method)
     options = check_options(spec, options)
     strategy = resolve_gradient(gradient, adjoint_params=adjoint_params, func=func)
+    _refuse_transform(strategy)
     if event_direction not in (0, 1, -1):
         raise ValueError(f"event_direction must be 0, 1 or -1, got {event_direction!r}")
     if event_fn is not None and not callable(event_fn):
@@ -140,7 +141,11 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
                             f"{type(controller).__name__}")
         if not spec.adaptive:
             raise ValueError(f"method {spec.name!r} takes fixed steps: a step-size controller does not apply")
-        clashing = sorted(set(options) & CONTROLLER_OPTIONS)
+        clashing = set(options) & CONTROLLER_OPTIONS
+        first = options.get("first_step")
+        if per_sample and isinstance(first, torch.Tensor) and first.numel() > 1:
+            clashing.discard("first_step")   # (one per sample: a controller object holds one number)
+        clashing = sorted(clashing)
         if clashing:
             raise ValueError(f"option(s) {clashing} configure step-size control, which the controller object does: "
                              "set them on the controller instead, e.g. PIDController(pcoeff=0.4, max_step=0.1)")
@@ -267,6 +272,19 @@ def _refuse_vmap(y0) -> None:
                          "loop decides on values (accept or reject, the next step). Give the batch as y0's leading "
                          "dimension instead: one solve for the batch, or per_sample=True for a step size per sample "
                          "(what vmap over diffrax's diffeqsolve gives)")
+
+
+def _refuse_transform(strategy) -> None:
+    """``torch.func.grad`` (or jvp, jacrev, forward-mode AD) around a solve whose gradient is a custom backward pass
+    (the adjoint, checkpointing) failed deep inside torch ("must override the setup_context staticmethod"): those
+    passes have no rule for the transforms. Say so and name what works."""
+    if isinstance(strategy, Direct) or not _under_transform():
+        return
+    name = "adjoint" if isinstance(strategy, Adjoint) else "checkpoint"
+    raise ValueError(f"gradient={name!r} cannot run under a torch.func transform (grad, jvp, jacrev, hessian, ...) or "
+                     "forward-mode AD: its backward pass is a custom autograd Function with no rule for them. Use "
+                     "gradient='direct' inside the transform (it backpropagates through the steps), or keep "
+                     f"gradient={name!r} and take the gradient with loss.backward() or torch.autograd.grad")
 
 
 # Options a per-sample solve understands (the rest shape a joint solve's steps or norm).

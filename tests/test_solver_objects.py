@@ -30,9 +30,11 @@ def same(a, b):
 
 @pytest.mark.parametrize("name", ["dopri5", "tsit5", "bosh3", "dopri8", "adaptive_heun"])
 def test_a_tableau_or_stepper_object_takes_the_named_methods_steps(name):
-    by_name = solve(vdp, Y0, T, method=name, rtol=1e-6, atol=1e-8)
-    same(solve(vdp, Y0, T, method=TABLEAUS[name], rtol=1e-6, atol=1e-8), by_name)
-    same(solve(vdp, Y0, T, method=ExplicitRungeKutta(TABLEAUS[name]), rtol=1e-6, atol=1e-8), by_name)
+    # (the second-order adaptive_heun at 1e-6 took 16 s for the same comparison)
+    tol = dict(rtol=1e-4, atol=1e-6) if name == "adaptive_heun" else dict(rtol=1e-6, atol=1e-8)
+    by_name = solve(vdp, Y0, T, method=name, **tol)
+    same(solve(vdp, Y0, T, method=TABLEAUS[name], **tol), by_name)
+    same(solve(vdp, Y0, T, method=ExplicitRungeKutta(TABLEAUS[name]), **tol), by_name)
 
 
 def test_a_users_own_tableau_converges_at_its_order():

@@ -689,3 +689,30 @@ def test_per_sample_steps_compile_and_match_eager(monkeypatch):
         for a, b in zip(grads[1], direct):   # (the adjoint to its tolerance)
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
     assert set(parts) == compiled_parts
+
+
+def test_a_field_that_changes_every_step_stops_compiling_with_a_warning():
+    """A call counter (self.nfe += 1) is guarded on as a constant, so every step compiled anew: seconds each until
+    torch.compile's limit of 8 variants, and silently for a solve of fewer steps (a QA round: 7 graphs, 11 s).
+    The third compilation of one kernel within a solve now switches the field to eager steps, with a warning that
+    names the cause; the results are eager's."""
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, t, y):
+            self.calls += 1
+            return -0.5 * y + torch.cos(t)
+
+    y0 = torch.ones(3, dtype=torch.float64)
+    t = torch.linspace(0.0, 4.0, 3, dtype=torch.float64)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"solved eagerly from here.*compiled 3 times in one solve"
+                                                          r".*self.nfe \+= 1"):
+        compiled = neuralode.solve(Counting(), y0, t, compile=True, options={"max_step": 0.5})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 3
+    with torch.no_grad():
+        eager = neuralode.solve(Counting(), y0, t, options={"max_step": 0.5})
+    assert compiled.stats["n_steps"] == eager.stats["n_steps"]
+    torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-12, atol=1e-13)

@@ -74,6 +74,13 @@ _NEEDS_AUTOGRAD: dict = {}
 _LOOP_BROKEN: dict = {}
 # Fields warned that a solve under forward-mode AD or a torch.func transform ran eagerly (once per field).
 _TRANSFORM_WARNED: set = set()
+# Fields warned that one solve compiled the same kernel again and again (once per field).
+_RECOMPILE_WARNED: set = set()
+# Compilations of one kernel within one solve past which it is a field that changes between steps (a call counter
+# self.nfe += 1 is guarded on as a constant): each step then compiles anew, seconds each, until torch.compile's limit
+# of 8 variants, silently for a solve of fewer steps. A legitimate solve compiles a kernel at most twice (a first
+# step from a y0 without grad aside, no mode or shape changes inside a solve).
+_RECOMPILES_PER_SOLVE = 3
 # (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
 # kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
 # never recompile and are never traced as symbolic floats.) Made on first use: importing neuralode must not
@@ -99,6 +106,12 @@ def _field_key(func):
         return key
     code = getattr(func, "__code__", None)
     return code if code is not None else type(func)
+
+
+def _graphs_compiled() -> int:
+    """torch.compile's running count of graphs compiled in this process (a dict read)."""
+    import torch._dynamo.utils
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
 def _under_transform() -> bool:
@@ -157,6 +170,7 @@ class _CompiledStepper:
                 _KERNELS[(self.key, part)] = kernel
             self.kernels[part] = kernel
         self._norm_cache = None
+        self._compilations = {}   # part -> kernels compiled during this solve (see _RECOMPILES_PER_SOLVE)
         # A compiled stepper serves one solve, which runs wholly inside a transform or wholly outside: read once
         # here, not at every step.
         self.under_transform = _under_transform()
@@ -209,10 +223,31 @@ class _CompiledStepper:
             return None
 
     def _call(self, part, arguments):
+        graphs = _graphs_compiled()
         if self.key not in _NEEDS_AUTOGRAD:
-            return self.kernels[part](*arguments)
-        with _autograd_settings():
-            return self.kernels[part](*arguments)
+            result = self.kernels[part](*arguments)
+        else:
+            with _autograd_settings():
+                result = self.kernels[part](*arguments)
+        if _graphs_compiled() != graphs:
+            self._note_compilation(part)
+        return result
+
+    def _note_compilation(self, part):
+        count = self._compilations[part] = self._compilations.get(part, 0) + 1
+        if count < _RECOMPILES_PER_SOLVE:
+            return
+        # Stop compiling this field (the rest of this solve and later ones run eagerly, the same results): more
+        # variants would cost seconds each until torch.compile's limit of 8.
+        reason = (f"its {part!r} kernel was compiled {count} times in one solve: something the step reads changes "
+                  "from step to step, usually a Python attribute of the field changed on every call (a call counter "
+                  "such as self.nfe += 1: guard it with `if not torch.compiler.is_compiling()`, or read "
+                  "sol.stats['nfe'])")
+        _BROKEN[self.verdict_key] = reason
+        if self.verdict_key not in _RECOMPILE_WARNED:
+            _RECOMPILE_WARNED.add(self.verdict_key)
+            warnings.warn(f"compile=True: the step of method {self.key[0]!r} with this vector field is solved eagerly "
+                          f"from here (same results, without the speed-up): {reason}", UserWarning, stacklevel=6)
 
     def _tensor_tolerances(self, error_norm, y0):
         """The loop's error norm with float tolerances as tensors (inputs of the graph, not constants): a new

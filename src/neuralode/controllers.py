@@ -208,7 +208,8 @@ class AdaptiveController:
         if self.first_step is not None and not (isinstance(self.first_step, (int, float)) and
                                                 math.isfinite(self.first_step) and self.first_step > 0):
             per_sample = (" (a first step per sample goes in the solve's options={'first_step': tensor} with "
-                          "per_sample=True, beside this controller)" if isinstance(self.first_step, torch.Tensor) else "")
+                          "per_sample=True, beside this controller)"
+                          if isinstance(self.first_step, torch.Tensor) else "")
             raise ValueError(f"first_step must be a finite number > 0 (or None for Hairer's choice), got "
                              f"{self.first_step!r}{per_sample}")
         if isinstance(self.max_num_steps, bool) or not isinstance(self.max_num_steps, int) or self.max_num_steps < 1:

@@ -327,6 +327,12 @@ def _outputs_passed(taus, tau1, next_out, accepted) -> torch.Tensor:
     return torch.where(accepted, (passed - next_out).clamp_min(0), torch.zeros_like(passed))
 
 
+def _summary(new_outputs, done_next, underflow, over_budget, non_finite) -> torch.Tensor:
+    """The five numbers of the loop's one host read per step: the most outputs a sample passed, how many samples
+    still run, collapsed, ran out of steps, met non-finite values."""
+    return torch.stack([new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(), non_finite.sum()])
+
+
 def judge_adaptive_step(control, y1, error_ratio, error_order, h, pinned, previous, older, active, underflow, tau,
                         tau1, taus, next_out, tau_end, retired, n_steps, max_num_steps):
     """The verdict on one adaptive per-sample step, every quantity of shape ``(batch,)``: accept or reject (a step
@@ -353,8 +359,7 @@ def judge_adaptive_step(control, y1, error_ratio, error_order, h, pinned, previo
     done_next = (tau_next >= tau_end) | retired
     over_budget = ~done_next & ~stuck & (n_steps + active >= max_num_steps)
     underflow = underflow | stuck
-    summary = torch.stack([new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(),
-                           non_finite.sum()])
+    summary = _summary(new_outputs, done_next, underflow, over_budget, non_finite)
     return (finite, non_finite, stuck, accept, accepted, h_next, remembered, remembered_older, tau_next,
             new_outputs, done_next, over_budget, underflow, summary)
 
@@ -481,8 +486,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             done_next = (tau_next >= tau_end) | retired | ~torch.isnan(broke_at)
             over_budget = torch.zeros_like(active)   # (a fixed grid is finite)
             underflow = torch.zeros_like(active)
-            summary = torch.stack([new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(),
-                                   non_finite.sum()])
+            summary = _summary(new_outputs, done_next, underflow, over_budget, non_finite)
         if on_step is not None:
             on_step((direction * tau).view(view), (direction * h_step).view(view), y, outcome, accepted)
         counts["n_steps"] += active

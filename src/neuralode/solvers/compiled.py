@@ -288,7 +288,8 @@ class CompiledRungeKutta(_CompiledStepper):
         # ("per_sample": the same step with one time and step size per batch element, an entry of its own so that
         # its shapes never count against the joint step's variants)
         super().__init__(stepper, func, role, {"step": _new_kernel, "per_sample": _new_kernel,
-                                               "judge": _new_judge_kernel, "place": _new_place_kernel,
+                                               "judge": _kernel_of("judge_adaptive_step"),
+                                               "place": _kernel_of("place_outputs"),
                                                "loop": _new_loop_kernel})
         self.role = role
         self.evaluations = len(stepper._rows)   # field evaluations per step (FSAL: f0 comes in)
@@ -327,24 +328,25 @@ class CompiledRungeKutta(_CompiledStepper):
         func.nfe += self.evaluations
         return outcome
 
-    def judge_per_sample(self, control, *arguments):
+    def judge_per_sample(self, *arguments):
         """:func:`neuralode.per_sample.judge_adaptive_step` as one compiled function (about 40 small operations of
-        the per-sample loop's bookkeeping between a step and its host read); eagerly where the step is eager."""
+        the per-sample loop's bookkeeping between a step and its host read)."""
         from ..per_sample import judge_adaptive_step
-        if self.under_transform or self.verdict_key in _BROKEN:
-            return judge_adaptive_step(control, *arguments)
         with torch.no_grad():   # (decisions only, never differentiated: one variant whatever the grad mode)
-            verdict = self.run("judge", (control, *arguments))
-        return judge_adaptive_step(control, *arguments) if verdict is None else verdict
+            return self._pure("judge", judge_adaptive_step, arguments)
 
     def place_outputs_per_sample(self, *arguments):
         """:func:`neuralode.per_sample.place_outputs` (the dense output at a step's output times, per sample) as one
-        compiled function; eagerly where the step is eager."""
+        compiled function."""
         from ..per_sample import place_outputs
+        return self._pure("place", place_outputs, arguments)
+
+    def _pure(self, part, function, arguments):
+        """``function(*arguments)`` through its compiled kernel; eagerly where the step is eager."""
         if self.under_transform or self.verdict_key in _BROKEN:
-            return place_outputs(*arguments)
-        values = self.run("place", arguments)
-        return place_outputs(*arguments) if values is None else values
+            return function(*arguments)
+        result = self.run(part, arguments)
+        return function(*arguments) if result is None else result
 
     # A replay (the per-sample checkpoint strategy) passes the error norm it does not need, so that its steps take
     # the recording solve's compiled graph instead of compiling one without the error estimate.
@@ -402,26 +404,19 @@ def _tensor_settings(control, device):
     return control.with_tensor_settings(device)
 
 
-def _new_judge_kernel(name: str):
-    """A fresh compiled entry for the per-sample step's verdict (see :meth:`CompiledRungeKutta.judge_per_sample`)."""
-    from ..per_sample import judge_adaptive_step
+def _kernel_of(function_name: str):
+    """A maker of fresh compiled entries (see :func:`_new_kernel`) for a pure tensor function of
+    :mod:`neuralode.per_sample` (imported when first made: that module sits above this one)."""
+    def make(name: str):
+        from .. import per_sample
+        function = getattr(per_sample, function_name)
 
-    def kernel(*arguments):
-        return judge_adaptive_step(*arguments)
+        def kernel(*arguments):
+            return function(*arguments)
 
-    code = kernel.__code__.replace(co_name=name, co_qualname=name)
-    return types.FunctionType(code, kernel.__globals__, name, closure=kernel.__closure__)
-
-
-def _new_place_kernel(name: str):
-    """A fresh compiled entry for the per-sample output placement (see :meth:`CompiledRungeKutta.place_outputs_per_sample`)."""
-    from ..per_sample import place_outputs
-
-    def kernel(*arguments):
-        return place_outputs(*arguments)
-
-    code = kernel.__code__.replace(co_name=name, co_qualname=name)
-    return types.FunctionType(code, kernel.__globals__, name, closure=kernel.__closure__)
+        code = kernel.__code__.replace(co_name=name, co_qualname=name)
+        return types.FunctionType(code, kernel.__globals__, name, closure=kernel.__closure__)
+    return make
 
 
 def _new_loop_kernel(name: str):

@@ -81,6 +81,10 @@ _RECOMPILE_WARNED: set = set()
 # of 8 variants, silently for a solve of fewer steps. A legitimate solve compiles a kernel at most twice (a first
 # step from a y0 without grad aside, no mode or shape changes inside a solve).
 _RECOMPILES_PER_SOLVE = 3
+# The kernels that inline the field, whose shapes do not change within a solve: the count above applies to them. (The
+# per-sample output placement legitimately compiles again within a solve as the number of outputs a step passes
+# changes, static then dynamic; counting it stopped every compiled per-sample solve with 200 outputs.)
+_FIELD_PARTS = ("step", "per_sample", "linearize", "loop")
 # (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
 # kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
 # never recompile and are never traced as symbolic floats.) Made on first use: importing neuralode must not
@@ -238,6 +242,8 @@ class _CompiledStepper:
         return result
 
     def _note_compilation(self, part):
+        if part not in _FIELD_PARTS:
+            return
         count = self._compilations[part] = self._compilations.get(part, 0) + 1
         if count < _RECOMPILES_PER_SOLVE:
             return

@@ -81,10 +81,11 @@ _RECOMPILE_WARNED: set = set()
 # of 8 variants, silently for a solve of fewer steps. A legitimate solve compiles a kernel at most twice (a first
 # step from a y0 without grad aside, no mode or shape changes inside a solve).
 _RECOMPILES_PER_SOLVE = 3
-# The kernels that inline the field, whose shapes do not change within a solve: the count above applies to them. (The
-# per-sample output placement legitimately compiles again within a solve as the number of outputs a step passes
-# changes, static then dynamic; counting it stopped every compiled per-sample solve with 200 outputs.)
-_FIELD_PARTS = ("step", "per_sample", "linearize", "loop")
+# The per-step kernels that inline the field, whose shapes do not change within a solve: the count above applies to
+# them. (The per-sample output placement legitimately compiles again within a solve as the number of outputs a step
+# passes changes, static then dynamic; counting it stopped every compiled per-sample solve with 200 outputs. The
+# whole-loop kernel, static in the outputs still to come, fails quietly to the per-step kernels anyway.)
+_FIELD_PARTS = ("step", "per_sample", "linearize")
 # (Entering a dynamo setting around every call costs ~16 us a step measured inside a solve, so plain
 # kernels run without one. The solver's own floats, times, step and tolerances, enter as tensors: they
 # never recompile and are never traced as symbolic floats.) Made on first use: importing neuralode must not

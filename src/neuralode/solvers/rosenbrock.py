@@ -473,6 +473,8 @@ def _reverse_time_derivative(field: VectorField, t0: float, y: torch.Tensor):
             out = field.evaluate(t0, y)
         finally:
             del field.time
+        if not out.requires_grad:   # nothing in f depends on t (nor on a parameter): autonomous as far as AD sees
+            return None
         u = torch.zeros_like(out, requires_grad=True)
         (along_u,) = torch.autograd.grad(out, t, u, create_graph=True, allow_unused=True)
         if along_u is None or not along_u.requires_grad:

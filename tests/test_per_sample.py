@@ -618,10 +618,12 @@ def test_a_first_step_per_sample_is_each_samples_own(gradient):
                               (torch.tensor([1e-3, math.nan, 0.1]), ValueError, "sample 1 has nan")):
         with pytest.raises(error, match=match):
             solve(VanDerPol(mu), y0, t, options={"first_step": bad}, **kwargs)
-    # beside a controller object, which holds one number
-    with_controller = solve(rows(slice(None)), y0, t, options={"first_step": first}, controller=neuralode.PIDController(
-        pcoeff=0.2, icoeff=0.5), **{k: v for k, v in kwargs.items() if k != "gradient"})
-    assert with_controller.success
+    # beside a controller object, which holds one number (and the tensor is used: flipped, other steps)
+    pid = neuralode.PIDController(pcoeff=0.2, icoeff=0.5)
+    with torch.no_grad():
+        with_pid = [solve(rows(slice(None)), y0, t, options={"first_step": steps}, controller=pid, **kwargs)
+                    for steps in (first, first.flip(0))]
+    assert with_pid[0].success and not torch.equal(with_pid[0].stats["n_steps"], with_pid[1].stats["n_steps"])
     with pytest.raises(ValueError, match="options=\\{'first_step': tensor\\} with per_sample=True"):
         neuralode.PIDController(first_step=first)
     with pytest.raises(ValueError, match="a first step per sample needs per_sample=True"):

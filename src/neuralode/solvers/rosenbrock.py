@@ -144,24 +144,15 @@ class Rosenbrock(Solver):
         state = RosenbrockState()
         if isinstance(func, VectorField):
             with torch.enable_grad():
+                out = None
                 try:
-                    out, tangent = _forward_time_derivative(func, t0, y0.detach())
+                    out, tangent = _ad_time_derivative(func, t0, y0.detach(), state)
                     func.nfe += 1
                     state.forward_time = True
-                except _ForwardModeUnavailable:
-                    # Inside a custom autograd Function's forward (the checkpoint and adjoint strategies' forward
-                    # solves): df/dt by reverse mode instead, so that every strategy takes the same steps (a
-                    # one-sided difference here took other steps than the direct solve, 5.7x as many at t ~ 1e4).
-                    out = func(t0, y0.detach())
-                    try:
-                        tangent = _reverse_time_derivative(func, t0, y0.detach())
-                        func.nfe += 1
-                        state.forward_time = state.reverse_time = True
-                    except (RuntimeError, NotImplementedError, TypeError):
-                        tangent = None
                 except (RuntimeError, NotImplementedError, TypeError):
+                    tangent = None   # (no AD through f: df/dt by a one-sided difference at every step)
+                if out is None:      # (reverse mode, or no AD: f itself, for whether it carries parameters)
                     out = func(t0, y0.detach())
-                    tangent = None
             state.has_parameters = out.requires_grad
             if state.forward_time and tangent is None:
                 # Forward mode saw no path from t to f: either f ignores t, or it reads t as a Python number
@@ -304,10 +295,7 @@ class Rosenbrock(Solver):
     def _time_derivative(func, t0, y0, f0, h, state):
         if state.forward_time and isinstance(func, VectorField):
             try:
-                if state.reverse_time:
-                    tangent = _reverse_time_derivative(func, t0, y0)
-                else:
-                    _, tangent = _forward_time_derivative(func, t0, y0)
+                _, tangent = _ad_time_derivative(func, t0, y0, state)
                 func.nfe += 1                   # evaluate() is the uncounted call
                 return torch.zeros_like(f0) if tangent is None else tangent
             except (RuntimeError, NotImplementedError, TypeError):
@@ -459,6 +447,18 @@ def _forward_time_derivative(field: VectorField, t0: float, y: torch.Tensor):
 
 class _ForwardModeUnavailable(RuntimeError):
     """Forward-mode AD gives no tangents in this context (a custom autograd Function's forward)."""
+
+
+def _ad_time_derivative(field: VectorField, t0: float, y: torch.Tensor, state: RosenbrockState):
+    """``(f or None, df/dt or None)`` by forward mode, or by reverse mode where forward mode is off (inside a custom
+    autograd Function's forward: the checkpoint and adjoint strategies' forward solves, where a one-sided difference
+    took other steps than the direct solve, 5.7x as many at t ~ 1e4); ``state.reverse_time`` remembers which."""
+    if not state.reverse_time:
+        try:
+            return _forward_time_derivative(field, t0, y)
+        except _ForwardModeUnavailable:
+            state.reverse_time = True
+    return None, _reverse_time_derivative(field, t0, y)
 
 
 def _reverse_time_derivative(field: VectorField, t0: float, y: torch.Tensor):

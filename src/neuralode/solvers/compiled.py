@@ -60,6 +60,10 @@ from .rosenbrock import Rosenbrock
 from .runge_kutta import ExplicitRungeKutta, StepOutcome
 
 _KERNELS: dict = {}
+
+# The whole-loop kernel runs inside a C++ wrapper (see _CompiledStepper). The tests switch it off where they do not
+# test the wrapper itself: it calls the same generated kernels, and its C++ build costs ~7 s per loop compiled.
+LOOP_CPP_WRAPPER = True
 # (key, instance) -> the reason a field could not be compiled (warned once per field). The verdict is per
 # field object for modules and other callables (one instance of a class that cannot be compiled says nothing
 # about the others) and per code object for plain functions (a lambda rebuilt per call would otherwise
@@ -163,9 +167,10 @@ class _CompiledStepper:
         self.verdict_key = self.key if plain_function else (self.key, id(func))
         self.kernels = {}
         for part, make in kernels.items():
-            kernel = _KERNELS.get((self.key, part))
+            loop = part == "loop"
+            cache_key = (self.key, part, LOOP_CPP_WRAPPER) if loop else (self.key, part)
+            kernel = _KERNELS.get(cache_key)
             if kernel is None:
-                loop = part == "loop"
                 # The whole-loop kernel: static shapes (with dynamic ones, torch.compile's choice after a second
                 # shape, torch 2.13's while_loop fails to trace the field), and a C++ wrapper around the generated
                 # kernels (inductor's Python wrapper costs ~30 us an iteration on a tiny field; P3 solve 1.15 ->
@@ -173,10 +178,10 @@ class _CompiledStepper:
                 # emulate_precision_casts: a float16/bfloat16 field rounds every intermediate to its dtype as eager
                 # does (inductor keeps float32 otherwise: bfloat16 per-sample steps and error estimates differed from
                 # eager's, gradients 5.8% off a float64 reference against 0.6%); no effect on float32/float64 code.
-                options = {"emulate_precision_casts": True, **({"cpp_wrapper": True} if loop else {})}
+                options = {"emulate_precision_casts": True, **({"cpp_wrapper": LOOP_CPP_WRAPPER} if loop else {})}
                 kernel = torch.compile(make(f"compiled_{stepper.tableau.name}_{part}"), fullgraph=True,
                                        dynamic=False if loop else None, options=options)
-                _KERNELS[(self.key, part)] = kernel
+                _KERNELS[cache_key] = kernel
             self.kernels[part] = kernel
         self._norm_cache = None
         self._compilations = {}   # part -> kernels compiled during this solve (see _RECOMPILES_PER_SOLVE)

@@ -617,7 +617,7 @@ def test_compiled_loop_hands_failures_to_the_eager_loop(loop_runs):
 
 def test_compiled_loop_runs_only_where_it_gives_the_same_answer(loop_runs):
     """Solves the compiled loop does not cover take the per-step path with identical results: a graph to record
-    (direct backpropagation), stops inside the span (step_t), events, dense output, tuple states do run it."""
+    (direct backpropagation), stops inside the span (step_t), events, dense output; PyTree states do run it."""
     # (a field whose steps fuse into few kernels: these per-step kernels are used nowhere else in this file, and
     # the MLP's would cost 14 kernels each to build)
     field = Coupled()
@@ -632,10 +632,10 @@ def test_compiled_loop_runs_only_where_it_gives_the_same_answer(loop_runs):
             eager, compiled = _pair(field, y0, t, **kwargs, **extra)
             torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-11, atol=1e-12)
         assert loop_runs == [False]                                          # (never asked: not a plain solve)
-        pair = lambda t, y: (-y[0] * torch.cos(t), y[0] - 0.5 * y[1])  # noqa: E731
-        eager, compiled = _pair(pair, (y0[0], y0[1]), t, **kwargs)
-        for a, b in zip(compiled.ys, eager.ys):
-            torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+        # a PyTree state (a dict holding a tuple), its derivative returned with the keys in another order
+        tree = lambda t, y: {"v": (y["x"] - 0.5 * y["v"][0],), "x": -y["x"] * torch.cos(t)}  # noqa: E731
+        eager, compiled = _pair(tree, {"x": y0[0], "v": (y0[1],)}, t, **kwargs)
+        torch.testing.assert_close(compiled.ys, eager.ys, rtol=1e-11, atol=1e-12)
     assert loop_runs == [False, True]
 
 

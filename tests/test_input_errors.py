@@ -55,8 +55,8 @@ def test_bad_times_through_odeint():
 @pytest.mark.parametrize("y0, exc, match", [
     (torch.tensor([1, 2]), TypeError, r"y0 has dtype torch.int64; the state must be floating point or complex.*to\("),
     (torch.tensor([True]), TypeError, r"y0 has dtype torch.bool"),
-    (1.0, TypeError, r"y0 must be a torch.Tensor or a non-empty tuple of tensors.*torch.tensor"),
-    ((), TypeError, r"y0 must be a torch.Tensor or a non-empty tuple"),
+    (1.0, TypeError, r"y0 must be a torch.Tensor, a tuple of tensors or a PyTree of tensors.*torch.tensor"),
+    ((), TypeError, r"y0 is an empty tuple: the state needs at least one tensor"),
     ((torch.zeros(1, dtype=F64), torch.zeros(1, dtype=torch.int32)), TypeError, r"y0\[1\] has dtype torch.int32"),
     ((torch.zeros(1, dtype=F64), torch.zeros(1)), TypeError, r"share one dtype.*common dtype"),
     (torch.tensor([math.nan], dtype=F64), ValueError, r"y0 contains NaN or infinite values"),
@@ -463,12 +463,28 @@ def test_tolerances_far_below_the_dtypes_resolution_are_warned_about_at_once():
         neuralode.solve(decay, y0.double(), t.double(), rtol=1e-14, atol=1e-14)
 
 
-def test_states_of_other_libraries_shapes_are_named():
-    # diffrax takes any PyTree; here a tensor or a flat tuple of tensors. The message named the tuple as the culprit.
-    with pytest.raises(TypeError, match=r"y0\[1\] is a tuple, not a tensor.*nested tuples and dicts"):
-        neuralode.solve(lambda t, y: y, (torch.ones(2), (torch.ones(1),)), T01)
-    with pytest.raises(TypeError, match=r"y0 is a dict.*tuple\(y0.values\(\)\)"):
-        neuralode.solve(lambda t, y: y, {"x": torch.ones(2)}, T01)
+def test_pytree_states_name_the_leaf_or_structure_at_fault():
+    # diffrax's PyTrees are states here too (tests/test_pytree_states.py); what is not a tensor is named by its path.
+    with pytest.raises(TypeError, match=r"y0\['v'\]\[1\] is a float, not a tensor; every leaf.*close over them"):
+        neuralode.solve(lambda t, y: y, {"x": torch.ones(2), "v": (torch.ones(1), 0.5)}, T01)
+    with pytest.raises(TypeError, match=r"y0 is an empty dict"):
+        neuralode.solve(lambda t, y: y, {}, T01)
+    with pytest.raises(TypeError, match=r"y0 must be a torch.Tensor, a tuple of tensors or a PyTree.*got set"):
+        neuralode.solve(lambda t, y: y, {torch.ones(1)}, T01)
+    y0 = {"x": torch.ones(2, dtype=F64), "v": torch.zeros(2, dtype=F64)}
+    with pytest.raises(TypeError, match=r"func returned \{'x': \*, 'w': \*\} but y0 has the structure "
+                                        r"\{'x': \*, 'v': \*\}; return the derivative in y0's structure"):
+        neuralode.solve(lambda t, y: {"x": y["v"], "w": y["x"]}, y0, T01)
+    with pytest.raises(ValueError, match=r"func\(t, y\)\['v'\] returned shape \(1,\) but the state has shape \(2,\)"):
+        neuralode.solve(lambda t, y: {"x": y["v"], "v": y["x"][:1]}, y0, T01)
+    with pytest.raises(TypeError, match=r"y0\['v'\] has dtype torch.int64"):
+        neuralode.solve(lambda t, y: y, {"x": y0["x"], "v": torch.zeros(2, dtype=torch.long)}, T01)
+    with pytest.raises(ValueError, match=r"rtol has the structure \{'x': \*\} but y0 has \{'x': \*, 'v': \*\}"):
+        neuralode.solve(lambda t, y: y, y0, T01, rtol={"x": 1e-6})
+    with pytest.raises(ValueError, match=r"atol\['v'\]=-1.0 is invalid"):
+        neuralode.solve(lambda t, y: y, y0, T01, atol={"v": -1.0, "x": 1e-9})
+    with pytest.raises(TypeError, match=r"per_sample=True.*got dict \(tuple and PyTree states are not supported"):
+        neuralode.solve(lambda t, y: y, y0, T01, per_sample=True)
 
 
 def test_vmap_over_solve_says_to_batch_instead():

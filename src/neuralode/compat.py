@@ -7,6 +7,7 @@ the objects ``solve`` works with.
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from .events import reroute_event_gradient
 from .gradients import Adjoint, Direct, resolve_gradient
@@ -41,10 +42,7 @@ def _odeint(func, y0, t, rtol, atol, method, options, event_fn, strategy):
     if solution.event_t is None:
         raise RuntimeError("the event did not occur")  # unreachable: until_event stops only at an event or error
     ys = solution.ys
-    if isinstance(ys, tuple):
-        stacked = tuple(torch.stack([part[0], e]) for part, e in zip(ys, solution.event_y))
-    else:
-        stacked = torch.stack([ys[0], solution.event_y])
+    stacked = pytree.tree_map(lambda part, event: torch.stack([part[0], event]), ys, solution.event_y)
     return solution.event_t, stacked
 
 
@@ -86,7 +84,7 @@ def odeint_adjoint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=No
     if event_fn is None:
         return result
     event_t, ys = result
-    states = ys if isinstance(ys, tuple) else (ys,)
+    states = pytree.tree_leaves(ys)
     if not event_t.requires_grad and any(s.requires_grad for s in states):
         # torchdiffeq's event_t is an output of its adjoint function: part of the graph, with a zero
         # gradient (only odeint_event routes a gradient through the event time).

@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 from ._numbers import real_number, whole_number
 
@@ -43,8 +44,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def mixed_norm(xs) -> torch.Tensor:
-    """Largest RMS norm among the tensors of a tuple state (torchdiffeq's default for tuples)."""
-    return torch.stack([rms_norm(x) for x in xs]).max()
+    """Largest RMS norm among the tensors of a tuple or PyTree state (torchdiffeq's default for tuples)."""
+    return torch.stack([rms_norm(x) for x in pytree.tree_leaves(xs)]).max()
 
 
 #: What a user's norm returns, in place of its value, when that value is NaN or negative for a finite scaled
@@ -55,7 +56,7 @@ BAD_NORM = -1.0
 
 def _finite_or_nan(norm):
     def checked(x):
-        flat = x if isinstance(x, torch.Tensor) else torch.cat([part.reshape(-1) for part in x])
+        flat = x if isinstance(x, torch.Tensor) else torch.cat([part.reshape(-1) for part in pytree.tree_leaves(x)])
         value = torch.as_tensor(norm(x))
         # shape and dtype are known without reading the device: no synchronisation per step
         if value.numel() != 1:
@@ -86,7 +87,8 @@ CONTROLLER_KINDS = ("integral", "pi", "pid", "predictive")
 class ErrorNorm:
     """``norm(err / (atol + rtol * max(|y0|, |y1|)))``; the quantity compared with 1 to accept a step.
 
-    ``norm`` receives a tensor shaped like the state, or a tuple for tuple states (``unflatten``).
+    ``norm`` receives a tensor shaped like the state, or the state's tuple or PyTree for structured states
+    (``unflatten``).
     """
 
     def __init__(self, rtol, atol, norm=None, unflatten=None):

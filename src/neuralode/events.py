@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass(frozen=True)
@@ -110,17 +111,20 @@ def _combined(event_fn, signs):
     return g
 
 
-def _flat(value):
-    if isinstance(value, (tuple, list)):
-        return torch.cat([v.reshape(-1) for v in value])
-    return value.reshape(-1)
+def _flat(value, spec):
+    """A value of the state's structure (``spec``) as one vector, its tensors in the state's order."""
+    try:
+        leaves = spec.flatten_up_to(value)
+    except (ValueError, TypeError):  # a list for a tuple state (accepted, as torchdiffeq accepts it)
+        leaves = pytree.tree_leaves(value)
+    return torch.cat([v.reshape(-1) for v in leaves])
 
 
 class _EventRerouting(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, func, event_fn, is_tuple, n_state, event_t, *state_and_params):
+    def forward(ctx, func, event_fn, spec, n_state, event_t, *state_and_params):
         state = state_and_params[:n_state]
-        ctx.func, ctx.event_fn, ctx.is_tuple, ctx.n_state = func, event_fn, is_tuple, n_state
+        ctx.func, ctx.event_fn, ctx.spec, ctx.n_state = func, event_fn, spec, n_state
         ctx.save_for_backward(event_t, *state_and_params)
         return (event_t.detach().clone(), *[s.detach().clone() for s in state])
 
@@ -133,16 +137,17 @@ class _EventRerouting(torch.autograd.Function):
         with torch.enable_grad():
             t = event_t.detach().requires_grad_(True)
             s = [x.detach().requires_grad_(True) for x in state]
-            y = tuple(s) if ctx.is_tuple else s[0]
-            g = ctx.event_fn(t, y)
+            g = ctx.event_fn(t, pytree.tree_unflatten(s, ctx.spec))
             dg = torch.autograd.grad(g, (t, *s), allow_unused=True, retain_graph=True)
             with torch.no_grad():
-                slope = _flat(ctx.func(t.detach(), tuple(x.detach() for x in s) if ctx.is_tuple else s[0].detach()))
+                detached = pytree.tree_unflatten([x.detach() for x in s], ctx.spec)
+                slope = _flat(ctx.func(t.detach(), detached), ctx.spec)
         dg_dt = torch.zeros_like(event_t) if dg[0] is None else dg[0]
         dg_dy = [torch.zeros_like(x) if d is None else d for d, x in zip(dg[1:], state)]
         grad_t = torch.zeros_like(event_t) if grad_t is None else grad_t
         grad_state = [torch.zeros_like(x) if gs is None else gs for gs, x in zip(grad_state, state)]
-        dy_flat, gy_flat = _flat(dg_dy), _flat(grad_state)
+        dy_flat = torch.cat([d.reshape(-1) for d in dg_dy])
+        gy_flat = torch.cat([g.reshape(-1) for g in grad_state])
         denominator = dg_dt + _real_dot(dy_flat, slope).to(dg_dt.dtype)
         if bool(denominator == 0):
             raise RuntimeError("the event function crosses zero tangentially (dg/dt + dg/dy . f = 0 at the event); "
@@ -166,22 +171,21 @@ def reroute_event_gradient(func, event_fn, t0, event_t, ys, signs=None):
     """Attach the implicit-function-theorem gradient to ``(event_t, ys)`` where ``ys[-1]`` is the event state.
 
     ``t0`` is the start time (for the initial signs of a multi-element event function); ``ys`` has
-    shape ``(k, *y0.shape)`` with the state at ``t0`` first, or is a tuple of such tensors; returns the
-    same structure. ``signs``: the event function's signs just before the crossing (the start of the step
+    shape ``(k, *y0.shape)`` with the state at ``t0`` first, or is a tuple or PyTree of such tensors; returns
+    the same structure. ``signs``: the event function's signs just before the crossing (the start of the step
     that fired), which pick the element that fired; ``None``: the signs at ``t0`` (torchdiffeq's
     ``odeint_event``, a first occurrence).
     """
-    is_tuple = isinstance(ys, tuple)
-    parts = list(ys) if is_tuple else [ys]
-    start_state = tuple(p[0].detach() for p in parts) if is_tuple else parts[0][0].detach()
+    parts, spec = pytree.tree_flatten(ys)
+    start_state = pytree.tree_unflatten([p[0].detach() for p in parts], spec)
     if signs is None:
         with torch.no_grad():
             signs = torch.sign(torch.as_tensor(event_fn(torch.as_tensor(t0).detach().reshape(()), start_state)))
     signs = signs if signs.numel() > 1 else None
     params = tuple(p for p in event_fn.parameters() if p.requires_grad) if isinstance(event_fn, torch.nn.Module) \
         else ()
-    rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), is_tuple, len(parts), event_t,
+    rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), spec, len(parts), event_t,
                                      *[p[-1] for p in parts], *params)
     new_t, new_state = rerouted[0], rerouted[1:]
     out = [torch.cat([p[:-1], s.unsqueeze(0)]) for p, s in zip(parts, new_state)]
-    return new_t, (tuple(out) if is_tuple else out[0])
+    return new_t, pytree.tree_unflatten(out, spec)

@@ -31,7 +31,7 @@ import torch
 from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, Status, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
 from .integrate import pinned_non_finite_message
-from .problem import COMPUTE_DTYPE, VectorField, _check_tolerance, check_derivative, warn_below_resolution
+from .problem import COMPUTE_DTYPE, TENSOR, VectorField, _check_tolerance, check_derivative, warn_below_resolution
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
 _DIVERGENCE_GROWTH = 1e8
@@ -113,7 +113,7 @@ def make_per_sample_field(func, y0, rtol, atol):
     """Check ``y0`` and the tolerances; returns ``(field, y0 in the compute dtype, norm)``."""
     if not isinstance(y0, torch.Tensor):
         raise TypeError(f"with per_sample=True, y0 must be one tensor of shape (batch, ...), got "
-                        f"{type(y0).__name__} (tuple states are not supported in per-sample mode)")
+                        f"{type(y0).__name__} (tuple and PyTree states are not supported in per-sample mode)")
     if not (y0.is_floating_point() or y0.is_complex()) or y0.dtype == torch.complex32:
         raise TypeError(f"y0 has dtype {y0.dtype}; the state must be floating point or complex (not complex32)")
     if y0.ndim < 1:
@@ -126,8 +126,8 @@ def make_per_sample_field(func, y0, rtol, atol):
     real_dtype = y0.real.dtype if y0.is_complex() else y0.dtype
     compute_dtype = COMPUTE_DTYPE.get(y0.dtype, y0.dtype)
     compute_real = COMPUTE_DTYPE.get(real_dtype, real_dtype)
-    rtol = _check_tolerance("rtol", rtol, (y0,), False, compute_real, y0.device)
-    atol = _check_tolerance("atol", atol, (y0,), False, compute_real, y0.device)
+    rtol = _check_tolerance("rtol", rtol, (y0,), TENSOR, compute_real, y0.device)
+    atol = _check_tolerance("atol", atol, (y0,), TENSOR, compute_real, y0.device)
     if compute_dtype != y0.dtype:
         floor = torch.finfo(y0.dtype).eps
         rtol = max(rtol, floor) if isinstance(rtol, float) else rtol.clamp_min(floor)

@@ -1,7 +1,7 @@
 """Checks and normalises the inputs of a solve: every bad-input error is raised here.
 
 After :func:`make_problem` the rest of the package can rely on: a 1-D strictly monotone float
-tensor of times without NaN, a floating or complex state (tuple states flattened into one vector),
+tensor of times without NaN, a floating or complex state (tuple and PyTree states flattened into one vector),
 tolerances that are non-negative and broadcastable to the state, and a vector field whose first
 evaluation has the state's shape and dtype.
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from ._errors import NonFiniteError, NonFiniteInputError, add_note
 from ._numbers import real_number
@@ -62,6 +63,90 @@ def next_after(t: float, towards: float, dtype: torch.dtype) -> float:
 COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+class StateStructure:
+    """How the user's state maps onto the loop's flat vector, and back.
+
+    Three kinds: ``"tensor"`` (the state is one tensor), ``"tuple"`` (a flat tuple or list of tensors,
+    torchdiffeq's tuple states, given back as a tuple) and ``"tree"`` (any PyTree of tensors that
+    ``torch.utils._pytree`` flattens: dicts, nested tuples and lists, named tuples; diffrax's PyTree states).
+    ``leaves`` takes a value of the user's structure (``func``'s result) to its tensors in ``y0``'s order; ``build``
+    the reverse. A tree is flattened *up to* ``y0``'s structure, so a dict returned with its keys in another order
+    still lines up (JAX sorts dict keys; torch keeps their order).
+    """
+
+    def __init__(self, kind: str, spec=None, labels=()):
+        self.kind = kind
+        self.spec = spec          # the TreeSpec of a "tree" state
+        self.labels = labels      # each tensor's place in the structure, as "[0]" or "['x'][1]"
+
+    def leaves(self, value) -> tuple:
+        if self.kind == "tensor":
+            return (value,)
+        if self.kind == "tuple":
+            return value
+        return self.spec.flatten_up_to(value)
+
+    def build(self, parts):
+        if self.kind == "tensor":
+            return parts[0]
+        if self.kind == "tuple":
+            return tuple(parts)
+        return pytree.tree_unflatten(list(parts), self.spec)
+
+    def describe(self) -> str:
+        """The structure as ``{'x': *, 'v': (*, *)}``, each ``*`` a tensor."""
+        return "a tensor" if self.kind == "tensor" else pytree.treespec_pprint(self.spec)
+
+
+TENSOR = StateStructure("tensor")
+TUPLE = StateStructure("tuple")
+
+
+def _describe_value(value) -> str:
+    """A returned value's structure, for an error that compares it with y0's."""
+    try:
+        return pytree.treespec_pprint(pytree.tree_structure(value))
+    except Exception:  # noqa: BLE001 - a description only; an object torch cannot flatten is named by its type
+        return type(value).__name__
+
+
+class FieldWithArgs(torch.nn.Module):
+    """``func(t, y, args)`` (diffrax's and torchode's signature) as the ``func(t, y)`` the solvers call.
+
+    An ``nn.Module``, so that a module ``func`` keeps its parameters (the gradient strategies' default); its step
+    callbacks (``callback_step``, ...) are looked up on ``func``. ``args`` is any object, passed as it is; tensors in
+    it that require grad get gradients under every strategy (:func:`neuralode.solve` adds them to the adjoint's
+    parameters).
+    """
+
+    def __init__(self, func, args):
+        super().__init__()
+        if not callable(func):
+            raise TypeError(f"func must be callable as func(t, y, args), got {type(func).__name__}")
+        target = func.forward if isinstance(func, torch.nn.Module) else func
+        try:
+            inspect.signature(target).bind(None, None, None)
+        except TypeError:
+            raise TypeError("args= was given, so func is called as func(t, y, args), but it does not take three "
+                            "arguments; add the third (def func(t, y, args)), or leave args out and close over "
+                            "what func needs") from None
+        except ValueError:   # a signature that cannot be read (a builtin): call it and see
+            pass
+        self.func = func
+        self.args = args
+        # one compiled-kernel cache entry per wrapped field (solvers/compiled.py keys fields by type otherwise)
+        self.compile_key = ("with args", getattr(func, "compile_key", None) or getattr(func, "__code__", None)
+                            or type(func))
+
+    def forward(self, t, y):
+        return self.func(t, y, self.args)
+
+    def __getattr__(self, name):
+        if name.startswith("callback_"):   # step callbacks are the user's func's
+            return getattr(self.__dict__.get("func") or self._modules["func"], name)
+        return super().__getattr__(name)
+
+
 class VectorField:
     """``func(t, y)`` adapted to the loop: float time in, flat state in and out, NFE counted.
 
@@ -69,9 +154,11 @@ class VectorField:
     (they differ only for half precision, see :data:`COMPUTE_DTYPE`).
     """
 
-    def __init__(self, func, shapes, numels, time_dtype, device, user_dtype=None, compute_dtype=None):
+    def __init__(self, func, shapes, numels, time_dtype, device, user_dtype=None, compute_dtype=None,
+                 structure=None):
         self.func = func
         self.shapes = shapes
+        self.structure = structure if structure is not None else (TUPLE if shapes is not None else TENSOR)
         self.numels = numels
         self.time_dtype = time_dtype
         self.device = device
@@ -95,8 +182,8 @@ class VectorField:
             return y
         # (slices rather than torch.split: dynamo fails on split inside the compiled loop's while_loop body)
         offsets = itertools.accumulate(self.numels, initial=0)
-        return tuple(y[start:start + numel].view(shape)
-                     for start, numel, shape in zip(offsets, self.numels, self.shapes))
+        return self.structure.build(tuple(y[start:start + numel].view(shape)
+                                          for start, numel, shape in zip(offsets, self.numels, self.shapes)))
 
     def callback_view(self, y: torch.Tensor):
         """The state as step callbacks receive it: the user's shapes and dtype."""
@@ -113,7 +200,7 @@ class VectorField:
         if self.shapes is None:
             out = self.func(self.time(t), y)
         else:
-            out = torch.cat([o.reshape(-1) for o in self.func(self.time(t), self.unflatten(y))])
+            out = torch.cat([o.reshape(-1) for o in self.structure.leaves(self.func(self.time(t), self.unflatten(y)))])
         return out.to(self.compute_dtype) if self.cast_output else out
 
 
@@ -123,12 +210,12 @@ class Problem:
     with :func:`dataclasses.replace`."""
 
     field: VectorField
-    y0: torch.Tensor                 # flat if the user's state is a tuple
+    y0: torch.Tensor                 # flat if the user's state is a tuple or a PyTree
     f0: torch.Tensor | None          # func(t[0], y0), already checked (None: the loop evaluates it)
     t: torch.Tensor                  # the user's output times (1-D)
     times: list                      # the same, as Python floats
     direction: int                   # +1 forward, -1 backward in time
-    shapes: list | None              # per-component shapes of a tuple state
+    shapes: list | None              # per-tensor shapes of a tuple or PyTree state
     rtol: float | torch.Tensor
     atol: float | torch.Tensor
     method: str = ""                 # set by solve(); gradient strategies reuse it
@@ -144,27 +231,37 @@ class Problem:
         if self.shapes is None:
             return ys
         parts = torch.split(ys, self.field.numels, dim=1)
-        return tuple(p.reshape(ys.shape[0], *s) for p, s in zip(parts, self.shapes))
+        return self.field.structure.build(tuple(p.reshape(ys.shape[0], *s) for p, s in zip(parts, self.shapes)))
 
 
 def _check_state(y0):
+    """The state's tensors and its :class:`StateStructure`; raises TypeError for anything else."""
     if isinstance(y0, torch.Tensor):
-        parts, is_tuple = (y0,), False
-    elif isinstance(y0, (tuple, list)) and len(y0) > 0 and all(isinstance(p, torch.Tensor) for p in y0):
-        parts, is_tuple = tuple(y0), True
-    elif isinstance(y0, dict):
-        raise TypeError("y0 is a dict; the state must be a tensor or a flat tuple of tensors: pass "
-                        "tuple(y0.values()) and rebuild the dict inside func (dict states are not supported)")
-    elif isinstance(y0, (tuple, list)) and len(y0) > 0:
-        i, part = next((i, p) for i, p in enumerate(y0) if not isinstance(p, torch.Tensor))
-        raise TypeError(f"y0[{i}] is a {type(part).__name__}, not a tensor; y0 must be a tensor or a flat tuple of "
-                        "tensors (nested tuples and dicts are not supported: flatten the state into one tuple and "
-                        "regroup it inside func)")
+        parts, structure = (y0,), TENSOR
+    elif type(y0) in (tuple, list) and len(y0) > 0 and all(isinstance(p, torch.Tensor) for p in y0):
+        parts = tuple(y0)
+        structure = StateStructure("tuple", pytree.tree_structure(parts), tuple(f"[{i}]" for i in range(len(parts))))
     else:
-        raise TypeError(f"y0 must be a torch.Tensor or a non-empty tuple of tensors, got {type(y0).__name__}; "
-                        "wrap numbers with torch.tensor(..., dtype=torch.float64)")
-    for i, p in enumerate(parts):
-        name = f"y0[{i}]" if is_tuple else "y0"
+        try:
+            with_paths, spec = pytree.tree_flatten_with_path(y0)
+        except Exception:  # noqa: BLE001 - any failure to flatten means y0 is no PyTree torch knows
+            with_paths, spec = [], None
+        if spec is None or spec.is_leaf():
+            raise TypeError(f"y0 must be a torch.Tensor, a tuple of tensors or a PyTree of tensors (dicts, nested "
+                            f"tuples and lists), got {type(y0).__name__}; wrap numbers with "
+                            "torch.tensor(..., dtype=torch.float64)")
+        if not with_paths:
+            raise TypeError(f"y0 is an empty {type(y0).__name__}: the state needs at least one tensor")
+        for path, leaf in with_paths:
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"y0{pytree.keystr(path)} is a {type(leaf).__name__}, not a tensor; every leaf of "
+                                "a PyTree state must be a tensor (wrap numbers with torch.tensor(..., "
+                                "dtype=torch.float64), and keep constants out of y0: close over them in func)")
+        parts = tuple(leaf for _, leaf in with_paths)
+        structure = StateStructure("tree", spec, tuple(pytree.keystr(path) for path, _ in with_paths))
+    is_tuple = structure is not TENSOR
+    for p, label in zip(parts, structure.labels or ("",)):
+        name = f"y0{label}"
         if not (p.is_floating_point() or p.is_complex()):
             raise TypeError(f"{name} has dtype {p.dtype}; the state must be floating point or complex. "
                             f"Convert it, e.g. {name}.to(torch.float32)")
@@ -172,15 +269,16 @@ def _check_state(y0):
             raise TypeError(f"{name} has dtype complex32, which the solvers do not support (PyTorch has "
                             f"few complex32 kernels); convert it, e.g. {name}.to(torch.complex64)")
     if is_tuple:
+        kind = "tuple" if structure.kind == "tuple" else "PyTree"
         dtypes = {p.dtype for p in parts}
         devices = {p.device for p in parts}
         if len(dtypes) > 1:
-            raise TypeError(f"the tensors of a tuple y0 must share one dtype, got {sorted(map(str, dtypes))}; "
+            raise TypeError(f"the tensors of a {kind} y0 must share one dtype, got {sorted(map(str, dtypes))}; "
                             "convert them to a common dtype")
         if len(devices) > 1:
-            raise ValueError(f"the tensors of a tuple y0 are on different devices {sorted(map(str, devices))}; "
+            raise ValueError(f"the tensors of a {kind} y0 are on different devices {sorted(map(str, devices))}; "
                              "move them to one device")
-    return parts, is_tuple
+    return parts, structure
 
 
 def check_times(t, y_device, name="t") -> torch.Tensor:
@@ -216,7 +314,7 @@ def check_monotone(times: list, name="t") -> int:
                      f"sort it and remove duplicates, e.g. torch.unique({name})")
 
 
-def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
+def _check_tolerance(name, tol, parts, structure, real_dtype, device):
     def one(value, shape, label):
         # (numpy scalars, arrays and lists of numbers too, as torchdiffeq takes them: an array or a list is one
         # tolerance per element of the state, like a tensor)
@@ -249,12 +347,22 @@ def _check_tolerance(name, tol, parts, is_tuple, real_dtype, device):
             raise ValueError(f"{label}={value} is invalid; tolerances must be finite and non-negative")
         return float(value)
 
-    if is_tuple:
+    if structure.kind == "tuple":
         values = tol if isinstance(tol, (tuple, list)) else (tol,) * len(parts)
         if len(values) != len(parts):
             raise ValueError(f"{name} has {len(values)} entries but y0 has {len(parts)} tensors; give one per tensor "
                              "or a single float")
-        checked = [one(v, p.shape, f"{name}[{i}]") for i, (v, p) in enumerate(zip(values, parts))]
+    elif structure.kind == "tree" and isinstance(tol, (tuple, list, dict)):
+        # one tolerance per tensor, in y0's structure (a dict's keys in any order)
+        try:
+            values = structure.spec.flatten_up_to(tol)
+        except (ValueError, TypeError):
+            raise ValueError(f"{name} has the structure {_describe_value(tol)} but y0 has {structure.describe()}; "
+                             f"give a single float, or one tolerance per tensor in y0's structure") from None
+    elif structure.kind == "tree":
+        values = (tol,) * len(parts)
+    if structure.kind != "tensor":
+        checked = [one(v, p.shape, f"{name}{label}") for v, p, label in zip(values, parts, structure.labels)]
         if all(isinstance(c, float) for c in checked) and len(set(checked)) == 1:
             return checked[0]
         return torch.cat([(torch.full(p.shape, c, dtype=real_dtype, device=device) if isinstance(c, float)
@@ -266,9 +374,9 @@ def check_other_tolerance(name: str, tol, y0, problem: Problem):
     """A second tolerance for the state ``y0`` of ``problem`` (the adjoint's backward ``rtol``/``atol``),
     checked and normalised as :func:`make_problem` checks ``rtol`` and ``atol``: broadcast to the state (one
     per tensor of a tuple state), finite and non-negative. Returns a float or a tensor of the state's size."""
-    parts, is_tuple = _check_state(y0)
+    parts, structure = _check_state(y0)
     real_dtype = problem.y0.real.dtype if problem.y0.is_complex() else problem.y0.dtype
-    return _check_tolerance(name, tol, parts, is_tuple, real_dtype, problem.y0.device)
+    return _check_tolerance(name, tol, parts, structure, real_dtype, problem.y0.device)
 
 
 def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
@@ -281,7 +389,7 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     """
     if not callable(func):
         raise TypeError(f"func must be callable as func(t, y), got {type(func).__name__}")
-    parts, is_tuple = _check_state(y0)
+    parts, structure = _check_state(y0)
     device = parts[0].device
     t = check_times(t, device)   # (also: t and y0 on one device)
     if device.type == "meta":
@@ -293,12 +401,12 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
     user_dtype = parts[0].dtype
     compute_dtype = COMPUTE_DTYPE.get(user_dtype, user_dtype)
     compute_real_dtype = COMPUTE_DTYPE.get(real_dtype, real_dtype)
-    rtol = _check_tolerance("rtol", rtol, parts, is_tuple, compute_real_dtype, device)
-    atol = _check_tolerance("atol", atol, parts, is_tuple, compute_real_dtype, device)
+    rtol = _check_tolerance("rtol", rtol, parts, structure, compute_real_dtype, device)
+    atol = _check_tolerance("atol", atol, parts, structure, compute_real_dtype, device)
     if compute_dtype != user_dtype:
         floor = torch.finfo(user_dtype).eps
         rtol = max(rtol, floor) if isinstance(rtol, float) else rtol.clamp_min(floor)
-    if is_tuple:
+    if structure is not TENSOR:
         shapes = [p.shape for p in parts]
         numels = [p.numel() for p in parts]
         flat_y0 = torch.cat([p.reshape(-1) for p in parts])
@@ -309,10 +417,10 @@ def make_problem(func, y0, t, rtol, atol, *, right_limit_at=()) -> Problem:
         raise NonFiniteInputError("y0 contains NaN or infinite values; the initial state must be finite")
     warn_below_resolution(rtol, atol, flat_y0, compute_real_dtype)
     warn_time_rounding(rtol, t.dtype, real_dtype, max(abs(times[0]), abs(times[-1])), abs(times[-1] - times[0]))
-    field = VectorField(func, shapes, numels, real_dtype, device, user_dtype, compute_dtype)
+    field = VectorField(func, shapes, numels, real_dtype, device, user_dtype, compute_dtype, structure)
     right_limit = right_limit_at is None or times[0] in right_limit_at
     f0_time = next_after(times[0], times[0] + direction, real_dtype) if right_limit else times[0]
-    f0 = _first_evaluation(func, field, flat_y0, parts, is_tuple, f0_time)
+    f0 = _first_evaluation(func, field, flat_y0, parts, structure, f0_time)
     return Problem(field=field, y0=flat_y0, f0=f0, t=t, times=times, direction=direction, shapes=shapes, rtol=rtol,
                    atol=atol, f0_time=f0_time)
 
@@ -404,10 +512,10 @@ def _takes_two_arguments(func) -> bool:
 FIRST_EVALUATION_NOTE = "neuralode: raised by the first evaluation"
 
 
-def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
+def _first_evaluation(func, field, flat_y0, parts, structure, t0):
     """Evaluate ``func`` once and check what it returns, so a wrong shape fails here and clearly."""
     try:
-        out = func(field.time(t0), tuple(parts) if is_tuple else parts[0])
+        out = func(field.time(t0), structure.build(parts))
     except TypeError as error:
         if _takes_two_arguments(func):
             raise
@@ -423,20 +531,33 @@ def _first_evaluation(func, field, flat_y0, parts, is_tuple, t0):
                         "the field must accept the state's shape and return a derivative of the same shape")
         raise
     field.nfe += 1
-    expected = parts if is_tuple else (parts[0],)
-    got = tuple(out) if (is_tuple and isinstance(out, (tuple, list))) else (out,)
-    if is_tuple and not isinstance(out, (tuple, list)):
-        raise TypeError(f"func returned a {type(out).__name__} but y0 is a tuple of {len(parts)} tensors; "
-                        "return a tuple with one derivative per state tensor")
-    if len(got) != len(expected):
-        raise ValueError(f"func returned {len(got)} tensors for a state of {len(expected)}; return one "
-                         "derivative per state tensor")
-    for i, (g, e) in enumerate(zip(got, expected)):
-        if check_derivative(f"func(t, y)[{i}]" if is_tuple else "func(t, y)", g, e.shape, e.dtype):
+    got = _derivative_leaves(out, parts, structure)
+    for g, e, label in zip(got, parts, structure.labels or ("",)):
+        if check_derivative(f"func(t, y){label}", g, e.shape, e.dtype):
             field.cast_output = True
-    f0 = torch.cat([g.reshape(-1).to(field.compute_dtype) for g in got]) if is_tuple else got[0]
+    f0 = torch.cat([g.reshape(-1).to(field.compute_dtype) for g in got]) if structure is not TENSOR else got[0]
     f0 = f0.to(field.compute_dtype) if field.cast_output else f0
     if not bool(torch.isfinite(f0).all()):
         raise NonFiniteError(f"func(t, y0) returned non-finite values at t={t0}: the vector field is NaN or "
                              "infinite at the initial state", t=t0)
     return f0
+
+
+def _derivative_leaves(out, parts, structure) -> tuple:
+    """``func``'s first result as one tensor per state tensor, or an error that compares its structure with y0's."""
+    if structure.kind == "tensor":
+        return (out,)
+    if structure.kind == "tuple":
+        if not isinstance(out, (tuple, list)):
+            raise TypeError(f"func returned a {type(out).__name__} but y0 is a tuple of {len(parts)} tensors; "
+                            "return a tuple with one derivative per state tensor")
+        if len(out) != len(parts):
+            raise ValueError(f"func returned {len(out)} tensors for a state of {len(parts)}; return one "
+                             "derivative per state tensor")
+        return tuple(out)
+    try:
+        return tuple(structure.leaves(out))
+    except (ValueError, TypeError):
+        raise TypeError(f"func returned {_describe_value(out)} but y0 has the structure {structure.describe()}; "
+                        "return the derivative in y0's structure (the same containers and keys, one tensor per "
+                        "state tensor)") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 from ._errors import Status
 
@@ -51,6 +52,7 @@ class Solution:
     _dense: object = field(default=None, repr=False)
     _unflatten: object = field(default=None, repr=False)
     _dtype: torch.dtype | None = field(default=None, repr=False)  # the user's dtype, if the loop's differs
+    _event_signs: torch.Tensor | None = field(default=None, repr=False)  # the firing event's signs before it fired
 
     @property
     def success(self) -> bool:
@@ -112,10 +114,12 @@ class Solution:
     def _shaped(self, values: list, t_tensor: torch.Tensor) -> object:
         if self._unflatten is None:
             return torch.stack(values).reshape(*t_tensor.shape, *values[0].shape)
-        # Tuple states are stored flat: split each value into its components, then stack per component.
-        parts = [self._unflatten(v) for v in values]
-        return tuple(torch.stack([p[i] for p in parts]).reshape(*t_tensor.shape, *parts[0][i].shape)
-                     for i in range(len(parts[0])))
+        # Tuple and PyTree states are stored flat: split each value into its tensors, then stack per tensor.
+        trees = [self._unflatten(v) for v in values]
+        leaves, spec = pytree.tree_flatten(trees[0])
+        per_value = [leaves] + [pytree.tree_leaves(tree) for tree in trees[1:]]
+        return pytree.tree_unflatten([torch.stack([v[i] for v in per_value]).reshape(*t_tensor.shape, *leaf.shape)
+                                      for i, leaf in enumerate(leaves)], spec)
 
     @property
     def step_times(self) -> torch.Tensor:

@@ -8,8 +8,9 @@ import dataclasses
 import warnings
 
 import torch
+import torch.utils._pytree as pytree
 
-from ._errors import Status
+from ._errors import Status, StepSizeUnderflowError
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import AdaptiveController, FixedGrid
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
@@ -20,7 +21,7 @@ from .integrate import EventSpec
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_fixed_step_given,
                       check_method, check_options,
                       check_tolerances_usable, make_control, time_list)
-from .problem import check_other_tolerance, make_problem, warn_time_rounding
+from .problem import FieldWithArgs, below_time_resolution, check_other_tolerance, make_problem, warn_time_rounding
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
 from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field, per_sample_first_steps
@@ -31,16 +32,18 @@ from .solvers.runge_kutta import ExplicitRungeKutta
 def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: dict | None = None,
           gradient: str | GradientStrategy = "direct", adjoint_params=None, event_fn=None,
           event_direction: int = 0, events=(), dense: bool = False, throw: bool = True,
-          compile: bool = False, per_sample: bool = False, controller: AdaptiveController | None = None) -> Solution:
+          compile: bool = False, per_sample: bool = False, controller: AdaptiveController | None = None,
+          args=None) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, and report values at every time in ``t``.
 
     Parameters
     ----------
     func : callable
         ``func(t, y) -> dy/dt``; ``t`` is a 0-dim tensor (the state's real dtype), ``y`` has the shape of
-        ``y0`` (a tuple for tuple states). An ``nn.Module`` or any function.
-    y0 : Tensor of any shape, or tuple of Tensors
-        Floating point or complex initial state.
+        ``y0`` (its structure for tuple and PyTree states). An ``nn.Module`` or any function. With ``args``,
+        ``func(t, y, args)``.
+    y0 : Tensor of any shape, tuple of Tensors, or a PyTree of Tensors (dicts, nested tuples and lists)
+        Floating point or complex initial state; the tensors of a tuple or PyTree share one dtype.
     t : Tensor, shape (T,)
         Output times, strictly increasing or strictly decreasing; ``t[0]`` is the initial time.
         Output times never change the steps of the explicit methods; the implicit, Rosenbrock and ``auto``
@@ -51,8 +54,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         its order conditions are checked when it is built) or a :class:`~neuralode.solvers.Solver` instance.
         Fixed-step methods need ``options={"step_size": h}`` or a ``grid_constructor``.
     rtol, atol : float or Tensor
-        Relative and absolute tolerance; tensors broadcast to the state (per-element tolerances), or a
-        tuple of them for tuple states.
+        Relative and absolute tolerance; tensors broadcast to the state (per-element tolerances), or one
+        per tensor of a tuple or PyTree state, in its structure.
     options : dict
         Method options, with torchdiffeq's names: fixed grid ``step_size``, ``grid_constructor``,
         ``perturb``, ``interp``; adaptive ``first_step``, ``max_num_steps`` (default 100000),
@@ -106,6 +109,10 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
         ``"direct"``, ``"adjoint"`` (per-sample backward solves, :mod:`neuralode.gradients.per_sample_adjoint`)
         and ``"checkpoint"`` (:mod:`neuralode.gradients.per_sample_checkpoint`). With ``compile=True`` each
         batched step runs compiled (the adjoint's backward steps stay eager).
+    args : any, optional
+        Passed to the field as ``func(t, y, args)`` (diffrax's ``args``, torchode's ``with_args``): constants or
+        parameters kept out of a closure. Tensors in it that require grad are differentiated by every strategy
+        (added to the default ``adjoint_params``).
 
     Returns
     -------
@@ -115,6 +122,9 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
     spec = check_method(method)
     options = check_options(spec, options)
     strategy = resolve_gradient(gradient, adjoint_params=adjoint_params, func=func)
+    if args is not None:
+        strategy = _differentiate_args(strategy, args, adjoint_params)
+        func = FieldWithArgs(func, args)
     _refuse_transform(strategy)
     if event_direction not in (0, 1, -1):
         raise ValueError(f"event_direction must be 0, 1 or -1, got {event_direction!r}")
@@ -169,8 +179,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     graphless = spec.whole_span and isinstance(strategy, Direct)
     t_wants_grad = isinstance(t, torch.Tensor) and t.requires_grad
     t_requires_grad = t_wants_grad and not graphless
-    precise_state = any(x.dtype in (torch.float64, torch.complex128)
-                        for x in (y0 if isinstance(y0, (tuple, list)) else (y0,)) if isinstance(x, torch.Tensor))
+    precise_state = any(x.dtype in (torch.float64, torch.complex128) for x in _state_tensors(y0))
     for name in ("step_t", "jump_t"):
         options[name] = time_list(options, name, precise_state)
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
@@ -253,12 +262,13 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
             # signs at the start of the firing step (right for an N-th occurrence too).
             event_t, pair = reroute_event_gradient(func, fired_event.fn, t_in[0], event_t, pair,
                                                    signs=integration.event_signs)
-        event_y = tuple(p[-1] for p in pair) if isinstance(pair, tuple) else pair[-1]
+        event_y = pytree.tree_map(lambda part: part[-1], pair)
     return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
                     event_t=event_t, event_y=event_y, events=_records(integration, events, problem, t_in),
                     _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
-                    _dtype=problem.field.user_dtype if problem.field.cast else None)
+                    _dtype=problem.field.user_dtype if problem.field.cast else None,
+                    _event_signs=integration.event_signs)
 
 
 def _refuse_vmap(y0) -> None:
@@ -266,8 +276,7 @@ def _refuse_vmap(y0) -> None:
     deep inside torch at the first value the loop reads; say why and what to do instead. (A flag read of torch's
     private functorch API, read defensively: a torch without it only loses this message.)"""
     is_batched = getattr(getattr(torch._C, "_functorch", None), "is_batchedtensor", None)
-    parts = y0 if isinstance(y0, (tuple, list)) else (y0,)
-    if is_batched is not None and any(isinstance(p, torch.Tensor) and is_batched(p) for p in parts):
+    if is_batched is not None and any(is_batched(p) for p in _state_tensors(y0)):
         raise ValueError("y0 is batched by torch.func.vmap, which neuralode.solve does not run under: its adaptive "
                          "loop decides on values (accept or reject, the next step). Give the batch as y0's leading "
                          "dimension instead: one solve for the batch, or per_sample=True for a step size per sample "
@@ -406,15 +415,33 @@ def _records(integration, events, problem, t_in) -> list:
     records = []
     for t_event, y_event, index, direction in integration.event_records:
         y_user = problem.unflatten_trajectory(y_event.unsqueeze(0))
-        y_user = tuple(part[0] for part in y_user) if isinstance(y_user, tuple) else y_user[0]
+        y_user = pytree.tree_map(lambda part: part[0], y_user)
         records.append(EventRecord(torch.tensor(t_event, dtype=t_in.dtype, device=t_in.device), y_user, index,
                                    events[index].name, direction))
     return records
 
 
+def _differentiate_args(strategy, args, adjoint_params):
+    """The adjoint's and checkpoint's default parameters, plus the tensors in ``args`` that require grad (as
+    diffrax differentiates its ``args``); explicit ``adjoint_params`` are kept as given."""
+    if adjoint_params is not None or not hasattr(strategy, "params"):
+        return strategy
+    found = []
+    for leaf in pytree.tree_leaves(args):
+        found += list(leaf.parameters()) if isinstance(leaf, torch.nn.Module) else [leaf]
+    known = {id(p) for p in strategy.params}
+    extra = [x for x in found if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in known
+             and not known.add(id(x))]
+    return dataclasses.replace(strategy, params=(*strategy.params, *extra)) if extra else strategy
+
+
+def _state_tensors(y0) -> list:
+    """The tensors of a state of any structure (tensor, tuple, PyTree), before it is checked."""
+    return [x for x in pytree.tree_leaves(y0) if isinstance(x, torch.Tensor)]
+
+
 def _wants_gradient(func, y0) -> bool:
-    parts = y0 if isinstance(y0, (tuple, list)) else (y0,)
-    if any(isinstance(p, torch.Tensor) and p.requires_grad for p in parts):
+    if any(p.requires_grad for p in _state_tensors(y0)):
         return True
     return isinstance(func, torch.nn.Module) and any(p.requires_grad for p in func.parameters())
 

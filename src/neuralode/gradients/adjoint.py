@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from .._numbers import real_number
 from ..callbacks import Callbacks, warn_unsupported
@@ -302,8 +303,9 @@ class _AdjointDynamics:
         like the state and the parameters, with ``y`` and ``a`` split into their components for tuple
         states (torchdiffeq's tuple also leads with dL/dt)."""
         n = self.n
-        if self.field.shapes is not None:  # a tuple state: its components, as torchdiffeq passes them
-            parts = [*self.field.unflatten(state[:n]), *self.field.unflatten(state[n:2 * n])]
+        if self.field.shapes is not None:  # a tuple or PyTree state: its tensors, as torchdiffeq passes a tuple's
+            parts = [*pytree.tree_leaves(self.field.unflatten(state[:n])),
+                     *pytree.tree_leaves(self.field.unflatten(state[n:2 * n]))]
         else:
             parts = [state[:n].view(self.state_shape), state[n:2 * n].view(self.state_shape)]
         offset = 2 * n

@@ -49,6 +49,14 @@ class Event:
         evaluations of ``f`` a step), so that two crossings within one step (out and back) are both seen unless
         they lie within one ``1 / (samples + 1)`` of the step; ``0`` checks the ends only (torchdiffeq's and
         scipy's rule). Default 4 (SciML's ``interp_points`` is 10).
+    affect : callable, optional
+        ``affect(t, y) -> y_new``: at each occurrence the state jumps to ``y_new`` (the state's structure, shapes and
+        dtype) and the solve goes on from there (SciML's ``ContinuousCallback`` with an ``affect!``: a ball's
+        bounce, a dose, a reset). The solve restarts at the event time (a new first step), so outputs after it
+        follow the new state; an output time equal to the event time gets the state after the jump. Every
+        gradient strategy differentiates through the jumps: through ``affect``, the event times and the state
+        there. Not applied at an occurrence that stops the solve (``terminal``): there ``event_y`` is the state
+        reached.
 
     Every occurrence is in ``Solution.events`` as an :class:`EventRecord`, in time order. A solve that
     stops at a terminal event reports ``status == "event"``, ``event_t`` and ``event_y``; the event time is
@@ -61,10 +69,14 @@ class Event:
     name: str | None = None
     tol: float | None = None
     samples: int = 4
+    affect: Callable | None = None
 
     def __post_init__(self):
         if not callable(self.fn):
             raise TypeError(f"Event fn must be callable as fn(t, y), got {type(self.fn).__name__}")
+        if self.affect is not None and not callable(self.affect):
+            raise TypeError(f"Event affect must be callable as affect(t, y) -> new state, got "
+                            f"{type(self.affect).__name__}")
         if self.direction not in (0, 1, -1) or isinstance(self.direction, bool):
             raise ValueError(f"Event direction must be 0, 1 or -1, got {self.direction!r}")
         terminal = self.terminal

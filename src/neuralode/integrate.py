@@ -50,6 +50,9 @@ class EventSpec:
     terminal: int | None = 1
     tol: float | None = None       # root tolerance in time (None: bisect to rounding)
     samples: int = 4               # sign checks inside each step (Event.samples)
+    # Elements that start at their root (a restart after an affect that left them there): their start value counts
+    # as 0, so that leaving the root is not a crossing (an occurrence already recorded).
+    start_at_root: torch.Tensor | None = None
 
 
 @dataclass
@@ -416,6 +419,8 @@ class _Events:
     def __init__(self, events, field, t0, y0, result):
         self.events, self.field, self.result = events, field, result
         self.values = [_event_value(event, field, t0, y0) for event in events]
+        self.values = [value if event.start_at_root is None else torch.where(event.start_at_root, 0.0, value)
+                       for event, value in zip(events, self.values)]
         for event, value in zip(events, self.values):
             if not bool(torch.isfinite(value).all()):
                 raise _non_finite_event(event, t0, value)

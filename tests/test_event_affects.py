@@ -1,0 +1,137 @@
+"""Events that change the state and go on (``Event(..., affect=...)``, SciML's ContinuousCallback with an affect!).
+
+The bouncing ball has a closed form: dropped from h0 under gravity g, it hits the ground at t1 = sqrt(2 h0 / g) with
+speed v1 = g t1, and each bounce with restitution e sends it up at e times its impact speed, so the k-th flight
+lasts 2 e^k v1 / g. Its height at a later time, and the derivatives of that height with respect to e and h0, test
+the jumps, the restarts and the gradients through both.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+
+import neuralode
+
+F64 = torch.float64
+G = 9.81
+
+
+def _fall(t, y):
+    return torch.stack([y[1], torch.full_like(y[1], -G)])
+
+
+def _bounce(restitution, direction=-1, **kwargs):
+    return neuralode.Event(lambda t, y: y[0], direction=direction, name="ground",
+                           affect=lambda t, y: torch.stack([y[0], -restitution * y[1]]), **kwargs)
+
+
+def _closed_form(h0, e, t_end):
+    """Impact times before t_end, and the height at t_end."""
+    t1 = math.sqrt(2 * h0 / G)
+    impacts, speed = [t1], G * t1
+    while True:
+        speed *= e
+        landing = impacts[-1] + 2 * speed / G
+        if landing >= t_end:
+            break
+        impacts.append(landing)
+    tau = t_end - impacts[-1]
+    return impacts, speed * tau - 0.5 * G * tau ** 2
+
+
+@pytest.mark.parametrize("method", ["tsit5", "dopri5"])
+def test_a_bouncing_ball_follows_its_closed_form(method):
+    t = torch.linspace(0.0, 8.0, 17, dtype=F64)
+    sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), t, method=method, rtol=1e-10, atol=1e-10,
+                          events=[_bounce(0.8)])
+    impacts, height = _closed_form(10.0, 0.8, 8.0)
+    assert sol.status == "success" and sol.ts.shape == (17,) and sol.ys.shape == (17, 2)
+    assert len(sol.events) == len(impacts) == 4
+    assert all(r.name == "ground" and r.direction == -1 for r in sol.events)
+    assert max(abs(float(r.t) - exact) for r, exact in zip(sol.events, impacts)) < 1e-11
+    assert abs(float(sol.ys[-1, 0]) - height) < 1e-9
+    # between impacts the height never goes below the ground (a restart that re-fired would show as a dip)
+    assert float(sol.ys[:, 0].min()) > -1e-9
+    # the counts are summed over the stretches between jumps, as read and as written to JSON
+    assert json.loads(json.dumps(sol.stats)) == dict(sol.stats.items())
+    assert sol.stats["n_accepted"] + sol.stats["n_rejected"] == sol.stats["n_steps"]
+
+
+@pytest.mark.parametrize("gradient", ["direct", "checkpoint", "adjoint", neuralode.Adjoint(interpolate=True)],
+                         ids=["direct", "checkpoint", "adjoint", "interpolating"])
+def test_gradients_through_the_bounces_match_the_closed_form(gradient):
+    """d y(5) / d e and d y(5) / d h0 through two bounces: the event times move with both, and the affect's
+    velocity depends on e and on the impact speed."""
+    e = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    h0 = torch.tensor(10.0, dtype=F64, requires_grad=True)
+    sol = neuralode.solve(_fall, torch.stack([h0, torch.zeros((), dtype=F64)]), torch.tensor([0.0, 5.0], dtype=F64),
+                          rtol=1e-10, atol=1e-10, events=[_bounce(e)], gradient=gradient, adjoint_params=(e,))
+    grads = torch.autograd.grad(sol.ys[-1, 0], (e, h0))
+    step = 1e-6
+    exact_e = (_closed_form(10.0, 0.8 + step, 5.0)[1] - _closed_form(10.0, 0.8 - step, 5.0)[1]) / (2 * step)
+    exact_h = (_closed_form(10.0 + step, 0.8, 5.0)[1] - _closed_form(10.0 - step, 0.8, 5.0)[1]) / (2 * step)
+    assert abs(float(grads[0]) - exact_e) < 1e-6 * abs(exact_e)
+    assert abs(float(grads[1]) - exact_h) < 1e-6 * abs(exact_h)
+
+
+def test_restarts_do_not_fire_again_and_an_output_at_the_jump_gets_the_new_state():
+    t1 = math.sqrt(2 * 10.0 / G)
+    t = torch.tensor([0.0, t1, 4.0], dtype=F64)
+    # both directions watched: a root located a rounding below the ground must not count as a rise after the bounce
+    sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), t, rtol=1e-12, atol=1e-12,
+                          events=[_bounce(0.8, direction=0)])
+    assert [r.direction for r in sol.events] == [-1, -1]
+    assert abs(float(sol.events[0].t) - t1) < 1e-12
+    assert sol.ts.tolist() == t.tolist()
+    assert abs(float(sol.ys[1, 0])) < 1e-9 and abs(float(sol.ys[1, 1]) - 0.8 * G * t1) < 1e-9   # after the jump
+
+
+def test_a_zeno_point_is_an_error_and_the_step_budget_spans_the_jumps():
+    y0 = torch.tensor([10.0, 0.0], dtype=F64)
+    # e = 0.8: infinitely many bounces before t = t1 (1 + e) / (1 - e) = 12.85
+    with pytest.raises(neuralode.StepSizeUnderflowError, match=r"accumulate at t=12\.85.*Zeno point"):
+        neuralode.solve(_fall, y0, torch.tensor([0.0, 30.0], dtype=F64), rtol=1e-10, atol=1e-10,
+                        events=[_bounce(0.8)])
+    sol = neuralode.solve(_fall, y0, torch.linspace(0.0, 8.0, 9, dtype=F64), events=[_bounce(0.8)], throw=False,
+                          options={"max_num_steps": 8})
+    assert sol.status == "max_steps_reached" and sol.stats["n_steps"] == 8 and len(sol.events) >= 1
+
+
+def test_terminal_counts_recorded_events_and_pytree_states_across_the_jumps():
+    field = lambda t, y: {"h": y["v"], "v": torch.full_like(y["v"], -G)}  # noqa: E731
+    ground = neuralode.Event(lambda t, y: y["h"], direction=-1, terminal=3,
+                             affect=lambda t, y: {"v": -0.9 * y["v"], "h": y["h"]})
+    apex = neuralode.Event(lambda t, y: y["v"], direction=-1, name="apex")
+    y0 = {"h": torch.tensor(10.0, dtype=F64), "v": torch.tensor(0.0, dtype=F64)}
+    sol = neuralode.solve(field, y0, torch.linspace(0.0, 20.0, 5, dtype=F64), events=[ground, apex],
+                          rtol=1e-10, atol=1e-10)
+    assert [r.index for r in sol.events] == [0, 1, 0, 1, 0]
+    impacts, speed = [math.sqrt(2 * 10.0 / G)], G * math.sqrt(2 * 10.0 / G)
+    for _ in range(2):
+        speed *= 0.9
+        impacts.append(impacts[-1] + 2 * speed / G)
+    assert abs(float(sol.events[1].t) - (impacts[0] + 0.9 * G * impacts[0] / G)) < 1e-9   # the apex after a bounce
+    # the third impact stops the solve, before its affect: event_y is the state reached, falling
+    assert sol.status == "event" and abs(float(sol.event_t) - impacts[2]) < 1e-9
+    assert float(sol.event_y["v"]) < 0 and sol.ts.tolist() == [0.0, 5.0]
+
+
+def test_an_affect_that_returns_the_wrong_state_is_named():
+    y0, t = torch.tensor([10.0, 0.0], dtype=F64), torch.linspace(0.0, 5.0, 3, dtype=F64)
+
+    def solve_with(affect, **kwargs):
+        return neuralode.solve(_fall, y0, t, events=[neuralode.Event(lambda t, y: y[0], name="ground",
+                                                                     affect=affect)], **kwargs)
+
+    with pytest.raises(ValueError, match=r"affect of event 'ground' returned a tensor of shape \(\) .* state has \(2,\)"):
+        solve_with(lambda t, y: y[0])
+    with pytest.raises(ValueError, match=r"dtype torch.float32 where the state has \(2,\) and torch.float64"):
+        solve_with(lambda t, y: y.float())
+    with pytest.raises(TypeError, match=r"affect of event 'ground' returned tuple; it must return the new state"):
+        solve_with(lambda t, y: (y,))
+    with pytest.raises(ValueError, match=r"dense=True is not supported with events that have an affect"):
+        solve_with(lambda t, y: y, dense=True)
+    with pytest.raises(TypeError, match=r"Event affect must be callable"):
+        neuralode.Event(lambda t, y: y[0], affect=1.0)

@@ -131,7 +131,33 @@ def test_an_affect_that_returns_the_wrong_state_is_named():
         solve_with(lambda t, y: y.float())
     with pytest.raises(TypeError, match=r"affect of event 'ground' returned tuple; it must return the new state"):
         solve_with(lambda t, y: (y,))
-    with pytest.raises(ValueError, match=r"dense=True is not supported with events that have an affect"):
-        solve_with(lambda t, y: y, dense=True)
     with pytest.raises(TypeError, match=r"Event affect must be callable"):
         neuralode.Event(lambda t, y: y[0], affect=1.0)
+
+
+def test_dense_output_is_piecewise_and_right_continuous_at_the_jumps():
+    e = torch.tensor(0.8, dtype=F64, requires_grad=True)
+    sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), torch.tensor([0.0, 5.0], dtype=F64),
+                          rtol=1e-10, atol=1e-10, events=[_bounce(e)], dense=True)
+    t1 = math.sqrt(2 * 10.0 / G)
+    speed = 0.8 * G * t1                                   # upwards after the first bounce
+    t2 = t1 + 2 * speed / G
+
+    def height(t):
+        return (10.0 - 0.5 * G * t * t if t < t1 else
+                speed * (t - t1) - 0.5 * G * (t - t1) ** 2 if t < t2 else
+                0.8 * speed * (t - t2) - 0.5 * G * (t - t2) ** 2)
+
+    query = torch.tensor([0.5, t1, t1 + 0.3, t2 + 0.1, 5.0], dtype=F64)
+    values = sol.evaluate(query).detach()
+    assert max(abs(float(v) - height(float(x))) for x, v in zip(query, values[:, 0])) < 1e-9
+    assert abs(float(values[1, 1]) - speed) < 1e-9                          # at the jump: the state after it
+    assert abs(float(sol.derivative(t1 + 0.3)[1]) + G) < 1e-9                # the slope of the stretch after it
+    ends = sol.step_times
+    assert ends[-1] == 5.0 and bool((ends[1:] > ends[:-1]).all())
+    assert min(abs(float(x) - t1) for x in ends) < 1e-12                      # a stretch ends at each jump
+    # the dense output differentiates through the jumps too (direct strategy): d height(4) / d e
+    (grad,) = torch.autograd.grad(sol.evaluate(4.0)[0], e)
+    step = 1e-6
+    exact = (_closed_form(10.0, 0.8 + step, 4.0)[1] - _closed_form(10.0, 0.8 - step, 4.0)[1]) / (2 * step)
+    assert abs(float(grad) - exact) < 1e-6 * abs(exact)

@@ -121,6 +121,14 @@ class DenseSolution:
         end = self.starts[-1] + self.lengths[-1] if self.end_tau is None else self.end_tau
         return self.starts[0], end
 
+    def step_ends(self) -> list:
+        """The internal times at which the accepted steps end (the last one cut at an event that ended the
+        solution inside it)."""
+        ends = [s + h for s, h in zip(self.starts, self.lengths)]
+        if self.end_tau is not None and ends:
+            ends[-1] = self.end_tau
+        return ends
+
     def truncate(self, count: int) -> None:
         """Keep the first ``count`` steps; the solution then ends where step ``count`` began."""
         if count >= len(self.starts):
@@ -158,3 +166,30 @@ class DenseSolution:
         theta = (tau - self.starts[i]) / self.lengths[i]
         # theta = (tau - tau_i) / h_i and tau = direction * t: dy/dt = direction * (dp/dtheta) / h_i
         return horner_derivative(self.coefficients[i], theta) * (self.direction / self.lengths[i])
+
+
+class PiecewiseDense:
+    """The dense output of a solve whose state jumps (events with an ``affect``): one :class:`DenseSolution` per
+    stretch between jumps, in time order. Right-continuous: at a jump time, the stretch that starts there (the
+    state after the jump)."""
+
+    def __init__(self, pieces: list):
+        self.pieces = pieces
+        self.direction = pieces[0].direction
+
+    def _piece(self, t: float) -> DenseSolution:
+        tau = self.direction * t
+        lo, hi = self.pieces[0].span[0], self.pieces[-1].span[1]
+        if not (lo <= tau <= hi):
+            a, b = sorted((self.direction * lo, self.direction * hi))
+            raise ValueError(f"t={t} lies outside the solved span [{a}, {b}]; dense output does not extrapolate")
+        return next(piece for piece in reversed(self.pieces) if piece.span[0] <= tau)
+
+    def evaluate_one(self, t: float) -> torch.Tensor:
+        return self._piece(t).evaluate_one(t)
+
+    def derivative_one(self, t: float) -> torch.Tensor:
+        return self._piece(t).derivative_one(t)
+
+    def step_ends(self) -> list:
+        return [end for piece in self.pieces for end in piece.step_ends()]

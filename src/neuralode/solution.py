@@ -19,7 +19,7 @@ class Solution:
     ts : Tensor, shape (T,)
         The output times reached (all of ``t`` unless an event stopped the solve or it failed with
         ``throw=False``).
-    ys : Tensor, shape (T, *y0.shape), or tuple of such for tuple states
+    ys : Tensor, shape (T, *y0.shape), or y0's tuple or PyTree of such tensors
         The solution at ``ts``.
     stats : dict
         ``nfe`` (vector-field evaluations), ``n_steps`` (attempted), ``n_accepted``, ``n_rejected``;
@@ -70,7 +70,8 @@ class Solution:
     def evaluate(self, t) -> object:
         """Dense output at ``t`` (a float, or a tensor of any shape) anywhere in the solved span.
 
-        Returns shape ``(*t.shape, *y0.shape)`` (a tuple for tuple states). Needs ``solve(..., dense=True)``.
+        Returns shape ``(*t.shape, *y0.shape)`` (in y0's structure for tuple and PyTree states). Needs
+        ``solve(..., dense=True)``.
         At a step boundary the stored step value is returned exactly. A ``t`` that requires grad gets the
         gradient ``dL/dy . dy/dt`` with ``dy/dt`` the interpolant's slope (:meth:`derivative`); the solution's
         own gradients (to ``y0`` and the parameters) flow as for any output.
@@ -126,8 +127,4 @@ class Solution:
         """Ends of the accepted steps (with ``dense=True``), shape (n_accepted,)."""
         if self._dense is None:
             raise ValueError("step times are recorded with solve(..., dense=True)")
-        d = self._dense
-        ends = [s + h for s, h in zip(d.starts, d.lengths)]
-        if d.end_tau is not None and ends:
-            ends[-1] = d.end_tau  # an event ended the solution inside the last step
-        return torch.tensor([d.direction * e for e in ends], dtype=torch.float64)
+        return torch.tensor([self._dense.direction * e for e in self._dense.step_ends()], dtype=torch.float64)

@@ -18,6 +18,7 @@ from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdj
 from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
+from .interpolation import PiecewiseDense
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_fixed_step_given,
                       check_method, check_options,
                       check_tolerances_usable, make_control, time_list)
@@ -178,11 +179,8 @@ def _solve_with_jumps(func, y0, t, spec, rtol, atol, options, strategy, dense, t
     the state jumps to ``affect(t_e, y_e)`` and the next segment starts there, at the event time, with the output
     times still to come. Each segment is a whole solve (its own first step and gradient strategy), linked to the
     previous one by the event time and state, which carry gradients (:func:`reroute_event_gradient`, and the start
-    time's gradient of a solve), so every strategy differentiates through the jumps."""
-    if dense:
-        raise ValueError("dense=True is not supported with events that have an affect yet: the dense output would "
-                         "be piecewise; solve each stretch between the jumps with dense=True, or ask for more "
-                         "output times")
+    time's gradient of a solve), so every strategy differentiates through the jumps. Dense output is piecewise,
+    right-continuous at the jumps."""
     if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() < 2:
         raise ValueError("with events that have an affect, t must be a 1-D tensor of at least two times (the "
                          "solve runs from t[0] to t[-1], jumping at each occurrence)")
@@ -197,7 +195,7 @@ def _solve_with_jumps(func, y0, t, spec, rtol, atol, options, strategy, dense, t
         used = sum(segment.stats["n_steps"] for segment in segments)
         segment_options = {**options, "max_num_steps": max(budget - used, 1)} if controller is None else options
         times = torch.cat([t_start.reshape(1).to(t.dtype), remaining])
-        solution = _solve(func, y_start, times, spec, rtol, atol, segment_options, strategy, None, 0, False, throw,
+        solution = _solve(func, y_start, times, spec, rtol, atol, segment_options, strategy, None, 0, dense, throw,
                           until_event=False, compile=compile, events=segment_events, controller=controller,
                           start_at_root=start_at_root)
         segments.append(solution)
@@ -229,7 +227,8 @@ def _solve_with_jumps(func, y0, t, spec, rtol, atol, options, strategy, dense, t
         return solution
     return dataclasses.replace(solution, ts=torch.cat(output_times),
                                ys=pytree.tree_map(lambda *parts: torch.cat(parts), *outputs),
-                               stats=_SegmentStats(segment.stats for segment in segments), events=records)
+                               stats=_SegmentStats(segment.stats for segment in segments), events=records,
+                               _dense=PiecewiseDense([segment._dense for segment in segments]) if dense else None)
 
 
 def _apply_affect(event, event_t, event_y):

@@ -390,3 +390,35 @@ def test_a_non_finite_step_at_min_step_fails_at_once(per_sample):
     assert int(torch.as_tensor(solution.stats["n_steps"]).max()) < 300
     with pytest.raises(neuralode.NonFiniteError, match="cannot shrink: lower min_step"):
         neuralode.solve(stiff, y0, t, method="dopri5", rtol=1e-6, atol=1e-6, per_sample=per_sample, options=options)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_force_min_step_false_fails_where_a_step_at_min_step_misses_the_tolerance(per_sample):
+    """diffrax's force_dtmin=False (SciML's dtmin): a step at min_step is judged like any other, and its rejection
+    fails the solve, where the default accepts it whatever its error."""
+    def vdp(t, y, mu=1000.0):
+        return torch.stack([y[..., 1], mu * (1 - y[..., 0] ** 2) * y[..., 1] - y[..., 0]], -1)
+
+    y0 = torch.tensor([[2.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    kwargs = dict(rtol=1e-6, atol=1e-6, per_sample=per_sample)
+    forced = neuralode.solve(vdp, y0, t, options={"min_step": 1e-3}, **kwargs)
+    assert forced.success     # (the default: the steps at min_step were accepted, over the tolerance)
+    options = {"min_step": 1e-3, "force_min_step": False}
+    who = "a step of sample 0" if per_sample else "a step"
+    with pytest.raises(neuralode.StepSizeUnderflowError, match=rf"{who} at min_step=0.001 missed the tolerance at "
+                                                               r"t=0.0 \(force_min_step=False"):
+        neuralode.solve(vdp, y0, t, options=options, **kwargs)
+    failed = neuralode.solve(vdp, y0, t, options=options, throw=False, **kwargs)
+    assert failed.status == "step_size_underflow"
+    # a min_step the steps never reach changes nothing; the same setting on a controller object
+    gentle = lambda t, y: vdp(t, y, mu=1.0)  # noqa: E731
+    free = neuralode.solve(gentle, y0, t, **kwargs)
+    floored = neuralode.solve(gentle, y0, t, options={"min_step": 1e-6, "force_min_step": False}, **kwargs)
+    assert torch.equal(floored.ys, free.ys)
+    if not per_sample:
+        assert floored.stats == free.stats
+        controller = neuralode.IntegralController(min_step=1e-6, force_min_step=False)
+        assert neuralode.solve(gentle, y0, t, controller=controller, rtol=1e-6, atol=1e-6).stats == free.stats
+    with pytest.raises(TypeError, match=r"'force_min_step' must be True or False, got 'no'"):
+        neuralode.solve(gentle, y0, t, options={"force_min_step": "no"})

@@ -163,7 +163,12 @@ class AdaptiveController:
         Safety factor, largest growth and largest shrink factor per step.
     min_step, max_step : float
         Bounds on the step length. A step at or below ``min_step`` is accepted whatever its error
-        (torchdiffeq's semantics), so ``min_step > 0`` trades accuracy for a bounded cost.
+        (torchdiffeq's semantics, diffrax's ``force_dtmin=True``), so ``min_step > 0`` trades accuracy for a
+        bounded cost.
+    force_min_step : bool
+        ``True`` (default): as above. ``False``: a step at ``min_step`` is judged like any other, and its rejection
+        fails the solve with ``StepSizeUnderflowError`` (diffrax's ``force_dtmin=False``, SciML's ``dtmin``): the
+        tolerance is never traded away silently.
     first_step : float or None
         Initial step; ``None`` uses :func:`initial_step`.
     max_num_steps : int
@@ -181,6 +186,7 @@ class AdaptiveController:
     pcoeff: float = 0.0
     icoeff: float = 1.0
     dcoeff: float = 0.0
+    force_min_step: bool = True
 
     adaptive = True
 
@@ -204,6 +210,8 @@ class AdaptiveController:
         if self.ifactor < 1 or not 0 < self.dfactor <= 1:
             raise ValueError(f"the controller needs ifactor >= 1 and dfactor <= 1 (and > 0), got ifactor={self.ifactor}, "
                              f"dfactor={self.dfactor}")
+        if not isinstance(self.force_min_step, bool):
+            raise TypeError(f"controller setting 'force_min_step' must be True or False, got {self.force_min_step!r}")
         if self.min_step < 0 or self.max_step <= 0 or self.min_step > self.max_step:
             raise ValueError(f"the controller needs 0 <= min_step <= max_step and max_step > 0, got "
                              f"min_step={self.min_step}, max_step={self.max_step}")
@@ -418,13 +426,15 @@ class FixedGrid:
 @dataclass(slots=True)
 class Proposal:
     """A step the controller proposes from ``tau`` (internal time): to ``tau1``, of length ``h = tau1 - tau``.
-    ``pinned``: held at ``min_step`` (accepted whatever its error); ``unclipped``: the controller's length
-    before it was shortened to land on a stop (carried across a state jump)."""
+    ``pinned``: held at ``min_step`` and accepted whatever its error (``force_min_step``); ``at_floor``: at
+    ``min_step``, so it cannot shrink; ``unclipped``: the controller's length before it was shortened to land on a
+    stop (carried across a state jump)."""
 
     tau1: float
     h: float
     pinned: bool = False
     unclipped: float = 0.0
+    at_floor: bool = False
 
 
 class AdaptiveStepping:
@@ -447,18 +457,19 @@ class AdaptiveStepping:
         h = min(max(self.h, control.min_step), control.max_step)
         # A step held at min_step is accepted whatever its error, also when clipping to a stop makes it an ulp
         # longer or shorter.
-        pinned = h <= control.min_step
+        at_floor = h <= control.min_step
+        pinned = at_floor and control.force_min_step
         stop = self.stops[self.stop_index]
         if tau + h >= stop:
-            return Proposal(stop, stop - tau, pinned, h)
+            return Proposal(stop, stop - tau, pinned, h, at_floor)
         # The step is the time it advances, not the length asked for: at t = 1e12 a step of 2e-3 advances by a
         # multiple of 1.2e-4, and integrating over h while the time moved by fl(tau + h) - tau was 2.4% off.
         tau1 = tau + h
-        return Proposal(tau1, tau1 - tau, pinned, h)
+        return Proposal(tau1, tau1 - tau, pinned, h, at_floor)
 
     def cannot_shrink(self, proposal: Proposal) -> str | None:
         """Why a failed step cannot be retried smaller (``None``: it can)."""
-        return f"at min_step={self.controller.min_step:.3g}" if proposal.pinned else None
+        return f"at min_step={self.controller.min_step:.3g}" if proposal.at_floor else None
 
     def judge(self, proposal: Proposal, outcome) -> bool:
         control, h = self.controller, proposal.h

@@ -145,7 +145,8 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
                          and options.get("dense_error_control", True))
     rejected = False   # the last attempt was rejected (fixed grids accept every step)
     if (getattr(stepper, "run_loop", None) is not None and isinstance(stepping, AdaptiveStepping)
-            and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)):
+            and not (events or until_event or record_dense or on_accept or callbacks or state_jumps)
+            and (stepping.controller.force_min_step or not stepping.controller.min_step)):
         steps_before = stats["n_steps"]
         tau, y = _compiled_loop(stepper, stepping, derivative, outputs, error_norm, stats, tau, y, tau_end, direction)
         # The compiled loop's integral controller shrinks a step only on a rejection: a step it hands over below the
@@ -184,10 +185,14 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         rejected = not accepted
         if not accepted:
             stats["n_rejected"] += 1
-            if proposal.pinned and stepping.non_finite:
+            if proposal.at_floor and stepping.non_finite:
                 # A step at min_step cannot shrink: retrying it would give the same NaN until max_num_steps.
                 raise_or_record(result, NonFiniteError(pinned_non_finite_message(t0, stepping.controller.min_step),
                                                        t=t0), throw)
+                break
+            if proposal.at_floor:   # (force_min_step=False: a step at min_step was judged, and failed)
+                raise_or_record(result, StepSizeUnderflowError(min_step_failed_message(
+                    t0, stepping.controller.min_step), t=t0), throw)
                 break
             if stepping.over_budget(stats["n_steps"], until_event):
                 raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event, error_norm,
@@ -744,6 +749,13 @@ def _stiffness_hint(stepper, field, t: float, y: torch.Tensor, h: float) -> str:
     return (f". The problem looks stiff here: the step {abs(h):.3g} times the dominant eigenvalue |lambda| ~ "
             f"{rho:.3g} of df/dy is {abs(h) * rho:.2g}, at the stability limit of an explicit method; try "
             "method='kvaerno5', 'radau5' or 'auto'")
+
+
+def min_step_failed_message(t: float, min_step: float, sample: int | None = None) -> str:
+    who = "a step" if sample is None else f"a step of sample {sample}"
+    return (f"{who} at min_step={min_step:.3g} missed the tolerance at t={t} (force_min_step=False: such a step fails "
+            "rather than being accepted); lower min_step, loosen rtol/atol, or set force_min_step=True to accept "
+            "steps at min_step whatever their error")
 
 
 def pinned_non_finite_message(t: float, min_step: float, sample: int | None = None) -> str:

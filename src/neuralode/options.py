@@ -143,12 +143,14 @@ def make_control(spec, options, problem, field_func, user_y0):
                             " ('seminorm' is an adjoint option: pass it in adjoint_options or Adjoint(...))")
         check_tolerances_usable(problem)
         min_step = _float_option(options, "min_step", 0.0, minimum=0.0)
+        force_min_step = options.get("force_min_step", True)
         max_step = _float_option(options, "max_step", math.inf, positive=True)
         if min_step > max_step:
             raise ValueError(f"option 'min_step'={min_step} exceeds 'max_step'={max_step}")
         # (AdaptiveController checks the values: factors, safety, PID coefficients.)
         return AdaptiveController(
             kind=kind, safety=safety, ifactor=ifactor, dfactor=dfactor, min_step=min_step, max_step=max_step,
+            force_min_step=force_min_step,
             first_step=_float_option(options, "first_step", None, positive=True), max_num_steps=max_num_steps,
             **coefficients)
     step = options.get("step_size")
@@ -207,7 +209,8 @@ def check_tolerances_usable(problem) -> None:
 
 
 # Options that configure step-size control; with a controller object they belong to the object.
-CONTROLLER_OPTIONS = frozenset({"controller", "safety", "ifactor", "dfactor", "min_step", "max_step", "first_step",
+CONTROLLER_OPTIONS = frozenset({"controller", "safety", "ifactor", "dfactor", "min_step", "force_min_step", "max_step",
+                                "first_step",
                                 "max_num_steps", "pcoeff", "icoeff", "dcoeff"})
 
 

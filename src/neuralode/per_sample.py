@@ -30,7 +30,7 @@ import torch
 
 from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, Status, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
-from .integrate import pinned_non_finite_message
+from .integrate import min_step_failed_message, pinned_non_finite_message
 from .problem import COMPUTE_DTYPE, TENSOR, VectorField, _check_tolerance, check_derivative, warn_below_resolution
 
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
@@ -261,8 +261,10 @@ def _fixed_step_counts(tau0, tau_end, step):
 def _sample_failure(sample, underflow, t_fail, y, y0, non_finite_last, max_num_steps, stuck_at=None):
     """The SolverError of one sample whose step shrank to nothing (``underflow``), that met NaN at ``min_step``
     (``stuck_at``: the min_step), or that ran out of steps."""
-    if stuck_at is not None:
+    if stuck_at is not None and non_finite_last:
         return NonFiniteError(pinned_non_finite_message(t_fail, stuck_at, sample), t=t_fail)
+    if stuck_at is not None:   # (force_min_step=False)
+        return StepSizeUnderflowError(min_step_failed_message(t_fail, stuck_at, sample), t=t_fail)
     magnitude, initial = float(y.detach().abs().max()), float(y0.detach().abs().max())
     if underflow and magnitude > _DIVERGENCE_GROWTH * max(1.0, initial):
         return NonFiniteError(
@@ -333,7 +335,7 @@ def _summary(new_outputs, done_next, underflow, over_budget, non_finite) -> torc
     return torch.stack([new_outputs.max(), (~done_next).sum(), underflow.sum(), over_budget.sum(), non_finite.sum()])
 
 
-def judge_adaptive_step(control, y1, error_ratio, error_order, h, pinned, previous, older, active, underflow, tau,
+def judge_adaptive_step(control, y1, error_ratio, error_order, h, at_floor, previous, older, active, underflow, tau,
                         tau1, taus, next_out, tau_end, retired, n_steps, max_num_steps):
     """The verdict on one adaptive per-sample step, every quantity of shape ``(batch,)``: accept or reject (a step
     whose result is not finite is rejected whatever the norm says, as in the joint loop), the next step size and
@@ -342,17 +344,21 @@ def judge_adaptive_step(control, y1, error_ratio, error_order, h, pinned, previo
     code without a host read: ``compile=True`` runs it as one compiled function (solvers/compiled.py).
 
     ``n_steps`` counts the steps before this one; ``underflow``: the samples whose step collapsed before it was
-    taken. Returns ``(finite, non_finite, stuck, accept, accepted, h_next, previous, older, tau_next, new_outputs,
-    done_next, over_budget, underflow, summary)``.
+    taken; ``at_floor``: whose step is at ``min_step`` (accepted whatever its error, or with ``force_min_step=False``
+    judged, and the sample fails if it is rejected). Returns ``(finite, non_finite, stuck, accept, accepted, h_next,
+    previous, older, tau_next, new_outputs, done_next, over_budget, underflow, summary)``.
     """
     ratio = error_ratio.to(torch.float64)
     ratio = torch.where(_finite_rows(y1), ratio, torch.full_like(ratio, math.nan))
     finite = torch.isfinite(ratio)
     non_finite = active & ~finite
-    stuck = non_finite & pinned        # at min_step: it cannot shrink, and retrying gives the same NaN
+    stuck = non_finite & at_floor      # at min_step: it cannot shrink, and retrying gives the same NaN
+    pinned = at_floor if control.force_min_step else torch.zeros_like(at_floor)
     # (the history is updated by the loop, for the active samples only)
     accept, h_next, remembered, remembered_older = control.adapt_on_device(h, ratio, error_order, previous, older,
                                                                            pinned)
+    if not control.force_min_step:
+        stuck = stuck | (active & at_floor & ~accept)   # judged at min_step and rejected: the sample fails
     accepted = active & accept
     tau_next = torch.where(accepted, tau1, tau)
     new_outputs = _outputs_passed(taus, tau1, next_out, accepted)
@@ -451,7 +457,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         active = ~done
         if adaptive:
             h = h.clamp(min=control.min_step, max=control.max_step)
-            pinned = h <= control.min_step
+            at_floor = h <= control.min_step
             stop = tau_end if jump is None else taus.gather(1, next_out.clamp_max(n - 1).unsqueeze(1)).squeeze(1)
             reaches_stop = tau + h >= stop
             tau1 = torch.where(reaches_stop, stop, tau + h)
@@ -471,7 +477,7 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
         if adaptive:
             (finite, non_finite, stuck, accept, accepted, h_next, remembered, remembered_older, tau_next,
              new_outputs, done_next, over_budget, underflow, summary) = judge(
-                control, y1.detach(), outcome.error_ratio, outcome.error_order, h, pinned, previous, older, active,
+                control, y1.detach(), outcome.error_ratio, outcome.error_order, h, at_floor, previous, older, active,
                 underflow, tau, tau1, taus, next_out, tau_end, retired, counts["n_steps"], max_num_steps)
         else:
             # A fixed grid accepts every finite step. A sample whose step is not finite stops there (it counts as
@@ -530,7 +536,8 @@ def integrate_per_sample(field, stepper, control, y0, f0, taus, direction, norm,
             for sample in (underflow | over_budget).nonzero()[:, 0].tolist():
                 _fail(failures, sample, throw, _sample_failure(
                     sample, bool(underflow[sample]), direction * float(tau[sample]), y[sample], y0[sample],
-                    bool(non_finite_last[sample]), max_num_steps,
+                    # (a sample stuck at min_step: whether this attempt, not the one before, was not finite)
+                    bool((non_finite if adaptive and stuck[sample] else non_finite_last)[sample]), max_num_steps,
                     control.min_step if adaptive and stuck[sample] else None))
             retired = retired | underflow | over_budget
             done_next = done_next | retired

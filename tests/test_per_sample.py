@@ -272,7 +272,7 @@ def test_non_finite_field_values_are_reported_as_such():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"y0": (torch.ones(2, 1),)}, TypeError, "tuple states"),
+    ({"y0": (torch.ones(2, 1),)}, TypeError, "tuple and PyTree states"),
     ({"y0": torch.ones(0, 2)}, ValueError, r"y0 holds no sample \(shape \(0, 2\)\).*per_sample=False"),
     ({"t": torch.zeros(3, 2)}, ValueError, r"shape \(n,\) or \(batch, n\)"),
     ({"t": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, ValueError, "different directions"),

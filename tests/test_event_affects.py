@@ -76,27 +76,62 @@ def test_gradients_through_the_bounces_match_the_closed_form(gradient):
     assert abs(float(grads[1]) - exact_h) < 1e-6 * abs(exact_h)
 
 
-def test_restarts_do_not_fire_again_and_an_output_at_the_jump_gets_the_new_state():
-    t1 = math.sqrt(2 * 10.0 / G)
-    t = torch.tensor([0.0, t1, 4.0], dtype=F64)
+@pytest.mark.parametrize("before", [[], [1.0]], ids=["jump first", "an output before it"])
+def test_restarts_do_not_fire_again_and_an_output_at_the_jump_gets_the_new_state(before):
+    sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), torch.tensor([0.0, 5.0], dtype=F64),
+                          rtol=1e-12, atol=1e-12, events=[_bounce(0.8)])
+    jump = float(sol.events[0].t)   # the located time, so that an output time equals it exactly
+    t = torch.tensor([0.0, *before, jump, 4.0], dtype=F64)
     # both directions watched: a root located a rounding below the ground must not count as a rise after the bounce
     sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), t, rtol=1e-12, atol=1e-12,
                           events=[_bounce(0.8, direction=0)])
     assert [r.direction for r in sol.events] == [-1, -1]
-    assert abs(float(sol.events[0].t) - t1) < 1e-12
-    assert sol.ts.tolist() == t.tolist()
-    assert abs(float(sol.ys[1, 0])) < 1e-9 and abs(float(sol.ys[1, 1]) - 0.8 * G * t1) < 1e-9   # after the jump
+    assert sol.ts.tolist() == t.tolist()            # each output time once (the jump's was given twice before)
+    at_jump = sol.ys[len(before) + 1]
+    assert abs(float(at_jump[0])) < 1e-9 and abs(float(at_jump[1]) - 0.8 * G * jump) < 1e-9   # after the jump
 
 
-def test_a_zeno_point_is_an_error_and_the_step_budget_spans_the_jumps():
-    y0 = torch.tensor([10.0, 0.0], dtype=F64)
-    # e = 0.8: infinitely many bounces before t = t1 (1 + e) / (1 - e) = 12.85
-    with pytest.raises(neuralode.StepSizeUnderflowError, match=r"accumulate at t=12\.85.*Zeno point"):
-        neuralode.solve(_fall, y0, torch.tensor([0.0, 30.0], dtype=F64), rtol=1e-10, atol=1e-10,
-                        events=[_bounce(0.8)])
-    sol = neuralode.solve(_fall, y0, torch.linspace(0.0, 8.0, 9, dtype=F64), events=[_bounce(0.8)], throw=False,
-                          options={"max_num_steps": 8})
+def test_events_at_the_same_time_all_occur_and_a_recording_event_on_the_jumps_root_counts_once():
+    doses = [neuralode.Event(lambda t, y: t - 1.0, name="A", affect=lambda t, y: y + torch.tensor([1.0, 0.0])),
+             neuralode.Event(lambda t, y: t - 1.0, name="B", affect=lambda t, y: y + torch.tensor([0.0, 1.0]))]
+    sol = neuralode.solve(lambda t, y: -0.5 * y, torch.zeros(2, dtype=F64), torch.tensor([0.0, 3.0], dtype=F64),
+                          rtol=1e-10, atol=1e-10, events=doses)
+    assert [r.name for r in sol.events] == ["A", "B"]                 # both applied, in the order given
+    torch.testing.assert_close(sol.ys[-1], torch.full((2,), math.exp(-1.0), dtype=F64))
+    touch = neuralode.Event(lambda t, y: y[0], name="touch", terminal=2)
+    for events in ([_bounce(0.8), touch], [touch, _bounce(0.8)]):
+        sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), torch.tensor([0.0, 8.0], dtype=F64),
+                              rtol=1e-10, atol=1e-10, events=events)
+        touches = [(round(float(r.t), 4), r.direction) for r in sol.events if r.name == "touch"]
+        assert touches == [(1.4278, -1), (3.7124, -1)]               # once per bounce, downwards
+        assert sol.status == "event" and abs(float(sol.event_t) - 3.7124) < 1e-4   # its second occurrence
+
+
+@pytest.mark.parametrize("restitution, rtol", [(0.8, 1e-10), (0.8, 1e-7), (0.1, 1e-7), (1e-3, 1e-4)])
+def test_a_zeno_point_is_an_error_not_a_fall_through_the_floor(restitution, rtol):
+    """Infinitely many bounces before t = t1 (1 + e) / (1 - e). A hop shorter than the first step's sample spacing
+    must still be found: the ball fell through the floor with success before (h(20) = -250.7 at e = 0.8, rtol 1e-7:
+    after a jump the height started at 0, so its return below 0 in the first step was no crossing)."""
+    y0, t = torch.tensor([10.0, 0.0], dtype=F64), torch.tensor([0.0, 30.0], dtype=F64)
+    zeno = math.sqrt(2 * 10.0 / G) * (1 + restitution) / (1 - restitution)
+    kwargs = dict(rtol=rtol, atol=rtol, events=[_bounce(restitution)])
+    with pytest.raises(neuralode.StepSizeUnderflowError, match=r"accumulate at t=.*Zeno point"):
+        neuralode.solve(_fall, y0, t, **kwargs)
+    sol = neuralode.solve(_fall, y0, t, throw=False, **kwargs)
+    assert sol.status == "step_size_underflow" and sol.event_t is None
+    assert abs(float(sol.events[-1].t) - zeno) < 1e-3 * zeno
+    assert float(sol.ys[:, 0].min()) > -1e-6       # never below the floor at the outputs reached
+
+
+def test_the_step_budget_spans_the_jumps_and_is_named_whole():
+    y0, t = torch.tensor([10.0, 0.0], dtype=F64), torch.linspace(0.0, 8.0, 9, dtype=F64)
+    sol = neuralode.solve(_fall, y0, t, events=[_bounce(0.8)], throw=False, options={"max_num_steps": 8})
     assert sol.status == "max_steps_reached" and sol.stats["n_steps"] == 8 and len(sol.events) >= 1
+    with pytest.raises(neuralode.MaxStepsError, match=r"max_num_steps=8, counted over all \d+ stretches"):
+        neuralode.solve(_fall, y0, t, events=[_bounce(0.8)], options={"max_num_steps": 8})
+    controller = neuralode.IntegralController(max_num_steps=8)
+    sol = neuralode.solve(_fall, y0, t, events=[_bounce(0.8)], throw=False, controller=controller)
+    assert sol.status == "max_steps_reached" and sol.stats["n_steps"] == 8
 
 
 def test_terminal_counts_recorded_events_and_pytree_states_across_the_jumps():
@@ -125,7 +160,8 @@ def test_an_affect_that_returns_the_wrong_state_is_named():
         return neuralode.solve(_fall, y0, t, events=[neuralode.Event(lambda t, y: y[0], name="ground",
                                                                      affect=affect)], **kwargs)
 
-    with pytest.raises(ValueError, match=r"affect of event 'ground' returned a tensor of shape \(\) .* state has \(2,\)"):
+    with pytest.raises(ValueError, match=r"affect of event 'ground' returned a tensor of shape \(\) .* state has "
+                                         r"\(2,\)"):
         solve_with(lambda t, y: y[0])
     with pytest.raises(ValueError, match=r"dtype torch.float32 where the state has \(2,\) and torch.float64"):
         solve_with(lambda t, y: y.float())
@@ -133,6 +169,35 @@ def test_an_affect_that_returns_the_wrong_state_is_named():
         solve_with(lambda t, y: (y,))
     with pytest.raises(TypeError, match=r"Event affect must be callable"):
         neuralode.Event(lambda t, y: y[0], affect=1.0)
+    with pytest.raises(TypeError, match=r"affect is called as affect\(t, y\).*does not take two arguments"):
+        neuralode.Event(lambda t, y: y[0], affect=lambda y: y)
+    with pytest.raises(ValueError, match=r"Event tol cannot be combined with an affect"):
+        neuralode.Event(lambda t, y: y[0], affect=lambda t, y: y, tol=1e-3)
+    with pytest.raises(neuralode.NonFiniteError, match=r"affect of event 'ground' returned NaN or infinite values"):
+        solve_with(lambda t, y: y * math.nan)
+    failed = solve_with(lambda t, y: y * math.nan, throw=False)
+    assert failed.status == "non_finite" and failed.ts.tolist() == [0.0]
+
+
+def test_an_affect_may_change_the_state_in_place_and_fixed_steps_restart_from_the_cubic_interpolant():
+    e = torch.tensor(0.8, dtype=F64, requires_grad=True)
+
+    def bounce_in_place(t, y):     # SciML's affect!: changes y (a copy of the solve's state) and returns None
+        y[1] = -e * y[1].clone()   # (autograd's rule: the product must not save the view it overwrites)
+
+    t = torch.tensor([0.0, 5.0], dtype=F64)
+    sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), t, rtol=1e-10, atol=1e-10,
+                          events=[neuralode.Event(lambda t, y: y[0], direction=-1, affect=bounce_in_place)])
+    (grad,) = torch.autograd.grad(sol.ys[-1, 0], e)
+    step = 1e-6
+    exact = (_closed_form(10.0, 0.8 + step, 5.0)[1] - _closed_form(10.0, 0.8 - step, 5.0)[1]) / (2 * step)
+    assert abs(float(sol.ys[-1, 0]) - _closed_form(10.0, 0.8, 5.0)[1]) < 1e-9
+    assert abs(float(grad) - exact) < 1e-6 * abs(exact)
+    # rk4 with fixed steps integrates the fall exactly; a jump restarts from the interpolant at the event, which is
+    # the cubic one (exact here) unless interp is given: the linear one left 7e-4 in the height
+    sol = neuralode.solve(_fall, torch.tensor([10.0, 0.0], dtype=F64), t, method="rk4",
+                          options={"step_size": 0.01}, events=[_bounce(0.8)])
+    assert abs(float(sol.ys[-1, 0]) - _closed_form(10.0, 0.8, 5.0)[1]) < 1e-9
 
 
 def test_dense_output_is_piecewise_and_right_continuous_at_the_jumps():

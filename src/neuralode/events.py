@@ -13,6 +13,7 @@ combined as ``min(g * sign(g(t0, y0)))`` (the element that fires first).
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 from typing import Callable
@@ -74,9 +75,8 @@ class Event:
     def __post_init__(self):
         if not callable(self.fn):
             raise TypeError(f"Event fn must be callable as fn(t, y), got {type(self.fn).__name__}")
-        if self.affect is not None and not callable(self.affect):
-            raise TypeError(f"Event affect must be callable as affect(t, y) -> new state, got "
-                            f"{type(self.affect).__name__}")
+        if self.affect is not None:
+            _check_affect(self.affect, self.tol)
         if self.direction not in (0, 1, -1) or isinstance(self.direction, bool):
             raise ValueError(f"Event direction must be 0, 1 or -1, got {self.direction!r}")
         terminal = self.terminal
@@ -98,6 +98,23 @@ class Event:
         if isinstance(self.terminal, bool):
             return 1 if self.terminal else None
         return int(self.terminal)
+
+
+def _check_affect(affect, tol) -> None:
+    if not callable(affect):
+        raise TypeError(f"Event affect must be callable as affect(t, y) -> new state, got {type(affect).__name__}")
+    target = affect.forward if isinstance(affect, torch.nn.Module) else affect
+    try:
+        inspect.signature(target).bind(None, None)
+    except TypeError:
+        raise TypeError("Event affect is called as affect(t, y) and returns the new state (or changes y in place "
+                        "and returns None); it does not take two arguments") from None
+    except ValueError:   # a signature that cannot be read (a builtin)
+        pass
+    if tol is not None:
+        raise ValueError("Event tol cannot be combined with an affect: the state jumps where the event is located, "
+                         "so it is located to rounding (a root located within tol would put the jump past it: a "
+                         "ball below the ground); leave tol=None")
 
 
 @dataclass(frozen=True)

@@ -50,9 +50,9 @@ class EventSpec:
     terminal: int | None = 1
     tol: float | None = None       # root tolerance in time (None: bisect to rounding)
     samples: int = 4               # sign checks inside each step (Event.samples)
-    # Elements that start at their root (a restart after an affect that left them there): their start value counts
-    # as 0, so that leaving the root is not a crossing (an occurrence already recorded).
-    start_at_root: torch.Tensor | None = None
+    # The value to start from instead of fn(t0, y0): a restart after a jump (jumps.py) gives the elements that the
+    # jump left at their root the sign they take just after it.
+    start_value: torch.Tensor | None = None
 
 
 @dataclass
@@ -75,6 +75,8 @@ class Integration:
     event_records: list = dataclass_field(default_factory=list)
     event_index: int | None = None   # which event stopped the solve
     event_signs: torch.Tensor | None = None   # its values' signs at the start of the firing step
+    # Every event that occurred at the terminal event's very time, the terminal one first: (index, signs before)
+    simultaneous: list = dataclass_field(default_factory=list)
 
 
 def _crossed(g0: torch.Tensor, g1: torch.Tensor, direction: int) -> torch.Tensor:
@@ -424,7 +426,7 @@ class _Events:
     def __init__(self, events, field, t0, y0, result):
         self.events, self.field, self.result = events, field, result
         self.values = [_event_value(event, field, t0, y0) for event in events]
-        self.values = [value if event.start_at_root is None else torch.where(event.start_at_root, 0.0, value)
+        self.values = [value if event.start_value is None else event.start_value
                        for event, value in zip(events, self.values)]
         for event, value in zip(events, self.values):
             if not bool(torch.isfinite(value).all()):
@@ -495,22 +497,30 @@ class _Events:
                                       bounds[j], bounds[j + 1])
                 occurrences.append((theta, k, values[j]))
             self.values[k] = values[-1]
+        stop_at, seen = None, []
         for theta, k, value0 in sorted(occurrences, key=lambda o: (o[0], o[1])):
+            if stop_at is not None and theta != stop_at:
+                break   # (occurrences at the terminal one's very time are recorded with it: they are not after it)
             t_event = direction * (step.tau + theta * step.h)
             y_event = step.y1 if theta == 1.0 else horner(step.coefficients(), theta)
             value = _event_value(self.events[k], field, t_event, y_event)
             rising = bool(((value0 < 0) & (value >= 0)).any())
             self.result.event_records.append((t_event, y_event.detach(), k, 1 if rising else -1))
             self.counts[k] += 1
-            if self.events[k].terminal is not None and self.counts[k] >= self.events[k].terminal:
+            seen.append((theta, k, torch.sign(value0)))
+            if stop_at is None and self.events[k].terminal is not None and self.counts[k] >= self.events[k].terminal:
+                stop_at = theta
                 result = self.result
                 self.reached = step.tau + theta * step.h
                 result.event_t, result.event_y, result.event_index = t_event, y_event, k
                 result.event_signs = torch.sign(value0)
                 result.final_t, result.final_y = t_event, y_event
                 result.status, result.message = Status.EVENT, "A terminal event occurred."
-                return True
-        return False
+        if stop_at is not None:
+            # every event that occurred at the terminal one's time, the terminal one first
+            here = [(k, signs) for theta, k, signs in seen if theta == stop_at]
+            self.result.simultaneous = sorted(here, key=lambda entry: entry[0] != self.result.event_index)
+        return stop_at is not None
 
 
 def _collapse_error(stepping, proposal, stepper, problem, t, y) -> Exception:

@@ -52,7 +52,8 @@ class Solution:
     _dense: object = field(default=None, repr=False)
     _unflatten: object = field(default=None, repr=False)
     _dtype: torch.dtype | None = field(default=None, repr=False)  # the user's dtype, if the loop's differs
-    _event_signs: torch.Tensor | None = field(default=None, repr=False)  # the firing event's signs before it fired
+    # the events that occurred at the terminal event's time, (index, their signs before), the terminal one first
+    _simultaneous: list = field(default_factory=list, repr=False)
 
     @property
     def success(self) -> bool:

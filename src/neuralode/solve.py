@@ -10,7 +10,7 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 
-from ._errors import Status, StepSizeUnderflowError
+from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import AdaptiveController, FixedGrid
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
@@ -18,11 +18,11 @@ from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdj
 from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
 from .events import Event, EventRecord, reroute_event_gradient
 from .integrate import EventSpec
-from .interpolation import PiecewiseDense
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_fixed_step_given,
                       check_method, check_options,
                       check_tolerances_usable, make_control, time_list)
-from .problem import FieldWithArgs, below_time_resolution, check_other_tolerance, make_problem, warn_time_rounding
+from .jumps import solve_with_jumps
+from .problem import FieldWithArgs, check_other_tolerance, make_problem, warn_time_rounding
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
 from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field, per_sample_first_steps
@@ -168,154 +168,18 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
                              "(per_sample=False) for these")
         return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller, compile)
     if any(event.affect is not None for event in events):
-        return _solve_with_jumps(func, y0, t, spec, rtol, atol, options, strategy, dense, throw, compile,
-                                 tuple(events), controller)
+        def solve_stretch(y_start, times, stretch_events, start_values, stretch_options, stretch_controller):
+            return _solve(func, y_start, times, spec, rtol, atol, stretch_options, strategy, None, 0, dense, throw,
+                          until_event=False, compile=compile, events=stretch_events, controller=stretch_controller,
+                          start_values=start_values)
+        return solve_with_jumps(solve_stretch, func, y0, t, tuple(events), adaptive=spec.adaptive, options=options,
+                                controller=controller, dense=dense, throw=throw)
     return _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw,
                   until_event=False, compile=compile, events=tuple(events), controller=controller)
 
 
-def _solve_with_jumps(func, y0, t, spec, rtol, atol, options, strategy, dense, throw, compile, events, controller):
-    """Events with an ``affect``: the solve runs in segments, each until the next occurrence of an affecting event;
-    the state jumps to ``affect(t_e, y_e)`` and the next segment starts there, at the event time, with the output
-    times still to come. Each segment is a whole solve (its own first step and gradient strategy), linked to the
-    previous one by the event time and state, which carry gradients (:func:`reroute_event_gradient`, and the start
-    time's gradient of a solve), so every strategy differentiates through the jumps. Dense output is piecewise,
-    right-continuous at the jumps."""
-    if not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() < 2:
-        raise ValueError("with events that have an affect, t must be a 1-D tensor of at least two times (the "
-                         "solve runs from t[0] to t[-1], jumping at each occurrence)")
-    direction = 1 if float(t[-1]) > float(t[0]) else -1
-    budget = options.get("max_num_steps", controller.max_num_steps if controller is not None else 100_000)
-    counts, records, segments, outputs, output_times = [0] * len(events), [], [], [], []
-    t_start, y_start, remaining, start_at_root, keep_first = t[:1], y0, t[1:], None, True
-    while True:
-        segment_events = tuple(dataclasses.replace(e, terminal=1 if e.affect is not None else
-                                                   (e.stop_after - counts[k] if e.stop_after else False))
-                               for k, e in enumerate(events))
-        used = sum(segment.stats["n_steps"] for segment in segments)
-        segment_options = {**options, "max_num_steps": max(budget - used, 1)} if controller is None else options
-        times = torch.cat([t_start.reshape(1).to(t.dtype), remaining])
-        solution = _solve(func, y_start, times, spec, rtol, atol, segment_options, strategy, None, 0, dense, throw,
-                          until_event=False, compile=compile, events=segment_events, controller=controller,
-                          start_at_root=start_at_root)
-        segments.append(solution)
-        reached = solution.ts.shape[0]
-        # a later segment's first time is the jump's; it is an output only where an output time equals it
-        first = 0 if keep_first else 1
-        outputs.append(pytree.tree_map(lambda ys: ys[first:reached], solution.ys))
-        output_times.append(solution.ts if len(segments) == 1 else torch.cat([kept_time, times[1:reached]]))
-        for record in solution.events:
-            counts[record.index] += 1
-            records.append(record)
-        fired = solution.events[-1].index if solution.status == Status.EVENT else None
-        if fired is None or events[fired].affect is None or counts[fired] == events[fired].stop_after:
-            break
-        event_t = solution.event_t
-        start, end = float(t_start.detach()), float(event_t.detach())
-        if below_time_resolution(abs(start), abs(end - start)) and segments[1:]:
-            raise StepSizeUnderflowError(
-                f"the events with an affect accumulate at t={end}: {len(segments)} jumps, the last two "
-                "closer than the time's resolution (a Zeno point, as a ball that bounces forever before coming to "
-                "rest). Stop the solve there with a terminal event, or change the affect", t=end)
-        y_start = _apply_affect(events[fired], event_t, solution.event_y)
-        start_at_root = _left_at_root(events, fired, event_t, solution.event_y, y_start, solution._event_signs)
-        beyond = (remaining.detach() - event_t.detach()) * direction
-        keep_first = bool(remaining.numel()) and bool(beyond[0] == 0)
-        kept_time = remaining[:1] if keep_first else remaining[:0]
-        t_start, remaining = event_t, remaining[beyond > 0]
-    if len(segments) == 1:
-        return solution
-    return dataclasses.replace(solution, ts=torch.cat(output_times),
-                               ys=pytree.tree_map(lambda *parts: torch.cat(parts), *outputs),
-                               stats=_SegmentStats(segment.stats for segment in segments), events=records,
-                               _dense=PiecewiseDense([segment._dense for segment in segments]) if dense else None)
-
-
-def _apply_affect(event, event_t, event_y):
-    """``event.affect(t_e, y_e)``, checked: the state's structure, shapes and dtype."""
-    new = event.affect(event_t, event_y)
-    name = f" {event.name!r}" if event.name else ""
-    old_leaves, old_spec = pytree.tree_flatten(event_y)
-    try:
-        new_leaves = old_spec.flatten_up_to(new)
-    except (ValueError, TypeError):
-        new_leaves = None
-    if new_leaves is None or not all(isinstance(x, torch.Tensor) for x in new_leaves):
-        raise TypeError(f"the affect of event{name} returned {type(new).__name__}; it must return the new state in "
-                        "the state's structure (a tensor for a tensor state), e.g. affect=lambda t, y: y * scale")
-    for old, value in zip(old_leaves, new_leaves):
-        if value.shape != old.shape or value.dtype != old.dtype:
-            raise ValueError(f"the affect of event{name} returned a tensor of shape {tuple(value.shape)} and dtype "
-                             f"{value.dtype} where the state has {tuple(old.shape)} and {old.dtype}; return a new "
-                             "state of the state's shapes and dtype")
-    return pytree.tree_unflatten(list(new_leaves), old_spec)
-
-
-def _left_at_root(events, fired, event_t, event_y, y_new, signs_before) -> list:
-    """Start masks for the next segment: the elements of the fired event function that crossed and that the affect
-    left where they were (at their root, as a ball's height at a bounce). Their leaving the root is not a new
-    crossing: without this, a root located a rounding below 0 would fire again at once."""
-    fn = events[fired].fn
-    with torch.no_grad():
-        before = torch.as_tensor(fn(event_t.detach(), pytree.tree_map(torch.detach, event_y)))
-        after = torch.as_tensor(fn(event_t.detach(), pytree.tree_map(torch.detach, y_new)))
-    crossed = before == 0
-    if signs_before is not None and signs_before.shape == before.shape:
-        crossed = crossed | (torch.sign(before) != signs_before)
-    masks = [None] * len(events)
-    if after.shape == before.shape:
-        masks[fired] = crossed & (after == before)
-    return masks
-
-
-class _SegmentStats(dict):
-    """The statistics of a solve made of segments: each count summed over them, read when asked, since the
-    backward pass adds ``nfe_backward`` to each segment's own dict after the solve."""
-
-    def __init__(self, parts):
-        self._parts = list(parts)
-        super().__init__(self._merged())   # (what code reading the dict's storage directly, as json does, sees)
-
-    def _merged(self) -> dict:
-        merged = {}
-        for part in self._parts:
-            for key, value in part.items():
-                merged[key] = merged[key] + value if key in merged else value
-        return merged
-
-    def __getitem__(self, key):
-        return self._merged()[key]
-
-    def get(self, key, default=None):
-        return self._merged().get(key, default)
-
-    def __contains__(self, key):
-        return key in self._merged()
-
-    def __iter__(self):
-        return iter(self._merged())
-
-    def __len__(self):
-        return len(self._merged())
-
-    def keys(self):
-        return self._merged().keys()
-
-    def items(self):
-        return self._merged().items()
-
-    def values(self):
-        return self._merged().values()
-
-    def __eq__(self, other):
-        return self._merged() == other
-
-    def __repr__(self):
-        return repr(self._merged())
-
-
 def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_direction, dense, throw, until_event,
-           compile=False, events=(), controller=None, grid_is_t=False, start_at_root=None):
+           compile=False, events=(), controller=None, grid_is_t=False, start_values=None):
     """The solve behind every entry point. ``grid_is_t``: a fixed-step method without ``step_size`` steps between
     the output times (torchdiffeq's ``odeint`` rule; ``solve`` asks for a step size instead)."""
     # scipy_solver under direct calls the field without a graph: nothing of its result is differentiable (as in
@@ -347,8 +211,9 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     if event_fn is not None:
         events = (Event(event_fn, event_direction, terminal=True),)
-    start_at_root = start_at_root or [None] * len(events)
-    specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol, e.samples, mask) for e, mask in zip(events, start_at_root)]
+    start_values = start_values or [None] * len(events)
+    specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol, e.samples, start)
+             for e, start in zip(events, start_values)]
     callbacks = Callbacks.of(func)
     warn_unsupported(callbacks, spec.name, spec.callbacks)
     if graphless and torch.is_grad_enabled() and (_wants_gradient(func, y0) or t_wants_grad):
@@ -413,7 +278,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                     _dense=integration.dense,
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
                     _dtype=problem.field.user_dtype if problem.field.cast else None,
-                    _event_signs=integration.event_signs)
+                    _simultaneous=integration.simultaneous)
 
 
 def _refuse_vmap(y0) -> None:

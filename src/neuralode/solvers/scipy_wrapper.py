@@ -186,6 +186,9 @@ class _ScipyDense:
         self.lengths = [direction * (b - a) for a, b, _ in pieces]
         self.end_tau = None
 
+    def step_ends(self) -> list:
+        return [s + h for s, h in zip(self.starts, self.lengths)]
+
     def evaluate_one(self, t: float) -> torch.Tensor:
         for a, b, interpolant in self.pieces:
             if min(a, b) <= t <= max(a, b):

@@ -232,3 +232,31 @@ def test_args_with_a_module_keep_its_parameters_and_callbacks():
     with pytest.raises(TypeError, match=r"args= was given, so func is called as func\(t, y, args\), but it does not "
                                         r"take three arguments"):
         neuralode.solve(lambda t, y: -y, y0, t, args=1.0)
+
+
+def test_args_in_a_plain_object_get_gradients_and_structured_states_refuse_what_they_cannot_do():
+    import types
+
+    rate = torch.tensor(2.0, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    for gradient in ("adjoint", "checkpoint"):   # (a namespace is no PyTree: its tensors are found by attribute)
+        sol = neuralode.solve(lambda t, y, a: -a.rate * y, torch.ones(1, dtype=F64), t, gradient=gradient,
+                              args=types.SimpleNamespace(rate=rate), rtol=1e-10, atol=1e-10)
+        (grad,) = torch.autograd.grad(sol.ys[-1].sum(), rate)
+        assert abs(float(grad) + math.exp(-2.0)) < 1e-8, gradient
+    with pytest.raises(TypeError, match=r"func takes three arguments, as diffrax's f\(t, y, args\), but solve was "
+                                        r"given no args"):
+        neuralode.solve(lambda t, y, args: -y, torch.ones(1, dtype=F64), t)
+    calls = []
+
+    def grows(t, y):   # a key more from the second call on
+        calls.append(1)
+        return {"x": -y["x"]} if len(calls) == 1 else {"x": -y["x"], "extra": y["x"]}
+
+    with pytest.raises(TypeError, match=r"func returned \{'x': \*, 'extra': \*\} but y0 has the structure "
+                                        r"\{'x': \*\}; return the derivative in y0's structure at every call"):
+        neuralode.solve(grows, {"x": torch.ones(1, dtype=F64)}, t)
+    tree = {"x": torch.ones(4, 1, dtype=F64), "v": torch.zeros(4, 1, dtype=F64)}
+    with pytest.raises(ValueError, match=r"'jacobian': 'batched' needs one tensor state of shape \(batch, \.\.\.\)"):
+        neuralode.solve(lambda t, y: {"x": y["v"], "v": -y["x"]}, tree, t, method="rodas5p",
+                        options={"jacobian": "batched"})

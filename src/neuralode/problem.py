@@ -84,7 +84,12 @@ class StateStructure:
             return (value,)
         if self.kind == "tuple":
             return value
-        return self.spec.flatten_up_to(value)
+        try:
+            return self.spec.flatten_up_to(value)
+        except (ValueError, TypeError):   # (torch's message names neither structure)
+            raise TypeError(f"func returned {_describe_value(value)} but y0 has the structure {self.describe()}; "
+                            "return the derivative in y0's structure at every call (the same containers and keys, "
+                            "one tensor per state tensor)") from None
 
     def build(self, parts):
         if self.kind == "tensor":
@@ -497,11 +502,11 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
-def _takes_two_arguments(func) -> bool:
-    """Whether ``func(t, y)`` binds (True where the signature cannot be read)."""
+def _takes_two_arguments(func, count: int = 2) -> bool:
+    """Whether ``func(t, y)`` (``count`` arguments) binds (True where the signature cannot be read)."""
     target = func.forward if isinstance(func, torch.nn.Module) else func
     try:
-        inspect.signature(target).bind(None, None)
+        inspect.signature(target).bind(*([None] * count))
     except TypeError:
         return False
     except ValueError:
@@ -519,6 +524,9 @@ def _first_evaluation(func, field, flat_y0, parts, structure, t0):
     except TypeError as error:
         if _takes_two_arguments(func):
             raise
+        if _takes_two_arguments(func, count=3):
+            raise TypeError("func takes three arguments, as diffrax's f(t, y, args), but solve was given no args: pass "
+                            "solve(..., args=...) (args=None means no args), or drop the third argument") from error
         # torchdyn calls a field of the state alone (f(x)); here a field is always called f(t, y)
         name = type(func).__name__ if isinstance(func, torch.nn.Module) else getattr(func, "__name__", "func")
         raise TypeError(f"func is called as func(t, y), but {name} does not take two arguments ({error}); for a "

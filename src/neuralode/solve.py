@@ -193,6 +193,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)
+    if problem.shapes is not None and options.get("jacobian") == "batched":
+        raise ValueError("option 'jacobian': 'batched' needs one tensor state of shape (batch, ...): a tuple or PyTree "
+                         "state is flattened into one vector, which has no batch axis (its per-sample blocks would be "
+                         "single elements). Use 'dense' or 'krylov', or give the state as one tensor (batch, ...)")
     if not grid_is_t:
         check_fixed_step_given(spec, options)
     if not spec.adaptive:
@@ -436,13 +440,30 @@ def _differentiate_args(strategy, args, adjoint_params):
     diffrax differentiates its ``args``); explicit ``adjoint_params`` are kept as given."""
     if adjoint_params is not None or not hasattr(strategy, "params"):
         return strategy
-    found = []
-    for leaf in pytree.tree_leaves(args):
-        found += list(leaf.parameters()) if isinstance(leaf, torch.nn.Module) else [leaf]
     known = {id(p) for p in strategy.params}
-    extra = [x for x in found if isinstance(x, torch.Tensor) and x.requires_grad and id(x) not in known
-             and not known.add(id(x))]
+    extra = [x for x in _tensors_in(args) if x.requires_grad and id(x) not in known and not known.add(id(x))]
     return dataclasses.replace(strategy, params=(*strategy.params, *extra)) if extra else strategy
+
+
+def _tensors_in(value, depth: int = 4, seen=None) -> list:
+    """The tensors held by ``value``: a tensor, a PyTree (dicts, tuples, lists), a module's parameters and buffers, or
+    the attributes of a plain object or dataclass (``types.SimpleNamespace``, a config class), ``depth`` levels
+    down."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or depth < 0:
+        return []
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, torch.nn.Module):
+        return [*value.parameters(), *value.buffers()]
+    if isinstance(value, (dict, list, tuple)):
+        items = value.values() if isinstance(value, dict) else value
+        return [x for item in items for x in _tensors_in(item, depth - 1, seen)]
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict) and not isinstance(value, type):
+        return [x for item in attributes.values() for x in _tensors_in(item, depth - 1, seen)]
+    return []
 
 
 def _state_tensors(y0) -> list:

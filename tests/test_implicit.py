@@ -617,3 +617,66 @@ def test_adjoint_parameter_gradient_of_implicit_methods_under_the_seminorm(metho
     reference = gradient("dopri8", "direct", 1e-13)
     for strategy in (neuralode.Adjoint(), neuralode.Adjoint(interpolate=True), neuralode.Adjoint(seminorm=False)):
         assert abs(gradient(method, strategy, 1e-8) / reference - 1) < 1e-5, strategy
+
+
+def _robertson(t, y):
+    y1, y2, y3 = y.unbind(-1)
+    return torch.stack([-0.04 * y1 + 1e4 * y2 * y3, 0.04 * y1 - 1e4 * y2 * y3 - 3e7 * y2 ** 2, 3e7 * y2 ** 2], -1)
+
+
+def _robertson_jacobian(t, y):
+    y1, y2, y3 = y.unbind(-1)
+    zero = torch.zeros_like(y1)
+    rows = [torch.stack([-0.04 + zero, 1e4 * y3, 1e4 * y2], -1),
+            torch.stack([0.04 + zero, -1e4 * y3 - 6e7 * y2, -1e4 * y2], -1),
+            torch.stack([zero, 6e7 * y2, zero], -1)]
+    return torch.stack(rows, -2)   # (3, 3), or (batch, 3, 3) for a batch of states
+
+
+@pytest.mark.parametrize("method", ["rodas5p", "radau5", "kvaerno5", "auto"])
+def test_the_users_jacobian_is_used_and_gives_the_autograd_jacobians_steps(method):
+    """options={"jac": fn} (scipy's and SciML's jac): J from the user's function instead of autograd; an exact J
+    gives the same steps and values, with no evaluations of f spent on it."""
+    calls = []
+
+    def jac(t, y):
+        calls.append(1)
+        return _robertson_jacobian(t, y)
+
+    y0, t = torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0, 40.0], dtype=F64)
+    ours = neuralode.solve(_robertson, y0, t, method=method, rtol=1e-8, atol=1e-10)
+    given = neuralode.solve(_robertson, y0, t, method=method, rtol=1e-8, atol=1e-10, options={"jac": jac})
+    assert given.stats["n_steps"] == ours.stats["n_steps"] and given.stats["nfe"] < ours.stats["nfe"]
+    assert len(calls) == given.stats["n_jacobians"] > 0
+    torch.testing.assert_close(given.ys, ours.ys, rtol=1e-12, atol=1e-15)
+    if method == "rodas5p":   # per-sample blocks, jacobian="batched": (batch, 3, 3)
+        batch = torch.stack([y0, torch.tensor([0.9, 0.0, 0.1], dtype=F64)])
+        kwargs = dict(method=method, rtol=1e-8, atol=1e-10)
+        ours = neuralode.solve(_robertson, batch, t, options={"jacobian": "batched"}, **kwargs)
+        given = neuralode.solve(_robertson, batch, t, options={"jacobian": "batched", "jac": jac}, **kwargs)
+        assert given.stats["n_steps"] == ours.stats["n_steps"]
+        torch.testing.assert_close(given.ys, ours.ys, rtol=1e-12, atol=1e-15)
+
+
+def test_a_users_jacobian_is_differentiated_and_checked():
+    k = torch.tensor(0.04, dtype=F64, requires_grad=True)
+
+    def field(t, y):
+        return torch.stack([-k * y[0] + y[1], -50.0 * y[1] + k * y[0]])
+
+    def jac(t, y):   # depends on k: direct backpropagation through rodas5p's steps differentiates it
+        return torch.stack([torch.stack([-k, torch.ones_like(k)]), torch.stack([k, torch.full_like(k, -50.0)])])
+
+    y0, t = torch.tensor([1.0, 0.5], dtype=F64), torch.tensor([0.0, 2.0], dtype=F64)
+    grads = [torch.autograd.grad(neuralode.solve(field, y0, t, method="rodas5p", options=options).ys[-1].sum(), k)[0]
+             for options in (None, {"jac": jac})]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=0.0)
+    with pytest.raises(ValueError, match=r"option 'jac' returned shape \(3, 3\); with jacobian='dense' it must be "
+                                         r"\(2, 2\)"):
+        neuralode.solve(field, y0, t, method="rodas5p", options={"jac": lambda t, y: torch.zeros(3, 3, dtype=F64)})
+    with pytest.raises(ValueError, match=r"option 'jac' gives the Jacobian as a matrix, which jacobian='krylov'"):
+        neuralode.solve(field, y0, t, method="radau5", options={"jac": jac, "jacobian": "krylov"})
+    with pytest.raises(TypeError, match=r"option 'jac' must be callable"):
+        neuralode.solve(field, y0, t, method="kvaerno5", options={"jac": 1.0})
+    with pytest.raises(ValueError, match=r"option 'jac' means nothing for method 'tsit5'"):
+        neuralode.solve(field, y0, t, method="tsit5", options={"jac": jac})

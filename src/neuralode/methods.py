@@ -85,7 +85,7 @@ REGISTRY["scipy_solver"] = MethodSpec(
     "scipy.integrate.solve_ivp over the whole span (option 'solver': LSODA, RK45, RK23, DOP853, Radau, BDF)",
     whole_span=True)
 # --- implicit (stiff) methods: one stepper, Newton with Jacobians from autograd --------------------------
-IMPLICIT_OPTIONS = frozenset({"jacobian", "max_iters", "preconditioner"})
+IMPLICIT_OPTIONS = frozenset({"jacobian", "jac", "max_iters", "preconditioner"})
 
 
 def implicit_settings(options) -> dict:
@@ -103,6 +103,13 @@ def implicit_settings(options) -> dict:
         raise TypeError("option 'preconditioner' must be callable as preconditioner(v, c) ~ (I - c J)^{-1} v")
     if preconditioner is not None and mode != "krylov":
         raise ValueError("option 'preconditioner' applies to jacobian='krylov' only")
+    jac = options.get("jac")
+    if jac is not None and not callable(jac):
+        raise TypeError(f"option 'jac' must be callable as jac(t, y) -> the Jacobian df/dy, got {type(jac).__name__}")
+    if jac is not None and mode == "krylov":
+        raise ValueError("option 'jac' gives the Jacobian as a matrix, which jacobian='krylov' never forms: use "
+                         "jacobian='dense' (or 'batched'), or leave 'jac' out (Krylov takes Jacobian-vector "
+                         "products by autograd)")
     return {"jacobian": mode, "max_iters": max_iters, "preconditioner": preconditioner}
 
 
@@ -158,12 +165,12 @@ def _rosenbrock(name):
 
 
 REGISTRY["rodas5"] = MethodSpec(
-    "rodas5", True, _rosenbrock("rodas5"), ADAPTIVE_OPTIONS | {"jacobian", "preconditioner"},
+    "rodas5", True, _rosenbrock("rodas5"), ADAPTIVE_OPTIONS | {"jacobian", "jac", "preconditioner"},
     "Rosenbrock method of order 5(4), L-stable, stiffly accurate, with a 4th-order dense output "
     "(Di Marzo 1993; Hairer-Wanner IV.7): one Jacobian and one LU per step, no Newton iteration",
     default_controller="predictive")
 REGISTRY["rodas5p"] = MethodSpec(
-    "rodas5p", True, _rosenbrock("rodas5p"), ADAPTIVE_OPTIONS | {"jacobian", "preconditioner"},
+    "rodas5p", True, _rosenbrock("rodas5p"), ADAPTIVE_OPTIONS | {"jacobian", "jac", "preconditioner"},
     "Rosenbrock method of order 5(4) like rodas5, with Steinebach's coefficients (2023) that keep their order on "
     "very stiff problems (Prothero-Robinson) where rodas5's drops: the better choice for stiff problems",
     default_controller="predictive")

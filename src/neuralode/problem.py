@@ -176,6 +176,28 @@ class VectorField:
         self.nfe = 0
 
     compilable = True   # ``evaluate`` accepts a tensor time: a compiled step may inline it (solvers/compiled.py)
+    jac = None          # the user's Jacobian, options={"jac": fn} (read by solvers/linear.py and the compiled step)
+
+    def user_jacobian(self, t, y: torch.Tensor, mode: str) -> torch.Tensor:
+        """``jac(t, y)`` as the implicit and Rosenbrock steppers hold J: ``(n, n)`` over the flat state (``"dense"``)
+        or ``(batch, m, m)`` per sample (``"batched"``), in the loop's dtype. A dense J may also come shaped
+        ``(*y.shape, *y.shape)`` (row-major, as the flat state)."""
+        value = self.jac(self.time(t), self.callback_view(y))
+        n = y.numel()
+        if mode == "dense":
+            shapes = {(n, n), tuple(y.shape) * 2} if self.shapes is None else {(n, n)}
+            expected = f"({n}, {n})"
+        else:
+            m = y[0].numel() if y.ndim else 1
+            shapes, expected = {(y.shape[0], m, m)} if y.ndim else set(), f"(batch, {m}, {m})"
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"option 'jac' returned {type(value).__name__}; it must return the Jacobian df/dy as a "
+                            f"tensor of shape {expected}")
+        if tuple(value.shape) not in shapes:
+            structured = " over the flattened state (the tensors of y0 in order)" if self.shapes is not None else ""
+            raise ValueError(f"option 'jac' returned shape {tuple(value.shape)}; with jacobian={mode!r} it must be "
+                             f"{expected}{structured}, J[i, j] = d f_i / d y_j")
+        return value.reshape((n, n) if mode == "dense" else value.shape).to(y.dtype)
 
     def time(self, t) -> torch.Tensor:
         if isinstance(t, torch.Tensor):  # a stage time computed in float64 inside a compiled step

@@ -193,6 +193,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)
+    if options.get("jac") is not None:
+        problem.field.jac = options["jac"]
     if problem.shapes is not None and options.get("jacobian") == "batched":
         raise ValueError("option 'jacobian': 'batched' needs one tensor state of shape (batch, ...): a tuple or PyTree "
                          "state is flattened into one vector, which has no batch axis (its per-sample blocks would be "

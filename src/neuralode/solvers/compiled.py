@@ -509,7 +509,9 @@ def _new_linearize_kernel(name: str):
     def kernel(field, times, y0, batched, with_time):
         t0 = times[0]
         f = lambda y: field.evaluate(t0, y)  # noqa: E731
-        if batched:
+        if getattr(field, "jac", None) is not None:   # the user's Jacobian (options={"jac": fn}), inlined
+            jacobian = field.user_jacobian(t0, y0, "batched" if batched else "dense")
+        elif batched:
             # Tangent e_j in every sample at once gives column j of every block (samples are independent).
             m = y0[0].numel()
             # (a contiguous basis in the state's shape: a reshaped view of an expanded tensor inside vmap

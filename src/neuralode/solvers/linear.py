@@ -290,7 +290,10 @@ class Linearization:
 
 def jacobian(mode: str, func: Callable, t: float, y: torch.Tensor, counters: dict | None = None):
     """The Jacobian of ``func(t, .)`` at ``y`` in the representation ``mode`` uses (no graph); ``counters``: the
-    solver's statistics, where the Krylov mode counts its Jacobian-vector products (``n_jvp``)."""
+    solver's statistics, where the Krylov mode counts its Jacobian-vector products (``n_jvp``). A field with the
+    user's Jacobian (``options={"jac": fn}``) gives it instead."""
+    if getattr(func, "jac", None) is not None and mode in ("dense", "batched"):
+        return func.user_jacobian(t, y, mode)
     if mode == "dense":
         return dense_jacobian(func, t, y)
     if mode == "batched":

@@ -489,6 +489,9 @@ def _jacobian_with_graph(mode: str, func, t: float, y: torch.Tensor) -> torch.Te
     ``J`` keeps the graph of ``y`` (when ``y`` requires grad) and of the tensors ``func`` captures, so that
     backpropagation through the step sees ``dJ/dy0`` and ``dJ/dtheta`` (second derivatives of ``f``).
     """
+    if getattr(func, "jac", None) is not None:   # the user's J: differentiable as far as its own code is
+        with torch.enable_grad():
+            return func.user_jacobian(t, y, mode)
     make = dense_jacobian if mode == "dense" else batched_jacobian
     return make(func, t, y, create_graph=True)
 

@@ -226,3 +226,53 @@ def test_dense_output_is_piecewise_and_right_continuous_at_the_jumps():
     step = 1e-6
     exact = (_closed_form(10.0, 0.8 + step, 4.0)[1] - _closed_form(10.0, 0.8 - step, 4.0)[1]) / (2 * step)
     assert abs(float(grad) - exact) < 1e-6 * abs(exact)
+
+
+def test_a_ball_left_on_the_floor_by_its_affect_does_not_fall_through_it():
+    """An affect that puts the height at exactly 0 (a changed element, so not 'left where it was'), or leaves the
+    ball at rest (slope 0): both fell through the floor with status success (h(3) = -12.1 for e = 0). The element
+    now starts with the sign it leaves the root with, or where that is 0 the sign it had before it crossed."""
+    y0, t = torch.tensor([10.0, 0.0], dtype=F64), torch.tensor([0.0, 14.0], dtype=F64)
+    snap = neuralode.Event(lambda t, y: y[0], direction=-1,
+                           affect=lambda t, y: torch.stack([torch.zeros_like(y[0]), -0.8 * y[1]]))
+    dead = neuralode.Event(lambda t, y: y[0], direction=-1, affect=lambda t, y: torch.stack([y[0], 0.0 * y[1]]))
+    for event in (snap, dead):
+        sol = neuralode.solve(_fall, y0, t, rtol=1e-8, atol=1e-8, events=[event], throw=False)
+        assert sol.status == "step_size_underflow" and "accumulate" in sol.message
+        assert float(sol.ys[:, 0].min()) > -1e-6
+
+
+def test_a_learnable_threshold_in_a_plain_event_function_gets_its_gradient():
+    """Integrate-and-fire (v' = I - v, reset to 0 at v = theta): the spike period ln(I / (I - theta)) moves with a
+    threshold the event function closes over; it got no gradient (None) unless the function was a Module."""
+    current, end = 2.0, 5.0
+
+    def v_end(theta):
+        period = math.log(current / (current - theta))
+        return current * (1 - math.exp(-(end - int(end / period) * period)))
+
+    step = 1e-6
+    exact = (v_end(0.9 + step) - v_end(0.9 - step)) / (2 * step)
+    for gradient in ("direct", "checkpoint", "adjoint"):
+        theta = torch.tensor(0.9, dtype=F64, requires_grad=True)
+        spike = neuralode.Event(lambda t, v: v - theta, direction=1, affect=lambda t, v: torch.zeros_like(v))
+        sol = neuralode.solve(lambda t, v: current - v, torch.zeros(1, dtype=F64), torch.tensor([0.0, end], dtype=F64),
+                              rtol=1e-10, atol=1e-10, gradient=gradient, events=[spike], adjoint_params=())
+        (grad,) = torch.autograd.grad(sol.ys[-1, 0], theta)
+        assert abs(float(grad) - exact) < 1e-6 * abs(exact), gradient
+
+
+def test_different_elements_firing_a_rounding_apart_are_no_zeno_point():
+    """Two neurons with drives 2e-15 apart fire within the time's resolution of each other: two events, not an
+    accumulation of one (it was reported as a Zeno point)."""
+    def reset_the_one_that_fired(t, v):
+        out = v.clone()
+        out[torch.argmax(v)] = 0.0
+        return out
+
+    drive = torch.tensor([2.0, 2.0 + 2e-15, 3.0], dtype=F64)
+    sol = neuralode.solve(lambda t, v: drive - v, torch.zeros(3, dtype=F64), torch.tensor([0.0, 3.0], dtype=F64),
+                          rtol=1e-10, atol=1e-10, events=[neuralode.Event(lambda t, v: v - 1.0, direction=1,
+                                                                          affect=reset_the_one_that_fired)])
+    expected = sum(int(3.0 / math.log(i / (i - 1.0))) for i in (2.0, 2.0, 3.0))
+    assert sol.success and len(sol.events) == expected == 15

@@ -191,6 +191,19 @@ class _EventRerouting(torch.autograd.Function):
         return (None, None, None, None, None, *new_grads, *param_grads)
 
 
+def _event_parameters(event_fn) -> tuple:
+    """The tensors that move the event time besides the state: an ``nn.Module`` event function's parameters, or those
+    a plain function reaches (its closure and globals: a learnable threshold), that require grad."""
+    if isinstance(event_fn, torch.nn.Module):
+        return tuple(p for p in event_fn.parameters() if p.requires_grad)
+    from .gradients.base import _grad_tensors_used_by
+    found = []
+    for _, value in _grad_tensors_used_by(event_fn):
+        found += [p for p in value.parameters() if p.requires_grad] if isinstance(value, torch.nn.Module) else [value]
+    unique = {id(p): p for p in found}
+    return tuple(unique.values())
+
+
 def _real_dot(a, b):
     product = a.conj() * b if a.is_complex() else a * b
     return (product.real if product.is_complex() else product).sum()
@@ -211,8 +224,7 @@ def reroute_event_gradient(func, event_fn, t0, event_t, ys, signs=None):
         with torch.no_grad():
             signs = torch.sign(torch.as_tensor(event_fn(torch.as_tensor(t0).detach().reshape(()), start_state)))
     signs = signs if signs.numel() > 1 else None
-    params = tuple(p for p in event_fn.parameters() if p.requires_grad) if isinstance(event_fn, torch.nn.Module) \
-        else ()
+    params = _event_parameters(event_fn)
     rerouted = _EventRerouting.apply(func, _combined(event_fn, signs), spec, len(parts), event_t,
                                      *[p[-1] for p in parts], *params)
     new_t, new_state = rerouted[0], rerouted[1:]

@@ -47,7 +47,7 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
     stretches, records, outputs, output_times = [], [], [], []
     t_start, y_start, start_values = t[:1], y0, None
     first_time, pending = t[:1], t[1:]   # an output time at the stretch's start (or none), the output times after it
-    failure = None
+    failure, last_fired = None, None
     while True:
         stretch_events = tuple(dataclasses.replace(e, terminal=1 if e.affect is not None else
                                                    (e.stop_after - counts[k] if e.stop_after else False))
@@ -80,7 +80,13 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
             break
         event_t = solution.event_t
         start, end = float(t_start.detach()), float(event_t.detach())
-        if len(stretches) > 1 and below_time_resolution(abs(start), abs(end - start)):
+        crossed = _crossed_elements(events, group, event_t, solution.event_y)
+        fired = tuple((k, tuple(mask.reshape(-1).tolist())) for k, mask in crossed.items())
+        # A Zeno point: the same elements fire again within the time's resolution (different elements that fire a
+        # rounding apart, two neurons with nearly equal drives, are two events, not an accumulation).
+        repeated = fired == last_fired
+        last_fired = fired
+        if len(stretches) > 1 and repeated and below_time_resolution(abs(start), abs(end - start)):
             failure = StepSizeUnderflowError(
                 f"the events with an affect accumulate at t={end}: {len(stretches) - 1} jumps, the last two closer "
                 "than the time's resolution (a Zeno point, as a ball that bounces forever before coming to rest). Stop "
@@ -91,7 +97,7 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
         except NonFiniteError as error:
             failure = error
             break
-        start_values = _start_values(events, group, func, event_t, solution.event_y, y_jumped, direction)
+        start_values = _start_values(events, group, crossed, func, event_t, solution.event_y, y_jumped, direction)
         pending = pending[reached:]
         at_jump = bool(pending.numel()) and bool(pending[0].detach() == event_t.detach())
         first_time, pending = (pending[:1], pending[1:]) if at_jump else (pending[:0], pending)
@@ -166,12 +172,29 @@ def _apply_affect(event, t, state, t_float):
     return pytree.tree_unflatten(list(new_leaves), spec)
 
 
-def _start_values(events, group, func, event_t, before_jump, after_jump, direction) -> list:
+def _crossed_elements(events, group, event_t, event_y) -> dict:
+    """For each event that occurred at the jump, the elements of its function that crossed there: those at zero,
+    or of another sign than just before the firing step."""
+    t = _state_time(event_t.detach(), event_y)
+    y = pytree.tree_map(torch.detach, event_y)
+    crossed = {}
+    for k, signs_before in group:
+        with torch.no_grad():
+            value = torch.as_tensor(events[k].fn(t, y))
+        mask = value == 0
+        if signs_before is not None and signs_before.shape == value.shape:
+            mask = mask | (torch.sign(value) != signs_before)
+        crossed[k] = mask
+    return crossed
+
+
+def _start_values(events, group, crossed, func, event_t, before_jump, after_jump, direction) -> list:
     """The next stretch's start value of each event function that occurred at the jump (``None`` for the others:
-    evaluated afresh). An element that crossed there and that the jump left where it was starts with the sign it
-    takes just after the jump, the sign of ``d g / dt`` along the new trajectory (0 where that is 0): leaving its
-    root is no new occurrence (a root located a rounding beyond zero would otherwise fire again at once), and a
-    return through it within the first step, a short hop, is one."""
+    evaluated afresh). An element that crossed there and that the jump left where it was, or put at exactly zero,
+    starts with the sign it takes just after the jump: the sign of ``d g / dt`` along the new trajectory, or where
+    that is 0 (a ball left at rest on the ground) the sign it had before it crossed. Leaving its root is then no new
+    occurrence (a root located a rounding beyond zero would otherwise fire again at once), and a return through it
+    within the first step, a short hop or a fall from rest, is one."""
     values = [None] * len(events)
     t = _state_time(event_t.detach(), after_jump)
     y_before = pytree.tree_map(torch.detach, before_jump)
@@ -181,16 +204,15 @@ def _start_values(events, group, func, event_t, before_jump, after_jump, directi
         with torch.no_grad():
             before = torch.as_tensor(fn(t, y_before))
             after = torch.as_tensor(fn(t, y_after))
-        if after.shape != before.shape:
+        if after.shape != before.shape or crossed[k].shape != after.shape:
             continue
-        crossed = before == 0
-        if signs_before is not None and signs_before.shape == before.shape:
-            crossed = crossed | (torch.sign(before) != signs_before)
-        at_root = crossed & (after == before)
+        at_root = crossed[k] & ((after == before) | (after == 0))
         if not bool(at_root.any()):
             continue
-        slope = _slope_along(fn, func, t, y_after, after)
-        values[k] = torch.where(at_root, torch.sign(direction * slope).to(after.dtype), after)
+        leaving = torch.sign(direction * _slope_along(fn, func, t, y_after, after)).to(after.dtype)
+        if signs_before is not None and signs_before.shape == after.shape:
+            leaving = torch.where(leaving == 0, signs_before.to(after.dtype), leaving)
+        values[k] = torch.where(at_root, leaving, after)
     return values
 
 

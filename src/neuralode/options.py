@@ -185,12 +185,15 @@ def backward_settings(strategy, forward_spec, forward_options, forward_controlle
         norm = options.get("norm")
         if not (norm is None or callable(norm) or norm in ("seminorm", "full")):
             raise ValueError(f"adjoint option 'norm' must be 'seminorm', 'full' or a callable, got {norm!r}")
+        if options.get("jac") is not None:
+            raise ValueError("adjoint option 'jac' cannot apply: the backward solve's field is the augmented one, "
+                             "(y, a, a_params), whose Jacobian autograd forms; give 'jac' in the forward options")
     else:
         # The backward state is a flat (y, a, a_theta) vector: a preconditioner written for the forward state
         # does not apply to it, and its elements are not independent samples (a 'batched' Jacobian of it
         # would be wrong), so those settings stay with the forward solve.
         options = {k: v for k, v in forward_options.items()
-                   if k in spec.options and k not in ("norm", "preconditioner")}
+                   if k in spec.options and k not in ("norm", "preconditioner", "jac")}
         if options.get("jacobian") == "batched":
             options["jacobian"] = "dense"
     for name in ("step_t", "jump_t"):

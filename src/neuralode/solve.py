@@ -193,8 +193,6 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     # With perturb, or a discontinuity at t[0], func must not be called at t[0] itself.
     problem = make_problem(func, y0, t.detach() if t_requires_grad else t, rtol, atol,
                            right_limit_at=options["jump_t"] if options.get("perturb") is not True else None)
-    if options.get("jac") is not None:
-        problem.field.jac = options["jac"]
     if problem.shapes is not None and options.get("jacobian") == "batched":
         raise ValueError("option 'jacobian': 'batched' needs one tensor state of shape (batch, ...): a tuple or PyTree "
                          "state is flattened into one vector, which has no batch axis (its per-sample blocks would be "
@@ -206,6 +204,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         if options["interp"] not in ("linear", "cubic"):
             raise ValueError(f"option 'interp' must be 'linear' or 'cubic', got {options['interp']!r}")
     stepper = spec.make_stepper(options)
+    if options.get("jac") is not None:
+        problem.field.jac = options["jac"]
+        # checked once, here, against the field's own derivative (also where compile=True inlines it later)
+        problem.field.user_jacobian(problem.times[0], problem.y0.detach(), options.get("jacobian", "dense"))
     if compile:
         stepper = compiled_stepper(stepper, func, spec.name, options)
     if controller is not None:

@@ -422,3 +422,15 @@ def test_force_min_step_false_fails_where_a_step_at_min_step_misses_the_toleranc
         assert neuralode.solve(gentle, y0, t, controller=controller, rtol=1e-6, atol=1e-6).stats == free.stats
     with pytest.raises(TypeError, match=r"'force_min_step' must be True or False, got 'no'"):
         neuralode.solve(gentle, y0, t, options={"force_min_step": "no"})
+
+
+def test_force_min_step_false_says_why_auto_and_explicit_methods_fail_on_a_stiff_start():
+    stiff = lambda t, y: -1e4 * (y - torch.cos(t))  # noqa: E731
+    y0, t = torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 2.0], dtype=torch.float64)
+    options = {"min_step": 1e-3, "force_min_step": False}
+    with pytest.raises(neuralode.StepSizeUnderflowError, match=r"Method 'auto' takes explicit steps until a few of "
+                                                               r"them show stiffness"):
+        neuralode.solve(stiff, y0, t, method="auto", options=options)
+    with pytest.raises(neuralode.StepSizeUnderflowError, match=r"The problem looks stiff here"):
+        neuralode.solve(stiff, y0, t, method="tsit5", options=options)
+    assert neuralode.solve(stiff, y0, t, method="rodas5p", options=options).success

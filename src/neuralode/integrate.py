@@ -193,8 +193,13 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
                                                        t=t0), throw)
                 break
             if proposal.at_floor:   # (force_min_step=False: a step at min_step was judged, and failed)
+                switching = getattr(stepper, "stiff", None) is not None   # (auto: tsit5 until stiffness shows)
+                hint = (". Method 'auto' takes explicit steps until a few of them show stiffness, so a min_step "
+                        "above an explicit method's stable step fails before it switches: lower min_step, or "
+                        "solve with the stiff method itself" if switching
+                        else _stiffness_hint(stepper, field, t0, y, h))
                 raise_or_record(result, StepSizeUnderflowError(min_step_failed_message(
-                    t0, stepping.controller.min_step), t=t0), throw)
+                    t0, stepping.controller.min_step) + hint, t=t0), throw)
                 break
             if stepping.over_budget(stats["n_steps"], until_event):
                 raise_or_record(result, _budget_error(stepping, stepper, field, t0, y, until_event, error_norm,

@@ -14,6 +14,7 @@ forward pass keeps only the outputs, and neither pass records a graph across ste
 from __future__ import annotations
 
 import bisect
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
@@ -209,9 +210,13 @@ class _AdjointSolve(torch.autograd.Function):
 
         continuous = (spec.adaptive and not spec.whole_span and len(times) > 2
                       and all(a != b for a, b in zip(times, times[1:])))
+        # (an adaptive backward solve only: a fixed grid's y is as far off as its steps make it, by the user's choice)
+        drift = _Drift(problem, outputs) if not strategy.interpolate and spec.adaptive else None
         if continuous:
             state = _continuous_backward(problem, dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
-                                         rtol, atol)
+                                         rtol, atol, drift)
+            if drift is not None:
+                drift.check(state[:n], 0)
             a, a_params = dynamics.unpack(state)
             a = a + grad_outputs[0]
             times = ()  # done: the loop below is the restart-per-interval path
@@ -234,8 +239,12 @@ class _AdjointSolve(torch.autograd.Function):
                 result = integrate(backward_problem, stepper, control, options=options,
                                    callbacks=strategy.callbacks)
                 state = result.final_y
+                if drift is not None:
+                    drift.check(state[:n], i - 1)
             a, a_params = dynamics.unpack(state)
             a = a + grad_outputs[i - 1]
+        if drift is not None:
+            drift.warn(times=integration.output_times)
         stats = integration.stats
         replayed = getattr(ctx.forward_source, "nfe", 0) - replayed_before   # the checkpointed segments' replays
         stats["nfe_backward"] = stats.get("nfe_backward", 0) + dynamics.nfe + replayed
@@ -250,7 +259,7 @@ class _AdjointSolve(torch.autograd.Function):
 
 
 def _continuous_backward(forward_problem, dynamics, stepper, spec, options, strategy, outputs, grad_outputs, times,
-                         rtol, atol):
+                         rtol, atol, drift=None):
     """One backward solve from t_N to t_0 that steps onto every output time t_i instead of restarting there.
 
     At t_i the state jumps: y is reset to its forward value and dL/dy(t_i) is added to the adjoint a.
@@ -262,6 +271,8 @@ def _continuous_backward(forward_problem, dynamics, stepper, spec, options, stra
     jumps = {}
     for i in range(1, len(times) - 1):
         def jump(state, i=i):
+            if drift is not None:
+                drift.check(state[:outputs.shape[1]], i)
             a, a_params = dynamics.unpack(state)
             return dynamics.pack(outputs[i], a + grad_outputs[i], a_params)
         jumps[direction * times[i]] = jump
@@ -272,6 +283,38 @@ def _continuous_backward(forward_problem, dynamics, stepper, spec, options, stra
     control = forward_problem.backward.control(options, problem, dynamics.as_user_function, state)
     result = integrate(problem, stepper, control, options=options, callbacks=strategy.callbacks, state_jumps=jumps)
     return result.final_y
+
+
+class _Drift:
+    """How far the backsolve adjoint's backward solve, which integrates y(t) backwards alongside the adjoint, strays
+    from the forward solution at the output times, where it is known: in units of the forward tolerance
+    (``atol + rtol |y|``). Dynamics that are unstable backwards in time (Van der Pol, chaotic or dissipative systems)
+    make it grow without bound, and the gradients then mean nothing (about 1e15 on Van der Pol with mu = 100,
+    status success): warned, naming the remedies. One host read per output time, in the backward pass only."""
+
+    LIMIT = 1e4   # tolerance units: measured 2.6 (an MLP), 23 (Van der Pol, mu = 1), 50 (the spiral), 1.2e3 (a stiff
+    #              linear system in tests/test_rosenbrock.py, gradients right); 1e6 to 6e10 where backsolve fails
+
+    def __init__(self, problem, outputs):
+        self.problem, self.outputs = problem, outputs
+        self.worst, self.where = 0.0, None
+
+    def check(self, y_rebuilt, index: int) -> None:
+        forward = self.outputs[index]
+        scale = self.problem.atol + self.problem.rtol * forward.abs()
+        ratio = float(((y_rebuilt.detach() - forward).abs() / scale).max()) if forward.numel() else 0.0
+        if not ratio <= self.worst:   # (NaN counts as the worst)
+            self.worst, self.where = ratio, index
+
+    def warn(self, times) -> None:
+        if self.worst <= self.LIMIT:
+            return
+        t = times[self.where] if self.where is not None and self.where < len(times) else None
+        warnings.warn(f"the adjoint's backward solve rebuilt y(t) {self.worst:.3g} times the tolerance away from the "
+                      f"forward solution (at t={t}): the dynamics are unstable backwards in time, and the backsolve "
+                      "adjoint's gradients can be far off (unless the loss hardly depends on the state there). Use "
+                      "Adjoint(interpolate=True) (y from the forward dense output) or gradient='checkpoint' (exact "
+                      "gradients of the steps taken)", UserWarning, stacklevel=3)
 
 
 class _AdjointDynamics:

@@ -107,7 +107,7 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
             raise failure
         solution = dataclasses.replace(solution, status=_status_of(failure), message=str(failure), event_t=None,
                                        event_y=None)
-    if len(stretches) == 1:
+    if len(stretches) == 1 and failure is None:   # (no jump: the plain solve's result as it is)
         return solution
     return dataclasses.replace(solution, ts=torch.cat(output_times),
                                ys=pytree.tree_map(lambda *parts: torch.cat(parts), *outputs),

@@ -11,8 +11,8 @@ from .tableaus import TABLEAUS, ButcherTableau
 
 # max_num_steps bounds a fixed-step solve that runs until an event (torchdiffeq's would run forever).
 FIXED_OPTIONS = frozenset({"step_size", "grid_constructor", "perturb", "interp", "max_num_steps"})
-ADAPTIVE_OPTIONS = frozenset({"first_step", "max_num_steps", "min_step", "force_min_step", "max_step", "safety", "ifactor",
-                              "dfactor", "step_t", "jump_t", "norm", "dtype", "controller", "pcoeff", "icoeff",
+ADAPTIVE_OPTIONS = frozenset({"first_step", "max_num_steps", "min_step", "force_min_step", "max_step", "safety",
+                              "ifactor", "dfactor", "step_t", "jump_t", "norm", "dtype", "controller", "pcoeff", "icoeff",
                               "dcoeff", "land_on_outputs", "dense_error_control"})
 
 

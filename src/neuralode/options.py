@@ -213,8 +213,7 @@ def check_tolerances_usable(problem) -> None:
 
 # Options that configure step-size control; with a controller object they belong to the object.
 CONTROLLER_OPTIONS = frozenset({"controller", "safety", "ifactor", "dfactor", "min_step", "force_min_step", "max_step",
-                                "first_step",
-                                "max_num_steps", "pcoeff", "icoeff", "dcoeff"})
+                                "first_step", "max_num_steps", "pcoeff", "icoeff", "dcoeff"})
 
 
 def _no_tolerance(rtol, atol) -> bool:

@@ -315,8 +315,8 @@ def _refuse_transform(strategy) -> None:
 
 
 # Options a per-sample solve understands (the rest shape a joint solve's steps or norm).
-_PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "min_step", "force_min_step", "max_step", "safety",
-                       "ifactor", "dfactor", "controller", "pcoeff", "icoeff", "dcoeff", "dtype"}
+_PER_SAMPLE_OPTIONS = {"step_size", "interp", "first_step", "max_num_steps", "min_step", "force_min_step", "max_step",
+                       "safety", "ifactor", "dfactor", "controller", "pcoeff", "icoeff", "dcoeff", "dtype"}
 
 
 def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller=None,

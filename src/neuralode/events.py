@@ -13,7 +13,6 @@ combined as ``min(g * sign(g(t0, y0)))`` (the element that fires first).
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from dataclasses import dataclass
 from typing import Callable
@@ -21,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
+
+from .problem import takes_arguments
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,9 @@ class Event:
 def _check_affect(affect, tol) -> None:
     if not callable(affect):
         raise TypeError(f"Event affect must be callable as affect(t, y) -> new state, got {type(affect).__name__}")
-    target = affect.forward if isinstance(affect, torch.nn.Module) else affect
-    try:
-        inspect.signature(target).bind(None, None)
-    except TypeError:
+    if not takes_arguments(affect, 2):
         raise TypeError("Event affect is called as affect(t, y) and returns the new state (or changes y in place "
-                        "and returns None); it does not take two arguments") from None
-    except ValueError:   # a signature that cannot be read (a builtin)
-        pass
+                        "and returns None); it does not take two arguments")
     if tol is not None:
         raise ValueError("Event tol cannot be combined with an affect: the state jumps where the event is located, "
                          "so it is located to rounding (a root located within tol would put the jump past it: a "

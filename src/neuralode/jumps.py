@@ -81,7 +81,7 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
         event_t = solution.event_t
         start, end = float(t_start.detach()), float(event_t.detach())
         crossed = _crossed_elements(events, group, event_t, solution.event_y)
-        fired = tuple((k, tuple(mask.reshape(-1).tolist())) for k, mask in crossed.items())
+        fired = tuple((k, tuple(mask.reshape(-1).tolist())) for k, (_, mask) in crossed.items())
         # A Zeno point: the same elements fire again within the time's resolution (different elements that fire a
         # rounding apart, two neurons with nearly equal drives, are two events, not an accumulation).
         repeated = fired == last_fired
@@ -97,7 +97,7 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
         except NonFiniteError as error:
             failure = error
             break
-        start_values = _start_values(events, group, crossed, func, event_t, solution.event_y, y_jumped, direction)
+        start_values = _start_values(events, group, crossed, func, event_t, y_jumped, direction)
         pending = pending[reached:]
         at_jump = bool(pending.numel()) and bool(pending[0].detach() == event_t.detach())
         first_time, pending = (pending[:1], pending[1:]) if at_jump else (pending[:0], pending)
@@ -173,8 +173,8 @@ def _apply_affect(event, t, state, t_float):
 
 
 def _crossed_elements(events, group, event_t, event_y) -> dict:
-    """For each event that occurred at the jump, the elements of its function that crossed there: those at zero,
-    or of another sign than just before the firing step."""
+    """For each event that occurred at the jump, ``(its function's value there, the elements that crossed)``: those
+    at zero, or of another sign than just before the firing step."""
     t = _state_time(event_t.detach(), event_y)
     y = pytree.tree_map(torch.detach, event_y)
     crossed = {}
@@ -184,11 +184,11 @@ def _crossed_elements(events, group, event_t, event_y) -> dict:
         mask = value == 0
         if signs_before is not None and signs_before.shape == value.shape:
             mask = mask | (torch.sign(value) != signs_before)
-        crossed[k] = mask
+        crossed[k] = (value, mask)
     return crossed
 
 
-def _start_values(events, group, crossed, func, event_t, before_jump, after_jump, direction) -> list:
+def _start_values(events, group, crossed, func, event_t, after_jump, direction) -> list:
     """The next stretch's start value of each event function that occurred at the jump (``None`` for the others:
     evaluated afresh). An element that crossed there and that the jump left where it was, or put at exactly zero,
     starts with the sign it takes just after the jump: the sign of ``d g / dt`` along the new trajectory, or where
@@ -197,16 +197,15 @@ def _start_values(events, group, crossed, func, event_t, before_jump, after_jump
     within the first step, a short hop or a fall from rest, is one."""
     values = [None] * len(events)
     t = _state_time(event_t.detach(), after_jump)
-    y_before = pytree.tree_map(torch.detach, before_jump)
     y_after = pytree.tree_map(torch.detach, after_jump)
     for k, signs_before in group:
         fn = events[k].fn
+        before, crossed_here = crossed[k]   # (the value before the jump, evaluated once by _crossed_elements)
         with torch.no_grad():
-            before = torch.as_tensor(fn(t, y_before))
             after = torch.as_tensor(fn(t, y_after))
-        if after.shape != before.shape or crossed[k].shape != after.shape:
+        if after.shape != before.shape:
             continue
-        at_root = crossed[k] & ((after == before) | (after == 0))
+        at_root = crossed_here & ((after == before) | (after == 0))
         if not bool(at_root.any()):
             continue
         leaving = torch.sign(direction * _slope_along(fn, func, t, y_after, after)).to(after.dtype)

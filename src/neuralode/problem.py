@@ -128,15 +128,10 @@ class FieldWithArgs(torch.nn.Module):
         super().__init__()
         if not callable(func):
             raise TypeError(f"func must be callable as func(t, y, args), got {type(func).__name__}")
-        target = func.forward if isinstance(func, torch.nn.Module) else func
-        try:
-            inspect.signature(target).bind(None, None, None)
-        except TypeError:
+        if not takes_arguments(func, 3):
             raise TypeError("args= was given, so func is called as func(t, y, args), but it does not take three "
                             "arguments; add the third (def func(t, y, args)), or leave args out and close over "
-                            "what func needs") from None
-        except ValueError:   # a signature that cannot be read (a builtin): call it and see
-            pass
+                            "what func needs")
         self.func = func
         self.args = args
         # one compiled-kernel cache entry per wrapped field (solvers/compiled.py keys fields by type otherwise)
@@ -529,8 +524,9 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
         return None
 
 
-def _takes_two_arguments(func, count: int = 2) -> bool:
-    """Whether ``func(t, y)`` (``count`` arguments) binds (True where the signature cannot be read)."""
+def takes_arguments(func, count: int) -> bool:
+    """Whether ``func`` can be called with ``count`` positional arguments (a module: its ``forward``); True where the
+    signature cannot be read (a builtin: the call will tell)."""
     target = func.forward if isinstance(func, torch.nn.Module) else func
     try:
         inspect.signature(target).bind(*([None] * count))
@@ -549,9 +545,9 @@ def _first_evaluation(func, field, flat_y0, parts, structure, t0):
     try:
         out = func(field.time(t0), structure.build(parts))
     except TypeError as error:
-        if _takes_two_arguments(func):
+        if takes_arguments(func, 2):
             raise
-        if _takes_two_arguments(func, count=3):
+        if takes_arguments(func, 3):
             raise TypeError("func takes three arguments, as diffrax's f(t, y, args), but solve was given no args: pass "
                             "solve(..., args=...) (args=None means no args), or drop the third argument") from error
         # torchdyn calls a field of the state alone (f(x)); here a field is always called f(t, y)

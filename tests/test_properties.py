@@ -94,7 +94,10 @@ def examples(n: int) -> settings:
 
 METHODS = tuple(neuralode.METHODS)
 ADAPTIVE = tuple(m for m in METHODS if REGISTRY[m].adaptive)
-FIXED = tuple(m for m in METHODS if not REGISTRY[m].adaptive)
+# The leapfrog ("alf") is stable only where the dynamics oscillate and its dense output is linear whatever 'interp'
+# says, so the fixed-step sweep over random linear systems with cubic output does not apply; tests/test_reversible.py
+# measures its order.
+FIXED = tuple(m for m in METHODS if not REGISTRY[m].adaptive and m != "alf")
 RUNGE_KUTTA = tuple(m for m in METHODS if m in TABLEAUS)  # one-step methods: checkpointing replays them
 # Convergence order of the fixed-step methods (at least this: implicit_adams runs up to order 12).
 ORDER = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4, "explicit_adams": 4,

@@ -125,7 +125,7 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
     error_norm = ErrorNorm(problem.rtol, problem.atol, options.get("norm"),
                            field.unflatten if problem.shapes is not None else None)
     state_jumps = state_jumps or {}
-    derivative = _Derivative(problem, options, tau)
+    derivative = _Derivative(problem, options, tau, stepper.reads_derivative)
     outputs = _Outputs(result, taus, problem.times, options.get("interp", "cubic") == "linear")
     watch = _Events(events, field, problem.times[0], y, result)
     state = stepper.init(field, problem.times[0], y, derivative.f)
@@ -227,12 +227,13 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
             result.output_times.append(result.event_t)
             break
         y1, f1 = step.y1, step.f1
-        if proposal.tau1 in state_jumps:
+        jumped = proposal.tau1 in state_jumps
+        if jumped:
             y1, f1 = state_jumps[proposal.tau1](y1), None   # the state changes here: f is evaluated afresh
         # After a state jump, or an output landed on for its value alone, the step size carries on.
-        stepping.advance(proposal, proposal.tau1 in state_jumps or proposal.tau1 in landings)
+        stepping.advance(proposal, jumped or proposal.tau1 in landings)
         tau, y, state = proposal.tau1, y1, outcome.state
-        derivative.after_step(t1, f1)
+        derivative.after_step(t1, f1, restart=jumped)
         if on_accept is not None:
             on_accept(tau, y, state)
         if stepping.over_budget(stats["n_steps"], until_event) and (outputs.pending or until_event):
@@ -325,8 +326,10 @@ class _Derivative:
     only reused where it was evaluated (``f_time``), and never evaluated at a time the user excluded.
     """
 
-    def __init__(self, problem, options, tau0):
+    def __init__(self, problem, options, tau0, reads_derivative=True):
         self.field, direction = problem.field, problem.direction
+        # A stepper that does not read f(t0, y0) (Solver.reads_derivative) gets it only where it starts afresh.
+        self.reads, self.restart = reads_derivative, False
         self.perturb = bool(options.get("perturb", False))
         self.jumps = set(direction * t for t in options.get("jump_t", ()))
         self.restart_from_right = tau0 in self.jumps
@@ -351,7 +354,7 @@ class _Derivative:
             if self.f is None or self.f_time != t_right:
                 self.f, self.f_time = self.field(t_right, y), t_right
             self.restart_from_right = False
-        elif self.f is None:
+        elif self.f is None and (self.reads or self.restart):
             self.f, self.f_time = self.field(t0, y), t0
         return step_field, self.f
 
@@ -360,8 +363,11 @@ class _Derivative:
         """Does the step being taken end on a ``jump_t``?"""
         return self._ends_on_jump
 
-    def after_step(self, t1, f1):
-        """The accepted step ended at ``t1`` with derivative ``f1`` there (``None``: evaluate afresh)."""
+    def after_step(self, t1, f1, restart=False):
+        """The accepted step ended at ``t1`` with derivative ``f1`` there (``None``: evaluate afresh where the stepper
+        reads it). ``restart``: the state changed there, so even a stepper that carries its own evaluations starts
+        afresh."""
+        self.restart = restart
         if self._ends_on_jump:
             self.f, self.restart_from_right = None, True
         else:
@@ -388,7 +394,7 @@ class _AcceptedStep:
             if self.linear:
                 self._coefficients = linear_coefficients(self.y0, self.y1)
             else:
-                if self.f1 is None:
+                if self.f1 is None and self.stepper.reads_derivative:
                     self.f1 = self.step_field(self.direction * self.tau1, self.y1)
                 self._coefficients = self.stepper.dense_coefficients(self.step_field, self.direction * self.tau, self.y0,
                                                                      self.direction * self.h, self.outcome, self.f1)
@@ -558,7 +564,7 @@ def _budget_error(stepping, stepper, field, t, y, until_event: bool, error_norm=
     landing_hint = ""
     if landings:
         landing_hint = (f". The steps end on each of the {landings} output times (land_on_outputs, the default of "
-                        "the implicit, Rosenbrock and auto methods): give max_num_steps above that, or "
+                        "the implicit, Rosenbrock, auto and reversible methods): give max_num_steps above that, or "
                         "options={'land_on_outputs': False} to interpolate between fewer steps")
     return MaxStepsError(_max_steps_message(max_num_steps, t) + landing_hint + _resolution_hint(error_norm, y)
                          + _zero_atol_hint(error_norm, y) + _stiffness_hint(stepper, field, t, y, stepping.h), t=t)
@@ -755,6 +761,8 @@ def _stiffness_hint(stepper, field, t: float, y: torch.Tensor, h: float) -> str:
     with a dozen Jacobian-vector products, paid only on this failure path)."""
     if stepper.implicit or y.numel() == 0:
         return ""
+    if stepper.reversible:
+        return ". " + stepper.stall_hint
     try:
         rho = spectral_radius(field.evaluate, t, y)
     except (RuntimeError, TypeError, ValueError):   # a field forward-mode AD and differences cannot probe

@@ -199,6 +199,32 @@ REGISTRY["auto"] = MethodSpec(
     "tsit5 while the problem is not stiff, an implicit method (option 'stiff_method', default rodas5p) while "
     "it is: Hairer's stiffness test switches both ways")
 
+# --- reversible methods: a step can be undone exactly (gradient="reversible": exact gradients, O(1) states) -----
+# Their dense output is linear whatever 'interp' says, and a perturbed step would start each one afresh (no longer
+# reversible): neither option applies.
+REVERSIBLE_FIXED_OPTIONS = FIXED_OPTIONS - {"perturb", "interp"}
+
+
+def _reversible_heun(options):
+    from .solvers.reversible import ReversibleHeun
+    return ReversibleHeun()
+
+
+def _asynchronous_leapfrog(options):
+    from .solvers.reversible import AsynchronousLeapfrog
+    return AsynchronousLeapfrog()
+
+
+REGISTRY["reversible_heun"] = MethodSpec(
+    "reversible_heun", True, _reversible_heun, ADAPTIVE_OPTIONS,
+    "Reversible Heun: order 2, one evaluation per step, algebraically reversible (Kidger, Foster, Li and Lyons, "
+    "NeurIPS 2021; diffrax's ReversibleHeun); exact O(1)-memory gradients with gradient='reversible'")
+REGISTRY["alf"] = MethodSpec(
+    "alf", False, _asynchronous_leapfrog, REVERSIBLE_FIXED_OPTIONS,
+    "Asynchronous leapfrog on a fixed grid: order 2, one evaluation per step, algebraically reversible (MALI: "
+    "Zhuang, Dvornek, Tatikonda and Duncan, ICLR 2021; torchdyn's 'alf'); exact O(1)-memory gradients with "
+    "gradient='reversible'")
+
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")
@@ -217,7 +243,9 @@ def spec_for_object(method) -> MethodSpec:
                         f"neuralode.solvers.Solver instance, got {type(method).__name__}")
     if method.solves_whole_span:
         raise TypeError("a whole-span solver cannot be passed as an object; use method='scipy_solver'")
-    name = method.tableau.name if isinstance(method, ExplicitRungeKutta) else type(method).__name__
+    name = method.tableau.name if isinstance(method, ExplicitRungeKutta) else getattr(method, "name",
+                                                                                     type(method).__name__)
     description = getattr(getattr(method, "tableau", None), "reference", "") or f"user solver {name}"
+    fixed = REVERSIBLE_FIXED_OPTIONS if method.reversible else FIXED_OPTIONS
     return MethodSpec(name, method.adaptive, lambda options, _solver=method: _solver,
-                      ADAPTIVE_OPTIONS if method.adaptive else FIXED_OPTIONS, description)
+                      ADAPTIVE_OPTIONS if method.adaptive else fixed, description)

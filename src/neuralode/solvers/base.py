@@ -19,6 +19,11 @@ Flags (class attributes, read by the loop and the gradient strategies instead of
   option ``land_on_outputs`` overrides it). True for the implicit, Rosenbrock and switching methods: between
   the long steps of a stiff solve their dense output was 10-1000x less accurate than the steps themselves
   (docs/solvers.md).
+- ``reads_derivative``: the step reads ``f(t0, y0)`` (its ``f0`` argument). False for the reversible methods, which
+  carry their own evaluations in their state: the loop then hands them ``f0`` only where they must start afresh
+  (the first step, after a ``jump_t`` or a state jump) and ``None`` otherwise, and evaluates nothing between steps.
+- ``reversible``: the step has an exact inverse (:mod:`neuralode.solvers.reversible`), which the gradient strategy
+  ``ReversibleAdjoint`` walks backwards.
 
 Methods: ``init(func, t0, y0, f0) -> state``; ``step(func, t0, y0, f0, h, error_norm, state) ->
 StepOutcome`` (see :class:`~neuralode.solvers.runge_kutta.StepOutcome`); ``dense_coefficients(func, t0,
@@ -46,6 +51,8 @@ class Solver(abc.ABC):
     solves_whole_span = False
     fsal = False
     lands_on_outputs = False
+    reads_derivative = True
+    reversible = False
 
     @property
     @abc.abstractmethod

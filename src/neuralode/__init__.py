@@ -6,7 +6,7 @@ Public API (explicit re-exports, no logic here):
 - :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event`, :func:`odeint_dense` keep torchdiffeq's
   signatures;
 - :data:`METHODS` names every method;
-- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`;
+- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`, :class:`ReversibleAdjoint`;
 - :class:`Event` (several events per solve, terminal or recorded only) and its :class:`EventRecord`;
 - step-size controllers as objects: :class:`IntegralController`, :class:`PIController`, :class:`PIDController`,
   :class:`PredictiveController`.
@@ -15,7 +15,7 @@ Public API (explicit re-exports, no logic here):
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, Status, StepSizeUnderflowError
 from .controllers import IntegralController, PIController, PIDController, PredictiveController
 from .events import Event, EventRecord
-from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy
+from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, ReversibleAdjoint
 from .methods import METHODS
 from .solution import Solution
 from .compat import odeint, odeint_adjoint, odeint_dense, odeint_event
@@ -30,7 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
     "Event", "EventRecord", "IntegralController", "PIController", "PIDController", "PredictiveController",
-    "Direct", "Adjoint", "Checkpoint", "GradientStrategy",
+    "Direct", "Adjoint", "Checkpoint", "ReversibleAdjoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",
 ]

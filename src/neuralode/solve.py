@@ -307,7 +307,8 @@ def _refuse_transform(strategy) -> None:
     passes have no rule for the transforms. Say so and name what works."""
     if isinstance(strategy, Direct) or not _under_transform():
         return
-    name = "adjoint" if isinstance(strategy, Adjoint) else "checkpoint"
+    name = ("adjoint" if isinstance(strategy, Adjoint) else "checkpoint" if isinstance(strategy, Checkpoint)
+            else "reversible")
     raise ValueError(f"gradient={name!r} cannot run under a torch.func transform (grad, jvp, jacrev, hessian, ...) or "
                      "forward-mode AD: its backward pass is a custom autograd Function with no rule for them. Use "
                      "gradient='direct' inside the transform (it backpropagates through the steps), or keep "

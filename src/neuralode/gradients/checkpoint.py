@@ -35,10 +35,13 @@ class Checkpoint(GradientStrategy):
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if not stepper.replayable:
+            kind = "is multistep"
+            if stepper.reversible:
+                kind = ("carries a companion state across steps that a replay from a stored y would not have; its "
+                        "exact gradient in O(1) memory is gradient='reversible'")
             kind = {"scipy_solver": "hands the whole span to scipy",
                     "auto": "switches between methods along the solve, so a replay from a checkpoint would not "
-                            "take the same steps (use method='kvaerno5' or 'radau5')"}.get(problem.method,
-                                                                                          "is multistep")
+                            "take the same steps (use method='kvaerno5' or 'radau5')"}.get(problem.method, kind)
             raise ValueError(f"gradient='checkpoint' supports the Runge-Kutta methods; method "
                              f"{problem.method!r} {kind}: use gradient='direct' or 'adjoint'")
         box = []

@@ -346,3 +346,28 @@ def test_dense_output_is_recorded_without_a_graph():
     (grad,) = torch.autograd.grad(sol.ys.sum(), y0)
     (expected,) = torch.autograd.grad(reference.ys.sum(), y0)
     assert torch.allclose(grad, expected, rtol=1e-10, atol=0)
+
+
+def test_ode_block_takes_a_reversible_method_and_gradient():
+    from neuralode.nn import ODEBlock
+    field = _Field()
+    x = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    grads = []
+    for gradient in ("direct", "reversible"):
+        block = ODEBlock(field, method=ReversibleRungeKutta("tsit5"), gradient=gradient, rtol=1e-6, atol=1e-8)
+        grads.append(torch.autograd.grad(block(x).pow(2).sum(), tuple(field.parameters())))
+    assert _relative_difference(grads[1], grads[0]) < 1e-10
+    with pytest.raises(ValueError, match="needs a reversible method"):
+        ODEBlock(field, method="dopri5", gradient="reversible")
+    with pytest.raises(ValueError, match="needs a reversible method"):
+        ODEBlock(field, method="tsit5", gradient=neuralode.ReversibleAdjoint())
+
+
+def test_float32_below_its_resolution_does_not_stall_on_the_gap():
+    """At rtol 1e-7 (the default, below float32's resolution) rounding alone keeps the coupled solutions' gap at
+    ~1e3 tolerances: that level is allowed (it failed every step until max_num_steps before)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    sol = neuralode.solve(lambda t, y: net(y), torch.randn(16, 2), torch.linspace(0, 1, 5),
+                          method=ReversibleRungeKutta("tsit5"))
+    assert sol.status == "success" and sol.stats["n_steps"] < 30

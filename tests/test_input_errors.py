@@ -232,7 +232,8 @@ def test_bad_interp():
 def test_bad_gradient_and_event_arguments():
     with pytest.raises(ValueError, match=r"unknown gradient strategy 'adjoin'. Did you mean 'adjoint'\?"):
         _solve(gradient="adjoin")
-    with pytest.raises(TypeError, match=r"gradient must be 'direct', 'adjoint', 'checkpoint', 'reversible' or a GradientStrategy"):
+    with pytest.raises(TypeError,
+                       match=r"gradient must be 'direct', 'adjoint', 'checkpoint', 'reversible' or a GradientStrategy"):
         _solve(gradient=3)
     with pytest.raises(ValueError, match=r"event_direction must be 0, 1 or -1, got 2"):
         _solve(event_fn=lambda t, y: y[0], event_direction=2)

@@ -173,7 +173,8 @@ def test_errors_name_the_argument_and_the_fix():
     # a NumPy array of times is a 1-D sequence of times (it was refused)
     import numpy as np
     assert ODEBlock(f, t=np.array([0.0, 0.5, 1.0]), return_trajectory=True)(torch.randn(2, 3)).shape == (3, 2, 3)
-    with pytest.raises(ValueError, match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint'\], got 'adj'"):
+    with pytest.raises(ValueError,
+                       match=r"gradient must be one of \['direct', 'adjoint', 'checkpoint', 'reversible'\], got 'adj'"):
         ODEBlock(f, gradient="adj")
     with pytest.raises(TypeError, match=r"gradient must be one of .* or a gradient strategy object .*got int"):
         ODEBlock(f, gradient=3)

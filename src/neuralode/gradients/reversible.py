@@ -119,7 +119,8 @@ class _ReversibleSolve(torch.autograd.Function):
         with torch.no_grad():
             integration = integrate(forward_problem, stepper, control, on_accept=record, **kwargs)
         box.append(integration)
-        ctx.strategy, ctx.problem, ctx.stepper, ctx.record, ctx.integration = strategy, problem, stepper, record, integration
+        ctx.strategy, ctx.problem, ctx.stepper = strategy, problem, stepper
+        ctx.record, ctx.integration = record, integration
         outputs = torch.stack(integration.outputs)
         ctx.save_for_backward(outputs)
         return outputs

@@ -20,16 +20,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuralode.gradients import STRATEGY_HINT, Adjoint, GradientStrategy
+from neuralode.gradients import STRATEGY_HINT, Adjoint, GradientStrategy, ReversibleAdjoint
 from neuralode.options import check_fixed_step_given, check_method, check_options
 from neuralode.solve import solve
+from neuralode.solvers import Solver
+from neuralode.tableaus import ButcherTableau
 from neuralode.nn._checks import one_of, time_points, tolerance
 from neuralode.nn.augment import augment
 from neuralode.nn.regularisers import PROBES, RegularisedDynamics, sample_probe
 
 __all__ = ["GRADIENTS", "ODEBlock", "AugmentedODEBlock"]
 
-GRADIENTS = ("direct", "adjoint", "checkpoint")
+GRADIENTS = ("direct", "adjoint", "checkpoint", "reversible")
 
 
 class ODEBlock(nn.Module):
@@ -46,17 +48,18 @@ class ODEBlock(nn.Module):
         The integration interval ``(t0, t1)``, or output times ``(t0, t1, ..., tn)``, strictly
         increasing or strictly decreasing. The first entry is the start time. Times are kept as
         Python floats and passed to the solver as a float64 tensor on the input's device.
-    method : str, default "dopri5"
+    method : str, ButcherTableau or Solver, default "dopri5"
         A method of :func:`neuralode.solve`. Dormand-Prince 5(4) as in Chen et al. (2018).
     rtol, atol : float, default 1e-3
         Tolerances of adaptive methods. Classifiers need far looser tolerances than the solver's
         defaults (``1e-7``/``1e-9``); ``1e-3`` is the value of the ``torchdiffeq`` MNIST example.
     options : dict, optional
         Solver options, e.g. ``{"step_size": 0.25}`` for a fixed-step method.
-    gradient : {"adjoint", "direct", "checkpoint"} or strategy object, default "adjoint"
+    gradient : {"adjoint", "direct", "checkpoint", "reversible"} or strategy object, default "adjoint"
         How :func:`neuralode.solve` differentiates: the adjoint method (memory constant in the
         number of steps; Chen et al. 2018), backpropagation through every step (exact gradient of
-        the discretisation; memory grows with the steps), or checkpointing. A gradient strategy
+        the discretisation; memory grows with the steps), checkpointing, or undoing the steps of a
+        reversible method (exact, memory constant; e.g. ``method="reversible_heun"``). A gradient strategy
         object of the solver (e.g. an adjoint with its own backward tolerances) is passed through
         unchanged.
     return_trajectory : bool, default False
@@ -133,8 +136,10 @@ class ODEBlock(nn.Module):
             raise TypeError(f"func must be callable as func(t, z), got {type(func).__name__}.")
         self.func = func  # registered as a submodule when it is an nn.Module
         self.times = time_points("t", t)
-        if not isinstance(method, str):
-            raise TypeError(f"method must be a str such as 'dopri5' or 'rk4', got {type(method).__name__}.")
+        if not isinstance(method, (str, ButcherTableau, Solver)):
+            raise TypeError(f"method must be a str such as 'dopri5' or 'rk4', a ButcherTableau or a "
+                            "neuralode.solvers.Solver (e.g. ReversibleRungeKutta('tsit5')), got "
+                            f"{type(method).__name__}.")
         self.method = method
         self.rtol = tolerance("rtol", rtol)
         self.atol = tolerance("atol", atol)
@@ -158,6 +163,10 @@ class ODEBlock(nn.Module):
             )
         elif isinstance(gradient, Adjoint):
             gradient.check_forward_method(spec, method, self.options)   # here, not at the first forward pass
+        if (gradient == "reversible" or isinstance(gradient, ReversibleAdjoint)) and not getattr(
+                spec.make_stepper(self.options or {}), "reversible", False):
+            raise ValueError(f"gradient='reversible' needs a reversible method ('reversible_heun', 'alf' or "
+                             f"neuralode.solvers.ReversibleRungeKutta('tsit5')), got method {spec.name!r}")
         self.gradient = gradient
         self.return_trajectory = bool(return_trajectory)
         if isinstance(adjoint_params, Tensor):

@@ -1,10 +1,12 @@
-"""Peak memory of one gradient against the number of steps: direct, checkpoint, adjoint.
+"""Peak memory of one gradient against the number of steps: direct, checkpoint, adjoint, reversible.
 
     python benchmarks/memory.py            # 10, 100, 1000 steps; writes results/memory.json and memory.png
     python benchmarks/memory.py --quick    # 10 and 40 steps, batch 64 (< 1 minute, a smoke test)
+    python benchmarks/memory.py --strategies reversible   # some strategies only: results/memory_reversible.json
 
 Problem: MLP 64 -> 256 -> 256 -> 64 (tanh), batch 512, float32, fixed-step rk4 on t = [0, 1] with
-step_size = 1 / steps, loss = sum of squares of y(1); one forward solve + ``backward()``.
+step_size = 1 / steps, loss = sum of squares of y(1); one forward solve + ``backward()``. ``reversible`` runs
+``ReversibleRungeKutta("rk4")`` (two rk4 steps a step) with ``gradient="reversible"``.
 
 Method: every (strategy, steps) case runs in a FRESH Python process. The child builds the model and
 state, runs one tiny warm-up gradient (2 steps, so that one-off allocations such as thread pools and
@@ -34,6 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, markdown_table, write_json  # noqa: E402
 
 
+STRATEGIES = ("direct", "checkpoint", "adjoint", "reversible")
+
+
 def _status_kib(key):
     for line in open("/proc/self/status"):
         if line.startswith(key + ":"):
@@ -57,7 +62,8 @@ def child(strategy, steps, batch, threads):
         for p in f.parameters():
             p.grad = None
         y = y0.detach().requires_grad_(True)
-        sol = neuralode.solve(f, y, t, method="rk4", options={"step_size": 1.0 / n}, gradient=strategy)
+        method = neuralode.solvers.ReversibleRungeKutta("rk4") if strategy == "reversible" else "rk4"
+        sol = neuralode.solve(f, y, t, method=method, options={"step_size": 1.0 / n}, gradient=strategy)
         sol.ys[-1].pow(2).sum().backward()
         return sol
 
@@ -85,6 +91,8 @@ def main(argv=None):
                         help="cases run at once, each in its own process (default 2; 3 with --quick)")
     parser.add_argument("--batch", type=int, default=512, help="batch of the full run (default 512)")
     parser.add_argument("--steps", default=None, help="comma-separated step counts (default 10,100,1000)")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"comma-separated strategies (default {','.join(STRATEGIES)})")
     parser.add_argument("--child", nargs=3, metavar=("STRATEGY", "STEPS", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -115,7 +123,7 @@ def main(argv=None):
                      for n in steps if n not in done]
         return rows
 
-    strategies = ("direct", "checkpoint", "adjoint")
+    strategies = tuple(args.strategies.split(","))
     if args.quick:
         # smoke test: one process per strategy running all its step counts (importing torch costs
         # several seconds per process on a loaded machine); the full run uses one process per case
@@ -126,7 +134,7 @@ def main(argv=None):
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # processes are independent: RSS is per process
         rows = [row for rs in pool.map(one, cases) for row in rs]
     table = []
-    for strategy in ("direct", "checkpoint", "adjoint"):
+    for strategy in strategies:
         r = {"strategy": strategy}
         for row in rows:
             if row["strategy"] == strategy and "delta_mib" in row:
@@ -142,7 +150,7 @@ def main(argv=None):
     if a_lo and a_hi:
         targets.append(f"adjoint flat ({hi} steps within 1.1x of {lo}): {a_hi / a_lo:.2f}x -> "
                        f"{'MET' if a_hi <= 1.1 * a_lo else 'MISSED'}")
-    for s in ("checkpoint", "direct"):
+    for s in ("checkpoint", "direct", "reversible"):
         v_lo, v_hi = by.get((s, lo)), by.get((s, hi))
         if v_lo and v_hi:
             targets.append(f"{s}: {hi} steps / {lo} steps = {v_hi / v_lo:.1f}x (steps ratio {hi // lo}x)")
@@ -150,6 +158,8 @@ def main(argv=None):
     for line in targets:
         print("- " + line)
     name = "memory_quick" if args.quick else "memory"
+    if set(strategies) != set(STRATEGIES):
+        name += "_" + "_".join(strategies)
     plot(rows, steps_list, batch, RESULTS / f"{name}.png")
     path = write_json(f"{name}.json", {"rows": rows, "targets": targets, "method": "VmHWM - VmRSS baseline, "
                                        "fresh process per case, after clear_refs=5"})
@@ -162,8 +172,9 @@ def plot(rows, steps_list, batch, path):
     import matplotlib.pyplot as plt
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 4))
-    labels = {"direct": "direct backprop, O(L)", "checkpoint": "checkpoint, O(sqrt L)", "adjoint": "adjoint, O(1)"}
-    for strategy in ("direct", "checkpoint", "adjoint"):
+    labels = {"direct": "direct backprop, O(L)", "checkpoint": "checkpoint, O(sqrt L)", "adjoint": "adjoint, O(1)",
+              "reversible": "reversible rk4, O(1)"}
+    for strategy in STRATEGIES:
         pts = [(r["steps"], r["delta_mib"]) for r in rows if r["strategy"] == strategy and "delta_mib" in r]
         if pts:
             ax.plot(*zip(*pts), "o-", label=labels[strategy])

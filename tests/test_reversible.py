@@ -99,15 +99,22 @@ def test_adaptive_method_at_pinned_steps_has_its_order(method, base):
 
 @pytest.mark.parametrize("method", ["reversible_heun", ReversibleRungeKutta("tsit5"), ReversibleRungeKutta("dopri8")],
                          ids=["heun", "tsit5", "dopri8"])
-def test_adaptive_solve_meets_its_tolerance_and_lands_on_the_outputs(method):
-    t = torch.linspace(0.0, 6.0, 7, dtype=F64)
+def test_adaptive_solve_meets_its_tolerance_at_the_outputs(method):
+    """Reversible Heun lands on the outputs (its dense output is linear); ReversibleRungeKutta interpolates with the
+    base step's continuous extension, within the tolerance too (dense=True as well)."""
+    t = torch.linspace(0.0, 6.0, 25, dtype=F64)
     sol = neuralode.solve(lambda t, y: torch.stack([y[1], -y[0]]), torch.tensor([1.0, 0.0], dtype=F64), t,
-                          method=method, rtol=1e-7, atol=1e-9)
+                          method=method, rtol=1e-7, atol=1e-9, dense=True)
     exact = torch.stack([torch.cos(t), -torch.sin(t)], 1)
     assert sol.status == "success"
     assert (sol.ys - exact).abs().max() < 30 * 1e-7
-    # The outputs are step ends (a linear interpolant between them would cost accuracy).
-    assert sol.stats["n_accepted"] >= len(t) - 1
+    between = torch.linspace(0.1, 5.9, 37, dtype=F64)
+    assert (sol.evaluate(between) - torch.stack([torch.cos(between), -torch.sin(between)], 1)).abs().max() < 30e-7
+    if method != "reversible_heun":
+        # interpolating: the outputs do not change the steps
+        alone = neuralode.solve(lambda t, y: torch.stack([y[1], -y[0]]), torch.tensor([1.0, 0.0], dtype=F64),
+                                t[[0, -1]], method=method, rtol=1e-7, atol=1e-9)
+        assert sol.stats["n_steps"] == alone.stats["n_steps"]
 
 
 def test_reversible_heun_takes_one_evaluation_per_step():
@@ -164,12 +171,16 @@ def test_reversible_gradient_equals_backpropagation(name, structure, times):
 
 
 def test_outputs_between_steps_get_their_share_of_the_gradient():
-    """Interpolated outputs (land_on_outputs=False; a fixed grid off the outputs) are linear in the two step ends
-    around them: their cotangent is split between the two."""
+    """Interpolated outputs: linear in the two step ends around them (reversible Heun with land_on_outputs=False, the
+    leapfrog and fixed grids with interp='linear', the default), their cotangent split between the two; or on
+    ReversibleRungeKutta's continuous extension, pulled back through the base step's stages."""
     field = _Field()
     y0 = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
     t = torch.tensor([0.0, 0.33, 0.71, 1.0], dtype=F64)
-    for method, options in (("reversible_heun", {"land_on_outputs": False}), ("alf", {"step_size": 0.1})):
+    for method, options in (("reversible_heun", {"land_on_outputs": False}), ("alf", {"step_size": 0.1}),
+                            (ReversibleRungeKutta("tsit5"), {}), (ReversibleRungeKutta("dopri8"), {}),
+                            (ReversibleRungeKutta("rk4"), {"step_size": 0.1}),
+                            (ReversibleRungeKutta("rk4"), {"step_size": 0.1, "interp": "cubic"})):
         _, direct = _gradients(method, options, "direct", t, y0, field)
         _, reversible = _gradients(method, options, "reversible", t, y0, field)
         assert _relative_difference(reversible, direct) < 1e-10
@@ -308,6 +319,7 @@ def _solve(**kwargs):
     ({"per_sample": True, "y0": torch.ones(2, 1, dtype=F64)}, "per_sample=True"),
     ({"compile": True}, "compile=True"),
     ({"method": "alf", "options": {"step_size": 0.1, "interp": "cubic"}}, "interp"),
+    ({"method": ReversibleRungeKutta("rk4"), "options": {"step_size": 0.1, "perturb": True}}, "perturb"),
     ({"method": "alf", "options": {"step_size": 0.1, "perturb": True}}, "perturb"),
     ({"gradient": "checkpoint"}, "gradient='reversible'"),
 ])
@@ -348,6 +360,20 @@ def test_dense_output_is_recorded_without_a_graph():
     assert torch.allclose(grad, expected, rtol=1e-10, atol=0)
 
 
+def test_events_are_located_on_the_continuous_extension():
+    """On a linear interpolant the event time was 7e-3 off at rtol 1e-8 with dopri8 as the base (its steps are long)."""
+    w = torch.tensor([[0.3, -1.0], [1.0, -0.2]], dtype=F64)
+    y0 = torch.tensor([[0.5, -0.3]], dtype=F64)
+    times = {}
+    for name, method in (("reference", "dopri8"), ("dopri8", ReversibleRungeKutta("dopri8")),
+                         ("tsit5", ReversibleRungeKutta("tsit5"))):
+        tolerance = 1e-12 if name == "reference" else 1e-8
+        sol = neuralode.solve(lambda t, y: torch.tanh(y @ w), y0, torch.tensor([0.0, 3.0], dtype=F64), method=method,
+                              event_fn=lambda t, y: y[..., 0] - 0.2, rtol=tolerance, atol=tolerance)
+        times[name] = sol.event_t.item()
+    assert abs(times["dopri8"] - times["reference"]) < 1e-7 and abs(times["tsit5"] - times["reference"]) < 1e-7
+
+
 def test_ode_block_takes_a_reversible_method_and_gradient():
     from neuralode.nn import ODEBlock
     field = _Field()
@@ -371,3 +397,89 @@ def test_float32_below_its_resolution_does_not_stall_on_the_gap():
     sol = neuralode.solve(lambda t, y: net(y), torch.randn(16, 2), torch.linspace(0, 1, 5),
                           method=ReversibleRungeKutta("tsit5"))
     assert sol.status == "success" and sol.stats["n_steps"] < 30
+
+
+# --- found by the QA round: each once silently wrong, or a crash ------------------------------------------------
+
+@pytest.mark.parametrize("name", ["reversible_heun", "reversible_tsit5", "alf"])
+def test_a_failed_solve_with_throw_false_differentiates_what_it_returned(name):
+    """y' = y^2 blows up at t = 1: the backward pass starts from the step that reached the last returned output, not
+    from the last (non-finite or huge) state (the gradient was NaN, with a misleading drift warning)."""
+    method, options = METHODS[name]
+    t = torch.tensor([0.0, 0.5, 0.9, 1.5], dtype=F64)
+    grads = []
+    for gradient in ("direct", "reversible"):
+        y0 = torch.ones(1, dtype=F64, requires_grad=True)
+        sol = neuralode.solve(lambda t, y: y ** 2, y0, t, method=method, options=dict(options), gradient=gradient,
+                              throw=False, rtol=1e-6, atol=1e-8)
+        assert sol.status != "success"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sol.ys.sum().backward()
+        grads.append(y0.grad)
+    assert torch.isfinite(grads[1]).all() and _relative_difference([grads[1]], [grads[0]]) < 1e-10
+
+
+@pytest.mark.parametrize("method, options", [
+    (ReversibleRungeKutta("rk4"), {"step_size": 0.05}),
+    (ReversibleRungeKutta("tsit5"), {"first_step": 0.05, "min_step": 0.05}),
+    ("alf", {"step_size": 0.05}),
+], ids=["fixed", "pinned", "alf"])
+def test_an_unstable_fixed_step_solve_fails_instead_of_succeeding(method, options):
+    """Without error control the coupled solutions' gap (ReversibleRungeKutta) or the leapfrog's spurious mode grows
+    on decaying dynamics: y' = -y + sin t ended 0.67 (reversible rk4), 0.13 (pinned tsit5) and 380 (alf) off at
+    t = 20 with status success."""
+    sol = neuralode.solve(lambda t, y: -y + torch.sin(t), torch.ones(1, dtype=F64), torch.tensor([0.0, 20.0], dtype=F64),
+                          method=method, options=options, throw=False)
+    assert sol.status == "failed" and ("came apart" in sol.message or "left f(t, y) behind" in sol.message)
+    # at a span where they are still accurate, they succeed
+    sol = neuralode.solve(lambda t, y: -y + torch.sin(t), torch.ones(1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
+                          method=method, options=options)
+    exact = math.exp(-2.0) * 1.5 + (math.sin(2.0) - math.cos(2.0)) / 2
+    assert sol.status == "success" and abs(sol.ys[-1].item() - exact) < 1e-3
+
+
+def test_restart_after_jump_t_reads_the_field_from_the_right():
+    """A field equal to its left value at the jump (t <= 1): the backward base step's last stage lands on the jump
+    itself, and read the left value there (13,737 evaluations; now as many as without the jump's ambiguity)."""
+    field = lambda t, y: torch.where(t <= 1, torch.ones_like(y), -2 * torch.ones_like(y))   # noqa: E731
+    for t in ([0.0, 2.0], [2.0, 0.0]):
+        sol = neuralode.solve(field, torch.zeros(1, dtype=F64), torch.tensor(t, dtype=F64),
+                              method=ReversibleRungeKutta("tsit5"), rtol=1e-8, atol=1e-10, options={"jump_t": [1.0]})
+        assert sol.stats["nfe"] < 200
+        assert abs(sol.ys[-1].item() - (-1.0 if t[0] == 0 else 1.0)) < 1e-9
+
+
+def test_interpolating_adjoint_is_refused_along_a_linear_dense_output():
+    """It was 1.5e-2 off along ReversibleRungeKutta's former linear dense output; now that one interpolates with the
+    base step's extension and is accepted, while reversible Heun's and the leapfrog's (linear) are refused, and a
+    replay from checkpoints (which lacks the companion) for all."""
+    with pytest.raises(ValueError, match="piecewise-linear dense output"):
+        _solve(method="reversible_heun", gradient=neuralode.Adjoint(interpolate=True))
+    with pytest.raises(ValueError, match="cannot be replayed"):
+        _solve(method=ReversibleRungeKutta("tsit5"), gradient=neuralode.Adjoint(interpolate="checkpoint"))
+    field = _Field()
+    y0 = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    t = torch.linspace(0.0, 2.0, 5, dtype=F64)
+    _, direct = _gradients(ReversibleRungeKutta("dopri8"), {}, "direct", t, y0, field)
+    _, adjoint = _gradients(ReversibleRungeKutta("dopri8"), {}, neuralode.Adjoint(interpolate=True, rtol=1e-10,
+                                                                                   atol=1e-12), t, y0, field)
+    assert _relative_difference(adjoint, direct) < 1e-4
+    from neuralode.nn import ODEBlock
+    with pytest.raises(ValueError, match="piecewise-linear dense output"):
+        ODEBlock(lambda t, y: -y, method="reversible_heun", gradient=neuralode.Adjoint(interpolate=True),
+                 adjoint_params=())
+    # (options=None crashed with an AttributeError here, for every method)
+    ODEBlock(lambda t, y: -y, method="tsit5", gradient=neuralode.Adjoint(interpolate=True), adjoint_params=())
+
+
+def test_reversible_method_names_and_numeric_couplings():
+    sol = neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                          method="reversible_dopri5", gradient="reversible")
+    reference = neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                                method=ReversibleRungeKutta("dopri5"))
+    assert torch.equal(sol.ys, reference.ys)
+    assert ReversibleRungeKutta(coupling=np.float32(0.9)).coupling == pytest.approx(0.9)
+    assert ReversibleRungeKutta(coupling=torch.tensor(0.9)).coupling == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="reversible_' \\+ an explicit Runge-Kutta"):
+        _solve(method="reversible_foo")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field as dataclass_field, replace
 
 import torch
 
-from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
+from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, Status, StepSizeUnderflowError
 from ._numbers import real_number
 from .callbacks import Callbacks, call as call_back
 from .controllers import AdaptiveController, AdaptiveStepping, ErrorNorm, FixedStepping, initial_step
@@ -247,6 +247,10 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         # Fixed grids do not synchronise per step; adaptive steps check their ends, not the outputs interpolated
         # between them, which can read the field where it is not finite (dopri8's extra stages, f(y1) of a Hermite).
         _check_finite_outputs(result, problem, throw, fixed=not stepping.checks_each_step)
+    if result.status == Status.SUCCESS and stats["n_accepted"]:
+        wrong = stepper.final_check(field, direction * tau, y, state, error_norm)
+        if wrong is not None:
+            raise_or_record(result, SolverError(wrong, t=result.final_t), throw)
     stats["nfe"] = field.nfe
     stats.update(stepper.statistics(state))
     return result

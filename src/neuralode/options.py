@@ -18,6 +18,7 @@ from ._numbers import real_number, whole_number
 from .controllers import CONTROLLER_KINDS, AdaptiveController, FixedGrid
 from .methods import REGISTRY, spec_for_object
 from .problem import check_monotone
+from .tableaus import TABLEAUS
 
 FIXED_DEFAULT_INTERP = "linear"
 
@@ -26,8 +27,13 @@ def check_method(method):
     """The :class:`~neuralode.methods.MethodSpec` of ``method``: a name, a ButcherTableau or a Solver object."""
     if not isinstance(method, str):
         return spec_for_object(method)
+    if method.startswith("reversible_") and method not in REGISTRY and method[len("reversible_"):] in TABLEAUS:
+        # "reversible_tsit5": ReversibleRungeKutta("tsit5") with the default coupling, the name it prints
+        from .solvers.reversible import ReversibleRungeKutta
+        return spec_for_object(ReversibleRungeKutta(method[len("reversible_"):]))
     if method not in REGISTRY:
-        raise ValueError(f"unknown method {method!r}.{closest(method, REGISTRY)} Choose one of {list(REGISTRY)}")
+        raise ValueError(f"unknown method {method!r}.{closest(method, REGISTRY)} Choose one of {list(REGISTRY)}, or "
+                         "'reversible_' + an explicit Runge-Kutta method's name (e.g. 'reversible_tsit5')")
     return REGISTRY[method]
 
 

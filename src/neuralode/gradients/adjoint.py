@@ -115,6 +115,15 @@ class Adjoint(GradientStrategy):
         :meth:`run`, and by ODEBlock where it is built)."""
         if not self.interpolate:
             return
+        options = options or {}
+        stepper = spec.make_stepper(options)
+        if getattr(stepper, "reversible", False) and (stepper.linear_dense or self.interpolate == "checkpoint"):
+            why = ("cannot be replayed from a stored y (a step needs its companion as well)"
+                   if self.interpolate == "checkpoint" else "has a piecewise-linear dense output to differentiate "
+                   "along (a gradient 1.5e-2 off at rtol 1e-8 in a test)")
+            raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) with the reversible method {method!r}: it "
+                             f"{why}; use gradient='reversible' (exact, O(1) memory), Adjoint() without interpolate, "
+                             "or an ordinary method")
         if spec.whole_span:
             raise ValueError(f"Adjoint(interpolate={self.interpolate!r}) needs the forward solve's dense output, "
                              f"which method {method!r} does not keep step by step; use an adaptive method "
@@ -127,11 +136,11 @@ class Adjoint(GradientStrategy):
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if self.interpolate not in (False, True, "checkpoint"):
             raise ValueError(f"Adjoint(interpolate=...) must be False, True or 'checkpoint', got {self.interpolate!r}")
+        self.check_forward_method(problem.spec, problem.method, kwargs["options"])
         if self.interpolate == "checkpoint" and not stepper.replayable and not stepper.solves_whole_span:
             raise ValueError(f"Adjoint(interpolate='checkpoint') replays the forward steps of a Runge-Kutta method; "
                              f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
                              "method switching): use interpolate=True, which keeps the whole dense output")
-        self.check_forward_method(problem.spec, problem.method, kwargs["options"])
         if self.callbacks is not None:
             spec = problem.backward.spec
             warn_unsupported(self.callbacks, spec.name, spec.callbacks, adjoint=True)

@@ -1,7 +1,8 @@
 """Reversible backpropagation: the exact gradient of the discrete solve without storing its states.
 
 A reversible method's step has a closed-form inverse (:mod:`neuralode.solvers.reversible`). The forward pass
-runs without a graph and keeps only the last state and the accepted steps' times (two floats a step). The
+runs without a graph and keeps the accepted steps' times (two floats a step) and, per output time, the state of
+the step that reaches it (as many states as outputs; the backward pass starts from the last returned one). The
 backward pass walks the steps from last to first: it rebuilds each step's start from its end by the inverse,
 takes the vector-Jacobian product of the step there (with respect to the state, the method's companion and the
 parameters) and lets the step's graph go. So the gradient is that of the computed numbers, as backpropagation
@@ -69,14 +70,19 @@ class ReversibleAdjoint(GradientStrategy):
 
 
 class _StepRecord:
-    """``on_accept``: the accepted steps' end times (internal) and the last state with the method's companion."""
+    """``on_accept``: the accepted steps' end times (internal) and, for each output time after the first, the state
+    (with the method's companion) at the end of the step that reaches it: ``covering[i - 1] = (steps, y, state)``.
+    The backward pass starts from the one of the last output returned, which is not the last step's when a solve
+    failed with ``throw=False`` (the state there may be NaN) or a fixed grid's outputs stop at a non-finite value.
+    One state per output time, as the outputs themselves."""
 
-    def __init__(self):
-        self.ends, self.last = [], None
+    def __init__(self, output_taus):
+        self.ends, self.covering, self.output_taus = [], [], output_taus
 
     def __call__(self, tau1, y1, state):
         self.ends.append(tau1)
-        self.last = (y1, state)
+        while len(self.covering) < len(self.output_taus) and self.output_taus[len(self.covering)] <= tau1:
+            self.covering.append((len(self.ends), y1, state))
 
 
 class _Drift:
@@ -114,12 +120,12 @@ class _Drift:
 class _ReversibleSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, strategy, problem, stepper, control, kwargs, box, y0, *params):
-        record = _StepRecord()
+        record = _StepRecord([problem.direction * t for t in problem.times[1:]])
         forward_problem = replace(problem, y0=y0.detach(), f0=None if problem.f0 is None else problem.f0.detach())
         with torch.no_grad():
             integration = integrate(forward_problem, stepper, control, on_accept=record, **kwargs)
         box.append(integration)
-        ctx.strategy, ctx.problem, ctx.stepper = strategy, problem, stepper
+        ctx.strategy, ctx.problem, ctx.stepper, ctx.options = strategy, problem, stepper, kwargs["options"]
         ctx.record, ctx.integration = record, integration
         outputs = torch.stack(integration.outputs)
         ctx.save_for_backward(outputs)
@@ -136,11 +142,17 @@ class _ReversibleSolve(torch.autograd.Function):
             return (None,) * 6 + nan_gradients(outputs.shape[1:], outputs.dtype, outputs.device, params)
         field, direction = problem.field, problem.direction
         nfe_before = field.nfe
-        taus = [direction * problem.times[0]] + record.ends       # step k runs from taus[k] to taus[k + 1]
-        # Where each output is: on a step end (all of its cotangent there), or inside step k (the dense output is
-        # linear: y = y_k + theta (y_{k+1} - y_k), as the loop computed it).
+        returned = len(integration.outputs)
+        steps, last = (0, None) if returned < 2 else (record.covering[returned - 2][0], record.covering[returned - 2])
+        taus = [direction * problem.times[0]] + record.ends[:steps]   # step k runs from taus[k] to taus[k + 1]
+        # Where each output is: on a step end (all of its cotangent there), or inside the step from taus[j - 1] to
+        # taus[j]. A linear dense output, y = y_{j-1} + theta (y_j - y_{j-1}) as the loop computed it, splits the
+        # cotangent between the two ends; another goes to the method's reverse step with its theta (``interior``).
         cotangent_at = {}
         on_step_end = {}
+        interior = {}
+        # (a fixed grid interpolates linearly with interp='linear', its default, whatever the method's dense output)
+        linear = stepper.linear_dense or ctx.options.get("interp", "cubic") == "linear"
 
         def add(k, value):
             cotangent_at[k] = value if k not in cotangent_at else cotangent_at[k] + value
@@ -154,16 +166,18 @@ class _ReversibleSolve(torch.autograd.Function):
                 on_step_end[j] = i
             else:
                 theta = (tau - taus[j - 1]) / (taus[j] - taus[j - 1])
-                add(j, theta * grad_outputs[i])
-                add(j - 1, (1 - theta) * grad_outputs[i])
-        steps = len(record.ends)
+                if linear:
+                    add(j, theta * grad_outputs[i])
+                    add(j - 1, (1 - theta) * grad_outputs[i])
+                else:
+                    interior.setdefault(j - 1, []).append((theta, grad_outputs[i]))
         drift = _Drift(problem)
         param_grads = [torch.zeros_like(p) for p in params]
         if steps == 0:
             y, carry = outputs[0], None
             cot_y = cotangent_at.get(0, torch.zeros_like(outputs[0]))
         else:
-            y, state = record.last
+            _, y, state = last
             carry = stepper.reverse_begin(field, y, state)
             cot_y = torch.zeros_like(y)
             cot_carry = stepper.zero_cotangent(y)
@@ -175,7 +189,8 @@ class _ReversibleSolve(torch.autograd.Function):
                 # The start's companion was evaluated at the previous step's t0 + h (the first: at t0 itself).
                 t_start = starts[k - 1] + lengths[k - 1] if k > 0 else problem.times[0]
                 y, carry, cot_y, cot_carry, grads = stepper.reverse_step(
-                    field, starts[k], lengths[k], t_start, y, carry, cot_y, cot_carry, params)
+                    field, starts[k], lengths[k], t_start, y, carry, cot_y, cot_carry, params, fresh=k == 0,
+                    interior=interior.get(k, ()))
                 for g, total in zip(grads, param_grads):
                     total.add_(g)
                 if k in on_step_end:

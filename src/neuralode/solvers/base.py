@@ -74,6 +74,11 @@ class Solver(abc.ABC):
     def statistics(self, state) -> dict:
         return {}
 
+    def final_check(self, func, t, y, state, error_norm) -> str | None:
+        """Why a solve that ended at ``(t, y)`` with the stepper's ``state`` is wrong although every step was accepted,
+        or ``None`` (read once, after the last step; a fixed grid has no error control to catch it)."""
+        return None
+
     def stiff_filter(self, outcome, h: float):
         """``(gamma, solve)`` with ``solve(v) = (I - h gamma J)^{-1} v`` from the factorisation the step used, or
         ``None``: an explicit method's steps are as short as its accuracy needs, so its dense output is not

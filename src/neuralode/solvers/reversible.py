@@ -41,9 +41,11 @@ what a method keeps of a step end while walking back, with a graph where the nex
 cotangents are tuples shaped like the companion.
 
 - ``reverse_begin(func, y, state) -> carry``: from the last accepted step's end.
-- ``reverse_step(func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params) -> (y0, carry0, cot_y0,
+- ``reverse_step(func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params, fresh) -> (y0, carry0, cot_y0,
   cot_carry0, param_cots)``: rebuild the step's start and pull the cotangents back through the step;
-  ``t_start`` is the time at which the start's companion was evaluated (the previous step's ``t0 + h``).
+  ``t_start`` is the time at which the start's companion was evaluated (the previous step's ``t0 + h``);
+  ``fresh``: the step started afresh (the first); ``interior``: ``[(theta, cotangent), ...]`` of outputs inside
+  the step, for a method whose dense output is not linear (``linear_dense`` False).
 - ``reverse_end(func, t0, y0, carry0, cot_y0, cot_carry0, params) -> (cot_y0, param_cots)``: through the
   companion's start from ``y0``.
 """
@@ -52,8 +54,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numbers
+
 import torch
 
+from ..problem import next_after
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Solver
 from .runge_kutta import ExplicitRungeKutta, StepOutcome
@@ -75,6 +80,9 @@ class _Reversible(Solver):
     reversible = True
     reads_derivative = False
     lands_on_outputs = True
+    # The dense output is linear between the step ends (gradient="reversible" splits an interpolated output's
+    # cotangent between them); ReversibleRungeKutta's is not.
+    linear_dense = True
     # A step depends on the companion as well as on y: a replay from a stored y alone would differ.
     replayable = False
 
@@ -122,7 +130,7 @@ class ReversibleHeun(_Reversible):
         yhat, v = state
         return (yhat.detach(), v.detach(), None)   # v's graph is built by the step that ends here
 
-    def reverse_step(self, func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params):
+    def reverse_step(self, func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params, fresh=False, interior=()):
         yhat1, v1, v1_graph = carry1
         cot_yhat1, cot_v1 = cot_carry1
         cot_v1 = cot_v1 + (h / 2) * cot_y1           # y1 = y0 + h (v0 + v1) / 2
@@ -174,17 +182,42 @@ class AsynchronousLeapfrog(_Reversible):
         return False
 
     def step(self, func, t0, y0, f0, h, error_norm, state=None) -> StepOutcome:
-        v0 = f0 if f0 is not None else state
+        # The state: (v, the largest |y| where the solve started afresh), the latter for final_check only.
+        if f0 is not None:
+            v0, start_scale = f0, (y0.detach().abs().amax() if y0.numel() else y0.detach().abs().sum())
+        else:
+            v0, start_scale = state
         k = torch.add(y0, v0, alpha=h / 2)
         u = func(t0 + h / 2, k)
         v1 = 2 * u - v0
         y1 = torch.add(k, v1, alpha=h / 2)
-        return StepOutcome(y1, None, None, None, state=v1)
+        return StepOutcome(y1, None, None, None, state=(v1, start_scale))
+
+    def final_check(self, func, t, y, state, error_norm) -> str | None:
+        # The companion v estimates f(t, y). On a decaying mode the leapfrog's other mode grows by about
+        # 1 + h |lambda| a step (y' = -y, h = 0.05: 3e8-fold by t = 20) and v leaves f behind: one evaluation at the
+        # end tells, where nothing else would (status success with y at 1e18 on y' = -5 y + sin t). A mismatch
+        # above 10% of the solution's scale (|f|, |y| and |y| at the start) fails the solve: the spurious mode then
+        # grows by a constant factor a step and swamps y soon (y' = -y + sin t, h = 0.05: 30% of |y| at t = 5 with y
+        # still 1e-4 off; 2e3-fold off by t = 20).
+        v, start_scale = state
+        with torch.no_grad():
+            if not y.numel():
+                return None
+            f = func(t, y)
+            mismatch = (v - f).abs()
+            scale = f.abs().amax() + y.abs().amax() + start_scale
+            if not bool(mismatch.amax() > 0.1 * scale + torch.as_tensor(error_norm.atol).amax()):
+                return None
+        return (f"the leapfrog's companion v left f(t, y) behind (largest |v - f| = {float(mismatch.max()):.3g} at the "
+                f"end, against |f| up to {float(f.abs().max()):.3g}): the asynchronous leapfrog is stable only where "
+                "the dynamics oscillate, and grows a spurious mode where they decay. Use "
+                "neuralode.solvers.ReversibleRungeKutta('tsit5') (also reversible), or an ordinary method")
 
     def reverse_begin(self, func, y, state):
-        return state.detach()
+        return state[0].detach()
 
-    def reverse_step(self, func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params):
+    def reverse_step(self, func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params, fresh=False, interior=()):
         v1 = carry1
         (cot_v1,) = cot_carry1
         with torch.no_grad():
@@ -229,6 +262,10 @@ class ReversibleRungeKutta(_Reversible):
 
     base: object = "tsit5"
     coupling: float = 0.999
+    # Its dense output is the base step's (below), as accurate as the base method's: it interpolates at output times
+    # as the explicit methods do, instead of landing on them.
+    lands_on_outputs = False
+    linear_dense = False
 
     stall_hint = ("With coupling lam, a mode that decays at rate |lambda| needs steps with R(h lambda) >= lam (R the "
                   "base method's stability function, about h |lambda| <= 1 - lam), or the gap between the two coupled "
@@ -247,7 +284,9 @@ class ReversibleRungeKutta(_Reversible):
             raise TypeError(f"ReversibleRungeKutta(base=...) must be a method name or a ButcherTableau, got "
                             f"{type(base).__name__}")
         coupling = self.coupling
-        if isinstance(coupling, bool) or not isinstance(coupling, (int, float)) or not 0 < coupling <= 1:
+        if isinstance(coupling, torch.Tensor) and coupling.numel() == 1 and not coupling.dtype.is_complex:
+            coupling = coupling.item()
+        if isinstance(coupling, bool) or not isinstance(coupling, numbers.Real) or not 0 < coupling <= 1:
             raise ValueError(f"ReversibleRungeKutta(coupling=...) must be a number in (0, 1] (diffrax's default "
                              f"0.999), got {coupling!r}")
         object.__setattr__(self, "_stepper", ExplicitRungeKutta(base))
@@ -269,15 +308,28 @@ class ReversibleRungeKutta(_Reversible):
     def initial_step_order(self) -> int:
         return self._stepper.initial_step_order
 
-    def _base_step(self, func, t0, y0, h, error_norm=None):
-        return self._stepper.step(func, t0, y0, func(t0, y0), h, error_norm)
+    def _base_step(self, func, t0, y0, h, error_norm=None, f0=None):
+        return self._stepper.step(func, t0, y0, func(t0, y0) if f0 is None else f0, h, error_norm)
+
+    @staticmethod
+    def _from_the_right(func, t0, t1):
+        """``func`` with an evaluation at ``t0`` itself, or past it (rounding: the stage time ``(t0 + h) - h``), moved
+        to one representable time inside the step: a step that starts afresh (after a ``jump_t``) must not read
+        ``f`` at the jump, and the backward base step's last stage lands there (an ordinary step's stages never
+        do). Harmless at a solve's first step."""
+        inside = next_after(t0, t1, getattr(func, "time_dtype", torch.float64))
+        forwards = t1 > t0
+        return lambda t, y: func(inside if (t <= t0 if forwards else t >= t0) else t, y)
 
     def step(self, func, t0, y0, f0, h, error_norm, state=None) -> StepOutcome:
-        z0 = y0 if f0 is not None else state
-        forward = self._base_step(func, t0, z0, h).y1
-        y1 = torch.add(forward, y0 - z0, alpha=self.coupling)
-        backward = self._base_step(func, t0 + h, y1, -h, error_norm if self._stepper.adaptive else None)
+        fresh = f0 is not None
+        z0 = y0 if fresh else state
+        base = self._base_step(func, t0, z0, h, f0=f0)
+        y1 = torch.add(base.y1, y0 - z0, alpha=self.coupling)
+        back_field = self._from_the_right(func, t0, t0 + h) if fresh else func
+        backward = self._base_step(back_field, t0 + h, y1, -h, error_norm if self._stepper.adaptive else None)
         z1 = y1 + z0 - backward.y1
+        stages = (z0, base)
         ratio = backward.error_ratio
         if ratio is not None:
             # The error ratio is the larger of the step Psi_{-h}(t1, y1)'s own estimate (diffrax's UReversible stops
@@ -295,18 +347,53 @@ class ReversibleRungeKutta(_Reversible):
                                                              if self.coupling < 1 else 0.0)
                 allowed = torch.maximum(error_norm(y0 - z0, y0, y1), error_norm(scale, y0, y1)).clamp_min(1)
                 ratio = torch.maximum(ratio, error_norm(y1 - z1, y0, y1) / allowed)
-        return StepOutcome(y1, None, ratio, self._stepper.tableau.error_order, state=z1)
+        return StepOutcome(y1, None, ratio, self._stepper.tableau.error_order, stages=stages, state=z1)
+
+    def _base_dense(self, func, t0, z0, h, base, stacked=True) -> list:
+        """The base step ``Psi_h(t0, z0)``'s dense coefficients (one more evaluation, at its end, for a base method
+        that is not FSAL; dopri8's three extra stages)."""
+        f1 = base.f1 if base.f1 is not None else func(t0 + h, base.y1)
+        return self._stepper.dense_coefficients(func, t0, z0, h, base, f1, stacked)
+
+    def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
+        """``y(t0 + theta h) = Psi_theta(z0) + (1 + theta (lam - 1)) (y0 - z0)``: the base step's continuous extension
+        from ``z0`` plus the coupling term, equal to ``y0`` at theta = 0 and to ``y1`` at theta = 1, and as accurate
+        between them as the base method's dense output (the gap ``y0 - z0`` being within the tolerance). A linear
+        interpolant left event times 7e-3 off at rtol 1e-8 with dopri8 as the base."""
+        z0, base = outcome.stages
+        coefficients = self._base_dense(func, t0, z0, h, base, stacked)
+        gap = y0 - z0
+        return [y0, coefficients[1] + (self.coupling - 1) * gap, *coefficients[2:]]
+
+    def final_check(self, func, t, y, state, error_norm) -> str | None:
+        # On a fixed grid (or at steps pinned at min_step) nothing rejects a step whose gap grew: with coupling 0.999
+        # and rk4 at h = 0.05, y' = -y + sin t ended 0.67 off at t = 20 and 2e8 at t = 40 with status success, where
+        # rk4 alone is 1e-8 off. A gap above half the largest |y| (+ atol) at the end means the two solutions came
+        # apart (there: 1.38 against |y| ~ 0.5; 3.7e-5 off at t = 10, passed); below that the gap can be a low-order
+        # base method's own error (reversible Euler at h = 0.125: 13% of |y|, its error as large). Compared over the
+        # whole state: a component passing through 0 made an elementwise test fail Euler's ordinary gap.
+        if not y.numel():
+            return None
+        gap = (y - state).abs()
+        if not bool(gap.amax() > 0.5 * y.abs().amax() + torch.as_tensor(error_norm.atol).amax()):
+            return None
+        return (f"the reversible method's two coupled solutions came apart (largest gap |y - z| = "
+                f"{float(gap.max()):.3g} at the end, against |y| up to {float(y.abs().max()):.3g}): with coupling "
+                f"{self.coupling}, a decaying mode is stable only for steps with about h |lambda| <= 1 - coupling, "
+                "and these steps had no error control to shrink them. Use an adaptive base method (e.g. 'tsit5'), "
+                "a lower coupling (e.g. 0.9), or shorter steps")
 
     def reverse_begin(self, func, y, state):
         return state.detach()
 
-    def reverse_step(self, func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params):
+    def reverse_step(self, func, t0, h, t_start, y1, carry1, cot_y1, cot_carry1, params, fresh=False, interior=()):
         z1 = carry1
         (cot_z1,) = cot_carry1
         lam = self.coupling
         with torch.enable_grad():
             y1_leaf = _leaf(y1)
-            backward = self._base_step(func, t0 + h, y1_leaf, -h).y1
+            backward = self._base_step(self._from_the_right(func, t0, t0 + h) if fresh else func, t0 + h, y1_leaf,
+                                       -h).y1
         # z1 = y1 + z0 - Psi_{-h}(t1, y1)
         grads = _vjp(backward, (y1_leaf, *params), -cot_z1)
         cot_y1 = cot_y1 + cot_z1 + grads[0]
@@ -315,11 +402,22 @@ class ReversibleRungeKutta(_Reversible):
             z0 = z1 - y1 + backward.detach()
         with torch.enable_grad():
             z0_leaf = _leaf(z0)
-            forward = self._base_step(func, t0, z0_leaf, h).y1
+            base = self._base_step(func, t0, z0_leaf, h)
+            forward = base.y1
+            outputs, cotangents = [forward], [cot_y1]
+            if interior:
+                # y(theta) = sum_{m >= 1} theta^m c_m(z0) + (1 + theta (lam - 1)) y0 - theta (lam - 1) z0: the
+                # cotangents of the outputs inside the step weight the coefficients c_m.
+                coefficients = self._base_dense(func, t0, z0_leaf, h, base)
+                outputs += coefficients[1:]
+                cotangents += [sum(theta ** m * cot for theta, cot in interior) for m in range(1, len(coefficients))]
         # y1 = lam (y0 - z0) + Psi_h(t0, z0)
-        grads = _vjp(forward, (z0_leaf, *params), cot_y1)
+        grads = _vjp(outputs, (z0_leaf, *params), cotangents)
         cot_y0 = lam * cot_y1
         cot_z0 = cot_z1 - lam * cot_y1 + grads[0]
+        for theta, cot in interior:
+            cot_y0 = cot_y0 + (1 + theta * (lam - 1)) * cot
+            cot_z0 = cot_z0 - theta * (lam - 1) * cot
         param_cots = [a + b for a, b in zip(param_cots, grads[1:])]
         with torch.no_grad():
             y0 = (y1 - forward.detach()) / lam + z0

@@ -247,7 +247,8 @@ def integrate(problem, stepper, control, *, options: dict, events: list | tuple 
         # Fixed grids do not synchronise per step; adaptive steps check their ends, not the outputs interpolated
         # between them, which can read the field where it is not finite (dopri8's extra stages, f(y1) of a Hermite).
         _check_finite_outputs(result, problem, throw, fixed=not stepping.checks_each_step)
-    if result.status == Status.SUCCESS and stats["n_accepted"]:
+    if result.status in (Status.SUCCESS, Status.EVENT) and stats["n_accepted"]:
+        # (after a terminal event too: a spurious one can be the symptom, y and state being the firing step's start)
         wrong = stepper.final_check(field, direction * tau, y, state, error_norm)
         if wrong is not None:
             raise_or_record(result, SolverError(wrong, t=result.final_t), throw)

@@ -230,7 +230,8 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                       "gradient='adjoint' to differentiate it", UserWarning, stacklevel=3)
     if dense and not isinstance(strategy, Direct) and torch.is_grad_enabled() and _wants_gradient(func, y0):
         # ys are differentiated by the strategy; the interpolants are recorded without a graph.
-        warnings.warn(f"with gradient={type(strategy).__name__.lower()!r} the dense output carries no gradient: "
+        name = type(strategy).__name__.lower().replace("reversibleadjoint", "reversible")
+        warnings.warn(f"with gradient={name!r} the dense output carries no gradient: "
                       "Solution.evaluate returns values detached from y0 and the parameters (ys are differentiable "
                       "as usual); use gradient='direct' to differentiate dense output", UserWarning, stacklevel=3)
 

@@ -20,7 +20,7 @@ When *not* to use each: ``Direct`` runs out of memory on long solves with big ve
 backwards (dissipative or chaotic ones) its gradient can be far off; prefer ``Adjoint(interpolate=True)``
 (y(t) from the forward dense output) or ``Checkpoint`` there.
 ``Checkpoint`` costs one extra forward solve. ``ReversibleAdjoint`` rebuilds the states by undoing the steps, which
-amplifies rounding where the dynamics contract strongly (warned when it does).
+amplifies rounding where the dynamics grow strongly (warned when it does).
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def test_an_affect_that_returns_the_wrong_state_is_named():
         solve_with(lambda t, y: (y,))
     with pytest.raises(TypeError, match=r"Event affect must be callable"):
         neuralode.Event(lambda t, y: y[0], affect=1.0)
-    with pytest.raises(TypeError, match=r"affect is called as affect\(t, y\).*does not take two arguments"):
+    with pytest.raises(TypeError, match=r"affect is called as affect\(t, y\).*takes neither two nor three"):
         neuralode.Event(lambda t, y: y[0], affect=lambda y: y)
     with pytest.raises(ValueError, match=r"Event tol cannot be combined with an affect"):
         neuralode.Event(lambda t, y: y[0], affect=lambda t, y: y, tol=1e-3)
@@ -276,3 +276,32 @@ def test_different_elements_firing_a_rounding_apart_are_no_zeno_point():
                                                                           affect=reset_the_one_that_fired)])
     expected = sum(int(3.0 / math.log(i / (i - 1.0))) for i in (2.0, 2.0, 3.0))
     assert sol.success and len(sol.events) == expected == 15
+
+
+def test_an_affect_with_three_arguments_is_told_which_elements_fired():
+    """Integrate-and-fire neurons v' = I (threshold 1, reset to 0): affect(t, v, fired) resets only the neurons that
+    fired (SciML's affect!(integrator, idx)); each then spikes at multiples of 1 / I, so v(T) = frac(I T)."""
+    seen = []
+
+    def reset_fired(t, v, fired):
+        seen.append(fired.clone())
+        return torch.where(fired, torch.zeros_like(v), v)
+
+    drive = torch.tensor([1.0, 1.7, 0.3], dtype=F64)
+    end = 2.5
+    sol = neuralode.solve(lambda t, v: drive.clone(), torch.zeros(3, dtype=F64), torch.tensor([0.0, end], dtype=F64),
+                          rtol=1e-10, atol=1e-10, events=[neuralode.Event(lambda t, v: v - 1.0, direction=1,
+                                                                          affect=reset_fired)])
+    expected = torch.frac(drive * end)
+    assert torch.allclose(sol.ys[-1], expected, atol=1e-8)
+    # one neuron at a time (their spike times differ), each mask of the event function's shape
+    assert all(mask.shape == (3,) and mask.dtype == torch.bool and int(mask.sum()) == 1 for mask in seen)
+    assert len(seen) == int(1.0 * end) + int(1.7 * end) + int(0.3 * end) == 6
+    # a scalar event function: a 0-dim mask
+    masks = []
+    ball = neuralode.solve(lambda t, y: torch.stack([y[1], torch.tensor(-9.81, dtype=F64)]),
+                           torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), rtol=1e-9,
+                           atol=1e-9, events=[neuralode.Event(lambda t, y: y[0], direction=-1,
+                                                              affect=lambda t, y, fired: masks.append(fired) or
+                                                              torch.stack([y[0], -0.5 * y[1]]))])
+    assert ball.success and masks and all(m.shape == () and bool(m) for m in masks)

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 
 from ._errors import MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
 from .interpolation import PiecewiseDense
-from .problem import below_time_resolution
+from .problem import below_time_resolution, takes_arguments
 
 
 def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, options: dict, controller, dense: bool,
@@ -93,7 +93,8 @@ def solve_with_jumps(solve_stretch, func, y0, t, events, *, adaptive: bool, opti
                 "the solve there with a terminal event, or change the affect", t=end)
             break
         try:
-            y_start = y_jumped = _apply_affects([events[k] for k in sorted(jumping)], event_t, solution.event_y)
+            y_start = y_jumped = _apply_affects([(events[k], crossed[k][1]) for k in sorted(jumping)], event_t,
+                                                solution.event_y)
         except NonFiniteError as error:
             failure = error
             break
@@ -137,20 +138,22 @@ def _state_time(event_t, y):
 
 
 def _apply_affects(affecting, event_t, event_y):
-    """The state after the affects of ``affecting`` (the events that occurred at ``event_t``, in the order given),
-    each applied to the state the one before left; checked against the state's structure, shapes and dtype."""
+    """The state after the affects of ``affecting`` (``(event, fired)`` for the events that occurred at ``event_t``,
+    in the order given, ``fired`` the mask of its function's elements that fired), each applied to the state the one
+    before left; checked against the state's structure, shapes and dtype."""
     state = event_y
-    for event in affecting:
-        state = _apply_affect(event, _state_time(event_t, state), state, float(event_t.detach()))
+    for event, fired in affecting:
+        state = _apply_affect(event, _state_time(event_t, state), state, float(event_t.detach()), fired)
     return state
 
 
-def _apply_affect(event, t, state, t_float):
+def _apply_affect(event, t, state, t_float, fired):
     name = f" {event.name!r}" if event.name else ""
     # A copy: an affect that changes y in place (SciML's affect!) must not write into the solve's own tensors, which
     # the backward pass still needs; one that returns None has made its changes in place.
     given = pytree.tree_map(lambda x: x.clone(), state)
-    new = event.affect(t, given)
+    # affect(t, y, fired) where it takes a third argument (SciML's affect!(integrator, idx)), else affect(t, y)
+    new = event.affect(t, given, fired) if takes_arguments(event.affect, 3) else event.affect(t, given)
     new = given if new is None else new
     old_leaves, spec = pytree.tree_flatten(state)
     try:

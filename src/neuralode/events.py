@@ -55,8 +55,9 @@ class Event:
         ``affect(t, y) -> y_new``: at each occurrence the state jumps to ``y_new`` (the state's structure, shapes and
         dtype) and the solve goes on from there (SciML's ``ContinuousCallback`` with an ``affect!``: a ball's
         bounce, a dose, a reset). ``affect(t, y, fired)`` also receives which elements of ``fn``'s value fired: a
-        bool tensor of its shape (SciML's ``affect!(integrator, idx)``; reset only the neurons that spiked). The solve restarts at the event time (a new first step), so outputs after it
-        follow the new state; an output time equal to the event time gets the state after the jump. Every
+        bool tensor of its shape (SciML's ``affect!(integrator, idx)``; reset only the neurons that spiked). The
+        solve restarts at the event time (a new first step), so outputs after it follow the new state; an output
+        time equal to the event time gets the state after the jump. Every
         gradient strategy differentiates through the jumps: through ``affect``, the event times and the state
         there. Not applied at an occurrence that stops the solve (``terminal``): there ``event_y`` is the state
         reached.
@@ -106,9 +107,9 @@ def _check_affect(affect, tol) -> None:
     if not callable(affect):
         raise TypeError(f"Event affect must be callable as affect(t, y) -> new state, got {type(affect).__name__}")
     if not (takes_arguments(affect, 2) or takes_arguments(affect, 3)):
-        raise TypeError("Event affect is called as affect(t, y), or affect(t, y, fired) with the bool mask of the event "
-                        "function's elements that fired, and returns the new state (or changes y in place and returns "
-                        "None); it takes neither two nor three arguments")
+        raise TypeError("Event affect is called as affect(t, y), or affect(t, y, fired) with the bool mask of the "
+                        "event function's elements that fired, and returns the new state (or changes y in place and "
+                        "returns None); it takes neither two nor three arguments")
     if tol is not None:
         raise ValueError("Event tol cannot be combined with an affect: the state jumps where the event is located, "
                          "so it is located to rounding (a root located within tol would put the jump past it: a "

@@ -366,8 +366,8 @@ def test_dense_output_is_recorded_without_a_graph():
     y0 = torch.randn(2, 3, dtype=F64, generator=torch.Generator().manual_seed(4), requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=F64)
     with pytest.warns(UserWarning, match="dense output carries no gradient"):
-        sol = neuralode.solve(field, y0, t, method="reversible_heun", gradient="reversible", dense=True)
-    reference = neuralode.solve(field, y0, t, method="reversible_heun", dense=True)
+        sol = neuralode.solve(field, y0, t, method="reversible_tsit5", gradient="reversible", dense=True)
+    reference = neuralode.solve(field, y0, t, method="reversible_tsit5", dense=True)
     assert torch.equal(sol.evaluate(0.37), reference.evaluate(0.37).detach())
     (grad,) = torch.autograd.grad(sol.ys.sum(), y0)
     (expected,) = torch.autograd.grad(reference.ys.sum(), y0)
@@ -425,7 +425,7 @@ def test_a_failed_solve_with_throw_false_differentiates_what_it_returned(name):
     for gradient in ("direct", "reversible"):
         y0 = torch.ones(1, dtype=F64, requires_grad=True)
         sol = neuralode.solve(lambda t, y: y ** 2, y0, t, method=method, options=dict(options), gradient=gradient,
-                              throw=False, rtol=1e-6, atol=1e-8)
+                              throw=False, rtol=1e-5, atol=1e-7)
         assert sol.status != "success"
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -766,7 +766,7 @@ def _stiffness_hint(stepper, field, t: float, y: torch.Tensor, h: float) -> str:
     with a dozen Jacobian-vector products, paid only on this failure path)."""
     if stepper.implicit or y.numel() == 0:
         return ""
-    if stepper.reversible:
+    if stepper.stall_hint:
         return ". " + stepper.stall_hint
     try:
         rho = spectral_radius(field.evaluate, t, y)

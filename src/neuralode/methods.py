@@ -246,8 +246,9 @@ def spec_for_object(method) -> MethodSpec:
     name = method.tableau.name if isinstance(method, ExplicitRungeKutta) else getattr(method, "name",
                                                                                      type(method).__name__)
     description = getattr(getattr(method, "tableau", None), "reference", "") or f"user solver {name}"
-    # (a reversible method with its own dense output, ReversibleRungeKutta, may interpolate with it: 'interp')
-    fixed = (FIXED_OPTIONS - {"perturb"} if not getattr(method, "linear_dense", True) else REVERSIBLE_FIXED_OPTIONS
-             ) if method.reversible else FIXED_OPTIONS
+    fixed = FIXED_OPTIONS
+    if method.reversible:
+        # (one with its own dense output, ReversibleRungeKutta, may interpolate with it: 'interp')
+        fixed = REVERSIBLE_FIXED_OPTIONS if method.linear_dense else FIXED_OPTIONS - {"perturb"}
     return MethodSpec(name, method.adaptive, lambda options, _solver=method: _solver,
                       ADAPTIVE_OPTIONS if method.adaptive else fixed, description)

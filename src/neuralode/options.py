@@ -186,11 +186,12 @@ class BackwardSettings:
 def backward_settings(strategy, forward_spec, forward_options, forward_controller) -> BackwardSettings:
     """Parse an :class:`~neuralode.gradients.Adjoint`'s settings against the forward ones."""
     spec = check_method(strategy.method) if strategy.method is not None else forward_spec
-    if strategy.method is None and getattr(forward_spec.make_stepper(forward_options), "reversible", False):
+    forward_stepper = forward_spec.make_stepper(forward_options) if strategy.method is None else None
+    if forward_stepper is not None and forward_stepper.reversible:
         # The backward solve needs no reversibility, and a reversible method's costs (two base steps a step, the
         # coupled solutions' gap control) bought nothing there: 8,593 backward evaluations with ReversibleRungeKutta
         # ("dopri8") against 261 with dopri8 itself. Its ordinary counterpart of the same order instead.
-        spec = check_method(forward_spec.make_stepper(forward_options).ordinary_counterpart)
+        spec = check_method(forward_stepper.ordinary_counterpart)
     if strategy.options is not None:
         options = check_options(spec, strategy.options)
         norm = options.get("norm")

@@ -53,6 +53,9 @@ class Solver(abc.ABC):
     lands_on_outputs = False
     reads_derivative = True
     reversible = False
+    # What to say when the steps stall (max_num_steps, a collapsing step), instead of the stiffness probe: a method
+    # whose stability limits are its own (the reversible ones). None: the loop probes for stiffness.
+    stall_hint = None
 
     @property
     @abc.abstractmethod

@@ -58,6 +58,7 @@ import numbers
 
 import torch
 
+from ..interpolation import linear_coefficients
 from ..problem import next_after
 from ..tableaus import TABLEAUS, ButcherTableau
 from .base import Solver
@@ -93,7 +94,7 @@ class _Reversible(Solver):
                   "neuralode.solvers.ReversibleRungeKutta('tsit5') (also reversible), or an ordinary method")
 
     def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
-        return [y0, outcome.y1 - y0]
+        return linear_coefficients(y0, outcome.y1)
 
 
 @dataclass(frozen=True, eq=False)

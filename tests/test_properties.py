@@ -53,6 +53,7 @@ from hypothesis.control import currently_in_test_context
 
 import neuralode
 from neuralode.methods import REGISTRY
+from neuralode.tableaus.splitting import SPLITTING_METHODS
 from neuralode.tableaus import TABLEAUS
 from neuralode.tableaus.implicit import IMPLICIT_TABLEAUS
 
@@ -97,7 +98,13 @@ ADAPTIVE = tuple(m for m in METHODS if REGISTRY[m].adaptive)
 # The leapfrog ("alf") is stable only where the dynamics oscillate and its dense output is linear whatever 'interp'
 # says, so the fixed-step sweep over random linear systems with cubic output does not apply; tests/test_reversible.py
 # measures its order.
-FIXED = tuple(m for m in METHODS if not REGISTRY[m].adaptive and m != "alf")
+# The symplectic splitting methods need a separable state (q, p) and 'leapfrog_midpoint' grows a spurious mode on
+# decaying dynamics (both with linear output only): tests/test_symplectic.py measures their orders.
+NOT_GENERAL = {"alf", "leapfrog_midpoint", *SPLITTING_METHODS}
+FIXED = tuple(m for m in METHODS if not REGISTRY[m].adaptive and m not in NOT_GENERAL)
+# The methods for a state of any structure (the splitting methods take pairs (q, p) only; test_symplectic.py runs
+# them through the same failure sweeps with pairs).
+GENERAL = tuple(m for m in METHODS if m not in SPLITTING_METHODS)
 RUNGE_KUTTA = tuple(m for m in METHODS if m in TABLEAUS)  # one-step methods: checkpointing replays them
 # Convergence order of the fixed-step methods (at least this: implicit_adams runs up to order 12).
 ORDER = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4, "explicit_adams": 4,
@@ -381,7 +388,7 @@ def test_tuple_state(method, problem, data, times):
 EMPTY_SHAPES = [(0,), (3, 0), (0, 2)]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", GENERAL)
 @examples(3)
 @given(shape=st.sampled_from(EMPTY_SHAPES), times=output_times(min_len=1))
 def test_empty_state(method, shape, times):
@@ -505,7 +512,7 @@ def _fixed_options(method, span):
 SOLVE_TIME_LIMIT = 10.0  # seconds; these solves take well under one
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", GENERAL)
 @examples(3)
 @given(tol=st.floats(-5.0, -3.0).map(lambda e: 10.0 ** e), c=st.floats(0.5, 2.0), y0=st.floats(0.5, 2.0),
        t0=st.floats(-1.0, 1.0), direction=st.sampled_from([1.0, -1.0]),
@@ -531,7 +538,7 @@ def test_blow_up_is_never_success(method, tol, c, y0, t0, direction, before, aft
         assert sol.ys.shape[0] >= 1 + len(before)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", GENERAL)
 @examples(3)
 @given(problem=linear_systems(max_dim=3), times=output_times(min_len=3),
        where=st.floats(0.1, 0.9))
@@ -708,7 +715,7 @@ def test_checkpoint_equals_direct_for_every_runge_kutta_method(method, field, ti
 # --- odeint == solve -------------------------------------------------------------------------------
 
 @examples(14)
-@given(method=st.sampled_from((None,) + METHODS), problem=linear_systems(), times=output_times(min_len=1),
+@given(method=st.sampled_from((None,) + GENERAL), problem=linear_systems(), times=output_times(min_len=1),
        rtol=log_tolerance, atol=log_tolerance, step=st.floats(0.02, 0.3), on_output_grid=st.booleans())
 def test_odeint_and_solve_agree_bit_for_bit(method, problem, times, rtol, atol, step, on_output_grid):
     """odeint, odeint_adjoint and solve (with the same method, tolerances and options; odeint's default

@@ -13,6 +13,7 @@ import torch
 
 import neuralode
 from neuralode import NonFiniteError
+from neuralode.tableaus.splitting import SPLITTING_METHODS
 
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
@@ -56,7 +57,7 @@ def robertson(t, y):
 
 ADAPTIVE = [m for m in neuralode.METHODS if neuralode.methods.REGISTRY[m].adaptive and m != "scipy_solver"]
 # No checkpointing: multistep history, scipy's own loop, or (auto) a method switch a replay would not repeat.
-MULTISTEP = ("adams", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "auto")
+MULTISTEP = ("adams", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver", "auto", "leapfrog_midpoint")
 
 
 @pytest.mark.parametrize("method", [m for m in ADAPTIVE if m != "fehlberg2"])
@@ -307,19 +308,24 @@ def test_complex32_is_a_clear_error():
 @pytest.mark.parametrize("shape", [(0,), (3, 0)])
 def test_empty_state(method, shape):
     """Defect 9: a state with 0 elements ended in 'cannot reshape tensor of 0 elements' in the stepper."""
-    reversible = method in ("reversible_heun", "alf")
-    gradients = ["direct", "adjoint"] + ([] if method in MULTISTEP or reversible else ["checkpoint"])
+    pair = method in SPLITTING_METHODS   # (a symplectic method takes a pair (q, p): both parts empty)
+    reversible = method in ("reversible_heun", "alf") or pair
+    gradients = ["direct", "adjoint"] + ([] if method in MULTISTEP or (reversible and not pair) else ["checkpoint"])
     gradients += ["reversible"] if reversible else []
     scipy = method == "scipy_solver"  # no graph under 'direct' (as torchdiffeq) and no dense output when empty
     for gradient in (["adjoint"] if scipy else gradients):
         y0 = torch.zeros(shape, requires_grad=True)
-        sol = neuralode.solve(lambda t, y: -y, y0, torch.linspace(0, 1, 3), method=method,
-                              options=EVERY_METHOD_OPTIONS[method], gradient=gradient, dense=not scipy)
-        assert sol.ys.shape == (3, *shape) and sol.status == "success"
+        sol = neuralode.solve((lambda t, y: (y[1], -y[0])) if pair else (lambda t, y: -y), (y0, y0) if pair else y0,
+                              torch.linspace(0, 1, 3), method=method, options=EVERY_METHOD_OPTIONS[method],
+                              gradient=gradient, dense=not scipy)
+        ys = sol.ys[0] if pair else sol.ys
+        assert ys.shape == (3, *shape) and sol.status == "success"
         if not scipy:
-            assert sol.evaluate(0.3).shape == shape
-        sol.ys.sum().backward()
+            assert (sol.evaluate(0.3)[0] if pair else sol.evaluate(0.3)).shape == shape
+        ys.sum().backward()
         assert y0.grad.shape == shape
+    if pair:
+        return
     ys = neuralode.odeint(lambda t, y: (-y[0], -y[1]), (torch.zeros(0), torch.zeros(2, 0)), torch.linspace(0, 1, 3),
                           method=method, options=EVERY_METHOD_OPTIONS[method])
     assert ys[0].shape == (3, 0) and ys[1].shape == (3, 2, 0)

@@ -225,6 +225,37 @@ REGISTRY["alf"] = MethodSpec(
     "Zhuang, Dvornek, Tatikonda and Duncan, ICLR 2021; torchdyn's 'alf'); exact O(1)-memory gradients with "
     "gradient='reversible'")
 
+# --- symplectic splitting methods for separable systems y = (q, p), q' = f(t, p), p' = g(t, q) ---------------------
+# Fixed steps (a controller would break the symplectic structure); dense output linear, as the reversible methods'.
+def _symplectic(name):
+    def make(options):
+        from .solvers.symplectic import Symplectic
+        return Symplectic(name)
+    return make
+
+
+def _leapfrog_midpoint(options):
+    from .solvers.symplectic import LeapfrogMidpoint
+    return LeapfrogMidpoint()
+
+
+for _name, _description in (
+        ("semi_implicit_euler", "Symplectic (semi-implicit) Euler for separable y0=(q, p): order 1, two evaluations "
+                                "a step (diffrax's SemiImplicitEuler)"),
+        ("leapfrog", "Stoermer-Verlet kick-drift-kick leapfrog for separable y0=(q, p): symplectic, order 2, two "
+                     "evaluations a step, reversible (gradient='reversible')"),
+        ("yoshida4", "Forest-Ruth/Yoshida triple-jump composition of leapfrogs for separable y0=(q, p): symplectic, "
+                     "order 4, six evaluations a step, reversible"),
+        ("mclachlan4", "McLachlan's 6-stage symmetric splitting for separable y0=(q, p): symplectic, order 4 with "
+                       "small error constants, ten evaluations a step, reversible"),
+        ("yoshida6", "Yoshida's seven-leapfrog composition for separable y0=(q, p): symplectic, order 6, fourteen "
+                     "evaluations a step, reversible")):
+    REGISTRY[_name] = MethodSpec(_name, False, _symplectic(_name), REVERSIBLE_FIXED_OPTIONS, _description)
+REGISTRY["leapfrog_midpoint"] = MethodSpec(
+    "leapfrog_midpoint", False, _leapfrog_midpoint, REVERSIBLE_FIXED_OPTIONS,
+    "The leapfrog/midpoint two-step method y_{n+1} = y_{n-1} + 2h f(t_n, y_n), started by Euler: order 2, one "
+    "evaluation a step (diffrax's LeapfrogMidpoint; weakly unstable on decaying dynamics)")
+
 REGISTRY["adams"] = MethodSpec(
     "adams", True, _adams, ADAPTIVE_OPTIONS | {"max_order", "max_iters"},
     "Variable-step, variable-order Adams-Bashforth-Moulton predictor-corrector with error control")

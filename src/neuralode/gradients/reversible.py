@@ -33,9 +33,11 @@ from .base import GradientStrategy, RunResult, collect_parameters, nan_gradients
 class ReversibleAdjoint(GradientStrategy):
     """Exact gradients of the discrete solve in O(1) memory, for the reversible methods.
 
-    The methods: ``"reversible_heun"``, ``"alf"`` (fixed steps) and
+    The methods: ``"reversible_heun"``, ``"alf"`` (fixed steps),
     :class:`~neuralode.solvers.ReversibleRungeKutta` (any explicit Runge-Kutta method made reversible, e.g.
-    ``ReversibleRungeKutta("tsit5")``). Gradients for ``y0``, the parameters and the times, as every strategy.
+    ``ReversibleRungeKutta("tsit5")``) and the symplectic splitting methods for separable pairs ``(q, p)``
+    (``"leapfrog"``, ``"yoshida4"``, ...; :class:`~neuralode.solvers.Symplectic`). Gradients for ``y0``, the
+    parameters and the times, as every strategy.
 
     When to use it: training on long solves where :class:`~neuralode.gradients.Direct` runs out of memory and
     the adjoint's gradient (of the continuous problem, to the backward tolerance) is not accurate enough or
@@ -54,9 +56,10 @@ class ReversibleAdjoint(GradientStrategy):
 
     def run(self, problem, stepper, control, **kwargs) -> RunResult:
         if not getattr(stepper, "reversible", False):
-            raise ValueError(f"gradient='reversible' needs a reversible method: 'reversible_heun', 'alf' or "
+            raise ValueError(f"gradient='reversible' needs a reversible method: 'reversible_heun', 'alf', "
                              f"neuralode.solvers.ReversibleRungeKutta('tsit5') (any explicit Runge-Kutta method made "
-                             f"reversible); method {problem.method!r} is not one. For exact gradients with another "
+                             f"reversible) or, for a separable pair (q, p), a symplectic one ('leapfrog', 'yoshida4', "
+                             f"...); method {problem.method!r} is not one. For exact gradients with another "
                              "method use gradient='checkpoint'")
         options = kwargs["options"]
         unsupported = [name for name, used in (

@@ -94,7 +94,9 @@ def examples(n: int) -> settings:
 
 
 METHODS = tuple(neuralode.METHODS)
-ADAPTIVE = tuple(m for m in METHODS if REGISTRY[m].adaptive)
+# (adaptive implicit Euler, of order 1, takes about 1/sqrt(tol) steps, 3e4 at this sweep's tightest tolerance, and
+# its global error is no fixed multiple of the tolerance: tests/test_implicit.py checks it)
+ADAPTIVE = tuple(m for m in METHODS if REGISTRY[m].adaptive and m != "adaptive_implicit_euler")
 # The leapfrog ("alf") is stable only where the dynamics oscillate and its dense output is linear whatever 'interp'
 # says, so the fixed-step sweep over random linear systems with cubic output does not apply; tests/test_reversible.py
 # measures its order.
@@ -103,8 +105,9 @@ ADAPTIVE = tuple(m for m in METHODS if REGISTRY[m].adaptive)
 NOT_GENERAL = {"alf", "leapfrog_midpoint", *SPLITTING_METHODS}
 FIXED = tuple(m for m in METHODS if not REGISTRY[m].adaptive and m not in NOT_GENERAL)
 # The methods for a state of any structure (the splitting methods take pairs (q, p) only; test_symplectic.py runs
-# them through the same failure sweeps with pairs).
-GENERAL = tuple(m for m in METHODS if m not in SPLITTING_METHODS)
+# them through the same failure sweeps with pairs), less adaptive implicit Euler (above; test_implicit.py runs its
+# failure cases at a tolerance where it takes hundreds of steps, not tens of thousands).
+GENERAL = tuple(m for m in METHODS if m not in SPLITTING_METHODS and m != "adaptive_implicit_euler")
 RUNGE_KUTTA = tuple(m for m in METHODS if m in TABLEAUS)  # one-step methods: checkpointing replays them
 # Convergence order of the fixed-step methods (at least this: implicit_adams runs up to order 12).
 ORDER = {"euler": 1, "midpoint": 2, "heun2": 2, "heun3": 3, "rk4": 4, "rk4_classic": 4, "explicit_adams": 4,

@@ -135,6 +135,9 @@ for _name, _description in (
         ("kvaerno4", "L-stable ESDIRK 4(3), 5 stages, stiffly accurate"),
         ("kvaerno5", "L-stable ESDIRK 5(4), 7 stages, stiffly accurate")):
     REGISTRY[_name] = _implicit(_name, True, _description)
+REGISTRY["adaptive_implicit_euler"] = _implicit(
+    "adaptive_implicit_euler", True, "backward Euler with step-size control (L-stable, order 1; the trapezoidal rule "
+    "as its error estimate, diffrax's ImplicitEuler with a PIDController)")
 REGISTRY["radau5"] = _implicit("radau5", True, "Radau IIA of order 5 (3 stages, L-stable) with Hairer's RADAU5 "
                                "error estimate", radau_error=True, tableau_name="radauIIA5")
 for _name, _description in (

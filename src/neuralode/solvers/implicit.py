@@ -197,7 +197,11 @@ class ImplicitRungeKutta(Solver):
 
     @property
     def error_order(self) -> int | None:
-        return 3 if self.radau_error else self.tableau.error_order
+        if self.radau_error:
+            return 3
+        # (the estimate is as large as the lower-order solution's error: adaptive implicit Euler's embedded trapezoid
+        # is of order 2, its estimate O(h^2))
+        return None if self.tableau.error_order is None else min(self.tableau.error_order, self.order)
 
     @property
     def initial_step_order(self) -> int:

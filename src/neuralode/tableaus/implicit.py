@@ -69,7 +69,9 @@ class ImplicitTableau:
         ``None`` for fixed-step methods and for methods whose error estimate is not a linear
         combination of the stages (Radau IIA 5, whose estimate the stepper computes).
     error_order : int or None
-        Order of the embedded solution; given together with ``b_err``.
+        Order of the embedded solution; given together with ``b_err``. Usually below ``order``; above it where the
+        method propagates the lower-order solution (adaptive implicit Euler), and the step-size controller then
+        assumes the lower of the two.
     stage_order : int or None
         Largest ``q`` with ``sum_j a[i][j] c_j**(k-1) = c_i**k / k`` for all ``i`` and ``k <= q``
         (the simplifying assumption C(q)); the order a method keeps on very stiff problems is governed by it.
@@ -161,8 +163,10 @@ class ImplicitTableau:
             object.__setattr__(self, "b_err", tuple(float(x) for x in self.b_err))
             if abs(sum(self.b_err)) > _IDENTITY_TOL:
                 raise ValueError(f"{name}: b_err sums to {sum(self.b_err)}, not 0")
-            if not 1 <= self.error_order < self.order:
-                raise ValueError(f"{name}: error_order {self.error_order} must be in [1, order={self.order})")
+            # (error_order > order: a pair that propagates the lower-order solution, adaptive implicit Euler's)
+            if self.error_order < 1 or self.error_order == self.order:
+                raise ValueError(f"{name}: error_order {self.error_order} must be at least 1 and differ from "
+                                 f"order={self.order} (an estimate needs two solutions of different orders)")
         if self.order < 1:
             raise ValueError(f"{name}: order must be at least 1, got {self.order}")
         if self.stage_order is not None and not 1 <= self.stage_order <= self.order:
@@ -272,6 +276,17 @@ IMPLICIT_EULER = ImplicitTableau(
     "implicit_euler", c=_f(1), a=(_f(1),), b=_f(1), order=1, stage_order=1,
     a_stable=True, l_stable=True,
     reference="Backward Euler; Hairer and Wanner II (1996), Sec. IV.3 (R(z) = 1/(1 - z))",
+)
+
+# Implicit Euler with an error estimate (diffrax's ImplicitEuler under a PIDController): an explicit first stage
+# f(t0, y0) (the previous step's last, as the method is stiffly accurate) and the implicit Euler stage; the estimate
+# is the difference from the trapezoidal rule (order 2) through the same two stages, h (f1 - f0) / 2, of the size of
+# implicit Euler's own local error (O(h^2)): the controller assumes the lower order, 1.
+ADAPTIVE_IMPLICIT_EULER = ImplicitTableau(
+    "adaptive_implicit_euler", c=_f(0, 1), a=(_f(0, 0), _f(0, 1)), b=_f(0, 1), order=1,
+    b_err=_f("-1/2", "1/2"), error_order=2, stage_order=1, a_stable=True, l_stable=True,
+    reference="Backward Euler with the trapezoidal rule as its error estimate (diffrax's ImplicitEuler); Hairer and "
+              "Wanner II (1996), Sec. IV.3",
 )
 
 IMPLICIT_MIDPOINT = ImplicitTableau(
@@ -474,5 +489,5 @@ KVAERNO3 = _kvaerno3()
 KVAERNO4 = _kvaerno4()
 KVAERNO5 = _kvaerno5()
 
-IMPLICIT_TABLEAUS = {t.name: t for t in (IMPLICIT_EULER, IMPLICIT_MIDPOINT, TRAPEZOID, GL4, GL6, RADAU_IIA3,
+IMPLICIT_TABLEAUS = {t.name: t for t in (IMPLICIT_EULER, ADAPTIVE_IMPLICIT_EULER, IMPLICIT_MIDPOINT, TRAPEZOID, GL4, GL6, RADAU_IIA3,
                                          RADAU_IIA5, SDIRK2, TRBDF2, KVAERNO3, KVAERNO4, KVAERNO5)}

@@ -244,8 +244,9 @@ def test_an_event_function_that_turns_nan_is_an_error_not_a_missed_event(nan_fro
 @pytest.mark.parametrize("event_fn, error, message", [
     (lambda t, y: None, TypeError, r"event_fn must return a tensor \(or a number\).*got NoneType"),
     (lambda t, y: y[:0], ValueError, r"event_fn returned no values \(shape \(0,\)\), so no event could ever occur"),
-    (lambda t, y: y[0] > 0.5, TypeError, r"event_fn must return real values.*torch.bool"),
-], ids=["none", "empty", "bool"])
+    # (a boolean from the start is a condition, tests/test_event_conditions.py; one that turns up later is an error)
+    (lambda t, y: (y[0] > 0.5) if float(t) > 0.3 else y[0], TypeError, r"event_fn must return real values.*torch.bool"),
+], ids=["none", "empty", "bool later"])
 def test_an_event_function_without_real_values_is_a_clear_error(event_fn, error, message):
     # None raised torch's 'Could not infer dtype of NoneType'; an empty result silently never fired.
     y0, t = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 1.0])

@@ -7,14 +7,15 @@ Public API (explicit re-exports, no logic here):
   signatures;
 - :data:`METHODS` names every method;
 - gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`, :class:`ReversibleAdjoint`;
-- :class:`Event` (several events per solve, terminal or recorded only) and its :class:`EventRecord`;
+- :class:`Event` (several events per solve, terminal or recorded only; a real zero crossing or a boolean
+  condition turning True) and its :class:`EventRecord`; :func:`steady_state_event`;
 - step-size controllers as objects: :class:`IntegralController`, :class:`PIController`, :class:`PIDController`,
   :class:`PredictiveController`.
 """
 
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, Status, StepSizeUnderflowError
 from .controllers import IntegralController, PIController, PIDController, PredictiveController
-from .events import Event, EventRecord
+from .events import Event, EventRecord, steady_state_event
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, ReversibleAdjoint
 from .methods import METHODS
 from .solution import Solution
@@ -29,7 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
-    "Event", "EventRecord", "IntegralController", "PIController", "PIDController", "PredictiveController",
+    "Event", "EventRecord", "steady_state_event", "IntegralController", "PIController", "PIDController", "PredictiveController",
     "Direct", "Adjoint", "Checkpoint", "ReversibleAdjoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",

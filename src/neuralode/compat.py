@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
-from .events import reroute_event_gradient
+from .events import reroute_event_gradient, returns_bool
 from .gradients import Adjoint, Direct, resolve_gradient
 from .options import check_method, check_options
 from .solve import _solve
@@ -116,4 +116,6 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     step = -1.0 if reverse_time else 1.0
     t = torch.cat([t0, t0.detach() + step])
     event_t, ys = odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+    if returns_bool(event_fn, t0[0], y0):
+        return event_t, ys   # (a boolean condition has no derivative: its time carries no gradient)
     return reroute_event_gradient(func, event_fn, t0[0], event_t, ys)

@@ -14,7 +14,7 @@ combined as ``min(g * sign(g(t0, y0)))`` (the element that fires first).
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -101,6 +101,81 @@ class Event:
         if isinstance(self.terminal, bool):
             return 1 if self.terminal else None
         return int(self.terminal)
+
+
+class BooleanCondition:
+    """A boolean event condition seen as a real function: ``False -> -1``, ``True -> +1`` (float32, on the value's
+    device), so that its turns to True are upward crossings, located by bisection on the dense output as any
+    crossing is. ``solve`` wraps an :class:`Event` whose ``fn`` returns booleans at the start (diffrax's boolean
+    ``cond_fn``); the event time of such a condition carries no gradient (it has no derivative)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, t, y):
+        value = self.fn(t, y)
+        value = torch.as_tensor(value)
+        if value.dtype != torch.bool:
+            raise TypeError(f"the event function returned booleans at the start of the solve and {value.dtype} at "
+                            f"t={float(t)!r}: it must return booleans at every call (a boolean condition), or real "
+                            "values at every call (their zero crossings are the events)")
+        return torch.where(value, 1.0, -1.0).to(torch.float32)
+
+
+def returns_bool(fn, t0, y0) -> bool:
+    """Whether ``fn(t0, y0)`` is a boolean (a Python bool or a tensor of dtype bool); ``y0`` in the user's structure."""
+    with torch.no_grad():
+        value = fn(torch.as_tensor(t0).detach().reshape(()), pytree.tree_map(torch.detach, y0))
+    return isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+
+
+def with_real_conditions(events, t0, y0) -> tuple:
+    """``events`` with each boolean condition wrapped in a :class:`BooleanCondition`. Its direction: 0 or 1, the
+    turns to True (diffrax's rule: "terminate on the first step on which c becomes True"); -1, the turns to False."""
+    real = []
+    for event in events:
+        if returns_bool(event.fn, t0, y0):
+            event = replace(event, fn=BooleanCondition(event.fn), direction=-1 if event.direction == -1 else 1)
+        real.append(event)
+    return tuple(real)
+
+
+def steady_state_event(func, *, rtol: float, atol: float, norm=None, terminal=True, name="steady_state") -> "Event":
+    """An :class:`Event` at the steady state of ``func``: where ``norm(f(t, y)) <= atol + rtol * norm(y)`` (diffrax's
+    ``steady_state_event``), located as a downward zero crossing of the real function
+    ``norm(f(t, y)) - (atol + rtol * norm(y))``, so its time is differentiable (implicit function theorem).
+
+    Parameters
+    ----------
+    func : callable
+        The vector field ``func(t, y)`` as given to ``solve`` (close over ``args`` if the solve has them).
+    rtol, atol : float
+        The thresholds (keyword-only and required: diffrax takes the controller's, which an event cannot see here).
+    norm : callable, optional
+        ``norm(x) -> scalar tensor`` over a flat vector of every element of the state; default the RMS norm
+        (diffrax's).
+    terminal : bool or int, default True
+        As :class:`Event`'s: stop at the steady state, or record it.
+
+    Each check evaluates ``func`` once (at the step's end: ``samples=0``; the steady state is approached, not
+    crossed back and forth), plus about 50 times to locate it.
+    """
+    if not callable(func):
+        raise TypeError(f"steady_state_event(func, ...) needs the vector field func(t, y), got {type(func).__name__}")
+    for label, value in (("rtol", rtol), ("atol", atol)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise ValueError(f"steady_state_event {label} must be a number >= 0, got {value!r}")
+    if norm is None:
+        def norm(x):
+            return x.abs().pow(2).mean().sqrt() if x.numel() else x.new_zeros(())
+
+    def flat(value):
+        return torch.cat([torch.as_tensor(leaf).reshape(-1) for leaf in pytree.tree_leaves(value)])
+
+    def distance(t, y):
+        return torch.as_tensor(norm(flat(func(t, y)))) - (atol + rtol * torch.as_tensor(norm(flat(y))))
+
+    return Event(distance, direction=-1, terminal=terminal, name=name, samples=0)
 
 
 def _check_affect(affect, tol) -> None:

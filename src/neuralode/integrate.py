@@ -684,8 +684,9 @@ def _event_value(event: EventSpec, field, t: float, y: torch.Tensor, like: torch
         value = torch.as_tensor(number)
     # dtype and size are known without reading the device
     if value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"event_fn must return real values (their sign changes are the events), got dtype "
-                        f"{value.dtype}; for a complex state return e.g. y[..., 0].real")
+        raise TypeError(f"event_fn must return real values (their sign changes are the events), or booleans from the "
+                        f"start of the solve (a condition: the events are its turns to True), got dtype {value.dtype} "
+                        f"at t={float(t)!r}; for a complex state return e.g. y[..., 0].real")
     if value.numel() == 0:
         raise ValueError(f"event_fn returned no values (shape {tuple(value.shape)}), so no event could ever occur; "
                          "return at least one value whose zero crossing is the event")

@@ -21,6 +21,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ._errors import MaxStepsError, NonFiniteError, Status, StepSizeUnderflowError
+from .events import BooleanCondition
 from .interpolation import PiecewiseDense
 from .problem import below_time_resolution, takes_arguments
 
@@ -203,6 +204,8 @@ def _start_values(events, group, crossed, func, event_t, after_jump, direction) 
     y_after = pytree.tree_map(torch.detach, after_jump)
     for k, signs_before in group:
         fn = events[k].fn
+        if isinstance(fn, BooleanCondition):
+            continue   # (a condition that still holds after the jump starts True: it occurs again when it turns True)
         before, crossed_here = crossed[k]   # (the value before the jump, evaluated once by _crossed_elements)
         with torch.no_grad():
             after = torch.as_tensor(fn(t, y_after))

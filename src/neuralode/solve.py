@@ -16,7 +16,7 @@ from .controllers import AdaptiveController, FixedGrid
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
 from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdjointRun
 from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
-from .events import Event, EventRecord, reroute_event_gradient
+from .events import BooleanCondition, Event, EventRecord, reroute_event_gradient, with_real_conditions
 from .integrate import EventSpec
 from .options import (CONTROLLER_OPTIONS, FIXED_DEFAULT_INTERP, backward_settings, check_fixed_step_given,
                       check_method, check_options,
@@ -141,6 +141,8 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
     if events and event_fn is not None:
         raise ValueError("give either event_fn (one terminal event, torchdiffeq's form) or events=[Event(...)], "
                          "not both; Event(event_fn, terminal=True) is the same as event_fn")
+    if events and _checkable(t, y0):
+        events = with_real_conditions(events, t.reshape(-1)[0], y0)   # (boolean conditions: events.BooleanCondition)
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be True or False, got {type(compile).__name__}")
     if not isinstance(per_sample, bool):
@@ -218,7 +220,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     if control.adaptive is False and control.grid is None:
         control = FixedGrid(tuple(problem.direction * x for x in problem.times))
     if event_fn is not None:
-        events = (Event(event_fn, event_direction, terminal=True),)
+        events = with_real_conditions((Event(event_fn, event_direction, terminal=True),), t[0], y0)
     start_values = start_values or [None] * len(events)
     specs = [EventSpec(e.fn, e.direction, e.stop_after, e.tol, e.samples, start)
              for e, start in zip(events, start_values)]
@@ -275,7 +277,7 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         event_t = torch.tensor(integration.event_t, dtype=t_in.dtype, device=t_in.device)
         pair = problem.unflatten_trajectory(torch.stack([outputs[0], event_state]))
         fired_event = events[integration.event_index]
-        if not until_event:
+        if not until_event and not isinstance(fired_event.fn, BooleanCondition):   # (a boolean has no derivative)
             # solve() links the event time to its causes; odeint keeps torchdiffeq's semantics, where
             # only odeint_event does. The element of a vector event function that fired is picked by the
             # signs at the start of the firing step (right for an N-th occurrence too).
@@ -288,6 +290,14 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
                     _unflatten=problem.field.unflatten if problem.shapes is not None else None,
                     _dtype=problem.field.user_dtype if problem.field.cast else None,
                     _simultaneous=integration.simultaneous)
+
+
+def _checkable(t, y0) -> bool:
+    """Whether ``t`` and ``y0`` are tensors an event function can be called with before they are checked (otherwise
+    their own checks speak first, and a boolean condition is found where the solve evaluates it)."""
+    leaves = pytree.tree_leaves(y0)
+    return (isinstance(t, torch.Tensor) and t.numel() >= 1 and bool(leaves)
+            and all(isinstance(leaf, torch.Tensor) for leaf in leaves))
 
 
 def _refuse_vmap(y0) -> None:

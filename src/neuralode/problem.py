@@ -12,6 +12,7 @@ tensor that would silently promote its activations.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import math
@@ -207,10 +208,18 @@ class VectorField:
     def unflatten(self, y: torch.Tensor):
         if self.shapes is None:
             return y
+        if self._one_dimensional and not torch.compiler.is_compiling():
+            # Vectors only: one split gives the parts in their shapes, with no view each (about 3 us apiece on the CPU):
+            # an evaluation of a pair of 3-vectors' field took 17.5 us against 26.3 us with slices and views.
+            return self.structure.build(torch.split(y, self.numels))
         # (slices rather than torch.split: dynamo fails on split inside the compiled loop's while_loop body)
         offsets = itertools.accumulate(self.numels, initial=0)
         return self.structure.build(tuple(y[start:start + numel].view(shape)
                                           for start, numel, shape in zip(offsets, self.numels, self.shapes)))
+
+    @functools.cached_property
+    def _one_dimensional(self) -> bool:
+        return all(len(shape) == 1 for shape in self.shapes)
 
     def callback_view(self, y: torch.Tensor):
         """The state as step callbacks receive it: the user's shapes and dtype."""
@@ -227,7 +236,9 @@ class VectorField:
         if self.shapes is None:
             out = self.func(self.time(t), y)
         else:
-            out = torch.cat([o.reshape(-1) for o in self.structure.leaves(self.func(self.time(t), self.unflatten(y)))])
+            leaves = self.structure.leaves(self.func(self.time(t), self.unflatten(y)))
+            # (vectors are concatenated as they are: a reshape costs about 2 us a tensor)
+            out = torch.cat(leaves if self._one_dimensional else [o.reshape(-1) for o in leaves])
         return out.to(self.compute_dtype) if self.cast_output else out
 
 

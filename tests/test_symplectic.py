@@ -83,11 +83,13 @@ def test_energy_error_stays_bounded_where_runge_kutta_drifts():
 
 
 def test_stage_times():
-    """The times at which a mock field is evaluated: the fresh start (t0), the two separability probes (t0), then
-    the kick-drift-kick leapfrog's drift at t0 + h/2 and kick at t0 + h per step (its first kick reuses the previous
-    step's last evaluation); semi-implicit Euler drifts at t0 (q from the old p) and kicks at t0 + h."""
-    for method, expected in (("leapfrog", [0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2]),
-                             ("semi_implicit_euler", [0.0, 0.0, 0.0, 0.1, 0.1, 0.2])):
+    """The times at which a mock field is evaluated: the fresh start (t0), the three separability probes (inside the
+    first step, at t0 + 0.382 h), then the kick-drift-kick leapfrog's drift at t0 + h/2 and kick at t0 + h per step
+    (its first kick reuses the previous step's last evaluation); semi-implicit Euler drifts at t0 (q from the old p)
+    and kicks at t0 + h."""
+    probes = [0.0382] * 3
+    for method, expected in (("leapfrog", [0.0, *probes, 0.05, 0.1, 0.15, 0.2]),
+                             ("semi_implicit_euler", [0.0, *probes, 0.1, 0.1, 0.2])):
         times = []
 
         def field(t, y):
@@ -99,14 +101,18 @@ def test_stage_times():
 
 @pytest.mark.parametrize("method", SPLITTING)
 def test_evaluations_per_step(method):
-    """nfe = 1 (the start) + 2 (the separability probes) + steps x evaluations a step, less one where the first step's
-    first substep reads the start's evaluation instead of one carried over."""
+    """nfe = 1 (the start) + 3 (the separability probes, for a field not seen before) + steps x evaluations a step,
+    less one where the first step's first substep reads the start's evaluation instead of one carried over. The same
+    field object is not probed again (a training loop's module, a checkpoint replay)."""
     n_steps = 7
-    sol = neuralode.solve(forced_pendulum, _pair(), torch.tensor([0.0, 0.7], dtype=F64), method=method,
-                          options={"step_size": 0.1})
-    assert sol.stats["n_steps"] == n_steps
+    field = lambda t, y: forced_pendulum(t, y)   # noqa: E731 (a field not seen before)
     spec = SPLITTING_METHODS[method]
-    assert sol.stats["nfe"] == 3 + n_steps * spec.evaluations_per_step - (not spec.reuses_last_evaluation)
+    steps = n_steps * spec.evaluations_per_step - (not spec.reuses_last_evaluation)
+    for probes in (3, 0):
+        sol = neuralode.solve(field, _pair(), torch.tensor([0.0, 0.7], dtype=F64), method=method,
+                              options={"step_size": 0.1})
+        assert sol.stats["n_steps"] == n_steps
+        assert sol.stats["nfe"] == 1 + probes + steps
     assert SPLITTING_METHODS["leapfrog"].evaluations_per_step == 2
 
 
@@ -246,13 +252,42 @@ def test_a_state_that_is_not_a_pair_is_refused(y0, match):
         neuralode.solve(lambda t, y: y, y0, torch.tensor([0.0, 1.0]), method="leapfrog", options={"step_size": 0.1})
 
 
-@pytest.mark.parametrize("field, part", [(lambda t, y: (y[1] + 0.1 * y[0], -y[0]), "dq/dt changed"),
-                                         (lambda t, y: (y[1], -y[0] - 0.2 * y[1]), "dp/dt changed")])
-def test_a_field_that_is_not_separable_is_refused(field, part):
+@pytest.mark.parametrize("field, y0, part", [
+    (lambda t, y: (y[1] + 0.1 * y[0], -y[0]), _pair(), "dq/dt changed"),
+    (lambda t, y: (y[1], -y[0] - 0.2 * y[1]), _pair(), "dp/dt changed"),
+    # a coupling that vanishes at t0 (found by the QA round: order 1 with status success when probed at t0)
+    (lambda t, y: (y[1], -y[0] - 2 * torch.sin(t) * y[1]), _pair(), "dp/dt changed"),
+    # friction on momenta relative to their mean: blind to a move of every element by the same amount
+    (lambda t, y: (y[1], -y[0] - (y[1] - y[1].mean())), (torch.ones(3, dtype=F64), torch.zeros(3, dtype=F64)),
+     "dp/dt changed"),
+    # undefined at the larger probe (q + 0.1 (|q| + 1) > 1): probed with a smaller move
+    (lambda t, y: (y[1] + torch.sqrt(1 - y[0]), -y[0]), _pair(0.95, 0.0), "dq/dt changed"),
+])
+def test_a_field_that_is_not_separable_is_refused(field, y0, part):
     """A damped oscillator (dp/dt reads p) or a swapped pair would be integrated to order 1, silently."""
     with pytest.raises(ValueError, match=f"needs a separable field, but {part}"):
-        neuralode.solve(field, _pair(), torch.tensor([0.0, 1.0], dtype=F64), method="yoshida4",
+        neuralode.solve(field, y0, torch.tensor([0.0, 0.2], dtype=F64), method="yoshida4",
                         options={"step_size": 0.1})
+
+
+def test_a_hamiltonian_field_differentiated_inside_and_a_named_tuple_pair():
+    """A Hamiltonian network's field takes autograd.grad of H inside; the probes run under the caller's grad mode (a
+    probe under no_grad failed with 'element 0 of tensors does not require grad')."""
+    class Hamiltonian(torch.nn.Module):
+        def forward(self, t, y):
+            q = y[0] if y[0].requires_grad else y[0].detach().requires_grad_()
+            p = y[1] if y[1].requires_grad else y[1].detach().requires_grad_()
+            energy = (p ** 2).sum() / 2 + (1 - torch.cos(q)).sum()
+            dq, dp = torch.autograd.grad(energy, (q, p), create_graph=True)
+            return dp, -dq
+    sol = neuralode.solve(Hamiltonian(), (torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64)),
+                          torch.tensor([0.0, 1.0], dtype=F64), method="leapfrog", options={"step_size": 0.1})
+    assert sol.status == "success"
+    from collections import namedtuple
+    Pair = namedtuple("Pair", "q p")
+    sol = neuralode.solve(lambda t, y: Pair(y.p, -y.q), Pair(*_pair(1.0, 0.0)), torch.tensor([0.0, 1.0], dtype=F64),
+                          method="leapfrog", options={"step_size": 0.01})
+    assert abs(sol.ys.q[-1, 0].item() - math.cos(1.0)) < 1e-5
 
 
 def test_splitting_method_validates_its_coefficients():
@@ -268,6 +303,13 @@ def test_splitting_method_validates_its_coefficients():
         Symplectic("verlet")
     with pytest.raises(TypeError, match="SplittingMethod"):
         Symplectic(3)
+    with pytest.raises(TypeError, match="drift must be a tuple of real numbers"):
+        SplittingMethod("x", drift=1.0, kick=(1.0,), order=1)
+    with pytest.raises(ValueError, match="order must be a positive integer"):
+        SplittingMethod("x", drift=(1.0,), kick=(1.0,), order=True)
+    with pytest.raises(ValueError, match="backward state .* is no \\(q, p\\) pair"):
+        neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=F64, requires_grad=True), torch.tensor([0.0, 1.0]),
+                        method="rk4", options={"step_size": 0.1}, gradient=neuralode.Adjoint(method="yoshida4"))
     with pytest.raises(ValueError, match="option 'first_step' means nothing"):
         neuralode.solve(lambda t, y: (y[1], -y[0]), _pair(), torch.tensor([0.0, 1.0], dtype=F64), method="leapfrog",
                         options={"step_size": 0.1, "first_step": 0.1})
@@ -297,6 +339,21 @@ def test_leapfrog_midpoint_is_the_two_step_recurrence_and_of_order_two():
     assert abs(slope - 2) < 0.2
 
 
+def test_leapfrog_midpoint_adjoint_steps_back_with_the_midpoint_method():
+    """Run backwards, growing dynamics decay, where the two-step method's spurious mode would take over: the adjoint's
+    default backward method is its one-step counterpart (it failed with 'spurious mode grew to 3e9' before)."""
+    rate = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    y0 = torch.ones(1, dtype=F64, requires_grad=True)
+    sol = neuralode.solve(lambda t, y: rate * y, y0, torch.tensor([0.0, 10.0], dtype=F64), method="leapfrog_midpoint",
+                          options={"step_size": 0.05}, gradient="adjoint", adjoint_params=(rate,))
+    grad_y0, grad_rate = torch.autograd.grad(sol.ys[-1].sum(), (y0, rate))
+    assert abs(grad_y0.item() / math.exp(10) - 1) < 1e-2 and abs(grad_rate.item() / (10 * math.exp(10)) - 1) < 1e-2
+    assert LeapfrogMidpoint().ordinary_counterpart == "midpoint"
+    with pytest.raises(ValueError, match="linear between its steps"):
+        neuralode.solve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=F64), method="leapfrog_midpoint",
+                        options={"step_size": 0.1}, gradient=neuralode.Adjoint(interpolate=True))
+
+
 def test_leapfrog_midpoint_fails_where_its_spurious_mode_takes_over():
     """On y' = -y the second root of the method grows by about 1 + h a step: by t = 20 it has swamped the solution.
     The solve fails there instead of returning it (status success with y = 3e5, before the check)."""
@@ -306,3 +363,9 @@ def test_leapfrog_midpoint_fails_where_its_spurious_mode_takes_over():
     short = neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=F64), torch.tensor([0.0, 2.0], dtype=F64),
                             method="leapfrog_midpoint", options={"step_size": 0.05})
     assert short.status == "success" and abs(short.ys[-1].item() - math.exp(-2.0)) < 1e-2
+    # a mode that took over while the dynamics decayed and then shrank against a growing solution: the largest ratio
+    # over the steps counts (the end alone passed it: status success with y(10) = 13.7 against 4.5e-5)
+    with pytest.raises(neuralode.SolverError, match="spurious mode"):
+        neuralode.solve(lambda t, y: torch.where(t < 10, -y, y), torch.ones(1, dtype=F64),
+                        torch.tensor([0.0, 10.0, 20.0], dtype=F64), method="leapfrog_midpoint",
+                        options={"step_size": 0.05})

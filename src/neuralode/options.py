@@ -187,10 +187,12 @@ def backward_settings(strategy, forward_spec, forward_options, forward_controlle
     """Parse an :class:`~neuralode.gradients.Adjoint`'s settings against the forward ones."""
     spec = check_method(strategy.method) if strategy.method is not None else forward_spec
     forward_stepper = forward_spec.make_stepper(forward_options) if strategy.method is None else None
-    if forward_stepper is not None and forward_stepper.reversible:
+    if forward_stepper is not None and getattr(forward_stepper, "ordinary_counterpart", None) is not None:
         # The backward solve needs no reversibility, and a reversible method's costs (two base steps a step, the
         # coupled solutions' gap control) bought nothing there: 8,593 backward evaluations with ReversibleRungeKutta
-        # ("dopri8") against 261 with dopri8 itself. Its ordinary counterpart of the same order instead.
+        # ("dopri8") against 261 with dopri8 itself. A symplectic method cannot step the augmented state (no (q, p)
+        # pair), and the leapfrog/midpoint method's spurious mode grows where the dynamics, run backwards, decay. Their
+        # ordinary counterpart of the same order instead.
         spec = check_method(forward_stepper.ordinary_counterpart)
     if strategy.options is not None:
         options = check_options(spec, strategy.options)
@@ -213,8 +215,12 @@ def backward_settings(strategy, forward_spec, forward_options, forward_controlle
     if not spec.adaptive:
         options.setdefault("interp", "linear")
     own_settings = strategy.options is not None or strategy.method is not None
-    return BackwardSettings(spec, spec.make_stepper(options), options,
-                            None if own_settings else forward_controller)
+    stepper = spec.make_stepper(options)
+    if getattr(stepper, "needs_pair", False):
+        raise ValueError(f"Adjoint(method={spec.name!r}): the adjoint's backward state (y, a, a_params) is no (q, p) "
+                         "pair for a symplectic method to split; give an ordinary method (e.g. 'rk4' on a fixed grid, "
+                         "'dopri5'), or leave it out (the forward method's counterpart)")
+    return BackwardSettings(spec, stepper, options, None if own_settings else forward_controller)
 
 
 def check_tolerances_usable(problem) -> None:

@@ -24,6 +24,7 @@ Flags (class attributes, read by the loop and the gradient strategies instead of
   (the first step, after a ``jump_t`` or a state jump) and ``None`` otherwise, and evaluates nothing between steps.
 - ``reversible``: the step has an exact inverse (:mod:`neuralode.solvers.reversible`), which the gradient strategy
   ``ReversibleAdjoint`` walks backwards.
+- ``needs_pair``: the step splits the state into a pair ``(q, p)`` (:mod:`neuralode.solvers.symplectic`).
 
 Methods: ``init(func, t0, y0, f0) -> state``; ``step(func, t0, y0, f0, h, error_norm, state) ->
 StepOutcome`` (see :class:`~neuralode.solvers.runge_kutta.StepOutcome`); ``dense_coefficients(func, t0,
@@ -53,6 +54,12 @@ class Solver(abc.ABC):
     lands_on_outputs = False
     reads_derivative = True
     reversible = False
+    # The step splits the state into a pair (q, p) (the symplectic methods): it cannot step other states, such as the
+    # adjoint's augmented one.
+    needs_pair = False
+    # An ordinary method (a name or tableau) to use instead where this one does not fit: the adjoint's default
+    # backward method (None: the forward method itself).
+    ordinary_counterpart = None
     # What to say when the steps stall (max_num_steps, a collapsing step), instead of the stiffness probe: a method
     # whose stability limits are its own (the reversible ones). None: the loop probes for stiffness.
     stall_hint = None

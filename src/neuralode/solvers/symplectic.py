@@ -8,8 +8,8 @@ energy error stay bounded (Hairer, Lubich and Wanner, GNI, Sec. VIII.1), and dif
 - The field is evaluated whole (``func(t, (q, p))``) and each substep reads the part it moves, so a substep costs one
   evaluation; the step carries its last evaluation to the next step, where it serves a first substep of the same
   kind (``Solver.reads_derivative`` False: the loop hands ``f(t0, y0)`` only where the solve starts afresh).
-- A field that is not separable would be integrated to a lower order without any sign, so ``init`` checks it once:
-  ``f`` must not change when ``q`` does, nor ``g`` when ``p`` does (two evaluations at moved states).
+- A field that is not separable would be integrated to a lower order without any sign, so the first step checks it,
+  once a field: ``f`` must not change when ``q`` does, nor ``g`` when ``p`` does (three evaluations).
 - Reversible: the inverse step runs the substeps backwards with ``-h``, reading each derivative at the same point
   as the forward substep (a drift leaves ``p``, which its ``f`` reads, unchanged). ``gradient="reversible"``
   walks the steps back with one evaluation and one vector-Jacobian product per substep (an exact gradient of the
@@ -24,6 +24,8 @@ by an Euler step, order 2, one evaluation a step, for any state.
 
 from __future__ import annotations
 
+import collections
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -49,37 +51,63 @@ def _position_size(func, method_name: str) -> int:
     spec = structure.spec
     # (TreeSpec.children() in recent torch; children_specs, deprecated there, before)
     children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
-    if spec.type not in (tuple, list) or len(children) != 2:
+    # (a named tuple (q, p) too: torch's TreeSpec names its kind collections.namedtuple, the class in its context)
+    pair_like = spec.type is collections.namedtuple or (isinstance(spec.type, type) and
+                                                        issubclass(spec.type, (tuple, list)))
+    if not pair_like or len(children) != 2:
         raise ValueError(f"{hint}; got the structure {structure.describe()}")
     return sum(numels[:children[0].num_leaves])
 
 
-def _check_separable(func, t0, y0, f0, n_q: int, method_name: str) -> None:
-    """Raise if ``dq/dt`` moves with ``q`` or ``dp/dt`` with ``p`` (two evaluations at moved states, once a solve).
-    A separable field returns the very same values; a tolerance of rounding size allows a field that forms its parts
-    from the whole state (``0 * q`` terms, a matrix product with zero blocks)."""
+# User fields found separable, by identity: a training loop solves with the same module at every iteration, and the
+# checkpoint strategy solves again to replay; each would pay the check's three evaluations.
+_SEPARABLE = weakref.WeakSet()
+
+
+def _user_field(func):
+    """The user's own callable behind the loop's field (through ``VectorField`` and ``FieldWithArgs``)."""
+    inner = getattr(func, "func", func)
+    return getattr(inner, "func", inner) if type(inner).__name__ == "FieldWithArgs" else inner
+
+
+def _check_separable(func, t, y0, h, n_q: int, method_name: str) -> None:
+    """Raise if ``dq/dt`` moves with ``q`` or ``dp/dt`` with ``p``, at ``t + 0.382 h`` (inside the first step: a
+    time-dependent coupling may vanish at ``t0``, e.g. ``sin(t) p``), with each element moved by a different fraction
+    (a coupling through ``p - mean(p)`` does not see a uniform move). Three evaluations, once a field. A separable field
+    returns the very same values; a tolerance of rounding size allows a field that forms its parts from the whole state
+    (``0 * q`` terms, a matrix product with zero blocks)."""
+    key = _user_field(func)
+    try:
+        if key in _SEPARABLE:
+            return
+    except TypeError:   # (not weakly referable: checked at every solve)
+        key = None
     if n_q == 0 or n_q == y0.numel():
         return
-    with torch.no_grad():
-        if f0 is None:
-            f0 = func(t0, y0)
-        moved = y0 + 0.1 * (y0.abs() + 1)
-        q_moved = torch.cat((moved[:n_q], y0[n_q:]))
-        p_moved = torch.cat((y0[:n_q], moved[n_q:]))
-        for label, changed, part, sl in (("dq/dt", "q", q_moved, slice(0, n_q)),
-                                         ("dp/dt", "p", p_moved, slice(n_q, None))):
-            value = func(t0, part)[sl]
-            if not bool(torch.isfinite(value).all()) or not bool(torch.isfinite(f0[sl]).all()):
-                continue   # (a field undefined at the moved state: nothing to compare)
-            scale = value.abs().amax() + f0[sl].abs().amax()
-            eps = torch.finfo(value.real.dtype if value.is_complex() else value.dtype).eps
-            change = (value - f0[sl]).abs().amax()
-            if bool(change > 64 * eps * scale):
-                raise ValueError(
-                    f"method {method_name!r} needs a separable field, but {label} changed by {float(change):.3g} when "
-                    f"only {changed} moved (by 10% of |{changed}| + 0.1): with y0 = (q, p), dq/dt must depend on p "
-                    "(and t) only and dp/dt on q only, as for a Hamiltonian T(p) + V(q). Check the order of the pair "
-                    "(q first), or use a method for general fields (e.g. 'tsit5', 'dopri5')")
+    at = t + 0.382 * h
+    base = func(at, y0).detach()
+    real = y0.real.dtype if y0.is_complex() else y0.dtype
+    spread = 1 + torch.arange(y0.numel(), device=y0.device).remainder(7).to(real) / 7
+    for size in (0.1, 1e-4):   # (a field undefined at the larger move, as sqrt(1 - q) near q = 1, gets a smaller one)
+        moved = y0.detach() + size * (y0.detach().abs() + 1) * spread
+        values = [func(at, torch.cat((moved[:n_q], y0[n_q:])))[:n_q].detach(),
+                  func(at, torch.cat((y0[:n_q], moved[n_q:])))[n_q:].detach()]
+        if all(bool(torch.isfinite(v).all()) for v in values) and bool(torch.isfinite(base).all()):
+            break
+    else:
+        return   # (nothing finite to compare)
+    eps = torch.finfo(real).eps
+    for label, changed, value, reference in (("dq/dt", "q", values[0], base[:n_q]), ("dp/dt", "p", values[1],
+                                                                                      base[n_q:])):
+        change = (value - reference).abs().amax()
+        if bool(change > 64 * eps * (value.abs().amax() + reference.abs().amax())):
+            raise ValueError(
+                f"method {method_name!r} needs a separable field, but {label} changed by {float(change):.3g} when only "
+                f"{changed} moved: with y0 = (q, p), dq/dt must depend on p (and t) only and dp/dt on q only, as for "
+                "a Hamiltonian T(p) + V(q). Check the order of the pair (q first) and that the field is deterministic "
+                "(no dropout in training mode, no sampling), or use a method for general fields (e.g. 'tsit5')")
+    if key is not None:
+        _SEPARABLE.add(key)
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,6 +130,7 @@ class Symplectic(Solver):
 
     reads_derivative = False
     reversible = True
+    needs_pair = True
     linear_dense = True        # (gradient="reversible" splits an interpolated output's cotangent between step ends)
     lands_on_outputs = True
 
@@ -136,12 +165,12 @@ class Symplectic(Solver):
         return False
 
     def init(self, func, t0, y0, f0):
-        n_q = _position_size(func, self.name)
-        _check_separable(func, t0, y0, f0, n_q, self.name)
-        return (n_q, None)
+        return (_position_size(func, self.name), None, False)
 
     def step(self, func, t0, y0, f0, h, error_norm, state=None) -> StepOutcome:
-        n_q, last = state
+        n_q, last, checked = state
+        if not checked:
+            _check_separable(func, t0, y0, h, n_q, self.name)
         # The derivative the first substep may read: f(t0, y0) on a fresh start (both parts), else the previous
         # step's last evaluation (one part, the kind of substep it was made for).
         known = ("both", f0) if f0 is not None else last
@@ -157,7 +186,7 @@ class Symplectic(Solver):
             else:
                 p = torch.add(p, value[n_q:], alpha=coefficient * h)
         kind = self.method.substeps[-1][0]
-        return StepOutcome(torch.cat((q, p)), None, None, None, state=(n_q, (kind, value)))
+        return StepOutcome(torch.cat((q, p)), None, None, None, state=(n_q, (kind, value), True))
 
     def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
         from ..interpolation import linear_coefficients
@@ -202,14 +231,17 @@ class LeapfrogMidpoint(Solver):
 
     Order 2, one evaluation of ``f`` a step, fixed steps, linear dense output. Its second root makes it weakly
     unstable where the dynamics decay: a mode decaying at rate ``|lambda|`` excites a spurious one growing by about
-    ``1 + h |lambda|`` a step (Shampine 2009). The solve fails at its end when that mode has grown past 10% of the
-    solution's scale (``final_check``), where diffrax's would return it.
+    ``1 + h |lambda|`` a step (Shampine 2009). The solve fails at its end if that mode reached 10% of the solution's
+    scale at any step (``final_check``), where diffrax's would return the result.
     """
 
     name = "leapfrog_midpoint"
     multistep = True
     replayable = False         # a step reads the state before its start
     lands_on_outputs = True
+    # The adjoint's default backward method: its backward solve runs the dynamics the other way, where a growing mode
+    # decays and the two-step method's spurious mode would take over.
+    ordinary_counterpart = "midpoint"
 
     @property
     def order(self) -> int:
@@ -220,30 +252,35 @@ class LeapfrogMidpoint(Solver):
         return False
 
     def step(self, func, t0, y0, f0, h, error_norm, state=None) -> StepOutcome:
-        # The state: (t_{n-1}, y_{n-1}, y_n as this method returned it, f(t_{n-1}, y_{n-1})). A y0 that is not the
-        # state's y_n (the first step, or after a state jump) starts afresh with an Euler step.
-        if state is None or state[2] is not y0:
-            t_before, y_before = t0, y0
-        else:
-            t_before, y_before = state[0], state[1]
+        # The state: (t_{n-1}, y_{n-1}, y_n as this method returned it, the largest spurious-mode ratio so far). A y0
+        # that is not the state's y_n (the first step, or after a state jump) starts afresh with an Euler step.
+        fresh = state is None or state[2] is not y0
+        t_before, y_before = (t0, y0) if fresh else (state[0], state[1])
         y1 = torch.add(y_before, f0, alpha=(t0 + h) - t_before)
-        return StepOutcome(y1, None, None, None, state=(t0, y0, y1, f0, h))
+        worst = None if state is None else state[3]
+        if not fresh and y0.numel():
+            # The spurious mode alternates in sign from step to step: y_n - y_{n-1} - h f(t_{n-1}, y_{n-1}) is about
+            # twice its size (the true solution leaves O(h^2) there). Its ratio to the solution's scale, kept as a
+            # running maximum on the device (no host read a step), read once by final_check: a mode that took over
+            # and then shrank against a growing solution was missed by a check at the end alone.
+            with torch.no_grad():
+                atol = torch.as_tensor(error_norm.atol).amax() if error_norm is not None else 0.0
+                spurious = (y0 - y_before - (t0 - t_before) * state[4]).abs().amax() / 2
+                scale = y0.abs().amax() + y_before.abs().amax() + atol
+                ratio = spurious / scale
+                worst = ratio if worst is None else torch.maximum(worst, ratio)
+        return StepOutcome(y1, None, None, None, state=(t0, y0, y1, worst, f0))
 
     def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
         from ..interpolation import linear_coefficients
         return linear_coefficients(y0, outcome.y1)
 
     def final_check(self, func, t, y, state, error_norm) -> str | None:
-        # The spurious mode alternates in sign from step to step: y_n - y_{n-1} - h f(t_{n-1}, y_{n-1}) is about
-        # twice its size (the true solution leaves O(h^2) there).
-        if state is None or not y.numel() or state[2] is not y:
+        if state is None or state[3] is None:
             return None
-        _, y_before, _, f_before, h = state
-        with torch.no_grad():
-            spurious = (y - y_before - h * f_before).abs().amax() / 2
-            scale = y.abs().amax() + y_before.abs().amax() + h * f_before.abs().amax()
-            if not bool(spurious > 0.1 * scale + torch.as_tensor(error_norm.atol).amax()):
-                return None
-        return (f"the leapfrog/midpoint method's spurious mode grew to {float(spurious):.3g} against a solution of size "
-                f"{float(y.abs().max()):.3g}: it is weakly unstable where the dynamics decay (each step multiplies "
-                "that mode by about 1 + h |lambda|). Use smaller steps, or a one-step method ('midpoint', 'rk4')")
+        worst = float(state[3])
+        if not worst > 0.1:   # (a NaN is the loop's to report)
+            return None
+        return (f"the leapfrog/midpoint method's spurious mode grew to {worst:.3g} times the solution's scale: it is "
+                "weakly unstable where the dynamics decay (each step multiplies that mode by about 1 + h |lambda|). Use "
+                "smaller steps, or a one-step method ('midpoint', 'rk4')")

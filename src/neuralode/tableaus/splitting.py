@@ -25,6 +25,7 @@ The stepper is :class:`neuralode.solvers.Symplectic`.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 __all__ = ["SplittingMethod", "SPLITTING_METHODS"]
@@ -64,6 +65,11 @@ class SplittingMethod:
     substeps: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
+        for label, values in (("drift", self.drift), ("kick", self.kick)):
+            if (not isinstance(values, (tuple, list)) or
+                    not all(isinstance(x, numbers.Real) and not isinstance(x, bool) for x in values)):
+                raise TypeError(f"{self.name}: {label} must be a tuple of real numbers (one a substep), got "
+                                f"{values!r}")
         drift, kick = tuple(float(a) for a in self.drift), tuple(float(b) for b in self.kick)
         if not drift or len(drift) != len(kick):
             raise ValueError(f"{self.name}: drift and kick need the same number (at least one) of coefficients, got "
@@ -74,7 +80,7 @@ class SplittingMethod:
             if abs(sum(values) - 1) > _IDENTITY_TOL:
                 raise ValueError(f"{self.name}: the {label} coefficients sum to {sum(values)!r}, not 1 (a step must "
                                  "move each part by the whole step)")
-        if not isinstance(self.order, int) or self.order < 1:
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order < 1:
             raise ValueError(f"{self.name}: order must be a positive integer, got {self.order!r}")
         moved_q = 0.0
         second = 0.0

@@ -606,3 +606,20 @@ def test_the_backsolve_adjoint_warns_where_its_rebuilt_state_strays_and_only_the
         assert bool(drifted) == unstable, (name, drifted)
         if unstable:
             assert "Adjoint(interpolate=True)" in drifted[0] and "gradient='checkpoint'" in drifted[0]
+
+
+@pytest.mark.parametrize("method, options", [("rk4", {"step_size": 0.05}), ("dopri5", None)])
+def test_checkpoint_after_a_failed_solve_replays_only_up_to_the_last_output(method, options):
+    """y' = w y^2 from 0.5 blows up at t = 2: with throw=False the outputs stop before it, and a fixed grid has
+    accepted steps into NaN beyond them. The checkpoint strategy replays only the steps up to the last returned output
+    and gives backpropagation's gradient (its replay of the later steps raised NonFiniteError before)."""
+    w = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for gradient in ("direct", "checkpoint"):
+        sol = neuralode.solve(lambda t, y: w * y * y, y0, torch.linspace(0, 3, 7, dtype=torch.float64), method=method,
+                              options=options, gradient=gradient, throw=False, adjoint_params=(w,))
+        assert sol.status == "non_finite" and len(sol.ys) == 5
+        grads[gradient] = torch.autograd.grad(sol.ys.sum(), (y0, w))
+    for a, b in zip(grads["direct"], grads["checkpoint"]):
+        assert torch.allclose(a, b, rtol=1e-12)

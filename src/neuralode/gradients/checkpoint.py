@@ -14,6 +14,8 @@ forward solve (every accepted step is evaluated twice), no extra rejected steps.
 
 from __future__ import annotations
 
+import bisect
+
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -91,8 +93,12 @@ class _CheckpointSolve(torch.autograd.Function):
         options = dict(ctx.kwargs["options"])
         field = problem.field
         nfe_before = field.nfe
-        saved = checkpoints.saved
+        # Only the steps up to the one that reaches the last output returned: after a failure with throw=False (a
+        # fixed grid accepts steps into NaN) the later ones carry no cotangent and would fail their replay.
         step_ends = checkpoints.step_ends
+        needed = bisect.bisect_left(step_ends, output_taus[-1]) + 1 if len(output_taus) > 1 else 0
+        step_ends = step_ends[:needed]
+        saved = [entry for entry in checkpoints.saved if entry[0] <= len(step_ends)]
         # Gradient flowing into the state at the end of the segment being processed.
         carry = torch.zeros_like(grad_outputs[0])
         param_grads = [torch.zeros_like(p) for p in params]

@@ -496,7 +496,7 @@ def warn_below_resolution(rtol, atol, y0: torch.Tensor, dtype: torch.dtype) -> N
     line = torch.finfo(dtype).eps / 100
     if rtol >= line or y0.numel() == 0:
         return
-    scale = float(y0.abs().max())
+    scale = float(y0.detach().abs().max())   # (a y0 that requires grad: no warning from torch about the read)
     if atol < line * scale:
         warnings.warn(f"rtol={rtol:.3g} and atol={atol:.3g} ask for far more digits than "
                       f"{str(dtype).replace('torch.', '')} holds (eps {torch.finfo(dtype).eps:.3g}; the state's scale "

@@ -281,9 +281,13 @@ def test_a_hamiltonian_field_differentiated_inside_and_a_named_tuple_pair():
             energy = (p ** 2).sum() / 2 + (1 - torch.cos(q)).sum()
             dq, dp = torch.autograd.grad(energy, (q, p), create_graph=True)
             return dp, -dq
-    sol = neuralode.solve(Hamiltonian(), (torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64)),
-                          torch.tensor([0.0, 1.0], dtype=F64), method="leapfrog", options={"step_size": 0.1})
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=F64, requires_grad=True)
+    sol = neuralode.solve(Hamiltonian(), (torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64)), t,
+                          method="leapfrog", options={"step_size": 0.1})
     assert sol.status == "success"
+    # the output times' gradients evaluate the field in backward, where grad mode is off: dL/dt_i = sum(p(t_i))
+    sol.ys[0].sum().backward()
+    assert torch.allclose(t.grad[1:], sol.ys[1].detach().sum(1)[1:], atol=1e-12)
     from collections import namedtuple
     Pair = namedtuple("Pair", "q p")
     sol = neuralode.solve(lambda t, y: Pair(y.p, -y.q), Pair(*_pair(1.0, 0.0)), torch.tensor([0.0, 1.0], dtype=F64),

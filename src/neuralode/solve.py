@@ -545,7 +545,11 @@ class _OutputTimes(torch.autograd.Function):
         grad_times = None
         if ctx.needs_input_grad[0]:
             (outputs,) = ctx.saved_tensors
-            slopes = torch.stack([ctx.field(t, y) for t, y in zip(ctx.output_times, outputs)])
+            # (detached states under grad mode: a field that differentiates inside, a Hamiltonian network taking
+            # autograd.grad of its H, works here as in the solve; the saved outputs claimed requires_grad without a
+            # graph, and in backward grad mode is off)
+            with torch.enable_grad():
+                slopes = torch.stack([ctx.field(t, y.detach()).detach() for t, y in zip(ctx.output_times, outputs)])
             grad_times = _inner(grad, slopes, tuple(range(1, grad.ndim))).to(ctx.t_dtype)
         return grad_times, grad, None, None
 

@@ -5,6 +5,8 @@
   :class:`SecondOrder` (second-order dynamics);
 - :class:`ODEBlock`, a neural ODE as a layer, and :class:`AugmentedODEBlock` / :class:`Augment`
   (augmented neural ODEs, Dupont et al. 2019);
+- Hamiltonian fields from learnt energies (Greydanus et al. 2019): :class:`Hamiltonian`,
+  :class:`SeparableHamiltonian` (for the symplectic methods);
 - kinetic-energy and Jacobian-Frobenius regularisers accumulated during the solve (Finlay et al.
   2020): :class:`RegularisedDynamics`, :func:`regularisation_loss`.
 
@@ -12,6 +14,7 @@ Everything here uses only the public solver API (:func:`neuralode.solve`).
 """
 
 from neuralode.nn.augment import Augment, augment
+from neuralode.nn.hamiltonian import Hamiltonian, SeparableHamiltonian
 from neuralode.nn.layers import (
     Autonomous,
     ConcatConv1d,
@@ -32,10 +35,12 @@ __all__ = [
     "ConcatConv2d",
     "ConcatLinear",
     "GRADIENTS",
+    "Hamiltonian",
     "ODEBlock",
     "PROBES",
     "RegularisedDynamics",
     "SecondOrder",
+    "SeparableHamiltonian",
     "TimeDependentModule",
     "TimeSequential",
     "augment",

@@ -484,8 +484,8 @@ def test_pytree_states_name_the_leaf_or_structure_at_fault():
         neuralode.solve(lambda t, y: y, y0, T01, rtol={"x": 1e-6})
     with pytest.raises(ValueError, match=r"atol\['v'\]=-1.0 is invalid"):
         neuralode.solve(lambda t, y: y, y0, T01, atol={"v": -1.0, "x": 1e-9})
-    with pytest.raises(TypeError, match=r"per_sample=True.*got dict \(tuple and PyTree states are not supported"):
-        neuralode.solve(lambda t, y: y, y0, T01, per_sample=True)
+    with pytest.raises(ValueError, match=r"per_sample=True, every tensor of y0 needs the batch dimension first"):
+        neuralode.solve(lambda t, y: y, {"x": torch.zeros(2), "v": torch.zeros(3)}, T01, per_sample=True)
 
 
 def test_vmap_over_solve_says_to_batch_instead():

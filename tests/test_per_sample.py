@@ -272,7 +272,7 @@ def test_non_finite_field_values_are_reported_as_such():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"y0": (torch.ones(2, 1),)}, TypeError, "tuple and PyTree states"),
+    ({"y0": (torch.ones(2, 1), 3.0)}, TypeError, "or a tuple or PyTree of such tensors"),
     ({"y0": torch.ones(0, 2)}, ValueError, r"y0 holds no sample \(shape \(0, 2\)\).*per_sample=False"),
     ({"t": torch.zeros(3, 2)}, ValueError, r"shape \(n,\) or \(batch, n\)"),
     ({"t": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}, ValueError, "different directions"),
@@ -630,3 +630,35 @@ def test_a_first_step_per_sample_is_each_samples_own(gradient):
         solve(rows(slice(None)), y0, t, method="dopri5", options={"first_step": first})
     with pytest.raises(ValueError, match="'first_step' means nothing for method 'rk4'"):
         solve(VanDerPol(mu), y0, t, method="rk4", per_sample=True, options={"first_step": first, "step_size": 0.1})
+
+
+def test_tuple_and_pytree_states_step_per_sample_as_one_row_each():
+    """A pair of (batch, 2) tensors, and a dict with a (batch, 2, 3) part: the same numbers and steps as the flat
+    state (the loop sees one row per sample), ys in the user's structure, every gradient strategy."""
+    batch = 4
+    rate = torch.linspace(1, 4, batch, dtype=f64)
+    t = torch.linspace(0, 3, 5, dtype=f64)
+    q0, p0 = torch.ones(batch, 2, dtype=f64), torch.zeros(batch, 2, dtype=f64)
+    pair = solve(lambda t, y: (y[1], -rate[:, None] * y[0]), (q0, p0), t, per_sample=True, rtol=1e-8, atol=1e-8)
+    flat = solve(lambda t, y: torch.cat([y[:, 2:], -rate[:, None] * y[:, :2]], 1), torch.cat([q0, p0], 1), t,
+                 per_sample=True, rtol=1e-8, atol=1e-8)
+    assert pair.ys[0].shape == (5, batch, 2) and torch.equal(pair.ys[0], flat.ys[:, :, :2])
+    assert torch.equal(pair.ys[1], flat.ys[:, :, 2:]) and torch.equal(pair.stats["n_steps"], flat.stats["n_steps"])
+    tree = solve(lambda t, y: {"x": -y["x"], "m": [-2 * y["m"][0]]}, {"x": torch.ones(batch, 3, dtype=f64),
+                 "m": [torch.ones(batch, 2, 3, dtype=f64)]}, t, per_sample=True, rtol=1e-10, atol=1e-10)
+    assert tree.ys["m"][0].shape == (5, batch, 2, 3)
+    assert torch.allclose(tree.ys["m"][0][-1], torch.full((batch, 2, 3), math.exp(-6.0), dtype=f64), atol=1e-8)
+    weight = torch.tensor(1.3, dtype=f64, requires_grad=True)
+    grads = {}
+    for gradient in ("direct", "checkpoint", "adjoint"):
+        x0 = q0.clone().requires_grad_(True)
+        sol = solve(lambda t, y: [weight * y[1], -y[0]], (x0, p0), t, per_sample=True, gradient=gradient,
+                    adjoint_params=(weight,), rtol=1e-9, atol=1e-9)
+        grads[gradient] = torch.autograd.grad(sol.ys[0].pow(2).sum(), (x0, weight))
+    for gradient, bound in (("checkpoint", 1e-12), ("adjoint", 1e-6)):
+        for a, b in zip(grads["direct"], grads[gradient]):
+            assert torch.allclose(a, b, rtol=bound, atol=bound), gradient
+    with pytest.raises(TypeError, match="derivative in y0's structure"):
+        solve(lambda t, y: y[0], (q0, p0), t, per_sample=True)
+    with pytest.raises(ValueError, match="takes rtol as a number"):
+        solve(lambda t, y: y, (q0, p0), t, per_sample=True, rtol=torch.full((batch, 2), 1e-6))

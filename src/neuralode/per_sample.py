@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils._pytree as pytree
 
 from ._errors import MaxStepsError, NonFiniteError, NonFiniteInputError, Status, StepSizeUnderflowError, add_note
 from .controllers import ErrorNorm
@@ -36,7 +37,7 @@ from .problem import COMPUTE_DTYPE, TENSOR, VectorField, _check_tolerance, check
 # |y| grown this many times over while the step collapsed: a finite-time blow-up (as in the joint loop).
 _DIVERGENCE_GROWTH = 1e8
 
-__all__ = ["PerSampleField", "PerSampleNorm", "integrate_per_sample", "check_per_sample_times"]
+__all__ = ["PerSampleField", "PerSampleNorm", "PerSampleTree", "integrate_per_sample", "check_per_sample_times"]
 
 
 class PerSampleField(VectorField):
@@ -109,11 +110,59 @@ def check_per_sample_times(t, y0) -> torch.Tensor:
     return times
 
 
+class PerSampleTree(torch.nn.Module):
+    """A tuple or PyTree state of tensors ``(batch, *shape_i)`` as one ``(batch, n)`` state for per-sample stepping:
+    ``func`` sees and returns the user's structure, the loop a flat row per sample. An ``nn.Module``, so a module
+    ``func`` keeps its parameters (the adjoint's)."""
+
+    def __init__(self, func, y0):
+        super().__init__()
+        leaves, self.spec = pytree.tree_flatten(y0)
+        if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            raise TypeError(f"with per_sample=True, y0 must be a tensor of shape (batch, ...) or a tuple or PyTree of "
+                            f"such tensors, got {type(y0).__name__} with leaves "
+                            f"{[type(leaf).__name__ for leaf in leaves]}")
+        if any(leaf.ndim < 1 for leaf in leaves) or len({leaf.shape[0] for leaf in leaves}) != 1:
+            raise ValueError(f"with per_sample=True, every tensor of y0 needs the batch dimension first, of one size: "
+                             f"got shapes {[tuple(leaf.shape) for leaf in leaves]}")
+        if len({leaf.dtype for leaf in leaves}) != 1:
+            raise TypeError(f"the tensors of y0 must share one dtype, got {sorted({str(l.dtype) for l in leaves})}")
+        self.func = func
+        self.batch = leaves[0].shape[0]
+        self.shapes = [tuple(leaf.shape[1:]) for leaf in leaves]
+        self.sizes = [math.prod(shape) for shape in self.shapes]
+
+    @staticmethod
+    def _rows(leaves) -> torch.Tensor:
+        return torch.cat([leaf.reshape(leaf.shape[0], -1) for leaf in leaves], dim=1)
+
+    def flatten(self, tree) -> torch.Tensor:
+        """The user's structure of ``(batch, *shape_i)`` tensors -> ``(batch, n)``."""
+        return self._rows(pytree.tree_leaves(tree))
+
+    def unflatten(self, flat: torch.Tensor):
+        """``(..., batch, n) -> the structure, (..., batch, *shape_i)`` (the state, or a trajectory)."""
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return pytree.tree_unflatten([part.reshape(*part.shape[:-1], *shape)
+                                      for part, shape in zip(parts, self.shapes)], self.spec)
+
+    def forward(self, t, y):
+        out = self.func(t, self.unflatten(y))
+        if isinstance(out, list) and self.spec.type is tuple:
+            out = tuple(out)   # (a list for a tuple state, as the joint solve takes it)
+        try:
+            leaves = self.spec.flatten_up_to(out)
+        except (ValueError, TypeError):   # (torch's message names neither structure)
+            raise TypeError(f"func must return the derivative in y0's structure ({pytree.treespec_pprint(self.spec)}), "
+                            "one tensor (batch, ...) per state tensor") from None
+        return self._rows(leaves)
+
+
 def make_per_sample_field(func, y0, rtol, atol):
     """Check ``y0`` and the tolerances; returns ``(field, y0 in the compute dtype, norm)``."""
     if not isinstance(y0, torch.Tensor):
-        raise TypeError(f"with per_sample=True, y0 must be one tensor of shape (batch, ...), got "
-                        f"{type(y0).__name__} (tuple and PyTree states are not supported in per-sample mode)")
+        raise TypeError(f"with per_sample=True, y0 must be a tensor of shape (batch, ...), or a tuple or PyTree of "
+                        f"such tensors, got {type(y0).__name__}")
     if not (y0.is_floating_point() or y0.is_complex()) or y0.dtype == torch.complex32:
         raise TypeError(f"y0 has dtype {y0.dtype}; the state must be floating point or complex (not complex32)")
     if y0.ndim < 1:

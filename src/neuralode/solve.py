@@ -25,7 +25,8 @@ from .jumps import solve_with_jumps
 from .problem import FieldWithArgs, check_other_tolerance, make_problem, warn_time_rounding
 from .solution import Solution
 from .per_sample import _first_evaluation as _per_sample_first_evaluation
-from .per_sample import check_per_sample_times, integrate_per_sample, make_per_sample_field, per_sample_first_steps
+from .per_sample import (PerSampleTree, check_per_sample_times, integrate_per_sample, make_per_sample_field,
+                         per_sample_first_steps)
 from .solvers.compiled import _under_transform, compiled_stepper
 from .solvers.runge_kutta import ExplicitRungeKutta
 
@@ -344,6 +345,15 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
     if not isinstance(stepper, ExplicitRungeKutta):
         raise ValueError(f"per_sample=True needs an explicit Runge-Kutta method (e.g. 'tsit5', 'dopri5', 'rk4'); "
                          f"{spec.name!r} is not one")
+    tree = None
+    if not isinstance(y0, torch.Tensor) and callable(func):
+        # A tuple or PyTree of (batch, ...) tensors: one (batch, n) state for the loop, the structure for func and ys.
+        for label, tol in (("rtol", rtol), ("atol", atol)):
+            if isinstance(tol, torch.Tensor) and tol.numel() > 1:
+                raise ValueError(f"per_sample=True with a tuple or PyTree state takes {label} as a number (one for "
+                                 "every element); give a float")
+        tree = PerSampleTree(func, y0)
+        func, y0 = tree, tree.flatten(y0)
     unknown = sorted(set(options) - _PER_SAMPLE_OPTIONS)
     if unknown:
         raise ValueError(f"option(s) {unknown} are not supported with per_sample=True; it accepts "
@@ -399,6 +409,8 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
         outputs = PerSampleAdjointFunction.apply(run, outputs, state, *strategy.params)
     if field.cast:
         outputs = outputs.to(field.user_dtype)
+    if tree is not None:
+        outputs = tree.unflatten(outputs)
     status, message = Status.SUCCESS, "Every sample reached the end of its interval."
     sample_status = (Status.SUCCESS,) * state.shape[0]
     if error is not None:

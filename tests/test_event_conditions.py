@@ -92,21 +92,27 @@ def test_a_condition_must_keep_its_kind():
 
 
 def test_steady_state_event_and_its_time_gradient():
-    """y' = -k (y - 2) from 0: the RMS of f is 2 e^{-k t}, the threshold atol + rtol RMS(y) about 2.0e-4 + 1e-6,
-    so the steady state is at t = ln(2 / 2.01e-4) / k. The time is a real crossing, differentiable: dt/dk = -t / k
-    (to the solve's accuracy: the threshold moves with y too)."""
-    k = torch.tensor(1.0, dtype=F64, requires_grad=True)
+    """y' = -k (y - 2) from 0: the RMS of f is 2 k e^{-k t}, the threshold atol + rtol RMS(y) about 2.0e-4 + 1e-6,
+    so the steady state is at t = ln(2 k / 2.01e-4) / k. The time is a real crossing, differentiable through the field
+    the event function calls: dt/dk = 1 / k^2 - t / k at k = 1, -8.2055 (checked by a central difference; the
+    gradient was -t / k, -9.2055, while the search for the tensors an event function uses stopped at its closure)."""
+    def event_time(k_value, differentiate=False):
+        k = torch.tensor(k_value, dtype=F64, requires_grad=differentiate)
 
-    def field(t, y):
-        return -k * (y - 2.0)
-    event = neuralode.steady_state_event(field, rtol=1e-4, atol=1e-6)
-    assert event.terminal is True and event.direction == -1 and event.samples == 0
-    sol = neuralode.solve(field, torch.zeros(3, dtype=F64), torch.tensor([0.0, 100.0], dtype=F64), events=[event],
-                          rtol=1e-10, atol=1e-12)
-    expected = math.log(2 / (1e-6 + 1e-4 * (2 - 2 * math.exp(-9.2)))) / 1.0
-    assert sol.status == "event" and abs(float(sol.event_t) - expected) < 1e-5
-    sol.event_t.backward()
-    assert abs(float(k.grad) + expected) < 1e-3
+        def field(t, y):
+            return -k * (y - 2.0)
+        event = neuralode.steady_state_event(field, rtol=1e-4, atol=1e-6)
+        sol = neuralode.solve(field, torch.zeros(3, dtype=F64), torch.tensor([0.0, 100.0], dtype=F64),
+                              events=[event], rtol=1e-12, atol=1e-14)
+        assert sol.status == "event" and event.terminal is True and event.direction == -1 and event.samples == 0
+        if differentiate:
+            sol.event_t.backward()
+            return float(sol.event_t), float(k.grad)
+        return float(sol.event_t)
+    t_event, gradient = event_time(1.0, differentiate=True)
+    assert abs(t_event - math.log(2 / (1e-6 + 1e-4 * (2 - 2 * math.exp(-t_event))))) < 1e-6
+    central = (event_time(1 + 1e-5) - event_time(1 - 1e-5)) / 2e-5
+    assert abs(gradient - central) < 1e-4 and abs(gradient + 8.2055) < 1e-3
     # a PyTree state and a custom norm (the largest element)
     tree = neuralode.solve(lambda t, y: {"a": -(y["a"] - 1.0)}, {"a": torch.zeros(2, dtype=F64)},
                            torch.tensor([0.0, 50.0], dtype=F64), events=[neuralode.steady_state_event(
@@ -115,10 +121,29 @@ def test_steady_state_event_and_its_time_gradient():
     assert abs(float(tree.event_t) - math.log(1e3)) < 1e-5
 
 
+def test_an_event_function_that_calls_the_field_differentiates_through_it():
+    """y' = -k (y - 2), the event where f = 1/2 written through the field: t = ln(4 k) / k, dt/dk = (1 - ln 4) at
+    k = 1 (the same as the inline event function gives); it was -ln 4 while the tensors the field closes over were
+    not found through the event function's call."""
+    k = torch.tensor(1.0, dtype=F64, requires_grad=True)
+
+    def field(t, y):
+        return -k * (y - 2.0)
+
+    def above_half(t, y):
+        return field(t, y)[0] - 0.5
+    sol = neuralode.solve(field, torch.zeros(1, dtype=F64), torch.tensor([0.0, 100.0], dtype=F64),
+                          events=[neuralode.Event(lambda t, y: above_half(t, y), terminal=True)], rtol=1e-12, atol=1e-14)
+    sol.event_t.backward()
+    assert abs(float(sol.event_t) - math.log(4.0)) < 1e-8 and abs(float(k.grad) - (1 - math.log(4.0))) < 1e-6
+
+
 def test_steady_state_event_arguments():
     with pytest.raises(TypeError, match="needs the vector field"):
         neuralode.steady_state_event(None, rtol=1e-3, atol=1e-6)
-    with pytest.raises(ValueError, match="rtol must be a number >= 0"):
+    with pytest.raises(ValueError, match="rtol must be a finite number >= 0"):
         neuralode.steady_state_event(oscillator, rtol=-1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="atol must be a finite number >= 0"):
+        neuralode.steady_state_event(oscillator, rtol=1e-3, atol=float("inf"))
     with pytest.raises(TypeError):
         neuralode.steady_state_event(oscillator)   # (rtol and atol are required: no controller to take them from)

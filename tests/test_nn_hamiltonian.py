@@ -94,5 +94,7 @@ def test_bad_arguments():
         SeparableHamiltonian(None)
     with pytest.raises(TypeError, match="must be a pair"):
         Hamiltonian(_pendulum_energy)(0.0, torch.ones(2))
-    with pytest.raises(TypeError, match="energy must be a real tensor"):
+    with pytest.raises(TypeError, match="energy must be a real floating-point tensor.*got NoneType"):
         Hamiltonian(lambda q, p: None)(0.0, (torch.ones(1), torch.ones(1)))
+    with pytest.raises(TypeError, match="got a tensor of dtype torch.int64"):
+        Hamiltonian(lambda q, p: torch.tensor(1))(0.0, (torch.ones(1), torch.ones(1)))

@@ -158,13 +158,15 @@ def steady_state_event(func, *, rtol: float, atol: float, norm=None, terminal=Tr
         As :class:`Event`'s: stop at the steady state, or record it.
 
     Each check evaluates ``func`` once (at the step's end: ``samples=0``; the steady state is approached, not
-    crossed back and forth), plus about 50 times to locate it.
+    crossed back and forth), plus about 50 times to locate it. A state already steady at the start is no occurrence
+    (a crossing is needed; diffrax stops after the first step there). The event time's gradient reaches the tensors
+    ``func`` uses (its parameters, or the tensors a plain function closes over).
     """
     if not callable(func):
         raise TypeError(f"steady_state_event(func, ...) needs the vector field func(t, y), got {type(func).__name__}")
     for label, value in (("rtol", rtol), ("atol", atol)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-            raise ValueError(f"steady_state_event {label} must be a number >= 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < float("inf"):
+            raise ValueError(f"steady_state_event {label} must be a finite number >= 0, got {value!r}")
     if norm is None:
         def norm(x):
             return x.abs().pow(2).mean().sqrt() if x.numel() else x.new_zeros(())

@@ -79,43 +79,67 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
     return tuple(unique)
 
 
+# How deep _grad_tensors_used_by follows functions into the functions they reach: an event function that calls the
+# field, which closes over a learnable rate (steady_state_event's), is two levels; three leaves room for a helper.
+_FUNCTION_DEPTH = 3
+# Library code is not looked into: its globals and closures hold no tensor of the user's (and are many).
+_LIBRARIES = ("torch", "numpy", "scipy", "functools", "builtins")
+
+
 def _grad_tensors_used_by(func) -> list:
     """``(name, value)`` of the tensors requiring grad (and modules with such parameters) that a plain function reaches:
     its closure, the globals its code names, its default arguments, a ``functools.partial``'s arguments and a bound
-    method's object. A callable object that is not a function is not looked into, nor are functions it calls."""
-    found = []
+    method's object, and the same of the plain functions found there (``_FUNCTION_DEPTH`` levels: an event function
+    that calls the field, which closes over a learnable rate, reaches it). A callable object that is not a function
+    is not looked into, nor is library code."""
+    found, explored = [], set()
 
-    def visit(name, value):
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            found.append((name, value))
-        elif isinstance(value, torch.nn.Module) and any(p.requires_grad for p in value.parameters()):
-            found.append((f"{name} (an nn.Module: its parameters)", value))
+    def visit(name, value, level):
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                found.append((name, value))
+        elif isinstance(value, torch.nn.Module):
+            if any(p.requires_grad for p in value.parameters()):
+                found.append((f"{name} (an nn.Module: its parameters)", value))
+        elif level < _FUNCTION_DEPTH and (inspect.isfunction(value) or inspect.ismethod(value)
+                                          or isinstance(value, functools.partial)):
+            module = getattr(value, "__module__", None) or ""
+            if module.split(".")[0] not in _LIBRARIES:
+                explore(value, f"{name}.", level + 1)
 
-    target = func
-    if isinstance(target, functools.partial):
-        for i, value in enumerate(target.args):
-            visit(f"partial argument {i}", value)
-        for name, value in target.keywords.items():
-            visit(name, value)
-        target = target.func
-    if inspect.ismethod(target):
-        visit(f"{type(target.__self__).__name__} (the method's object)", target.__self__)
-        target = target.__func__
-    code = getattr(target, "__code__", None)
-    if code is None:
-        return found
-    for name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
-        try:
-            visit(name, cell.cell_contents)
-        except ValueError:       # (a cell not yet filled)
-            pass
-    namespace = getattr(target, "__globals__", {})
-    for name in code.co_names:
-        if name in namespace:
-            visit(name, namespace[name])
-    for i, value in enumerate(getattr(target, "__defaults__", None) or ()):
-        visit(f"default argument {i}", value)
-    return found
+    def explore(target, prefix, level):
+        if id(target) in explored:
+            return
+        explored.add(id(target))
+        if isinstance(target, functools.partial):
+            for i, value in enumerate(target.args):
+                visit(f"{prefix}partial argument {i}", value, level)
+            for name, value in target.keywords.items():
+                visit(prefix + name, value, level)
+            target = target.func
+        if inspect.ismethod(target):
+            visit(f"{prefix}{type(target.__self__).__name__} (the method's object)", target.__self__, level)
+            target = target.__func__
+        code = getattr(target, "__code__", None)
+        if code is None:
+            return
+        for name, cell in zip(code.co_freevars, getattr(target, "__closure__", None) or ()):
+            try:
+                visit(prefix + name, cell.cell_contents, level)
+            except ValueError:       # (a cell not yet filled)
+                pass
+        namespace = getattr(target, "__globals__", {})
+        for name in code.co_names:
+            if name in namespace:
+                visit(prefix + name, namespace[name], level)
+        for i, value in enumerate(getattr(target, "__defaults__", None) or ()):
+            visit(f"{prefix}default argument {i}", value, level)
+
+    explore(func, "", 0)
+    unique = {}
+    for name, value in found:
+        unique.setdefault(id(value), (name, value))   # (one tensor reached along two paths is named once)
+    return list(unique.values())
 
 
 def nan_gradients(y0_shape, dtype, device, params) -> tuple:

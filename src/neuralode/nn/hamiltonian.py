@@ -35,9 +35,10 @@ def _leaf(x: Tensor, differentiable: bool) -> Tensor:
 
 
 def _gradients(value: Tensor, inputs: tuple, differentiable: bool, name: str) -> tuple:
-    if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
-        raise TypeError(f"{name}: the energy must be a real tensor (one value per sample, or their sum), got "
-                        f"{type(value).__name__}")
+    if not isinstance(value, Tensor) or not value.is_floating_point():
+        got = f"a tensor of dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise TypeError(f"{name}: the energy must be a real floating-point tensor (one value per sample, or their "
+                        f"sum), got {got}")
     # (the sum: each sample's energy depends on its own state only, so the gradient of the sum is each one's)
     grads = torch.autograd.grad(value.sum(), inputs, create_graph=differentiable, allow_unused=True)
     return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs))

@@ -94,3 +94,18 @@ class Solver(abc.ABC):
         ``None``: an explicit method's steps are as short as its accuracy needs, so its dense output is not
         checked (the loop checks a stiff method's, whose long steps the step-end error estimate allows)."""
         return None
+
+
+def method_data(value, registry: dict, data_type: type, argument: str, kind: str):
+    """The coefficients a stepper runs, given by name (a key of ``registry``) or as an instance of ``data_type``;
+    ``argument`` names the parameter in the errors, e.g. ``"Symplectic(method=...)"``, and ``kind`` what it takes
+    (``"a splitting method"``)."""
+    if isinstance(value, str):
+        if value not in registry:
+            raise ValueError(f"{argument} must name {kind} (one of {sorted(registry)}) or be a {data_type.__name__}, "
+                             f"got {value!r}")
+        return registry[value]
+    if not isinstance(value, data_type):
+        raise TypeError(f"{argument} must be a method name or a {data_type.__name__}, got {type(value).__name__}")
+    return value
+

@@ -61,7 +61,7 @@ import torch
 from ..interpolation import linear_coefficients
 from ..problem import next_after
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Solver
+from .base import Solver, method_data
 from .runge_kutta import ExplicitRungeKutta, StepOutcome
 
 
@@ -279,15 +279,8 @@ class ReversibleRungeKutta(_Reversible):
                   "rebuilt states drift; warned), or use an ordinary method with gradient='checkpoint'")
 
     def __post_init__(self):
-        base = self.base
-        if isinstance(base, str):
-            if base not in TABLEAUS:
-                raise ValueError(f"ReversibleRungeKutta(base=...) must name an explicit Runge-Kutta method (one of "
-                                 f"{sorted(TABLEAUS)}) or be a ButcherTableau, got {base!r}")
-            base = TABLEAUS[base]
-        if not isinstance(base, ButcherTableau):
-            raise TypeError(f"ReversibleRungeKutta(base=...) must be a method name or a ButcherTableau, got "
-                            f"{type(base).__name__}")
+        base = method_data(self.base, TABLEAUS, ButcherTableau, "ReversibleRungeKutta(base=...)",
+                           "an explicit Runge-Kutta method")
         coupling = self.coupling
         if isinstance(coupling, torch.Tensor) and coupling.numel() == 1 and not coupling.dtype.is_complex:
             coupling = coupling.item()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tableaus.splitting import SPLITTING_METHODS, SplittingMethod
-from .base import Solver
+from .base import Solver, method_data
 from .runge_kutta import StepOutcome
 
 
@@ -135,16 +135,8 @@ class Symplectic(Solver):
     lands_on_outputs = True
 
     def __post_init__(self):
-        method = self.method
-        if isinstance(method, str):
-            if method not in SPLITTING_METHODS:
-                raise ValueError(f"Symplectic(method=...) must name a splitting method (one of "
-                                 f"{sorted(SPLITTING_METHODS)}) or be a SplittingMethod, got {method!r}")
-            method = SPLITTING_METHODS[method]
-        if not isinstance(method, SplittingMethod):
-            raise TypeError(f"Symplectic(method=...) must be a method name or a SplittingMethod, got "
-                            f"{type(method).__name__}")
-        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "method", method_data(self.method, SPLITTING_METHODS, SplittingMethod,
+                                                       "Symplectic(method=...)", "a splitting method"))
 
     @property
     def name(self) -> str:

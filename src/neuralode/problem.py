@@ -229,6 +229,16 @@ class VectorField:
         self.nfe += 1
         return self.evaluate(t, y)
 
+    def evaluate_leaves(self, t: float, leaves) -> list:
+        """``func`` at a state given as its tensors (``y0``'s order and shapes, the loop's dtype), returning the
+        derivative's tensors the same way; counted. For a stepper that keeps the parts of a tuple state apart (the
+        symplectic methods): no concatenation into the flat state and split out of it at each evaluation."""
+        self.nfe += 1
+        if self.cast:
+            leaves = [x.to(self.user_dtype) for x in leaves]
+        out = self.structure.leaves(self.func(self.time(t), self.structure.build(tuple(leaves))))
+        return [o.to(self.compute_dtype) for o in out] if self.cast_output else list(out)
+
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:
         """Like calling, but not counted (gradient strategies count their own evaluations)."""
         if self.cast:

@@ -32,7 +32,8 @@ print(f"semi_implicit_euler vs SemiImplicitEuler: 100 steps, largest difference 
 # leapfrog/midpoint on the pendulum as one vector
 sol = diffrax.diffeqsolve(diffrax.ODETerm(lambda t, y, args: jnp.stack([y[1], -jnp.sin(y[0])])),
                           diffrax.LeapfrogMidpoint(), 0.0, t_end, h, jnp.array([1.0, 0.3]), saveat=saveat)
-ours = neuralode.solve(lambda t, y: torch.stack([y[1], -torch.sin(y[0])]), torch.tensor([1.0, 0.3], dtype=torch.float64),
+ours = neuralode.solve(lambda t, y: torch.stack([y[1], -torch.sin(y[0])]),
+                       torch.tensor([1.0, 0.3], dtype=torch.float64),
                        t, method="leapfrog_midpoint", options=grid)
 apart = np.abs(np.asarray(jax.device_get(sol.ys)) - ours.ys.numpy()).max()
 print(f"leapfrog_midpoint vs LeapfrogMidpoint: 100 steps, largest difference over the outputs {apart:.1e}")

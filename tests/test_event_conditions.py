@@ -58,7 +58,8 @@ def test_a_boolean_condition_with_an_affect_fires_again_only_after_turning_false
     """A sawtooth: y' = 1, and when y > 1 it drops by 1/2. After each jump the condition is False again, so the
     occurrences are 1, 1.5, 2, ...; outputs at the jump times get the state after the jump."""
     event = neuralode.Event(lambda t, y: y[0] > 1.0, affect=lambda t, y: y - 0.5)
-    sol = neuralode.solve(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=F64), torch.linspace(0, 3, 7, dtype=F64),
+    sol = neuralode.solve(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=F64),
+                          torch.linspace(0, 3, 7, dtype=F64),
                           events=[event])
     assert [float(r.t) for r in sol.events] == pytest.approx([1.0, 1.5, 2.0, 2.5, 3.0], abs=1e-9)
     assert torch.allclose(sol.ys[1:, 0], torch.full((6,), 0.5, dtype=F64), atol=1e-9)
@@ -133,7 +134,8 @@ def test_an_event_function_that_calls_the_field_differentiates_through_it():
     def above_half(t, y):
         return field(t, y)[0] - 0.5
     sol = neuralode.solve(field, torch.zeros(1, dtype=F64), torch.tensor([0.0, 100.0], dtype=F64),
-                          events=[neuralode.Event(lambda t, y: above_half(t, y), terminal=True)], rtol=1e-12, atol=1e-14)
+                          events=[neuralode.Event(lambda t, y: above_half(t, y), terminal=True)], rtol=1e-12,
+                          atol=1e-14)
     sol.event_t.backward()
     assert abs(float(sol.event_t) - math.log(4.0)) < 1e-8 and abs(float(k.grad) - (1 - math.log(4.0))) < 1e-6
 

@@ -18,7 +18,8 @@ from neuralode.tableaus.order_conditions import continuous_extension
 NAMES = sorted(IMPLICIT_TABLEAUS)
 # The literature's classification of each method (the tableau's own claims are checked against these,
 # and both against R(z)).
-L_STABLE = {"implicit_euler", "adaptive_implicit_euler", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2", "kvaerno3", "kvaerno4", "kvaerno5"}
+L_STABLE = {"implicit_euler", "adaptive_implicit_euler", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2", "kvaerno3",
+            "kvaerno4", "kvaerno5"}
 A_NOT_L = {"implicit_midpoint", "trapezoid", "gl4", "gl6"}
 STRUCTURE = {
     "implicit_euler": ("sdirk", 1.0),
@@ -37,8 +38,8 @@ STRUCTURE = {
     "kvaerno5": ("esdirk", 0.26),
 }
 # The trapezoidal rule has b equal to the last row of a as well, though its a is singular (see below).
-STIFFLY_ACCURATE = {"implicit_euler", "adaptive_implicit_euler", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2", "trapezoid",
-                    "kvaerno3", "kvaerno4", "kvaerno5"}
+STIFFLY_ACCURATE = {"implicit_euler", "adaptive_implicit_euler", "radauIIA3", "radauIIA5", "sdirk2", "trbdf2",
+                    "trapezoid", "kvaerno3", "kvaerno4", "kvaerno5"}
 
 
 def _a(tab):

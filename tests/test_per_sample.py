@@ -662,3 +662,16 @@ def test_tuple_and_pytree_states_step_per_sample_as_one_row_each():
         solve(lambda t, y: y[0], (q0, p0), t, per_sample=True)
     with pytest.raises(ValueError, match="takes rtol as a number"):
         solve(lambda t, y: y, (q0, p0), t, per_sample=True, rtol=torch.full((batch, 2), 1e-6))
+    with pytest.raises(ValueError, match="takes atol as a number"):
+        solve(lambda t, y: y, (q0, p0), t, per_sample=True, atol=[1e-3, 1e-12])
+    # (found by the QA round: a derivative of the right row width but another shape or dtype passed, silently)
+    wide = torch.zeros(batch, 3, dtype=f64)
+    with pytest.raises(ValueError,
+                       match=r"tensor 0 \(in y0's order\), returned shape \(4, 3\) but the state has shape \(4, 2\)"):
+        solve(lambda t, y: (-y[1], -y[0]), (q0, wide), t, per_sample=True)
+    with pytest.raises(ValueError, match=r"tensor 0 \(in y0's order\), returned shape \(2,\)"):
+        solve(lambda t, y: (-y[0][0], -y[1]), (q0, p0), t, per_sample=True)
+    with pytest.raises(TypeError, match=r"tensor 1 \(in y0's order\), returned dtype torch.float32"):
+        solve(lambda t, y: (-y[0], -y[1].float()), (q0, p0), t, per_sample=True)
+    with pytest.raises(ValueError, match="holds no sample"):
+        solve(lambda t, y: y, (q0[:0], p0[:0]), t, per_sample=True)

@@ -30,7 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
-    "Event", "EventRecord", "steady_state_event", "IntegralController", "PIController", "PIDController", "PredictiveController",
+    "Event", "EventRecord", "steady_state_event",
+    "IntegralController", "PIController", "PIDController", "PredictiveController",
     "Direct", "Adjoint", "Checkpoint", "ReversibleAdjoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",

@@ -127,6 +127,10 @@ class PerSampleTree(torch.nn.Module):
                              f"got shapes {[tuple(leaf.shape) for leaf in leaves]}")
         if len({leaf.dtype for leaf in leaves}) != 1:
             raise TypeError(f"the tensors of y0 must share one dtype, got {sorted({str(l.dtype) for l in leaves})}")
+        if leaves[0].shape[0] == 0:
+            raise ValueError(f"with per_sample=True, y0 holds no sample (batch size 0, shapes "
+                             f"{[tuple(leaf.shape) for leaf in leaves]}): there is nothing to step; skip the solve "
+                             "for an empty batch, or solve jointly (per_sample=False)")
         self.func = func
         self.batch = leaves[0].shape[0]
         self.shapes = [tuple(leaf.shape[1:]) for leaf in leaves]
@@ -155,6 +159,15 @@ class PerSampleTree(torch.nn.Module):
         except (ValueError, TypeError):   # (torch's message names neither structure)
             raise TypeError(f"func must return the derivative in y0's structure ({pytree.treespec_pprint(self.spec)}), "
                             "one tensor (batch, ...) per state tensor") from None
+        # Each tensor as its state tensor (shapes are known without reading the device): a (batch, 3) derivative for a
+        # (batch, 3) tensor is of the right width for another's row too, and torch.cat promotes a float32 one. (Under
+        # torch.autocast a field's float16 result is converted, as in the joint solve: check_derivative.)
+        batch = y.shape[0]
+        leaves = list(leaves)
+        for index, (leaf, shape) in enumerate(zip(leaves, self.shapes)):
+            if check_derivative(f"func(t, y), for the state's tensor {index} (in y0's order),", leaf,
+                                torch.Size((batch, *shape)), y.dtype):
+                leaves[index] = leaf.to(y.dtype)
         return self._rows(leaves)
 
 

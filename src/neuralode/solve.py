@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import numbers
 import warnings
 
 import torch
@@ -349,9 +350,9 @@ def _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, c
     if not isinstance(y0, torch.Tensor) and callable(func):
         # A tuple or PyTree of (batch, ...) tensors: one (batch, n) state for the loop, the structure for func and ys.
         for label, tol in (("rtol", rtol), ("atol", atol)):
-            if isinstance(tol, torch.Tensor) and tol.numel() > 1:
+            if not (isinstance(tol, numbers.Real) or (isinstance(tol, torch.Tensor) and tol.numel() == 1)):
                 raise ValueError(f"per_sample=True with a tuple or PyTree state takes {label} as a number (one for "
-                                 "every element); give a float")
+                                 f"every element), got {type(tol).__name__}; give a float")
         tree = PerSampleTree(func, y0)
         func, y0 = tree, tree.flatten(y0)
     unknown = sorted(set(options) - _PER_SAMPLE_OPTIONS)

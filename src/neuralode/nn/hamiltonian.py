@@ -64,7 +64,8 @@ class Hamiltonian(nn.Module):
     def __init__(self, energy) -> None:
         super().__init__()
         if not callable(energy):
-            raise TypeError(f"Hamiltonian(energy): energy must be callable as energy(q, p), got {type(energy).__name__}")
+            raise TypeError(f"Hamiltonian(energy): energy must be callable as energy(q, p), got "
+                            f"{type(energy).__name__}")
         self.energy = energy
 
     def forward(self, t, y):

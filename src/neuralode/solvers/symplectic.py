@@ -310,5 +310,6 @@ class LeapfrogMidpoint(Solver):
         if not worst > 0.1:   # (a NaN is the loop's to report)
             return None
         return (f"the leapfrog/midpoint method's spurious mode grew to {worst:.3g} times the solution's scale: it is "
-                "weakly unstable where the dynamics decay (each step multiplies that mode by about 1 + h |lambda|). Use "
+                "weakly unstable where the dynamics decay (each step multiplies that mode by about 1 + h |lambda|). "
+                "Use "
                 "smaller steps, or a one-step method ('midpoint', 'rk4')")

@@ -295,6 +295,17 @@ def test_a_hamiltonian_field_differentiated_inside_and_a_named_tuple_pair():
     assert abs(sol.ys.q[-1, 0].item() - math.cos(1.0)) < 1e-5
 
 
+def test_a_derivative_whose_shape_changes_along_the_solve_is_an_error():
+    """The first evaluation's shapes are checked where the problem is built; the stepper adds each derivative tensor to
+    its part, where a shape that changed later would broadcast (found by the QA round: wrong numbers, status success)."""
+    def field(t, y):
+        q, p = y
+        return (p[:1] if float(t) > 0.3 else p), -q
+    with pytest.raises(ValueError, match=r"returned \(1,\) for the state's tensor 0 .* shape \(2,\)"):
+        neuralode.solve(field, (torch.ones(2, dtype=F64), torch.zeros(2, dtype=F64)), torch.tensor([0.0, 1.0],
+                        dtype=F64), method="leapfrog", options={"step_size": 0.1})
+
+
 def test_splitting_method_validates_its_coefficients():
     with pytest.raises(ValueError, match="drift coefficients sum to"):
         SplittingMethod("x", drift=(0.5, 0.4), kick=(0.5, 0.5), order=1)

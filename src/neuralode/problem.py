@@ -237,6 +237,13 @@ class VectorField:
         if self.cast:
             leaves = [x.to(self.user_dtype) for x in leaves]
         out = self.structure.leaves(self.func(self.time(t), self.structure.build(tuple(leaves))))
+        for index, (value, shape) in enumerate(zip(out, self.shapes)):
+            # (the stepper adds each tensor to its part: a shape that changed along the solve would broadcast there)
+            if not isinstance(value, torch.Tensor) or value.shape != shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"func(t, y) returned {got} for the state's tensor {index} (in y0's order) at "
+                                 f"t={float(t)!r}, which has shape {tuple(shape)}: return dy/dt of each tensor in its "
+                                 "shape, at every call")
         return [o.to(self.compute_dtype) for o in out] if self.cast_output else list(out)
 
     def evaluate(self, t: float, y: torch.Tensor) -> torch.Tensor:

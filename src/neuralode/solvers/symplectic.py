@@ -25,7 +25,6 @@ by an Euler step, order 2, one evaluation a step, for any state.
 from __future__ import annotations
 
 import collections
-import itertools
 import weakref
 from dataclasses import dataclass
 
@@ -36,8 +35,9 @@ from .base import Solver, method_data
 from .runge_kutta import StepOutcome
 
 
-def _position_size(func, method_name: str) -> int:
-    """How many entries of the flat state are ``q`` (the first of the two parts of a ``(q, p)`` state)."""
+def _position_size(func, method_name: str) -> tuple[int, int]:
+    """How many entries of the flat state are ``q`` (the first of the two parts of a ``(q, p)`` state), and how many of
+    the state's tensors."""
     structure = getattr(func, "structure", None)
     numels = getattr(func, "numels", None)
     hint = (f"method {method_name!r} integrates a separable system: give y0 as a pair (q, p), tensors or PyTrees, and "
@@ -48,7 +48,7 @@ def _position_size(func, method_name: str) -> int:
     if structure.kind == "tuple":
         if len(numels) != 2:
             raise ValueError(f"{hint}; got a tuple of {len(numels)} tensors")
-        return numels[0]
+        return numels[0], 1
     spec = structure.spec
     # (TreeSpec.children() in recent torch; children_specs, deprecated there, before)
     children = spec.children() if callable(getattr(spec, "children", None)) else spec.children_specs
@@ -57,7 +57,7 @@ def _position_size(func, method_name: str) -> int:
                                                         issubclass(spec.type, (tuple, list)))
     if not pair_like or len(children) != 2:
         raise ValueError(f"{hint}; got the structure {structure.describe()}")
-    return sum(numels[:children[0].num_leaves])
+    return sum(numels[:children[0].num_leaves]), children[0].num_leaves
 
 
 # User fields found separable, by identity: a training loop solves with the same module at every iteration, and the
@@ -158,48 +158,22 @@ class Symplectic(Solver):
         return False
 
     def init(self, func, t0, y0, f0):
-        n_q = _position_size(func, self.name)
-        # The parts' layout, where the field evaluates parts as they are (VectorField.evaluate_leaves): the substeps
-        # then move q's and p's tensors without building the flat state at each evaluation (a concatenation, a split,
+        n_q, k = _position_size(func, self.name)
+        # The substeps move q's and p's tensors as they are and the field evaluates them so
+        # (VectorField.evaluate_leaves), without building the flat state at each evaluation (a concatenation, a split,
         # a concatenation of the derivative and a slice less: leapfrog on Kepler 90 -> 52 us an evaluation,
-        # benchmarks/symplectic.py). (q's tensor count, each tensor's size, each one's shape.)
-        layout = None
-        if hasattr(func, "evaluate_leaves") and func.numels is not None:
-            offsets = list(itertools.accumulate(func.numels))
-            if n_q in offsets:
-                layout = (offsets.index(n_q) + 1, tuple(func.numels), tuple(func.shapes))
-        return (n_q, None, False, layout)
+        # benchmarks/symplectic.py). The layout: (q's tensor count, each tensor's size, each one's shape).
+        return (n_q, None, False, (k, tuple(func.numels), tuple(func.shapes)))
 
     def step(self, func, t0, y0, f0, h, error_norm, state=None) -> StepOutcome:
-        n_q, last, checked, layout = state
+        n_q, last, checked, (k, numels, shapes) = state
         if not checked:
             _check_separable(func, t0, y0, h, n_q, self.name)
-        if layout is not None:
-            return self._step_parts(func, t0, y0, f0, h, state)
-        # The derivative the first substep may read: f(t0, y0) on a fresh start (both parts), else the previous
-        # step's last evaluation (one part, the kind of substep it was made for).
-        known = ("both", f0) if f0 is not None else last
-        q, p = y0[:n_q], y0[n_q:]
-        value = None
-        for index, (kind, coefficient, offset) in enumerate(self.method.substeps):
-            if index == 0 and known is not None and known[0] in ("both", kind):
-                value = known[1]
-            else:
-                value = func(t0 + offset * h, torch.cat((q, p)))
-            if kind == "drift":
-                q = torch.add(q, value[:n_q], alpha=coefficient * h)
-            else:
-                p = torch.add(p, value[n_q:], alpha=coefficient * h)
-        kind = self.method.substeps[-1][0]
-        return StepOutcome(torch.cat((q, p)), None, None, None, state=(n_q, (kind, value), True, layout))
-
-    def _step_parts(self, func, t0, y0, f0, h, state) -> StepOutcome:
-        """The step on the parts' tensors (the same arithmetic as on the flat state, element by element)."""
-        n_q, last, _, layout = state
-        k, numels, shapes = layout
 
         def parts(flat):
             return [piece.view(shape) for piece, shape in zip(torch.split(flat, numels), shapes)]
+        # The derivative the first substep may read: f(t0, y0) on a fresh start (both parts), else the previous
+        # step's last evaluation (one part, the kind of substep it was made for).
         known = ("both", parts(f0)) if f0 is not None else last
         leaves = parts(y0)
         q, p = leaves[:k], leaves[k:]
@@ -214,7 +188,8 @@ class Symplectic(Solver):
             else:
                 p = [torch.add(x, dx, alpha=coefficient * h) for x, dx in zip(p, value[k:])]
         y1 = torch.cat([x.reshape(-1) for x in q + p])
-        return StepOutcome(y1, None, None, None, state=(n_q, (self.method.substeps[-1][0], value), True, layout))
+        return StepOutcome(y1, None, None, None, state=(n_q, (self.method.substeps[-1][0], value), True,
+                                                        (k, numels, shapes)))
 
     def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
         from ..interpolation import linear_coefficients

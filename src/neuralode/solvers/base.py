@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import abc
 
+from ..interpolation import linear_coefficients
+
 
 class Solver(abc.ABC):
     """Base of every stepper: the flags' defaults (an explicit one-step method) and the shared defaults of
@@ -94,6 +96,14 @@ class Solver(abc.ABC):
         ``None``: an explicit method's steps are as short as its accuracy needs, so its dense output is not
         checked (the loop checks a stiff method's, whose long steps the step-end error estimate allows)."""
         return None
+
+
+class LinearDense:
+    """A dense output linear between the step ends (diffrax's for its reversible and symplectic solvers): for the
+    steppers whose steps carry no continuous extension (the reversible Heun, the leapfrogs, the splitting methods)."""
+
+    def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
+        return linear_coefficients(y0, outcome.y1)
 
 
 def method_data(value, registry: dict, data_type: type, argument: str, kind: str):

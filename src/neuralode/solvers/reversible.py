@@ -58,10 +58,9 @@ import numbers
 
 import torch
 
-from ..interpolation import linear_coefficients
 from ..problem import next_after
 from ..tableaus import TABLEAUS, ButcherTableau
-from .base import Solver, method_data
+from .base import LinearDense, Solver, method_data
 from .runge_kutta import ExplicitRungeKutta, StepOutcome
 
 
@@ -75,7 +74,7 @@ def _leaf(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True)
 
 
-class _Reversible(Solver):
+class _Reversible(LinearDense, Solver):
     """What the reversible methods share: flags, the linear dense output, the restart rule."""
 
     reversible = True
@@ -92,9 +91,6 @@ class _Reversible(Solver):
     stall_hint = ("Reversible Heun and the asynchronous leapfrog are stable only on oscillating dynamics (eigenvalues "
                   "of df/dy on the imaginary axis); where the dynamics decay, their steps shrink without end. Use "
                   "neuralode.solvers.ReversibleRungeKutta('tsit5') (also reversible), or an ordinary method")
-
-    def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
-        return linear_coefficients(y0, outcome.y1)
 
 
 @dataclass(frozen=True, eq=False)

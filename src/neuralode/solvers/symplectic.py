@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tableaus.splitting import SPLITTING_METHODS, SplittingMethod
-from .base import Solver, method_data
+from .base import LinearDense, Solver, method_data
 from .runge_kutta import StepOutcome
 
 
@@ -112,7 +112,7 @@ def _check_separable(func, t, y0, h, n_q: int, method_name: str) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class Symplectic(Solver):
+class Symplectic(LinearDense, Solver):
     """A symplectic splitting method on fixed steps (see the module docstring).
 
     Parameters
@@ -191,10 +191,6 @@ class Symplectic(Solver):
         return StepOutcome(y1, None, None, None, state=(n_q, (self.method.substeps[-1][0], value), True,
                                                         (k, numels, shapes)))
 
-    def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
-        from ..interpolation import linear_coefficients
-        return linear_coefficients(y0, outcome.y1)
-
     # --- the reverse interface of neuralode.solvers.reversible (ReversibleAdjoint) ---------------------------------
     def reverse_begin(self, func, y, state):
         return state[0]
@@ -229,7 +225,7 @@ class Symplectic(Solver):
 
 
 @dataclass(frozen=True, eq=False)
-class LeapfrogMidpoint(Solver):
+class LeapfrogMidpoint(LinearDense, Solver):
     """The leapfrog/midpoint two-step method (diffrax's ``LeapfrogMidpoint``; see the module docstring).
 
     Order 2, one evaluation of ``f`` a step, fixed steps, linear dense output. Its second root makes it weakly
@@ -273,10 +269,6 @@ class LeapfrogMidpoint(Solver):
                 ratio = spurious / scale
                 worst = ratio if worst is None else torch.maximum(worst, ratio)
         return StepOutcome(y1, None, None, None, state=(t0, y0, y1, worst, f0))
-
-    def dense_coefficients(self, func, t0, y0, h, outcome, f1, stacked=True) -> list:
-        from ..interpolation import linear_coefficients
-        return linear_coefficients(y0, outcome.y1)
 
     def final_check(self, func, t, y, state, error_norm) -> str | None:
         if state is None or state[3] is None:

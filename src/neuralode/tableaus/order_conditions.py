@@ -151,3 +151,43 @@ def continuous_extension(a: np.ndarray, b, order: int, end_derivative: int | Non
     if np.abs(matrix @ solution - rhs).max() > tol:
         return None
     return solution.reshape(s, order)
+
+
+def _colourings(tree, colours: int) -> list:
+    """Every colouring of ``tree``'s nodes with ``colours`` colours, as ``(colour, (coloured children...))``."""
+    children_options = [()]
+    for child in tree:
+        children_options = [done + (coloured,) for done in children_options for coloured in _colourings(child,
+                                                                                                         colours)]
+    return [(colour, children) for colour in range(colours) for children in children_options]
+
+
+def _coloured_products(matrices, coloured, cache: dict) -> np.ndarray:
+    if coloured not in cache:
+        product = np.ones(matrices[0].shape[0])
+        for child in coloured[1]:
+            product = product * (matrices[child[0]] @ _coloured_products(matrices, child, cache))
+        cache[coloured] = product
+    return cache[coloured]
+
+
+def additive_satisfied_order(matrices, weights, max_order: int, tol: float = 1e-10):
+    """``(p, tree)`` as :func:`satisfied_order`, for an additive Runge-Kutta method ``y' = f_1(y) + ... + f_m(y)``
+    whose term ``k`` has stage matrix ``matrices[k]`` and weights ``weights[k]`` (Kennedy and Carpenter, Appl. Numer.
+    Math. 44 (2003) 139, Sec. 2.1: the conditions over rooted trees whose nodes are coloured by term).
+
+    A coloured tree's condition: ``b^(root's colour) . Phi = 1 / gamma(t)``, where ``Phi`` multiplies over the root's
+    children ``u`` the vectors ``a^(u's colour) Phi(u)``. With one colour these are the ordinary conditions; the
+    coupling conditions are those that mix colours. ``tree`` is the first failing coloured tree, or ``None``.
+    """
+    matrices = [np.asarray(m, dtype=np.float64) for m in matrices]
+    weights = [np.asarray(w, dtype=np.float64) for w in weights]
+    cache: dict = {}
+    for n in range(1, max_order + 1):
+        for tree in rooted_trees(n):
+            rhs = 1.0 / tree_density(tree)
+            for coloured in _colourings(tree, len(matrices)):
+                lhs = float(np.dot(weights[coloured[0]], _coloured_products(matrices, coloured, cache)))
+                if abs(lhs - rhs) > tol * max(1.0, abs(rhs)):
+                    return n - 1, coloured
+    return max_order, None

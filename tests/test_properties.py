@@ -57,6 +57,18 @@ from neuralode.tableaus.splitting import SPLITTING_METHODS
 from neuralode.tableaus import TABLEAUS
 from neuralode.tableaus.implicit import IMPLICIT_TABLEAUS
 
+from method_fields import field_for
+
+
+def solve(func, y0, t, *args, method="dopri5", **kwargs):
+    """neuralode.solve with the field as the method takes it (an IMEX method a SplitField of it: method_fields)."""
+    return neuralode.solve(field_for(method, func), y0, t, *args, method=method, **kwargs)
+
+
+def odeint(func, y0, t, *args, method=None, **kwargs):
+    return neuralode.odeint(field_for(method, func), y0, t, *args, method=method, **kwargs)
+
+
 F64, C128 = torch.float64, torch.complex128
 
 # --- hypothesis profiles -------------------------------------------------------------------------
@@ -271,7 +283,7 @@ def scaled_error(ys, exact, rtol, atol):
 @given(problem=linear_systems(), times=output_times(min_len=1), rtol=log_tolerance, atol=log_tolerance)
 def test_adaptive_error_within_multiple_of_tolerance(method, problem, times, rtol, atol):
     t = torch.tensor(times, dtype=F64)
-    sol = neuralode.solve(linear_field(problem.matrix()), problem.initial(), t, method=method, rtol=rtol, atol=atol)
+    sol = solve(linear_field(problem.matrix()), problem.initial(), t, method=method, rtol=rtol, atol=atol)
     assert sol.status == "success" and sol.ys.shape == (len(times), len(problem.y0))
     assert torch.equal(sol.ys[0], problem.initial())
     ratio = scaled_error(sol.ys, problem.exact(times), rtol, atol)
@@ -303,7 +315,7 @@ def test_fixed_step_error_small_and_halving_reduces_it(method, problem, times, n
     # that below the discretisation error.
     tolerance = {"rtol": 1e-13, "atol": 1e-13} if method in IMPLICIT_TABLEAUS else {}
     for step in (h, h / 2):
-        ys = neuralode.solve(linear_field(A), y0, t, method=method, options={"step_size": step, "interp": "cubic"},
+        ys = solve(linear_field(A), y0, t, method=method, options={"step_size": step, "interp": "cubic"},
                              **tolerance).ys
         errors.append((ys - exact).abs().max().item())
     _note(f"errors {errors}, h {h}")
@@ -327,7 +339,7 @@ SHAPE_METHODS = ADAPTIVE + ("rk4",)
 
 def _solve_checked(func, y0, t, method):
     options = {"step_size": 0.01, "interp": "cubic"} if method == "rk4" else None
-    return neuralode.solve(func, y0, t, method=method, rtol=1e-8, atol=1e-8, options=options)
+    return solve(func, y0, t, method=method, rtol=1e-8, atol=1e-8, options=options)
 
 
 @examples(10)
@@ -398,7 +410,7 @@ def test_empty_state(method, shape, times):
     """A state with no elements: an empty trajectory of shape (len(t), *shape), for every method."""
     t = torch.tensor(times, dtype=F64)
     options = None if REGISTRY[method].adaptive else {"step_size": 0.1}
-    sol = neuralode.solve(lambda t, y: -y, torch.zeros(shape, dtype=F64), t, method=method, options=options)
+    sol = solve(lambda t, y: -y, torch.zeros(shape, dtype=F64), t, method=method, options=options)
     assert sol.success
     assert sol.ys.shape == (len(times), *shape) and sol.ys.dtype == F64
 
@@ -428,9 +440,9 @@ def test_output_times_do_not_change_the_steps(method, problem, times, tol):
     A, y0 = problem.matrix(), problem.initial()
     options = ({"land_on_outputs": False, "dense_error_control": False} if "land_on_outputs" in REGISTRY[method].options
                else {})
-    full = neuralode.solve(linear_field(A), y0, torch.tensor(times, dtype=F64), method=method, rtol=tol, atol=tol,
+    full = solve(linear_field(A), y0, torch.tensor(times, dtype=F64), method=method, rtol=tol, atol=tol,
                            options=options)
-    ends = neuralode.solve(linear_field(A), y0, torch.tensor([times[0], times[-1]], dtype=F64), method=method,
+    ends = solve(linear_field(A), y0, torch.tensor([times[0], times[-1]], dtype=F64), method=method,
                            rtol=tol, atol=tol, options=options)
     if "n_steps" in full.stats:
         assert full.stats["n_steps"] == ends.stats["n_steps"]
@@ -454,7 +466,7 @@ def test_dtypes_meet_tolerance(dtype, data, method, times):
     rtol = data.draw(st.floats(low, -3.0).map(lambda e: 10.0 ** e), label="rtol")
     atol = data.draw(st.floats(low, -3.0).map(lambda e: 10.0 ** e), label="atol")
     t = torch.tensor(times, dtype=F64)
-    sol = neuralode.solve(linear_field(problem.matrix(dtype)), problem.initial(dtype), t, method=method,
+    sol = solve(linear_field(problem.matrix(dtype)), problem.initial(dtype), t, method=method,
                           rtol=rtol, atol=atol)
     assert sol.ys.dtype == dtype and sol.ys.shape == (len(times), len(problem.y0))
     exact = problem.exact(times)
@@ -480,7 +492,7 @@ def test_half_precision_is_accurate_or_refused(dtype, method, problem, times, rt
     t = torch.tensor(times, dtype=F64)
     options = {"step_size": 0.05} if method == "rk4" else adaptive_options(method, max_num_steps=20000)
     try:
-        sol = neuralode.solve(linear_field(problem.matrix(dtype)), problem.initial(dtype), t, method=method,
+        sol = solve(linear_field(problem.matrix(dtype)), problem.initial(dtype), t, method=method,
                               rtol=rtol, atol=rtol, options=options)
     except (ValueError, TypeError) as e:
         assert str(dtype).replace("torch.", "") in str(e), e
@@ -488,7 +500,7 @@ def test_half_precision_is_accurate_or_refused(dtype, method, problem, times, rt
     assert sol.status == "success" and sol.ys.dtype == dtype and sol.ys.shape == (len(times), len(problem.y0))
     eps = torch.finfo(dtype).eps
     exact = problem.exact(times)
-    reference = neuralode.solve(linear_field(problem.matrix()), problem.initial(), t, method=method,
+    reference = solve(linear_field(problem.matrix()), problem.initial(), t, method=method,
                                 rtol=max(rtol, eps), atol=rtol, options=options).ys
     scale = exact.abs().amax(dim=1)
     err = (sol.ys.to(F64) - exact).abs().amax(dim=1)
@@ -532,7 +544,7 @@ def test_blow_up_is_never_success(method, tol, c, y0, t0, direction, before, aft
     fractions = [k / 20 for k in sorted(before) + sorted(after)]  # 0.05..0.9 and 1.2..3 of the distance
     t = torch.tensor([t0] + [t0 + direction * T * s for s in fractions], dtype=F64)
     with time_limit(SOLVE_TIME_LIMIT):
-        sol = neuralode.solve(lambda t, y: direction * c * y * y, torch.tensor([y0], dtype=F64), t, method=method,
+        sol = solve(lambda t, y: direction * c * y * y, torch.tensor([y0], dtype=F64), t, method=method,
                               rtol=tol, atol=1e-3 * tol, options=_fixed_options(method, T * fractions[-1]), throw=False)
     _note(f"status {sol.status!r}, ys {sol.ys.flatten().tolist()}")
     _returned_prefix_is_finite(sol, t)
@@ -559,7 +571,7 @@ def test_nan_field_is_never_success(method, problem, times, where):
 
     t = torch.tensor(times, dtype=F64)
     with time_limit(SOLVE_TIME_LIMIT):
-        sol = neuralode.solve(f, problem.initial(), t, method=method, options=_fixed_options(method, abs(t1 - t0)),
+        sol = solve(f, problem.initial(), t, method=method, options=_fixed_options(method, abs(t1 - t0)),
                               throw=False)
     _note(f"status {sol.status!r}, ys {sol.ys.tolist()}")
     assert sol.status != "success" and not sol.success
@@ -612,7 +624,7 @@ def _leaves(*tensors):
 def _loss_and_grads(field, y0, t, weights, gradient, method):
     params = field.parameters()
     y0, t, *params = _leaves(y0, t, *params)
-    ys = neuralode.solve(field.func(params), y0, t, method=method, rtol=GRAD_TOL, atol=GRAD_TOL, gradient=gradient,
+    ys = solve(field.func(params), y0, t, method=method, rtol=GRAD_TOL, atol=GRAD_TOL, gradient=gradient,
                          adjoint_params=tuple(params)).ys
     loss = (weights * ys).sum() + 0.5 * (ys ** 2).sum()
     return loss.item(), torch.autograd.grad(loss, (y0, t, *params))
@@ -620,7 +632,7 @@ def _loss_and_grads(field, y0, t, weights, gradient, method):
 
 def _loss_value(field, y0, t, weights, params, method):
     with torch.no_grad():
-        ys = neuralode.solve(field.func(params), y0, t, method=method, rtol=GRAD_TOL, atol=GRAD_TOL).ys
+        ys = solve(field.func(params), y0, t, method=method, rtol=GRAD_TOL, atol=GRAD_TOL).ys
         return ((weights * ys).sum() + 0.5 * (ys ** 2).sum()).item()
 
 
@@ -680,7 +692,7 @@ def test_time_gradients_closed_form(gradient, zero_dim, problem, times, weights)
     n = A.shape[0]
     w = torch.tensor(weights[: n_t * n], dtype=F64).reshape(n_t, *y0.shape)
     y0_leaf, t_leaf = _leaves(y0, torch.tensor(times, dtype=F64))
-    ys = neuralode.solve(func, y0_leaf, t_leaf, method="dopri8", rtol=1e-11, atol=1e-11, gradient=gradient).ys
+    ys = solve(func, y0_leaf, t_leaf, method="dopri8", rtol=1e-11, atol=1e-11, gradient=gradient).ys
     assert ys.shape == (n_t, *y0.shape)
     grad_y0, grad_t = torch.autograd.grad((w * ys).sum(), (y0_leaf, t_leaf))
     assert grad_t.shape == (n_t,) and grad_y0.shape == y0.shape
@@ -708,7 +720,7 @@ def test_checkpoint_equals_direct_for_every_runge_kutta_method(method, field, ti
     for gradient in ("direct", "checkpoint"):
         params = field.parameters()
         y0_leaf, *params = _leaves(y0, *params)
-        ys = neuralode.solve(field.func(params), y0_leaf, t, method=method, rtol=tol, atol=tol, options=options,
+        ys = solve(field.func(params), y0_leaf, t, method=method, rtol=tol, atol=tol, options=options,
                              gradient=gradient, adjoint_params=tuple(params)).ys
         grads[gradient] = torch.autograd.grad(ys.pow(2).sum() + ys.sum(), (y0_leaf, *params))
     for got, want in zip(grads["checkpoint"], grads["direct"]):
@@ -733,8 +745,8 @@ def test_odeint_and_solve_agree_bit_for_bit(method, problem, times, rtol, atol, 
         odeint_options, solve_options = None, {"grid_constructor": lambda func, y0, t: t}
     else:
         odeint_options = solve_options = {"step_size": step}
-    ys_odeint = neuralode.odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=odeint_options)
-    ys_adjoint = neuralode.odeint_adjoint(func, y0, t, rtol=rtol, atol=atol, method=method, options=odeint_options)
-    sol = neuralode.solve(func, y0, t, method=method or "dopri5", rtol=rtol, atol=atol, options=solve_options)
+    ys_odeint = odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=odeint_options)
+    ys_adjoint = neuralode.odeint_adjoint(field_for(method, func), y0, t, rtol=rtol, atol=atol, method=method, options=odeint_options)
+    sol = solve(func, y0, t, method=method or "dopri5", rtol=rtol, atol=atol, options=solve_options)
     assert torch.equal(ys_odeint, sol.ys)
     assert torch.equal(ys_adjoint, sol.ys)

@@ -15,6 +15,18 @@ import neuralode
 from neuralode import NonFiniteError
 from neuralode.tableaus.splitting import SPLITTING_METHODS
 
+from method_fields import field_for
+
+
+def solve(func, y0, t, *args, method="dopri5", **kwargs):
+    """neuralode.solve with the field as the method takes it (an IMEX method a SplitField of it: method_fields)."""
+    return neuralode.solve(field_for(method, func), y0, t, *args, method=method, **kwargs)
+
+
+def odeint(func, y0, t, *args, method=None, **kwargs):
+    return neuralode.odeint(field_for(method, func), y0, t, *args, method=method, **kwargs)
+
+
 scipy_integrate = pytest.importorskip("scipy.integrate")
 
 
@@ -42,7 +54,7 @@ def test_adams_eccentric_orbit_stays_on_the_orbit(max_iters):
     success: its corrector iteration diverged at the pericentre (h g_k L > 1) and the step was
     accepted on the error estimate of the first prediction. Now such a step is rejected."""
     e, tol = 0.9, 1e-3
-    sol = neuralode.solve(kepler, kepler_start(e), torch.tensor([0.0, 20.0], dtype=torch.float64),
+    sol = solve(kepler, kepler_start(e), torch.tensor([0.0, 20.0], dtype=torch.float64),
                           method="adams", rtol=tol, atol=tol, options={"max_iters": max_iters}, throw=False)
     assert sol.status == "success"
     error = (sol.ys[-1] - kepler_reference(e)).abs().max().item()
@@ -65,7 +77,7 @@ def test_no_method_accepts_a_non_finite_step_robertson(method):
     """Defect 2: dopri8 returned all-NaN with status success on Robertson kinetics after a few steps:
     DOP853's combined estimate turned a NaN error into 0 (``where(denominator > 0, ..., 0)``)."""
     y0 = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-    sol = neuralode.solve(robertson, y0, torch.tensor([0.0, 0.1], dtype=torch.float64), method=method,
+    sol = solve(robertson, y0, torch.tensor([0.0, 0.1], dtype=torch.float64), method=method,
                           rtol=1e-6, atol=1e-6, throw=False)
     if method == "reversible_heun":
         # stable only where the dynamics oscillate: on Robertson's decaying modes it must fail, and say why
@@ -89,7 +101,7 @@ def test_a_norm_that_hides_nan_cannot_accept_it(method):
 
     y0 = torch.ones(2, dtype=torch.float64)
     with pytest.raises(NonFiniteError) as info:
-        neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
+        solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
                         options={"norm": blind_norm})
     assert 0.49 < info.value.t <= 0.5 + 1e-9
 
@@ -105,7 +117,7 @@ def test_nan_just_past_the_state_stops_with_a_non_finite_error_not_a_crawl(metho
 
     y0 = torch.ones(2, dtype=torch.float64)
     with pytest.raises(NonFiniteError) as info:
-        neuralode.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
+        solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), method=method,
                         options={"max_num_steps": 3000})
     assert abs(info.value.t - math.log(1 / 0.6)) < 1e-3
 
@@ -113,7 +125,7 @@ def test_nan_just_past_the_state_stops_with_a_non_finite_error_not_a_crawl(metho
 def test_steps_clipped_below_the_time_resolution_are_not_a_collapse():
     """The rule looks at the controller's step, not at one clipped to an output time: outputs 1e-15 apart work."""
     t = torch.tensor([0.0, 1.0, 1.0 + 1e-15], dtype=torch.float64)
-    sol = neuralode.solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, method="dopri5")
+    sol = solve(lambda t, y: -y, torch.ones(1, dtype=torch.float64), t, method="dopri5")
     assert sol.success and torch.allclose(sol.ys[:, 0], torch.exp(-t))
 
 
@@ -123,7 +135,7 @@ def test_a_step_is_the_time_it_advances_at_large_times(method):
     Integrating over h while the time moved by the rounded difference left y' = 1 over [1e12, 1e12 + 0.1] 2.4%
     off with status success (QA measurement); the step is now the time it advances."""
     t = torch.tensor([1e12, 1e12 + 0.1], dtype=torch.float64)
-    sol = neuralode.solve(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=torch.float64), t, method=method,
+    sol = solve(lambda t, y: torch.ones_like(y), torch.zeros(1, dtype=torch.float64), t, method=method,
                           options={"max_step": 2e-3, "first_step": 2e-3})
     assert sol.success
     assert abs(float(sol.ys[-1, 0]) - float(t[1] - t[0])) < 1e-12
@@ -171,7 +183,7 @@ def test_zero_dim_state_with_time_gradients(dtype):
                                       ("adams", "adjoint", None)]:
         y0 = torch.tensor(1.0, dtype=dtype, requires_grad=True)
         t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype, requires_grad=True)
-        sol = neuralode.solve(lambda t, y: -y, y0, t, method=method, gradient=gradient, options=options,
+        sol = solve(lambda t, y: -y, y0, t, method=method, gradient=gradient, options=options,
                               rtol=1e-6, atol=1e-8)
         sol.ys.sum().backward()
         # y = y0 exp(-(t - t0)): dL/dt_i = -y(t_i) for i > 0; dL/dt0 = sum_{i>0} y(t_i); dL/dy0 = sum exp.
@@ -193,7 +205,7 @@ def _recording(field):
 def test_perturb_in_float32_takes_one_sided_limits():
     """Defect 5: times were nudged in float64 and rounded back to float32, so the nudge vanished."""
     func, calls = _recording(lambda t, y: (t > 0.5).to(y.dtype) * torch.ones_like(y))
-    out = neuralode.odeint(func, torch.zeros(1), torch.tensor([0.0, 1.0]), method="euler",
+    out = odeint(func, torch.zeros(1), torch.tensor([0.0, 1.0]), method="euler",
                            options={"step_size": 0.5, "perturb": True})
     assert out[-1].item() == 0.5
     assert 0.0 not in calls and 0.5 not in calls and 1.0 not in calls
@@ -205,7 +217,7 @@ def test_jump_t_never_evaluates_at_the_jump(dtype, method):
     """Defect 5: with jump_t=[0.5] in float32, dopri5 called f exactly at 0.5 three times and needed 195
     evaluations (torchdiffeq: 51); also an extra call at t0 when t0 is itself a jump."""
     func, calls = _recording(lambda t, y: torch.where(t < 0.5, -y, -2 * y))
-    out = neuralode.odeint(func, torch.ones(1, dtype=dtype), torch.tensor([0.0, 1.0], dtype=dtype), method=method,
+    out = odeint(func, torch.ones(1, dtype=dtype), torch.tensor([0.0, 1.0], dtype=dtype), method=method,
                            rtol=1e-6, atol=1e-8, options={"jump_t": torch.tensor([0.0, 0.5])})
     assert 0.5 not in calls and 0.0 not in calls
     assert out[-1].item() == pytest.approx(math.exp(-1.5), rel=1e-4 if dtype == torch.float32 else 1e-5)
@@ -237,7 +249,7 @@ def test_adjoint_with_grid_constructor(grid):
     # Against the exact gradient of the ODE (the adjoint of a fine dopri5 solve): rk4's error only.
     adjoint_grad = y0.grad.clone()
     y0.grad = None
-    neuralode.odeint(lambda t, y: net(y), y0, t, method="dopri5", rtol=1e-10, atol=1e-12).sum().backward()
+    odeint(lambda t, y: net(y), y0, t, method="dopri5", rtol=1e-10, atol=1e-12).sum().backward()
     np.testing.assert_allclose(adjoint_grad.numpy(), y0.grad.numpy(), rtol=1e-3 if grid == "output_times" else 1e-7)
 
 
@@ -274,7 +286,7 @@ def test_dtype_policy(dtype, rel, gradient):
     y0 = torch.ones(3, dtype=dtype, requires_grad=True)
     real = y0.real.dtype if dtype.is_complex else dtype
     t = torch.tensor([0.0, 0.5, 1.0], dtype=real)
-    sol = neuralode.solve(field, y0, t, gradient=gradient)
+    sol = solve(field, y0, t, gradient=gradient)
     assert sol.ys.dtype == dtype and sol.status == "success"
     assert seen == {(real, dtype)}
     expected = torch.exp(-t.double())
@@ -291,9 +303,9 @@ def test_half_precision_module_field():
     y0 = torch.randn(2, 4)
     net64 = torch.nn.Linear(4, 4).double().requires_grad_(False)
     net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
-    reference = neuralode.odeint(lambda t, y: net64(y), y0.double(), torch.tensor([0.0, 1.0], dtype=torch.float64))
+    reference = odeint(lambda t, y: net64(y), y0.double(), torch.tensor([0.0, 1.0], dtype=torch.float64))
     half = net.half()
-    out = neuralode.odeint(lambda t, y: half(y), y0.half(), torch.tensor([0.0, 1.0]))
+    out = odeint(lambda t, y: half(y), y0.half(), torch.tensor([0.0, 1.0]))
     assert out.dtype == torch.float16
     np.testing.assert_allclose(out[-1].double().numpy(), reference[-1].numpy(), rtol=2e-2, atol=2e-2)
 
@@ -301,7 +313,7 @@ def test_half_precision_module_field():
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
 def test_complex32_is_a_clear_error():
     with pytest.raises(TypeError, match="complex32.*complex64"):
-        neuralode.solve(lambda t, y: -y, torch.ones(2, dtype=torch.complex32), torch.tensor([0.0, 1.0]))
+        solve(lambda t, y: -y, torch.ones(2, dtype=torch.complex32), torch.tensor([0.0, 1.0]))
 
 
 @pytest.mark.parametrize("method", neuralode.METHODS)
@@ -315,7 +327,7 @@ def test_empty_state(method, shape):
     scipy = method == "scipy_solver"  # no graph under 'direct' (as torchdiffeq) and no dense output when empty
     for gradient in (["adjoint"] if scipy else gradients):
         y0 = torch.zeros(shape, requires_grad=True)
-        sol = neuralode.solve((lambda t, y: (y[1], -y[0])) if pair else (lambda t, y: -y), (y0, y0) if pair else y0,
+        sol = solve((lambda t, y: (y[1], -y[0])) if pair else (lambda t, y: -y), (y0, y0) if pair else y0,
                               torch.linspace(0, 1, 3), method=method, options=EVERY_METHOD_OPTIONS[method],
                               gradient=gradient, dense=not scipy)
         ys = sol.ys[0] if pair else sol.ys
@@ -326,7 +338,7 @@ def test_empty_state(method, shape):
         assert y0.grad.shape == shape
     if pair:
         return
-    ys = neuralode.odeint(lambda t, y: (-y[0], -y[1]), (torch.zeros(0), torch.zeros(2, 0)), torch.linspace(0, 1, 3),
+    ys = odeint(lambda t, y: (-y[0], -y[1]), (torch.zeros(0), torch.zeros(2, 0)), torch.linspace(0, 1, 3),
                           method=method, options=EVERY_METHOD_OPTIONS[method])
     assert ys[0].shape == (3, 0) and ys[1].shape == (3, 2, 0)
 
@@ -345,7 +357,7 @@ def test_perturbed_grid_never_evaluates_on_grid_points(gradient, dtype):
 
     y0 = torch.ones(1, dtype=dtype, requires_grad=True)
     t = torch.tensor([0.0, 0.5, 1.0], dtype=dtype)
-    sol = neuralode.solve(field, y0, t, method="rk4", options={"step_size": 0.25, "perturb": True},
+    sol = solve(field, y0, t, method="rk4", options={"step_size": 0.25, "perturb": True},
                           gradient=gradient, adjoint_params=(weight,))
     sol.ys.sum().backward()
     grid = {0.0, 0.25, 0.5, 0.75, 1.0}
@@ -355,7 +367,7 @@ def test_perturbed_grid_never_evaluates_on_grid_points(gradient, dtype):
 def test_initial_step_with_an_overflowing_derivative_is_a_solver_error_not_zero_division():
     """In float32, |f0| ~ 1e38 made the RMS norm overflow, Hairer's first trial step 0 and the next line
     divide by it (ZeroDivisionError, a traceback from the CLI)."""
-    sol = neuralode.solve(lambda t, y: torch.full_like(y, 1e38) if float(t) == 0 else y, torch.ones(2),
+    sol = solve(lambda t, y: torch.full_like(y, 1e38) if float(t) == 0 else y, torch.ones(2),
                           torch.tensor([0.0, 1.0]), throw=False)
     assert sol.status in ("success", "non_finite", "step_size_underflow", "max_steps_reached")
     assert torch.isfinite(sol.ys).all()
@@ -367,10 +379,10 @@ def test_running_out_of_steps_below_the_dtype_resolution_says_so():
     rotation = lambda t, y: torch.stack([y[1], -y[0]])  # noqa: E731
     below = r"rtol=1e-16 is below the resolution of float32 \(eps 1.19e-07\)"
     with pytest.raises(neuralode.MaxStepsError, match=below):
-        neuralode.odeint(rotation, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 10.0]), rtol=1e-16, atol=1e-16,
+        odeint(rotation, torch.tensor([1.0, 0.0]), torch.tensor([0.0, 10.0]), rtol=1e-16, atol=1e-16,
                          options={"max_num_steps": 500})
     with pytest.raises(neuralode.MaxStepsError) as info:   # a budget that is merely short: no such note
-        neuralode.odeint(rotation, torch.tensor([1.0, 0.0], dtype=torch.float64),
+        odeint(rotation, torch.tensor([1.0, 0.0], dtype=torch.float64),
                          torch.tensor([0.0, 10.0], dtype=torch.float64), rtol=1e-10, atol=1e-12,
                          options={"max_num_steps": 20})
     assert "resolution" not in str(info.value)
@@ -384,9 +396,9 @@ def test_an_output_interpolated_into_nan_is_a_failure_not_a_success(per_sample):
     y0 = torch.tensor([[0.1176]])
     t = torch.tensor([0.0000, 0.7253, 0.8482, 0.9573, 1.0283, 1.1490])
     field = (lambda t, y: -k * torch.sqrt(y)) if per_sample else (lambda t, y: -k[0] * torch.sqrt(y))
-    solution = neuralode.solve(field, y0 if per_sample else y0[0], t, method="dopri8", rtol=1e-5, atol=1e-5,
+    solution = solve(field, y0 if per_sample else y0[0], t, method="dopri8", rtol=1e-5, atol=1e-5,
                                per_sample=per_sample, throw=False)
     assert solution.status == "non_finite" and "NaN or infinite" in solution.message
     with pytest.raises(neuralode.NonFiniteError, match="t=1.028"):
-        neuralode.solve(field, y0 if per_sample else y0[0], t, method="dopri8", rtol=1e-5, atol=1e-5,
+        solve(field, y0 if per_sample else y0[0], t, method="dopri8", rtol=1e-5, atol=1e-5,
                         per_sample=per_sample)

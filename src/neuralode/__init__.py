@@ -9,6 +9,7 @@ Public API (explicit re-exports, no logic here):
 - gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`, :class:`ReversibleAdjoint`;
 - :class:`Event` (several events per solve, terminal or recorded only; a real zero crossing or a boolean
   condition turning True) and its :class:`EventRecord`; :func:`steady_state_event`;
+- :class:`SplitField`, a field given as an explicit and an implicit term (the IMEX methods' input);
 - step-size controllers as objects: :class:`IntegralController`, :class:`PIController`, :class:`PIDController`,
   :class:`PredictiveController`.
 """
@@ -21,6 +22,7 @@ from .methods import METHODS
 from .solution import Solution
 from .compat import odeint, odeint_adjoint, odeint_dense, odeint_event
 from .solve import solve
+from .split_field import SplitField
 
 # The layers, models and loaders build only on the public API above, so importing them last is safe;
 # experiments and the CLI stay out of the top-level import (they pull in matplotlib and tqdm).
@@ -30,7 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
-    "Event", "EventRecord", "steady_state_event",
+    "Event", "EventRecord", "steady_state_event", "SplitField",
     "IntegralController", "PIController", "PIDController", "PredictiveController",
     "Direct", "Adjoint", "Checkpoint", "ReversibleAdjoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",

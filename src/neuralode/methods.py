@@ -153,6 +153,28 @@ for _name, _description in (
     REGISTRY[_name] = _implicit(_name, False, _description)
 
 
+# --- IMEX (additive) Runge-Kutta methods for a SplitField f = f_E + f_I: the explicit term by an ERK tableau, the
+# implicit term by an ESDIRK one on the same stages (Newton sees the implicit term's Jacobian only) ----------------
+def _imex(name):
+    def make(options):
+        from .solvers.imex import AdditiveRungeKutta
+        settings = implicit_settings(options)
+        settings["max_iters"] = settings["max_iters"] or 10
+        return AdditiveRungeKutta(name, **settings)
+    return make
+
+
+for _name, _description in (
+        ("kencarp3", "IMEX ARK3(2)4L[2]SA for a SplitField(explicit, implicit): the explicit term by an ERK, the "
+                     "implicit term by an L-stable ESDIRK, 4 stages, order 3"),
+        ("kencarp4", "IMEX ARK4(3)6L[2]SA for a SplitField(explicit, implicit): 6 stages, order 4, dense output of "
+                     "order 3"),
+        ("kencarp5", "IMEX ARK5(4)8L[2]SA for a SplitField(explicit, implicit): 8 stages, order 5, dense output of "
+                     "order 3")):
+    REGISTRY[_name] = MethodSpec(_name, True, _imex(_name), ADAPTIVE_OPTIONS | IMPLICIT_OPTIONS,
+                                 f"{_description} (Kennedy and Carpenter, Appl. Numer. Math. 44 (2003) 139-181)",
+                                 default_controller="predictive")
+
 
 def _rosenbrock(name):
     def make(options):

@@ -259,6 +259,40 @@ class VectorField:
         return out.to(self.compute_dtype) if self.cast_output else out
 
 
+    def term(self, name: str):
+        """One term, ``"explicit"`` or ``"implicit"``, of a :class:`~neuralode.SplitField` ``func`` as a field of its
+        own (the same conversions; each call counted in this field's ``nfe`` and the term's own), or ``None`` when
+        ``func`` is no SplitField. The user's ``jac`` (``options={"jac": ...}``) is the implicit term's Jacobian here:
+        the IMEX methods' Newton iteration reads that term's alone."""
+        terms = self.__dict__.get("_terms")
+        if terms is None:
+            from .split_field import split_terms
+            split, args = split_terms(self.func)
+            terms = {}
+            for label in (("explicit", "implicit") if split is not None else ()):
+                view = object.__new__(TermField)
+                view.__dict__.update(self.__dict__)
+                part = getattr(split, label)
+                view.func = part if args is None else FieldWithArgs(part, args)
+                view.whole, view.label, view.nfe = self, label, 0
+                view.jac = self.jac if label == "implicit" else None
+                terms[label] = view
+            self._terms = terms
+        return terms.get(name)
+
+
+class TermField(VectorField):
+    """A term of a :class:`~neuralode.SplitField` as the loop's field (:meth:`VectorField.term`)."""
+
+    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        self.whole.nfe += 1
+        self.nfe += 1
+        return self.evaluate(t, y)
+
+    def term(self, name: str):
+        return None
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class Problem:
     """A normalised initial value problem (internal), immutable and built by keyword; a changed copy is made

@@ -25,6 +25,8 @@ Flags (class attributes, read by the loop and the gradient strategies instead of
 - ``reversible``: the step has an exact inverse (:mod:`neuralode.solvers.reversible`), which the gradient strategy
   ``ReversibleAdjoint`` walks backwards.
 - ``needs_pair``: the step splits the state into a pair ``(q, p)`` (:mod:`neuralode.solvers.symplectic`).
+- ``needs_terms``: the step evaluates the two terms of a :class:`~neuralode.SplitField` apart (the IMEX methods,
+  :mod:`neuralode.solvers.imex`).
 
 Methods: ``init(func, t0, y0, f0) -> state``; ``step(func, t0, y0, f0, h, error_norm, state) ->
 StepOutcome`` (see :class:`~neuralode.solvers.runge_kutta.StepOutcome`); ``dense_coefficients(func, t0,
@@ -59,6 +61,9 @@ class Solver(abc.ABC):
     # The step splits the state into a pair (q, p) (the symplectic methods): it cannot step other states, such as the
     # adjoint's augmented one.
     needs_pair = False
+    # The step evaluates the terms of a neuralode.SplitField apart (the IMEX methods): it cannot step a field given
+    # whole, such as the adjoint's augmented one.
+    needs_terms = False
     # An ordinary method (a name or tableau) to use instead where this one does not fit: the adjoint's default
     # backward method (None: the forward method itself).
     ordinary_counterpart = None

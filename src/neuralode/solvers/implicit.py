@@ -242,7 +242,9 @@ class ImplicitRungeKutta(Solver):
 
     # --- one step ------------------------------------------------------------------------------------
     def step(self, func: Callable, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float,
-             error_norm: Callable, state: ImplicitState) -> StepOutcome:
+             error_norm: Callable, state: ImplicitState, explicit=None) -> StepOutcome:
+        """One step; ``explicit``: an IMEX method's explicit term (:class:`~neuralode.solvers.imex.ExplicitTerm`),
+        with ``func`` its implicit term and ``f0`` their sum at ``(t0, y0)``."""
         if y0.numel() == 0:
             # Nothing to solve (an empty state): every stage is y0, every derivative f0.
             ratio = y0.new_zeros(()) if self.adaptive else None
@@ -255,7 +257,7 @@ class ImplicitRungeKutta(Solver):
         full_newton = False
         while True:
             try:
-                return self._attempt(func, t0, y0, f0, h, error_norm, state, full_newton)
+                return self._attempt(func, t0, y0, f0, h, error_norm, state, full_newton, explicit)
             except (NewtonFailure, SingularMatrixError) as failure:
                 state.counters["n_newton_failures"] += 1
                 reason = (failure.reason if isinstance(failure, (NewtonFailure, KrylovFailure)) else
@@ -315,7 +317,7 @@ class ImplicitRungeKutta(Solver):
             system.residual_rms = _KRYLOV_NEWTON_FRACTION * state.kappa
         return system
 
-    def _attempt(self, func, t0, y0, f0, h, error_norm, state, full_newton=False) -> StepOutcome:
+    def _attempt(self, func, t0, y0, f0, h, error_norm, state, full_newton=False, explicit=None) -> StepOutcome:
         rtol = error_norm.rtol
         # The tightest component sets Newton's tolerance (a loose one must not loosen the others).
         rtol = float(rtol.min()) if isinstance(rtol, torch.Tensor) else float(rtol)
@@ -333,14 +335,15 @@ class ImplicitRungeKutta(Solver):
                          divide=error_norm.scaled)
         grad = torch.is_grad_enabled()
         if self._diagonal:
-            ks, y1 = self._diagonal_stages(func, t0, y0, f0, h, newton, state, grad)
+            ks, y1 = self._diagonal_stages(func, t0, y0, f0, h, newton, state, grad, explicit)
         else:
             ks, y1, Z = self._coupled_stages(func, t0, y0, f0, h, newton, state, grad)
         # scipy's Radau rule: a Newton solve that needed more than two iterations at a contraction rate
         # above 1e-3 asks for a fresh Jacobian at the next point (RADAU5 refreshes on the rate alone,
         # which on Robertson recomputed J at 56 of 72 steps against scipy's 18).
         state.recompute = newton.iterations_max > 2 and newton.theta_max > _REUSE_JACOBIAN_THETA
-        f1 = ks[-1] if self.tableau.stiffly_accurate else None
+        # (an IMEX step's last stage is no f(t1, y1): its explicit term's weights differ from its last row)
+        f1 = ks[-1] if self.tableau.stiffly_accurate and explicit is None else None
         ratio = None
         if self.adaptive:
             with torch.no_grad():
@@ -356,14 +359,23 @@ class ImplicitRungeKutta(Solver):
         keep = self.keep_step if not (state.recompute or self.jacobian == "krylov") else None
         return StepOutcome(y1, f1, ratio, self.error_order, stages=(f0, ks), state=state, keep_step=keep)
 
-    def _diagonal_stages(self, func, t0, y0, f0, h, newton, state, grad):
-        ks = []
+    def _diagonal_stages(self, func, t0, y0, f0, h, newton, state, grad, explicit=None):
+        # ks: the stage derivatives of func; with an explicit term (IMEX), kes those of that term, whose own stage
+        # matrix enters every stage's known part psi (Kennedy and Carpenter 2003, eq. 3).
+        ks, kes = [], []
         for i, (c, diagonal, terms) in enumerate(self._stages):
             t_i = t0 + c * h
             psi = linear_combination(y0, h, ks, terms) if terms else y0
+            if explicit is not None and explicit.rows[i]:
+                psi = linear_combination(psi, h, kes, explicit.rows[i])
             if diagonal == 0.0:
-                # An explicit stage; ESDIRK's first (c = 0, at y0) reuses f0.
-                ks.append(f0 if (i == 0 and c == 0.0) else func(t_i, psi))
+                # An explicit stage; ESDIRK's first (c = 0, at y0) reuses f0 (an IMEX method's, its terms' parts).
+                first = i == 0 and c == 0.0
+                if explicit is None:
+                    ks.append(f0 if first else func(t_i, psi))
+                else:
+                    ks.append(explicit.implicit_start if first else func(t_i, psi))
+                    kes.append(explicit.start if first else explicit.field(t_i, psi))
                 continue
             coefficient = h * diagonal
             system = self._system(state, f"diagonal:{diagonal!r}", np.array([[coefficient]]))
@@ -380,6 +392,12 @@ class ImplicitRungeKutta(Solver):
                 z = attach_implicit_gradient(
                     z, fixed_point, lambda z, phi=fixed_point, psi_known=psi_known: phi(z, psi_known), self.jacobian)
             ks.append((z[0] - psi) / coefficient)
+            if explicit is not None:
+                kes.append(explicit.field(t_i, z[0]))
+        if explicit is not None:
+            # (both terms weigh their stages by one b: summed once here, the weights, the error estimate and the dense
+            # output apply to the sum)
+            ks = [k + ke for k, ke in zip(ks, kes)]
         # For a stiffly accurate method this is the last stage state itself, up to rounding.
         y1 = linear_combination(None, h, ks, self._b).add_(y0)
         return ks, y1

@@ -220,10 +220,6 @@ def backward_settings(strategy, forward_spec, forward_options, forward_controlle
         raise ValueError(f"Adjoint(method={spec.name!r}): the adjoint's backward state (y, a, a_params) is no (q, p) "
                          "pair for a symplectic method to split; give an ordinary method (e.g. 'rk4' on a fixed grid, "
                          "'dopri5'), or leave it out (the forward method's counterpart)")
-    if getattr(stepper, "needs_terms", False):
-        raise ValueError(f"Adjoint(method={spec.name!r}): the adjoint's backward field (y, a, a_params) is no "
-                         "SplitField for an IMEX method to split; give an implicit method (e.g. 'kvaerno4'), or leave "
-                         "it out (the forward method's counterpart, Kvaerno's ESDIRK of the same order)")
     return BackwardSettings(spec, stepper, options, None if own_settings else forward_controller)
 
 

@@ -14,6 +14,7 @@ forward pass keeps only the outputs, and neither pass records a graph across ste
 from __future__ import annotations
 
 import bisect
+import copy
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -141,6 +142,12 @@ class Adjoint(GradientStrategy):
         if self.interpolate not in (False, True, "checkpoint"):
             raise ValueError(f"Adjoint(interpolate=...) must be False, True or 'checkpoint', got {self.interpolate!r}")
         self.check_forward_method(problem.spec, problem.method, kwargs["options"])
+        backward = problem.backward
+        if getattr(backward.stepper, "needs_terms", False) and getattr(problem.field, "term", lambda _: None)(
+                "explicit") is None:
+            raise ValueError(f"Adjoint(method={backward.spec.name!r}) steps the backward solve on the terms of a "
+                             "neuralode.SplitField, but func is a field given whole: pass a SplitField, or give an "
+                             "implicit backward method (e.g. 'kvaerno4')")
         if self.interpolate == "checkpoint" and not stepper.replayable and not stepper.solves_whole_span:
             raise ValueError(f"Adjoint(interpolate='checkpoint') replays the forward steps of a Runge-Kutta method; "
                              f"method {problem.method!r} cannot be replayed from a checkpoint (multistep history or "
@@ -384,9 +391,33 @@ class _AdjointDynamics:
     # A compiled backward step (solve(..., compile=True)) may inline ``evaluate``: it takes a tensor time.
     compilable = True
 
+    whole = None   # (a term's view: the dynamics whose evaluations it adds to)
+
     def __call__(self, t: float, state: torch.Tensor) -> torch.Tensor:
         self.nfe += 1
+        if self.whole is not None:
+            self.whole.nfe += 1
         return self.evaluate(t, state)
+
+    def term(self, name: str):
+        """For a :class:`~neuralode.SplitField`, the augmented field of one of its terms, ``[f_E, -a^T df_E/dy,
+        -a^T df_E/dtheta]`` or the implicit term's (they sum to the whole augmented field), so that an IMEX method steps
+        the backward solve as it stepped the forward one; ``None`` for a field given whole."""
+        if self.whole is not None:
+            return None
+        terms = self.__dict__.get("_terms")
+        if terms is None:
+            terms = {}
+            term_of = getattr(self.field, "term", None)
+            for label in ("explicit", "implicit"):
+                field = term_of(label) if term_of is not None else None
+                if field is None:
+                    break
+                view = copy.copy(self)
+                view.field, view.whole, view.nfe = field, self, 0
+                terms[label] = view
+            self._terms = terms
+        return terms.get(name)
 
     def evaluate(self, t, state: torch.Tensor) -> torch.Tensor:
         n = self.n

@@ -91,12 +91,6 @@ class AdditiveRungeKutta(ImplicitRungeKutta):
     def name(self) -> str:
         return self.pair.name
 
-    @property
-    def ordinary_counterpart(self) -> str:
-        """The adjoint's default backward method, whose augmented field is no SplitField: Kvaerno's ESDIRK of the
-        same order, on the whole field."""
-        return f"kvaerno{self.pair.order}"
-
     def init(self, func, t0, y0, f0) -> AdditiveState:
         return AdditiveState(terms=_terms(func, self.name))
 

@@ -6,7 +6,8 @@ Public API (explicit re-exports, no logic here):
 - :func:`odeint`, :func:`odeint_adjoint`, :func:`odeint_event`, :func:`odeint_dense` keep torchdiffeq's
   signatures;
 - :data:`METHODS` names every method;
-- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`, :class:`ReversibleAdjoint`;
+- gradient strategies :class:`Direct`, :class:`Adjoint`, :class:`Checkpoint`, :class:`ReversibleAdjoint`,
+  :class:`ImplicitAdjoint`;
 - :class:`Event` (several events per solve, terminal or recorded only; a real zero crossing or a boolean
   condition turning True) and its :class:`EventRecord`; :func:`steady_state_event`;
 - :class:`SplitField`, a field given as an explicit and an implicit term (the IMEX methods' input);
@@ -17,7 +18,7 @@ Public API (explicit re-exports, no logic here):
 from ._errors import ConvergenceError, MaxStepsError, NonFiniteError, SolverError, Status, StepSizeUnderflowError
 from .controllers import IntegralController, PIController, PIDController, PredictiveController
 from .events import Event, EventRecord, steady_state_event
-from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, ReversibleAdjoint
+from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, ImplicitAdjoint, ReversibleAdjoint
 from .methods import METHODS
 from .solution import Solution
 from .compat import odeint, odeint_adjoint, odeint_dense, odeint_event
@@ -34,7 +35,7 @@ __all__ = [
     "solve", "odeint", "odeint_adjoint", "odeint_event", "odeint_dense", "Solution", "Status", "METHODS",
     "Event", "EventRecord", "steady_state_event", "SplitField",
     "IntegralController", "PIController", "PIDController", "PredictiveController",
-    "Direct", "Adjoint", "Checkpoint", "ReversibleAdjoint", "GradientStrategy",
+    "Direct", "Adjoint", "Checkpoint", "ReversibleAdjoint", "ImplicitAdjoint", "GradientStrategy",
     "SolverError", "NonFiniteError", "StepSizeUnderflowError", "MaxStepsError", "ConvergenceError",
     "data", "models", "nn",
 ]

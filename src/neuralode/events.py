@@ -177,6 +177,7 @@ def steady_state_event(func, *, rtol: float, atol: float, norm=None, terminal=Tr
     def distance(t, y):
         return torch.as_tensor(norm(flat(func(t, y)))) - (atol + rtol * torch.as_tensor(norm(flat(y))))
 
+    distance.steady_state = (float(rtol), float(atol))   # (read by ImplicitAdjoint's test at the end)
     return Event(distance, direction=-1, terminal=terminal, name=name, samples=0)
 
 

@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import AdaptiveController, FixedGrid
-from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, resolve_gradient
+from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, ImplicitAdjoint, resolve_gradient
 from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdjointRun
 from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
 from .events import BooleanCondition, Event, EventRecord, reroute_event_gradient, with_real_conditions
@@ -279,7 +279,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
         event_t = torch.tensor(integration.event_t, dtype=t_in.dtype, device=t_in.device)
         pair = problem.unflatten_trajectory(torch.stack([outputs[0], event_state]))
         fired_event = events[integration.event_index]
-        if not until_event and not isinstance(fired_event.fn, BooleanCondition):   # (a boolean has no derivative)
+        # (a boolean has no derivative; under ImplicitAdjoint the end state is a steady state, whose time is no
+        # smooth function of the parameters)
+        if not until_event and not isinstance(fired_event.fn, BooleanCondition) and not isinstance(strategy,
+                                                                                                ImplicitAdjoint):
             # solve() links the event time to its causes; odeint keeps torchdiffeq's semantics, where
             # only odeint_event does. The element of a vector event function that fired is picked by the
             # signs at the start of the firing step (right for an N-th occurrence too).
@@ -321,7 +324,7 @@ def _refuse_transform(strategy) -> None:
     if isinstance(strategy, Direct) or not _under_transform():
         return
     name = ("adjoint" if isinstance(strategy, Adjoint) else "checkpoint" if isinstance(strategy, Checkpoint)
-            else "reversible")
+            else "implicit" if isinstance(strategy, ImplicitAdjoint) else "reversible")
     raise ValueError(f"gradient={name!r} cannot run under a torch.func transform (grad, jvp, jacrev, hessian, ...) or "
                      "forward-mode AD: its backward pass is a custom autograd Function with no rule for them. Use "
                      "gradient='direct' inside the transform (it backpropagates through the steps), or keep "

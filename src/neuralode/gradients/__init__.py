@@ -10,6 +10,8 @@ strategy               gradient of                        memory                
                        backward solve's tolerance)
 ``ReversibleAdjoint``  the discrete solve, exactly        O(1) in steps          no (clear error)
                        (reversible methods only)
+``ImplicitAdjoint``    the steady state at the end        O(1): no steps kept    no (clear error)
+                       (implicit function theorem)
 =====================  ================================  =====================  ==============================
 
 Gradients with respect to the times ``t`` are the same for every strategy: they come from the ODE
@@ -29,16 +31,18 @@ from .base import GradientStrategy, RunResult
 from .adjoint import Adjoint
 from .checkpoint import Checkpoint
 from .direct import Direct
+from .implicit import ImplicitAdjoint
 from .reversible import ReversibleAdjoint
 
-__all__ = ["GradientStrategy", "Direct", "Checkpoint", "Adjoint", "ReversibleAdjoint", "resolve_gradient",
-           "RunResult"]
+__all__ = ["GradientStrategy", "Direct", "Checkpoint", "Adjoint", "ReversibleAdjoint", "ImplicitAdjoint",
+           "resolve_gradient", "RunResult"]
 
 
 # Said wherever a gradient name is refused: the other strategies are objects, and torchdyn's names map onto them.
 STRATEGY_HINT = ("or a strategy object: neuralode.Adjoint(interpolate=True) (torchdyn's 'interpolated_adjoint'), "
                  "neuralode.Adjoint(rtol=..., method=...) for the backward solve's settings, neuralode.Checkpoint(), "
-                 "neuralode.ReversibleAdjoint() ('reversible'); torchdyn's 'autograd' is 'direct'")
+                 "neuralode.ReversibleAdjoint() ('reversible'), neuralode.ImplicitAdjoint() (a steady state's "
+                 "gradient); torchdyn's 'autograd' is 'direct'")
 
 
 def resolve_gradient(gradient, *, adjoint_params=None, func=None) -> GradientStrategy:

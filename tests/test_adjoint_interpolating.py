@@ -131,3 +131,40 @@ def test_a_retained_graph_backs_up_twice_with_the_same_gradient(interpolate):
         assert sol.stats["nfe_backward"] == 2 * nfe_first
     else:   # (the first pass's last three segments are still held, so the second replays less)
         assert 0 < sol.stats["nfe_backward"] - nfe_first <= nfe_first
+
+
+@pytest.mark.parametrize("method", ["kvaerno5", "kencarp4"])
+@pytest.mark.parametrize("interpolate", [True, False])
+def test_the_implicit_backward_newton_leaves_the_parameter_cotangents_out(method, interpolate, monkeypatch):
+    """The parameter cotangents' derivative depends on y and a only: an implicit backward step solves for those
+    (2 n or n unknowns), not for the p parameter cotangents too (a network's p made every Newton system n + p)."""
+    import neuralode.solvers.implicit as implicit_module
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    p = sum(x.numel() for x in net.parameters())
+
+    def stiff(t, y):
+        return -50.0 * y
+
+    if method == "kencarp4":
+        field = neuralode.SplitField(explicit=lambda t, y: net(y), implicit=stiff)
+    else:
+        field = lambda t, y: net(y) + stiff(t, y)   # noqa: E731
+    y0 = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64, requires_grad=True)
+    t = torch.linspace(0, 1, 4, dtype=torch.float64)
+
+    def gradient(strategy):
+        sol = neuralode.solve(field, y0, t, method=method, rtol=1e-9, atol=1e-11, gradient=strategy,
+                              adjoint_params=tuple(net.parameters()))
+        return torch.autograd.grad(sol.ys.pow(2).sum(), (y0, *net.parameters()))
+
+    sizes = []
+    build = implicit_module.build_system
+    monkeypatch.setattr(implicit_module, "build_system",
+                        lambda mode, C, J, *rest: sizes.append(J.shape[-1]) or build(mode, C, J, *rest))
+    adjoint = gradient(neuralode.Adjoint(interpolate=interpolate))
+    backward_sizes = set(sizes[-3:])
+    assert backward_sizes == {3 if interpolate else 6}, (backward_sizes, p)
+    direct = gradient("direct")
+    for a, d in zip(adjoint, direct):
+        torch.testing.assert_close(a, d, rtol=1e-6, atol=1e-9)

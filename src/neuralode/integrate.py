@@ -655,6 +655,7 @@ def _perturbed(field, t0: float, t1: float, left: bool, right: bool):
             t = t1_inside
         return field(t, y)
 
+    evaluate.quadrature_from = getattr(field, "quadrature_from", None)   # (see ImplicitRungeKutta._unknowns)
     # (an IMEX method evaluates a SplitField's terms apart: each at the same one-sided limits)
     evaluate.term = lambda name: (None if getattr(field, "term", None) is None or field.term(name) is None
                                   else _perturbed(field.term(name), t0, t1, left, right))

@@ -348,6 +348,12 @@ class _AdjointDynamics:
 
     y_slots = 1   # the backward state carries y
 
+    @property
+    def quadrature_from(self) -> int:
+        """Where the parameter cotangents begin: their derivative, ``-a^T df/dtheta``, depends on ``y`` and ``a``
+        only, so an implicit backward step solves for the components before them (ImplicitRungeKutta._unknowns)."""
+        return (self.y_slots + 1) * self.n
+
     def pack(self, y, a, a_params):
         return torch.cat([y, a, a_params])
 

@@ -96,6 +96,7 @@ class ImplicitState:
     scale: Any = None                 # the error norm's scale at this step's y0 (Krylov solves use it)
     kappa: float = 0.0                # Newton's tolerance in the error norm's units (Krylov solves use it)
     last_rejected: bool = True        # the previous attempt was rejected (or none yet): RADAU5's error refinement
+    unknowns: Any = None              # Newton's unknowns: the leading components (quadratures excluded), or None: all
     # The coupled stages' last attempt (y1, h, Z) and the last accepted one: Newton's starting guess extrapolates
     # the accepted step's collocation polynomial (RADAU5's STARTN = 0, scipy Radau's Z0).
     attempted: Any = None
@@ -238,6 +239,9 @@ class ImplicitRungeKutta(Solver):
                 system = coupled[1].block(h * gamma)
             if system is None:   # (small systems keep the coupled LU: RADAU5's error estimate factorised this one)
                 system = self._system(state, "radau_error" if self.radau_error else "filter", np.array([[h * gamma]]))
+        m = state.unknowns
+        if m is not None:   # (J of the leading components: the quadratures pass unfiltered)
+            return gamma, lambda v: torch.cat((system.solve(v[None, :m])[0], v[m:]))
         return gamma, lambda v: system.solve(v[None])[0]
 
     # --- one step ------------------------------------------------------------------------------------
@@ -250,6 +254,9 @@ class ImplicitRungeKutta(Solver):
             ratio = y0.new_zeros(()) if self.adaptive else None
             return StepOutcome(y0 + 0 * h, f0, ratio, self.error_order, stages=(f0, [f0] * len(self._stages)),
                                state=state)
+        unknowns = self._unknowns(func, y0)
+        if unknowns != state.unknowns:   # (a J of the other size: formed again)
+            state.jacobian, state.unknowns = None, unknowns
         fresh = state.jacobian_point is y0
         if state.jacobian is None or (not fresh and state.recompute):
             self._refresh_jacobian(func, t0, y0, state)
@@ -282,8 +289,25 @@ class ImplicitRungeKutta(Solver):
                     return StepOutcome(y0, None, None, self.error_order, state=state,
                                        step_factor=_NEWTON_FAILURE_FACTOR, failure=reason)
 
+    def _unknowns(self, func, y0) -> int | None:
+        """How many leading components Newton iterates on, or ``None``: all. A field may declare its components from
+        ``quadrature_from`` on quadratures, whose derivative depends on the others only (the adjoint's parameter
+        cotangents ``a_theta``): a stage then solves for the leading ones, and the quadratures follow from the field's
+        value, so the Jacobian and the iteration matrix have the leading size (the adjoint of a network with ``p``
+        parameters solved systems of ``2 n + p`` unknowns, ``2 n`` now). Diagonally implicit stages without a graph
+        only (the backward solves): a graph-carrying stage keeps the implicit function theorem's full system."""
+        leading = getattr(func, "quadrature_from", None)
+        if leading is None or not self._diagonal or torch.is_grad_enabled() or not 0 < leading < y0.numel():
+            return None
+        return int(leading)
+
     def _refresh_jacobian(self, func, t0, y0, state):
-        state.jacobian = jacobian(self.jacobian, func, t0, y0.detach(), state.counters)
+        if state.unknowns is not None:
+            m = state.unknowns
+            state.jacobian = jacobian(self.jacobian, _Leading(func, y0.detach()[m:]), t0, y0.detach()[:m],
+                                      state.counters)
+        else:
+            state.jacobian = jacobian(self.jacobian, func, t0, y0.detach(), state.counters)
         state.jacobian_point = y0
         state.systems.clear()
         state.counters["n_jacobians"] += 1
@@ -330,8 +354,12 @@ class ImplicitRungeKutta(Solver):
                 scale = positive_scale(error_norm.scale(y0, y0 + h * f0), torch.finfo(y0.real.dtype).tiny)
             else:
                 scale = error_norm.scale(y0)
+        norm = _covering_norm(error_norm.norm)
+        if state.unknowns is not None:
+            # (Newton's unknowns only: a norm written for the whole state would misread them)
+            scale, norm = scale[:state.unknowns], rms_norm
         state.scale, state.kappa = scale, kappa
-        newton = _Newton(_covering_norm(error_norm.norm), scale, kappa, self.max_iters, state, full_newton,
+        newton = _Newton(norm, scale, kappa, self.max_iters, state, full_newton,
                          divide=error_norm.scaled)
         grad = torch.is_grad_enabled()
         if self._diagonal:
@@ -379,6 +407,13 @@ class ImplicitRungeKutta(Solver):
                 continue
             coefficient = h * diagonal
             system = self._system(state, f"diagonal:{diagonal!r}", np.array([[coefficient]]))
+            if state.unknowns is not None:
+                k, stage = self._leading_stage(func, t_i, psi, coefficient, ks[-1] if ks else f0, newton, system,
+                                               state)
+                ks.append(k)
+                if explicit is not None:
+                    kes.append(explicit.field(t_i, stage))
+                continue
             psi_known = psi.detach()
             guess = psi_known + coefficient * (ks[-1] if ks else f0).detach()
 
@@ -401,6 +436,26 @@ class ImplicitRungeKutta(Solver):
         # For a stiffly accurate method this is the last stage state itself, up to rounding.
         y1 = linear_combination(None, h, ks, self._b).add_(y0)
         return ks, y1
+
+    def _leading_stage(self, func, t_i, psi, coefficient, previous, newton, system, state):
+        """A diagonally implicit stage solved for the leading components only (see :meth:`_unknowns`): returns the
+        stage derivative and the stage state. The quadratures' derivative is the field's value at Newton's last
+        evaluation, one correction before the converged leading components (within Newton's tolerance of it)."""
+        m = state.unknowns
+        psi_u, psi_q = psi[:m], psi[m:]
+        last = {}
+
+        def residual(z):
+            value = func(t_i, torch.cat((z[0], psi_q)))
+            last["value"] = value
+            return psi_u + coefficient * value[None, :m] - z
+
+        def fresh_system(z):
+            return self._fresh_system(_Leading(func, psi_q), t_i, z[0], np.array([[coefficient]]), state)
+        z = newton.solve(residual, (psi_u + coefficient * previous[:m])[None], system, fresh_system)
+        k_q = last["value"][m:]
+        k = torch.cat(((z[0] - psi_u) / coefficient, k_q))
+        return k, torch.cat((z[0], psi_q + coefficient * k_q))
 
     def _coupled_stages(self, func, t0, y0, f0, h, newton, state, grad):
         times = [t0 + c * h for c, _, _ in self._stages]
@@ -488,6 +543,17 @@ class ImplicitRungeKutta(Solver):
             ks = outcome.stages[1]
             return [y0] + [linear_combination(None, h, ks, terms) for terms in self._dense_rows]
         return hermite_coefficients(y0, outcome.stages[0], outcome.y1, f1, h)
+
+
+class _Leading:
+    """``f(t, (u, q))[:m]`` as a field of the leading components ``u`` alone, the quadratures ``q`` held (they do not
+    enter it): the Jacobian and full Newton's matrices of :meth:`ImplicitRungeKutta._unknowns`."""
+
+    def __init__(self, func, quadratures):
+        self.func, self.quadratures = func, quadratures
+
+    def __call__(self, t, u):
+        return self.func(t, torch.cat((u, self.quadratures.to(u.dtype))))[:u.numel()]
 
 
 def _covering_norm(norm: Callable) -> Callable:

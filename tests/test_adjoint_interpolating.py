@@ -133,12 +133,14 @@ def test_a_retained_graph_backs_up_twice_with_the_same_gradient(interpolate):
         assert 0 < sol.stats["nfe_backward"] - nfe_first <= nfe_first
 
 
-@pytest.mark.parametrize("method", ["kvaerno5", "kencarp4"])
+@pytest.mark.parametrize("method", ["kvaerno5", "kencarp4", "rodas5p"])
 @pytest.mark.parametrize("interpolate", [True, False])
 def test_the_implicit_backward_newton_leaves_the_parameter_cotangents_out(method, interpolate, monkeypatch):
     """The parameter cotangents' derivative depends on y and a only: an implicit backward step solves for those
-    (2 n or n unknowns), not for the p parameter cotangents too (a network's p made every Newton system n + p)."""
+    (2 n or n unknowns), not for the p parameter cotangents too (a network's p made every Newton system n + p; a
+    Rosenbrock step's linear systems likewise)."""
     import neuralode.solvers.implicit as implicit_module
+    import neuralode.solvers.rosenbrock as rosenbrock_module
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
     p = sum(x.numel() for x in net.parameters())
@@ -160,8 +162,9 @@ def test_the_implicit_backward_newton_leaves_the_parameter_cotangents_out(method
 
     sizes = []
     build = implicit_module.build_system
-    monkeypatch.setattr(implicit_module, "build_system",
-                        lambda mode, C, J, *rest: sizes.append(J.shape[-1]) or build(mode, C, J, *rest))
+    for module in (implicit_module, rosenbrock_module):
+        monkeypatch.setattr(module, "build_system",
+                            lambda mode, C, J, *rest: sizes.append(J.shape[-1]) or build(mode, C, J, *rest))
     adjoint = gradient(neuralode.Adjoint(interpolate=interpolate))
     backward_sizes = set(sizes[-3:])
     assert backward_sizes == {3 if interpolate else 6}, (backward_sizes, p)

@@ -129,3 +129,109 @@ def test_refusals():
     with pytest.raises(ValueError, match="torch.func transform"):
         torch.func.grad(lambda b: neuralode.solve(f, y0, torch.tensor([0.0, 100.0], dtype=D), gradient=strategy,
                                                   adjoint_params=(b,)).ys[-1].sum())(b)
+
+
+# --- the QA round's cases (/tmp/qa61) ------------------------------------------------------------------------------
+def test_complex_states_are_solved_in_their_real_form():
+    a = torch.tensor([-1 + 2j, -0.5 - 1j], dtype=torch.complex128)
+    c = torch.tensor([1 + 1j, 2 - 0.5j], dtype=torch.complex128)
+    theta = torch.tensor(0.3, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 100.0], dtype=D)
+
+    def loss(field, strategy):
+        sol = neuralode.solve(field, torch.zeros(2, dtype=torch.complex128), t, gradient=strategy,
+                              adjoint_params=(theta,), rtol=1e-11, atol=1e-13)
+        return sol.ys[-1].real.sum() + 0.5 * sol.ys[-1].imag.sum()
+    # holomorphic: y* = theta c, d/dtheta = sum(Re c) + 0.5 sum(Im c)
+    (grad,) = torch.autograd.grad(loss(lambda t, y: a * (y - theta * c), neuralode.ImplicitAdjoint()), theta)
+    assert abs(grad.item() - (3.0 + 0.25)) < 1e-9
+    # not complex-differentiable (conj): against backpropagation through the solve
+    def field(t, y):
+        return a * (y - theta * c) - 0.3 * torch.conj(y)
+    (implicit,) = torch.autograd.grad(loss(field, neuralode.ImplicitAdjoint()), theta)
+    (direct,) = torch.autograd.grad(loss(field, "direct"), theta)
+    assert abs(implicit.item() - direct.item()) < 1e-8 * max(1.0, abs(direct.item()))
+    with pytest.raises(ValueError, match="real states"):
+        loss(field, neuralode.ImplicitAdjoint(linear_solver="krylov"))
+
+
+def test_batched_blocks_of_coupled_samples_are_refused():
+    W, b = _deq()
+    x = torch.randn(3, 4, dtype=D)   # (distinct samples: identical ones with a symmetric loss solve alike)
+
+    def coupled(t, y):
+        return torch.tanh(y @ W.T + b + x + y.mean(0, keepdim=True)) - y
+    sol = neuralode.solve(coupled, torch.zeros(3, 4, dtype=D), torch.tensor([0.0, 100.0], dtype=D),
+                          events=[neuralode.steady_state_event(coupled, rtol=1e-9, atol=1e-11)],
+                          gradient=neuralode.ImplicitAdjoint(linear_solver="batched"), adjoint_params=(W, b),
+                          rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="samples are coupled"):
+        sol.event_y.pow(2).sum().backward()
+
+
+def test_a_sample_still_moving_is_refused():
+    # 50 samples y' = -k (y - theta); one is slow: the batch's RMS is steady, that sample is 0.8 from its steady state
+    k = torch.ones(50, dtype=D) * 5.0
+    k[0] = 0.02
+    theta = torch.tensor(1.0, dtype=D, requires_grad=True)
+
+    def field(t, y):
+        return -k * (y - theta)
+    sol = neuralode.solve(field, torch.zeros(50, dtype=D), torch.tensor([0.0, 100.0], dtype=D),
+                          events=[neuralode.steady_state_event(field, rtol=1e-3, atol=1e-4)],
+                          gradient=neuralode.ImplicitAdjoint(), adjoint_params=(theta,))
+    assert sol.event_y[0] < 0.9   # (its steady state is 1)
+    with pytest.raises(ValueError, match="farthest component"):
+        sol.event_y.sum().backward()
+
+
+def test_a_fired_steady_state_event_is_accepted_whichever_side_it_was_located_on():
+    for seed in range(12):
+        torch.manual_seed(seed)
+        W = (0.3 * torch.randn(5, 5, dtype=D)).requires_grad_()
+        b = torch.randn(5, dtype=D).requires_grad_()
+
+        def f(t, y):
+            return torch.tanh(y @ W.T + b) - y
+        sol = neuralode.solve(f, torch.zeros(3, 5, dtype=D), torch.tensor([0.0, 100.0], dtype=D),
+                              events=[neuralode.steady_state_event(f, rtol=1e-6, atol=1e-8)],
+                              gradient=neuralode.ImplicitAdjoint(), adjoint_params=(W, b))
+        sol.event_y.sum().backward()
+        assert torch.isfinite(W.grad).all()
+
+
+def test_inference_and_thresholds_and_the_event_time():
+    W, b = _deq()
+
+    def f(t, y):
+        return torch.tanh(W @ y + b) - y
+    y0 = torch.zeros(4, dtype=D)
+    strategy = neuralode.ImplicitAdjoint()
+    with torch.no_grad():   # nothing needs a gradient: no steady state is asked for
+        neuralode.solve(f, y0, torch.tensor([0.0, 1.0], dtype=D), gradient=strategy, adjoint_params=(W, b))
+    # one threshold given keeps the other's default (the event's atol here, not 0 for a steady state at 0)
+    decay = torch.tensor(2.0, dtype=D, requires_grad=True)
+    sol = neuralode.solve(lambda t, y: -decay * y, torch.ones(3, dtype=D), torch.tensor([0.0, 100.0], dtype=D),
+                          events=[neuralode.steady_state_event(lambda t, y: -decay * y, rtol=1e-6, atol=1e-6)],
+                          gradient=neuralode.ImplicitAdjoint(rtol=1e-3), adjoint_params=(decay,))
+    sol.event_y.sum().backward()
+    # the event time has no gradient under the theorem: a loss through it is an error, not a silent zero
+    event = neuralode.steady_state_event(f, rtol=1e-8, atol=1e-10)
+    sol = neuralode.solve(f, y0, torch.tensor([0.0, 100.0], dtype=D), events=[event], gradient=strategy,
+                          adjoint_params=(W, b), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="event_t"):
+        (sol.event_t + sol.event_y.sum()).backward()
+    with pytest.raises(ValueError, match="affect"):
+        neuralode.solve(f, y0, torch.tensor([0.0, 100.0], dtype=D), gradient=strategy, adjoint_params=(W, b),
+                        events=[neuralode.Event(lambda t, y: y[0] - 0.1, affect=lambda t, y: y * 0.5)])
+
+
+def test_an_unstable_steady_state_warns():
+    # y' = A (y - theta e), A with an eigenvalue 1 > 0, started exactly at the steady state
+    A = torch.tensor([[1.0, 0.2], [0.0, -2.0]], dtype=D)
+    theta = torch.tensor(0.5, dtype=D, requires_grad=True)
+    e = torch.tensor([1.0, 1.0], dtype=D)
+    sol = neuralode.solve(lambda t, y: A @ (y - theta * e), 0.5 * e, torch.tensor([0.0, 1.0], dtype=D),
+                          gradient=neuralode.ImplicitAdjoint(), adjoint_params=(theta,))
+    with pytest.warns(UserWarning, match="unstable"):
+        sol.ys[-1].sum().backward()

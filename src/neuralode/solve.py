@@ -15,6 +15,7 @@ from ._errors import Status
 from .callbacks import Callbacks, warn_unsupported
 from .controllers import AdaptiveController, FixedGrid
 from .gradients import Adjoint, Checkpoint, Direct, GradientStrategy, ImplicitAdjoint, resolve_gradient
+from .gradients.implicit import time_without_gradient
 from .gradients.per_sample_adjoint import PerSampleAdjointFunction, PerSampleAdjointRun
 from .gradients.per_sample_checkpoint import PerSampleCheckpointRun
 from .events import BooleanCondition, Event, EventRecord, reroute_event_gradient, with_real_conditions
@@ -172,6 +173,10 @@ def solve(func, y0, t, *, method: str = "tsit5", rtol=1e-7, atol=1e-9, options: 
                              "(per_sample=False) for these")
         return _solve_per_sample(func, y0, t, spec, rtol, atol, options, strategy, throw, controller, compile)
     if any(event.affect is not None for event in events):
+        if isinstance(strategy, ImplicitAdjoint):
+            raise ValueError("gradient=neuralode.ImplicitAdjoint() differentiates the steady state one solve ends at; "
+                             "events with an affect split the solve at every jump of the state. Use "
+                             "gradient='direct', 'adjoint' or 'checkpoint' with affects")
         def solve_stretch(y_start, times, stretch_events, start_values, stretch_options, stretch_controller):
             return _solve(func, y_start, times, spec, rtol, atol, stretch_options, strategy, None, 0, dense, throw,
                           until_event=False, compile=compile, events=stretch_events, controller=stretch_controller,
@@ -288,6 +293,10 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
             # signs at the start of the firing step (right for an N-th occurrence too).
             event_t, pair = reroute_event_gradient(func, fired_event.fn, t_in[0], event_t, pair,
                                                    signs=integration.event_signs)
+        elif isinstance(strategy, ImplicitAdjoint):
+            # (the theorem gives the steady state's gradient; the time it was reached has none: said where a loss
+            # differentiates it, not left silently at zero)
+            event_t = time_without_gradient(event_t, event_state)
         event_y = pytree.tree_map(lambda part: part[-1], pair)
     return Solution(ts=ts, ys=ys, stats=integration.stats, status=integration.status, message=integration.message,
                     event_t=event_t, event_y=event_y, events=_records(integration, events, problem, t_in),
@@ -323,12 +332,12 @@ def _refuse_transform(strategy) -> None:
     passes have no rule for the transforms. Say so and name what works."""
     if isinstance(strategy, Direct) or not _under_transform():
         return
-    name = ("adjoint" if isinstance(strategy, Adjoint) else "checkpoint" if isinstance(strategy, Checkpoint)
-            else "implicit" if isinstance(strategy, ImplicitAdjoint) else "reversible")
-    raise ValueError(f"gradient={name!r} cannot run under a torch.func transform (grad, jvp, jacrev, hessian, ...) or "
+    name = ("'adjoint'" if isinstance(strategy, Adjoint) else "'checkpoint'" if isinstance(strategy, Checkpoint)
+            else "neuralode.ImplicitAdjoint()" if isinstance(strategy, ImplicitAdjoint) else "'reversible'")
+    raise ValueError(f"gradient={name} cannot run under a torch.func transform (grad, jvp, jacrev, hessian, ...) or "
                      "forward-mode AD: its backward pass is a custom autograd Function with no rule for them. Use "
                      "gradient='direct' inside the transform (it backpropagates through the steps), or keep "
-                     f"gradient={name!r} and take the gradient with loss.backward() or torch.autograd.grad")
+                     f"gradient={name} and take the gradient with loss.backward() or torch.autograd.grad")
 
 
 # Options a per-sample solve understands (the rest shape a joint solve's steps or norm).

@@ -40,6 +40,7 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
     ``ValueError`` while grad is enabled (torchdiffeq refuses every plain function without ``adjoint_params``).
     """
     plain = func is not None and not isinstance(func, torch.nn.Module) and torch.is_grad_enabled()
+    named = "gradient=neuralode.ImplicitAdjoint()" if strategy == "implicit" else f"gradient={strategy!r}"
     if adjoint_params is None:
         if isinstance(func, torch.nn.Module):
             adjoint_params = tuple(func.parameters())
@@ -47,7 +48,7 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
             used = [name for name, _ in _grad_tensors_used_by(func)] if plain else []
             if used:
                 raise ValueError(
-                    f"func is not an nn.Module, so gradient={strategy!r} differentiates only the tensors in "
+                    f"func is not an nn.Module, so {named} differentiates only the tensors in "
                     f"adjoint_params, and func uses {', '.join(used)}, which require grad: they would get no gradient. "
                     "Pass them, e.g. adjoint_params=(W,) or tuple(model.parameters()), or adjoint_params=() if they "
                     "need none (or give the nn.Module itself as func)")
@@ -69,7 +70,7 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
                     if isinstance(value, torch.Tensor) and id(value) not in given]
         if left_out:
             warnings.warn(f"func uses {', '.join(left_out)}, which require grad but are not in adjoint_params: "
-                          f"gradient={strategy!r} gives them no gradient. Add them to adjoint_params, or set "
+                          f"{named} gives them no gradient. Add them to adjoint_params, or set "
                           "requires_grad=False on what should not train", UserWarning, stacklevel=2)
     unique, seen = [], set()
     for p in adjoint_params:

@@ -53,7 +53,7 @@ import torch
 from ..controllers import rms_norm
 from ..interpolation import hermite_coefficients
 from .base import Solver
-from .linear import (KrylovFailure, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian,
+from .linear import (KrylovFailure, Leading, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian,
                      positive_scale)
 from .runge_kutta import StepOutcome, linear_combination
 
@@ -304,7 +304,7 @@ class ImplicitRungeKutta(Solver):
     def _refresh_jacobian(self, func, t0, y0, state):
         if state.unknowns is not None:
             m = state.unknowns
-            state.jacobian = jacobian(self.jacobian, _Leading(func, y0.detach()[m:]), t0, y0.detach()[:m],
+            state.jacobian = jacobian(self.jacobian, Leading(func, y0.detach()[m:]), t0, y0.detach()[:m],
                                       state.counters)
         else:
             state.jacobian = jacobian(self.jacobian, func, t0, y0.detach(), state.counters)
@@ -449,7 +449,7 @@ class ImplicitRungeKutta(Solver):
             return psi_u + coefficient * func(t_i, torch.cat((z[0], psi_q)))[None, :m] - z
 
         def fresh_system(z):
-            return self._fresh_system(_Leading(func, psi_q), t_i, z[0], np.array([[coefficient]]), state)
+            return self._fresh_system(Leading(func, psi_q), t_i, z[0], np.array([[coefficient]]), state)
         z = newton.solve(residual, (psi_u + coefficient * previous[:m])[None], system, fresh_system)
         k_q = func(t_i, torch.cat((z[0], psi_q)))[m:]
         k = torch.cat(((z[0] - psi_u) / coefficient, k_q))
@@ -541,17 +541,6 @@ class ImplicitRungeKutta(Solver):
             ks = outcome.stages[1]
             return [y0] + [linear_combination(None, h, ks, terms) for terms in self._dense_rows]
         return hermite_coefficients(y0, outcome.stages[0], outcome.y1, f1, h)
-
-
-class _Leading:
-    """``f(t, (u, q))[:m]`` as a field of the leading components ``u`` alone, the quadratures ``q`` held (they do not
-    enter it): the Jacobian and full Newton's matrices of :meth:`ImplicitRungeKutta._unknowns`."""
-
-    def __init__(self, func, quadratures):
-        self.func, self.quadratures = func, quadratures
-
-    def __call__(self, t, u):
-        return self.func(t, torch.cat((u, self.quadratures.to(u.dtype))))[:u.numel()]
 
 
 def _covering_norm(norm: Callable) -> Callable:

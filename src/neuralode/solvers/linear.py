@@ -288,6 +288,18 @@ class Linearization:
         return bool(torch.isfinite(difference).all() and ((recorded - difference).abs() <= allowed).all())
 
 
+class Leading:
+    """``f(t, (u, q))[:m]`` as a field of the leading components ``u`` alone, the trailing ones ``q`` held: the
+    Jacobian of a field whose trailing components are quadratures (``quadrature_from``: the adjoint's parameter
+    cotangents, which no component's derivative reads), over the components the implicit steps solve for."""
+
+    def __init__(self, func, trailing: torch.Tensor):
+        self.func, self.trailing = func, trailing
+
+    def __call__(self, t, u):
+        return self.func(t, torch.cat((u, self.trailing.to(u.dtype))))[:u.numel()]
+
+
 def jacobian(mode: str, func: Callable, t: float, y: torch.Tensor, counters: dict | None = None):
     """The Jacobian of ``func(t, .)`` at ``y`` in the representation ``mode`` uses (no graph); ``counters``: the
     solver's statistics, where the Krylov mode counts its Jacobian-vector products (``n_jvp``). A field with the

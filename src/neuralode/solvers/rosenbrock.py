@@ -42,8 +42,8 @@ from ..interpolation import hermite_coefficients
 from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
 from .base import Solver
-from .linear import (JACOBIAN_MODES, KrylovFailure, SingularMatrixError, batched_jacobian, build_system,
-                     dense_jacobian, gmres, is_holomorphic, jacobian)
+from .linear import (JACOBIAN_MODES, KrylovFailure, Leading, Linearization, SingularMatrixError, batched_jacobian,
+                     build_system, dense_jacobian, gmres, is_holomorphic, jacobian)
 from .runge_kutta import StepOutcome, linear_combination, step_result
 
 # Step factor after a singular iteration matrix: I - h gamma J is singular only for h gamma = 1/lambda
@@ -72,6 +72,8 @@ class RosenbrockState:
     forward_time: bool = False      # df/dt by AD works for this field
     reverse_time: bool = False      # ... by reverse mode, where forward mode is off (a custom Function's forward)
     has_parameters: bool = False    # f carries a graph even for a detached y (captured tensors need grad)
+    unknowns: Any = None            # J over the leading components only (quadratures follow): their count, or None
+    cross: Any = None               # then J v of the whole field, for the quadratures' rows (J_qu u)
     counters: dict = field(default_factory=lambda: {"n_jacobians": 0, "n_lu": 0, "n_time_derivatives": 0,
                                                     "n_singular": 0, "n_jvp": 0})
 
@@ -226,6 +228,9 @@ class Rosenbrock(Solver):
             except SingularMatrixError:
                 return None
         system = state.system[1]
+        if state.unknowns is not None:   # (the leading block: the quadratures pass unfiltered)
+            m = state.unknowns
+            return gamma, lambda v: torch.cat((system.solve(v[None, :m])[0], v[m:]))
         return gamma, lambda v: system.solve(v[None])[0]
 
     def singular(self, y0: torch.Tensor, h, state: RosenbrockState) -> StepOutcome:
@@ -276,7 +281,19 @@ class Rosenbrock(Solver):
                 "or .imag; an adjoint's backward field always does): solve the real form (torch.view_as_real of "
                 "the state), or use method='radau5' or 'kvaerno5' (for a gradient: Adjoint(method='radau5') or "
                 "Adjoint(interpolate=True))")
-        if graph and self.jacobian != "krylov":
+        leading = getattr(func, "quadrature_from", None)
+        state.unknowns = state.cross = None
+        if not graph and self.jacobian != "krylov" and leading is not None and 0 < leading < y0.numel():
+            # The components from `leading` on are quadratures (the adjoint's parameter cotangents): their rows of J
+            # are the only ones that read them, and none does, so I - h gamma J is block lower triangular and
+            # only its leading block is factorised; the quadratures' rows need J_qu u, one product a stage
+            # (ImplicitRungeKutta._unknowns says the same for the Newton methods).
+            m = int(leading)
+            state.unknowns = m
+            state.jacobian = jacobian(self.jacobian, Leading(func, y0.detach()[m:]), t0, y0.detach()[:m],
+                                      state.counters)
+            state.cross = Linearization(func, t0, y0.detach(), state.counters)
+        elif graph and self.jacobian != "krylov":
             state.jacobian = _jacobian_with_graph(self.jacobian, func, t0, y0)
         else:
             state.jacobian = jacobian(self.jacobian, func, t0, y0.detach(), state.counters)
@@ -312,6 +329,15 @@ class Rosenbrock(Solver):
 
     def _solver(self, system, coefficient, state, graph, error_norm, y0):
         """``rhs -> u`` with ``(I - h gamma J) u = h gamma rhs``, differentiable where needed."""
+        if state.unknowns is not None:
+            m, cross = state.unknowns, state.cross
+
+            def block_solve(rhs):
+                # [[I - c J_uu, 0], [-c J_qu, I]] [u_u; u_q] = c [rhs_u; rhs_q]
+                leading = system.solve((coefficient * rhs[:m])[None])[0]
+                coupled = cross(torch.cat((leading, torch.zeros_like(rhs[m:]))))[m:]
+                return torch.cat((leading, coefficient * (rhs[m:] + coupled)))
+            return block_solve
         if self.jacobian != "krylov":
             return lambda rhs: system.solve((coefficient * rhs)[None])[0]
         # GMRES in the error norm's units (see KrylovSystem.scale): a Rosenbrock stage has no Newton iteration to

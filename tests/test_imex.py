@@ -163,8 +163,10 @@ def test_the_explicit_term_is_never_differentiated_and_evaluated_once_a_stage():
 
 
 def test_the_user_jacobian_is_the_implicit_terms():
-    rate = 1e5
-    field = _stiff_field(rate)
+    # (an explicit term whose Jacobian is not small next to the implicit one's: a check against the whole field
+    # refused the right J and accepted the whole field's)
+    rate = 100.0
+    field = neuralode.SplitField(explicit=lambda t, y: torch.sin(y), implicit=lambda t, y: -rate * (y - torch.sin(t)))
     y0 = torch.tensor([0.0, 0.3], dtype=D)
     t = torch.linspace(0, 1, 3, dtype=D)
     plain = neuralode.solve(field, y0, t, method="kencarp4", rtol=1e-6)
@@ -173,6 +175,12 @@ def test_the_user_jacobian_is_the_implicit_terms():
     torch.testing.assert_close(given.ys, plain.ys, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="option 'jac' disagrees"):
         neuralode.solve(field, y0, t, method="kencarp4", options={"jac": lambda t, y: -2 * rate * torch.eye(2, dtype=D)})
+    with pytest.raises(ValueError, match="option 'jac' disagrees"):   # the whole field's J is not the implicit term's
+        neuralode.solve(field, y0, t, method="kencarp4",
+                        options={"jac": lambda t, y: torch.diag(torch.cos(y)) - rate * torch.eye(2, dtype=D)})
+    # with any other method jac is the whole field's
+    neuralode.solve(field, y0, t, method="kvaerno4",
+                    options={"jac": lambda t, y: torch.diag(torch.cos(y)) - rate * torch.eye(2, dtype=D)})
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------------
@@ -335,3 +343,36 @@ def test_split_field_registers_its_terms_parameters():
     terms = _Terms()
     field = neuralode.SplitField(terms.net, lambda t, y: -terms.rate * y)
     assert {id(p) for p in field.parameters()} == {id(p) for p in terms.net.parameters()}
+
+
+# --- the QA round's cases (/tmp/qa60) ------------------------------------------------------------------------------
+def test_plain_terms_closing_over_learnable_tensors_are_not_left_without_a_gradient():
+    k = torch.tensor(3.0, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0], dtype=D, requires_grad=True)
+    field = neuralode.SplitField(lambda t, y: torch.sin(y), lambda t, y: -k * y)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    for gradient in ("adjoint", "checkpoint"):
+        with pytest.raises(ValueError, match="implicit term is a plain function.*uses k"):
+            neuralode.solve(field, y0, t, method="kencarp4", gradient=gradient)
+    grads = {}
+    for gradient in ("direct", "adjoint", "checkpoint"):
+        sol = neuralode.solve(field, y0, t, method="kencarp4", gradient=gradient, adjoint_params=(k,), rtol=1e-10,
+                              atol=1e-12)
+        grads[gradient] = torch.autograd.grad(sol.ys[-1].sum(), (y0, k))
+    for gradient in ("adjoint", "checkpoint"):
+        for got, want in zip(grads[gradient], grads["direct"]):
+            torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-10)
+
+
+def test_a_terms_mistakes_are_named():
+    y0 = torch.ones(2, dtype=D)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    with pytest.raises(TypeError, match="terms returned different structures"):
+        neuralode.solve(neuralode.SplitField(lambda t, y: (y,), lambda t, y: -y), y0, t, method="kencarp4")
+    with pytest.raises(TypeError, match="explicit term returned ndarray"):
+        neuralode.solve(neuralode.SplitField(lambda t, y: y.numpy(), lambda t, y: -y), y0, t, method="dopri5")
+    with pytest.raises(TypeError, match="explicit term is called as explicit\\(t, y, args\\)"):
+        neuralode.solve(neuralode.SplitField(lambda t, y: y, lambda t, y, a: -y), y0, t, method="kencarp4", args=1.0)
+    from neuralode.nn import ODEBlock
+    with pytest.raises(ValueError, match="regularisers .* needs the SplitField itself"):
+        ODEBlock(neuralode.SplitField(lambda t, y: y, lambda t, y: -y), method="kencarp4", kinetic=True)

@@ -133,6 +133,13 @@ class FieldWithArgs(torch.nn.Module):
             raise TypeError("args= was given, so func is called as func(t, y, args), but it does not take three "
                             "arguments; add the third (def func(t, y, args)), or leave args out and close over "
                             "what func needs")
+        from .split_field import SplitField
+        if isinstance(func, SplitField):   # (its forward takes any arguments: its terms are what is called)
+            for label, term in (("explicit", func.explicit), ("implicit", func.implicit)):
+                if not takes_arguments(term, 3):
+                    raise TypeError(f"args= was given, so the SplitField's {label} term is called as {label}(t, y, "
+                                    "args), but it does not take three arguments; add the third to every term, or "
+                                    "leave args out and close over what the terms need")
         self.func = func
         self.args = args
         # one compiled-kernel cache entry per wrapped field (solvers/compiled.py keys fields by type otherwise)

@@ -215,8 +215,11 @@ def _solve(func, y0, t, spec, rtol, atol, options, strategy, event_fn, event_dir
     stepper = spec.make_stepper(options)
     if options.get("jac") is not None:
         problem.field.jac = options["jac"]
-        # checked once, here, against the field's own derivative (also where compile=True inlines it later)
-        problem.field.user_jacobian(problem.times[0], problem.y0.detach(), options.get("jacobian", "dense"))
+        # checked once, here, against the field's own derivative (also where compile=True inlines it later); an IMEX
+        # method's is the implicit term's Jacobian, checked against that term
+        checked = problem.field.term("implicit") if getattr(stepper, "needs_terms", False) else None
+        (checked or problem.field).user_jacobian(problem.times[0], problem.y0.detach(),
+                                                 options.get("jacobian", "dense"))
     if compile:
         stepper = compiled_stepper(stepper, func, spec.name, options)
     if controller is not None:

@@ -53,6 +53,18 @@ class SplitField(torch.nn.Module):
         implicit = self.implicit(t, y, *args)
         if isinstance(explicit, torch.Tensor) and isinstance(implicit, torch.Tensor):
             return explicit + implicit
+        # (said here, naming the term: the sum fails first, with torch's "Node type mismatch" or Python's "unsupported
+        # operand" that name neither)
+        structures = [pytree.tree_structure(value) for value in (explicit, implicit)]
+        for label, value in (("explicit", explicit), ("implicit", implicit)):
+            leaves = pytree.tree_leaves(value)
+            if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+                raise TypeError(f"the SplitField's {label} term returned {type(value).__name__}; each term must return "
+                                "dy/dt as a tensor (or tensors in y0's structure for a tuple or PyTree state)")
+        if structures[0] != structures[1]:
+            raise TypeError(f"the SplitField's terms returned different structures: explicit "
+                            f"{pytree.treespec_pprint(structures[0])}, implicit {pytree.treespec_pprint(structures[1])}; "
+                            "each must return dy/dt in y0's structure")
         return pytree.tree_map(operator.add, explicit, implicit)
 
 

@@ -41,9 +41,20 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
     """
     plain = func is not None and not isinstance(func, torch.nn.Module) and torch.is_grad_enabled()
     named = "gradient=neuralode.ImplicitAdjoint()" if strategy == "implicit" else f"gradient={strategy!r}"
+    # A module's plain-function parts (a SplitField's lambda terms): its parameters miss the tensors they close over.
+    parts = _plain_parts(func) if torch.is_grad_enabled() else []
     if adjoint_params is None:
         if isinstance(func, torch.nn.Module):
             adjoint_params = tuple(func.parameters())
+            known = {id(p) for p in adjoint_params}
+            for label, part in parts:
+                used = [name for name, value in _grad_tensors_used_by(part)
+                        if not (isinstance(value, torch.Tensor) and id(value) in known)]
+                if used:
+                    raise ValueError(
+                        f"the {label} is a plain function, so {named} differentiates only the module's parameters "
+                        f"or adjoint_params, and it uses {', '.join(used)}, which require grad: they would get no "
+                        "gradient. Pass adjoint_params (the tensors of every term), or make the term an nn.Module")
         else:
             used = [name for name, _ in _grad_tensors_used_by(func)] if plain else []
             if used:
@@ -60,13 +71,14 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
     for i, p in enumerate(adjoint_params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"adjoint_params[{i}] is a {type(p).__name__}; give tensors (e.g. model.parameters())")
-    if plain and adjoint_params:
+    if (plain or parts) and adjoint_params:
         # Given adjoint_params, a tensor the function uses and they leave out gets no gradient (torchdiffeq's rule,
         # and a way to freeze one): said, not silent (a copied block's adjoint_params are copies its closure never
         # reads, and every gradient was then zero). Tensors only: a module the function reaches may be called with
         # other parameters (torch.func.functional_call with adjoint_params as its values).
         given = {id(p) for p in adjoint_params}
-        left_out = [name for name, value in _grad_tensors_used_by(func)
+        left_out = [name for part in ([func] if plain else [part for _, part in parts])
+                    for name, value in _grad_tensors_used_by(part)
                     if isinstance(value, torch.Tensor) and id(value) not in given]
         if left_out:
             warnings.warn(f"func uses {', '.join(left_out)}, which require grad but are not in adjoint_params: "
@@ -78,6 +90,17 @@ def collect_parameters(func, adjoint_params, strategy: str = "adjoint") -> tuple
             seen.add(id(p))
             unique.append(p)
     return tuple(unique)
+
+
+def _plain_parts(func) -> list:
+    """``(label, function)`` of the plain functions inside a module ``func`` that the solve calls: a
+    :class:`~neuralode.SplitField`'s terms that are not modules."""
+    from ..split_field import SplitField
+    if not isinstance(func, SplitField):
+        return []
+    return [(f"SplitField's {label} term", term) for label, term in (("explicit", func.explicit),
+                                                                      ("implicit", func.implicit))
+            if not isinstance(term, torch.nn.Module)]
 
 
 # How deep _grad_tensors_used_by follows functions into the functions they reach: an event function that calls the

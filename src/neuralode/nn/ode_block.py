@@ -188,6 +188,10 @@ class ODEBlock(nn.Module):
         self.compile_step = compile
         if not isinstance(per_sample, bool):
             raise TypeError(f"per_sample must be True or False, got {type(per_sample).__name__}.")
+        if (kinetic or frobenius) and getattr(spec.make_stepper(self.options or {}), "needs_terms", False):
+            raise ValueError(f"the regularisers (kinetic, frobenius) wrap the field to accumulate their integrals, and "
+                             f"method {spec.name!r} (IMEX) needs the SplitField itself: drop the regularisers, or use "
+                             "another method (e.g. 'kvaerno5' on the same SplitField, which any method solves whole)")
         if per_sample and (kinetic or frobenius):
             raise ValueError("per_sample=True does not combine with the regularisers (kinetic, frobenius); drop one "
                              "of them.")

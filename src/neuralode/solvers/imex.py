@@ -51,10 +51,24 @@ def _terms(func, method: str):
     term = getattr(func, "term", None)
     explicit = term("explicit") if term is not None else None
     if explicit is None:
+        given = _given_type(func)
+        wrapped = (f"; func is a {given}, which hides any SplitField inside it (ODEBlock's regularisers, kinetic= and "
+                   "jacobian_norm=, wrap the field and are not supported with the IMEX methods)"
+                   if given not in (None, "function") else "")
         raise ValueError(f"method {method!r} is an IMEX method: give func as neuralode.SplitField(explicit=..., "
                          "implicit=...), the non-stiff part (e.g. a network) explicit and the stiff part implicit; "
-                         "for a field given whole, use an implicit method ('kvaerno5', 'rodas5p')")
+                         f"for a field given whole, use an implicit method ('kvaerno5', 'rodas5p'){wrapped}")
     return explicit, term("implicit")
+
+
+def _given_type(func) -> str | None:
+    """The type name of the user's callable behind the loop's field (through VectorField and FieldWithArgs)."""
+    inner = getattr(func, "func", None)
+    if inner is None:
+        return None
+    if type(inner).__name__ == "FieldWithArgs":
+        inner = inner.func
+    return type(inner).__name__
 
 
 @dataclass(frozen=True, eq=False)

@@ -265,7 +265,6 @@ class VectorField:
             out = torch.cat(leaves if self._one_dimensional else [o.reshape(-1) for o in leaves])
         return out.to(self.compute_dtype) if self.cast_output else out
 
-
     def term(self, name: str):
         """One term, ``"explicit"`` or ``"implicit"``, of a :class:`~neuralode.SplitField` ``func`` as a field of its
         own (the same conversions; each call counted in this field's ``nfe`` and the term's own), or ``None`` when

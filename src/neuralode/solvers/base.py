@@ -62,7 +62,7 @@ class Solver(abc.ABC):
     # adjoint's augmented one.
     needs_pair = False
     # The step evaluates the terms of a neuralode.SplitField apart (the IMEX methods): it cannot step a field given
-    # whole, such as the adjoint's augmented one.
+    # whole (the adjoint's augmented field is split when the forward one is: gradients.adjoint._AdjointDynamics.term).
     needs_terms = False
     # An ordinary method (a name or tableau) to use instead where this one does not fit: the adjoint's default
     # backward method (None: the forward method itself).

@@ -52,8 +52,8 @@ def _terms(func, method: str):
     explicit = term("explicit") if term is not None else None
     if explicit is None:
         given = _given_type(func)
-        wrapped = (f"; func is a {given}, which hides any SplitField inside it (ODEBlock's regularisers, kinetic= and "
-                   "jacobian_norm=, wrap the field and are not supported with the IMEX methods)"
+        wrapped = (f"; func is a {given} (ODEBlock's regularisers, kinetic= and frobenius=, wrap the field and hide a "
+                   "SplitField: they are not supported with the IMEX methods)"
                    if given not in (None, "function") else "")
         raise ValueError(f"method {method!r} is an IMEX method: give func as neuralode.SplitField(explicit=..., "
                          "implicit=...), the non-stiff part (e.g. a network) explicit and the stiff part implicit; "

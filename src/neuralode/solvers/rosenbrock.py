@@ -284,10 +284,10 @@ class Rosenbrock(Solver):
         leading = getattr(func, "quadrature_from", None)
         state.unknowns = state.cross = None
         if not graph and self.jacobian != "krylov" and leading is not None and 0 < leading < y0.numel():
-            # The components from `leading` on are quadratures (the adjoint's parameter cotangents): their rows of J
-            # are the only ones that read them, and none does, so I - h gamma J is block lower triangular and
-            # only its leading block is factorised; the quadratures' rows need J_qu u, one product a stage
-            # (ImplicitRungeKutta._unknowns says the same for the Newton methods).
+            # The components from `leading` on are quadratures (the adjoint's parameter cotangents): no component's
+            # derivative reads them (their columns of J are zero), so I - h gamma J is block lower triangular and only
+            # its leading block is factorised; the quadratures' rows need J_qu u, one product a stage
+            # (ImplicitRungeKutta._unknowns does the same for the Newton methods).
             m = int(leading)
             state.unknowns = m
             state.jacobian = jacobian(self.jacobian, Leading(func, y0.detach()[m:]), t0, y0.detach()[:m],

@@ -54,7 +54,7 @@ from ..controllers import rms_norm
 from ..interpolation import hermite_coefficients
 from .base import Solver
 from .linear import (KrylovFailure, Leading, SingularMatrixError, TransformedSystem, build_system, gmres, jacobian,
-                     positive_scale)
+                     leading_unknowns, positive_scale)
 from .runge_kutta import StepOutcome, linear_combination
 
 # Hairer's RADAU5: keep J for the next step only if Newton contracted at least this fast.
@@ -296,10 +296,9 @@ class ImplicitRungeKutta(Solver):
         value, so the Jacobian and the iteration matrix have the leading size (the adjoint of a network with ``p``
         parameters solved systems of ``2 n + p`` unknowns, ``2 n`` now). Diagonally implicit stages without a graph
         only (the backward solves): a graph-carrying stage keeps the implicit function theorem's full system."""
-        leading = getattr(func, "quadrature_from", None)
-        if leading is None or not self._diagonal or torch.is_grad_enabled() or not 0 < leading < y0.numel():
+        if not self._diagonal or self.preconditioner is not None:   # (a preconditioner is written for the whole state)
             return None
-        return int(leading)
+        return leading_unknowns(func, y0)
 
     def _refresh_jacobian(self, func, t0, y0, state):
         if state.unknowns is not None:

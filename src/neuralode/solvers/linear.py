@@ -288,6 +288,19 @@ class Linearization:
         return bool(torch.isfinite(difference).all() and ((recorded - difference).abs() <= allowed).all())
 
 
+def leading_unknowns(func, y: torch.Tensor) -> int | None:
+    """How many leading components an implicit backward step solves for, or ``None``: all. A field declares its
+    components from ``quadrature_from`` on quadratures (the adjoint's parameter cotangents), which no derivative reads;
+    they are left out of the linear algebra where they outnumber the rest (with few of them the split's extra
+    evaluations or products cost more than their rows: ``rodas5p`` took twice the time on Robertson's 3 rate
+    constants), and only without a graph (a graph-carrying stage keeps the implicit function theorem's full
+    system)."""
+    leading = getattr(func, "quadrature_from", None)
+    if leading is None or torch.is_grad_enabled() or not 0 < leading < y.numel() or y.numel() - leading <= leading:
+        return None
+    return int(leading)
+
+
 class Leading:
     """``f(t, (u, q))[:m]`` as a field of the leading components ``u`` alone, the trailing ones ``q`` held: the
     Jacobian of a field whose trailing components are quadratures (``quadrature_from``: the adjoint's parameter

@@ -43,7 +43,7 @@ from ..problem import VectorField
 from ..tableaus.rosenbrock import RODAS5, RosenbrockTableau
 from .base import Solver
 from .linear import (JACOBIAN_MODES, KrylovFailure, Leading, Linearization, SingularMatrixError, batched_jacobian,
-                     build_system, dense_jacobian, gmres, is_holomorphic, jacobian)
+                     build_system, dense_jacobian, gmres, is_holomorphic, jacobian, leading_unknowns)
 from .runge_kutta import StepOutcome, linear_combination, step_result
 
 # Step factor after a singular iteration matrix: I - h gamma J is singular only for h gamma = 1/lambda
@@ -281,9 +281,9 @@ class Rosenbrock(Solver):
                 "or .imag; an adjoint's backward field always does): solve the real form (torch.view_as_real of "
                 "the state), or use method='radau5' or 'kvaerno5' (for a gradient: Adjoint(method='radau5') or "
                 "Adjoint(interpolate=True))")
-        leading = getattr(func, "quadrature_from", None)
+        leading = leading_unknowns(func, y0) if not graph and self.jacobian != "krylov" else None
         state.unknowns = state.cross = None
-        if not graph and self.jacobian != "krylov" and leading is not None and 0 < leading < y0.numel():
+        if leading is not None:
             # The components from `leading` on are quadratures (the adjoint's parameter cotangents): no component's
             # derivative reads them (their columns of J are zero), so I - h gamma J is block lower triangular and only
             # its leading block is factorised; the quadratures' rows need J_qu u, one product a stage

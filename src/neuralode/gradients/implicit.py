@@ -314,13 +314,14 @@ def _check_solution(lam, transposed, g, mode) -> None:
     eps = torch.finfo(g.real.dtype if g.is_complex() else g.dtype).eps
     with torch.no_grad():
         residual = float((transposed(lam) - g).abs().max())
-    if residual > 1e-4 * g_size + 100 * eps * lam_size * _size_of(transposed, g):
+    rounding = 100 * eps * lam_size * _size_of(transposed, g)   # (what rounding alone leaves of J^T lambda)
+    if residual > 1e-4 * g_size + rounding:
         if mode == "batched":
             raise ValueError("ImplicitAdjoint(linear_solver='batched'): the per-sample blocks do not solve the "
                              "field's own system (its samples are coupled: batch norm, a mean over the batch, "
                              "attention); use linear_solver='dense' or 'krylov'")
         raise _singular()
-    if g_size < 100 * eps * lam_size * _size_of(transposed, g):
+    if g_size < rounding:
         raise _singular()
 
 

@@ -124,3 +124,8 @@ def method_data(value, registry: dict, data_type: type, argument: str, kind: str
         raise TypeError(f"{argument} must be a method name or a {data_type.__name__}, got {type(value).__name__}")
     return value
 
+
+def user_field(func):
+    """The user's own callable behind the loop's field (through ``VectorField`` and ``FieldWithArgs``)."""
+    inner = getattr(func, "func", func)
+    return getattr(inner, "func", inner) if type(inner).__name__ == "FieldWithArgs" else inner

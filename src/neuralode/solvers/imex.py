@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..tableaus.additive import ADDITIVE_TABLEAUS, AdditiveTableau
-from .base import method_data
+from .base import method_data, user_field
 from .implicit import ImplicitRungeKutta, ImplicitState, _sparse
 from .runge_kutta import StepOutcome, linear_combination
 
@@ -51,7 +51,7 @@ def _terms(func, method: str):
     term = getattr(func, "term", None)
     explicit = term("explicit") if term is not None else None
     if explicit is None:
-        given = _given_type(func)
+        given = type(user_field(func)).__name__ if getattr(func, "func", None) is not None else None
         wrapped = (f"; func is a {given} (ODEBlock's regularisers, kinetic= and frobenius=, wrap the field and hide a "
                    "SplitField: they are not supported with the IMEX methods)"
                    if given not in (None, "function") else "")
@@ -59,16 +59,6 @@ def _terms(func, method: str):
                          "implicit=...), the non-stiff part (e.g. a network) explicit and the stiff part implicit; "
                          f"for a field given whole, use an implicit method ('kvaerno5', 'rodas5p'){wrapped}")
     return explicit, term("implicit")
-
-
-def _given_type(func) -> str | None:
-    """The type name of the user's callable behind the loop's field (through VectorField and FieldWithArgs)."""
-    inner = getattr(func, "func", None)
-    if inner is None:
-        return None
-    if type(inner).__name__ == "FieldWithArgs":
-        inner = inner.func
-    return type(inner).__name__
 
 
 @dataclass(frozen=True, eq=False)

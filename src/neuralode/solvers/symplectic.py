@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from ..tableaus.splitting import SPLITTING_METHODS, SplittingMethod
-from .base import LinearDense, Solver, method_data
+from .base import LinearDense, Solver, method_data, user_field
 from .runge_kutta import StepOutcome
 
 
@@ -65,19 +65,13 @@ def _position_size(func, method_name: str) -> tuple[int, int]:
 _SEPARABLE = weakref.WeakSet()
 
 
-def _user_field(func):
-    """The user's own callable behind the loop's field (through ``VectorField`` and ``FieldWithArgs``)."""
-    inner = getattr(func, "func", func)
-    return getattr(inner, "func", inner) if type(inner).__name__ == "FieldWithArgs" else inner
-
-
 def _check_separable(func, t, y0, h, n_q: int, method_name: str) -> None:
     """Raise if ``dq/dt`` moves with ``q`` or ``dp/dt`` with ``p``, at ``t + 0.382 h`` (inside the first step: a
     time-dependent coupling may vanish at ``t0``, e.g. ``sin(t) p``), with each element moved by a different fraction
     (a coupling through ``p - mean(p)`` does not see a uniform move). Three evaluations, once a field. A separable field
     returns the very same values; a tolerance of rounding size allows a field that forms its parts from the whole state
     (``0 * q`` terms, a matrix product with zero blocks)."""
-    key = _user_field(func)
+    key = user_field(func)
     try:
         if key in _SEPARABLE:
             return
